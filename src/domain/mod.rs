@@ -1,0 +1,151 @@
+//! Core types. Past `ingest::decode` every `UsageEvent` is valid: ids are non-empty,
+//! token counts are canonical (disjoint classes) and the timestamp is in range.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+macro_rules! id_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// The idempotency key of one gateway request.
+    EventId
+);
+id_newtype!(
+    /// The billed organisation; also the Kafka message key.
+    InstitutionId
+);
+
+/// Longest id we accept; longer values are almost certainly a gateway bug.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Why a string can't be an id.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdError {
+    #[error("is empty")]
+    Empty,
+    #[error("is longer than {MAX_ID_LEN} bytes")]
+    TooLong,
+    #[error("contains a control character")]
+    ControlChar,
+}
+
+fn check_id(s: &str) -> Result<(), IdError> {
+    if s.trim().is_empty() {
+        return Err(IdError::Empty);
+    }
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong);
+    }
+    if s.chars().any(char::is_control) {
+        return Err(IdError::ControlChar);
+    }
+    Ok(())
+}
+
+impl EventId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check_id(s).map(|()| Self(s.to_owned()))
+    }
+}
+
+impl InstitutionId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check_id(s).map(|()| Self(s.to_owned()))
+    }
+}
+
+/// Token counts in canonical, disjoint classes.
+///
+/// `input` excludes cache reads and writes; `output` includes reasoning;
+/// `reasoning` is the part of `output` spent on reasoning (informational unless a
+/// price has a separate reasoning rate). Invariant: `reasoning <= output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCounts {
+    pub input: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+    pub output: u64,
+    pub reasoning: u64,
+}
+
+impl TokenCounts {
+    /// All prompt-side tokens; long-context tiers are chosen by this.
+    pub fn prompt_total(&self) -> u64 {
+        self.input + self.cache_read + self.cache_write
+    }
+}
+
+/// A validated usage event (contract v1).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageEvent {
+    pub event_id: EventId,
+    pub occurred_at: DateTime<Utc>,
+    pub institution_id: InstitutionId,
+    pub user_id: String,
+    pub api_key_id: String,
+    /// Canonical provider name (`openai`, `anthropic`, `google`, or as sent, lower-cased).
+    pub provider: String,
+    pub model: String,
+    pub endpoint: String,
+    pub service_tier: String,
+    pub status: String,
+    pub latency_ms: u32,
+    pub usage: TokenCounts,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Maps the provider names gateways use to the names the price book uses.
+pub fn canonical_provider(raw: &str) -> String {
+    let p = raw.trim().to_ascii_lowercase();
+    match p.as_str() {
+        "google" | "gemini" | "vertex_ai" | "vertexai" | "vertex" | "google_ai_studio" => {
+            "google".to_owned()
+        }
+        "openai" | "open_ai" => "openai".to_owned(),
+        "anthropic" | "claude" => "anthropic".to_owned(),
+        _ => p,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_empty_long_and_control() {
+        assert_eq!(EventId::parse(""), Err(IdError::Empty));
+        assert_eq!(EventId::parse("  "), Err(IdError::Empty));
+        assert_eq!(EventId::parse(&"x".repeat(300)), Err(IdError::TooLong));
+        assert_eq!(InstitutionId::parse("a\nb"), Err(IdError::ControlChar));
+        assert_eq!(InstitutionId::parse("uni-oslo").unwrap().as_str(), "uni-oslo");
+    }
+
+    #[test]
+    fn provider_aliases() {
+        assert_eq!(canonical_provider("Gemini"), "google");
+        assert_eq!(canonical_provider("vertex_ai"), "google");
+        assert_eq!(canonical_provider("OpenAI"), "openai");
+        assert_eq!(canonical_provider("mistral"), "mistral");
+    }
+}

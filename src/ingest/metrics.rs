@@ -1,0 +1,85 @@
+//! Prometheus metrics of the ingest pipeline, updated per batch (not per event).
+
+use std::sync::Arc;
+
+use axum::{routing::get, Router};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub consumed: Counter,
+    pub priced: Counter,
+    pub unpriced: Counter,
+    pub duplicates: Counter,
+    pub replayed: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub batches: Counter,
+    pub store_errors: Counter,
+    pub batch_seconds: Histogram,
+    pub lag: Family<PartitionLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("tokentally_ingest");
+        let m = Metrics {
+            consumed: Counter::default(),
+            priced: Counter::default(),
+            unpriced: Counter::default(),
+            duplicates: Counter::default(),
+            replayed: Counter::default(),
+            rejected: Family::default(),
+            batches: Counter::default(),
+            store_errors: Counter::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            lag: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("messages_consumed", "Kafka messages consumed", m.consumed.clone());
+        registry.register("events_priced", "Events stored with a price", m.priced.clone());
+        registry.register("events_unpriced", "Events stored without a matching price", m.unpriced.clone());
+        registry.register("events_duplicate", "Republished copies of stored events", m.duplicates.clone());
+        registry.register("messages_replayed", "Messages whose result was already stored", m.replayed.clone());
+        registry.register("events_rejected", "Messages rejected, by reason", m.rejected.clone());
+        registry.register("batches", "Batches written", m.batches.clone());
+        registry.register("store_errors", "Failed ClickHouse writes (retried)", m.store_errors.clone());
+        registry.register("batch_seconds", "Time to decode, price and write a batch", m.batch_seconds.clone());
+        registry.register("consumer_lag", "Messages behind the partition's end", m.lag.clone());
+        for reason in super::decode::RejectReason::ALL {
+            let _ = m.rejected.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
+        }
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the process ends.
+pub async fn serve(listen: String, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(move || async move { metrics.encode() }))
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    tracing::info!(%listen, "metrics listening");
+    axum::serve(listener, app).await?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Kafka → ClickHouse: the consumer loop, decoding and validation, dead letters.
+
+pub mod consumer;
+pub mod decode;
+pub mod metrics;
+pub mod normalize;
+pub mod pipeline;
+
+pub use consumer::run;

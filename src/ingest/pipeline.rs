@@ -1,0 +1,210 @@
+//! One batch: decode → validate → dedupe → price → write. The write step is idempotent
+//! and is simply run again after any failure.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::Utc;
+
+use super::decode::{decode, DecodeOptions, RejectReason, Rejection};
+use crate::domain::UsageEvent;
+use crate::price::{price, PriceBook, Pricing};
+use crate::store::rows::{DuplicateRow, EventRow, RejectedRow};
+use crate::store::writer::{EventKey, Position};
+use crate::store::{Store, StoreError};
+
+/// A Kafka message as the pipeline sees it (owned: batches outlive the poll).
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    fn position(&self) -> Position {
+        Position { partition: self.partition, offset: self.offset }
+    }
+}
+
+/// A decoded batch: valid events (first copy of each event_id), in-batch copies, rejections.
+pub struct Decoded<'a> {
+    pub events: Vec<(UsageEvent, Position)>,
+    /// (event, its position, position of the first copy in this batch)
+    pub copies: Vec<(UsageEvent, Position, Position)>,
+    pub rejected: Vec<(Rejection, &'a Message)>,
+}
+
+pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decoded<'a> {
+    let mut first: HashMap<String, Position> = HashMap::new();
+    let mut out = Decoded { events: Vec::new(), copies: Vec::new(), rejected: Vec::new() };
+    for m in messages {
+        match decode(&m.payload, opts) {
+            Ok(event) => match first.get(event.event_id.as_str()) {
+                Some(&original) => out.copies.push((event, m.position(), original)),
+                None => {
+                    first.insert(event.event_id.as_str().to_owned(), m.position());
+                    out.events.push((event, m.position()));
+                }
+            },
+            Err(r) => out.rejected.push((r, m)),
+        }
+    }
+    out
+}
+
+/// What a batch added to the store.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub priced: u64,
+    pub unpriced: u64,
+    pub duplicates: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Messages whose result was already stored (a replay after a crash or retry).
+    pub already_stored: u64,
+    /// Newly stored rejections, for the dead-letter topic.
+    pub new_rejections: Vec<(RejectReason, usize)>,
+}
+
+impl Outcome {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+pub fn event_row(e: &UsageEvent, pricing: &Pricing, topic: &str, pos: Position, now: u32) -> EventRow {
+    let (priced, cost, price_id, price_model, price_tier) = match pricing {
+        Pricing::Priced(p) => (1, p.cost, p.price_id.clone(), p.price_model.clone(), p.tier_threshold),
+        Pricing::Unpriced => (0, Default::default(), String::new(), String::new(), 0),
+    };
+    EventRow {
+        event_id: e.event_id.as_str().to_owned(),
+        occurred_at: e.occurred_at.timestamp() as u32,
+        occurred_ms: e.occurred_at.timestamp_subsec_millis().min(999) as u16,
+        institution_id: e.institution_id.as_str().to_owned(),
+        user_id: e.user_id.clone(),
+        api_key_id: e.api_key_id.clone(),
+        provider: e.provider.clone(),
+        model: e.model.clone(),
+        endpoint: e.endpoint.clone(),
+        service_tier: e.service_tier.clone(),
+        status: e.status.clone(),
+        latency_ms: e.latency_ms,
+        tag_keys: e.tags.keys().cloned().collect(),
+        tag_values: e.tags.values().cloned().collect(),
+        input_tokens: e.usage.input,
+        cache_read_tokens: e.usage.cache_read,
+        cache_write_tokens: e.usage.cache_write,
+        output_tokens: e.usage.output,
+        reasoning_tokens: e.usage.reasoning,
+        priced,
+        cost,
+        price_id,
+        price_model,
+        price_tier,
+        kafka_topic: topic.to_owned(),
+        kafka_partition: pos.partition,
+        kafka_offset: pos.offset,
+        ingested_at: now,
+        version: 0,
+        sign: 1,
+    }
+}
+
+/// Writes a decoded batch. Safe to call again with the same batch after any failure:
+/// every row is looked up before it is written.
+pub async fn store_batch(
+    store: &Store,
+    book: &PriceBook,
+    topic: &str,
+    decoded: &Decoded<'_>,
+    dedupe_window_secs: i64,
+) -> Result<Outcome, StoreError> {
+    let now = Utc::now().timestamp() as u32;
+    let mut outcome = Outcome::default();
+
+    // Events: already stored at this very position means a replay; elsewhere, a copy.
+    let all: Vec<EventKey> = decoded
+        .events
+        .iter()
+        .map(|(e, _)| e)
+        .chain(decoded.copies.iter().map(|(e, _, _)| e))
+        .map(|e| EventKey {
+            event_id: e.event_id.as_str(),
+            institution_id: e.institution_id.as_str(),
+            occurred_at: e.occurred_at.timestamp() as u32,
+        })
+        .collect();
+    let stored = store.stored_events(topic, &all, dedupe_window_secs).await?;
+
+    let mut new_events = Vec::new();
+    let mut dup_candidates: Vec<(&UsageEvent, Position, Position)> = Vec::new();
+    for (e, pos) in &decoded.events {
+        match stored.get(e.event_id.as_str()) {
+            Some(p) if p == pos => outcome.already_stored += 1,
+            Some(p) => dup_candidates.push((e, *pos, *p)),
+            None => {
+                let pricing = price(e, book);
+                match pricing {
+                    Pricing::Priced(_) => outcome.priced += 1,
+                    Pricing::Unpriced => outcome.unpriced += 1,
+                }
+                new_events.push(event_row(e, &pricing, topic, *pos, now));
+            }
+        }
+    }
+    for (e, pos, first) in &decoded.copies {
+        let original = stored.get(e.event_id.as_str()).copied().unwrap_or(*first);
+        dup_candidates.push((e, *pos, original));
+    }
+
+    let dup_positions: Vec<Position> = dup_candidates.iter().map(|(_, p, _)| *p).collect();
+    let stored_dups = store.stored_positions("duplicate_events", topic, &dup_positions).await?;
+    let duplicates: Vec<DuplicateRow> = dup_candidates
+        .into_iter()
+        .filter(|(_, p, _)| {
+            let seen = stored_dups.contains(p);
+            outcome.already_stored += u64::from(seen);
+            !seen
+        })
+        .map(|(e, p, original)| DuplicateRow {
+            received_at: now,
+            event_id: e.event_id.as_str().to_owned(),
+            institution_id: e.institution_id.as_str().to_owned(),
+            kafka_topic: topic.to_owned(),
+            kafka_partition: p.partition,
+            kafka_offset: p.offset,
+            original_partition: original.partition,
+            original_offset: original.offset,
+        })
+        .collect();
+    outcome.duplicates = duplicates.len() as u64;
+
+    let rej_positions: Vec<Position> = decoded.rejected.iter().map(|(_, m)| m.position()).collect();
+    let stored_rej = store.stored_positions("rejected_events", topic, &rej_positions).await?;
+    let mut rejected = Vec::new();
+    for (i, (r, m)) in decoded.rejected.iter().enumerate() {
+        if stored_rej.contains(&m.position()) {
+            outcome.already_stored += 1;
+            continue;
+        }
+        *outcome.rejected.entry(r.reason.as_str()).or_default() += 1;
+        outcome.new_rejections.push((r.reason, i));
+        rejected.push(RejectedRow {
+            received_at: now,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: m.partition,
+            kafka_offset: m.offset,
+            kafka_key: m.key.clone(),
+            reason: r.reason.as_str().to_owned(),
+            detail: r.detail.clone(),
+            payload: m.payload.clone(),
+        });
+    }
+
+    // Each insert is one atomic block; the order does not matter for correctness.
+    store.insert_rejected(&rejected).await?;
+    store.insert_duplicates(&duplicates).await?;
+    store.insert_events(&new_events).await?;
+    Ok(outcome)
+}

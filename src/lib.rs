@@ -1,0 +1,12 @@
+//! tokentally: usage billing and spend analytics for LLM API gateways.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod emit;
+pub mod ingest;
+pub mod price;
+pub mod report;
+pub mod reprice;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,200 @@
+//! `report spend`: exact, deduplicated totals from the hourly rollup.
+
+use std::fmt::Write as _;
+
+use chrono::NaiveDate;
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{Format, GroupBy};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpendRow {
+    pub key: String,
+    pub events: i64,
+    pub unpriced_events: i64,
+    pub input_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// Exact; serialized as a decimal string.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost_usd: Decimal,
+}
+
+#[derive(Row, Deserialize)]
+struct RawRow {
+    key: String,
+    events: i64,
+    unpriced_events: i64,
+    input_tokens: i64,
+    cache_read_tokens: i64,
+    cache_write_tokens: i64,
+    output_tokens: i64,
+    reasoning_tokens: i64,
+    cost: String,
+}
+
+impl GroupBy {
+    pub fn column(self) -> &'static str {
+        match self {
+            GroupBy::Institution => "institution_id",
+            GroupBy::Model => "model",
+            GroupBy::ApiKey => "api_key_id",
+            GroupBy::User => "user_id",
+        }
+    }
+}
+
+/// Spend from `from` to `to`, both days inclusive (UTC).
+pub async fn spend(
+    store: &Store,
+    from: NaiveDate,
+    to: NaiveDate,
+    group_by: GroupBy,
+) -> Result<Vec<SpendRow>, StoreError> {
+    let start = from.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+    let end = to.succ_opt().unwrap_or(to).and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+    let col = group_by.column();
+    let sql = format!(
+        "SELECT {col} AS key, sum(events) AS events, sum(unpriced_events) AS unpriced_events, \
+         sum(input_tokens) AS input_tokens, sum(cache_read_tokens) AS cache_read_tokens, \
+         sum(cache_write_tokens) AS cache_write_tokens, sum(output_tokens) AS output_tokens, \
+         sum(reasoning_tokens) AS reasoning_tokens, toString(sum(cost)) AS cost \
+         FROM usage_hourly WHERE hour >= toDateTime({start}) AND hour < toDateTime({end}) \
+         GROUP BY key HAVING events != 0 ORDER BY key"
+    );
+    let rows: Vec<RawRow> = store.client().query(&sql).fetch_all().await?;
+    rows.into_iter()
+        .map(|r| {
+            let cost_usd = r
+                .cost
+                .parse::<Decimal>()
+                .map_err(|e| StoreError::Decode(format!("cost {:?}: {e}", r.cost)))?
+                .normalize();
+            Ok(SpendRow {
+                key: r.key,
+                events: r.events,
+                unpriced_events: r.unpriced_events,
+                input_tokens: r.input_tokens,
+                cache_read_tokens: r.cache_read_tokens,
+                cache_write_tokens: r.cache_write_tokens,
+                output_tokens: r.output_tokens,
+                reasoning_tokens: r.reasoning_tokens,
+                cost_usd,
+            })
+        })
+        .collect()
+}
+
+const COLUMNS: [&str; 8] = [
+    "events",
+    "unpriced_events",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+];
+
+fn cells(r: &SpendRow) -> Vec<String> {
+    vec![
+        r.key.clone(),
+        r.events.to_string(),
+        r.unpriced_events.to_string(),
+        r.input_tokens.to_string(),
+        r.cache_read_tokens.to_string(),
+        r.cache_write_tokens.to_string(),
+        r.output_tokens.to_string(),
+        r.reasoning_tokens.to_string(),
+        r.cost_usd.to_string(),
+    ]
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+pub fn render(rows: &[SpendRow], group_by: GroupBy, format: Format) -> anyhow::Result<String> {
+    let key = group_by.column();
+    let mut out = String::new();
+    match format {
+        Format::Json => {
+            let values: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r)?;
+                    let obj = v.as_object_mut().expect("row is an object");
+                    let k = obj.remove("key").unwrap_or_default();
+                    obj.insert(key.to_owned(), k);
+                    Ok(v)
+                })
+                .collect::<Result<_, serde_json::Error>>()?;
+            out = serde_json::to_string_pretty(&values)?;
+            out.push('\n');
+        }
+        Format::Csv => {
+            let _ = writeln!(out, "{key},{}", COLUMNS.join(","));
+            for r in rows {
+                let c: Vec<String> = cells(r).iter().map(|s| csv_field(s)).collect();
+                let _ = writeln!(out, "{}", c.join(","));
+            }
+        }
+        Format::Table => {
+            let header: Vec<String> = std::iter::once(key).chain(COLUMNS).map(str::to_owned).collect();
+            let mut table = vec![header];
+            table.extend(rows.iter().map(cells));
+            let total_cost: Decimal = rows.iter().map(|r| r.cost_usd).sum();
+            let total_events: i64 = rows.iter().map(|r| r.events).sum();
+            let widths: Vec<usize> =
+                (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+            for row in &table {
+                let line: Vec<String> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| if i == 0 { format!("{c:<w$}", w = widths[i]) } else { format!("{c:>w$}", w = widths[i]) })
+                    .collect();
+                let _ = writeln!(out, "{}", line.join("  ").trim_end());
+            }
+            let _ = writeln!(out, "total: {total_events} events, {total_cost} USD");
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn row(key: &str, cost: Decimal) -> SpendRow {
+        SpendRow { key: key.into(), events: 2, unpriced_events: 1, input_tokens: 3, cache_read_tokens: 0,
+                   cache_write_tokens: 0, output_tokens: 4, reasoning_tokens: 0, cost_usd: cost }
+    }
+
+    #[test]
+    fn json_has_group_key_and_decimal_string() {
+        let out = render(&[row("uni-oslo", dec!(0.000375))], GroupBy::Institution, Format::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v[0]["institution_id"], "uni-oslo");
+        assert_eq!(v[0]["cost_usd"], "0.000375");
+        assert_eq!(v[0]["unpriced_events"], 1);
+    }
+
+    #[test]
+    fn csv_quotes_and_table_totals() {
+        let out = render(&[row("a,b", dec!(1.5))], GroupBy::User, Format::Csv).unwrap();
+        assert!(out.starts_with("user_id,events,"));
+        assert!(out.contains("\"a,b\",2,1,3,0,0,4,0,1.5"));
+        let t = render(&[row("x", dec!(1.5)), row("y", dec!(2))], GroupBy::Model, Format::Table).unwrap();
+        assert!(t.contains("total: 4 events, 3.5 USD"), "{t}");
+    }
+}

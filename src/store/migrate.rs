@@ -1,0 +1,121 @@
+//! Applies `schema/*.sql` in order, once each, recorded in `schema_migrations`.
+
+use clickhouse::Row;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{sql_str, Store, StoreError};
+
+/// The migrations, embedded so the binary carries its schema. A unit test checks this
+/// list against the files in `schema/`.
+pub const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_usage.sql", include_str!("../../schema/0001_usage.sql"))];
+
+/// Splits a migration file into statements (`;` at the end of a line ends one).
+pub fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("--") || trimmed.is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if trimmed.ends_with(';') {
+            let stmt = cur.trim().trim_end_matches(';').trim().to_owned();
+            if !stmt.is_empty() {
+                out.push(stmt);
+            }
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_owned());
+    }
+    out
+}
+
+fn checksum(sql: &str) -> String {
+    format!("{:x}", Sha256::digest(sql.as_bytes()))
+}
+
+#[derive(Row, Deserialize)]
+struct Applied {
+    name: String,
+    checksum: String,
+}
+
+/// Creates the database if needed and applies pending migrations. Returns the names
+/// of the migrations applied now (empty when the schema was current).
+pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
+    store
+        .server
+        .query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", store.database.replace('`', "")))
+        .execute()
+        .await?;
+    store
+        .execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations \
+             (name String, checksum String, applied_at DateTime) \
+             ENGINE = MergeTree ORDER BY name",
+        )
+        .await?;
+    let applied: Vec<Applied> = store
+        .client
+        .query("SELECT name, any(checksum) AS checksum FROM schema_migrations GROUP BY name")
+        .fetch_all()
+        .await?;
+    let mut done = Vec::new();
+    for (name, sql) in MIGRATIONS {
+        let sum = checksum(sql);
+        if let Some(a) = applied.iter().find(|a| a.name == *name) {
+            if a.checksum != sum {
+                return Err(StoreError::Migration(format!(
+                    "migration {name} was changed after it was applied; add a new migration instead"
+                )));
+            }
+            continue;
+        }
+        for stmt in statements(sql) {
+            store.execute(&stmt).await.map_err(|e| {
+                StoreError::Migration(format!("migration {name} failed: {e}\nstatement: {stmt}"))
+            })?;
+        }
+        store
+            .execute(&format!(
+                "INSERT INTO schema_migrations (name, checksum, applied_at) VALUES ({}, {}, now())",
+                sql_str(name),
+                sql_str(&sum)
+            ))
+            .await?;
+        done.push((*name).to_owned());
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schema_file_is_embedded_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/schema");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<&str> = MIGRATIONS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(files, embedded);
+    }
+
+    #[test]
+    fn splits_statements_and_drops_comments() {
+        let s = statements("-- c\nCREATE TABLE a (x UInt8)\nENGINE = Log;\n\nSELECT 1;\n");
+        assert_eq!(s, vec!["CREATE TABLE a (x UInt8)\nENGINE = Log", "SELECT 1"]);
+        assert_eq!(statements(MIGRATIONS[0].1).len(), 5);
+    }
+}

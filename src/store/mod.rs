@@ -1,0 +1,108 @@
+//! ClickHouse: connection, row types, migrations, idempotent writes and queries.
+
+pub mod migrate;
+pub mod rows;
+pub mod writer;
+
+use crate::config::ClickHouseConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("ClickHouse returned an unexpected value: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// Network trouble and server overload pass; a schema mismatch or bad SQL does not.
+    /// Ingest retries both (its data is already validated), but logs them differently.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::ClickHouse(e) => match e {
+                clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => true,
+                clickhouse::error::Error::BadResponse(msg) => {
+                    // Too many parts / simultaneous queries / memory limit / timeouts.
+                    ["Code: 252", "Code: 202", "Code: 241", "Code: 159", "Code: 209", "Code: 210"]
+                        .iter()
+                        .any(|c| msg.contains(c))
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// A handle on tokentally's database.
+#[derive(Clone)]
+pub struct Store {
+    client: clickhouse::Client,
+    server: clickhouse::Client,
+    database: String,
+}
+
+impl Store {
+    pub fn new(cfg: &ClickHouseConfig) -> Self {
+        // Validation reads RowBinaryWithNamesAndTypes headers, which 18.16 can't send.
+        let server = clickhouse::Client::default()
+            .with_url(&cfg.url)
+            .with_user(&cfg.user)
+            .with_password(&cfg.password)
+            .with_validation(false);
+        let client = server.clone().with_database(&cfg.database);
+        Self { client, server, database: cfg.database.clone() }
+    }
+
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Runs a statement that returns nothing.
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.client.query(sql).execute().await.map_err(Into::into)
+    }
+
+    /// Checks the server answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.server.query("SELECT 1").execute().await.map_err(Into::into)
+    }
+}
+
+/// A ClickHouse string literal.
+pub fn sql_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            _ => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A parenthesised list of string literals for `IN`.
+pub fn sql_str_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let parts: Vec<String> = items.into_iter().map(sql_str).collect();
+    format!("({})", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sql_str("a'b\\c"), "'a\\'b\\\\c'");
+        assert_eq!(sql_str_list(["x", "y"]), "('x', 'y')");
+    }
+}
