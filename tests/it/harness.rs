@@ -1,0 +1,222 @@
+//! Test harness: a fresh ClickHouse database and Kafka topic per test, the real
+//! `tokentally` binary as a child process, and a price calculator that reads the
+//! price book's TOML on its own (independent of `tokentally::price`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rust_decimal::Decimal;
+use tokentally::config::Config;
+use tokentally::store::Store;
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TOKENTALLY_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("TOKENTALLY_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One test's database, topic and consumer group.
+pub struct TestEnv {
+    pub name: String,
+    pub cfg: Config,
+    pub store: Store,
+    pub prices: PathBuf,
+    pub batch_max_messages: usize,
+}
+
+impl TestEnv {
+    pub async fn new(test: &str, partitions: i32) -> Self {
+        let unique = format!(
+            "{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000
+        );
+        let name = format!("tt_{test}_{unique}");
+        let mut cfg = Config::default();
+        cfg.clickhouse.url = clickhouse_url();
+        cfg.clickhouse.database = name.clone();
+        cfg.kafka.brokers = brokers();
+        cfg.kafka.topic = format!("{name}.usage");
+        cfg.kafka.group = format!("{name}.group");
+        cfg.prices.path = repo().join("prices");
+        let store = Store::new(&cfg.clickhouse);
+        tokentally::store::migrate::migrate(&store).await.expect("migrate a fresh database");
+        tokentally::emit::ensure_topic(&cfg.kafka.brokers, &cfg.kafka.topic, partitions)
+            .await
+            .expect("create a fresh topic");
+        let prices = cfg.prices.path.clone();
+        Self { name, cfg, store, prices, batch_max_messages: 1000 }
+    }
+
+    /// Starts `tokentally ingest` as a child process with this test's settings.
+    pub fn spawn_ingest(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_tokentally"))
+            .arg("ingest")
+            .env("TOKENTALLY_KAFKA_BROKERS", &self.cfg.kafka.brokers)
+            .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
+            .env("TOKENTALLY_KAFKA_GROUP", &self.cfg.kafka.group)
+            .env("TOKENTALLY_CLICKHOUSE_URL", &self.cfg.clickhouse.url)
+            .env("TOKENTALLY_CLICKHOUSE_DATABASE", &self.cfg.clickhouse.database)
+            .env("TOKENTALLY_PRICES", &self.prices)
+            .env("TOKENTALLY_METRICS_LISTEN", "")
+            .env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", self.batch_max_messages.to_string())
+            .env("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", "200")
+            .env("TOKENTALLY_LOG", "warn,tokentally=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(std::env::temp_dir().join(format!("{}.ingest.log", self.name)))
+                    .unwrap(),
+            ))
+            .spawn()
+            .expect("spawn tokentally ingest")
+    }
+
+    pub async fn produce(&self, messages: &[(String, Vec<u8>)]) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set("linger.ms", "10")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .unwrap();
+        for chunk in messages.chunks(20_000) {
+            let futures: Vec<_> = chunk
+                .iter()
+                .map(|(k, p)| producer.send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p)).expect("enqueue"))
+                .collect();
+            for f in futures {
+                f.await.expect("delivery future").expect("delivered");
+            }
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.store.client().query(sql).fetch_one::<i64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn decimal(&self, sql: &str) -> Decimal {
+        let s: String = self.store.client().query(sql).fetch_one().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        s.parse::<Decimal>().unwrap().normalize()
+    }
+
+    /// Messages whose outcome is stored: events + rejections + duplicates.
+    pub async fn accounted(&self) -> i64 {
+        self.scalar("SELECT toInt64(sum(sign)) FROM usage_events").await
+            + self.scalar("SELECT toInt64(count()) FROM rejected_events").await
+            + self.scalar("SELECT toInt64(count()) FROM duplicate_events").await
+    }
+
+    pub async fn wait_accounted(&self, expected: i64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let n = self.accounted().await;
+            if n == expected {
+                return;
+            }
+            assert!(n < expected, "{n} messages accounted for, more than the {expected} produced");
+            assert!(start.elapsed() < timeout, "only {n} of {expected} messages accounted for after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Per-institution exact cost from the raw events and from the hourly rollup.
+    pub async fn costs(&self) -> (BTreeMap<String, Decimal>, BTreeMap<String, Decimal>) {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct R {
+            institution_id: String,
+            cost: String,
+        }
+        let mut out = Vec::new();
+        for table in ["SELECT institution_id, toString(sum(cost * sign)) AS cost FROM usage_events GROUP BY institution_id",
+                      "SELECT institution_id, toString(sum(cost)) AS cost FROM usage_hourly GROUP BY institution_id"] {
+            let rows: Vec<R> = self.store.client().query(table).fetch_all().await.unwrap();
+            out.push(rows.into_iter().map(|r| (r.institution_id, r.cost.parse::<Decimal>().unwrap().normalize())).collect());
+        }
+        let rollup = out.pop().unwrap();
+        (out.pop().unwrap(), rollup)
+    }
+
+    pub async fn drop_database(&self) {
+        let _ = self.store.execute(&format!("DROP DATABASE IF EXISTS `{}`", self.name)).await;
+    }
+}
+
+/// Kills with SIGKILL: no shutdown handler runs.
+pub fn kill9(child: &mut Child) {
+    unsafe_kill(child.id(), 9);
+    let _ = child.wait();
+}
+
+/// Asks for a graceful stop (SIGTERM) and waits for the exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    unsafe_kill(child.id(), 15);
+    child.wait().unwrap()
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success() || signal == 9);
+}
+
+/// Per-Mtok rates read straight from the price book's TOML (not through tokentally).
+#[derive(Debug, Clone)]
+pub struct ListPrice {
+    pub input: Decimal,
+    pub cache_read: Decimal,
+    pub cache_write: Decimal,
+    pub output: Decimal,
+}
+
+impl ListPrice {
+    /// Cost of canonical token counts, computed the plain way.
+    pub fn cost(&self, input: u64, cache_read: u64, cache_write: u64, output: u64) -> Decimal {
+        (Decimal::from(input) * self.input
+            + Decimal::from(cache_read) * self.cache_read
+            + Decimal::from(cache_write) * self.cache_write
+            + Decimal::from(output) * self.output)
+            / Decimal::from(1_000_000)
+    }
+}
+
+/// The tier-less entry that lists `model` in its `match`; the test only uses models
+/// with exactly one such entry and no long-context tier, so there is no precedence to decide.
+pub fn list_price(prices: &Path, model: &str) -> ListPrice {
+    let mut found = Vec::new();
+    for file in std::fs::read_dir(prices).unwrap() {
+        let path = file.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let doc: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for e in doc.get("price").and_then(|p| p.as_array()).cloned().unwrap_or_default() {
+            let matches = e.get("match").and_then(|m| m.as_array()).is_some_and(|m| m.iter().any(|v| v.as_str() == Some(model)));
+            if matches && e.get("service_tier").is_none() {
+                found.push(e);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "test models need exactly one tier-less entry: {model}");
+    let e = &found[0];
+    assert!(e.get("tier").is_none() && e.get("reasoning_per_mtok").is_none() && e.get("per_request").is_none());
+    let rate = |k: &str| e.get(k).and_then(|v| v.as_str()).map(|s| s.parse::<Decimal>().unwrap());
+    let input = rate("input_per_mtok").unwrap();
+    ListPrice {
+        input,
+        cache_read: rate("cache_read_per_mtok").unwrap_or(input),
+        cache_write: rate("cache_write_per_mtok").unwrap_or(input),
+        output: rate("output_per_mtok").unwrap(),
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against the real broker (tansu or Kafka) and ClickHouse.
+//! `scripts/test` starts both; each test gets a fresh database and topic.
+
+mod harness;
+mod pipeline;
+mod workload;

@@ -1,0 +1,93 @@
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+
+use crate::harness::{kill9, terminate, TestEnv};
+use crate::workload::{build, Mix, UNKNOWN_MODEL};
+
+async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
+    let (raw, rollup) = env.costs().await;
+    let expected: std::collections::BTreeMap<String, Decimal> = w.expected_cost.clone();
+    assert_eq!(raw, expected, "per-institution cost from usage_events");
+    assert_eq!(rollup, expected, "per-institution cost from usage_hourly");
+    let events = env.scalar("SELECT toInt64(sum(sign)) FROM usage_events").await;
+    let priced = env.scalar("SELECT toInt64(sum(sign * priced)) FROM usage_events").await;
+    let rejected = env.scalar("SELECT toInt64(count()) FROM rejected_events").await;
+    let duplicates = env.scalar("SELECT toInt64(count()) FROM duplicate_events").await;
+    assert_eq!(events, w.events);
+    assert_eq!(events - priced, w.unpriced, "unpriced events");
+    assert_eq!(rejected, w.malformed.len() as i64);
+    assert_eq!(duplicates, w.duplicates);
+    // Every message is accounted for exactly once.
+    assert_eq!(priced + (events - priced) + rejected + duplicates, w.messages.len() as i64);
+    // No event is stored twice.
+    let twice = env.scalar("SELECT toInt64(count()) FROM (SELECT event_id, sum(sign) AS s FROM usage_events GROUP BY event_id HAVING s != 1)").await;
+    assert_eq!(twice, 0, "events whose stored count is not exactly 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_shapes_duplicates_and_malformed_are_exact() {
+    let env = TestEnv::new("mixed", 3).await;
+    let mix = Mix { events: 4000, duplicates: 0.08, malformed: 0.05, unknown_model: 0.03, institutions: 5 };
+    let w = build(11, &mix, &env.prices);
+    println!("messages {} events {} duplicates {} malformed {} unpriced {}", w.messages.len(), w.events, w.duplicates, w.malformed.len(), w.unpriced);
+    env.produce(&w.messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(120)).await;
+    let status = terminate(&mut ingest);
+    assert!(status.success(), "ingest exits 0 on SIGTERM, got {status}");
+    assert_exact(&env, &w).await;
+
+    // Every malformed message is stored with its raw payload and a reason.
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Rej { reason: String, detail: String, payload: Vec<u8> }
+    let rows: Vec<Rej> = env.store.client().query("SELECT reason, detail, payload FROM rejected_events").fetch_all().await.unwrap();
+    assert!(rows.iter().all(|r| !r.reason.is_empty() && !r.detail.is_empty()));
+    let stored: BTreeSet<Vec<u8>> = rows.into_iter().map(|r| r.payload).collect();
+    let sent: BTreeSet<Vec<u8>> = w.malformed.iter().cloned().collect();
+    assert_eq!(stored, sent);
+    // The unknown model is stored unpriced, not at $0 silently.
+    let unpriced_models = env.scalar(&format!("SELECT toInt64(countIf(model = '{UNKNOWN_MODEL}' AND priced = 0)) FROM usage_events")).await;
+    assert_eq!(unpriced_models, w.unpriced);
+
+    // Replaying the whole topic from the start (a new consumer group) adds nothing.
+    let mut replay_env = TestEnv { name: env.name.clone(), cfg: env.cfg.clone(), store: env.store.clone(), prices: env.prices.clone(), batch_max_messages: 500 };
+    replay_env.cfg.kafka.group = format!("{}.replay", env.cfg.kafka.group);
+    let mut replay = replay_env.spawn_ingest();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(terminate(&mut replay).success());
+    assert_exact(&env, &w).await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_ingest_counts_every_event_once() {
+    let mut env = TestEnv::new("crash", 4).await;
+    env.batch_max_messages = 2000;
+    let mix = Mix { events: 100_000, duplicates: 0.02, malformed: 0.01, unknown_model: 0.01, institutions: 8 };
+    let w = build(23, &mix, &env.prices);
+    env.produce(&w.messages).await;
+    let total = w.messages.len() as i64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(std::process::id() as u64);
+    let mut kills = 0;
+    let mut ingest = env.spawn_ingest();
+    // Kill at random moments while the backlog is being ingested, then restart.
+    while kills < 5 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
+        let before = env.accounted().await;
+        if before >= total {
+            break;
+        }
+        kill9(&mut ingest);
+        kills += 1;
+        println!("kill -9 #{kills} with {before}/{total} messages accounted for");
+        ingest = env.spawn_ingest();
+    }
+    assert!(kills >= 3, "only {kills} kills happened before ingest finished; the test needs at least 3");
+    env.wait_accounted(total, Duration::from_secs(600)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_exact(&env, &w).await;
+    env.drop_database().await;
+}
