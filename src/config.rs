@@ -30,6 +30,10 @@ pub struct KafkaConfig {
     /// Memory cap of the consumer's pre-fetch queue, in KiB (librdkafka
     /// `queued.max.messages.kbytes`).
     pub queued_max_kbytes: u32,
+    /// How long the group waits for a silent consumer before its partitions move to
+    /// another instance (librdkafka `session.timeout.ms`; brokers accept >= 6000 by default).
+    /// Env: `TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS`.
+    pub session_timeout_ms: u64,
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`).
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -42,6 +46,7 @@ impl Default for KafkaConfig {
             group: "tokentally".into(),
             dead_letter_topic: String::new(),
             queued_max_kbytes: 32 * 1024,
+            session_timeout_ms: 10_000,
             properties: Default::default(),
         }
     }
@@ -175,8 +180,10 @@ impl Config {
         if let Some(v) = env("TOKENTALLY_PRICES") {
             self.prices.path = PathBuf::from(v);
         }
-        let numbers: [(&'static str, &mut u64); 1] =
-            [("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", &mut self.ingest.batch_max_wait_ms)];
+        let numbers: [(&'static str, &mut u64); 2] = [
+            ("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", &mut self.ingest.batch_max_wait_ms),
+            ("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", &mut self.kafka.session_timeout_ms),
+        ];
         for (name, slot) in numbers {
             if let Some(v) = env(name) {
                 *slot = v.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {

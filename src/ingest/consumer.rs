@@ -99,6 +99,8 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .set("queued.max.messages.kbytes", cfg.kafka.queued_max_kbytes.to_string())
         .set("fetch.max.bytes", "16777216")
         .set("max.poll.interval.ms", "600000")
+        .set("session.timeout.ms", cfg.kafka.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (cfg.kafka.session_timeout_ms / 5).max(500).to_string())
         .create_with_context(context)
         .context("creating Kafka consumer")?;
     consumer.subscribe(&[&cfg.kafka.topic]).context("subscribing")?;

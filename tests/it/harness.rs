@@ -69,6 +69,7 @@ impl TestEnv {
             .env("TOKENTALLY_CLICKHOUSE_DATABASE", &self.cfg.clickhouse.database)
             .env("TOKENTALLY_PRICES", &self.prices)
             .env("TOKENTALLY_METRICS_LISTEN", "")
+            .env("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", self.batch_max_messages.to_string())
             .env("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", "200")
             .env("TOKENTALLY_LOG", "warn,tokentally=info")
@@ -105,11 +106,6 @@ impl TestEnv {
 
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.store.client().query(sql).fetch_one::<i64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    pub async fn decimal(&self, sql: &str) -> Decimal {
-        let s: String = self.store.client().query(sql).fetch_one().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        s.parse::<Decimal>().unwrap().normalize()
     }
 
     /// Messages whose outcome is stored: events + rejections + duplicates.

@@ -73,9 +73,15 @@ async fn kill_9_during_ingest_counts_every_event_once() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(std::process::id() as u64);
     let mut kills = 0;
     let mut ingest = env.spawn_ingest();
-    // Kill at random moments while the backlog is being ingested, then restart.
-    while kills < 5 {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..4000))).await;
+    // Kill at a random moment once the (re)started consumer is making progress.
+    while kills < 4 {
+        let at_start = env.accounted().await;
+        let started = std::time::Instant::now();
+        while env.accounted().await == at_start {
+            assert!(started.elapsed() < Duration::from_secs(120), "ingest made no progress");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
         let before = env.accounted().await;
         if before >= total {
             break;
