@@ -97,3 +97,105 @@ async fn kill_9_during_ingest_counts_every_event_once() {
     assert_exact(&env, &w).await;
     env.drop_database().await;
 }
+
+/// Runs `scripts/services` (the test suite's servers are started by it).
+fn services(cmd: &str) {
+    let status = std::process::Command::new(crate::harness::repo().join("scripts/services"))
+        .arg(cmd)
+        .status()
+        .expect("run scripts/services");
+    assert!(status.success(), "scripts/services {cmd} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_stopped_and_started_mid_stream_loses_nothing() {
+    let pidfile = crate::harness::repo().join(".data/clickhouse/clickhouse.pid");
+    assert!(pidfile.exists(), "this test stops the ClickHouse that scripts/services started ({} is missing)", pidfile.display());
+    let mut env = TestEnv::new("outage", 2).await;
+    env.batch_max_messages = 500;
+    let mix = Mix { events: 20_000, duplicates: 0.03, malformed: 0.02, unknown_model: 0.01, institutions: 4 };
+    let w = build(37, &mix, &env.prices);
+    let (first, second) = w.messages.split_at(w.messages.len() / 2);
+    env.produce(first).await;
+    let mut ingest = env.spawn_ingest();
+    let started = std::time::Instant::now();
+    while env.accounted().await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "ingest made no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    services("stop-clickhouse");
+    // The stream goes on while the store is down.
+    env.produce(second).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a ClickHouse outage");
+    services("start-clickhouse");
+    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(180)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_exact(&env, &w).await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_is_unpriced_until_priced_and_repriced_once() {
+    let mut env = TestEnv::new("reprice", 2).await;
+    // A private copy of the price book that the test can extend.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&env.prices).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    env.prices = dir.path().to_owned();
+    let mix = Mix { events: 3000, duplicates: 0.02, malformed: 0.0, unknown_model: 0.2, institutions: 3 };
+    let w = build(41, &mix, &env.prices);
+    env.produce(&w.messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(120)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_exact(&env, &w).await;
+    assert!(w.unpriced > 300);
+
+    std::fs::write(
+        dir.path().join("acme.toml"),
+        format!("[[price]]\nprovider = \"openai\"\nmodel = \"{UNKNOWN_MODEL}\"\nmatch = [\"{UNKNOWN_MODEL}\"]\n\
+                 effective_from = \"2026-01-01\"\ninput_per_mtok = \"1.5\"\ncache_read_per_mtok = \"0.375\"\n\
+                 cache_write_per_mtok = \"1.875\"\noutput_per_mtok = \"6.25\"\n"),
+    )
+    .unwrap();
+    let reprice = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"))
+            .args(["reprice", "--since", "2026-10-01"])
+            .env("TOKENTALLY_CLICKHOUSE_URL", &env.cfg.clickhouse.url)
+            .env("TOKENTALLY_CLICKHOUSE_DATABASE", &env.cfg.clickhouse.database)
+            .env("TOKENTALLY_PRICES", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = reprice();
+    assert!(first.contains(&format!("{} re-rated ({} newly priced", w.unpriced, w.unpriced)), "{first}");
+
+    // Expected: the test's own sums of the unpriced events' tokens at the new rates.
+    let mut expected = w.expected_cost.clone();
+    let rates = [Decimal::new(15, 1), Decimal::new(375, 3), Decimal::new(1875, 3), Decimal::new(625, 2)];
+    for (inst, tokens) in &w.unpriced_tokens {
+        let extra: Decimal = tokens.iter().zip(rates).map(|(t, r)| Decimal::from(*t) * r).sum::<Decimal>() / Decimal::from(1_000_000);
+        *expected.entry(inst.clone()).or_default() += extra;
+    }
+    for v in expected.values_mut() {
+        *v = v.normalize();
+    }
+    let (raw, rollup) = env.costs().await;
+    assert_eq!(raw, expected);
+    assert_eq!(rollup, expected);
+    assert_eq!(env.scalar("SELECT toInt64(sum(sign)) FROM usage_events").await, w.events, "counted once");
+    assert_eq!(env.scalar("SELECT toInt64(sum(sign * (1 - priced))) FROM usage_events").await, 0);
+    assert_eq!(env.scalar("SELECT toInt64(sum(events)) FROM usage_hourly").await, w.events);
+
+    // A second run finds nothing to change.
+    let again = reprice();
+    assert!(again.contains(" 0 re-rated"), "{again}");
+    let (raw2, _) = env.costs().await;
+    assert_eq!(raw2, expected);
+    env.drop_database().await;
+}

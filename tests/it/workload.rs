@@ -21,6 +21,8 @@ pub struct Workload {
     pub events: i64,
     pub duplicates: i64,
     pub malformed: Vec<Vec<u8>>,
+    /// Canonical token sums (input, cache_read, cache_write, output) of unpriced events.
+    pub unpriced_tokens: BTreeMap<String, [u64; 4]>,
 }
 
 pub struct Mix {
@@ -50,6 +52,7 @@ pub fn build(seed: u64, mix: &Mix, prices: &Path) -> Workload {
         events: 0,
         duplicates: 0,
         malformed: Vec::new(),
+        unpriced_tokens: BTreeMap::new(),
     };
     let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
     while (w.events as usize) < mix.events {
@@ -107,6 +110,10 @@ pub fn build(seed: u64, mix: &Mix, prices: &Path) -> Workload {
         *w.expected_events.entry(inst.clone()).or_default() += 1;
         let cost = if unknown {
             w.unpriced += 1;
+            let t = w.unpriced_tokens.entry(inst.clone()).or_default();
+            for (slot, n) in t.iter_mut().zip([input, cache_read, cache_write, output]) {
+                *slot += n;
+            }
             Decimal::ZERO
         } else {
             rates[mi].cost(input, cache_read, cache_write, output)
