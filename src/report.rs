@@ -152,7 +152,7 @@ pub fn render(rows: &[SpendRow], group_by: GroupBy, format: Format) -> anyhow::R
             let header: Vec<String> = std::iter::once(key).chain(COLUMNS).map(str::to_owned).collect();
             let mut table = vec![header];
             table.extend(rows.iter().map(cells));
-            let total_cost: Decimal = rows.iter().map(|r| r.cost_usd).sum();
+            let total_cost: Decimal = rows.iter().map(|r| r.cost_usd).sum::<Decimal>().normalize();
             let total_events: i64 = rows.iter().map(|r| r.events).sum();
             let widths: Vec<usize> =
                 (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();

@@ -1,7 +1,7 @@
 //! Idempotent writes: what is already stored is looked up first, so a batch that is
 //! written again (after a crash, a timeout, a replay) adds nothing twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use clickhouse::Row;
 use serde::Deserialize;
@@ -50,16 +50,24 @@ impl Store {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let institutions: HashSet<&str> = keys.iter().map(|k| k.institution_id).collect();
-        let min = keys.iter().map(|k| k.occurred_at).min().unwrap_or(0) as i64 - window_secs;
-        let max = keys.iter().map(|k| k.occurred_at).max().unwrap_or(0) as i64 + window_secs;
+        // Only the (institution, hour) slots a copy can be in: the sorting key's prefix,
+        // so ClickHouse reads a few granules per slot however large the table is.
+        let mut slots: BTreeSet<(&str, i64)> = BTreeSet::new();
+        for k in keys {
+            let t = i64::from(k.occurred_at);
+            let mut hour = (t - window_secs).max(0) / 3600 * 3600;
+            while hour <= t + window_secs {
+                slots.insert((k.institution_id, hour));
+                hour += 3600;
+            }
+        }
+        let slot_list: Vec<String> =
+            slots.iter().map(|(inst, hour)| format!("({}, {hour})", sql_str(inst))).collect();
         let sql = format!(
             "SELECT event_id, kafka_partition, kafka_offset FROM usage_events \
-             WHERE institution_id IN {} AND occurred_at >= toDateTime({}) AND occurred_at <= toDateTime({}) \
+             WHERE (institution_id, toStartOfHour(occurred_at)) IN ({}) \
              AND event_id IN {} AND sign = 1 AND kafka_topic = {}",
-            sql_str_list(institutions.iter().copied()),
-            min.max(0),
-            max.min(u32::MAX as i64),
+            slot_list.join(", "),
             sql_str_list(keys.iter().map(|k| k.event_id)),
             sql_str(topic),
         );
