@@ -32,6 +32,8 @@ pub struct TestEnv {
     pub store: Store,
     pub prices: PathBuf,
     pub batch_max_messages: usize,
+    /// Dead-letter topic given to ingest (empty: none).
+    pub dead_letter_topic: String,
 }
 
 impl TestEnv {
@@ -55,7 +57,7 @@ impl TestEnv {
             .await
             .expect("create a fresh topic");
         let prices = cfg.prices.path.clone();
-        Self { name, cfg, store, prices, batch_max_messages: 1000 }
+        Self { name, cfg, store, prices, batch_max_messages: 1000, dead_letter_topic: String::new() }
     }
 
     /// Starts `tokentally ingest` as a child process with this test's settings.
@@ -70,6 +72,7 @@ impl TestEnv {
             .env("TOKENTALLY_PRICES", &self.prices)
             .env("TOKENTALLY_METRICS_LISTEN", "")
             .env("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC", &self.dead_letter_topic)
             .env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", self.batch_max_messages.to_string())
             .env("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", "200")
             .env("TOKENTALLY_LOG", "warn,tokentally=info")
@@ -102,6 +105,29 @@ impl TestEnv {
             }
         }
         producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Reads `topic` from the start until `expected` messages arrived (or `timeout`).
+    pub async fn consume_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set("group.id", format!("{}.reader", self.name))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while out.len() < expected && start.elapsed() < timeout {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+                let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
+                out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {

@@ -29,7 +29,9 @@ async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_shapes_duplicates_and_malformed_are_exact() {
-    let env = TestEnv::new("mixed", 3).await;
+    let mut env = TestEnv::new("mixed", 3).await;
+    env.dead_letter_topic = format!("{}.dlq", env.name);
+    tokentally::emit::ensure_topic(&env.cfg.kafka.brokers, &env.dead_letter_topic, 1).await.unwrap();
     let mix = Mix { events: 4000, duplicates: 0.08, malformed: 0.05, unknown_model: 0.03, institutions: 5 };
     let w = build(11, &mix, &env.prices);
     println!("messages {} events {} duplicates {} malformed {} unpriced {}", w.messages.len(), w.events, w.duplicates, w.malformed.len(), w.unpriced);
@@ -48,12 +50,17 @@ async fn mixed_shapes_duplicates_and_malformed_are_exact() {
     let stored: BTreeSet<Vec<u8>> = rows.into_iter().map(|r| r.payload).collect();
     let sent: BTreeSet<Vec<u8>> = w.malformed.iter().cloned().collect();
     assert_eq!(stored, sent);
+    // …and copied to the dead-letter topic with its reason.
+    let dlq = env.consume_all(&env.dead_letter_topic, w.malformed.len(), Duration::from_secs(30)).await;
+    let dlq_payloads: BTreeSet<Vec<u8>> = dlq.iter().map(|(p, _)| p.clone()).collect();
+    assert_eq!(dlq_payloads, sent, "dead-letter topic holds every rejected message");
+    assert!(dlq.iter().all(|(_, h)| h.iter().any(|(k, v)| k == "tokentally-reason" && !v.is_empty())));
     // The unknown model is stored unpriced, not at $0 silently.
     let unpriced_models = env.scalar(&format!("SELECT toInt64(countIf(model = '{UNKNOWN_MODEL}' AND priced = 0)) FROM usage_events")).await;
     assert_eq!(unpriced_models, w.unpriced);
 
     // Replaying the whole topic from the start (a new consumer group) adds nothing.
-    let mut replay_env = TestEnv { name: env.name.clone(), cfg: env.cfg.clone(), store: env.store.clone(), prices: env.prices.clone(), batch_max_messages: 500 };
+    let mut replay_env = TestEnv { name: env.name.clone(), cfg: env.cfg.clone(), store: env.store.clone(), prices: env.prices.clone(), batch_max_messages: 500, dead_letter_topic: String::new() };
     replay_env.cfg.kafka.group = format!("{}.replay", env.cfg.kafka.group);
     let mut replay = replay_env.spawn_ingest();
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -130,6 +137,33 @@ async fn clickhouse_stopped_and_started_mid_stream_loses_nothing() {
     assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a ClickHouse outage");
     services("start-clickhouse");
     env.wait_accounted(w.messages.len() as i64, Duration::from_secs(180)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_exact(&env, &w).await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stopped_and_started_mid_stream_loses_nothing() {
+    let pidfile = crate::harness::repo().join(".data/tansu/tansu.pid");
+    assert!(pidfile.exists(), "this test stops the broker that scripts/services started ({} is missing)", pidfile.display());
+    let mut env = TestEnv::new("brokerdown", 2).await;
+    env.batch_max_messages = 300;
+    let mix = Mix { events: 15_000, duplicates: 0.03, malformed: 0.02, unknown_model: 0.01, institutions: 4 };
+    let w = build(43, &mix, &env.prices);
+    let (first, second) = w.messages.split_at(w.messages.len() / 2);
+    env.produce(first).await;
+    let mut ingest = env.spawn_ingest();
+    let started = std::time::Instant::now();
+    while env.accounted().await == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "ingest made no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    services("stop-kafka");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a broker outage");
+    services("start-kafka");
+    env.produce(second).await;
+    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(240)).await;
     assert!(terminate(&mut ingest).success());
     assert_exact(&env, &w).await;
     env.drop_database().await;
