@@ -135,28 +135,26 @@ pub fn provider_usage(provider: &str, v: &Value) -> Result<TokenCounts, UsageErr
 /// OpenAI chat completions: `prompt_tokens` includes cached tokens,
 /// `completion_tokens` includes reasoning tokens.
 fn openai_chat(o: &Map<String, Value>) -> Result<TokenCounts, UsageError> {
-    let prompt = count(o, "prompt_tokens")?;
-    let cached = count(o, "prompt_tokens_details.cached_tokens")?;
-    checked(TokenCounts {
-        input: subtract(prompt, cached, "prompt_tokens", "prompt_tokens_details.cached_tokens")?,
-        cache_read: cached,
-        cache_write: 0,
-        output: count(o, "completion_tokens")?,
-        reasoning: count(o, "completion_tokens_details.reasoning_tokens")?,
-    })
+    openai(o, ["prompt_tokens", "prompt_tokens_details.cached_tokens"],
+           ["completion_tokens", "completion_tokens_details.reasoning_tokens"])
 }
 
 /// OpenAI responses API: `input_tokens` includes cached tokens,
 /// `output_tokens` includes reasoning tokens.
 fn openai_responses(o: &Map<String, Value>) -> Result<TokenCounts, UsageError> {
-    let input = count(o, "input_tokens")?;
-    let cached = count(o, "input_tokens_details.cached_tokens")?;
+    openai(o, ["input_tokens", "input_tokens_details.cached_tokens"],
+           ["output_tokens", "output_tokens_details.reasoning_tokens"])
+}
+
+/// Both OpenAI shapes: [prompt total, cached part], [output total, reasoning part].
+fn openai(o: &Map<String, Value>, prompt: [&str; 2], output: [&str; 2]) -> Result<TokenCounts, UsageError> {
+    let (total, cached) = (count(o, prompt[0])?, count(o, prompt[1])?);
     checked(TokenCounts {
-        input: subtract(input, cached, "input_tokens", "input_tokens_details.cached_tokens")?,
+        input: subtract(total, cached, prompt[0], prompt[1])?,
         cache_read: cached,
         cache_write: 0,
-        output: count(o, "output_tokens")?,
-        reasoning: count(o, "output_tokens_details.reasoning_tokens")?,
+        output: count(o, output[0])?,
+        reasoning: count(o, output[1])?,
     })
 }
 

@@ -114,14 +114,16 @@ fn services(cmd: &str) {
     assert!(status.success(), "scripts/services {cmd} failed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_stopped_and_started_mid_stream_loses_nothing() {
-    let pidfile = crate::harness::repo().join(".data/clickhouse/clickhouse.pid");
-    assert!(pidfile.exists(), "this test stops the ClickHouse that scripts/services started ({} is missing)", pidfile.display());
-    let mut env = TestEnv::new("outage", 2).await;
-    env.batch_max_messages = 500;
-    let mix = Mix { events: 20_000, duplicates: 0.03, malformed: 0.02, unknown_model: 0.01, institutions: 4 };
-    let w = build(37, &mix, &env.prices);
+/// Stops one of the servers (`what`: clickhouse or kafka) while ingest runs, publishes
+/// the second half of the traffic around the outage, starts it again, checks totals.
+async fn outage(what: &str, seed: u64, batch: usize, publish_during_outage: bool) {
+    let server = if what == "kafka" { "tansu" } else { what };
+    let pidfile = crate::harness::repo().join(format!(".data/{server}/{server}.pid"));
+    assert!(pidfile.exists(), "this test stops the {what} that scripts/services started ({} is missing)", pidfile.display());
+    let mut env = TestEnv::new(&format!("{what}down"), 2).await;
+    env.batch_max_messages = batch;
+    let mix = Mix { events: 15_000, duplicates: 0.03, malformed: 0.02, unknown_model: 0.01, institutions: 4 };
+    let w = build(seed, &mix, &env.prices);
     let (first, second) = w.messages.split_at(w.messages.len() / 2);
     env.produce(first).await;
     let mut ingest = env.spawn_ingest();
@@ -130,43 +132,31 @@ async fn clickhouse_stopped_and_started_mid_stream_loses_nothing() {
         assert!(started.elapsed() < Duration::from_secs(60), "ingest made no progress");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    services("stop-clickhouse");
-    // The stream goes on while the store is down.
-    env.produce(second).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a ClickHouse outage");
-    services("start-clickhouse");
-    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(180)).await;
+    services(&format!("stop-{what}"));
+    if publish_during_outage {
+        env.produce(second).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a {what} outage");
+    services(&format!("start-{what}"));
+    if !publish_during_outage {
+        env.produce(second).await;
+    }
+    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(240)).await;
     assert!(terminate(&mut ingest).success());
     assert_exact(&env, &w).await;
     env.drop_database().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_stopped_and_started_mid_stream_loses_nothing() {
+    // The stream goes on while the store is down.
+    outage("clickhouse", 37, 500, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_and_started_mid_stream_loses_nothing() {
-    let pidfile = crate::harness::repo().join(".data/tansu/tansu.pid");
-    assert!(pidfile.exists(), "this test stops the broker that scripts/services started ({} is missing)", pidfile.display());
-    let mut env = TestEnv::new("brokerdown", 2).await;
-    env.batch_max_messages = 300;
-    let mix = Mix { events: 15_000, duplicates: 0.03, malformed: 0.02, unknown_model: 0.01, institutions: 4 };
-    let w = build(43, &mix, &env.prices);
-    let (first, second) = w.messages.split_at(w.messages.len() / 2);
-    env.produce(first).await;
-    let mut ingest = env.spawn_ingest();
-    let started = std::time::Instant::now();
-    while env.accounted().await == 0 {
-        assert!(started.elapsed() < Duration::from_secs(60), "ingest made no progress");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    services("stop-kafka");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(ingest.try_wait().unwrap().is_none(), "ingest must keep running through a broker outage");
-    services("start-kafka");
-    env.produce(second).await;
-    env.wait_accounted(w.messages.len() as i64, Duration::from_secs(240)).await;
-    assert!(terminate(&mut ingest).success());
-    assert_exact(&env, &w).await;
-    env.drop_database().await;
+    outage("kafka", 43, 300, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
