@@ -13,7 +13,11 @@ use crate::shutdown::Shutdown;
 use crate::store::{migrate::migrate, Store};
 
 #[derive(Parser, Debug)]
-#[command(name = "tokentally", version, about = "Usage billing and spend analytics for LLM API gateways")]
+#[command(
+    name = "tokentally",
+    version,
+    about = "Usage billing and spend analytics for LLM API gateways"
+)]
 pub struct Cli {
     /// Config file (TOML). Environment variables TOKENTALLY_* override its values.
     #[arg(long, global = true, env = "TOKENTALLY_CONFIG")]
@@ -114,7 +118,9 @@ pub enum Format {
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENTALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -140,10 +146,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
-        Command::Report { command: ReportCommand::Spend(args) } => {
+        Command::Report {
+            command: ReportCommand::Spend(args),
+        } => {
             let store = Store::new(&cfg.clickhouse);
             let rows = crate::report::spend(&store, args.from, args.to, args.group_by).await?;
-            print!("{}", crate::report::render(&rows, args.group_by, args.format)?);
+            print!(
+                "{}",
+                crate::report::render(&rows, args.group_by, args.format)?
+            );
             Ok(())
         }
     }
@@ -156,9 +167,12 @@ fn load_book(cfg: &Config) -> anyhow::Result<PriceBook> {
 
 async fn run_migrate(cfg: &Config) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
-    let applied = migrate(&store)
-        .await
-        .with_context(|| format!("migrating {} at {}", cfg.clickhouse.database, cfg.clickhouse.url))?;
+    let applied = migrate(&store).await.with_context(|| {
+        format!(
+            "migrating {} at {}",
+            cfg.clickhouse.database, cfg.clickhouse.url
+        )
+    })?;
     if applied.is_empty() {
         tracing::info!(database = store.database(), "schema is up to date");
     } else {
@@ -183,7 +197,11 @@ fn prices(cfg: &Config, command: PricesCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        PricesCommand::ImportLitellm { file, out, effective_from } => {
+        PricesCommand::ImportLitellm {
+            file,
+            out,
+            effective_from,
+        } => {
             let json = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let date = effective_from.unwrap_or_else(|| chrono::Utc::now().date_naive());
@@ -191,7 +209,9 @@ fn prices(cfg: &Config, command: PricesCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("importing {}", file.display()))?;
             let header = format!(
                 "# Imported by `tokentally prices import-litellm` from {} on {}.\n\n",
-                file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                file.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 chrono::Utc::now().date_naive()
             );
             match out {

@@ -82,7 +82,14 @@ impl fmt::Debug for ClickHouseConfig {
             .field("url", &self.url)
             .field("database", &self.database)
             .field("user", &self.user)
-            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .finish()
     }
 }
@@ -129,18 +136,30 @@ pub struct PricesConfig {
 
 impl Default for PricesConfig {
     fn default() -> Self {
-        Self { path: PathBuf::from("prices") }
+        Self {
+            path: PathBuf::from("prices"),
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is invalid: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
-    Env { name: &'static str, value: String, reason: String },
+    Env {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -148,10 +167,14 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut config = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
-                toml::from_str(&text)
-                    .map_err(|source| ConfigError::Parse { path: p.to_owned(), source })?
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: p.to_owned(),
+                    source,
+                })?
             }
             None => Config::default(),
         };
@@ -165,11 +188,20 @@ impl Config {
             ("TOKENTALLY_KAFKA_BROKERS", &mut self.kafka.brokers),
             ("TOKENTALLY_KAFKA_TOPIC", &mut self.kafka.topic),
             ("TOKENTALLY_KAFKA_GROUP", &mut self.kafka.group),
-            ("TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC", &mut self.kafka.dead_letter_topic),
+            (
+                "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
+                &mut self.kafka.dead_letter_topic,
+            ),
             ("TOKENTALLY_CLICKHOUSE_URL", &mut self.clickhouse.url),
-            ("TOKENTALLY_CLICKHOUSE_DATABASE", &mut self.clickhouse.database),
+            (
+                "TOKENTALLY_CLICKHOUSE_DATABASE",
+                &mut self.clickhouse.database,
+            ),
             ("TOKENTALLY_CLICKHOUSE_USER", &mut self.clickhouse.user),
-            ("TOKENTALLY_CLICKHOUSE_PASSWORD", &mut self.clickhouse.password),
+            (
+                "TOKENTALLY_CLICKHOUSE_PASSWORD",
+                &mut self.clickhouse.password,
+            ),
             ("TOKENTALLY_METRICS_LISTEN", &mut self.ingest.metrics_listen),
         ];
         for (name, slot) in strings {
@@ -181,25 +213,36 @@ impl Config {
             self.prices.path = PathBuf::from(v);
         }
         let numbers: [(&'static str, &mut u64); 2] = [
-            ("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", &mut self.ingest.batch_max_wait_ms),
-            ("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", &mut self.kafka.session_timeout_ms),
+            (
+                "TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS",
+                &mut self.ingest.batch_max_wait_ms,
+            ),
+            (
+                "TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS",
+                &mut self.kafka.session_timeout_ms,
+            ),
         ];
         for (name, slot) in numbers {
             if let Some(v) = env(name) {
-                *slot = v.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                    name,
-                    value: v.clone(),
-                    reason: e.to_string(),
-                })?;
+                *slot = v
+                    .parse()
+                    .map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                        name,
+                        value: v.clone(),
+                        reason: e.to_string(),
+                    })?;
             }
         }
         if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES") {
             self.ingest.batch_max_messages =
-                v.parse().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::Env {
-                    name: "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES",
-                    value: v.clone(),
-                    reason: "must be a positive integer".into(),
-                })?;
+                v.parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ConfigError::Env {
+                        name: "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES",
+                        value: v.clone(),
+                        reason: "must be a positive integer".into(),
+                    })?;
         }
         Ok(())
     }
@@ -211,7 +254,8 @@ mod tests {
 
     #[test]
     fn env_overrides_file_values() {
-        let mut c: Config = toml::from_str("[kafka]\nbrokers = \"file:9092\"\ntopic = \"t\"\n").unwrap();
+        let mut c: Config =
+            toml::from_str("[kafka]\nbrokers = \"file:9092\"\ntopic = \"t\"\n").unwrap();
         c.apply_env(|n| match n {
             "TOKENTALLY_KAFKA_BROKERS" => Some("env:9092".into()),
             "TOKENTALLY_PRICES" => Some("/p".into()),
@@ -228,8 +272,12 @@ mod tests {
     fn unknown_fields_and_bad_env_are_errors() {
         assert!(toml::from_str::<Config>("[kafka]\nbroker = \"x\"\n").is_err());
         let mut c = Config::default();
-        let err = c.apply_env(|n| (n == "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES").then(|| "0".into()));
-        assert!(err.unwrap_err().to_string().contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"));
+        let err =
+            c.apply_env(|n| (n == "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES").then(|| "0".into()));
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"));
     }
 
     #[test]

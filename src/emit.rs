@@ -58,8 +58,22 @@ pub struct EmitArgs {
 }
 
 const INSTITUTIONS: [&str; 16] = [
-    "uni-oslo", "eth-zurich", "tu-delft", "kth", "uni-helsinki", "acme-corp", "globex", "initech",
-    "uni-bergen", "epfl", "dtu", "uni-vienna", "umbrella-labs", "hooli", "tu-munich", "uni-lund",
+    "uni-oslo",
+    "eth-zurich",
+    "tu-delft",
+    "kth",
+    "uni-helsinki",
+    "acme-corp",
+    "globex",
+    "initech",
+    "uni-bergen",
+    "epfl",
+    "dtu",
+    "uni-vienna",
+    "umbrella-labs",
+    "hooli",
+    "tu-munich",
+    "uni-lund",
 ];
 
 /// (provider, model, weight, reasoning model, long-context capable)
@@ -78,7 +92,10 @@ const MODELS: [(&str, &str, u32, bool, bool); 12] = [
     ("gemini", "gemini-2.0-flash", 4, false, false),
 ];
 
-const UNKNOWN_MODELS: [(&str, &str); 2] = [("mistral", "mistral-large-2411"), ("openai", "gpt-9-preview")];
+const UNKNOWN_MODELS: [(&str, &str); 2] = [
+    ("mistral", "mistral-large-2411"),
+    ("openai", "gpt-9-preview"),
+];
 
 /// One generated message and what it is.
 #[derive(Debug, Clone)]
@@ -117,16 +134,35 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(args: &EmitArgs, now: DateTime<Utc>) -> anyhow::Result<Self> {
-        anyhow::ensure!(args.institutions >= 1 && args.institutions <= INSTITUTIONS.len(),
-            "--institutions must be between 1 and {}", INSTITUTIONS.len());
-        for (name, p) in [("--duplicates", args.duplicates), ("--malformed", args.malformed), ("--unknown-models", args.unknown_models)] {
-            anyhow::ensure!((0.0..=1.0).contains(&p), "{name} must be a probability between 0 and 1");
+        anyhow::ensure!(
+            args.institutions >= 1 && args.institutions <= INSTITUTIONS.len(),
+            "--institutions must be between 1 and {}",
+            INSTITUTIONS.len()
+        );
+        for (name, p) in [
+            ("--duplicates", args.duplicates),
+            ("--malformed", args.malformed),
+            ("--unknown-models", args.unknown_models),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&p),
+                "{name} must be a probability between 0 and 1"
+            );
         }
         let to = args.to.unwrap_or(now.date_naive());
         let from = args.from.unwrap_or(to - chrono::Duration::days(29));
         anyhow::ensure!(from <= to, "--from must not be after --to");
-        let start = from.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
-        let end = (to.and_hms_opt(23, 59, 59).expect("valid").and_utc().timestamp()).min(now.timestamp());
+        let start = from
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp();
+        let end = (to
+            .and_hms_opt(23, 59, 59)
+            .expect("valid")
+            .and_utc()
+            .timestamp())
+        .min(now.timestamp());
         anyhow::ensure!(end > start, "the time range must end before now");
 
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
@@ -143,12 +179,18 @@ impl Generator {
                         (format!("user{u:03}@{id}.example"), keys)
                     })
                     .collect();
-                let user_weights = WeightedIndex::new((0..n_users).map(|u| 1.0 / (u as f64 + 1.0))).expect("weights");
-                Institution { id: (*id).to_owned(), users, user_weights }
+                let user_weights = WeightedIndex::new((0..n_users).map(|u| 1.0 / (u as f64 + 1.0)))
+                    .expect("weights");
+                Institution {
+                    id: (*id).to_owned(),
+                    users,
+                    user_weights,
+                }
             })
             .collect();
         let inst_weights =
-            WeightedIndex::new((0..institutions.len()).map(|r| 1.0 / (r as f64 + 1.0).powf(1.1))).expect("weights");
+            WeightedIndex::new((0..institutions.len()).map(|r| 1.0 / (r as f64 + 1.0).powf(1.1)))
+                .expect("weights");
         Ok(Self {
             rng,
             institutions,
@@ -165,10 +207,25 @@ impl Generator {
     /// A timestamp with office-hours and weekday seasonality (rejection sampling).
     fn timestamp(&mut self) -> DateTime<Utc> {
         loop {
-            let t = Utc.timestamp_opt(self.from + self.rng.gen_range(0..=self.span), self.rng.gen_range(0..1000) * 1_000_000).unwrap();
+            let t = Utc
+                .timestamp_opt(
+                    self.from + self.rng.gen_range(0..=self.span),
+                    self.rng.gen_range(0..1000) * 1_000_000,
+                )
+                .unwrap();
             let hour = t.hour();
-            let hour_w = if (8..18).contains(&hour) { 1.0 } else if (6..22).contains(&hour) { 0.4 } else { 0.1 };
-            let day_w = if t.weekday().number_from_monday() >= 6 { 0.3 } else { 1.0 };
+            let hour_w = if (8..18).contains(&hour) {
+                1.0
+            } else if (6..22).contains(&hour) {
+                0.4
+            } else {
+                0.1
+            };
+            let day_w = if t.weekday().number_from_monday() >= 6 {
+                0.3
+            } else {
+                1.0
+            };
             if self.rng.gen::<f64>() < hour_w * day_w {
                 return t;
             }
@@ -185,7 +242,8 @@ impl Generator {
         let (user, keys) = &inst.users[inst.user_weights.sample(&mut self.rng)];
         let key = keys[self.rng.gen_range(0..keys.len())].clone();
         let (inst_id, user) = (inst.id.clone(), user.clone());
-        let (mut provider, mut model, _, reasoning_model, long_ctx) = MODELS[self.model_weights.sample(&mut self.rng)];
+        let (mut provider, mut model, _, reasoning_model, long_ctx) =
+            MODELS[self.model_weights.sample(&mut self.rng)];
         if self.rng.gen::<f64>() < self.args.unknown_models {
             (provider, model) = UNKNOWN_MODELS[self.rng.gen_range(0..UNKNOWN_MODELS.len())];
         }
@@ -193,14 +251,32 @@ impl Generator {
         if long_ctx && self.rng.gen::<f64>() < 0.02 {
             prompt = self.rng.gen_range(200_001..400_000);
         }
-        let cached = if self.rng.gen::<f64>() < 0.35 { prompt * self.rng.gen_range(20..90) / 100 } else { 0 };
-        let cache_write = if provider == "anthropic" && self.rng.gen::<f64>() < 0.2 { self.tokens(2000.0, 0.8) } else { 0 };
+        let cached = if self.rng.gen::<f64>() < 0.35 {
+            prompt * self.rng.gen_range(20..90) / 100
+        } else {
+            0
+        };
+        let cache_write = if provider == "anthropic" && self.rng.gen::<f64>() < 0.2 {
+            self.tokens(2000.0, 0.8)
+        } else {
+            0
+        };
         let output = self.tokens(350.0, 1.0);
-        let reasoning = if reasoning_model { output * self.rng.gen_range(0..70) / 100 } else { 0 };
+        let reasoning = if reasoning_model {
+            output * self.rng.gen_range(0..70) / 100
+        } else {
+            0
+        };
         let input = prompt - cached;
-        let tier = if provider == "openai" && self.rng.gen::<f64>() < 0.05 { "batch" } else { "default" };
+        let tier = if provider == "openai" && self.rng.gen::<f64>() < 0.05 {
+            "batch"
+        } else {
+            "default"
+        };
         self.seq += 1;
-        let event_id = uuid::Builder::from_random_bytes(self.rng.gen()).into_uuid().to_string();
+        let event_id = uuid::Builder::from_random_bytes(self.rng.gen())
+            .into_uuid()
+            .to_string();
         let mut v = json!({
             "schema_version": 1,
             "event_id": event_id,
@@ -221,10 +297,12 @@ impl Generator {
                 "cache_write_tokens": cache_write, "output_tokens": output, "reasoning_tokens": reasoning}));
         } else {
             let pu = match provider {
-                "openai" if self.rng.gen::<f64>() < 0.7 => json!({"prompt_tokens": prompt, "completion_tokens": output,
+                "openai" if self.rng.gen::<f64>() < 0.7 => {
+                    json!({"prompt_tokens": prompt, "completion_tokens": output,
                     "total_tokens": prompt + output,
                     "prompt_tokens_details": {"cached_tokens": cached},
-                    "completion_tokens_details": {"reasoning_tokens": reasoning}}),
+                    "completion_tokens_details": {"reasoning_tokens": reasoning}})
+                }
                 "openai" => json!({"input_tokens": prompt, "output_tokens": output,
                     "input_tokens_details": {"cached_tokens": cached},
                     "output_tokens_details": {"reasoning_tokens": reasoning}}),
@@ -240,7 +318,10 @@ impl Generator {
         }
         if self.rng.gen::<f64>() < 0.3 {
             let projects = ["thesis-bot", "course-helper", "research", "admin-tools"];
-            obj.insert("tags".into(), json!({"project": projects[self.rng.gen_range(0..projects.len())]}));
+            obj.insert(
+                "tags".into(),
+                json!({"project": projects[self.rng.gen_range(0..projects.len())]}),
+            );
         }
         (inst_id, v)
     }
@@ -254,11 +335,25 @@ impl Generator {
                 let s = v.to_string();
                 return (inst, s.as_bytes()[..s.len() / 2].to_vec());
             }
-            1 => { obj.remove("event_id"); }
-            2 => { obj.remove("institution_id"); }
-            3 => { obj.insert("usage".into(), json!({"input_tokens": -12, "output_tokens": 5})); obj.remove("provider_usage"); }
-            4 => { obj.insert("occurred_at".into(), json!("2099-01-01T00:00:00Z")); }
-            5 => { obj.insert("schema_version".into(), json!(7)); }
+            1 => {
+                obj.remove("event_id");
+            }
+            2 => {
+                obj.remove("institution_id");
+            }
+            3 => {
+                obj.insert(
+                    "usage".into(),
+                    json!({"input_tokens": -12, "output_tokens": 5}),
+                );
+                obj.remove("provider_usage");
+            }
+            4 => {
+                obj.insert("occurred_at".into(), json!("2099-01-01T00:00:00Z"));
+            }
+            5 => {
+                obj.insert("schema_version".into(), json!(7));
+            }
             _ => return (inst, b"\x00\xffnot json at all".to_vec()),
         }
         (inst, v.to_string().into_bytes())
@@ -269,11 +364,21 @@ impl Generator {
         let r: f64 = self.rng.gen();
         if r < self.args.malformed {
             let (inst, payload) = self.malformed();
-            return Generated { key: inst.clone(), payload, kind: Kind::Malformed, institution: inst };
+            return Generated {
+                key: inst.clone(),
+                payload,
+                kind: Kind::Malformed,
+                institution: inst,
+            };
         }
         if r < self.args.malformed + self.args.duplicates && !self.recent.is_empty() {
             let (inst, payload) = self.recent[self.rng.gen_range(0..self.recent.len())].clone();
-            return Generated { key: inst.clone(), payload, kind: Kind::Duplicate, institution: inst };
+            return Generated {
+                key: inst.clone(),
+                payload,
+                kind: Kind::Duplicate,
+                institution: inst,
+            };
         }
         let (inst, v) = self.event();
         let payload = v.to_string().into_bytes();
@@ -283,15 +388,27 @@ impl Generator {
             let i = self.rng.gen_range(0..self.recent.len());
             self.recent[i] = (inst.clone(), payload.clone());
         }
-        Generated { key: inst.clone(), payload, kind: Kind::Event, institution: inst }
+        Generated {
+            key: inst.clone(),
+            payload,
+            kind: Kind::Event,
+            institution: inst,
+        }
     }
 }
 
 /// Creates the topic if it does not exist.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let res = admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    let res = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
     for r in res {
         match r {
             Ok(_) => tracing::info!(topic, partitions, "topic created"),
@@ -332,7 +449,10 @@ pub async fn run(cfg: &Config, args: &EmitArgs) -> anyhow::Result<()> {
         let g = gen.next_message();
         let t = tally.entry(g.institution.clone()).or_default();
         match g.kind {
-            Kind::Event => { t.events += 1; sent += 1; }
+            Kind::Event => {
+                t.events += 1;
+                sent += 1;
+            }
             Kind::Duplicate => t.duplicates += 1,
             Kind::Malformed => t.malformed += 1,
         }
@@ -340,16 +460,24 @@ pub async fn run(cfg: &Config, args: &EmitArgs) -> anyhow::Result<()> {
         loop {
             let record = FutureRecord::to(topic).key(&g.key).payload(&g.payload);
             match producer.send_result(record) {
-                Ok(f) => { in_flight.push(f); break; }
+                Ok(f) => {
+                    in_flight.push(f);
+                    break;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    if let Some(r) = in_flight.next().await { check_delivery(r)?; }
-                    else { tokio::time::sleep(Duration::from_millis(10)).await; }
+                    if let Some(r) = in_flight.next().await {
+                        check_delivery(r)?;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
                 Err((e, _)) => return Err(e).context("publishing"),
             }
         }
         while in_flight.len() > 50_000 {
-            if let Some(r) = in_flight.next().await { check_delivery(r)?; }
+            if let Some(r) = in_flight.next().await {
+                check_delivery(r)?;
+            }
         }
         if args.rate > 0 {
             let due = started + Duration::from_secs_f64(messages as f64 / args.rate as f64);
@@ -359,8 +487,10 @@ pub async fn run(cfg: &Config, args: &EmitArgs) -> anyhow::Result<()> {
         }
         if last_progress.elapsed() > Duration::from_secs(5) {
             last_progress = Instant::now();
-            eprintln!("emit: {sent}/{total} events, {messages} messages, {:.0} msg/s",
-                messages as f64 / started.elapsed().as_secs_f64());
+            eprintln!(
+                "emit: {sent}/{total} events, {messages} messages, {:.0} msg/s",
+                messages as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
     while let Some(r) = in_flight.next().await {
@@ -368,18 +498,38 @@ pub async fn run(cfg: &Config, args: &EmitArgs) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(30))?;
     let secs = started.elapsed().as_secs_f64();
-    println!("{:<16} {:>10} {:>11} {:>10} {:>10}", "institution", "events", "duplicates", "malformed", "messages");
+    println!(
+        "{:<16} {:>10} {:>11} {:>10} {:>10}",
+        "institution", "events", "duplicates", "malformed", "messages"
+    );
     let (mut e, mut d, mut m) = (0, 0, 0);
     for (inst, t) in &tally {
-        println!("{inst:<16} {:>10} {:>11} {:>10} {:>10}", t.events, t.duplicates, t.malformed, t.events + t.duplicates + t.malformed);
-        e += t.events; d += t.duplicates; m += t.malformed;
+        println!(
+            "{inst:<16} {:>10} {:>11} {:>10} {:>10}",
+            t.events,
+            t.duplicates,
+            t.malformed,
+            t.events + t.duplicates + t.malformed
+        );
+        e += t.events;
+        d += t.duplicates;
+        m += t.malformed;
     }
     println!("{:<16} {e:>10} {d:>11} {m:>10} {:>10}", "total", e + d + m);
-    println!("published {} messages to {topic} in {secs:.1}s ({:.0} msg/s)", e + d + m, (e + d + m) as f64 / secs);
+    println!(
+        "published {} messages to {topic} in {secs:.1}s ({:.0} msg/s)",
+        e + d + m,
+        (e + d + m) as f64 / secs
+    );
     Ok(())
 }
 
-fn check_delivery(r: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> anyhow::Result<()> {
+fn check_delivery(
+    r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> anyhow::Result<()> {
     match r {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => Err(e).context("message not delivered"),
@@ -393,14 +543,27 @@ mod tests {
     use crate::ingest::decode::{decode, DecodeOptions};
 
     fn args() -> EmitArgs {
-        EmitArgs { count: 0, rate: 0, from: NaiveDate::from_ymd_opt(2026, 10, 1), to: NaiveDate::from_ymd_opt(2026, 10, 31),
-                   seed: 7, institutions: 5, duplicates: 0.1, malformed: 0.05, unknown_models: 0.02, partitions: 1 }
+        EmitArgs {
+            count: 0,
+            rate: 0,
+            from: NaiveDate::from_ymd_opt(2026, 10, 1),
+            to: NaiveDate::from_ymd_opt(2026, 10, 31),
+            seed: 7,
+            institutions: 5,
+            duplicates: 0.1,
+            malformed: 0.05,
+            unknown_models: 0.02,
+            partitions: 1,
+        }
     }
 
     #[test]
     fn generated_messages_decode_as_labelled_and_are_reproducible() {
         let now = Utc.with_ymd_and_hms(2026, 11, 20, 0, 0, 0).unwrap();
-        let opts = DecodeOptions { now, max_future_skew: chrono::Duration::minutes(5) };
+        let opts = DecodeOptions {
+            now,
+            max_future_skew: chrono::Duration::minutes(5),
+        };
         let mut g = Generator::new(&args(), now).unwrap();
         let mut counts = [0; 3];
         let mut first = Vec::new();
@@ -409,7 +572,9 @@ mod tests {
             first.push(m.payload.clone());
             let ok = decode(&m.payload, &opts).is_ok();
             match m.kind {
-                Kind::Event | Kind::Duplicate => assert!(ok, "{}", String::from_utf8_lossy(&m.payload)),
+                Kind::Event | Kind::Duplicate => {
+                    assert!(ok, "{}", String::from_utf8_lossy(&m.payload))
+                }
                 Kind::Malformed => assert!(!ok, "{}", String::from_utf8_lossy(&m.payload)),
             }
             counts[m.kind as usize] += 1;

@@ -56,8 +56,18 @@ pub async fn spend(
     to: NaiveDate,
     group_by: GroupBy,
 ) -> Result<Vec<SpendRow>, StoreError> {
-    let start = from.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
-    let end = to.succ_opt().unwrap_or(to).and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+    let start = from
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp();
+    let end = to
+        .succ_opt()
+        .unwrap_or(to)
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp();
     let col = group_by.column();
     let sql = format!(
         "SELECT {col} AS key, sum(events) AS events, sum(unpriced_events) AS unpriced_events, \
@@ -149,18 +159,28 @@ pub fn render(rows: &[SpendRow], group_by: GroupBy, format: Format) -> anyhow::R
             }
         }
         Format::Table => {
-            let header: Vec<String> = std::iter::once(key).chain(COLUMNS).map(str::to_owned).collect();
+            let header: Vec<String> = std::iter::once(key)
+                .chain(COLUMNS)
+                .map(str::to_owned)
+                .collect();
             let mut table = vec![header];
             table.extend(rows.iter().map(cells));
             let total_cost: Decimal = rows.iter().map(|r| r.cost_usd).sum::<Decimal>().normalize();
             let total_events: i64 = rows.iter().map(|r| r.events).sum();
-            let widths: Vec<usize> =
-                (0..table[0].len()).map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+            let widths: Vec<usize> = (0..table[0].len())
+                .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
+                .collect();
             for row in &table {
                 let line: Vec<String> = row
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| if i == 0 { format!("{c:<w$}", w = widths[i]) } else { format!("{c:>w$}", w = widths[i]) })
+                    .map(|(i, c)| {
+                        if i == 0 {
+                            format!("{c:<w$}", w = widths[i])
+                        } else {
+                            format!("{c:>w$}", w = widths[i])
+                        }
+                    })
                     .collect();
                 let _ = writeln!(out, "{}", line.join("  ").trim_end());
             }
@@ -176,13 +196,27 @@ mod tests {
     use rust_decimal_macros::dec;
 
     fn row(key: &str, cost: Decimal) -> SpendRow {
-        SpendRow { key: key.into(), events: 2, unpriced_events: 1, input_tokens: 3, cache_read_tokens: 0,
-                   cache_write_tokens: 0, output_tokens: 4, reasoning_tokens: 0, cost_usd: cost }
+        SpendRow {
+            key: key.into(),
+            events: 2,
+            unpriced_events: 1,
+            input_tokens: 3,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 4,
+            reasoning_tokens: 0,
+            cost_usd: cost,
+        }
     }
 
     #[test]
     fn json_has_group_key_and_decimal_string() {
-        let out = render(&[row("uni-oslo", dec!(0.000375))], GroupBy::Institution, Format::Json).unwrap();
+        let out = render(
+            &[row("uni-oslo", dec!(0.000375))],
+            GroupBy::Institution,
+            Format::Json,
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v[0]["institution_id"], "uni-oslo");
         assert_eq!(v[0]["cost_usd"], "0.000375");
@@ -194,7 +228,12 @@ mod tests {
         let out = render(&[row("a,b", dec!(1.5))], GroupBy::User, Format::Csv).unwrap();
         assert!(out.starts_with("user_id,events,"));
         assert!(out.contains("\"a,b\",2,1,3,0,0,4,0,1.5"));
-        let t = render(&[row("x", dec!(1.5)), row("y", dec!(2))], GroupBy::Model, Format::Table).unwrap();
+        let t = render(
+            &[row("x", dec!(1.5)), row("y", dec!(2))],
+            GroupBy::Model,
+            Format::Table,
+        )
+        .unwrap();
         assert!(t.contains("total: 4 events, 3.5 USD"), "{t}");
     }
 }

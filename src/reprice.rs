@@ -43,7 +43,12 @@ impl fmt::Display for RepriceSummary {
 fn event_of(row: &EventRow) -> Option<UsageEvent> {
     Some(UsageEvent {
         event_id: EventId::parse(&row.event_id).ok()?,
-        occurred_at: Utc.timestamp_opt(i64::from(row.occurred_at), u32::from(row.occurred_ms) * 1_000_000).single()?,
+        occurred_at: Utc
+            .timestamp_opt(
+                i64::from(row.occurred_at),
+                u32::from(row.occurred_ms) * 1_000_000,
+            )
+            .single()?,
         institution_id: InstitutionId::parse(&row.institution_id).ok()?,
         user_id: String::new(),
         api_key_id: String::new(),
@@ -105,17 +110,26 @@ pub async fn reprice(
     since: NaiveDate,
     dry_run: bool,
 ) -> Result<RepriceSummary, StoreError> {
-    let start = since.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+    let start = since
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp();
     let sql = format!(
         "SELECT ?fields FROM usage_events WHERE sign = 1 AND occurred_at >= toDateTime({start}) \
          ORDER BY institution_id, event_id, version DESC LIMIT 1 BY institution_id, event_id"
     );
     let mut cursor = store.client().query(&sql).fetch::<EventRow>()?;
-    let mut summary = RepriceSummary { dry_run, ..Default::default() };
+    let mut summary = RepriceSummary {
+        dry_run,
+        ..Default::default()
+    };
     let mut pending: Vec<EventRow> = Vec::new();
     while let Some(row) = cursor.next().await? {
         summary.examined += 1;
-        let Some(next) = rerate(&row, book) else { continue };
+        let Some(next) = rerate(&row, book) else {
+            continue;
+        };
         summary.changed += 1;
         summary.newly_priced += u64::from(row.priced == 0 && next.priced == 1);
         summary.now_unpriced += u64::from(row.priced == 1 && next.priced == 0);
@@ -133,6 +147,10 @@ pub async fn reprice(
         store.insert_events(&pending).await?;
     }
     summary.cost_delta = summary.cost_delta.normalize();
-    tracing::info!(examined = summary.examined, changed = summary.changed, "reprice finished");
+    tracing::info!(
+        examined = summary.examined,
+        changed = summary.changed,
+        "reprice finished"
+    );
     Ok(summary)
 }

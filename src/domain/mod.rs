@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(EventId::parse("  "), Err(IdError::Empty));
         assert_eq!(EventId::parse(&"x".repeat(300)), Err(IdError::TooLong));
         assert_eq!(InstitutionId::parse("a\nb"), Err(IdError::ControlChar));
-        assert_eq!(InstitutionId::parse("uni-oslo").unwrap().as_str(), "uni-oslo");
+        assert_eq!(
+            InstitutionId::parse("uni-oslo").unwrap().as_str(),
+            "uni-oslo"
+        );
     }
 
     #[test]

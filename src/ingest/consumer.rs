@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -20,8 +22,8 @@ use super::decode::DecodeOptions;
 use super::metrics::{Metrics, PartitionLabel};
 use super::pipeline::{decode_batch, store_batch, Message, Outcome};
 use crate::config::Config;
-use crate::shutdown::Shutdown;
 use crate::price::PriceBook;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// Counts rebalances and publishes lag from librdkafka's statistics.
@@ -38,7 +40,9 @@ impl ClientContext for IngestContext {
                 if *p >= 0 && s.consumer_lag >= 0 {
                     self.metrics
                         .lag
-                        .get_or_create(&PartitionLabel { partition: p.to_string() })
+                        .get_or_create(&PartitionLabel {
+                            partition: p.to_string(),
+                        })
                         .set(s.consumer_lag);
                 }
             }
@@ -72,7 +76,11 @@ fn kafka_config(cfg: &Config) -> ClientConfig {
 pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let book = PriceBook::load(&cfg.prices.path)
         .with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
-    info!(entries = book.entries().len(), version = book.version(), "price book loaded");
+    info!(
+        entries = book.entries().len(),
+        version = book.version(),
+        "price book loaded"
+    );
     let store = Store::new(&cfg.clickhouse);
     let metrics = Metrics::new();
     if !cfg.ingest.metrics_listen.is_empty() {
@@ -96,18 +104,33 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
-        .set("queued.max.messages.kbytes", cfg.kafka.queued_max_kbytes.to_string())
+        .set(
+            "queued.max.messages.kbytes",
+            cfg.kafka.queued_max_kbytes.to_string(),
+        )
         .set("fetch.max.bytes", "16777216")
         .set("max.poll.interval.ms", "600000")
-        .set("session.timeout.ms", cfg.kafka.session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", (cfg.kafka.session_timeout_ms / 5).max(500).to_string())
+        .set(
+            "session.timeout.ms",
+            cfg.kafka.session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.kafka.session_timeout_ms / 5).max(500).to_string(),
+        )
         .create_with_context(context)
         .context("creating Kafka consumer")?;
-    consumer.subscribe(&[&cfg.kafka.topic]).context("subscribing")?;
+    consumer
+        .subscribe(&[&cfg.kafka.topic])
+        .context("subscribing")?;
     let dead_letters: Option<FutureProducer> = if cfg.kafka.dead_letter_topic.is_empty() {
         None
     } else {
-        Some(kafka_config(cfg).create().context("creating dead-letter producer")?)
+        Some(
+            kafka_config(cfg)
+                .create()
+                .context("creating dead-letter producer")?,
+        )
     };
     info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group, brokers = %cfg.kafka.brokers, "ingest started");
 
@@ -163,12 +186,32 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             continue;
         }
         if !batch.is_empty() {
-            flush(&consumer, &store, &book, cfg, &metrics, dead_letters.as_ref(), &batch, &mut shutdown).await?;
+            flush(
+                &consumer,
+                &store,
+                &book,
+                cfg,
+                &metrics,
+                dead_letters.as_ref(),
+                &batch,
+                &mut shutdown,
+            )
+            .await?;
             batch.clear();
         }
     }
     if !batch.is_empty() && generation.load(Ordering::SeqCst) == seen_generation {
-        flush(&consumer, &store, &book, cfg, &metrics, dead_letters.as_ref(), &batch, &mut shutdown).await?;
+        flush(
+            &consumer,
+            &store,
+            &book,
+            cfg,
+            &metrics,
+            dead_letters.as_ref(),
+            &batch,
+            &mut shutdown,
+        )
+        .await?;
     }
     info!("ingest stopped");
     Ok(())
@@ -194,7 +237,15 @@ async fn flush(
     let decoded = decode_batch(batch, &opts);
     let mut backoff = Duration::from_millis(100);
     let outcome: Outcome = loop {
-        match store_batch(store, book, &cfg.kafka.topic, &decoded, cfg.ingest.dedupe_window_secs).await {
+        match store_batch(
+            store,
+            book,
+            &cfg.kafka.topic,
+            &decoded,
+            cfg.ingest.dedupe_window_secs,
+        )
+        .await
+        {
             Ok(o) => break o,
             Err(e) => {
                 metrics.store_errors.inc();
@@ -217,8 +268,14 @@ async fn flush(
         for (reason, i) in &outcome.new_rejections {
             let (_, m) = &decoded.rejected[*i];
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "tokentally-reason", value: Some(reason.as_str()) })
-                .insert(Header { key: "tokentally-source-offset", value: Some(&format!("{}:{}", m.partition, m.offset)) });
+                .insert(Header {
+                    key: "tokentally-reason",
+                    value: Some(reason.as_str()),
+                })
+                .insert(Header {
+                    key: "tokentally-source-offset",
+                    value: Some(&format!("{}:{}", m.partition, m.offset)),
+                });
             let record = FutureRecord::to(&cfg.kafka.dead_letter_topic)
                 .payload(&m.payload)
                 .key(&m.key)
@@ -249,12 +306,26 @@ async fn flush(
     metrics.duplicates.inc_by(outcome.duplicates);
     metrics.replayed.inc_by(outcome.already_stored);
     for (reason, n) in &outcome.rejected {
-        metrics.rejected.get_or_create(&super::metrics::ReasonLabel { reason: (*reason).into() }).inc_by(*n);
+        metrics
+            .rejected
+            .get_or_create(&super::metrics::ReasonLabel {
+                reason: (*reason).into(),
+            })
+            .inc_by(*n);
     }
     metrics.batches.inc();
-    metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
-    debug!(messages = batch.len(), priced = outcome.priced, unpriced = outcome.unpriced,
-           rejected = outcome.rejected_total(), duplicates = outcome.duplicates,
-           replayed = outcome.already_stored, ms = started.elapsed().as_millis() as u64, "batch stored");
+    metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    debug!(
+        messages = batch.len(),
+        priced = outcome.priced,
+        unpriced = outcome.unpriced,
+        rejected = outcome.rejected_total(),
+        duplicates = outcome.duplicates,
+        replayed = outcome.already_stored,
+        ms = started.elapsed().as_millis() as u64,
+        "batch stored"
+    );
     Ok(())
 }

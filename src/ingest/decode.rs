@@ -51,7 +51,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into() }
+        Self {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -71,7 +74,10 @@ pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Reject
     let value: Value = serde_json::from_slice(payload)
         .map_err(|e| Rejection::new(RejectReason::InvalidJson, format!("not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(Rejection::new(RejectReason::InvalidJson, "the event must be a JSON object"));
+        return Err(Rejection::new(
+            RejectReason::InvalidJson,
+            "the event must be a JSON object",
+        ));
     };
 
     match obj.get("schema_version") {
@@ -101,15 +107,26 @@ pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Reject
 
     let occurred_raw = required_str(&obj, "occurred_at")?;
     let occurred_at = DateTime::parse_from_rfc3339(occurred_raw)
-        .map_err(|e| invalid("occurred_at", format!("`{occurred_raw}` is not RFC 3339: {e}")))?
+        .map_err(|e| {
+            invalid(
+                "occurred_at",
+                format!("`{occurred_raw}` is not RFC 3339: {e}"),
+            )
+        })?
         .with_timezone(&Utc);
     if occurred_at.timestamp() < 0 || occurred_at.timestamp() > MAX_STORABLE_SECS {
-        return Err(invalid("occurred_at", format!("`{occurred_raw}` is out of range")));
+        return Err(invalid(
+            "occurred_at",
+            format!("`{occurred_raw}` is out of range"),
+        ));
     }
     if occurred_at > opts.now + opts.max_future_skew {
         return Err(Rejection::new(
             RejectReason::FutureTimestamp,
-            format!("occurred_at {occurred_raw} is in the future (now {})", opts.now.to_rfc3339()),
+            format!(
+                "occurred_at {occurred_raw} is in the future (now {})",
+                opts.now.to_rfc3339()
+            ),
         ));
     }
 
@@ -194,8 +211,11 @@ fn usage(obj: &Map<String, Value>, provider: &str) -> Result<TokenCounts, Reject
         }
     };
     result.map_err(|e: UsageError| {
-        let reason =
-            if e.is_bad_count() { RejectReason::BadTokenCount } else { RejectReason::InvalidField };
+        let reason = if e.is_bad_count() {
+            RejectReason::BadTokenCount
+        } else {
+            RejectReason::InvalidField
+        };
         Rejection::new(reason, format!("usage: {e}"))
     })
 }
@@ -241,9 +261,21 @@ mod tests {
     fn decodes_the_contract_example() {
         let e = dec(&sample()).unwrap();
         assert_eq!(e.institution_id.as_str(), "uni-oslo");
-        assert_eq!(e.usage, TokenCounts { input: 1000, cache_read: 200, cache_write: 0, output: 350, reasoning: 100 });
+        assert_eq!(
+            e.usage,
+            TokenCounts {
+                input: 1000,
+                cache_read: 200,
+                cache_write: 0,
+                output: 350,
+                reasoning: 100
+            }
+        );
         assert_eq!(e.occurred_at.timestamp_millis() % 1000, 412);
-        assert_eq!(e.tags.get("project").map(String::as_str), Some("thesis-bot"));
+        assert_eq!(
+            e.tags.get("project").map(String::as_str),
+            Some("thesis-bot")
+        );
         assert_eq!(e.latency_ms, 840);
     }
 
@@ -270,21 +302,87 @@ mod tests {
             f(v.as_object_mut().unwrap());
             cases.push((v.to_string().into_bytes(), r));
         };
-        for field in ["event_id", "occurred_at", "institution_id", "provider", "model", "usage"] {
-            with(&|o| { o.remove(field); }, RejectReason::MissingField);
+        for field in [
+            "event_id",
+            "occurred_at",
+            "institution_id",
+            "provider",
+            "model",
+            "usage",
+        ] {
+            with(
+                &|o| {
+                    o.remove(field);
+                },
+                RejectReason::MissingField,
+            );
         }
-        with(&|o| { o.insert("schema_version".into(), json!(2)); }, RejectReason::UnsupportedSchemaVersion);
-        with(&|o| { o.insert("usage".into(), json!({"input_tokens": -3})); }, RejectReason::BadTokenCount);
-        with(&|o| { o.insert("usage".into(), json!({"output_tokens": 99999999999999999999u128 as f64})); }, RejectReason::BadTokenCount);
-        with(&|o| { o.insert("occurred_at".into(), json!("2027-01-01T00:00:00Z")); }, RejectReason::FutureTimestamp);
-        with(&|o| { o.insert("occurred_at".into(), json!("yesterday")); }, RejectReason::InvalidField);
-        with(&|o| { o.insert("institution_id".into(), json!("")); }, RejectReason::InvalidField);
-        with(&|o| { o.insert("event_id".into(), json!(42)); }, RejectReason::InvalidField);
-        with(&|o| { o.insert("tags".into(), json!({"a": {"b": 1}})); }, RejectReason::InvalidField);
-        with(&|o| { o.insert("latency_ms".into(), json!(-1)); }, RejectReason::InvalidField);
+        with(
+            &|o| {
+                o.insert("schema_version".into(), json!(2));
+            },
+            RejectReason::UnsupportedSchemaVersion,
+        );
+        with(
+            &|o| {
+                o.insert("usage".into(), json!({"input_tokens": -3}));
+            },
+            RejectReason::BadTokenCount,
+        );
+        with(
+            &|o| {
+                o.insert(
+                    "usage".into(),
+                    json!({"output_tokens": 99999999999999999999u128 as f64}),
+                );
+            },
+            RejectReason::BadTokenCount,
+        );
+        with(
+            &|o| {
+                o.insert("occurred_at".into(), json!("2027-01-01T00:00:00Z"));
+            },
+            RejectReason::FutureTimestamp,
+        );
+        with(
+            &|o| {
+                o.insert("occurred_at".into(), json!("yesterday"));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("institution_id".into(), json!(""));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("event_id".into(), json!(42));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("tags".into(), json!({"a": {"b": 1}}));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("latency_ms".into(), json!(-1));
+            },
+            RejectReason::InvalidField,
+        );
         for (bytes, want) in cases {
             let got = decode(&bytes, &opts()).expect_err(&String::from_utf8_lossy(&bytes));
-            assert_eq!(got.reason, want, "{}: {}", String::from_utf8_lossy(&bytes), got.detail);
+            assert_eq!(
+                got.reason,
+                want,
+                "{}: {}",
+                String::from_utf8_lossy(&bytes),
+                got.detail
+            );
             assert!(!got.detail.is_empty());
         }
     }

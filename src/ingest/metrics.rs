@@ -50,18 +50,56 @@ impl Metrics {
             lag: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("messages_consumed", "Kafka messages consumed", m.consumed.clone());
-        registry.register("events_priced", "Events stored with a price", m.priced.clone());
-        registry.register("events_unpriced", "Events stored without a matching price", m.unpriced.clone());
-        registry.register("events_duplicate", "Republished copies of stored events", m.duplicates.clone());
-        registry.register("messages_replayed", "Messages whose result was already stored", m.replayed.clone());
-        registry.register("events_rejected", "Messages rejected, by reason", m.rejected.clone());
+        registry.register(
+            "messages_consumed",
+            "Kafka messages consumed",
+            m.consumed.clone(),
+        );
+        registry.register(
+            "events_priced",
+            "Events stored with a price",
+            m.priced.clone(),
+        );
+        registry.register(
+            "events_unpriced",
+            "Events stored without a matching price",
+            m.unpriced.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Republished copies of stored events",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "messages_replayed",
+            "Messages whose result was already stored",
+            m.replayed.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Messages rejected, by reason",
+            m.rejected.clone(),
+        );
         registry.register("batches", "Batches written", m.batches.clone());
-        registry.register("store_errors", "Failed ClickHouse writes (retried)", m.store_errors.clone());
-        registry.register("batch_seconds", "Time to decode, price and write a batch", m.batch_seconds.clone());
-        registry.register("consumer_lag", "Messages behind the partition's end", m.lag.clone());
+        registry.register(
+            "store_errors",
+            "Failed ClickHouse writes (retried)",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "batch_seconds",
+            "Time to decode, price and write a batch",
+            m.batch_seconds.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages behind the partition's end",
+            m.lag.clone(),
+        );
         for reason in super::decode::RejectReason::ALL {
-            let _ = m.rejected.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
+            let _ = m.rejected.get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
+            });
         }
         Arc::new(Metrics { registry, ..m })
     }

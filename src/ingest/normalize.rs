@@ -76,7 +76,9 @@ fn has(obj: &Map<String, Value>, key: &str) -> bool {
 
 fn subtract(total: u64, part: u64, total_name: &str, part_name: &str) -> Result<u64, UsageError> {
     total.checked_sub(part).ok_or_else(|| {
-        UsageError::Inconsistent(format!("`{part_name}` ({part}) exceeds `{total_name}` ({total})"))
+        UsageError::Inconsistent(format!(
+            "`{part_name}` ({part}) exceeds `{total_name}` ({total})"
+        ))
     })
 }
 
@@ -135,19 +137,32 @@ pub fn provider_usage(provider: &str, v: &Value) -> Result<TokenCounts, UsageErr
 /// OpenAI chat completions: `prompt_tokens` includes cached tokens,
 /// `completion_tokens` includes reasoning tokens.
 fn openai_chat(o: &Map<String, Value>) -> Result<TokenCounts, UsageError> {
-    openai(o, ["prompt_tokens", "prompt_tokens_details.cached_tokens"],
-           ["completion_tokens", "completion_tokens_details.reasoning_tokens"])
+    openai(
+        o,
+        ["prompt_tokens", "prompt_tokens_details.cached_tokens"],
+        [
+            "completion_tokens",
+            "completion_tokens_details.reasoning_tokens",
+        ],
+    )
 }
 
 /// OpenAI responses API: `input_tokens` includes cached tokens,
 /// `output_tokens` includes reasoning tokens.
 fn openai_responses(o: &Map<String, Value>) -> Result<TokenCounts, UsageError> {
-    openai(o, ["input_tokens", "input_tokens_details.cached_tokens"],
-           ["output_tokens", "output_tokens_details.reasoning_tokens"])
+    openai(
+        o,
+        ["input_tokens", "input_tokens_details.cached_tokens"],
+        ["output_tokens", "output_tokens_details.reasoning_tokens"],
+    )
 }
 
 /// Both OpenAI shapes: [prompt total, cached part], [output total, reasoning part].
-fn openai(o: &Map<String, Value>, prompt: [&str; 2], output: [&str; 2]) -> Result<TokenCounts, UsageError> {
+fn openai(
+    o: &Map<String, Value>,
+    prompt: [&str; 2],
+    output: [&str; 2],
+) -> Result<TokenCounts, UsageError> {
     let (total, cached) = (count(o, prompt[0])?, count(o, prompt[1])?);
     checked(TokenCounts {
         input: subtract(total, cached, prompt[0], prompt[1])?,
@@ -179,8 +194,12 @@ fn gemini(o: &Map<String, Value>) -> Result<TokenCounts, UsageError> {
     let candidates = count(o, "candidatesTokenCount")?;
     let thoughts = count(o, "thoughtsTokenCount")?;
     checked(TokenCounts {
-        input: subtract(prompt, cached, "promptTokenCount", "cachedContentTokenCount")?
-            + tool_prompt,
+        input: subtract(
+            prompt,
+            cached,
+            "promptTokenCount",
+            "cachedContentTokenCount",
+        )? + tool_prompt,
         cache_read: cached,
         cache_write: 0,
         output: candidates + thoughts,
@@ -193,8 +212,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn tc(input: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64) -> TokenCounts {
-        TokenCounts { input, cache_read, cache_write, output, reasoning }
+    fn tc(
+        input: u64,
+        cache_read: u64,
+        cache_write: u64,
+        output: u64,
+        reasoning: u64,
+    ) -> TokenCounts {
+        TokenCounts {
+            input,
+            cache_read,
+            cache_write,
+            output,
+            reasoning,
+        }
     }
 
     #[test]
@@ -208,7 +239,11 @@ mod tests {
                        "completion_tokens_details": {"reasoning_tokens": 100}}),
                 tc(1000, 200, 0, 450, 100),
             ),
-            ("openai", json!({"prompt_tokens": 10, "completion_tokens": 5}), tc(10, 0, 0, 5, 0)),
+            (
+                "openai",
+                json!({"prompt_tokens": 10, "completion_tokens": 5}),
+                tc(10, 0, 0, 5, 0),
+            ),
             (
                 "openai",
                 json!({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": null}),
@@ -227,7 +262,11 @@ mod tests {
                        "cache_creation_input_tokens": 1500, "output_tokens": 250}),
                 tc(30, 7000, 1500, 250, 0),
             ),
-            ("anthropic", json!({"input_tokens": 12, "output_tokens": 3}), tc(12, 0, 0, 3, 0)),
+            (
+                "anthropic",
+                json!({"input_tokens": 12, "output_tokens": 3}),
+                tc(12, 0, 0, 3, 0),
+            ),
             (
                 "google",
                 json!({"promptTokenCount": 3000, "cachedContentTokenCount": 2048,
@@ -248,29 +287,62 @@ mod tests {
             ),
         ];
         for (provider, usage, want) in cases {
-            assert_eq!(provider_usage(provider, &usage), Ok(want), "{provider} {usage}");
+            assert_eq!(
+                provider_usage(provider, &usage),
+                Ok(want),
+                "{provider} {usage}"
+            );
         }
     }
 
     #[test]
     fn provider_shapes_reject_inconsistent_and_bad_counts() {
         let bad = [
-            ("openai", json!({"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 11}})),
-            ("openai", json!({"prompt_tokens": 10, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 2}})),
-            ("openai", json!({"prompt_tokens": -1, "completion_tokens": 1})),
-            ("anthropic", json!({"input_tokens": 1.5, "output_tokens": 1})),
-            ("anthropic", json!({"input_tokens": "12", "output_tokens": 1})),
-            ("google", json!({"promptTokenCount": 1, "cachedContentTokenCount": 2})),
+            (
+                "openai",
+                json!({"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 11}}),
+            ),
+            (
+                "openai",
+                json!({"prompt_tokens": 10, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 2}}),
+            ),
+            (
+                "openai",
+                json!({"prompt_tokens": -1, "completion_tokens": 1}),
+            ),
+            (
+                "anthropic",
+                json!({"input_tokens": 1.5, "output_tokens": 1}),
+            ),
+            (
+                "anthropic",
+                json!({"input_tokens": "12", "output_tokens": 1}),
+            ),
+            (
+                "google",
+                json!({"promptTokenCount": 1, "cachedContentTokenCount": 2}),
+            ),
             ("google", json!({"promptTokenCount": 1e30})),
             ("openai", json!({"foo": 1})),
             ("openai", json!([1, 2])),
         ];
         for (provider, usage) in bad {
-            assert!(provider_usage(provider, &usage).is_err(), "{provider} {usage} should fail");
+            assert!(
+                provider_usage(provider, &usage).is_err(),
+                "{provider} {usage} should fail"
+            );
         }
-        assert!(provider_usage("openai", &json!({"prompt_tokens": -1})).unwrap_err().is_bad_count());
-        assert!(provider_usage("google", &json!({"promptTokenCount": 1e30})).unwrap_err().is_bad_count());
-        assert!(provider_usage("openai", &json!({"prompt_tokens": 18446744073709551615u64})).unwrap_err().is_bad_count());
+        assert!(provider_usage("openai", &json!({"prompt_tokens": -1}))
+            .unwrap_err()
+            .is_bad_count());
+        assert!(provider_usage("google", &json!({"promptTokenCount": 1e30}))
+            .unwrap_err()
+            .is_bad_count());
+        assert!(
+            provider_usage("openai", &json!({"prompt_tokens": 18446744073709551615u64}))
+                .unwrap_err()
+                .is_bad_count()
+        );
     }
 
     #[test]
@@ -279,7 +351,9 @@ mod tests {
                        "output_tokens": 350, "reasoning_tokens": 100});
         assert_eq!(canonical(&u), Ok(tc(1000, 200, 0, 350, 100)));
         assert!(canonical(&json!({"output_tokens": 1, "reasoning_tokens": 2})).is_err());
-        assert!(canonical(&json!({"input_tokens": -5})).unwrap_err().is_bad_count());
+        assert!(canonical(&json!({"input_tokens": -5}))
+            .unwrap_err()
+            .is_bad_count());
         assert!(canonical(&json!("x")).is_err());
     }
 }

@@ -23,7 +23,10 @@ pub struct Message {
 
 impl Message {
     fn position(&self) -> Position {
-        Position { partition: self.partition, offset: self.offset }
+        Position {
+            partition: self.partition,
+            offset: self.offset,
+        }
     }
 }
 
@@ -37,7 +40,11 @@ pub struct Decoded<'a> {
 
 pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decoded<'a> {
     let mut first: HashMap<String, Position> = HashMap::new();
-    let mut out = Decoded { events: Vec::new(), copies: Vec::new(), rejected: Vec::new() };
+    let mut out = Decoded {
+        events: Vec::new(),
+        copies: Vec::new(),
+        rejected: Vec::new(),
+    };
     for m in messages {
         match decode(&m.payload, opts) {
             Ok(event) => match first.get(event.event_id.as_str()) {
@@ -72,9 +79,21 @@ impl Outcome {
     }
 }
 
-pub fn event_row(e: &UsageEvent, pricing: &Pricing, topic: &str, pos: Position, now: u32) -> EventRow {
+pub fn event_row(
+    e: &UsageEvent,
+    pricing: &Pricing,
+    topic: &str,
+    pos: Position,
+    now: u32,
+) -> EventRow {
     let (priced, cost, price_id, price_model, price_tier) = match pricing {
-        Pricing::Priced(p) => (1, p.cost, p.price_id.clone(), p.price_model.clone(), p.tier_threshold),
+        Pricing::Priced(p) => (
+            1,
+            p.cost,
+            p.price_id.clone(),
+            p.price_model.clone(),
+            p.tier_threshold,
+        ),
         Pricing::Unpriced => (0, Default::default(), String::new(), String::new(), 0),
     };
     EventRow {
@@ -159,7 +178,9 @@ pub async fn store_batch(
     }
 
     let dup_positions: Vec<Position> = dup_candidates.iter().map(|(_, p, _)| *p).collect();
-    let stored_dups = store.stored_positions("duplicate_events", topic, &dup_positions).await?;
+    let stored_dups = store
+        .stored_positions("duplicate_events", topic, &dup_positions)
+        .await?;
     let duplicates: Vec<DuplicateRow> = dup_candidates
         .into_iter()
         .filter(|(_, p, _)| {
@@ -181,7 +202,9 @@ pub async fn store_batch(
     outcome.duplicates = duplicates.len() as u64;
 
     let rej_positions: Vec<Position> = decoded.rejected.iter().map(|(_, m)| m.position()).collect();
-    let stored_rej = store.stored_positions("rejected_events", topic, &rej_positions).await?;
+    let stored_rej = store
+        .stored_positions("rejected_events", topic, &rej_positions)
+        .await?;
     let mut rejected = Vec::new();
     for (i, (r, m)) in decoded.rejected.iter().enumerate() {
         if stored_rej.contains(&m.position()) {

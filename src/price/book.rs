@@ -70,7 +70,10 @@ impl fmt::Display for BookProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum BookError {
     #[error("cannot read price book {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("price book {path} has no .toml files")]
     Empty { path: PathBuf },
     #[error("price book has {} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
@@ -169,7 +172,9 @@ fn parse_rate(v: &toml::Value, field: &str, max_scale: u32) -> Result<Decimal, S
     }
     let d = d.normalize();
     if d.scale() > max_scale {
-        return Err(format!("`{field}` = \"{text}\" has more than {max_scale} decimal places"));
+        return Err(format!(
+            "`{field}` = \"{text}\" has more than {max_scale} decimal places"
+        ));
     }
     Ok(d)
 }
@@ -180,7 +185,9 @@ fn parse_date(v: &toml::Value) -> Result<NaiveDate, String> {
             .map_err(|_| format!("`effective_from` = \"{s}\" is not a YYYY-MM-DD date")),
         toml::Value::Datetime(d) => NaiveDate::parse_from_str(&d.to_string(), "%Y-%m-%d")
             .map_err(|_| format!("`effective_from` = {d} is not a YYYY-MM-DD date")),
-        other => Err(format!("`effective_from` must be a YYYY-MM-DD date, got {other}")),
+        other => Err(format!(
+            "`effective_from` must be a YYYY-MM-DD date, got {other}"
+        )),
     }
 }
 
@@ -244,7 +251,9 @@ fn parse_entry(raw: RawEntry, source: String) -> Result<PriceEntry, Vec<String>>
     if raw.model.trim().is_empty() {
         problems.push("`model` is empty".into());
     }
-    let effective_from = parse_date(&raw.effective_from).map_err(|e| problems.push(e)).ok();
+    let effective_from = parse_date(&raw.effective_from)
+        .map_err(|e| problems.push(e))
+        .ok();
     let currency = raw.currency.unwrap_or_else(|| "USD".into());
     if currency != "USD" {
         problems.push(format!("currency `{currency}` is not supported (only USD)"));
@@ -260,7 +269,11 @@ fn parse_entry(raw: RawEntry, source: String) -> Result<PriceEntry, Vec<String>>
         }
     }
     let rates = raw.rates.parse(None, &mut problems);
-    let per_request = match raw.per_request.as_ref().map(|v| parse_rate(v, "per_request", 18)) {
+    let per_request = match raw
+        .per_request
+        .as_ref()
+        .map(|v| parse_rate(v, "per_request", 18))
+    {
         None => Some(Decimal::ZERO),
         Some(Ok(d)) => Some(d),
         Some(Err(e)) => {
@@ -275,12 +288,18 @@ fn parse_entry(raw: RawEntry, source: String) -> Result<PriceEntry, Vec<String>>
                 problems.push("`tier.above_input_tokens` must be > 0".into());
             }
             if let Some(r) = t.rates.parse(Some(base), &mut problems) {
-                tiers.push(Tier { above_input_tokens: t.above_input_tokens, rates: r });
+                tiers.push(Tier {
+                    above_input_tokens: t.above_input_tokens,
+                    rates: r,
+                });
             }
         }
     }
     tiers.sort_by_key(|t| t.above_input_tokens);
-    if tiers.windows(2).any(|w| w[0].above_input_tokens == w[1].above_input_tokens) {
+    if tiers
+        .windows(2)
+        .any(|w| w[0].above_input_tokens == w[1].above_input_tokens)
+    {
         problems.push("two tiers have the same `above_input_tokens`".into());
     }
     let service_tier = raw.service_tier.filter(|s| !s.is_empty());
@@ -315,7 +334,10 @@ fn parse_entry(raw: RawEntry, source: String) -> Result<PriceEntry, Vec<String>>
 
 /// Lists the `.toml` files of a book: the file itself, or a folder's files sorted by name.
 pub fn book_files(path: &Path) -> Result<Vec<PathBuf>, BookError> {
-    let io = |source| BookError::Io { path: path.to_owned(), source };
+    let io = |source| BookError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if path.is_file() {
         return Ok(vec![path.to_owned()]);
     }
@@ -326,7 +348,9 @@ pub fn book_files(path: &Path) -> Result<Vec<PathBuf>, BookError> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(BookError::Empty { path: path.to_owned() });
+        return Err(BookError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(files)
 }
@@ -336,8 +360,10 @@ impl PriceBook {
     pub fn load(path: &Path) -> Result<Self, BookError> {
         let mut sources = Vec::new();
         for file in book_files(path)? {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|source| BookError::Io { path: file.clone(), source })?;
+            let text = std::fs::read_to_string(&file).map_err(|source| BookError::Io {
+                path: file.clone(),
+                source,
+            })?;
             sources.push((file.display().to_string(), text));
         }
         Self::from_sources(&sources)
@@ -356,7 +382,10 @@ impl PriceBook {
             let raw: RawFile = match toml::from_str(text) {
                 Ok(r) => r,
                 Err(e) => {
-                    problems.push(BookProblem { location: name.clone(), message: e.to_string() });
+                    problems.push(BookProblem {
+                        location: name.clone(),
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -364,9 +393,10 @@ impl PriceBook {
                 let location = format!("{name}: price #{} (model `{}`)", i + 1, entry.model);
                 match parse_entry(entry, location.clone()) {
                     Ok(e) => entries.push(e),
-                    Err(ps) => problems.extend(
-                        ps.into_iter().map(|message| BookProblem { location: location.clone(), message }),
-                    ),
+                    Err(ps) => problems.extend(ps.into_iter().map(|message| BookProblem {
+                        location: location.clone(),
+                        message,
+                    })),
                 }
             }
         }
@@ -385,7 +415,10 @@ impl PriceBook {
         let mut regexes = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             for m in &e.match_exact {
-                exact.entry((e.provider.clone(), m.clone())).or_default().push(i);
+                exact
+                    .entry((e.provider.clone(), m.clone()))
+                    .or_default()
+                    .push(i);
             }
             for re in &e.match_regex {
                 // Validated in parse_entry.
@@ -394,7 +427,12 @@ impl PriceBook {
                 }
             }
         }
-        Self { entries, exact, regexes, version }
+        Self {
+            entries,
+            exact,
+            regexes,
+            version,
+        }
     }
 
     /// Entries that would make a price ambiguous: the same id twice, or two entries for
@@ -435,8 +473,9 @@ impl PriceBook {
                     continue;
                 }
                 let provider = &self.entries[*i].provider;
-                if let Some((_, m)) =
-                    known.iter().find(|(p, m)| p == provider && ri.is_match(m) && rj.is_match(m))
+                if let Some((_, m)) = known
+                    .iter()
+                    .find(|(p, m)| p == provider && ri.is_match(m) && rj.is_match(m))
                 {
                     problems.push(BookProblem {
                         location: self.entries[*j].source.clone(),
@@ -488,7 +527,11 @@ impl PriceBook {
             .map(|(i, _)| *i)
             .collect();
         let own_tier = Some(service_tier).filter(|t| !t.is_empty() && *t != "default");
-        let tiers = if own_tier.is_some() { vec![own_tier, None] } else { vec![None] };
+        let tiers = if own_tier.is_some() {
+            vec![own_tier, None]
+        } else {
+            vec![None]
+        };
         for tier in tiers {
             for candidates in [exact, by_regex.as_slice()] {
                 let best = candidates

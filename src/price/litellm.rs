@@ -16,7 +16,11 @@ pub enum ImportError {
     #[error("not a LiteLLM price file: {0}")]
     Json(#[from] serde_json::Error),
     #[error("model `{model}`: `{field}` = {text} is not a number")]
-    Number { model: String, field: String, text: String },
+    Number {
+        model: String,
+        field: String,
+        text: String,
+    },
 }
 
 /// What to import.
@@ -38,7 +42,10 @@ impl ImportOptions {
             ("vertex_ai-language-models", "google"),
         ];
         Self {
-            providers: providers.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            providers: providers
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
             modes: vec!["chat".into(), "responses".into()],
             effective_from,
         }
@@ -70,7 +77,11 @@ fn per_mtok(model: &str, field: &str, raw: &RawValue) -> Result<Option<Decimal>,
     if text == "null" {
         return Ok(None);
     }
-    let bad = || ImportError::Number { model: model.into(), field: field.into(), text: text.into() };
+    let bad = || ImportError::Number {
+        model: model.into(),
+        field: field.into(),
+        text: text.into(),
+    };
     let d = if text.contains(['e', 'E']) {
         Decimal::from_scientific(text).map_err(|_| bad())?
     } else {
@@ -110,17 +121,30 @@ fn rates(
 pub fn import(json: &str, opts: &ImportOptions) -> Result<(String, usize), ImportError> {
     let all: BTreeMap<String, Box<RawValue>> = serde_json::from_str(json)?;
     let prefix = Regex::new(r"^[A-Za-z0-9_.-]+/").expect("static regex");
-    let context_tiers = [("_above_200k_tokens", 200_000u64), ("_above_272k_tokens", 272_000)];
-    let service_tiers = [("", None), ("_batches", Some("batch")), ("_flex", Some("flex")), ("_priority", Some("priority"))];
+    let context_tiers = [
+        ("_above_200k_tokens", 200_000u64),
+        ("_above_272k_tokens", 272_000),
+    ];
+    let service_tiers = [
+        ("", None),
+        ("_batches", Some("batch")),
+        ("_flex", Some("flex")),
+        ("_priority", Some("priority")),
+    ];
 
     let mut out: Vec<Imported> = Vec::new();
     // Provider preference order: the first listed provider wins a model name.
     for (litellm_provider, provider) in &opts.providers {
         for (key, raw) in &all {
-            let Ok(fields) = serde_json::from_str::<HashMap<String, Box<RawValue>>>(raw.get()) else {
+            let Ok(fields) = serde_json::from_str::<HashMap<String, Box<RawValue>>>(raw.get())
+            else {
                 continue; // `sample_spec` and other non-model entries
             };
-            let field_str = |f: &str| fields.get(f).and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+            let field_str = |f: &str| {
+                fields
+                    .get(f)
+                    .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+            };
             if field_str("litellm_provider").as_deref() != Some(litellm_provider.as_str()) {
                 continue;
             }
@@ -130,8 +154,13 @@ pub fn import(json: &str, opts: &ImportOptions) -> Result<(String, usize), Impor
             let model = prefix.replace(key, "").to_string();
             for (suffix, service_tier) in service_tiers {
                 let base = rates(&model, &fields, "", suffix)?;
-                let (Some(_), Some(_)) = (base.input, base.output) else { continue };
-                if out.iter().any(|e| e.model == model && e.service_tier.as_deref() == service_tier) {
+                let (Some(_), Some(_)) = (base.input, base.output) else {
+                    continue;
+                };
+                if out
+                    .iter()
+                    .any(|e| e.model == model && e.service_tier.as_deref() == service_tier)
+                {
                     continue;
                 }
                 let mut tiers = Vec::new();
@@ -250,19 +279,30 @@ mod tests {
         let (toml, n) = import(SAMPLE, &opts).unwrap();
         assert_eq!(n, 3, "{toml}");
         assert!(toml.contains("cache_read_per_mtok = \"0.075\""), "{toml}");
-        assert!(toml.contains("match = [\"gpt-4o-mini\", \"gpt-4o-mini-2024-07-18\"]"), "{toml}");
+        assert!(
+            toml.contains("match = [\"gpt-4o-mini\", \"gpt-4o-mini-2024-07-18\"]"),
+            "{toml}"
+        );
         assert!(toml.contains("service_tier = \"batch\""), "{toml}");
         assert!(toml.contains("above_input_tokens = 200000"), "{toml}");
-        assert!(!toml.contains("grok") && !toml.contains("embedding"), "{toml}");
+        assert!(
+            !toml.contains("grok") && !toml.contains("embedding"),
+            "{toml}"
+        );
         // The output is a valid price book.
         let book = PriceBook::from_sources(&[("imported.toml".into(), toml)]).unwrap();
-        let e = book.lookup("google", "gemini-2.5-pro", "", opts.effective_from).unwrap();
+        let e = book
+            .lookup("google", "gemini-2.5-pro", "", opts.effective_from)
+            .unwrap();
         assert_eq!(e.tiers[0].rates.output_per_mtok, Decimal::from(15));
     }
 
     #[test]
     fn imports_the_shared_litellm_snapshot() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/litellm-model-prices-2026-07-24.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/litellm-model-prices-2026-07-24.json"
+        );
         let Ok(json) = std::fs::read_to_string(path) else {
             // The snapshot lives beside the repository; CI always has it.
             panic!("missing {path}");

@@ -142,7 +142,13 @@ output_per_mtok = "15"
         PriceBook::from_sources(&[("test.toml".into(), BOOK.into())]).unwrap()
     }
 
-    fn event(provider: &str, model: &str, tier: &str, day: (i32, u32, u32), usage: TokenCounts) -> UsageEvent {
+    fn event(
+        provider: &str,
+        model: &str,
+        tier: &str,
+        day: (i32, u32, u32),
+        usage: TokenCounts,
+    ) -> UsageEvent {
         UsageEvent {
             event_id: EventId::parse("e").unwrap(),
             occurred_at: Utc.with_ymd_and_hms(day.0, day.1, day.2, 12, 0, 0).unwrap(),
@@ -160,8 +166,20 @@ output_per_mtok = "15"
         }
     }
 
-    fn tc(input: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64) -> TokenCounts {
-        TokenCounts { input, cache_read, cache_write, output, reasoning }
+    fn tc(
+        input: u64,
+        cache_read: u64,
+        cache_write: u64,
+        output: u64,
+        reasoning: u64,
+    ) -> TokenCounts {
+        TokenCounts {
+            input,
+            cache_read,
+            cache_write,
+            output,
+            reasoning,
+        }
     }
 
     fn priced(p: Pricing) -> Priced {
@@ -174,7 +192,16 @@ output_per_mtok = "15"
     #[test]
     fn contract_example_is_priced_exactly() {
         // 1000 × 0.15 + 200 × 0.075 + 350 × 0.60 = 150 + 15 + 210 = 375 per Mtok units.
-        let p = priced(price(&event("openai", "gpt-4o-mini-2024-07-18", "default", (2025, 10, 14), tc(1000, 200, 0, 350, 100)), &book()));
+        let p = priced(price(
+            &event(
+                "openai",
+                "gpt-4o-mini-2024-07-18",
+                "default",
+                (2025, 10, 14),
+                tc(1000, 200, 0, 350, 100),
+            ),
+            &book(),
+        ));
         assert_eq!(p.cost, dec!(0.000375));
         assert_eq!(p.price_id, "openai:gpt-4o-mini:2024-07-18");
         assert_eq!(p.price_model, "gpt-4o-mini");
@@ -184,36 +211,90 @@ output_per_mtok = "15"
     fn effective_dating_picks_newest_entry_not_after_the_event() {
         let b = book();
         let u = tc(1_000_000, 0, 0, 0, 0);
-        assert_eq!(priced(price(&event("openai", "gpt-4o-mini", "", (2025, 12, 31), u), &b)).cost, dec!(0.15));
-        assert_eq!(priced(price(&event("openai", "gpt-4o-mini", "", (2026, 1, 1), u), &b)).cost, dec!(0.10));
-        assert_eq!(price(&event("openai", "gpt-4o-mini", "", (2024, 7, 17), u), &b), Pricing::Unpriced);
+        assert_eq!(
+            priced(price(
+                &event("openai", "gpt-4o-mini", "", (2025, 12, 31), u),
+                &b
+            ))
+            .cost,
+            dec!(0.15)
+        );
+        assert_eq!(
+            priced(price(
+                &event("openai", "gpt-4o-mini", "", (2026, 1, 1), u),
+                &b
+            ))
+            .cost,
+            dec!(0.10)
+        );
+        assert_eq!(
+            price(&event("openai", "gpt-4o-mini", "", (2024, 7, 17), u), &b),
+            Pricing::Unpriced
+        );
     }
 
     #[test]
     fn service_tier_entry_or_fallback() {
         let b = book();
         let u = tc(1_000_000, 0, 0, 1_000_000, 0);
-        assert_eq!(priced(price(&event("openai", "gpt-4o-mini", "batch", (2025, 1, 1), u), &b)).cost, dec!(0.375));
+        assert_eq!(
+            priced(price(
+                &event("openai", "gpt-4o-mini", "batch", (2025, 1, 1), u),
+                &b
+            ))
+            .cost,
+            dec!(0.375)
+        );
         // "flex" has no entry of its own: the tier-less entry applies.
-        assert_eq!(priced(price(&event("openai", "gpt-4o-mini", "flex", (2025, 1, 1), u), &b)).cost, dec!(0.75));
+        assert_eq!(
+            priced(price(
+                &event("openai", "gpt-4o-mini", "flex", (2025, 1, 1), u),
+                &b
+            ))
+            .cost,
+            dec!(0.75)
+        );
     }
 
     #[test]
     fn regex_reasoning_and_per_request() {
-        let p = priced(price(&event("openai", "o3-2025-04-16", "", (2025, 5, 1), tc(1000, 0, 0, 500, 300)), &book()));
+        let p = priced(price(
+            &event(
+                "openai",
+                "o3-2025-04-16",
+                "",
+                (2025, 5, 1),
+                tc(1000, 0, 0, 500, 300),
+            ),
+            &book(),
+        ));
         // 1000×2 + 200×8 + 300×10 = 6600 → 0.0066, + 0.001 per request.
         assert_eq!(p.cost, dec!(0.0076));
-        assert_eq!(price(&event("openai", "o3-mini", "", (2025, 5, 1), tc(1, 0, 0, 1, 0)), &book()), Pricing::Unpriced);
+        assert_eq!(
+            price(
+                &event("openai", "o3-mini", "", (2025, 5, 1), tc(1, 0, 0, 1, 0)),
+                &book()
+            ),
+            Pricing::Unpriced
+        );
     }
 
     #[test]
     fn long_context_tier_applies_to_the_whole_request() {
         let b = book();
-        let at = |u| priced(price(&event("google", "gemini-2.5-pro", "", (2025, 7, 1), u), &b));
+        let at = |u| {
+            priced(price(
+                &event("google", "gemini-2.5-pro", "", (2025, 7, 1), u),
+                &b,
+            ))
+        };
         // Exactly at the threshold: base rates.
         let base = at(tc(190_000, 10_000, 0, 1000, 0));
         assert_eq!(base.tier_threshold, 0);
-        assert_eq!(base.cost, dec!(0.25) - dec!(0.0125) + dec!(0.00125) + dec!(0.01));
+        assert_eq!(
+            base.cost,
+            dec!(0.25) - dec!(0.0125) + dec!(0.00125) + dec!(0.01)
+        );
         // One token more: every class at the tier's rates.
         let long = at(tc(190_001, 10_000, 0, 1000, 0));
         assert_eq!(long.tier_threshold, 200_000);
@@ -222,8 +303,26 @@ output_per_mtok = "15"
 
     #[test]
     fn unknown_provider_or_model_is_unpriced() {
-        assert_eq!(price(&event("anthropic", "gpt-4o-mini", "", (2025, 1, 1), tc(1, 0, 0, 1, 0)), &book()), Pricing::Unpriced);
-        assert_eq!(price(&event("openai", "gpt-5-nano", "", (2025, 1, 1), tc(1, 0, 0, 1, 0)), &book()), Pricing::Unpriced);
+        assert_eq!(
+            price(
+                &event(
+                    "anthropic",
+                    "gpt-4o-mini",
+                    "",
+                    (2025, 1, 1),
+                    tc(1, 0, 0, 1, 0)
+                ),
+                &book()
+            ),
+            Pricing::Unpriced
+        );
+        assert_eq!(
+            price(
+                &event("openai", "gpt-5-nano", "", (2025, 1, 1), tc(1, 0, 0, 1, 0)),
+                &book()
+            ),
+            Pricing::Unpriced
+        );
     }
 
     #[test]
@@ -278,29 +377,47 @@ output_per_mtok = "1"
 
     #[test]
     fn default_book_is_valid_and_covers_mainstream_models() {
-        let b = PriceBook::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/prices"))).unwrap();
+        let b = PriceBook::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/prices"
+        )))
+        .unwrap();
         assert!(b.entries().len() >= 20);
         for p in ["openai", "anthropic", "google"] {
-            assert!(b.entries().iter().filter(|e| e.provider == p).count() >= 5, "{p}");
+            assert!(
+                b.entries().iter().filter(|e| e.provider == p).count() >= 5,
+                "{p}"
+            );
         }
     }
 
     fn arb_usage() -> impl Strategy<Value = TokenCounts> {
-        (0u64..5_000_000, 0u64..5_000_000, 0u64..5_000_000, 0u64..5_000_000, 0u64..5_000_000)
+        (
+            0u64..5_000_000,
+            0u64..5_000_000,
+            0u64..5_000_000,
+            0u64..5_000_000,
+            0u64..5_000_000,
+        )
             .prop_map(|(i, cr, cw, o, r)| tc(i, cr, cw, o, r.min(o)))
     }
 
     fn arb_rates() -> impl Strategy<Value = Rates> {
         let rate = (0i64..100_000_000, 0u32..=12).prop_map(|(m, s)| Decimal::new(m, s));
-        (rate.clone(), rate.clone(), rate.clone(), rate.clone(), proptest::option::of(rate)).prop_map(
-            |(i, cr, cw, o, r)| Rates {
+        (
+            rate.clone(),
+            rate.clone(),
+            rate.clone(),
+            rate.clone(),
+            proptest::option::of(rate),
+        )
+            .prop_map(|(i, cr, cw, o, r)| Rates {
                 input_per_mtok: i,
                 cache_read_per_mtok: cr,
                 cache_write_per_mtok: cw,
                 output_per_mtok: o,
                 reasoning_per_mtok: r,
-            },
-        )
+            })
     }
 
     fn only(u: &TokenCounts, class: usize) -> TokenCounts {

@@ -8,8 +8,10 @@ use super::{sql_str, Store, StoreError};
 
 /// The migrations, embedded so the binary carries its schema. A unit test checks this
 /// list against the files in `schema/`.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_usage.sql", include_str!("../../schema/0001_usage.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_usage.sql",
+    include_str!("../../schema/0001_usage.sql"),
+)];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).
 pub fn statements(sql: &str) -> Vec<String> {
@@ -51,7 +53,10 @@ struct Applied {
 pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
     store
         .server
-        .query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", store.database.replace('`', "")))
+        .query(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{}`",
+            store.database.replace('`', "")
+        ))
         .execute()
         .await?;
     store
@@ -115,7 +120,10 @@ mod tests {
     #[test]
     fn splits_statements_and_drops_comments() {
         let s = statements("-- c\nCREATE TABLE a (x UInt8)\nENGINE = Log;\n\nSELECT 1;\n");
-        assert_eq!(s, vec!["CREATE TABLE a (x UInt8)\nENGINE = Log", "SELECT 1"]);
+        assert_eq!(
+            s,
+            vec!["CREATE TABLE a (x UInt8)\nENGINE = Log", "SELECT 1"]
+        );
         assert_eq!(statements(MIGRATIONS[0].1).len(), 5);
     }
 }

@@ -25,9 +25,16 @@ impl StoreError {
                 clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => true,
                 clickhouse::error::Error::BadResponse(msg) => {
                     // Too many parts / simultaneous queries / memory limit / timeouts.
-                    ["Code: 252", "Code: 202", "Code: 241", "Code: 159", "Code: 209", "Code: 210"]
-                        .iter()
-                        .any(|c| msg.contains(c))
+                    [
+                        "Code: 252",
+                        "Code: 202",
+                        "Code: 241",
+                        "Code: 159",
+                        "Code: 209",
+                        "Code: 210",
+                    ]
+                    .iter()
+                    .any(|c| msg.contains(c))
                 }
                 _ => false,
             },
@@ -53,7 +60,11 @@ impl Store {
             .with_password(&cfg.password)
             .with_validation(false);
         let client = server.clone().with_database(&cfg.database);
-        Self { client, server, database: cfg.database.clone() }
+        Self {
+            client,
+            server,
+            database: cfg.database.clone(),
+        }
     }
 
     pub fn client(&self) -> &clickhouse::Client {
@@ -71,7 +82,11 @@ impl Store {
 
     /// Checks the server answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.server.query("SELECT 1").execute().await.map_err(Into::into)
+        self.server
+            .query("SELECT 1")
+            .execute()
+            .await
+            .map_err(Into::into)
     }
 }
 

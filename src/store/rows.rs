@@ -103,7 +103,12 @@ mod tests {
 
     #[test]
     fn cost_round_trips_through_i128() {
-        for d in [dec!(0), dec!(0.000000000000000001), dec!(0.000375), dec!(12345678.123456789012345678)] {
+        for d in [
+            dec!(0),
+            dec!(0.000000000000000001),
+            dec!(0.000375),
+            dec!(12345678.123456789012345678),
+        ] {
             assert_eq!(cost_from_i128(cost_to_i128(d)), d.normalize());
         }
         assert_eq!(cost_to_i128(dec!(1)), 1_000_000_000_000_000_000);

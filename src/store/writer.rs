@@ -61,8 +61,10 @@ impl Store {
                 hour += 3600;
             }
         }
-        let slot_list: Vec<String> =
-            slots.iter().map(|(inst, hour)| format!("({}, {hour})", sql_str(inst))).collect();
+        let slot_list: Vec<String> = slots
+            .iter()
+            .map(|(inst, hour)| format!("({}, {hour})", sql_str(inst)))
+            .collect();
         let sql = format!(
             "SELECT event_id, kafka_partition, kafka_offset FROM usage_events \
              WHERE (institution_id, toStartOfHour(occurred_at)) IN ({}) \
@@ -71,11 +73,23 @@ impl Store {
             sql_str_list(keys.iter().map(|k| k.event_id)),
             sql_str(topic),
         );
-        let rows: Vec<StoredEvent> =
-            self.client.query(&sql).with_setting("max_query_size", MAX_QUERY_SIZE).fetch_all().await?;
+        let rows: Vec<StoredEvent> = self
+            .client
+            .query(&sql)
+            .with_setting("max_query_size", MAX_QUERY_SIZE)
+            .fetch_all()
+            .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.event_id, Position { partition: r.kafka_partition, offset: r.kafka_offset }))
+            .map(|r| {
+                (
+                    r.event_id,
+                    Position {
+                        partition: r.kafka_partition,
+                        offset: r.kafka_offset,
+                    },
+                )
+            })
             .collect())
     }
 
@@ -97,7 +111,9 @@ impl Store {
         }
         let conds: Vec<String> = ranges
             .iter()
-            .map(|(p, (lo, hi))| format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})"))
+            .map(|(p, (lo, hi))| {
+                format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})")
+            })
             .collect();
         let sql = format!(
             "SELECT kafka_partition, kafka_offset FROM {table} WHERE kafka_topic = {} AND ({})",
@@ -107,7 +123,10 @@ impl Store {
         let rows: Vec<StoredPosition> = self.client.query(&sql).fetch_all().await?;
         Ok(rows
             .into_iter()
-            .map(|r| Position { partition: r.kafka_partition, offset: r.kafka_offset })
+            .map(|r| Position {
+                partition: r.kafka_partition,
+                offset: r.kafka_offset,
+            })
             .collect())
     }
 

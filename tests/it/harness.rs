@@ -41,7 +41,11 @@ impl TestEnv {
         let unique = format!(
             "{}_{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                % 100_000_000
         );
         let name = format!("tt_{test}_{unique}");
         let mut cfg = Config::default();
@@ -52,12 +56,21 @@ impl TestEnv {
         cfg.kafka.group = format!("{name}.group");
         cfg.prices.path = repo().join("prices");
         let store = Store::new(&cfg.clickhouse);
-        tokentally::store::migrate::migrate(&store).await.expect("migrate a fresh database");
+        tokentally::store::migrate::migrate(&store)
+            .await
+            .expect("migrate a fresh database");
         tokentally::emit::ensure_topic(&cfg.kafka.brokers, &cfg.kafka.topic, partitions)
             .await
             .expect("create a fresh topic");
         let prices = cfg.prices.path.clone();
-        Self { name, cfg, store, prices, batch_max_messages: 1000, dead_letter_topic: String::new() }
+        Self {
+            name,
+            cfg,
+            store,
+            prices,
+            batch_max_messages: 1000,
+            dead_letter_topic: String::new(),
+        }
     }
 
     /// Starts `tokentally ingest` as a child process with this test's settings.
@@ -68,12 +81,21 @@ impl TestEnv {
             .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
             .env("TOKENTALLY_KAFKA_GROUP", &self.cfg.kafka.group)
             .env("TOKENTALLY_CLICKHOUSE_URL", &self.cfg.clickhouse.url)
-            .env("TOKENTALLY_CLICKHOUSE_DATABASE", &self.cfg.clickhouse.database)
+            .env(
+                "TOKENTALLY_CLICKHOUSE_DATABASE",
+                &self.cfg.clickhouse.database,
+            )
             .env("TOKENTALLY_PRICES", &self.prices)
             .env("TOKENTALLY_METRICS_LISTEN", "")
             .env("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC", &self.dead_letter_topic)
-            .env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", self.batch_max_messages.to_string())
+            .env(
+                "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
+                &self.dead_letter_topic,
+            )
+            .env(
+                "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES",
+                self.batch_max_messages.to_string(),
+            )
             .env("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", "200")
             .env("TOKENTALLY_LOG", "warn,tokentally=info")
             .stdout(Stdio::null())
@@ -98,7 +120,11 @@ impl TestEnv {
         for chunk in messages.chunks(20_000) {
             let futures: Vec<_> = chunk
                 .iter()
-                .map(|(k, p)| producer.send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p)).expect("enqueue"))
+                .map(|(k, p)| {
+                    producer
+                        .send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p))
+                        .expect("enqueue")
+                })
                 .collect();
             for f in futures {
                 f.await.expect("delivery future").expect("delivered");
@@ -108,7 +134,12 @@ impl TestEnv {
     }
 
     /// Reads `topic` from the start until `expected` messages arrived (or `timeout`).
-    pub async fn consume_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
+    pub async fn consume_all(
+        &self,
+        topic: &str,
+        expected: usize,
+        timeout: Duration,
+    ) -> Vec<(Vec<u8>, Vec<(String, Vec<u8>)>)> {
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::message::{Headers, Message};
         let consumer: StreamConsumer = ClientConfig::new()
@@ -123,7 +154,14 @@ impl TestEnv {
         let mut out = Vec::new();
         while out.len() < expected && start.elapsed() < timeout {
             if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
-                let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect()).unwrap_or_default();
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.push((m.payload().unwrap_or_default().to_vec(), headers));
             }
         }
@@ -131,14 +169,24 @@ impl TestEnv {
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {
-        self.store.client().query(sql).fetch_one::<i64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.store
+            .client()
+            .query(sql)
+            .fetch_one::<i64>()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// Messages whose outcome is stored: events + rejections + duplicates.
     pub async fn accounted(&self) -> i64 {
-        self.scalar("SELECT toInt64(sum(sign)) FROM usage_events").await
-            + self.scalar("SELECT toInt64(count()) FROM rejected_events").await
-            + self.scalar("SELECT toInt64(count()) FROM duplicate_events").await
+        self.scalar("SELECT toInt64(sum(sign)) FROM usage_events")
+            .await
+            + self
+                .scalar("SELECT toInt64(count()) FROM rejected_events")
+                .await
+            + self
+                .scalar("SELECT toInt64(count()) FROM duplicate_events")
+                .await
     }
 
     pub async fn wait_accounted(&self, expected: i64, timeout: Duration) {
@@ -148,8 +196,14 @@ impl TestEnv {
             if n == expected {
                 return;
             }
-            assert!(n < expected, "{n} messages accounted for, more than the {expected} produced");
-            assert!(start.elapsed() < timeout, "only {n} of {expected} messages accounted for after {timeout:?}");
+            assert!(
+                n < expected,
+                "{n} messages accounted for, more than the {expected} produced"
+            );
+            assert!(
+                start.elapsed() < timeout,
+                "only {n} of {expected} messages accounted for after {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -172,7 +226,10 @@ impl TestEnv {
     }
 
     pub async fn drop_database(&self) {
-        let _ = self.store.execute(&format!("DROP DATABASE IF EXISTS `{}`", self.name)).await;
+        let _ = self
+            .store
+            .execute(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
+            .await;
     }
 }
 
@@ -189,7 +246,11 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
 }
 
 fn unsafe_kill(pid: u32, signal: i32) {
-    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     assert!(status.success() || signal == 9);
 }
 
@@ -223,17 +284,37 @@ pub fn list_price(prices: &Path, model: &str) -> ListPrice {
             continue;
         }
         let doc: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for e in doc.get("price").and_then(|p| p.as_array()).cloned().unwrap_or_default() {
-            let matches = e.get("match").and_then(|m| m.as_array()).is_some_and(|m| m.iter().any(|v| v.as_str() == Some(model)));
+        for e in doc
+            .get("price")
+            .and_then(|p| p.as_array())
+            .cloned()
+            .unwrap_or_default()
+        {
+            let matches = e
+                .get("match")
+                .and_then(|m| m.as_array())
+                .is_some_and(|m| m.iter().any(|v| v.as_str() == Some(model)));
             if matches && e.get("service_tier").is_none() {
                 found.push(e);
             }
         }
     }
-    assert_eq!(found.len(), 1, "test models need exactly one tier-less entry: {model}");
+    assert_eq!(
+        found.len(),
+        1,
+        "test models need exactly one tier-less entry: {model}"
+    );
     let e = &found[0];
-    assert!(e.get("tier").is_none() && e.get("reasoning_per_mtok").is_none() && e.get("per_request").is_none());
-    let rate = |k: &str| e.get(k).and_then(|v| v.as_str()).map(|s| s.parse::<Decimal>().unwrap());
+    assert!(
+        e.get("tier").is_none()
+            && e.get("reasoning_per_mtok").is_none()
+            && e.get("per_request").is_none()
+    );
+    let rate = |k: &str| {
+        e.get(k)
+            .and_then(|v| v.as_str())
+            .map(|s| s.parse::<Decimal>().unwrap())
+    };
     let input = rate("input_per_mtok").unwrap();
     ListPrice {
         input,

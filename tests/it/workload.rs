@@ -65,17 +65,39 @@ pub fn build(seed: u64, mix: &Mix, prices: &Path) -> Workload {
         }
         let inst = format!("inst-{}", rng.gen_range(0..mix.institutions));
         let day = rng.gen_range(1..=28);
-        let occurred = format!("2026-10-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rng.gen_range(0..24), rng.gen_range(0..60), rng.gen_range(0..60), rng.gen_range(0..1000));
+        let occurred = format!(
+            "2026-10-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rng.gen_range(0..24),
+            rng.gen_range(0..60),
+            rng.gen_range(0..60),
+            rng.gen_range(0..1000)
+        );
         let event_id = format!("{inst}-{seed}-{}", w.messages.len());
         let unknown = rng.gen::<f64>() < mix.unknown_model;
         let mi = rng.gen_range(0..MODELS.len());
-        let (provider, model) = if unknown { ("openai", UNKNOWN_MODEL) } else { MODELS[mi] };
+        let (provider, model) = if unknown {
+            ("openai", UNKNOWN_MODEL)
+        } else {
+            MODELS[mi]
+        };
         // Canonical, disjoint counts first.
         let input: u64 = rng.gen_range(1..20_000);
-        let cache_read: u64 = if rng.gen_bool(0.4) { rng.gen_range(1..50_000) } else { 0 };
-        let cache_write: u64 = if provider == "anthropic" && rng.gen_bool(0.3) { rng.gen_range(1..10_000) } else { 0 };
+        let cache_read: u64 = if rng.gen_bool(0.4) {
+            rng.gen_range(1..50_000)
+        } else {
+            0
+        };
+        let cache_write: u64 = if provider == "anthropic" && rng.gen_bool(0.3) {
+            rng.gen_range(1..10_000)
+        } else {
+            0
+        };
         let output: u64 = rng.gen_range(1..4_000);
-        let reasoning: u64 = if provider != "anthropic" && rng.gen_bool(0.3) { rng.gen_range(0..=output) } else { 0 };
+        let reasoning: u64 = if provider != "anthropic" && rng.gen_bool(0.3) {
+            rng.gen_range(0..=output)
+        } else {
+            0
+        };
         let shape = rng.gen_range(0..3);
         let mut v = json!({
             "schema_version": 1, "event_id": event_id, "occurred_at": occurred,
@@ -84,19 +106,38 @@ pub fn build(seed: u64, mix: &Mix, prices: &Path) -> Workload {
         });
         let o = v.as_object_mut().unwrap();
         match (provider, shape) {
-            (_, 0) => { o.insert("usage".into(), json!({"input_tokens": input, "cache_read_tokens": cache_read,
-                "cache_write_tokens": cache_write, "output_tokens": output, "reasoning_tokens": reasoning})); }
-            ("openai", 1) => { o.insert("provider_usage".into(), json!({"prompt_tokens": input + cache_read,
+            (_, 0) => {
+                o.insert("usage".into(), json!({"input_tokens": input, "cache_read_tokens": cache_read,
+                "cache_write_tokens": cache_write, "output_tokens": output, "reasoning_tokens": reasoning}));
+            }
+            ("openai", 1) => {
+                o.insert(
+                    "provider_usage".into(),
+                    json!({"prompt_tokens": input + cache_read,
                 "completion_tokens": output, "prompt_tokens_details": {"cached_tokens": cache_read},
-                "completion_tokens_details": {"reasoning_tokens": reasoning}})); }
-            ("openai", _) => { o.insert("provider_usage".into(), json!({"input_tokens": input + cache_read,
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}),
+                );
+            }
+            ("openai", _) => {
+                o.insert(
+                    "provider_usage".into(),
+                    json!({"input_tokens": input + cache_read,
                 "output_tokens": output, "input_tokens_details": {"cached_tokens": cache_read},
-                "output_tokens_details": {"reasoning_tokens": reasoning}})); }
-            ("anthropic", _) => { o.insert("provider_usage".into(), json!({"input_tokens": input,
-                "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_write, "output_tokens": output})); }
-            (_, _) => { o.insert("provider_usage".into(), json!({"promptTokenCount": input + cache_read,
+                "output_tokens_details": {"reasoning_tokens": reasoning}}),
+                );
+            }
+            ("anthropic", _) => {
+                o.insert("provider_usage".into(), json!({"input_tokens": input,
+                "cache_read_input_tokens": cache_read, "cache_creation_input_tokens": cache_write, "output_tokens": output}));
+            }
+            (_, _) => {
+                o.insert(
+                    "provider_usage".into(),
+                    json!({"promptTokenCount": input + cache_read,
                 "cachedContentTokenCount": cache_read, "candidatesTokenCount": output - reasoning,
-                "thoughtsTokenCount": reasoning})); }
+                "thoughtsTokenCount": reasoning}),
+                );
+            }
         }
         let payload = v.to_string().into_bytes();
 
@@ -132,12 +173,30 @@ fn malformed(rng: &mut ChaCha8Rng, good: &serde_json::Value) -> Vec<u8> {
     let mut v = good.clone();
     let o = v.as_object_mut().unwrap();
     match rng.gen_range(0..7) {
-        0 => { let s = good.to_string(); return s.as_bytes()[..s.len() / 3].to_vec(); }
-        1 => { o.remove("event_id"); }
-        2 => { o.remove("usage"); o.remove("provider_usage"); }
-        3 => { o.remove("provider_usage"); o.insert("usage".into(), json!({"input_tokens": -1, "output_tokens": 1})); }
-        4 => { o.insert("occurred_at".into(), json!("2199-01-01T00:00:00Z")); }
-        5 => { o.insert("schema_version".into(), json!(99)); }
+        0 => {
+            let s = good.to_string();
+            return s.as_bytes()[..s.len() / 3].to_vec();
+        }
+        1 => {
+            o.remove("event_id");
+        }
+        2 => {
+            o.remove("usage");
+            o.remove("provider_usage");
+        }
+        3 => {
+            o.remove("provider_usage");
+            o.insert(
+                "usage".into(),
+                json!({"input_tokens": -1, "output_tokens": 1}),
+            );
+        }
+        4 => {
+            o.insert("occurred_at".into(), json!("2199-01-01T00:00:00Z"));
+        }
+        5 => {
+            o.insert("schema_version".into(), json!(99));
+        }
         _ => return b"\xff\xfe garbage".to_vec(),
     }
     // Unique per message so that payload sets compare one to one.
