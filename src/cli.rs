@@ -35,8 +35,20 @@ pub enum Command {
     Migrate,
     /// Consume usage events from Kafka, price them and store them (until SIGINT/SIGTERM).
     Ingest,
-    /// migrate, then ingest, in one process.
+    /// migrate, then ingest and serve, in one process.
     Run,
+    /// The dashboard and JSON API (until SIGINT/SIGTERM).
+    Serve,
+    /// Dashboard users (stored in the users file with argon2 password hashes).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// API tokens (stored in the users file as SHA-256 hashes; shown once).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Publish synthetic gateway traffic to the usage topic.
     Emit(crate::emit::EmitArgs),
     /// Work with price books.
@@ -77,6 +89,36 @@ pub enum PricesCommand {
         /// Date the imported prices take effect (YYYY-MM-DD; default: today, UTC).
         #[arg(long)]
         effective_from: Option<NaiveDate>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UsersCommand {
+    /// Add a user, or replace the password and role of an existing one.
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        role: crate::web::auth::Role,
+        /// The institution an `institution` user may see.
+        #[arg(long)]
+        institution: Option<String>,
+        /// Read the password from standard input (default: generate and print one).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users and tokens (names and roles only).
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// Create an API token; it is printed once and only its hash is stored.
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        role: crate::web::auth::Role,
+        #[arg(long)]
+        institution: Option<String>,
     },
 }
 
@@ -135,7 +177,25 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest => crate::ingest::run(&cfg, Shutdown::on_signals()).await,
         Command::Run => {
             run_migrate(&cfg).await?;
-            crate::ingest::run(&cfg, Shutdown::on_signals()).await
+            let shutdown = Shutdown::on_signals();
+            let (ingest, serve) =
+                tokio::join!(crate::ingest::run(&cfg, shutdown.clone()), crate::web::serve(&cfg, shutdown));
+            ingest.and(serve)
+        }
+        Command::Serve => crate::web::serve(&cfg, Shutdown::on_signals()).await,
+        Command::Users { command } => users(&cfg, command),
+        Command::Tokens { command: TokensCommand::Add { name, role, institution } } => {
+            use crate::web::auth::{check_role, random_hex, token_hash, TokenEntry, UsersFile};
+            check_role(role, institution.as_deref()).map_err(anyhow::Error::msg)?;
+            let path = &cfg.web.users_file;
+            let mut file = UsersFile::load(path)?;
+            let token = format!("tt_{}", random_hex(24));
+            file.tokens.retain(|t| t.name != name);
+            file.tokens.push(TokenEntry { name: name.clone(), role, institution, token_hash: token_hash(&token) });
+            file.save(path)?;
+            eprintln!("token `{name}` stored in {} (only its hash); use it as `Authorization: Bearer <token>`:", path.display());
+            println!("{token}");
+            Ok(())
         }
         Command::Emit(args) => crate::emit::run(&cfg, &args).await,
         Command::Prices { command } => prices(&cfg, command),
@@ -158,6 +218,42 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
+    use crate::web::auth::{check_role, hash_password, random_hex, UserEntry, UsersFile};
+    let path = &cfg.web.users_file;
+    let mut file = UsersFile::load(path)?;
+    match command {
+        UsersCommand::Add { name, role, institution, password_stdin } => {
+            check_role(role, institution.as_deref()).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(!name.trim().is_empty(), "the user name is empty");
+            let (password, generated) = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                (line.trim_end_matches(['\n', '\r']).to_owned(), false)
+            } else {
+                (random_hex(10), true)
+            };
+            anyhow::ensure!(password.len() >= 8, "passwords need at least 8 characters");
+            file.users.retain(|u| u.name != name);
+            file.users.push(UserEntry { name: name.clone(), role, institution, password_hash: hash_password(&password)? });
+            file.save(path)?;
+            eprintln!("user `{name}` stored in {}", path.display());
+            if generated {
+                println!("{password}");
+            }
+        }
+        UsersCommand::List => {
+            for u in &file.users {
+                println!("user  {:<24} {:<12} {}", u.name, format!("{:?}", u.role).to_lowercase(), u.institution.as_deref().unwrap_or(""));
+            }
+            for t in &file.tokens {
+                println!("token {:<24} {:<12} {}", t.name, format!("{:?}", t.role).to_lowercase(), t.institution.as_deref().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load_book(cfg: &Config) -> anyhow::Result<PriceBook> {

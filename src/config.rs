@@ -13,6 +13,49 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub ingest: IngestConfig,
     pub prices: PricesConfig,
+    pub web: WebConfig,
+    /// Billing details and budgets per institution (`[[institutions]]`).
+    pub institutions: Vec<InstitutionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Dashboard listen address. Env: `TOKENTALLY_WEB_LISTEN`.
+    pub listen: String,
+    /// Users and API tokens (argon2 / SHA-256 hashes), written by `tokentally users add`
+    /// and `tokentally tokens add`. Env: `TOKENTALLY_USERS_FILE`.
+    pub users_file: PathBuf,
+    /// Mark the session cookie `Secure` (set when served over TLS, e.g. behind a proxy).
+    pub secure_cookies: bool,
+    /// Sessions expire after this many hours.
+    pub session_hours: i64,
+    /// Failed logins allowed per user name and per client address per minute.
+    pub login_attempts_per_minute: u32,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            users_file: PathBuf::from("users.toml"),
+            secure_cookies: false,
+            session_hours: 12,
+            login_attempts_per_minute: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstitutionConfig {
+    pub id: String,
+    /// Display name (defaults to the id).
+    #[serde(default)]
+    pub name: String,
+    /// Monthly budget in USD (decimal string), for burn-down and budget alerts.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub monthly_budget_usd: Option<rust_decimal::Decimal>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -184,7 +227,8 @@ impl Config {
 
     /// Applies overrides from `env` (a function so tests need not touch the process env).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let strings: [(&str, &mut String); 9] = [
+        let strings: [(&str, &mut String); 10] = [
+            ("TOKENTALLY_WEB_LISTEN", &mut self.web.listen),
             ("TOKENTALLY_KAFKA_BROKERS", &mut self.kafka.brokers),
             ("TOKENTALLY_KAFKA_TOPIC", &mut self.kafka.topic),
             ("TOKENTALLY_KAFKA_GROUP", &mut self.kafka.group),
@@ -208,6 +252,9 @@ impl Config {
             if let Some(v) = env(name) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("TOKENTALLY_USERS_FILE") {
+            self.web.users_file = PathBuf::from(v);
         }
         if let Some(v) = env("TOKENTALLY_PRICES") {
             self.prices.path = PathBuf::from(v);

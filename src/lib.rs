@@ -10,3 +10,4 @@ pub mod report;
 pub mod reprice;
 pub mod shutdown;
 pub mod store;
+pub mod web;

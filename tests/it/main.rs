@@ -3,4 +3,5 @@
 
 mod harness;
 mod pipeline;
+mod web;
 mod workload;

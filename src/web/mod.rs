@@ -1,0 +1,213 @@
+//! `tokentally serve`: the dashboard and JSON API (axum + askama).
+
+pub mod auth;
+pub mod chart;
+pub mod error;
+mod lag;
+pub mod page;
+mod pages;
+pub mod query;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use askama::Template;
+use axum::extract::{ConnectInfo, Form, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::price::PriceBook;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use auth::{cookie, random_hex, set_cookie, Auth, Authed, UsersFile, LOGIN_CSRF_COOKIE, SESSION_COOKIE};
+use error::AppError;
+
+pub struct AppState {
+    pub cfg: Config,
+    pub store: Store,
+    pub book: PriceBook,
+    pub auth: Auth,
+}
+
+/// The routes. Pages and their `/api/v1` twins share handlers.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut r = Router::new()
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/api/v1/openapi.json", get(openapi));
+    for prefix in ["", "/api/v1"] {
+        r = r
+            .route(&format!("{prefix}/"), get(pages::overview))
+            .route(&format!("{prefix}/overview"), get(pages::overview))
+            .route(&format!("{prefix}/institutions"), get(pages::institutions))
+            .route(&format!("{prefix}/institutions/{{institution}}"), get(pages::institution))
+            .route(&format!("{prefix}/models"), get(pages::models))
+            .route(&format!("{prefix}/pipeline"), get(pages::pipeline))
+            .route(&format!("{prefix}/pipeline/rejected/{{partition}}/{{offset}}"), get(pages::rejected));
+    }
+    r.fallback(|| async { AppError::NotFound })
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, "nosniff".parse().expect("static"));
+    h.insert(header::X_FRAME_OPTIONS, "DENY".parse().expect("static"));
+    h.insert(header::REFERRER_POLICY, "same-origin".parse().expect("static"));
+    h.insert(header::CONTENT_SECURITY_POLICY, "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:".parse().expect("static"));
+    h.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
+    res
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginTemplate<'a> {
+    csrf: &'a str,
+    error: &'a str,
+}
+
+fn login_page(state: &AppState, status: StatusCode, error: &str) -> Result<Response, AppError> {
+    // Double-submit token: the form field must equal the cookie (SameSite=Strict).
+    let csrf = random_hex(16);
+    let page = LoginTemplate { csrf: &csrf, error }.render()?;
+    Ok((status, [(header::SET_COOKIE, set_cookie(LOGIN_CSRF_COOKIE, &csrf, state.auth.secure_cookies, Some(3600)))], Html(page)).into_response())
+}
+
+async fn login_form(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
+    login_page(&state, StatusCode::OK, "")
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    username: String,
+    password: String,
+    csrf: String,
+}
+
+async fn login(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, AppError> {
+    if form.csrf.is_empty() || cookie(&headers, LOGIN_CSRF_COOKIE).as_deref() != Some(form.csrf.as_str()) {
+        return Err(AppError::Forbidden);
+    }
+    match state.auth.login(&form.username, &form.password, &addr.ip().to_string()) {
+        Err(()) => {
+            tracing::warn!(user = %form.username, client = %addr.ip(), "login rate limited");
+            login_page(&state, StatusCode::TOO_MANY_REQUESTS, "Too many attempts; try again in a minute.")
+        }
+        Ok(None) => {
+            tracing::warn!(user = %form.username, client = %addr.ip(), "login failed");
+            login_page(&state, StatusCode::UNAUTHORIZED, "Wrong user name or password.")
+        }
+        Ok(Some(principal)) => {
+            tracing::info!(user = %principal.name, "login");
+            let (id, _) = state.auth.create_session(principal);
+            Ok((
+                axum::response::AppendHeaders([
+                    (header::SET_COOKIE, set_cookie(SESSION_COOKIE, &id, state.auth.secure_cookies, None)),
+                    (header::SET_COOKIE, set_cookie(LOGIN_CSRF_COOKIE, "", state.auth.secure_cookies, Some(0))),
+                ]),
+                Redirect::to("/"),
+            )
+                .into_response())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(State(state): State<Arc<AppState>>, authed: Authed, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Result<Response, AppError> {
+    if authed.csrf.is_empty() || form.csrf != authed.csrf {
+        return Err(AppError::Forbidden);
+    }
+    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
+        state.auth.end_session(&id);
+    }
+    Ok(([(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", state.auth.secure_cookies, Some(0)))], Redirect::to("/login")).into_response())
+}
+
+async fn openapi(_: Authed) -> impl IntoResponse {
+    axum::Json(openapi_document())
+}
+
+/// The OpenAPI document of `/api/v1`.
+pub fn openapi_document() -> serde_json::Value {
+    let filter_params: Vec<serde_json::Value> = [
+        ("from", "First day, YYYY-MM-DD (UTC; default: first of this month)"),
+        ("to", "Last day, inclusive, YYYY-MM-DD (default: today)"),
+        ("institution", "Institution id (institution users: only their own)"),
+        ("model", "Model id"),
+        ("key", "API key id"),
+        ("user", "User id"),
+        ("tag", "Tag as name=value"),
+    ]
+    .iter()
+    .map(|(n, d)| serde_json::json!({"name": n, "in": "query", "required": false, "description": d, "schema": {"type": "string"}}))
+    .collect();
+    let page = serde_json::json!({"$ref": "#/components/schemas/Page"});
+    let op = |summary: &str, extra: Vec<serde_json::Value>| {
+        let mut params = filter_params.clone();
+        params.extend(extra);
+        serde_json::json!({"get": {"summary": summary, "parameters": params, "security": [{"bearer": []}],
+            "responses": {"200": {"description": "Page data", "content": {"application/json": {"schema": page}}},
+                          "401": {"description": "No or invalid token"}, "403": {"description": "Outside the token's scope"},
+                          "404": {"description": "Unknown"}}}})
+    };
+    let path_param = |name: &str, ty: &str| serde_json::json!({"name": name, "in": "path", "required": true, "schema": {"type": ty}});
+    serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "tokentally API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Spend analytics over priced LLM usage. Money is a decimal string in USD, exact."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Page": {"type": "object", "properties": {
+                "title": {"type": "string"},
+                "filters": {"type": "object"},
+                "figures": {"type": "object", "additionalProperties": true},
+                "charts": {"type": "array", "items": {"type": "object"}},
+                "tables": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object"}}}}}}
+        },
+        "paths": {
+            "/api/v1/overview": op("Spend overview: this month vs last, by day, top institutions and models", vec![]),
+            "/api/v1/institutions": op("Spend per institution", vec![]),
+            "/api/v1/institutions/{institution}": op("One institution: over time by model, users, keys, tags, budget", vec![path_param("institution", "string")]),
+            "/api/v1/models": op("Spend and tokens by model and token class; price entries in effect", vec![]),
+            "/api/v1/pipeline": op("Pipeline health (admin, ops): lag, rejected events, unpriced models", vec![]),
+            "/api/v1/pipeline/rejected/{partition}/{offset}": op("One rejected message with its raw payload (admin, ops)", vec![path_param("partition", "integer"), path_param("offset", "integer")]),
+        }
+    })
+}
+
+/// Serves the dashboard until `shutdown`.
+pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let users = UsersFile::load(&cfg.web.users_file)?;
+    if users.users.is_empty() && users.tokens.is_empty() {
+        tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
+    }
+    let book = PriceBook::load(&cfg.prices.path).with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
+    let state = Arc::new(AppState {
+        auth: Auth::new(users, cfg.web.session_hours, cfg.web.login_attempts_per_minute, cfg.web.secure_cookies),
+        store: Store::new(&cfg.clickhouse),
+        book,
+        cfg: cfg.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&cfg.web.listen).await.with_context(|| format!("binding {}", cfg.web.listen))?;
+    tracing::info!(listen = %cfg.web.listen, "dashboard listening");
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await?;
+    Ok(())
+}
