@@ -92,9 +92,17 @@ impl Chart {
                 }
             }
         }
-        // Legend.
-        for (si, s) in self.series.iter().enumerate() {
-            let _ = write!(out, r#"<text x="{}" y="{}" font-size="11" fill="{}">{}</text>"#, LEFT + 8.0, TOP + 14.0 + 13.0 * si as f64, PALETTE[si % PALETTE.len()], esc(&s.name));
+        // Legend, top right, on a white box so lines don't run through it.
+        if !self.series.is_empty() {
+            let longest = self.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as f64;
+            let bw = 24.0 + 6.5 * longest;
+            let bx = W - RIGHT - bw - 4.0;
+            let _ = write!(out, r##"<rect x="{bx:.1}" y="{TOP}" width="{bw:.1}" height="{:.1}" fill="#ffffff" fill-opacity="0.85" stroke="#e5e7eb"/>"##, 6.0 + 14.0 * self.series.len() as f64);
+            for (si, s) in self.series.iter().enumerate() {
+                let c = PALETTE[si % PALETTE.len()];
+                let ly = TOP + 14.0 + 14.0 * si as f64;
+                let _ = write!(out, r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{:.1}" y="{ly:.1}" font-size="11">{}</text>"#, bx + 5.0, ly - 9.0, bx + 19.0, esc(&s.name));
+            }
         }
         out.push_str("</svg>");
         out

@@ -187,8 +187,10 @@ pub async fn institution(
         .fetch_all()
         .await?;
 
-    let name = config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()).unwrap_or(&inst);
-    let mut page = PageData::new(format!("Institution {name}"));
+    let mut page = PageData::new(match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
+        Some(name) => format!("{name} ({inst})"),
+        None => format!("Institution {inst}"),
+    });
     let total: Decimal = by_model.iter().map(Agg::cost).sum();
     page.figure(format!("Spend {} – {}", sel.from, sel.to), Cell::Money(total.normalize()));
     page.figure("Events", Cell::Int(by_model.iter().map(|a| a.events).sum()));

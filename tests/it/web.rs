@@ -329,3 +329,69 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
     terminate(&mut s.child);
     env.drop_database().await;
 }
+
+/// Debian's chromium and chromium-driver (installed by scripts/services).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_logs_in_and_sees_charts_with_data() {
+    use fantoccini::{ClientBuilder, Locator};
+    let env = TestEnv::new("browser", 1).await;
+    load_known(&env).await;
+    let mut s = start_server(&env).await;
+    let port = free_port();
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), serde_json::json!({
+        "binary": "/usr/bin/chromium",
+        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1600", format!("--user-data-dir={}", profile.path().display())]
+    }));
+    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("WebDriver session");
+    let shots = crate::harness::repo().join("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let result: Result<(), fantoccini::error::CmdError> = async {
+        browser.goto(&format!("{}/login", s.base)).await?;
+        browser.find(Locator::Css("input[name=username]")).await?.send_keys("fin").await?;
+        browser.find(Locator::Css("input[name=password]")).await?.send_keys("fin-password").await?;
+        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("h1")).await?;
+        assert_eq!(browser.current_url().await?.path(), "/", "logged in and sent to the overview");
+        browser.goto(&format!("{}/?{RANGE}", s.base)).await?;
+        let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
+        assert_eq!(points.len(), 31, "one point per day on the overview chart");
+        let nonzero = browser
+            .execute("return Array.from(document.querySelectorAll('svg.chart .pt')).filter(p => Number(p.dataset.value) > 0).length", vec![])
+            .await?;
+        assert!(nonzero.as_u64().unwrap() > 0, "the chart has data");
+        std::fs::write(shots.join("overview.png"), browser.screenshot().await?).unwrap();
+        browser.goto(&format!("{}/institutions/inst-a?{RANGE}", s.base)).await?;
+        let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
+        assert!(points.len() >= 31, "institution chart has points ({})", points.len());
+        std::fs::write(shots.join("institution.png"), browser.screenshot().await?).unwrap();
+        Ok(())
+    }
+    .await;
+    let _ = browser.close().await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    result.unwrap();
+    terminate(&mut s.child);
+    env.drop_database().await;
+}
