@@ -92,6 +92,14 @@ const MODELS: [(&str, &str, u32, bool, bool); 12] = [
     ("gemini", "gemini-2.0-flash", 4, false, false),
 ];
 
+/// Relative traffic of an hour: office hours on weekdays are busiest.
+fn seasonality(t: DateTime<Utc>) -> f64 {
+    let hour = t.hour();
+    let hour_w = if (8..18).contains(&hour) { 1.0 } else if (6..22).contains(&hour) { 0.4 } else { 0.1 };
+    let day_w = if t.weekday().number_from_monday() >= 6 { 0.3 } else { 1.0 };
+    hour_w * day_w
+}
+
 const UNKNOWN_MODELS: [(&str, &str); 2] = [
     ("mistral", "mistral-large-2411"),
     ("openai", "gpt-9-preview"),
@@ -130,6 +138,10 @@ pub struct Generator {
     recent: Vec<(String, Vec<u8>)>,
     args: EmitArgs,
     seq: u64,
+    /// Hour starts of the range and, per hour, the cumulative number of events due by
+    /// its end: events come out in time order, as from a live gateway.
+    schedule: Vec<(i64, u64)>,
+    slot: usize,
 }
 
 impl Generator {
@@ -188,6 +200,23 @@ impl Generator {
                 }
             })
             .collect();
+        let mut hours = Vec::new();
+        let mut h = start / 3600 * 3600;
+        while h <= end {
+            hours.push(h);
+            h += 3600;
+        }
+        let weights: Vec<f64> = hours.iter().map(|&h| seasonality(Utc.timestamp_opt(h, 0).unwrap())).collect();
+        let total_w: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let schedule = hours
+            .iter()
+            .zip(&weights)
+            .map(|(&h, w)| {
+                acc += w;
+                (h, (args.count as f64 * acc / total_w).round() as u64)
+            })
+            .collect();
         let inst_weights =
             WeightedIndex::new((0..institutions.len()).map(|r| 1.0 / (r as f64 + 1.0).powf(1.1)))
                 .expect("weights");
@@ -201,35 +230,24 @@ impl Generator {
             recent: Vec::new(),
             args: args.clone(),
             seq: 0,
+            schedule,
+            slot: 0,
         })
     }
 
-    /// A timestamp with office-hours and weekday seasonality (rejection sampling).
+    /// The next event's timestamp: within the hour whose quota it falls in. Past the
+    /// schedule (an open-ended generator), uniform over the range.
     fn timestamp(&mut self) -> DateTime<Utc> {
-        loop {
-            let t = Utc
-                .timestamp_opt(
-                    self.from + self.rng.gen_range(0..=self.span),
-                    self.rng.gen_range(0..1000) * 1_000_000,
-                )
-                .unwrap();
-            let hour = t.hour();
-            let hour_w = if (8..18).contains(&hour) {
-                1.0
-            } else if (6..22).contains(&hour) {
-                0.4
-            } else {
-                0.1
-            };
-            let day_w = if t.weekday().number_from_monday() >= 6 {
-                0.3
-            } else {
-                1.0
-            };
-            if self.rng.gen::<f64>() < hour_w * day_w {
-                return t;
-            }
+        let n = self.seq;
+        while self.slot < self.schedule.len() && self.schedule[self.slot].1 <= n {
+            self.slot += 1;
         }
+        let ms = self.rng.gen_range(0..1000) * 1_000_000;
+        let secs = match self.schedule.get(self.slot) {
+            Some(&(hour, _)) => (hour + self.rng.gen_range(0..3600)).clamp(self.from, self.from + self.span),
+            None => self.from + self.rng.gen_range(0..=self.span),
+        };
+        Utc.timestamp_opt(secs, ms).unwrap()
     }
 
     fn tokens(&mut self, median: f64, sigma: f64) -> u64 {
@@ -273,6 +291,7 @@ impl Generator {
         } else {
             "default"
         };
+        let occurred = self.timestamp();
         self.seq += 1;
         let event_id = uuid::Builder::from_random_bytes(self.rng.gen())
             .into_uuid()
@@ -280,7 +299,7 @@ impl Generator {
         let mut v = json!({
             "schema_version": 1,
             "event_id": event_id,
-            "occurred_at": self.timestamp().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "occurred_at": occurred.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "institution_id": inst_id,
             "user_id": user,
             "api_key_id": key,
@@ -580,6 +599,17 @@ mod tests {
             counts[m.kind as usize] += 1;
         }
         assert!(counts.iter().all(|c| *c > 100), "{counts:?}");
+        // Events come in time order (hour by hour), mostly in office hours.
+        let mut g = Generator::new(&EmitArgs { count: 2000, duplicates: 0.0, malformed: 0.0, ..args() }, now).unwrap();
+        let hours: Vec<i64> = (0..2000)
+            .map(|_| {
+                let v: serde_json::Value = serde_json::from_slice(&g.next_message().payload).unwrap();
+                DateTime::parse_from_rfc3339(v["occurred_at"].as_str().unwrap()).unwrap().timestamp() / 3600
+            })
+            .collect();
+        assert!(hours.windows(2).all(|w| w[0] <= w[1]), "time order");
+        let office = hours.iter().filter(|h| (8..18).contains(&(*h % 24))).count();
+        assert!(office > 1000, "{office} of 2000 in office hours");
         let mut again = Generator::new(&args(), now).unwrap();
         for p in first.iter().take(100) {
             assert_eq!(&again.next_message().payload, p);
