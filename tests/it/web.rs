@@ -326,6 +326,23 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
     // Ops see the pipeline.
     let ops = login(&s, "ops", "ops-password").await;
     assert_eq!(get(&format!("{}/pipeline?{RANGE}", s.base), &Auth::Cookie(&ops)).await.status(), 200);
+
+    // Guessing passwords is rate limited (5 attempts per minute per name and per address).
+    let form = c.get(format!("{}/login", s.base)).send().await.unwrap();
+    let login_cookie = form.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let html = form.text().await.unwrap();
+    let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let r = c.post(format!("{}/login", s.base)).header("cookie", &login_cookie)
+            .form(&[("username", "admin"), ("password", "guess"), ("csrf", csrf.as_str())]).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    let r = c.post(format!("{}/login", s.base)).header("cookie", &login_cookie)
+        .form(&[("username", "admin"), ("password", "admin-password"), ("csrf", csrf.as_str())]).send().await.unwrap();
+    assert_eq!(r.status(), 429, "even the right password waits once the quota is used");
     terminate(&mut s.child);
     env.drop_database().await;
 }
