@@ -178,20 +178,35 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             run_migrate(&cfg).await?;
             let shutdown = Shutdown::on_signals();
-            let (ingest, serve) =
-                tokio::join!(crate::ingest::run(&cfg, shutdown.clone()), crate::web::serve(&cfg, shutdown));
-            ingest.and(serve)
+            // Either half failing (e.g. the dashboard port is taken) stops the process.
+            tokio::try_join!(
+                crate::ingest::run(&cfg, shutdown.clone()),
+                crate::web::serve(&cfg, shutdown)
+            )
+            .map(|_| ())
         }
         Command::Serve => crate::web::serve(&cfg, Shutdown::on_signals()).await,
         Command::Users { command } => users(&cfg, command),
-        Command::Tokens { command: TokensCommand::Add { name, role, institution } } => {
+        Command::Tokens {
+            command:
+                TokensCommand::Add {
+                    name,
+                    role,
+                    institution,
+                },
+        } => {
             use crate::web::auth::{check_role, random_hex, token_hash, TokenEntry, UsersFile};
             check_role(role, institution.as_deref()).map_err(anyhow::Error::msg)?;
             let path = &cfg.web.users_file;
             let mut file = UsersFile::load(path)?;
             let token = format!("tt_{}", random_hex(24));
             file.tokens.retain(|t| t.name != name);
-            file.tokens.push(TokenEntry { name: name.clone(), role, institution, token_hash: token_hash(&token) });
+            file.tokens.push(TokenEntry {
+                name: name.clone(),
+                role,
+                institution,
+                token_hash: token_hash(&token),
+            });
             file.save(path)?;
             eprintln!("token `{name}` stored in {} (only its hash); use it as `Authorization: Bearer <token>`:", path.display());
             println!("{token}");
@@ -225,7 +240,12 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
     let path = &cfg.web.users_file;
     let mut file = UsersFile::load(path)?;
     match command {
-        UsersCommand::Add { name, role, institution, password_stdin } => {
+        UsersCommand::Add {
+            name,
+            role,
+            institution,
+            password_stdin,
+        } => {
             check_role(role, institution.as_deref()).map_err(anyhow::Error::msg)?;
             anyhow::ensure!(!name.trim().is_empty(), "the user name is empty");
             let (password, generated) = if password_stdin {
@@ -237,7 +257,12 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
             };
             anyhow::ensure!(password.len() >= 8, "passwords need at least 8 characters");
             file.users.retain(|u| u.name != name);
-            file.users.push(UserEntry { name: name.clone(), role, institution, password_hash: hash_password(&password)? });
+            file.users.push(UserEntry {
+                name: name.clone(),
+                role,
+                institution,
+                password_hash: hash_password(&password)?,
+            });
             file.save(path)?;
             eprintln!("user `{name}` stored in {}", path.display());
             if generated {
@@ -246,10 +271,20 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
         }
         UsersCommand::List => {
             for u in &file.users {
-                println!("user  {:<24} {:<12} {}", u.name, format!("{:?}", u.role).to_lowercase(), u.institution.as_deref().unwrap_or(""));
+                println!(
+                    "user  {:<24} {:<12} {}",
+                    u.name,
+                    format!("{:?}", u.role).to_lowercase(),
+                    u.institution.as_deref().unwrap_or("")
+                );
             }
             for t in &file.tokens {
-                println!("token {:<24} {:<12} {}", t.name, format!("{:?}", t.role).to_lowercase(), t.institution.as_deref().unwrap_or(""));
+                println!(
+                    "token {:<24} {:<12} {}",
+                    t.name,
+                    format!("{:?}", t.role).to_lowercase(),
+                    t.institution.as_deref().unwrap_or("")
+                );
             }
         }
     }

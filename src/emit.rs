@@ -95,8 +95,18 @@ const MODELS: [(&str, &str, u32, bool, bool); 12] = [
 /// Relative traffic of an hour: office hours on weekdays are busiest.
 fn seasonality(t: DateTime<Utc>) -> f64 {
     let hour = t.hour();
-    let hour_w = if (8..18).contains(&hour) { 1.0 } else if (6..22).contains(&hour) { 0.4 } else { 0.1 };
-    let day_w = if t.weekday().number_from_monday() >= 6 { 0.3 } else { 1.0 };
+    let hour_w = if (8..18).contains(&hour) {
+        1.0
+    } else if (6..22).contains(&hour) {
+        0.4
+    } else {
+        0.1
+    };
+    let day_w = if t.weekday().number_from_monday() >= 6 {
+        0.3
+    } else {
+        1.0
+    };
     hour_w * day_w
 }
 
@@ -206,7 +216,10 @@ impl Generator {
             hours.push(h);
             h += 3600;
         }
-        let weights: Vec<f64> = hours.iter().map(|&h| seasonality(Utc.timestamp_opt(h, 0).unwrap())).collect();
+        let weights: Vec<f64> = hours
+            .iter()
+            .map(|&h| seasonality(Utc.timestamp_opt(h, 0).unwrap()))
+            .collect();
         let total_w: f64 = weights.iter().sum();
         let mut acc = 0.0;
         let schedule = hours
@@ -244,7 +257,9 @@ impl Generator {
         }
         let ms = self.rng.gen_range(0..1000) * 1_000_000;
         let secs = match self.schedule.get(self.slot) {
-            Some(&(hour, _)) => (hour + self.rng.gen_range(0..3600)).clamp(self.from, self.from + self.span),
+            Some(&(hour, _)) => {
+                (hour + self.rng.gen_range(0..3600)).clamp(self.from, self.from + self.span)
+            }
             None => self.from + self.rng.gen_range(0..=self.span),
         };
         Utc.timestamp_opt(secs, ms).unwrap()
@@ -600,15 +615,31 @@ mod tests {
         }
         assert!(counts.iter().all(|c| *c > 100), "{counts:?}");
         // Events come in time order (hour by hour), mostly in office hours.
-        let mut g = Generator::new(&EmitArgs { count: 2000, duplicates: 0.0, malformed: 0.0, ..args() }, now).unwrap();
+        let mut g = Generator::new(
+            &EmitArgs {
+                count: 2000,
+                duplicates: 0.0,
+                malformed: 0.0,
+                ..args()
+            },
+            now,
+        )
+        .unwrap();
         let hours: Vec<i64> = (0..2000)
             .map(|_| {
-                let v: serde_json::Value = serde_json::from_slice(&g.next_message().payload).unwrap();
-                DateTime::parse_from_rfc3339(v["occurred_at"].as_str().unwrap()).unwrap().timestamp() / 3600
+                let v: serde_json::Value =
+                    serde_json::from_slice(&g.next_message().payload).unwrap();
+                DateTime::parse_from_rfc3339(v["occurred_at"].as_str().unwrap())
+                    .unwrap()
+                    .timestamp()
+                    / 3600
             })
             .collect();
         assert!(hours.windows(2).all(|w| w[0] <= w[1]), "time order");
-        let office = hours.iter().filter(|h| (8..18).contains(&(*h % 24))).count();
+        let office = hours
+            .iter()
+            .filter(|h| (8..18).contains(&(*h % 24)))
+            .count();
         assert!(office > 1000, "{office} of 2000 in office hours");
         let mut again = Generator::new(&args(), now).unwrap();
         for p in first.iter().take(100) {

@@ -134,6 +134,14 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     };
     info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group, brokers = %cfg.kafka.brokers, "ingest started");
 
+    let sink = Sink {
+        consumer: &consumer,
+        store: &store,
+        book: &book,
+        cfg,
+        metrics: &metrics,
+        dead_letters: dead_letters.as_ref(),
+    };
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
     let max_messages = cfg.ingest.batch_max_messages;
     let mut batch: Vec<Message> = Vec::with_capacity(max_messages);
@@ -186,146 +194,129 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             continue;
         }
         if !batch.is_empty() {
-            flush(
-                &consumer,
-                &store,
-                &book,
-                cfg,
-                &metrics,
-                dead_letters.as_ref(),
-                &batch,
-                &mut shutdown,
-            )
-            .await?;
+            sink.flush(&batch, &mut shutdown).await?;
             batch.clear();
         }
     }
     if !batch.is_empty() && generation.load(Ordering::SeqCst) == seen_generation {
-        flush(
-            &consumer,
-            &store,
-            &book,
-            cfg,
-            &metrics,
-            dead_letters.as_ref(),
-            &batch,
-            &mut shutdown,
-        )
-        .await?;
+        sink.flush(&batch, &mut shutdown).await?;
     }
     info!("ingest stopped");
     Ok(())
 }
 
-/// Writes a batch (retrying with backoff until it is stored), then commits its offsets.
-#[allow(clippy::too_many_arguments)]
-async fn flush(
-    consumer: &StreamConsumer<IngestContext>,
-    store: &Store,
-    book: &PriceBook,
-    cfg: &Config,
-    metrics: &Metrics,
-    dead_letters: Option<&FutureProducer>,
-    batch: &[Message],
-    shutdown: &mut Shutdown,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let opts = DecodeOptions {
-        now: chrono::Utc::now(),
-        max_future_skew: chrono::Duration::seconds(cfg.ingest.max_future_skew_secs),
-    };
-    let decoded = decode_batch(batch, &opts);
-    let mut backoff = Duration::from_millis(100);
-    let outcome: Outcome = loop {
-        match store_batch(
-            store,
-            book,
-            &cfg.kafka.topic,
-            &decoded,
-            cfg.ingest.dedupe_window_secs,
-        )
-        .await
-        {
-            Ok(o) => break o,
-            Err(e) => {
-                metrics.store_errors.inc();
-                warn!(error = %e, retryable = e.is_retryable(), retry_in_ms = backoff.as_millis() as u64,
+/// Where a batch goes: ClickHouse, the dead-letter topic, then the offset commit.
+struct Sink<'a> {
+    consumer: &'a StreamConsumer<IngestContext>,
+    store: &'a Store,
+    book: &'a PriceBook,
+    cfg: &'a Config,
+    metrics: &'a Metrics,
+    dead_letters: Option<&'a FutureProducer>,
+}
+
+impl Sink<'_> {
+    /// Writes a batch (retrying with backoff until it is stored), then commits its offsets.
+    async fn flush(&self, batch: &[Message], shutdown: &mut Shutdown) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let opts = DecodeOptions {
+            now: chrono::Utc::now(),
+            max_future_skew: chrono::Duration::seconds(self.cfg.ingest.max_future_skew_secs),
+        };
+        let decoded = decode_batch(batch, &opts);
+        let mut backoff = Duration::from_millis(100);
+        let outcome: Outcome = loop {
+            match store_batch(
+                self.store,
+                self.book,
+                &self.cfg.kafka.topic,
+                &decoded,
+                self.cfg.ingest.dedupe_window_secs,
+            )
+            .await
+            {
+                Ok(o) => break o,
+                Err(e) => {
+                    self.metrics.store_errors.inc();
+                    warn!(error = %e, retryable = e.is_retryable(), retry_in_ms = backoff.as_millis() as u64,
                       messages = batch.len(), "writing batch failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.wait() => {
-                        // Nothing was committed: the batch is re-read on restart.
-                        warn!("shutdown while the store is unavailable: batch left uncommitted");
-                        return Ok(());
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.wait() => {
+                            // Nothing was committed: the batch is re-read on restart.
+                            warn!("shutdown while the store is unavailable: batch left uncommitted");
+                            return Ok(());
+                        }
                     }
+                    backoff =
+                        (backoff * 2).min(Duration::from_millis(self.cfg.ingest.max_backoff_ms));
                 }
-                backoff = (backoff * 2).min(Duration::from_millis(cfg.ingest.max_backoff_ms));
+            }
+        };
+
+        if let Some(producer) = self.dead_letters {
+            for (reason, i) in &outcome.new_rejections {
+                let (_, m) = &decoded.rejected[*i];
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "tokentally-reason",
+                        value: Some(reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: "tokentally-source-offset",
+                        value: Some(&format!("{}:{}", m.partition, m.offset)),
+                    });
+                let record = FutureRecord::to(&self.cfg.kafka.dead_letter_topic)
+                    .payload(&m.payload)
+                    .key(&m.key)
+                    .headers(headers);
+                if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
+                    warn!(error = %e, "dead-letter publish failed (the rejection is stored in ClickHouse)");
+                }
             }
         }
-    };
 
-    if let Some(producer) = dead_letters {
-        for (reason, i) in &outcome.new_rejections {
-            let (_, m) = &decoded.rejected[*i];
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "tokentally-reason",
-                    value: Some(reason.as_str()),
+        let mut tpl = TopicPartitionList::new();
+        let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
+        for m in batch {
+            let e = next.entry(m.partition).or_insert(m.offset + 1);
+            *e = (*e).max(m.offset + 1);
+        }
+        for (p, o) in next {
+            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(o))?;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+            // Stored rows are the truth; a lost commit only means a harmless replay.
+            warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
+        }
+
+        self.metrics.consumed.inc_by(batch.len() as u64);
+        self.metrics.priced.inc_by(outcome.priced);
+        self.metrics.unpriced.inc_by(outcome.unpriced);
+        self.metrics.duplicates.inc_by(outcome.duplicates);
+        self.metrics.replayed.inc_by(outcome.already_stored);
+        for (reason, n) in &outcome.rejected {
+            self.metrics
+                .rejected
+                .get_or_create(&super::metrics::ReasonLabel {
+                    reason: (*reason).into(),
                 })
-                .insert(Header {
-                    key: "tokentally-source-offset",
-                    value: Some(&format!("{}:{}", m.partition, m.offset)),
-                });
-            let record = FutureRecord::to(&cfg.kafka.dead_letter_topic)
-                .payload(&m.payload)
-                .key(&m.key)
-                .headers(headers);
-            if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
-                warn!(error = %e, "dead-letter publish failed (the rejection is stored in ClickHouse)");
-            }
+                .inc_by(*n);
         }
+        self.metrics.batches.inc();
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        debug!(
+            messages = batch.len(),
+            priced = outcome.priced,
+            unpriced = outcome.unpriced,
+            rejected = outcome.rejected_total(),
+            duplicates = outcome.duplicates,
+            replayed = outcome.already_stored,
+            ms = started.elapsed().as_millis() as u64,
+            "batch stored"
+        );
+        Ok(())
     }
-
-    let mut tpl = TopicPartitionList::new();
-    let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
-    for m in batch {
-        let e = next.entry(m.partition).or_insert(m.offset + 1);
-        *e = (*e).max(m.offset + 1);
-    }
-    for (p, o) in next {
-        tpl.add_partition_offset(&cfg.kafka.topic, p, Offset::Offset(o))?;
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-        // Stored rows are the truth; a lost commit only means a harmless replay.
-        warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
-    }
-
-    metrics.consumed.inc_by(batch.len() as u64);
-    metrics.priced.inc_by(outcome.priced);
-    metrics.unpriced.inc_by(outcome.unpriced);
-    metrics.duplicates.inc_by(outcome.duplicates);
-    metrics.replayed.inc_by(outcome.already_stored);
-    for (reason, n) in &outcome.rejected {
-        metrics
-            .rejected
-            .get_or_create(&super::metrics::ReasonLabel {
-                reason: (*reason).into(),
-            })
-            .inc_by(*n);
-    }
-    metrics.batches.inc();
-    metrics
-        .batch_seconds
-        .observe(started.elapsed().as_secs_f64());
-    debug!(
-        messages = batch.len(),
-        priced = outcome.priced,
-        unpriced = outcome.unpriced,
-        rejected = outcome.rejected_total(),
-        duplicates = outcome.duplicates,
-        replayed = outcome.already_stored,
-        ms = started.elapsed().as_millis() as u64,
-        "batch stored"
-    );
-    Ok(())
 }

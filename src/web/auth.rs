@@ -10,7 +10,9 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath, Query};
 use axum::http::request::Parts;
@@ -85,14 +87,20 @@ impl UsersFile {
             return Ok(Self::default());
         }
         let text = std::fs::read_to_string(path)?;
-        let file: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("users file {}: {e}", path.display()))?;
+        let file: Self = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("users file {}: {e}", path.display()))?;
         for (name, role, inst) in file
             .users
             .iter()
             .map(|u| (&u.name, u.role, &u.institution))
-            .chain(file.tokens.iter().map(|t| (&t.name, t.role, &t.institution)))
+            .chain(
+                file.tokens
+                    .iter()
+                    .map(|t| (&t.name, t.role, &t.institution)),
+            )
         {
-            check_role(role, inst.as_deref()).map_err(|e| anyhow::anyhow!("users file {}: `{name}`: {e}", path.display()))?;
+            check_role(role, inst.as_deref())
+                .map_err(|e| anyhow::anyhow!("users file {}: `{name}`: {e}", path.display()))?;
         }
         Ok(file)
     }
@@ -128,7 +136,11 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 }
 
 fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 pub fn token_hash(token: &str) -> String {
@@ -164,8 +176,14 @@ pub const SESSION_COOKIE: &str = "tt_session";
 pub const LOGIN_CSRF_COOKIE: &str = "tt_login_csrf";
 
 impl Auth {
-    pub fn new(users: UsersFile, session_hours: i64, attempts_per_minute: u32, secure_cookies: bool) -> Self {
-        let quota = Quota::per_minute(NonZeroU32::new(attempts_per_minute.max(1)).expect("non-zero"));
+    pub fn new(
+        users: UsersFile,
+        session_hours: i64,
+        attempts_per_minute: u32,
+        secure_cookies: bool,
+    ) -> Self {
+        let quota =
+            Quota::per_minute(NonZeroU32::new(attempts_per_minute.max(1)).expect("non-zero"));
         Self {
             users,
             sessions: Mutex::new(HashMap::new()),
@@ -180,14 +198,22 @@ impl Auth {
     /// whichever of the two an attacker varies.
     pub fn login(&self, name: &str, password: &str, client: &str) -> Result<Option<Principal>, ()> {
         let keys = [format!("user:{name}"), format!("addr:{client}")];
-        if keys.iter().map(|k| self.failures.check_key(k).is_err()).fold(false, |a, b| a | b) {
+        if keys
+            .iter()
+            .map(|k| self.failures.check_key(k).is_err())
+            .fold(false, |a, b| a | b)
+        {
             return Err(());
         }
         let user = self.users.users.iter().find(|u| u.name == name);
         // Unknown names cost the same argon2 work, so timing does not reveal which exist.
         let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
         let ok = verify_password(password, hash) && user.is_some();
-        Ok(user.filter(|_| ok).map(|u| Principal { name: u.name.clone(), role: u.role, institution: u.institution.clone() }))
+        Ok(user.filter(|_| ok).map(|u| Principal {
+            name: u.name.clone(),
+            role: u.role,
+            institution: u.institution.clone(),
+        }))
     }
 
     pub fn create_session(&self, principal: Principal) -> (String, String) {
@@ -196,7 +222,14 @@ impl Auth {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let now = Utc::now();
         sessions.retain(|_, s| s.expires > now);
-        sessions.insert(id.clone(), Session { principal, csrf: csrf.clone(), expires: now + self.session_length });
+        sessions.insert(
+            id.clone(),
+            Session {
+                principal,
+                csrf: csrf.clone(),
+                expires: now + self.session_length,
+            },
+        );
         (id, csrf)
     }
 
@@ -206,7 +239,10 @@ impl Auth {
 
     fn session(&self, id: &str) -> Option<(Principal, String)> {
         let sessions = self.sessions.lock().expect("sessions lock");
-        sessions.get(id).filter(|s| s.expires > Utc::now()).map(|s| (s.principal.clone(), s.csrf.clone()))
+        sessions
+            .get(id)
+            .filter(|s| s.expires > Utc::now())
+            .map(|s| (s.principal.clone(), s.csrf.clone()))
     }
 
     fn token(&self, token: &str) -> Option<Principal> {
@@ -215,15 +251,24 @@ impl Auth {
             .tokens
             .iter()
             .find(|t| t.token_hash == h)
-            .map(|t| Principal { name: t.name.clone(), role: t.role, institution: t.institution.clone() })
+            .map(|t| Principal {
+                name: t.name.clone(),
+                role: t.role,
+                institution: t.institution.clone(),
+            })
     }
 }
 
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k == name).then(|| v.to_owned())
-    })
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
 }
 
 pub fn set_cookie(name: &str, value: &str, secure: bool, max_age: Option<i64>) -> String {
@@ -238,7 +283,11 @@ pub fn set_cookie(name: &str, value: &str, secure: bool, max_age: Option<i64>) -
 }
 
 pub fn client_addr(parts: &Parts) -> String {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default()
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default()
 }
 
 /// An authenticated request: by session cookie (pages) or bearer token (API).
@@ -251,15 +300,33 @@ pub struct Authed {
 impl FromRequestParts<Arc<AppState>> for Authed {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, AppError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, AppError> {
         let api = parts.uri.path().starts_with("/api/");
-        if let Some(v) = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-            let token = v.strip_prefix("Bearer ").ok_or(AppError::Unauthenticated { api })?;
-            let principal = state.auth.token(token.trim()).ok_or(AppError::Unauthenticated { api })?;
-            return Ok(Authed { principal, csrf: String::new() });
+        if let Some(v) = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            let token = v
+                .strip_prefix("Bearer ")
+                .ok_or(AppError::Unauthenticated { api })?;
+            let principal = state
+                .auth
+                .token(token.trim())
+                .ok_or(AppError::Unauthenticated { api })?;
+            return Ok(Authed {
+                principal,
+                csrf: String::new(),
+            });
         }
         let id = cookie(&parts.headers, SESSION_COOKIE).ok_or(AppError::Unauthenticated { api })?;
-        let (principal, csrf) = state.auth.session(&id).ok_or(AppError::Unauthenticated { api })?;
+        let (principal, csrf) = state
+            .auth
+            .session(&id)
+            .ok_or(AppError::Unauthenticated { api })?;
         Ok(Authed { principal, csrf })
     }
 }
@@ -298,7 +365,10 @@ pub struct Scoped {
 impl FromRequestParts<Arc<AppState>> for Scoped {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, AppError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, AppError> {
         let Authed { principal, csrf } = Authed::from_request_parts(parts, state).await?;
         let from_path = UrlPath::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
@@ -310,13 +380,19 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
             .and_then(|q| q.0.institution)
             .filter(|i| !i.is_empty());
         if let Some(own) = &principal.institution {
-            if [&from_path, &from_query].into_iter().flatten().any(|i| i != own) {
+            if [&from_path, &from_query]
+                .into_iter()
+                .flatten()
+                .any(|i| i != own)
+            {
                 return Err(AppError::Forbidden);
             }
         }
         if let (Some(a), Some(b)) = (&from_path, &from_query) {
             if a != b {
-                return Err(AppError::BadRequest("conflicting institutions in path and query".into()));
+                return Err(AppError::BadRequest(
+                    "conflicting institutions in path and query".into(),
+                ));
             }
         }
         let requested = from_path.or(from_query);
@@ -326,7 +402,11 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
             (None, Some(req)) => Scope::One(req),
             (None, None) => Scope::All,
         };
-        Ok(Scoped { principal, csrf, scope })
+        Ok(Scoped {
+            principal,
+            csrf,
+            scope,
+        })
     }
 }
 
@@ -346,11 +426,19 @@ mod tests {
     #[test]
     fn failed_logins_are_rate_limited() {
         let users = UsersFile {
-            users: vec![UserEntry { name: "f".into(), role: Role::Finance, institution: None, password_hash: hash_password("pw").unwrap() }],
+            users: vec![UserEntry {
+                name: "f".into(),
+                role: Role::Finance,
+                institution: None,
+                password_hash: hash_password("pw").unwrap(),
+            }],
             tokens: vec![],
         };
         let auth = Auth::new(users, 1, 3, false);
-        assert_eq!(auth.login("f", "pw", "1.2.3.4").unwrap().unwrap().role, Role::Finance);
+        assert_eq!(
+            auth.login("f", "pw", "1.2.3.4").unwrap().unwrap().role,
+            Role::Finance
+        );
         // The limiter counts attempts; after the quota even the right password waits.
         let mut limited = false;
         for _ in 0..5 {

@@ -40,7 +40,9 @@ impl From<askama::Error> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = match &self {
-            AppError::Unauthenticated { api: false } => return Redirect::to("/login").into_response(),
+            AppError::Unauthenticated { api: false } => {
+                return Redirect::to("/login").into_response()
+            }
             AppError::Unauthenticated { api: true } => {
                 return (
                     StatusCode::UNAUTHORIZED,

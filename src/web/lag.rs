@@ -18,34 +18,53 @@ pub struct PartitionLag {
 
 pub async fn consumer_lag(cfg: &Config) -> Result<Vec<PartitionLag>, String> {
     let cfg = cfg.clone();
-    tokio::task::spawn_blocking(move || lag_blocking(&cfg)).await.map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || lag_blocking(&cfg))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 fn lag_blocking(cfg: &Config) -> Result<Vec<PartitionLag>, String> {
     let timeout = Duration::from_secs(3);
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers).set("group.id", &cfg.kafka.group).set("enable.auto.commit", "false");
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", &cfg.kafka.group)
+        .set("enable.auto.commit", "false");
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }
     let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
     let topic = &cfg.kafka.topic;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition(topic, *p);
     }
-    let committed = consumer.committed_offsets(tpl, timeout).map_err(|e| e.to_string())?;
+    let committed = consumer
+        .committed_offsets(tpl, timeout)
+        .map_err(|e| e.to_string())?;
     partitions
         .iter()
         .map(|&p| {
-            let (low, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| e.to_string())?;
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .map_err(|e| e.to_string())?;
             let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o,
                 _ => low,
             };
-            Ok(PartitionLag { partition: p, committed, high, lag: (high - committed).max(0) })
+            Ok(PartitionLag {
+                partition: p,
+                committed,
+                high,
+                lag: (high - committed).max(0),
+            })
         })
         .collect()
 }

@@ -24,7 +24,9 @@ use crate::config::Config;
 use crate::price::PriceBook;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
-use auth::{cookie, random_hex, set_cookie, Auth, Authed, UsersFile, LOGIN_CSRF_COOKIE, SESSION_COOKIE};
+use auth::{
+    cookie, random_hex, set_cookie, Auth, Authed, UsersFile, LOGIN_CSRF_COOKIE, SESSION_COOKIE,
+};
 use error::AppError;
 
 pub struct AppState {
@@ -45,10 +47,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             .route(&format!("{prefix}/"), get(pages::overview))
             .route(&format!("{prefix}/overview"), get(pages::overview))
             .route(&format!("{prefix}/institutions"), get(pages::institutions))
-            .route(&format!("{prefix}/institutions/{{institution}}"), get(pages::institution))
+            .route(
+                &format!("{prefix}/institutions/{{institution}}"),
+                get(pages::institution),
+            )
             .route(&format!("{prefix}/models"), get(pages::models))
             .route(&format!("{prefix}/pipeline"), get(pages::pipeline))
-            .route(&format!("{prefix}/pipeline/rejected/{{partition}}/{{offset}}"), get(pages::rejected));
+            .route(
+                &format!("{prefix}/pipeline/rejected/{{partition}}/{{offset}}"),
+                get(pages::rejected),
+            );
     }
     r.fallback(|| async { AppError::NotFound })
         .layer(axum::middleware::map_response(security_headers))
@@ -57,10 +65,21 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn security_headers(mut res: Response) -> Response {
     let h = res.headers_mut();
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, "nosniff".parse().expect("static"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        "nosniff".parse().expect("static"),
+    );
     h.insert(header::X_FRAME_OPTIONS, "DENY".parse().expect("static"));
-    h.insert(header::REFERRER_POLICY, "same-origin".parse().expect("static"));
-    h.insert(header::CONTENT_SECURITY_POLICY, "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:".parse().expect("static"));
+    h.insert(
+        header::REFERRER_POLICY,
+        "same-origin".parse().expect("static"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+            .parse()
+            .expect("static"),
+    );
     h.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
     res
 }
@@ -76,7 +95,20 @@ fn login_page(state: &AppState, status: StatusCode, error: &str) -> Result<Respo
     // Double-submit token: the form field must equal the cookie (SameSite=Strict).
     let csrf = random_hex(16);
     let page = LoginTemplate { csrf: &csrf, error }.render()?;
-    Ok((status, [(header::SET_COOKIE, set_cookie(LOGIN_CSRF_COOKIE, &csrf, state.auth.secure_cookies, Some(3600)))], Html(page)).into_response())
+    Ok((
+        status,
+        [(
+            header::SET_COOKIE,
+            set_cookie(
+                LOGIN_CSRF_COOKIE,
+                &csrf,
+                state.auth.secure_cookies,
+                Some(3600),
+            ),
+        )],
+        Html(page),
+    )
+        .into_response())
 }
 
 async fn login_form(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
@@ -96,25 +128,44 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, AppError> {
-    if form.csrf.is_empty() || cookie(&headers, LOGIN_CSRF_COOKIE).as_deref() != Some(form.csrf.as_str()) {
+    if form.csrf.is_empty()
+        || cookie(&headers, LOGIN_CSRF_COOKIE).as_deref() != Some(form.csrf.as_str())
+    {
         return Err(AppError::Forbidden);
     }
-    match state.auth.login(&form.username, &form.password, &addr.ip().to_string()) {
+    match state
+        .auth
+        .login(&form.username, &form.password, &addr.ip().to_string())
+    {
         Err(()) => {
             tracing::warn!(user = %form.username, client = %addr.ip(), "login rate limited");
-            login_page(&state, StatusCode::TOO_MANY_REQUESTS, "Too many attempts; try again in a minute.")
+            login_page(
+                &state,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many attempts; try again in a minute.",
+            )
         }
         Ok(None) => {
             tracing::warn!(user = %form.username, client = %addr.ip(), "login failed");
-            login_page(&state, StatusCode::UNAUTHORIZED, "Wrong user name or password.")
+            login_page(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                "Wrong user name or password.",
+            )
         }
         Ok(Some(principal)) => {
             tracing::info!(user = %principal.name, "login");
             let (id, _) = state.auth.create_session(principal);
             Ok((
                 axum::response::AppendHeaders([
-                    (header::SET_COOKIE, set_cookie(SESSION_COOKIE, &id, state.auth.secure_cookies, None)),
-                    (header::SET_COOKIE, set_cookie(LOGIN_CSRF_COOKIE, "", state.auth.secure_cookies, Some(0))),
+                    (
+                        header::SET_COOKIE,
+                        set_cookie(SESSION_COOKIE, &id, state.auth.secure_cookies, None),
+                    ),
+                    (
+                        header::SET_COOKIE,
+                        set_cookie(LOGIN_CSRF_COOKIE, "", state.auth.secure_cookies, Some(0)),
+                    ),
                 ]),
                 Redirect::to("/"),
             )
@@ -129,14 +180,26 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn logout(State(state): State<Arc<AppState>>, authed: Authed, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Result<Response, AppError> {
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    authed: Authed,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, AppError> {
     if authed.csrf.is_empty() || form.csrf != authed.csrf {
         return Err(AppError::Forbidden);
     }
     if let Some(id) = cookie(&headers, SESSION_COOKIE) {
         state.auth.end_session(&id);
     }
-    Ok(([(header::SET_COOKIE, set_cookie(SESSION_COOKIE, "", state.auth.secure_cookies, Some(0)))], Redirect::to("/login")).into_response())
+    Ok((
+        [(
+            header::SET_COOKIE,
+            set_cookie(SESSION_COOKIE, "", state.auth.secure_cookies, Some(0)),
+        )],
+        Redirect::to("/login"),
+    )
+        .into_response())
 }
 
 async fn openapi(_: Authed) -> impl IntoResponse {
@@ -197,17 +260,28 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     if users.users.is_empty() && users.tokens.is_empty() {
         tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
     }
-    let book = PriceBook::load(&cfg.prices.path).with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
+    let book = PriceBook::load(&cfg.prices.path)
+        .with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
     let state = Arc::new(AppState {
-        auth: Auth::new(users, cfg.web.session_hours, cfg.web.login_attempts_per_minute, cfg.web.secure_cookies),
+        auth: Auth::new(
+            users,
+            cfg.web.session_hours,
+            cfg.web.login_attempts_per_minute,
+            cfg.web.secure_cookies,
+        ),
         store: Store::new(&cfg.clickhouse),
         book,
         cfg: cfg.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(&cfg.web.listen).await.with_context(|| format!("binding {}", cfg.web.listen))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.web.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.web.listen))?;
     tracing::info!(listen = %cfg.web.listen, "dashboard listening");
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.wait().await })
+    .await?;
     Ok(())
 }

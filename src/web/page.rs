@@ -20,7 +20,10 @@ pub enum Cell {
     Int(i64),
     /// Exact USD.
     Money(Decimal),
-    Link { text: String, href: String },
+    Link {
+        text: String,
+        href: String,
+    },
 }
 
 impl Cell {
@@ -54,7 +57,11 @@ impl Cell {
 }
 
 pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn group_thousands(digits: &str) -> String {
@@ -74,7 +81,15 @@ pub fn money(d: Decimal) -> String {
     let r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
     let s = format!("{:.2}", r.abs());
     let (int, frac) = s.split_once('.').unwrap_or((&s, "00"));
-    format!("{}${}.{frac}", if r.is_sign_negative() && !r.is_zero() { "-" } else { "" }, group_thousands(int))
+    format!(
+        "{}${}.{frac}",
+        if r.is_sign_negative() && !r.is_zero() {
+            "-"
+        } else {
+            ""
+        },
+        group_thousands(int)
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -102,11 +117,20 @@ pub struct PageData {
 
 impl PageData {
     pub fn new(title: impl Into<String>) -> Self {
-        Self { title: title.into(), figures: vec![], charts: vec![], tables: vec![], notes: vec![] }
+        Self {
+            title: title.into(),
+            figures: vec![],
+            charts: vec![],
+            tables: vec![],
+            notes: vec![],
+        }
     }
 
     pub fn figure(&mut self, label: impl Into<String>, value: Cell) {
-        self.figures.push(Figure { label: label.into(), value });
+        self.figures.push(Figure {
+            label: label.into(),
+            value,
+        });
     }
 
     pub fn to_json(&self, filters: &Filters) -> Value {
@@ -121,7 +145,15 @@ impl PageData {
                 let rows: Vec<Value> = t
                     .rows
                     .iter()
-                    .map(|r| Value::Object(t.columns.iter().zip(r).map(|(c, v)| ((*c).to_owned(), v.json())).collect()))
+                    .map(|r| {
+                        Value::Object(
+                            t.columns
+                                .iter()
+                                .zip(r)
+                                .map(|(c, v)| ((*c).to_owned(), v.json()))
+                                .collect(),
+                        )
+                    })
                     .collect();
                 (t.name.to_owned(), Value::Array(rows))
             })
@@ -149,7 +181,8 @@ impl PageData {
 
 fn csv_field(s: &str) -> String {
     // Quote separators, and defuse spreadsheet formulas.
-    let formula = s.starts_with(['=', '+', '@']) || (s.len() > 1 && s.starts_with('-') && s.parse::<Decimal>().is_err());
+    let formula = s.starts_with(['=', '+', '@'])
+        || (s.len() > 1 && s.starts_with('-') && s.parse::<Decimal>().is_err());
     let s = if formula {
         format!("'{s}")
     } else {
@@ -208,14 +241,24 @@ pub fn query_string(filters: &Filters, extra: &[(&str, &str)]) -> String {
     .filter(|(_, v)| !v.is_empty())
     .map(|(k, v)| ((*k).to_owned(), (*v).clone()))
     .collect();
-    pairs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    pairs.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&")
+    pairs.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -234,11 +277,18 @@ pub fn respond(
     }
     if filters.format == "csv" {
         let csv = page.csv(&filters.table).ok_or(AppError::NotFound)?;
-        let name = format!("{}-{}.csv", path.trim_matches('/').replace('/', "-"), filters.table);
+        let name = format!(
+            "{}-{}.csv",
+            path.trim_matches('/').replace('/', "-"),
+            filters.table
+        );
         return Ok((
             [
                 (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-                (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{}\"", name.replace('"', ""))),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{}\"", name.replace('"', "")),
+                ),
             ],
             csv,
         )
@@ -249,14 +299,29 @@ pub fn respond(
         .iter()
         .map(|t| HtmlTable {
             title: t.title.clone(),
-            csv_href: format!("{path}?{}", query_string(filters, &[("format", "csv"), ("table", t.name)])),
+            csv_href: format!(
+                "{path}?{}",
+                query_string(filters, &[("format", "csv"), ("table", t.name)])
+            ),
             columns: t
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (*c, t.rows.first().and_then(|r| r.get(i)).is_some_and(Cell::numeric)))
+                .map(|(i, c)| {
+                    (
+                        *c,
+                        t.rows
+                            .first()
+                            .and_then(|r| r.get(i))
+                            .is_some_and(Cell::numeric),
+                    )
+                })
                 .collect(),
-            rows: t.rows.iter().map(|r| r.iter().map(|c| (c.html(), c.numeric())).collect()).collect(),
+            rows: t
+                .rows
+                .iter()
+                .map(|r| r.iter().map(|c| (c.html(), c.numeric())).collect())
+                .collect(),
         })
         .collect();
     let role = format!("{:?}", principal.role).to_lowercase();
@@ -267,8 +332,19 @@ pub fn respond(
         csrf,
         pipeline: principal.sees_pipeline(),
         filters,
-        figures: page.figures.iter().map(|f| HtmlFigure { label: f.label.clone(), value: f.value.html() }).collect(),
-        charts: page.charts.iter().map(|c| (c.title.clone(), c.svg())).collect(),
+        figures: page
+            .figures
+            .iter()
+            .map(|f| HtmlFigure {
+                label: f.label.clone(),
+                value: f.value.html(),
+            })
+            .collect(),
+        charts: page
+            .charts
+            .iter()
+            .map(|c| (c.title.clone(), c.svg()))
+            .collect(),
         tables,
         notes: &page.notes,
         api_href: format!("/api/v1{path}?{}", query_string(filters, &[])),
@@ -293,8 +369,15 @@ mod tests {
     #[test]
     fn csv_is_exact_quoted_and_defused() {
         let mut p = PageData::new("t");
-        p.tables.push(Table { name: "x", title: "X".into(), columns: vec!["k", "cost_usd"],
-            rows: vec![vec![Cell::Text("=cmd,1".into()), Cell::Money(dec!(0.000375))]] });
+        p.tables.push(Table {
+            name: "x",
+            title: "X".into(),
+            columns: vec!["k", "cost_usd"],
+            rows: vec![vec![
+                Cell::Text("=cmd,1".into()),
+                Cell::Money(dec!(0.000375)),
+            ]],
+        });
         assert_eq!(p.csv("x").unwrap(), "k,cost_usd\n\"'=cmd,1\",0.000375\n");
         assert!(p.csv("y").is_none());
         let j = p.to_json(&Filters::default());

@@ -25,7 +25,10 @@ fn month_start(d: NaiveDate) -> NaiveDate {
 }
 
 fn ts(d: NaiveDate) -> i64 {
-    d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp()
+    d.and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp()
 }
 
 fn next_month(d: NaiveDate) -> NaiveDate {
@@ -33,8 +36,16 @@ fn next_month(d: NaiveDate) -> NaiveDate {
     (m + Duration::days(32)).with_day(1).expect("day 1")
 }
 
-const TOKEN_COLUMNS: [&str; 8] =
-    ["events", "unpriced_events", "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_usd"];
+const TOKEN_COLUMNS: [&str; 8] = [
+    "events",
+    "unpriced_events",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+];
 
 fn metric_cells(a: &Agg) -> Vec<Cell> {
     vec![
@@ -50,7 +61,13 @@ fn metric_cells(a: &Agg) -> Vec<Cell> {
 }
 
 /// A table: one key column (optionally linked) plus all metrics.
-fn agg_table(name: &'static str, title: &str, key: &'static str, rows: &[Agg], link: impl Fn(&Agg) -> Option<String>) -> Table {
+fn agg_table(
+    name: &'static str,
+    title: &str,
+    key: &'static str,
+    rows: &[Agg],
+    link: impl Fn(&Agg) -> Option<String>,
+) -> Table {
     let mut columns = vec![key];
     columns.extend(TOKEN_COLUMNS);
     Table {
@@ -61,7 +78,10 @@ fn agg_table(name: &'static str, title: &str, key: &'static str, rows: &[Agg], l
             .iter()
             .map(|a| {
                 let k = match link(a) {
-                    Some(href) => Cell::Link { text: a.key.clone(), href },
+                    Some(href) => Cell::Link {
+                        text: a.key.clone(),
+                        href,
+                    },
                     None => Cell::Text(a.key.clone()),
                 };
                 std::iter::once(k).chain(metric_cells(a)).collect()
@@ -71,8 +91,17 @@ fn agg_table(name: &'static str, title: &str, key: &'static str, rows: &[Agg], l
 }
 
 fn inst_link(f: &Filters, inst: &str) -> String {
-    let q = super::page::query_string(&Filters { institution: String::new(), ..f.clone() }, &[]);
-    format!("/institutions/{}?{q}", super::page::esc(inst).replace(' ', "%20"))
+    let q = super::page::query_string(
+        &Filters {
+            institution: String::new(),
+            ..f.clone()
+        },
+        &[],
+    );
+    format!(
+        "/institutions/{}?{q}",
+        super::page::esc(inst).replace(' ', "%20")
+    )
 }
 
 /// Daily spend series over the whole range (days without spend are 0).
@@ -80,7 +109,10 @@ fn daily(sel: &Selection, rows: &[Agg]) -> (Vec<String>, Vec<Decimal>) {
     let by_day: BTreeMap<&str, Decimal> = rows.iter().map(|a| (a.key.as_str(), a.cost())).collect();
     let days = sel.days();
     let labels: Vec<String> = days.iter().map(|d| d.to_string()).collect();
-    let values = labels.iter().map(|l| by_day.get(l.as_str()).copied().unwrap_or_default()).collect();
+    let values = labels
+        .iter()
+        .map(|l| by_day.get(l.as_str()).copied().unwrap_or_default())
+        .collect();
     (labels, values)
 }
 
@@ -95,36 +127,78 @@ pub async fn overview(
     let by_day = aggregate(store, &sel, "toDate(hour)", "''", "key", 100_000).await?;
     let by_model = aggregate(store, &sel, "model", "''", "sum(cost) DESC", 20).await?;
     let today = Utc::now().date_naive();
-    let this_month = spend_between(store, &sel.scope, ts(month_start(today)), ts(next_month(today))).await?;
+    let this_month = spend_between(
+        store,
+        &sel.scope,
+        ts(month_start(today)),
+        ts(next_month(today)),
+    )
+    .await?;
     let last = month_start(today) - Duration::days(1);
-    let last_month = spend_between(store, &sel.scope, ts(month_start(last)), ts(month_start(today))).await?;
+    let last_month = spend_between(
+        store,
+        &sel.scope,
+        ts(month_start(last)),
+        ts(month_start(today)),
+    )
+    .await?;
 
     let mut page = PageData::new(match &sel.scope {
         Scope::All => "Overview".to_owned(),
         Scope::One(i) => format!("Overview — {i}"),
     });
     let total: Decimal = by_day.iter().map(Agg::cost).sum();
-    page.figure(format!("Spend {} – {}", sel.from, sel.to), Cell::Money(total.normalize()));
+    page.figure(
+        format!("Spend {} – {}", sel.from, sel.to),
+        Cell::Money(total.normalize()),
+    );
     page.figure("Events", Cell::Int(by_day.iter().map(|a| a.events).sum()));
-    page.figure("Unpriced events", Cell::Int(by_day.iter().map(|a| a.unpriced_events).sum()));
+    page.figure(
+        "Unpriced events",
+        Cell::Int(by_day.iter().map(|a| a.unpriced_events).sum()),
+    );
     page.figure("Spend this month", Cell::Money(this_month));
     page.figure("Spend last month", Cell::Money(last_month));
     if scoped.principal.sees_pipeline() {
         let rejected: u64 = store
             .client()
-            .query(&format!("SELECT count() FROM rejected_events WHERE received_at >= toDateTime({})", ts(today)))
+            .query(&format!(
+                "SELECT count() FROM rejected_events WHERE received_at >= toDateTime({})",
+                ts(today)
+            ))
             .fetch_one()
             .await?;
         page.figure("Rejected events today", Cell::Int(rejected as i64));
     }
     let (labels, values) = daily(&sel, &by_day);
-    page.charts.push(Chart { title: "Spend by day (USD)".into(), kind: Kind::Line, labels, series: vec![Series { name: "spend".into(), values }] });
+    page.charts.push(Chart {
+        title: "Spend by day (USD)".into(),
+        kind: Kind::Line,
+        labels,
+        series: vec![Series {
+            name: "spend".into(),
+            values,
+        }],
+    });
     if sel.scope == Scope::All {
         let by_inst = aggregate(store, &sel, "institution_id", "''", "sum(cost) DESC", 20).await?;
-        page.tables.push(agg_table("institutions", "Top institutions", "institution_id", &by_inst, |a| Some(inst_link(&filters, &a.key))));
+        page.tables.push(agg_table(
+            "institutions",
+            "Top institutions",
+            "institution_id",
+            &by_inst,
+            |a| Some(inst_link(&filters, &a.key)),
+        ));
     }
-    page.tables.push(agg_table("models", "Top models", "model", &by_model, |_| None));
-    page.tables.push(agg_table("days", "Spend by day", "day", &by_day, |_| None));
+    page.tables.push(agg_table(
+        "models",
+        "Top models",
+        "model",
+        &by_model,
+        |_| None,
+    ));
+    page.tables
+        .push(agg_table("days", "Spend by day", "day", &by_day, |_| None));
     respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
 }
 
@@ -135,10 +209,24 @@ pub async fn institutions(
     uri: Uri,
 ) -> Result<Response, AppError> {
     let sel = Selection::new(&filters, scoped.scope.clone())?;
-    let rows = aggregate(&state.store, &sel, "institution_id", "''", "sum(cost) DESC", 10_000).await?;
+    let rows = aggregate(
+        &state.store,
+        &sel,
+        "institution_id",
+        "''",
+        "sum(cost) DESC",
+        10_000,
+    )
+    .await?;
     let mut page = PageData::new("Institutions");
     page.figure("Institutions with usage", Cell::Int(rows.len() as i64));
-    page.tables.push(agg_table("institutions", "Spend per institution", "institution_id", &rows, |a| Some(inst_link(&filters, &a.key))));
+    page.tables.push(agg_table(
+        "institutions",
+        "Spend per institution",
+        "institution_id",
+        &rows,
+        |a| Some(inst_link(&filters, &a.key)),
+    ));
     respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
 }
 
@@ -166,7 +254,10 @@ pub async fn institution(
     if config.is_none() && by_model.is_empty() {
         let any: u64 = store
             .client()
-            .query(&format!("SELECT count() FROM usage_hourly WHERE institution_id = {}", sql_str(&inst)))
+            .query(&format!(
+                "SELECT count() FROM usage_hourly WHERE institution_id = {}",
+                sql_str(&inst)
+            ))
             .fetch_one()
             .await?;
         if any == 0 {
@@ -187,14 +278,22 @@ pub async fn institution(
         .fetch_all()
         .await?;
 
-    let mut page = PageData::new(match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
-        Some(name) => format!("{name} ({inst})"),
-        None => format!("Institution {inst}"),
-    });
+    let mut page = PageData::new(
+        match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
+            Some(name) => format!("{name} ({inst})"),
+            None => format!("Institution {inst}"),
+        },
+    );
     let total: Decimal = by_model.iter().map(Agg::cost).sum();
-    page.figure(format!("Spend {} – {}", sel.from, sel.to), Cell::Money(total.normalize()));
+    page.figure(
+        format!("Spend {} – {}", sel.from, sel.to),
+        Cell::Money(total.normalize()),
+    );
     page.figure("Events", Cell::Int(by_model.iter().map(|a| a.events).sum()));
-    page.figure("Unpriced events", Cell::Int(by_model.iter().map(|a| a.unpriced_events).sum()));
+    page.figure(
+        "Unpriced events",
+        Cell::Int(by_model.iter().map(|a| a.unpriced_events).sum()),
+    );
 
     // Over time, by model (top 6 models by spend; the rest as "other").
     let top: Vec<&str> = by_model.iter().take(6).map(|a| a.key.as_str()).collect();
@@ -202,18 +301,38 @@ pub async fn institution(
         let mut v = Vec::new();
         let mut t = sel.start_ts();
         while t < sel.end_ts() {
-            v.push(chrono::DateTime::from_timestamp(t, 0).expect("valid").format("%Y-%m-%d %H:00:00").to_string());
+            v.push(
+                chrono::DateTime::from_timestamp(t, 0)
+                    .expect("valid")
+                    .format("%Y-%m-%d %H:00:00")
+                    .to_string(),
+            );
             t += 3600;
         }
         v
     } else {
         sel.days().iter().map(|d| d.to_string()).collect()
     };
-    let index: BTreeMap<&str, usize> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
-    let mut series: Vec<Series> = top.iter().map(|m| Series { name: (*m).to_owned(), values: vec![Decimal::ZERO; labels.len()] }).collect();
-    let mut other = Series { name: "other".into(), values: vec![Decimal::ZERO; labels.len()] };
+    let index: BTreeMap<&str, usize> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let mut series: Vec<Series> = top
+        .iter()
+        .map(|m| Series {
+            name: (*m).to_owned(),
+            values: vec![Decimal::ZERO; labels.len()],
+        })
+        .collect();
+    let mut other = Series {
+        name: "other".into(),
+        values: vec![Decimal::ZERO; labels.len()],
+    };
     for a in &series_rows {
-        let Some(&i) = index.get(a.key.as_str()) else { continue };
+        let Some(&i) = index.get(a.key.as_str()) else {
+            continue;
+        };
         match top.iter().position(|m| *m == a.key2) {
             Some(s) => series[s].values[i] += a.cost(),
             None => other.values[i] += a.cost(),
@@ -222,43 +341,105 @@ pub async fn institution(
     if other.values.iter().any(|v| !v.is_zero()) {
         series.push(other);
     }
-    page.charts.push(Chart { title: format!("Spend per {} by model (USD)", if hourly { "hour" } else { "day" }), kind: Kind::Line, labels: labels.clone(), series });
+    page.charts.push(Chart {
+        title: format!(
+            "Spend per {} by model (USD)",
+            if hourly { "hour" } else { "day" }
+        ),
+        kind: Kind::Line,
+        labels: labels.clone(),
+        series,
+    });
 
     // Budget burn-down for the current month.
     let today = Utc::now().date_naive();
     if let Some(budget) = config.and_then(|c| c.monthly_budget_usd) {
-        let month = Selection { from: month_start(today), to: today, scope: Scope::One(inst.clone()), model: None, key: None, user: None, tag: None };
+        let month = Selection {
+            from: month_start(today),
+            to: today,
+            scope: Scope::One(inst.clone()),
+            model: None,
+            key: None,
+            user: None,
+            tag: None,
+        };
         let days = aggregate(store, &month, "toDate(hour)", "''", "key", 100).await?;
         let (labels, daily_values) = daily(&month, &days);
         let mut cum = Decimal::ZERO;
-        let cumulative: Vec<Decimal> = daily_values.iter().map(|v| { cum += v; cum }).collect();
+        let cumulative: Vec<Decimal> = daily_values
+            .iter()
+            .map(|v| {
+                cum += v;
+                cum
+            })
+            .collect();
         let used = cum;
         page.figure("Monthly budget", Cell::Money(budget));
-        page.figure("Budget used this month", Cell::Text(if budget.is_zero() { "-".into() } else { format!("{}%", (used * Decimal::from(100) / budget).round_dp(1)) }));
+        page.figure(
+            "Budget used this month",
+            Cell::Text(if budget.is_zero() {
+                "-".into()
+            } else {
+                format!("{}%", (used * Decimal::from(100) / budget).round_dp(1))
+            }),
+        );
         page.figure("Budget remaining", Cell::Money((budget - used).normalize()));
         let days_in_month = (next_month(today) - month_start(today)).num_days();
         let projected = used * Decimal::from(days_in_month) / Decimal::from(today.day());
-        page.figure("Projected month-end spend", Cell::Money(projected.round_dp(2)));
+        page.figure(
+            "Projected month-end spend",
+            Cell::Money(projected.round_dp(2)),
+        );
         page.charts.push(Chart {
             title: "Budget burn-down this month (cumulative USD)".into(),
             kind: Kind::Line,
             labels: labels.clone(),
             series: vec![
-                Series { name: "spent".into(), values: cumulative },
-                Series { name: "budget".into(), values: vec![budget; labels.len()] },
+                Series {
+                    name: "spent".into(),
+                    values: cumulative,
+                },
+                Series {
+                    name: "budget".into(),
+                    values: vec![budget; labels.len()],
+                },
             ],
         });
     } else {
         page.notes.push("No monthly budget is configured for this institution ([[institutions]] in the config).".into());
     }
-    page.tables.push(agg_table("models", "By model", "model", &by_model, |_| None));
-    page.tables.push(agg_table("users", "Top users", "user_id", &users, |_| None));
-    page.tables.push(agg_table("keys", "Top API keys", "api_key_id", &keys, |_| None));
+    page.tables
+        .push(agg_table("models", "By model", "model", &by_model, |_| {
+            None
+        }));
+    page.tables
+        .push(agg_table("users", "Top users", "user_id", &users, |_| None));
+    page.tables.push(agg_table(
+        "keys",
+        "Top API keys",
+        "api_key_id",
+        &keys,
+        |_| None,
+    ));
     page.tables.push(Table {
         name: "tags",
         title: "Tags".into(),
         columns: vec!["tag", "events", "cost_usd"],
-        rows: tags.iter().map(|t| vec![Cell::Text(t.tag.clone()), Cell::Int(t.events), Cell::Money(t.cost_usd.parse::<Decimal>().unwrap_or_default().normalize())]).collect(),
+        rows: tags
+            .iter()
+            .map(|t| {
+                vec![
+                    Cell::Text(t.tag.clone()),
+                    Cell::Int(t.events),
+                    Cell::Money(
+                        t.cost_usd
+                            .parse::<Decimal>()
+                            .unwrap_or_default()
+                            .normalize(),
+                    ),
+                ]
+            })
+            .collect(),
     });
     respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
 }
@@ -270,18 +451,38 @@ pub async fn models(
     uri: Uri,
 ) -> Result<Response, AppError> {
     let sel = Selection::new(&filters, scoped.scope.clone())?;
-    let rows = aggregate(&state.store, &sel, "model", "provider", "sum(cost) DESC", 1000).await?;
+    let rows = aggregate(
+        &state.store,
+        &sel,
+        "model",
+        "provider",
+        "sum(cost) DESC",
+        1000,
+    )
+    .await?;
     let mut page = PageData::new("Models");
     page.figure("Models used", Cell::Int(rows.len() as i64));
-    page.figure("Spend", Cell::Money(rows.iter().map(Agg::cost).sum::<Decimal>().normalize()));
+    page.figure(
+        "Spend",
+        Cell::Money(rows.iter().map(Agg::cost).sum::<Decimal>().normalize()),
+    );
     let top: Vec<&Agg> = rows.iter().take(15).collect();
     page.charts.push(Chart {
         title: "Spend by model (USD)".into(),
         kind: Kind::Bar,
         labels: top.iter().map(|a| a.key.clone()).collect(),
-        series: vec![Series { name: "spend".into(), values: top.iter().map(|a| a.cost()).collect() }],
+        series: vec![Series {
+            name: "spend".into(),
+            values: top.iter().map(|a| a.cost()).collect(),
+        }],
     });
-    let mut t = agg_table("models", "Spend and tokens by model and token class", "model", &rows, |_| None);
+    let mut t = agg_table(
+        "models",
+        "Spend and tokens by model and token class",
+        "model",
+        &rows,
+        |_| None,
+    );
     t.columns.insert(1, "provider");
     for (r, a) in t.rows.iter_mut().zip(&rows) {
         r.insert(1, Cell::Text(a.key2.clone()));
@@ -291,11 +492,17 @@ pub async fn models(
     let mut seen = BTreeSet::new();
     let mut prices = Vec::new();
     for a in &rows {
-        let Some(e) = state.book.lookup(&a.key2, &a.key, "", sel.to) else { continue };
+        let Some(e) = state.book.lookup(&a.key2, &a.key, "", sel.to) else {
+            continue;
+        };
         if !seen.insert(e.id.clone()) {
             continue;
         }
-        let rate = |d: Option<Decimal>| d.map_or(Cell::Text("-".into()), |d| Cell::Text(d.normalize().to_string()));
+        let rate = |d: Option<Decimal>| {
+            d.map_or(Cell::Text("-".into()), |d| {
+                Cell::Text(d.normalize().to_string())
+            })
+        };
         prices.push(vec![
             Cell::Text(e.id.clone()),
             Cell::Text(e.model.clone()),
@@ -306,13 +513,34 @@ pub async fn models(
             rate(Some(e.rates.output_per_mtok)),
             rate(e.rates.reasoning_per_mtok),
             Cell::Text(e.per_request.normalize().to_string()),
-            Cell::Text(e.tiers.iter().map(|t| format!(">{}", t.above_input_tokens)).collect::<Vec<_>>().join(" ")),
+            Cell::Text(
+                e.tiers
+                    .iter()
+                    .map(|t| format!(">{}", t.above_input_tokens))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
         ]);
     }
     page.tables.push(Table {
         name: "prices",
-        title: format!("Price entries in effect on {} (USD per 1M tokens; price book {})", sel.to, state.book.version()),
-        columns: vec!["price_id", "model", "effective_from", "input", "cache_read", "cache_write", "output", "reasoning", "per_request", "long_context_tiers"],
+        title: format!(
+            "Price entries in effect on {} (USD per 1M tokens; price book {})",
+            sel.to,
+            state.book.version()
+        ),
+        columns: vec![
+            "price_id",
+            "model",
+            "effective_from",
+            "input",
+            "cache_read",
+            "cache_write",
+            "output",
+            "reasoning",
+            "per_request",
+            "long_context_tiers",
+        ],
         rows: prices,
     });
     respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
@@ -351,7 +579,11 @@ pub async fn pipeline(
     }
     let sel = Selection::new(&filters, Scope::All)?;
     let store = &state.store;
-    let range = format!("received_at >= toDateTime({}) AND received_at < toDateTime({})", sel.start_ts(), sel.end_ts());
+    let range = format!(
+        "received_at >= toDateTime({}) AND received_at < toDateTime({})",
+        sel.start_ts(),
+        sel.end_ts()
+    );
     let reasons: Vec<ReasonRow> = store.client().query(&format!("SELECT reason, count() AS n FROM rejected_events WHERE {range} GROUP BY reason ORDER BY n DESC")).fetch_all().await?;
     let recent: Vec<RejectedRow> = store
         .client()
@@ -371,24 +603,53 @@ pub async fn pipeline(
     let lag = super::lag::consumer_lag(&state.cfg).await;
 
     let mut page = PageData::new("Pipeline health");
-    page.figure("Events/s stored (last 5 min)", Cell::Text(format!("{rate:.1}")));
-    page.figure("Rejected in range", Cell::Int(reasons.iter().map(|r| r.n as i64).sum()));
-    page.figure("Unpriced events in range", Cell::Int(unpriced.iter().map(|u| u.events).sum()));
+    page.figure(
+        "Events/s stored (last 5 min)",
+        Cell::Text(format!("{rate:.1}")),
+    );
+    page.figure(
+        "Rejected in range",
+        Cell::Int(reasons.iter().map(|r| r.n as i64).sum()),
+    );
+    page.figure(
+        "Unpriced events in range",
+        Cell::Int(unpriced.iter().map(|u| u.events).sum()),
+    );
     match &lag {
-        Ok(parts) => page.figure("Consumer lag (messages)", Cell::Int(parts.iter().map(|p| p.lag).sum())),
+        Ok(parts) => page.figure(
+            "Consumer lag (messages)",
+            Cell::Int(parts.iter().map(|p| p.lag).sum()),
+        ),
         Err(e) => page.notes.push(format!("Consumer lag unavailable: {e}")),
     }
     page.tables.push(Table {
         name: "lag",
-        title: format!("Consumer lag of group {} on {}", state.cfg.kafka.group, state.cfg.kafka.topic),
+        title: format!(
+            "Consumer lag of group {} on {}",
+            state.cfg.kafka.group, state.cfg.kafka.topic
+        ),
         columns: vec!["partition", "committed_offset", "end_offset", "lag"],
-        rows: lag.unwrap_or_default().iter().map(|p| vec![Cell::Int(p.partition.into()), Cell::Int(p.committed), Cell::Int(p.high), Cell::Int(p.lag)]).collect(),
+        rows: lag
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                vec![
+                    Cell::Int(p.partition.into()),
+                    Cell::Int(p.committed),
+                    Cell::Int(p.high),
+                    Cell::Int(p.lag),
+                ]
+            })
+            .collect(),
     });
     page.tables.push(Table {
         name: "rejected_reasons",
         title: "Rejected events by reason".into(),
         columns: vec!["reason", "events"],
-        rows: reasons.iter().map(|r| vec![Cell::Text(r.reason.clone()), Cell::Int(r.n as i64)]).collect(),
+        rows: reasons
+            .iter()
+            .map(|r| vec![Cell::Text(r.reason.clone()), Cell::Int(r.n as i64)])
+            .collect(),
     });
     page.tables.push(Table {
         name: "rejected_recent",
@@ -398,9 +659,19 @@ pub async fn pipeline(
             .iter()
             .map(|r| {
                 vec![
-                    Cell::Text(chrono::DateTime::from_timestamp(r.received_at.into(), 0).map(|t| t.to_rfc3339()).unwrap_or_default()),
+                    Cell::Text(
+                        chrono::DateTime::from_timestamp(r.received_at.into(), 0)
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_default(),
+                    ),
                     Cell::Int(r.kafka_partition.into()),
-                    Cell::Link { text: r.kafka_offset.to_string(), href: format!("/pipeline/rejected/{}/{}", r.kafka_partition, r.kafka_offset) },
+                    Cell::Link {
+                        text: r.kafka_offset.to_string(),
+                        href: format!(
+                            "/pipeline/rejected/{}/{}",
+                            r.kafka_partition, r.kafka_offset
+                        ),
+                    },
                     Cell::Text(r.reason.clone()),
                     Cell::Text(r.detail.clone()),
                 ]
@@ -411,7 +682,16 @@ pub async fn pipeline(
         name: "unpriced_models",
         title: "Unpriced models".into(),
         columns: vec!["provider", "model", "events"],
-        rows: unpriced.iter().map(|u| vec![Cell::Text(u.provider.clone()), Cell::Text(u.model.clone()), Cell::Int(u.events)]).collect(),
+        rows: unpriced
+            .iter()
+            .map(|u| {
+                vec![
+                    Cell::Text(u.provider.clone()),
+                    Cell::Text(u.model.clone()),
+                    Cell::Int(u.events),
+                ]
+            })
+            .collect(),
     });
     respond(&page, &filters, uri.path(), &authed.principal, &authed.csrf)
 }
@@ -449,7 +729,10 @@ pub async fn rejected(
         name: "message",
         title: "Message".into(),
         columns: vec!["detail", "payload"],
-        rows: vec![vec![Cell::Text(r.detail), Cell::Text(String::from_utf8_lossy(&r.payload).into_owned())]],
+        rows: vec![vec![
+            Cell::Text(r.detail),
+            Cell::Text(String::from_utf8_lossy(&r.payload).into_owned()),
+        ]],
     });
     respond(&page, &filters, uri.path(), &authed.principal, &authed.csrf)
 }

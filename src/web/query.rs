@@ -54,7 +54,10 @@ fn opt(s: &str) -> Option<String> {
 
 fn date(s: &str, name: &str) -> Result<Option<NaiveDate>, AppError> {
     opt(s)
-        .map(|d| NaiveDate::parse_from_str(&d, "%Y-%m-%d").map_err(|_| AppError::BadRequest(format!("`{name}` must be YYYY-MM-DD"))))
+        .map(|d| {
+            NaiveDate::parse_from_str(&d, "%Y-%m-%d")
+                .map_err(|_| AppError::BadRequest(format!("`{name}` must be YYYY-MM-DD")))
+        })
         .transpose()
 }
 
@@ -68,7 +71,9 @@ impl Selection {
             return Err(AppError::BadRequest("`from` is after `to`".into()));
         }
         if (to - from).num_days() > 3660 {
-            return Err(AppError::BadRequest("the range is longer than ten years".into()));
+            return Err(AppError::BadRequest(
+                "the range is longer than ten years".into(),
+            ));
         }
         let tag = match opt(&f.tag) {
             None => None,
@@ -78,20 +83,39 @@ impl Selection {
                     .ok_or_else(|| AppError::BadRequest("`tag` must be name=value".into()))?,
             ),
         };
-        Ok(Self { from, to, scope, model: opt(&f.model), key: opt(&f.key), user: opt(&f.user), tag })
+        Ok(Self {
+            from,
+            to,
+            scope,
+            model: opt(&f.model),
+            key: opt(&f.key),
+            user: opt(&f.user),
+            tag,
+        })
     }
 
     pub fn start_ts(&self) -> i64 {
-        self.from.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp()
+        self.from
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp()
     }
 
     pub fn end_ts(&self) -> i64 {
-        (self.to + Duration::days(1)).and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp()
+        (self.to + Duration::days(1))
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp()
     }
 
     /// Days in the range (for time series).
     pub fn days(&self) -> Vec<NaiveDate> {
-        self.from.iter_days().take_while(|d| *d <= self.to).collect()
+        self.from
+            .iter_days()
+            .take_while(|d| *d <= self.to)
+            .collect()
     }
 
     /// The table (or subquery) to read: the rollup, or raw events when a tag is filtered.
@@ -104,11 +128,10 @@ impl Selection {
                  toInt64(input_tokens) * sign AS input_tokens, toInt64(cache_read_tokens) * sign AS cache_read_tokens, \
                  toInt64(cache_write_tokens) * sign AS cache_write_tokens, toInt64(output_tokens) * sign AS output_tokens, \
                  toInt64(reasoning_tokens) * sign AS reasoning_tokens, cost * sign AS cost FROM usage_events \
-                 WHERE arrayExists((k, v) -> k = {} AND v = {}, tag_keys, tag_values) {}{})",
+                 WHERE arrayExists((k, v) -> k = {} AND v = {}, tag_keys, tag_values) {})",
                 sql_str(k),
                 sql_str(v),
                 self.raw_conditions(),
-                ""
             ),
         }
     }
@@ -128,11 +151,19 @@ impl Selection {
 
     /// WHERE clause over the source's columns.
     pub fn conditions(&self) -> String {
-        let mut c = format!("hour >= toDateTime({}) AND hour < toDateTime({})", self.start_ts(), self.end_ts());
+        let mut c = format!(
+            "hour >= toDateTime({}) AND hour < toDateTime({})",
+            self.start_ts(),
+            self.end_ts()
+        );
         if let Some(i) = self.scope.institution() {
             c.push_str(&format!(" AND institution_id = {}", sql_str(i)));
         }
-        for (col, v) in [("model", &self.model), ("api_key_id", &self.key), ("user_id", &self.user)] {
+        for (col, v) in [
+            ("model", &self.model),
+            ("api_key_id", &self.key),
+            ("user_id", &self.user),
+        ] {
             if let Some(v) = v {
                 c.push_str(&format!(" AND {col} = {}", sql_str(v)));
             }
@@ -158,7 +189,10 @@ pub struct Agg {
 
 impl Agg {
     pub fn cost(&self) -> Decimal {
-        self.cost_usd.parse::<Decimal>().unwrap_or_default().normalize()
+        self.cost_usd
+            .parse::<Decimal>()
+            .unwrap_or_default()
+            .normalize()
     }
 }
 
@@ -185,7 +219,12 @@ pub async fn aggregate(
 }
 
 /// Total spend of one scope between two instants (ignores model/key/user/tag filters).
-pub async fn spend_between(store: &Store, scope: &Scope, start: i64, end: i64) -> Result<Decimal, AppError> {
+pub async fn spend_between(
+    store: &Store,
+    scope: &Scope,
+    start: i64,
+    end: i64,
+) -> Result<Decimal, AppError> {
     let mut sql = format!(
         "SELECT toString(sum(cost)) FROM usage_hourly WHERE hour >= toDateTime({start}) AND hour < toDateTime({end})"
     );
@@ -202,7 +241,13 @@ mod tests {
 
     #[test]
     fn scope_and_filters_become_conditions() {
-        let f = Filters { from: "2026-10-01".into(), to: "2026-10-31".into(), model: "gpt-4o".into(), user: "a'b".into(), ..Default::default() };
+        let f = Filters {
+            from: "2026-10-01".into(),
+            to: "2026-10-31".into(),
+            model: "gpt-4o".into(),
+            user: "a'b".into(),
+            ..Default::default()
+        };
         let s = Selection::new(&f, Scope::One("uni-oslo".into())).unwrap();
         let c = s.conditions();
         assert!(c.contains("institution_id = 'uni-oslo'"));
@@ -211,9 +256,31 @@ mod tests {
         assert_eq!(s.days().len(), 31);
         assert_eq!(s.end_ts() - s.start_ts(), 31 * 86400);
         assert_eq!(s.source(), "usage_hourly");
-        let t = Selection::new(&Filters { tag: "project=x".into(), ..Default::default() }, Scope::All).unwrap();
+        let t = Selection::new(
+            &Filters {
+                tag: "project=x".into(),
+                ..Default::default()
+            },
+            Scope::All,
+        )
+        .unwrap();
         assert!(t.source().contains("k = 'project' AND v = 'x'"));
-        assert!(Selection::new(&Filters { from: "2026-10-05".into(), to: "2026-10-01".into(), ..Default::default() }, Scope::All).is_err());
-        assert!(Selection::new(&Filters { from: "yesterday".into(), ..Default::default() }, Scope::All).is_err());
+        assert!(Selection::new(
+            &Filters {
+                from: "2026-10-05".into(),
+                to: "2026-10-01".into(),
+                ..Default::default()
+            },
+            Scope::All
+        )
+        .is_err());
+        assert!(Selection::new(
+            &Filters {
+                from: "yesterday".into(),
+                ..Default::default()
+            },
+            Scope::All
+        )
+        .is_err());
     }
 }

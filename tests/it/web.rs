@@ -16,15 +16,47 @@ const INSTITUTIONS: [&str; 3] = ["inst-a", "inst-b", "inst-c"];
 const MODELS: [&str; 3] = ["gpt-4o-mini", "claude-haiku-4-5", "gemini-2.0-flash"];
 
 fn row(i: usize, inst: &str, model: &str, day: u32, cost: Decimal, priced: bool) -> EventRow {
-    let t = chrono::NaiveDate::from_ymd_opt(2026, 10, day).unwrap().and_hms_opt((i % 24) as u32, 0, 0).unwrap().and_utc().timestamp() as u32;
+    let t = chrono::NaiveDate::from_ymd_opt(2026, 10, day)
+        .unwrap()
+        .and_hms_opt((i % 24) as u32, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp() as u32;
     EventRow {
-        event_id: format!("e{i}"), occurred_at: t, occurred_ms: 0, institution_id: inst.into(),
-        user_id: format!("user{}@{inst}", i % 3), api_key_id: format!("pk_{inst}_{}", i % 2), provider: "openai".into(),
-        model: model.into(), endpoint: String::new(), service_tier: String::new(), status: "ok".into(), latency_ms: 1,
-        tag_keys: vec!["project".into()], tag_values: vec![if i % 2 == 0 { "alpha".into() } else { "beta".into() }],
-        input_tokens: 100 + i as u64, cache_read_tokens: 0, cache_write_tokens: 0, output_tokens: 10, reasoning_tokens: 0,
-        priced: priced as u8, cost: if priced { cost } else { Decimal::ZERO }, price_id: String::new(), price_model: model.into(),
-        price_tier: 0, kafka_topic: "t".into(), kafka_partition: 0, kafka_offset: i as i64, ingested_at: t, version: 0, sign: 1,
+        event_id: format!("e{i}"),
+        occurred_at: t,
+        occurred_ms: 0,
+        institution_id: inst.into(),
+        user_id: format!("user{}@{inst}", i % 3),
+        api_key_id: format!("pk_{inst}_{}", i % 2),
+        provider: "openai".into(),
+        model: model.into(),
+        endpoint: String::new(),
+        service_tier: String::new(),
+        status: "ok".into(),
+        latency_ms: 1,
+        tag_keys: vec!["project".into()],
+        tag_values: vec![if i % 2 == 0 {
+            "alpha".into()
+        } else {
+            "beta".into()
+        }],
+        input_tokens: 100 + i as u64,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 10,
+        reasoning_tokens: 0,
+        priced: priced as u8,
+        cost: if priced { cost } else { Decimal::ZERO },
+        price_id: String::new(),
+        price_model: model.into(),
+        price_tier: 0,
+        kafka_topic: "t".into(),
+        kafka_partition: 0,
+        kafka_offset: i as i64,
+        ingested_at: t,
+        version: 0,
+        sign: 1,
     }
 }
 
@@ -38,7 +70,13 @@ struct Known {
 
 async fn load_known(env: &TestEnv) -> Known {
     let mut rows = Vec::new();
-    let mut k = Known { total: Decimal::ZERO, per_inst: BTreeMap::new(), per_inst_model: BTreeMap::new(), events: 0, unpriced: 0 };
+    let mut k = Known {
+        total: Decimal::ZERO,
+        per_inst: BTreeMap::new(),
+        per_inst_model: BTreeMap::new(),
+        events: 0,
+        unpriced: 0,
+    };
     for i in 0..600usize {
         let inst = INSTITUTIONS[i % 3];
         let model = MODELS[(i / 3) % 3];
@@ -49,7 +87,9 @@ async fn load_known(env: &TestEnv) -> Known {
         let c = r.cost;
         k.total += c;
         *k.per_inst.entry(inst.into()).or_default() += c;
-        *k.per_inst_model.entry((inst.into(), model.into())).or_default() += c;
+        *k.per_inst_model
+            .entry((inst.into(), model.into()))
+            .or_default() += c;
         k.events += 1;
         k.unpriced += i64::from(!priced);
         rows.push(r);
@@ -57,7 +97,9 @@ async fn load_known(env: &TestEnv) -> Known {
     env.store.insert_events(&rows).await.unwrap();
     k.total = k.total.normalize();
     k.per_inst.values_mut().for_each(|v| *v = v.normalize());
-    k.per_inst_model.values_mut().for_each(|v| *v = v.normalize());
+    k.per_inst_model
+        .values_mut()
+        .for_each(|v| *v = v.normalize());
     k
 }
 
@@ -69,20 +111,36 @@ struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn tokentally(args: &[&str], env: &[(&str, String)], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
-    c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         c.env(k, v);
     }
     let mut child = c.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -96,13 +154,21 @@ async fn start_server(env: &TestEnv) -> Server {
         ("TOKENTALLY_USERS_FILE", users.display().to_string()),
         ("TOKENTALLY_CONFIG", config.display().to_string()),
         ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
-        ("TOKENTALLY_CLICKHOUSE_DATABASE", env.cfg.clickhouse.database.clone()),
+        (
+            "TOKENTALLY_CLICKHOUSE_DATABASE",
+            env.cfg.clickhouse.database.clone(),
+        ),
         ("TOKENTALLY_KAFKA_BROKERS", env.cfg.kafka.brokers.clone()),
         ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
         ("TOKENTALLY_PRICES", env.prices.display().to_string()),
         ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
     ];
-    for (name, role, inst) in [("admin", "admin", None), ("fin", "finance", None), ("ops", "ops", None), ("alice", "institution", Some("inst-a"))] {
+    for (name, role, inst) in [
+        ("admin", "admin", None),
+        ("fin", "finance", None),
+        ("ops", "ops", None),
+        ("alice", "institution", Some("inst-a")),
+    ] {
         let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
         if let Some(i) = inst {
             args.extend(["--institution", i]);
@@ -110,10 +176,35 @@ async fn start_server(env: &TestEnv) -> Server {
         tokentally(&args, &vars, Some(&format!("{name}-password\n")));
     }
     let mut tokens = BTreeMap::new();
-    tokens.insert("fin", tokentally(&["tokens", "add", "fin-api", "--role", "finance"], &vars, None));
-    tokens.insert("inst-a", tokentally(&["tokens", "add", "a-api", "--role", "institution", "--institution", "inst-a"], &vars, None));
+    tokens.insert(
+        "fin",
+        tokentally(
+            &["tokens", "add", "fin-api", "--role", "finance"],
+            &vars,
+            None,
+        ),
+    );
+    tokens.insert(
+        "inst-a",
+        tokentally(
+            &[
+                "tokens",
+                "add",
+                "a-api",
+                "--role",
+                "institution",
+                "--institution",
+                "inst-a",
+            ],
+            &vars,
+            None,
+        ),
+    );
     let text = std::fs::read_to_string(&users).unwrap();
-    assert!(!text.contains("alice-password") && !text.contains(&tokens["fin"]), "users file holds only hashes");
+    assert!(
+        !text.contains("alice-password") && !text.contains(&tokens["fin"]),
+        "users file holds only hashes"
+    );
     let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
     c.arg("serve").stdout(Stdio::null()).stderr(Stdio::null());
     for (k, v) in &vars {
@@ -127,20 +218,44 @@ async fn start_server(env: &TestEnv) -> Server {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Server { child, base, tokens, _dir: dir }
+    Server {
+        child,
+        base,
+        tokens,
+        _dir: dir,
+    }
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// Logs in through the form; returns (session cookie header value, csrf token of the session's pages).
 async fn login(s: &Server, user: &str, password: &str) -> String {
     let c = client();
     let form = c.get(format!("{}/login", s.base)).send().await.unwrap();
-    let cookie = form.headers().get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_owned();
+    let cookie = form
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     let html = form.text().await.unwrap();
-    let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
     let res = c
         .post(format!("{}/login", s.base))
         .header("cookie", &cookie)
@@ -177,7 +292,11 @@ enum Auth<'a> {
 }
 
 fn dec(v: &Value) -> Decimal {
-    v.as_str().unwrap_or_else(|| panic!("not a decimal string: {v}")).parse::<Decimal>().unwrap().normalize()
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a decimal string: {v}"))
+        .parse::<Decimal>()
+        .unwrap()
+        .normalize()
 }
 
 const RANGE: &str = "from=2026-10-01&to=2026-10-31";
@@ -190,59 +309,171 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
     let fin = Auth::Bearer(&s.tokens["fin"]);
 
     // JSON: the overview's figures and tables.
-    let j: Value = get(&format!("{}/api/v1/overview?{RANGE}", s.base), &fin).await.json().await.unwrap();
+    let j: Value = get(&format!("{}/api/v1/overview?{RANGE}", s.base), &fin)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(dec(&j["figures"]["Spend 2026-10-01 – 2026-10-31"]), k.total);
     assert_eq!(j["figures"]["Events"], k.events);
     assert_eq!(j["figures"]["Unpriced events"], k.unpriced);
-    let insts: BTreeMap<String, Decimal> = j["tables"]["institutions"].as_array().unwrap().iter()
-        .map(|r| (r["institution_id"].as_str().unwrap().to_owned(), dec(&r["cost_usd"]))).collect();
+    let insts: BTreeMap<String, Decimal> = j["tables"]["institutions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["institution_id"].as_str().unwrap().to_owned(),
+                dec(&r["cost_usd"]),
+            )
+        })
+        .collect();
     assert_eq!(insts, k.per_inst);
-    let days: Decimal = j["tables"]["days"].as_array().unwrap().iter().map(|r| dec(&r["cost_usd"])).sum();
+    let days: Decimal = j["tables"]["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| dec(&r["cost_usd"]))
+        .sum();
     assert_eq!(days.normalize(), k.total);
-    let chart_sum: Decimal = j["charts"][0]["series"][0]["values"].as_array().unwrap().iter().map(dec).sum();
+    let chart_sum: Decimal = j["charts"][0]["series"][0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(dec)
+        .sum();
     assert_eq!(chart_sum.normalize(), k.total);
 
     // CSV of the same table.
-    let csv = get(&format!("{}/?{RANGE}&format=csv&table=institutions", s.base), &fin).await.text().await.unwrap();
+    let csv = get(
+        &format!("{}/?{RANGE}&format=csv&table=institutions", s.base),
+        &fin,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let cost_col = header.iter().position(|h| *h == "cost_usd").unwrap();
-    let from_csv: BTreeMap<String, Decimal> = lines.map(|l| {
-        let c: Vec<&str> = l.split(',').collect();
-        (c[0].to_owned(), c[cost_col].parse::<Decimal>().unwrap().normalize())
-    }).collect();
+    let from_csv: BTreeMap<String, Decimal> = lines
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (
+                c[0].to_owned(),
+                c[cost_col].parse::<Decimal>().unwrap().normalize(),
+            )
+        })
+        .collect();
     assert_eq!(from_csv, k.per_inst);
 
     // HTML (logged in through the form): exact values in titles, rounded display.
     let cookie = login(&s, "fin", "fin-password").await;
-    let html = get(&format!("{}/?{RANGE}", s.base), &Auth::Cookie(&cookie)).await.text().await.unwrap();
-    assert!(html.contains(&format!("title=\"{}\">{}", k.total, tokentally::web::page::money(k.total))), "total in HTML");
+    let html = get(&format!("{}/?{RANGE}", s.base), &Auth::Cookie(&cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains(&format!(
+            "title=\"{}\">{}",
+            k.total,
+            tokentally::web::page::money(k.total)
+        )),
+        "total in HTML"
+    );
     for (inst, cost) in &k.per_inst {
-        assert!(html.contains(&format!("title=\"{cost}\"")), "{inst} in HTML");
+        assert!(
+            html.contains(&format!("title=\"{cost}\"")),
+            "{inst} in HTML"
+        );
     }
-    assert_eq!(html.matches("class=\"pt\"").count(), 31, "one chart point per day");
+    assert_eq!(
+        html.matches("class=\"pt\"").count(),
+        31,
+        "one chart point per day"
+    );
 
     // Institution page: per-model sums, budget, tag filter.
-    let a: Value = get(&format!("{}/api/v1/institutions/inst-a?{RANGE}", s.base), &fin).await.json().await.unwrap();
+    let a: Value = get(
+        &format!("{}/api/v1/institutions/inst-a?{RANGE}", s.base),
+        &fin,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     for m in MODELS {
-        let row = a["tables"]["models"].as_array().unwrap().iter().find(|r| r["model"] == m).unwrap();
-        assert_eq!(dec(&row["cost_usd"]), k.per_inst_model[&("inst-a".to_owned(), m.to_owned())]);
+        let row = a["tables"]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == m)
+            .unwrap();
+        assert_eq!(
+            dec(&row["cost_usd"]),
+            k.per_inst_model[&("inst-a".to_owned(), m.to_owned())]
+        );
     }
     assert_eq!(dec(&a["figures"]["Monthly budget"]), Decimal::from(1000));
-    let tagged: Value = get(&format!("{}/api/v1/institutions/inst-a?{RANGE}&tag=project=alpha", s.base), &fin).await.json().await.unwrap();
-    let tags_total: Decimal = a["tables"]["tags"].as_array().unwrap().iter().map(|r| dec(&r["cost_usd"])).sum();
-    assert_eq!(tags_total.normalize(), k.per_inst["inst-a"], "every event has one project tag");
-    let alpha = a["tables"]["tags"].as_array().unwrap().iter().find(|r| r["tag"] == "project=alpha").unwrap();
-    assert_eq!(dec(&tagged["figures"]["Spend 2026-10-01 – 2026-10-31"]), dec(&alpha["cost_usd"]));
+    let tagged: Value = get(
+        &format!(
+            "{}/api/v1/institutions/inst-a?{RANGE}&tag=project=alpha",
+            s.base
+        ),
+        &fin,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let tags_total: Decimal = a["tables"]["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| dec(&r["cost_usd"]))
+        .sum();
+    assert_eq!(
+        tags_total.normalize(),
+        k.per_inst["inst-a"],
+        "every event has one project tag"
+    );
+    let alpha = a["tables"]["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["tag"] == "project=alpha")
+        .unwrap();
+    assert_eq!(
+        dec(&tagged["figures"]["Spend 2026-10-01 – 2026-10-31"]),
+        dec(&alpha["cost_usd"])
+    );
 
     // Models page lists the price entry in effect for a priced model.
-    let m: Value = get(&format!("{}/api/v1/models?{RANGE}", s.base), &fin).await.json().await.unwrap();
-    let total_models: Decimal = m["tables"]["models"].as_array().unwrap().iter().map(|r| dec(&r["cost_usd"])).sum();
+    let m: Value = get(&format!("{}/api/v1/models?{RANGE}", s.base), &fin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let total_models: Decimal = m["tables"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| dec(&r["cost_usd"]))
+        .sum();
     assert_eq!(total_models.normalize(), k.total);
-    assert!(m["tables"]["prices"].as_array().unwrap().iter().any(|r| r["model"] == "gpt-4o-mini"));
+    assert!(m["tables"]["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["model"] == "gpt-4o-mini"));
 
     // OpenAPI document.
-    let doc: Value = get(&format!("{}/api/v1/openapi.json", s.base), &fin).await.json().await.unwrap();
+    let doc: Value = get(&format!("{}/api/v1/openapi.json", s.base), &fin)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
     assert!(doc["paths"]["/api/v1/institutions/{institution}"].is_object());
     terminate(&mut s.child);
@@ -257,8 +488,13 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
     let cookie = login(&s, "alice", "alice-password").await;
     let token = s.tokens["inst-a"].clone();
     let pages = [
-        "/".to_owned(), "/overview".into(), "/institutions".into(), "/institutions/inst-a".into(), "/models".into(),
-        "/pipeline".into(), "/pipeline/rejected/0/1".into(),
+        "/".to_owned(),
+        "/overview".into(),
+        "/institutions".into(),
+        "/institutions/inst-a".into(),
+        "/models".into(),
+        "/pipeline".into(),
+        "/pipeline/rejected/0/1".into(),
     ];
     // Anonymous: pages redirect to the login form, the API answers 401.
     for p in &pages {
@@ -267,10 +503,19 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
         assert_eq!(r.headers()["location"], "/login");
         let r = get(&format!("{}/api/v1{p}", s.base), &Auth::Anonymous).await;
         assert_eq!(r.status(), 401, "anonymous API {p}");
-        let r = get(&format!("{}/api/v1{p}", s.base), &Auth::Bearer("tt_not_a_token")).await;
+        let r = get(
+            &format!("{}/api/v1{p}", s.base),
+            &Auth::Bearer("tt_not_a_token"),
+        )
+        .await;
         assert_eq!(r.status(), 401, "bad token {p}");
     }
-    assert_eq!(get(&format!("{}/api/v1/openapi.json", s.base), &Auth::Anonymous).await.status(), 401);
+    assert_eq!(
+        get(&format!("{}/api/v1/openapi.json", s.base), &Auth::Anonymous)
+            .await
+            .status(),
+        401
+    );
 
     // Another institution, by path, query string or export, for session and token alike.
     let foreign = [
@@ -288,61 +533,187 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
         "/pipeline/rejected/0/1".into(),
     ];
     for p in &foreign {
-        for (label, auth) in [("session", Auth::Cookie(&cookie)), ("token", Auth::Bearer(&token))] {
+        for (label, auth) in [
+            ("session", Auth::Cookie(&cookie)),
+            ("token", Auth::Bearer(&token)),
+        ] {
             for prefix in ["", "/api/v1"] {
-                let status = get(&format!("{}{prefix}{p}", s.base), &auth).await.status().as_u16();
-                assert!(status == 403 || status == 404, "{label} {prefix}{p} gave {status}");
+                let status = get(&format!("{}{prefix}{p}", s.base), &auth)
+                    .await
+                    .status()
+                    .as_u16();
+                assert!(
+                    status == 403 || status == 404,
+                    "{label} {prefix}{p} gave {status}"
+                );
             }
         }
     }
 
     // Without naming an institution, an institution user sees exactly their own numbers.
     for p in ["overview", "institutions", "models"] {
-        let j: Value = get(&format!("{}/api/v1/{p}?{RANGE}", s.base), &Auth::Bearer(&token)).await.json().await.unwrap();
+        let j: Value = get(
+            &format!("{}/api/v1/{p}?{RANGE}", s.base),
+            &Auth::Bearer(&token),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
         let text = j.to_string();
-        assert!(!text.contains("inst-b") && !text.contains("inst-c"), "{p} leaks another institution");
+        assert!(
+            !text.contains("inst-b") && !text.contains("inst-c"),
+            "{p} leaks another institution"
+        );
     }
-    let j: Value = get(&format!("{}/api/v1/overview?{RANGE}", s.base), &Auth::Cookie(&cookie)).await.json().await.unwrap();
-    assert_eq!(dec(&j["figures"]["Spend 2026-10-01 – 2026-10-31"]), k.per_inst["inst-a"]);
+    let j: Value = get(
+        &format!("{}/api/v1/overview?{RANGE}", s.base),
+        &Auth::Cookie(&cookie),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        dec(&j["figures"]["Spend 2026-10-01 – 2026-10-31"]),
+        k.per_inst["inst-a"]
+    );
     assert!(j["figures"].get("Rejected events today").is_none());
-    let own = get(&format!("{}/institutions/inst-a?{RANGE}&format=csv&table=models", s.base), &Auth::Cookie(&cookie)).await;
+    let own = get(
+        &format!(
+            "{}/institutions/inst-a?{RANGE}&format=csv&table=models",
+            s.base
+        ),
+        &Auth::Cookie(&cookie),
+    )
+    .await;
     assert_eq!(own.status(), 200);
 
     // Forms need their CSRF token.
     let c = client();
-    let r = c.post(format!("{}/logout", s.base)).header("cookie", &cookie).form(&[("csrf", "forged")]).send().await.unwrap();
+    let r = c
+        .post(format!("{}/logout", s.base))
+        .header("cookie", &cookie)
+        .form(&[("csrf", "forged")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403, "logout with a forged CSRF token");
-    let r = c.post(format!("{}/logout", s.base)).header("cookie", &cookie).send().await.unwrap();
-    assert!(r.status() == 403 || r.status() == 415 || r.status() == 400 || r.status() == 422, "logout without a CSRF token: {}", r.status());
-    let r = c.post(format!("{}/login", s.base)).form(&[("username", "alice"), ("password", "alice-password"), ("csrf", "x")]).send().await.unwrap();
+    let r = c
+        .post(format!("{}/logout", s.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status() == 403 || r.status() == 415 || r.status() == 400 || r.status() == 422,
+        "logout without a CSRF token: {}",
+        r.status()
+    );
+    let r = c
+        .post(format!("{}/login", s.base))
+        .form(&[
+            ("username", "alice"),
+            ("password", "alice-password"),
+            ("csrf", "x"),
+        ])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403, "login without the CSRF cookie");
     // A real logout ends the session.
-    let html = get(&format!("{}/?{RANGE}", s.base), &Auth::Cookie(&cookie)).await.text().await.unwrap();
-    let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
-    let r = c.post(format!("{}/logout", s.base)).header("cookie", &cookie).form(&[("csrf", csrf.as_str())]).send().await.unwrap();
+    let html = get(&format!("{}/?{RANGE}", s.base), &Auth::Cookie(&cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = c
+        .post(format!("{}/logout", s.base))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 303);
-    assert_eq!(get(&format!("{}/", s.base), &Auth::Cookie(&cookie)).await.status(), 303, "session ended");
+    assert_eq!(
+        get(&format!("{}/", s.base), &Auth::Cookie(&cookie))
+            .await
+            .status(),
+        303,
+        "session ended"
+    );
 
     // Ops see the pipeline.
     let ops = login(&s, "ops", "ops-password").await;
-    assert_eq!(get(&format!("{}/pipeline?{RANGE}", s.base), &Auth::Cookie(&ops)).await.status(), 200);
+    assert_eq!(
+        get(&format!("{}/pipeline?{RANGE}", s.base), &Auth::Cookie(&ops))
+            .await
+            .status(),
+        200
+    );
 
     // Guessing passwords is rate limited (5 attempts per minute per name and per address).
     let form = c.get(format!("{}/login", s.base)).send().await.unwrap();
-    let login_cookie = form.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let login_cookie = form.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     let html = form.text().await.unwrap();
-    let csrf = html.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
     let mut statuses = Vec::new();
     for _ in 0..8 {
-        let r = c.post(format!("{}/login", s.base)).header("cookie", &login_cookie)
-            .form(&[("username", "admin"), ("password", "guess"), ("csrf", csrf.as_str())]).send().await.unwrap();
+        let r = c
+            .post(format!("{}/login", s.base))
+            .header("cookie", &login_cookie)
+            .form(&[
+                ("username", "admin"),
+                ("password", "guess"),
+                ("csrf", csrf.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
         statuses.push(r.status().as_u16());
     }
-    assert!(statuses.iter().all(|s| *s == 401 || *s == 429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
-    let r = c.post(format!("{}/login", s.base)).header("cookie", &login_cookie)
-        .form(&[("username", "admin"), ("password", "admin-password"), ("csrf", csrf.as_str())]).send().await.unwrap();
-    assert_eq!(r.status(), 429, "even the right password waits once the quota is used");
+    let r = c
+        .post(format!("{}/login", s.base))
+        .header("cookie", &login_cookie)
+        .form(&[
+            ("username", "admin"),
+            ("password", "admin-password"),
+            ("csrf", csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "even the right password waits once the quota is used"
+    );
     terminate(&mut s.child);
     env.drop_database().await;
 }
