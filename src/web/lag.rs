@@ -24,7 +24,7 @@ pub async fn consumer_lag(cfg: &Config) -> Result<Vec<PartitionLag>, String> {
 }
 
 fn lag_blocking(cfg: &Config) -> Result<Vec<PartitionLag>, String> {
-    let timeout = Duration::from_secs(3);
+    let timeout = Duration::from_secs(10);
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("group.id", &cfg.kafka.group)

@@ -164,6 +164,7 @@ impl PageData {
             "figures": figures,
             "charts": self.charts,
             "tables": tables,
+            "notes": self.notes,
         })
     }
 

@@ -468,6 +468,70 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
         .iter()
         .any(|r| r["model"] == "gpt-4o-mini"));
 
+    // Pipeline health (ops): a stored rejection, its reason and raw payload; lag per partition.
+    env.store
+        .insert_rejected(&[tokentally::store::rows::RejectedRow {
+            received_at: chrono::NaiveDate::from_ymd_opt(2026, 10, 15)
+                .unwrap()
+                .and_hms_opt(9, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp() as u32,
+            kafka_topic: env.cfg.kafka.topic.clone(),
+            kafka_partition: 0,
+            kafka_offset: 7,
+            kafka_key: b"inst-a".to_vec(),
+            reason: "invalid_json".into(),
+            detail: "not valid JSON".into(),
+            payload: b"{broken <payload>".to_vec(),
+        }])
+        .await
+        .unwrap();
+    let ops = login(&s, "ops", "ops-password").await;
+    let p: Value = get(
+        &format!("{}/api/v1/pipeline?{RANGE}", s.base),
+        &Auth::Cookie(&ops),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(p["tables"]["rejected_reasons"][0]["reason"], "invalid_json");
+    assert_eq!(p["tables"]["rejected_reasons"][0]["events"], 1);
+    assert_eq!(
+        p["tables"]["lag"].as_array().unwrap().len(),
+        1,
+        "one row per partition: {p}"
+    );
+    let unpriced: i64 = p["tables"]["unpriced_models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["events"].as_i64().unwrap())
+        .sum();
+    assert_eq!(unpriced, k.unpriced);
+    let m: Value = get(
+        &format!("{}/api/v1/pipeline/rejected/0/7", s.base),
+        &Auth::Cookie(&ops),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(m["tables"]["message"][0]["payload"], "{broken <payload>");
+    let html = get(
+        &format!("{}/pipeline/rejected/0/7", s.base),
+        &Auth::Cookie(&ops),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        html.contains("{broken &lt;payload&gt;"),
+        "payload shown, escaped"
+    );
+
     // OpenAPI document.
     let doc: Value = get(&format!("{}/api/v1/openapi.json", s.base), &fin)
         .await
