@@ -254,7 +254,7 @@ pub fn query_string(filters: &Filters, extra: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

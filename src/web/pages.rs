@@ -91,17 +91,8 @@ fn agg_table(
 }
 
 fn inst_link(f: &Filters, inst: &str) -> String {
-    let q = super::page::query_string(
-        &Filters {
-            institution: String::new(),
-            ..f.clone()
-        },
-        &[],
-    );
-    format!(
-        "/institutions/{}?{q}",
-        super::page::esc(inst).replace(' ', "%20")
-    )
+    let q = super::page::query_string(&Filters { institution: String::new(), ..f.clone() }, &[]);
+    format!("/institutions/{}?{q}", super::page::urlencode(inst))
 }
 
 /// Daily spend series over the whole range (days without spend are 0).
