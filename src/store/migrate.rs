@@ -8,10 +8,20 @@ use super::{sql_str, Store, StoreError};
 
 /// The migrations, embedded so the binary carries its schema. A unit test checks this
 /// list against the files in `schema/`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_usage.sql",
-    include_str!("../../schema/0001_usage.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_usage.sql",
+        include_str!("../../schema/0001_usage.sql"),
+    ),
+    (
+        "0002_usage_hourly_model.sql",
+        include_str!("../../schema/0002_usage_hourly_model.sql"),
+    ),
+    (
+        "0003_usage_tags_hourly.sql",
+        include_str!("../../schema/0003_usage_tags_hourly.sql"),
+    ),
+];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).
 pub fn statements(sql: &str) -> Vec<String> {
@@ -125,5 +135,7 @@ mod tests {
             vec!["CREATE TABLE a (x UInt8)\nENGINE = Log", "SELECT 1"]
         );
         assert_eq!(statements(MIGRATIONS[0].1).len(), 5);
+        assert_eq!(statements(MIGRATIONS[1].1).len(), 3);
+        assert_eq!(statements(MIGRATIONS[2].1).len(), 3);
     }
 }

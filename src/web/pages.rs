@@ -91,7 +91,13 @@ fn agg_table(
 }
 
 fn inst_link(f: &Filters, inst: &str) -> String {
-    let q = super::page::query_string(&Filters { institution: String::new(), ..f.clone() }, &[]);
+    let q = super::page::query_string(
+        &Filters {
+            institution: String::new(),
+            ..f.clone()
+        },
+        &[],
+    );
     format!("/institutions/{}?{q}", super::page::urlencode(inst))
 }
 
@@ -115,24 +121,24 @@ pub async fn overview(
 ) -> Result<Response, AppError> {
     let sel = Selection::new(&filters, scoped.scope.clone())?;
     let store = &state.store;
-    let by_day = aggregate(store, &sel, "toDate(hour)", "''", "key", 100_000).await?;
-    let by_model = aggregate(store, &sel, "model", "''", "sum(cost) DESC", 20).await?;
     let today = Utc::now().date_naive();
-    let this_month = spend_between(
-        store,
-        &sel.scope,
-        ts(month_start(today)),
-        ts(next_month(today)),
-    )
-    .await?;
     let last = month_start(today) - Duration::days(1);
-    let last_month = spend_between(
-        store,
-        &sel.scope,
-        ts(month_start(last)),
-        ts(month_start(today)),
-    )
-    .await?;
+    let (by_day, by_model, this_month, last_month) = tokio::try_join!(
+        aggregate(store, &sel, "toDate(hour)", "''", "key", 100_000),
+        aggregate(store, &sel, "model", "''", "sum(cost) DESC", 20),
+        spend_between(
+            store,
+            &sel.scope,
+            ts(month_start(today)),
+            ts(next_month(today))
+        ),
+        spend_between(
+            store,
+            &sel.scope,
+            ts(month_start(last)),
+            ts(month_start(today))
+        ),
+    )?;
 
     let mut page = PageData::new(match &sel.scope {
         Scope::All => "Overview".to_owned(),
@@ -239,14 +245,48 @@ pub async fn institution(
     debug_assert_eq!(sel.scope, Scope::One(inst.clone()));
     let store = &state.store;
     let config = state.cfg.institutions.iter().find(|i| i.id == inst);
-    let by_model = aggregate(store, &sel, "model", "''", "sum(cost) DESC", 100).await?;
-    let users = aggregate(store, &sel, "user_id", "''", "sum(cost) DESC", 20).await?;
-    let keys = aggregate(store, &sel, "api_key_id", "''", "sum(cost) DESC", 20).await?;
+    let hourly = (sel.to - sel.from).num_days() < 3;
+    let time_key = if hourly { "hour" } else { "toDate(hour)" };
+    // Tags come from their own rollup, unless a filter the tag rollup lacks is set.
+    let tags_sql = if sel.model.is_none()
+        && sel.key.is_none()
+        && sel.user.is_none()
+        && sel.tag.is_none()
+    {
+        format!(
+            "SELECT concat(tag_key, '=', tag_value) AS tag, sum(events) AS events, toString(sum(cost)) AS cost_usd \
+             FROM usage_tags_hourly WHERE {} GROUP BY tag HAVING events != 0 ORDER BY sum(cost) DESC LIMIT 20",
+            sel.conditions()
+        )
+    } else {
+        format!(
+            "SELECT concat(k, '=', v) AS tag, toInt64(sum(sign)) AS events, toString(sum(cost * sign)) AS cost_usd \
+             FROM usage_events ARRAY JOIN tag_keys AS k, tag_values AS v WHERE 1 {}{} GROUP BY tag \
+             HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT 20",
+            sel.raw_conditions(),
+            sel.raw_filters()
+        )
+    };
+    // Independent queries, run concurrently: the page costs the slowest, not the sum.
+    let (by_model, users, keys, series_rows, tags) = tokio::try_join!(
+        aggregate(store, &sel, "model", "''", "sum(cost) DESC", 100),
+        aggregate(store, &sel, "user_id", "''", "sum(cost) DESC", 20),
+        aggregate(store, &sel, "api_key_id", "''", "sum(cost) DESC", 20),
+        aggregate(store, &sel, time_key, "model", "key", 1_000_000),
+        async {
+            store
+                .client()
+                .query(&tags_sql)
+                .fetch_all::<TagRow>()
+                .await
+                .map_err(AppError::from)
+        },
+    )?;
     if config.is_none() && by_model.is_empty() {
         let any: u64 = store
             .client()
             .query(&format!(
-                "SELECT count() FROM usage_hourly WHERE institution_id = {}",
+                "SELECT count() FROM usage_hourly_model WHERE institution_id = {}",
                 sql_str(&inst)
             ))
             .fetch_one()
@@ -255,19 +295,6 @@ pub async fn institution(
             return Err(AppError::NotFound);
         }
     }
-    let hourly = (sel.to - sel.from).num_days() < 3;
-    let time_key = if hourly { "hour" } else { "toDate(hour)" };
-    let series_rows = aggregate(store, &sel, time_key, "model", "key", 1_000_000).await?;
-    let tags: Vec<TagRow> = store
-        .client()
-        .query(&format!(
-            "SELECT concat(k, '=', v) AS tag, toInt64(sum(sign)) AS events, toString(sum(cost * sign)) AS cost_usd \
-             FROM usage_events ARRAY JOIN tag_keys AS k, tag_values AS v WHERE 1 {} GROUP BY tag \
-             HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT 20",
-            sel.raw_conditions()
-        ))
-        .fetch_all()
-        .await?;
 
     let mut page = PageData::new(
         match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
@@ -583,7 +610,7 @@ pub async fn pipeline(
         .await?;
     let unpriced: Vec<UnpricedRow> = store
         .client()
-        .query(&format!("SELECT provider, model, sum(unpriced_events) AS events FROM usage_hourly WHERE {} GROUP BY provider, model HAVING events != 0 ORDER BY events DESC", sel.conditions()))
+        .query(&format!("SELECT provider, model, sum(unpriced_events) AS events FROM {} WHERE {} GROUP BY provider, model HAVING events != 0 ORDER BY events DESC", sel.source(&["provider", "model"]), sel.conditions()))
         .fetch_all()
         .await?;
     let rate: f64 = store

@@ -118,10 +118,20 @@ impl Selection {
             .collect()
     }
 
-    /// The table (or subquery) to read: the rollup, or raw events when a tag is filtered.
-    pub fn source(&self) -> String {
+    /// The table (or subquery) to read for a query that uses the SQL expressions `used`:
+    /// the coarse rollup when neither they nor the filters need user, key or tier; the
+    /// fine rollup otherwise; raw events when a tag is filtered.
+    pub fn source(&self, used: &[&str]) -> String {
+        let fine = self.key.is_some()
+            || self.user.is_some()
+            || used.iter().any(|u| {
+                ["user_id", "api_key_id", "service_tier"]
+                    .iter()
+                    .any(|c| u.contains(c))
+            });
         match &self.tag {
-            None => "usage_hourly".to_owned(),
+            None if fine => "usage_hourly".to_owned(),
+            None => "usage_hourly_model".to_owned(),
             Some((k, v)) => format!(
                 "(SELECT toStartOfHour(occurred_at) AS hour, institution_id, provider, model, price_model, api_key_id, \
                  user_id, service_tier, toInt64(sign) AS events, toInt64(sign) * toInt64(1 - priced) AS unpriced_events, \
@@ -145,6 +155,28 @@ impl Selection {
         );
         if let Some(i) = self.scope.institution() {
             c.push_str(&format!(" AND institution_id = {}", sql_str(i)));
+        }
+        c
+    }
+
+    /// Model, key, user and tag filters on raw events (beyond `raw_conditions`).
+    pub fn raw_filters(&self) -> String {
+        let mut c = String::new();
+        for (col, v) in [
+            ("model", &self.model),
+            ("api_key_id", &self.key),
+            ("user_id", &self.user),
+        ] {
+            if let Some(v) = v {
+                c.push_str(&format!(" AND {col} = {}", sql_str(v)));
+            }
+        }
+        if let Some((k, v)) = &self.tag {
+            c.push_str(&format!(
+                " AND arrayExists((k, v) -> k = {} AND v = {}, tag_keys, tag_values)",
+                sql_str(k),
+                sql_str(v)
+            ));
         }
         c
     }
@@ -212,7 +244,7 @@ pub async fn aggregate(
          sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, \
          toString(sum(cost)) AS cost_usd FROM {} WHERE {} GROUP BY key, key2 HAVING events != 0 \
          ORDER BY {order} LIMIT {limit}",
-        sel.source(),
+        sel.source(&[key, key2]),
         sel.conditions()
     );
     Ok(store.client().query(&sql).fetch_all().await?)
@@ -226,7 +258,7 @@ pub async fn spend_between(
     end: i64,
 ) -> Result<Decimal, AppError> {
     let mut sql = format!(
-        "SELECT toString(sum(cost)) FROM usage_hourly WHERE hour >= toDateTime({start}) AND hour < toDateTime({end})"
+        "SELECT toString(sum(cost)) FROM usage_hourly_model WHERE hour >= toDateTime({start}) AND hour < toDateTime({end})"
     );
     if let Some(i) = scope.institution() {
         sql.push_str(&format!(" AND institution_id = {}", sql_str(i)));
@@ -255,7 +287,11 @@ mod tests {
         assert!(c.contains("user_id = 'a\\'b'"));
         assert_eq!(s.days().len(), 31);
         assert_eq!(s.end_ts() - s.start_ts(), 31 * 86400);
-        assert_eq!(s.source(), "usage_hourly");
+        // A user filter needs the fine rollup; a model breakdown alone does not.
+        assert_eq!(s.source(&["model"]), "usage_hourly");
+        let plain = Selection::new(&Filters::default(), Scope::All).unwrap();
+        assert_eq!(plain.source(&["model", "''"]), "usage_hourly_model");
+        assert_eq!(plain.source(&["api_key_id"]), "usage_hourly");
         let t = Selection::new(
             &Filters {
                 tag: "project=x".into(),
@@ -264,7 +300,7 @@ mod tests {
             Scope::All,
         )
         .unwrap();
-        assert!(t.source().contains("k = 'project' AND v = 'x'"));
+        assert!(t.source(&["model"]).contains("k = 'project' AND v = 'x'"));
         assert!(Selection::new(
             &Filters {
                 from: "2026-10-05".into(),
