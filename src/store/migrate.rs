@@ -21,6 +21,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_usage_tags_hourly.sql",
         include_str!("../../schema/0003_usage_tags_hourly.sql"),
     ),
+    (
+        "0004_usage_hourly_institution.sql",
+        include_str!("../../schema/0004_usage_hourly_institution.sql"),
+    ),
 ];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).
@@ -137,5 +141,6 @@ mod tests {
         assert_eq!(statements(MIGRATIONS[0].1).len(), 5);
         assert_eq!(statements(MIGRATIONS[1].1).len(), 3);
         assert_eq!(statements(MIGRATIONS[2].1).len(), 3);
+        assert_eq!(statements(MIGRATIONS[3].1).len(), 3);
     }
 }

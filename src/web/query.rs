@@ -130,6 +130,7 @@ impl Selection {
                     .any(|c| u.contains(c))
             });
         match &self.tag {
+            None if fine && self.scope.institution().is_some() => "usage_hourly_institution".to_owned(),
             None if fine => "usage_hourly".to_owned(),
             None => "usage_hourly_model".to_owned(),
             Some((k, v)) => format!(
@@ -287,8 +288,9 @@ mod tests {
         assert!(c.contains("user_id = 'a\\'b'"));
         assert_eq!(s.days().len(), 31);
         assert_eq!(s.end_ts() - s.start_ts(), 31 * 86400);
-        // A user filter needs the fine rollup; a model breakdown alone does not.
-        assert_eq!(s.source(&["model"]), "usage_hourly");
+        // A user filter needs a fine rollup (institution-first for one institution);
+        // a model breakdown alone does not.
+        assert_eq!(s.source(&["model"]), "usage_hourly_institution");
         let plain = Selection::new(&Filters::default(), Scope::All).unwrap();
         assert_eq!(plain.source(&["model", "''"]), "usage_hourly_model");
         assert_eq!(plain.source(&["api_key_id"]), "usage_hourly");
