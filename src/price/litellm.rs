@@ -1,7 +1,7 @@
 //! `prices import-litellm`: LiteLLM's `model_prices_and_context_window.json` → price-book TOML.
 //!
 //! LiteLLM writes USD-per-token prices as JSON floats (`7.5e-08`). Reading them as
-//! `f64` turns $0.075/Mtok into 0.07499999…, so every number is read from its text.
+//! a binary float turns $0.075/Mtok into 0.07499999…, so every number is read from its text.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
