@@ -133,16 +133,15 @@ impl Selection {
             None if fine && self.scope.institution().is_some() => "usage_hourly_institution".to_owned(),
             None if fine => "usage_hourly".to_owned(),
             None => "usage_hourly_model".to_owned(),
-            Some((k, v)) => format!(
+            Some(_) => format!(
                 "(SELECT toStartOfHour(occurred_at) AS hour, institution_id, provider, model, price_model, api_key_id, \
                  user_id, service_tier, toInt64(sign) AS events, toInt64(sign) * toInt64(1 - priced) AS unpriced_events, \
                  toInt64(input_tokens) * sign AS input_tokens, toInt64(cache_read_tokens) * sign AS cache_read_tokens, \
                  toInt64(cache_write_tokens) * sign AS cache_write_tokens, toInt64(output_tokens) * sign AS output_tokens, \
                  toInt64(reasoning_tokens) * sign AS reasoning_tokens, cost * sign AS cost FROM usage_events \
-                 WHERE arrayExists((k, v) -> k = {} AND v = {}, tag_keys, tag_values) {})",
-                sql_str(k),
-                sql_str(v),
+                 WHERE 1{}{})",
                 self.raw_conditions(),
+                self.tag_filter(),
             ),
         }
     }
@@ -160,8 +159,8 @@ impl Selection {
         c
     }
 
-    /// Model, key, user and tag filters on raw events (beyond `raw_conditions`).
-    pub fn raw_filters(&self) -> String {
+    /// Model, key and user conditions (columns both rollups and raw events have).
+    fn dimension_filters(&self) -> String {
         let mut c = String::new();
         for (col, v) in [
             ("model", &self.model),
@@ -172,14 +171,23 @@ impl Selection {
                 c.push_str(&format!(" AND {col} = {}", sql_str(v)));
             }
         }
-        if let Some((k, v)) = &self.tag {
-            c.push_str(&format!(
+        c
+    }
+
+    /// The tag condition on raw events (empty without a tag filter).
+    fn tag_filter(&self) -> String {
+        self.tag.as_ref().map_or(String::new(), |(k, v)| {
+            format!(
                 " AND arrayExists((k, v) -> k = {} AND v = {}, tag_keys, tag_values)",
                 sql_str(k),
                 sql_str(v)
-            ));
-        }
-        c
+            )
+        })
+    }
+
+    /// Model, key, user and tag filters on raw events (beyond `raw_conditions`).
+    pub fn raw_filters(&self) -> String {
+        self.dimension_filters() + &self.tag_filter()
     }
 
     /// WHERE clause over the source's columns.
@@ -192,15 +200,7 @@ impl Selection {
         if let Some(i) = self.scope.institution() {
             c.push_str(&format!(" AND institution_id = {}", sql_str(i)));
         }
-        for (col, v) in [
-            ("model", &self.model),
-            ("api_key_id", &self.key),
-            ("user_id", &self.user),
-        ] {
-            if let Some(v) = v {
-                c.push_str(&format!(" AND {col} = {}", sql_str(v)));
-            }
-        }
+        c.push_str(&self.dimension_filters());
         c
     }
 }

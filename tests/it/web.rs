@@ -212,12 +212,7 @@ async fn start_server(env: &TestEnv) -> Server {
     }
     let child = c.spawn().unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_port(port).await;
     Server {
         child,
         base,
@@ -233,29 +228,49 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Logs in through the form; returns (session cookie header value, csrf token of the session's pages).
-async fn login(s: &Server, user: &str, password: &str) -> String {
-    let c = client();
-    let form = c.get(format!("{}/login", s.base)).send().await.unwrap();
-    let cookie = form
-        .headers()
-        .get("set-cookie")
+/// The CSRF token a page's form carries.
+fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .expect("a form with a csrf field")
+        .split('"')
+        .next()
         .unwrap()
+        .to_owned()
+}
+
+/// GET /login: the pre-session CSRF cookie (as a `name=value` pair) and the form's token.
+async fn login_form(s: &Server) -> (String, String) {
+    let form = client()
+        .get(format!("{}/login", s.base))
+        .send()
+        .await
+        .unwrap();
+    let cookie = form.headers()["set-cookie"]
         .to_str()
         .unwrap()
         .split(';')
         .next()
         .unwrap()
         .to_owned();
-    let html = form.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    (cookie, csrf_of(&form.text().await.unwrap()))
+}
+
+/// Waits until something listens on the port (a child process starting up).
+async fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on port {port} after 10 s");
+}
+
+/// Logs in through the form; returns (session cookie header value, csrf token of the session's pages).
+async fn login(s: &Server, user: &str, password: &str) -> String {
+    let c = client();
+    let (cookie, csrf) = login_form(s).await;
     let res = c
         .post(format!("{}/login", s.base))
         .header("cookie", &cookie)
@@ -691,14 +706,7 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
         .text()
         .await
         .unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let csrf = csrf_of(&html);
     let r = c
         .post(format!("{}/logout", s.base))
         .header("cookie", &cookie)
@@ -725,23 +733,7 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
     );
 
     // Guessing passwords is rate limited (5 attempts per minute per name and per address).
-    let form = c.get(format!("{}/login", s.base)).send().await.unwrap();
-    let login_cookie = form.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let html = form.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
+    let (login_cookie, csrf) = login_form(&s).await;
     let mut statuses = Vec::new();
     for _ in 0..8 {
         let r = c
@@ -796,12 +788,7 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         .stderr(Stdio::null())
         .spawn()
         .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_port(port).await;
     let profile = tempfile::tempdir().unwrap();
     let mut caps = serde_json::Map::new();
     caps.insert("goog:chromeOptions".into(), serde_json::json!({
