@@ -90,6 +90,23 @@ pub struct TokenCounts {
 }
 
 impl TokenCounts {
+    /// Counts in the order input, cache read, cache write, output, reasoning.
+    pub const fn new(
+        input: u64,
+        cache_read: u64,
+        cache_write: u64,
+        output: u64,
+        reasoning: u64,
+    ) -> Self {
+        Self {
+            input,
+            cache_read,
+            cache_write,
+            output,
+            reasoning,
+        }
+    }
+
     /// All prompt-side tokens; long-context tiers are chosen by this.
     pub fn prompt_total(&self) -> u64 {
         self.input + self.cache_read + self.cache_write

@@ -212,22 +212,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn tc(
-        input: u64,
-        cache_read: u64,
-        cache_write: u64,
-        output: u64,
-        reasoning: u64,
-    ) -> TokenCounts {
-        TokenCounts {
-            input,
-            cache_read,
-            cache_write,
-            output,
-            reasoning,
-        }
-    }
-
     #[test]
     fn provider_shapes_table() {
         // (provider, provider_usage, expected canonical counts)
@@ -237,53 +221,53 @@ mod tests {
                 json!({"prompt_tokens": 1200, "completion_tokens": 450,
                        "prompt_tokens_details": {"cached_tokens": 200},
                        "completion_tokens_details": {"reasoning_tokens": 100}}),
-                tc(1000, 200, 0, 450, 100),
+                TokenCounts::new(1000, 200, 0, 450, 100),
             ),
             (
                 "openai",
                 json!({"prompt_tokens": 10, "completion_tokens": 5}),
-                tc(10, 0, 0, 5, 0),
+                TokenCounts::new(10, 0, 0, 5, 0),
             ),
             (
                 "openai",
                 json!({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": null}),
-                tc(10, 0, 0, 5, 0),
+                TokenCounts::new(10, 0, 0, 5, 0),
             ),
             (
                 "openai",
                 json!({"input_tokens": 5000, "output_tokens": 900,
                        "input_tokens_details": {"cached_tokens": 4096},
                        "output_tokens_details": {"reasoning_tokens": 600}, "total_tokens": 5900}),
-                tc(904, 4096, 0, 900, 600),
+                TokenCounts::new(904, 4096, 0, 900, 600),
             ),
             (
                 "anthropic",
                 json!({"input_tokens": 30, "cache_read_input_tokens": 7000,
                        "cache_creation_input_tokens": 1500, "output_tokens": 250}),
-                tc(30, 7000, 1500, 250, 0),
+                TokenCounts::new(30, 7000, 1500, 250, 0),
             ),
             (
                 "anthropic",
                 json!({"input_tokens": 12, "output_tokens": 3}),
-                tc(12, 0, 0, 3, 0),
+                TokenCounts::new(12, 0, 0, 3, 0),
             ),
             (
                 "google",
                 json!({"promptTokenCount": 3000, "cachedContentTokenCount": 2048,
                        "candidatesTokenCount": 400, "thoughtsTokenCount": 150, "totalTokenCount": 3550}),
-                tc(952, 2048, 0, 550, 150),
+                TokenCounts::new(952, 2048, 0, 550, 150),
             ),
             (
                 "google",
                 json!({"promptTokenCount": 100, "candidatesTokenCount": 20, "toolUsePromptTokenCount": 7}),
-                tc(107, 0, 0, 20, 0),
+                TokenCounts::new(107, 0, 0, 20, 0),
             ),
             // An OpenAI-compatible provider is recognised by its shape.
             (
                 "deepseek",
                 json!({"prompt_tokens": 50, "completion_tokens": 9,
                        "prompt_tokens_details": {"cached_tokens": 40}}),
-                tc(10, 40, 0, 9, 0),
+                TokenCounts::new(10, 40, 0, 9, 0),
             ),
         ];
         for (provider, usage, want) in cases {
@@ -349,7 +333,7 @@ mod tests {
     fn canonical_usage() {
         let u = json!({"input_tokens": 1000, "cache_read_tokens": 200, "cache_write_tokens": 0,
                        "output_tokens": 350, "reasoning_tokens": 100});
-        assert_eq!(canonical(&u), Ok(tc(1000, 200, 0, 350, 100)));
+        assert_eq!(canonical(&u), Ok(TokenCounts::new(1000, 200, 0, 350, 100)));
         assert!(canonical(&json!({"output_tokens": 1, "reasoning_tokens": 2})).is_err());
         assert!(canonical(&json!({"input_tokens": -5}))
             .unwrap_err()

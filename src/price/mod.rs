@@ -166,22 +166,6 @@ output_per_mtok = "15"
         }
     }
 
-    fn tc(
-        input: u64,
-        cache_read: u64,
-        cache_write: u64,
-        output: u64,
-        reasoning: u64,
-    ) -> TokenCounts {
-        TokenCounts {
-            input,
-            cache_read,
-            cache_write,
-            output,
-            reasoning,
-        }
-    }
-
     fn priced(p: Pricing) -> Priced {
         match p {
             Pricing::Priced(p) => p,
@@ -198,7 +182,7 @@ output_per_mtok = "15"
                 "gpt-4o-mini-2024-07-18",
                 "default",
                 (2025, 10, 14),
-                tc(1000, 200, 0, 350, 100),
+                TokenCounts::new(1000, 200, 0, 350, 100),
             ),
             &book(),
         ));
@@ -210,7 +194,7 @@ output_per_mtok = "15"
     #[test]
     fn effective_dating_picks_newest_entry_not_after_the_event() {
         let b = book();
-        let u = tc(1_000_000, 0, 0, 0, 0);
+        let u = TokenCounts::new(1_000_000, 0, 0, 0, 0);
         assert_eq!(
             priced(price(
                 &event("openai", "gpt-4o-mini", "", (2025, 12, 31), u),
@@ -236,7 +220,7 @@ output_per_mtok = "15"
     #[test]
     fn service_tier_entry_or_fallback() {
         let b = book();
-        let u = tc(1_000_000, 0, 0, 1_000_000, 0);
+        let u = TokenCounts::new(1_000_000, 0, 0, 1_000_000, 0);
         assert_eq!(
             priced(price(
                 &event("openai", "gpt-4o-mini", "batch", (2025, 1, 1), u),
@@ -264,7 +248,7 @@ output_per_mtok = "15"
                 "o3-2025-04-16",
                 "",
                 (2025, 5, 1),
-                tc(1000, 0, 0, 500, 300),
+                TokenCounts::new(1000, 0, 0, 500, 300),
             ),
             &book(),
         ));
@@ -272,7 +256,13 @@ output_per_mtok = "15"
         assert_eq!(p.cost, dec!(0.0076));
         assert_eq!(
             price(
-                &event("openai", "o3-mini", "", (2025, 5, 1), tc(1, 0, 0, 1, 0)),
+                &event(
+                    "openai",
+                    "o3-mini",
+                    "",
+                    (2025, 5, 1),
+                    TokenCounts::new(1, 0, 0, 1, 0)
+                ),
                 &book()
             ),
             Pricing::Unpriced
@@ -289,14 +279,14 @@ output_per_mtok = "15"
             ))
         };
         // Exactly at the threshold: base rates.
-        let base = at(tc(190_000, 10_000, 0, 1000, 0));
+        let base = at(TokenCounts::new(190_000, 10_000, 0, 1000, 0));
         assert_eq!(base.tier_threshold, 0);
         assert_eq!(
             base.cost,
             dec!(0.25) - dec!(0.0125) + dec!(0.00125) + dec!(0.01)
         );
         // One token more: every class at the tier's rates.
-        let long = at(tc(190_001, 10_000, 0, 1000, 0));
+        let long = at(TokenCounts::new(190_001, 10_000, 0, 1000, 0));
         assert_eq!(long.tier_threshold, 200_000);
         assert_eq!(long.cost, dec!(0.4750025) + dec!(0.0025) + dec!(0.015));
     }
@@ -310,7 +300,7 @@ output_per_mtok = "15"
                     "gpt-4o-mini",
                     "",
                     (2025, 1, 1),
-                    tc(1, 0, 0, 1, 0)
+                    TokenCounts::new(1, 0, 0, 1, 0)
                 ),
                 &book()
             ),
@@ -318,7 +308,13 @@ output_per_mtok = "15"
         );
         assert_eq!(
             price(
-                &event("openai", "gpt-5-nano", "", (2025, 1, 1), tc(1, 0, 0, 1, 0)),
+                &event(
+                    "openai",
+                    "gpt-5-nano",
+                    "",
+                    (2025, 1, 1),
+                    TokenCounts::new(1, 0, 0, 1, 0)
+                ),
                 &book()
             ),
             Pricing::Unpriced
@@ -399,7 +395,7 @@ output_per_mtok = "1"
             0u64..5_000_000,
             0u64..5_000_000,
         )
-            .prop_map(|(i, cr, cw, o, r)| tc(i, cr, cw, o, r.min(o)))
+            .prop_map(|(i, cr, cw, o, r)| TokenCounts::new(i, cr, cw, o, r.min(o)))
     }
 
     fn arb_rates() -> impl Strategy<Value = Rates> {
@@ -468,7 +464,7 @@ output_per_mtok = "1"
 
         #[test]
         fn one_token_costs_its_rate_over_a_million(r in arb_rates()) {
-            let c = cost(&r, &tc(1, 0, 0, 0, 0), Decimal::ZERO);
+            let c = cost(&r, &TokenCounts::new(1, 0, 0, 0, 0), Decimal::ZERO);
             prop_assert_eq!(c, (r.input_per_mtok / Decimal::from(1_000_000)).normalize());
         }
     }
