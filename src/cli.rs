@@ -146,6 +146,7 @@ pub struct SpendArgs {
 pub enum GroupBy {
     Institution,
     Model,
+    #[value(name = "api_key", alias = "api-key")]
     ApiKey,
     User,
 }

@@ -3,12 +3,13 @@
 use std::fmt::Write as _;
 
 use chrono::NaiveDate;
-use clickhouse::Row;
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::cli::{Format, GroupBy};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
+use crate::web::auth::Scope;
+use crate::web::query::{aggregate, Selection};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SpendRow {
@@ -25,19 +26,6 @@ pub struct SpendRow {
     pub cost_usd: Decimal,
 }
 
-#[derive(Row, Deserialize)]
-struct RawRow {
-    key: String,
-    events: i64,
-    unpriced_events: i64,
-    input_tokens: i64,
-    cache_read_tokens: i64,
-    cache_write_tokens: i64,
-    output_tokens: i64,
-    reasoning_tokens: i64,
-    cost: String,
-}
-
 impl GroupBy {
     pub fn column(self) -> &'static str {
         match self {
@@ -49,55 +37,46 @@ impl GroupBy {
     }
 }
 
-/// Spend from `from` to `to`, both days inclusive (UTC).
+/// Spend from `from` to `to`, both days inclusive (UTC): the dashboard's aggregation
+/// over the rollups, for all institutions.
 pub async fn spend(
     store: &Store,
     from: NaiveDate,
     to: NaiveDate,
     group_by: GroupBy,
-) -> Result<Vec<SpendRow>, StoreError> {
-    let start = from
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight")
-        .and_utc()
-        .timestamp();
-    let end = to
-        .succ_opt()
-        .unwrap_or(to)
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight")
-        .and_utc()
-        .timestamp();
-    let col = group_by.column();
-    let sql = format!(
-        "SELECT {col} AS key, sum(events) AS events, sum(unpriced_events) AS unpriced_events, \
-         sum(input_tokens) AS input_tokens, sum(cache_read_tokens) AS cache_read_tokens, \
-         sum(cache_write_tokens) AS cache_write_tokens, sum(output_tokens) AS output_tokens, \
-         sum(reasoning_tokens) AS reasoning_tokens, toString(sum(cost)) AS cost \
-         FROM usage_hourly WHERE hour >= toDateTime({start}) AND hour < toDateTime({end}) \
-         GROUP BY key HAVING events != 0 ORDER BY key"
-    );
-    let rows: Vec<RawRow> = store.client().query(&sql).fetch_all().await?;
-    rows.into_iter()
-        .map(|r| {
-            let cost_usd = r
-                .cost
-                .parse::<Decimal>()
-                .map_err(|e| StoreError::Decode(format!("cost {:?}: {e}", r.cost)))?
-                .normalize();
-            Ok(SpendRow {
-                key: r.key,
-                events: r.events,
-                unpriced_events: r.unpriced_events,
-                input_tokens: r.input_tokens,
-                cache_read_tokens: r.cache_read_tokens,
-                cache_write_tokens: r.cache_write_tokens,
-                output_tokens: r.output_tokens,
-                reasoning_tokens: r.reasoning_tokens,
-                cost_usd,
-            })
+) -> anyhow::Result<Vec<SpendRow>> {
+    let sel = Selection {
+        from,
+        to,
+        scope: Scope::All,
+        model: None,
+        key: None,
+        user: None,
+        tag: None,
+    };
+    let rows = aggregate(
+        store,
+        &sel,
+        group_by.column(),
+        "''",
+        "key",
+        u32::MAX as usize,
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|a| SpendRow {
+            cost_usd: a.cost(),
+            key: a.key,
+            events: a.events,
+            unpriced_events: a.unpriced_events,
+            input_tokens: a.input_tokens,
+            cache_read_tokens: a.cache_read_tokens,
+            cache_write_tokens: a.cache_write_tokens,
+            output_tokens: a.output_tokens,
+            reasoning_tokens: a.reasoning_tokens,
         })
-        .collect()
+        .collect())
 }
 
 const COLUMNS: [&str; 8] = [
