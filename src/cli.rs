@@ -358,3 +358,39 @@ fn prices(cfg: &Config, command: PricesCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_values_are_spelled_as_documented() {
+        for (arg, want) in [
+            ("institution", GroupBy::Institution),
+            ("model", GroupBy::Model),
+            ("api_key", GroupBy::ApiKey),
+            ("user", GroupBy::User),
+        ] {
+            let cli = Cli::try_parse_from([
+                "tokentally",
+                "report",
+                "spend",
+                "--from",
+                "2026-10-01",
+                "--to",
+                "2026-10-31",
+                "--group-by",
+                arg,
+                "--format",
+                "json",
+            ])
+            .unwrap_or_else(|e| panic!("{arg}: {e}"));
+            match cli.command {
+                Command::Report {
+                    command: ReportCommand::Spend(a),
+                } => assert_eq!(a.group_by, want),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
