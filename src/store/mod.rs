@@ -10,8 +10,6 @@ use crate::config::ClickHouseConfig;
 pub enum StoreError {
     #[error("ClickHouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
-    #[error("ClickHouse returned an unexpected value: {0}")]
-    Decode(String),
     #[error("{0}")]
     Migration(String),
 }
