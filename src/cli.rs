@@ -70,6 +70,20 @@ pub enum Command {
         #[command(subcommand)]
         command: ReportCommand,
     },
+    /// Invoices: draft, issue (numbered, frozen), void (credit note), show, list.
+    Invoice {
+        #[command(subcommand)]
+        command: crate::billing::cmd::InvoiceCommand,
+    },
+    /// Per institution: invoice total vs. stored events, unpriced and rejected counts;
+    /// per partition: Kafka messages consumed vs. rows stored. Exits 1 on a mismatch.
+    Reconcile {
+        /// Billing period, YYYY-MM.
+        #[arg(long)]
+        period: crate::billing::Period,
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::billing::cmd::ReportFormat,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,6 +236,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
+        Command::Invoice { command } => crate::billing::cmd::invoice(&cfg, command).await,
+        Command::Reconcile { period, format } => {
+            crate::billing::cmd::reconcile(&cfg, period, format).await
+        }
         Command::Report {
             command: ReportCommand::Spend(args),
         } => {
@@ -292,7 +310,7 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_book(cfg: &Config) -> anyhow::Result<PriceBook> {
+pub fn load_book(cfg: &Config) -> anyhow::Result<PriceBook> {
     PriceBook::load(&cfg.prices.path)
         .with_context(|| format!("loading price book {}", cfg.prices.path.display()))
 }

@@ -14,8 +14,63 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub prices: PricesConfig,
     pub web: WebConfig,
+    pub billing: BillingConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
+}
+
+impl Config {
+    /// The institution's settings, if it is configured.
+    pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
+        self.institutions.iter().find(|i| i.id == id)
+    }
+}
+
+/// Invoicing: who issues, how documents are numbered, and where the ledger lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// Kafka topic (one partition, never expiring) that orders every issued document;
+    /// invoice numbers are positions in it. Env: `TOKENTALLY_BILLING_LEDGER_TOPIC`.
+    pub ledger_topic: String,
+    /// Invoice numbers read `PREFIX-YYYY-NNNNNN`; the sequence never resets.
+    pub number_prefix: String,
+    /// Days between the issue date and the due date.
+    pub payment_terms_days: u32,
+    /// `serve` issues last month's invoices on this day of the month (1-28; 0 = never).
+    pub auto_issue_day: u32,
+    /// Issue automatically even when a period has unpriced usage (it is listed, not billed).
+    pub auto_issue_allow_unpriced: bool,
+    /// The issuer printed on every invoice.
+    pub issuer: PartyConfig,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            ledger_topic: "tokentally.invoices".into(),
+            number_prefix: "TT".into(),
+            payment_terms_days: 30,
+            auto_issue_day: 0,
+            auto_issue_allow_unpriced: false,
+            issuer: PartyConfig {
+                name: "tokentally".into(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Name, postal address and contact details as printed on an invoice.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartyConfig {
+    pub name: String,
+    /// Address lines, top to bottom.
+    pub address: Vec<String>,
+    pub email: String,
+    /// VAT or other tax identifier.
+    pub tax_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +111,23 @@ pub struct InstitutionConfig {
     /// Monthly budget in USD (decimal string), for burn-down and budget alerts.
     #[serde(default, with = "rust_decimal::serde::str_option")]
     pub monthly_budget_usd: Option<rust_decimal::Decimal>,
+    /// IANA time zone whose calendar months are this institution's billing periods.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+    /// Contract markup (positive) or discount (negative) in percent, applied per invoice
+    /// line, e.g. "-12.5" for a 12.5% discount.
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub contract_percent: rust_decimal::Decimal,
+    /// Billing address, contact and tax id printed on its invoices (name: `name`).
+    #[serde(default)]
+    pub billing: PartyConfig,
+    /// The customer's purchase-order or reference number, printed on invoices.
+    #[serde(default)]
+    pub reference: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +269,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("config is invalid: {0}")]
+    Invalid(String),
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
     Env {
         name: &'static str,
@@ -222,12 +296,45 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks what serde cannot: time zones, ids, ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in &self.institutions {
+            if !seen.insert(i.id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "institution `{}` is configured twice",
+                    i.id
+                )));
+            }
+            if i.time_zone.parse::<chrono_tz::Tz>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "institution `{}`: unknown time zone {:?} (use an IANA name such as \"Europe/Berlin\")",
+                    i.id, i.time_zone
+                )));
+            }
+            if i.contract_percent <= rust_decimal::Decimal::from(-100) {
+                return Err(ConfigError::Invalid(format!(
+                    "institution `{}`: contract_percent must be above -100",
+                    i.id
+                )));
+            }
+        }
+        if self.billing.auto_issue_day > 28 {
+            return Err(ConfigError::Invalid(
+                "billing.auto_issue_day must be 0 (off) or 1-28".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Applies overrides from `env` (a function so tests need not touch the process env).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let strings: [(&str, &mut String); 10] = [
+        let strings: [(&str, &mut String); 11] = [
+            ("TOKENTALLY_BILLING_LEDGER_TOPIC", &mut self.billing.ledger_topic),
             ("TOKENTALLY_WEB_LISTEN", &mut self.web.listen),
             ("TOKENTALLY_KAFKA_BROKERS", &mut self.kafka.brokers),
             ("TOKENTALLY_KAFKA_TOPIC", &mut self.kafka.topic),

@@ -25,6 +25,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_usage_hourly_institution.sql",
         include_str!("../../schema/0004_usage_hourly_institution.sql"),
     ),
+    (
+        "0005_invoices.sql",
+        include_str!("../../schema/0005_invoices.sql"),
+    ),
 ];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).

@@ -11,6 +11,8 @@ use crate::config::Config;
 #[derive(Debug, Clone)]
 pub struct PartitionLag {
     pub partition: i32,
+    /// First offset still in the log.
+    pub low: i64,
     pub committed: i64,
     pub high: i64,
     pub lag: i64,
@@ -61,6 +63,7 @@ fn lag_blocking(cfg: &Config) -> Result<Vec<PartitionLag>, String> {
             };
             Ok(PartitionLag {
                 partition: p,
+                low,
                 committed,
                 high,
                 lag: (high - committed).max(0),

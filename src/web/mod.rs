@@ -3,7 +3,7 @@
 pub mod auth;
 pub mod chart;
 pub mod error;
-mod lag;
+pub mod lag;
 pub mod page;
 mod pages;
 pub mod query;

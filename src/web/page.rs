@@ -180,7 +180,7 @@ impl PageData {
     }
 }
 
-fn csv_field(s: &str) -> String {
+pub fn csv_field(s: &str) -> String {
     // Quote separators, and defuse spreadsheet formulas.
     let formula = s.starts_with(['=', '+', '@'])
         || (s.len() > 1 && s.starts_with('-') && s.parse::<Decimal>().is_err());

@@ -1,0 +1,371 @@
+//! `tokentally invoice …` and `tokentally reconcile`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::ledger;
+use super::render;
+use super::service::{Billing, Reconciliation};
+use super::{usage, Customer, Document, Period};
+use crate::config::Config;
+use crate::store::Store;
+use crate::web::page::money;
+
+#[derive(Subcommand, Debug)]
+pub enum InvoiceCommand {
+    /// Compute the invoice a period would get now (nothing is stored).
+    Draft(Target),
+    /// Issue the invoice of an ended period: numbered, frozen and stored.
+    Issue {
+        #[command(flatten)]
+        target: Target,
+        /// Issue even though the period has unpriced usage (listed on the invoice, not billed).
+        #[arg(long)]
+        allow_unpriced: bool,
+    },
+    /// Void an issued invoice by issuing a credit note that references it.
+    Void {
+        /// The invoice number (or give --institution and --period).
+        #[arg(long)]
+        number: Option<String>,
+        #[arg(long)]
+        institution: Option<String>,
+        #[arg(long)]
+        period: Option<Period>,
+        /// Why (kept in the ledger).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: DocFormat,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// An issued invoice exactly as frozen (or, for a period not issued yet, its draft).
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Show this document number instead of an institution's period.
+        #[arg(long, conflicts_with_all = ["institution", "period"])]
+        number: Option<String>,
+    },
+    /// List issued invoices and credit notes.
+    List {
+        #[arg(long)]
+        institution: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Target {
+    #[arg(long, required_unless_present = "number")]
+    pub institution: Option<String>,
+    /// Billing period, YYYY-MM (calendar month in the institution's time zone).
+    #[arg(long, required_unless_present = "number")]
+    pub period: Option<Period>,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: DocFormat,
+    /// Write to this file instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    #[arg(skip)]
+    pub number: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocFormat {
+    /// A readable summary.
+    Table,
+    Json,
+    /// One row per invoice line.
+    Csv,
+    Pdf,
+    /// Day × user × key × model × token class for the period (live, from stored events).
+    UsageCsv,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Json,
+}
+
+fn emit(bytes: &[u8], output: Option<&PathBuf>, binary: bool) -> anyhow::Result<()> {
+    match output {
+        Some(path) => {
+            std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            if binary && out.is_terminal() {
+                bail!("refusing to write a PDF to the terminal; use --output FILE or redirect");
+            }
+            out.write_all(bytes)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// A readable summary of a document.
+pub fn table(d: &Document) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} {}  {} {} ({})",
+        d.title(),
+        d.number,
+        d.customer.id,
+        d.period,
+        d.time_zone
+    );
+    if let Some(r) = &d.references {
+        let _ = writeln!(s, "cancels {r}");
+    }
+    if let (Some(i), Some(due)) = (d.issue_date, d.due_date) {
+        let _ = writeln!(s, "issued {i}, due {due}");
+    }
+    let _ = writeln!(
+        s,
+        "{:<58} {:>8} {:>16} {:>14} {:>12}",
+        "line", "period", "quantity", "unit price", "amount"
+    );
+    for l in &d.lines {
+        let desc = if l.adjustment {
+            format!("adjustment: {}", l.description())
+        } else {
+            l.description()
+        };
+        let _ = writeln!(
+            s,
+            "{:<58} {:>8} {:>16} {:>14} {:>12}",
+            desc,
+            l.period.to_string(),
+            l.quantity,
+            l.unit_price.to_string(),
+            money(l.amount)
+        );
+    }
+    let _ = writeln!(s, "{:>96} {:>14}", "subtotal", money(d.subtotal));
+    let _ = writeln!(s, "{:>96} {:>14}", "adjustments", money(d.adjustments));
+    let _ = writeln!(
+        s,
+        "{:>96} {:>14}",
+        format!("total {}", d.currency),
+        money(d.total)
+    );
+    if d.unpriced.events != 0 {
+        let _ = writeln!(
+            s,
+            "UNPRICED: {} events ({} tokens) of {} are not billed",
+            d.unpriced.events,
+            d.unpriced.tokens,
+            d.unpriced.models.join(", ")
+        );
+    }
+    let _ = writeln!(s, "price book {}", d.price_book_version);
+    s
+}
+
+async fn render_doc(
+    billing: &Billing<'_>,
+    d: &Document,
+    format: DocFormat,
+    frozen: Option<&ledger::Frozen>,
+) -> anyhow::Result<(Vec<u8>, bool)> {
+    Ok(match (format, frozen) {
+        (DocFormat::Json, Some(f)) => (f.document.clone().into_bytes(), false),
+        (DocFormat::Csv, Some(f)) => (f.csv.clone().into_bytes(), false),
+        (DocFormat::Pdf, Some(f)) => (f.pdf.clone(), true),
+        (DocFormat::Json, None) => (render::json(d).into_bytes(), false),
+        (DocFormat::Csv, None) => (render::lines_csv(d).into_bytes(), false),
+        (DocFormat::Pdf, None) => (render::pdf(d)?, true),
+        (DocFormat::Table, _) => (table(d).into_bytes(), false),
+        (DocFormat::UsageCsv, _) => {
+            let c = Customer::resolve(billing.cfg, &d.customer.id);
+            let details =
+                usage::details(billing.store, &d.customer.id, c.tz.name(), d.period_start, d.period_end)
+                    .await?;
+            (render::usage_csv(d.period, &details, billing.book)?.into_bytes(), false)
+        }
+    })
+}
+
+pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()> {
+    let store = Store::new(&cfg.clickhouse);
+    let book = crate::cli::load_book(cfg)?;
+    let billing = Billing::new(cfg, &store, &book);
+    match command {
+        InvoiceCommand::Draft(t) => {
+            let ledger = billing.sync().await?;
+            let (inst, period) = need(&t)?;
+            let d = billing.draft(&ledger, inst, period).await?;
+            let (bytes, bin) = render_doc(&billing, &d, t.format, None).await?;
+            emit(&bytes, t.output.as_ref(), bin)
+        }
+        InvoiceCommand::Issue {
+            target,
+            allow_unpriced,
+        } => {
+            let (inst, period) = need(&target)?;
+            let d = billing.issue(inst, period, allow_unpriced).await?;
+            eprintln!(
+                "issued {} for {} {}: {}",
+                d.number,
+                inst,
+                period,
+                money(d.total)
+            );
+            let frozen = ledger::frozen(&store, &d.number).await?;
+            let (bytes, bin) = render_doc(&billing, &d, target.format, frozen.as_ref()).await?;
+            emit(&bytes, target.output.as_ref(), bin)
+        }
+        InvoiceCommand::Void {
+            number,
+            institution,
+            period,
+            reason,
+            format,
+            output,
+        } => {
+            let number = match (number, institution, period) {
+                (Some(n), _, _) => n,
+                (None, Some(i), Some(p)) => {
+                    let ledger = billing.sync().await?;
+                    ledger
+                        .live_invoice(&i, p)
+                        .map(|d| d.number.clone())
+                        .with_context(|| format!("{i} {p} has no issued invoice to void"))?
+                }
+                _ => bail!("give --number, or --institution and --period"),
+            };
+            let credit = billing.void(&number, &reason).await?;
+            eprintln!("voided {number} with credit note {}", credit.number);
+            let frozen = ledger::frozen(&store, &credit.number).await?;
+            let (bytes, bin) = render_doc(&billing, &credit, format, frozen.as_ref()).await?;
+            emit(&bytes, output.as_ref(), bin)
+        }
+        InvoiceCommand::Show { target, number } => {
+            let ledger = billing.sync().await?;
+            let doc = match &number {
+                Some(n) => ledger.docs.iter().find(|d| &d.number == n).cloned(),
+                None => {
+                    let (inst, period) = need(&target)?;
+                    ledger.live_invoice(inst, period).cloned()
+                }
+            };
+            match doc {
+                Some(d) => {
+                    let frozen = ledger::frozen(&store, &d.number).await?;
+                    let (bytes, bin) =
+                        render_doc(&billing, &d, target.format, frozen.as_ref()).await?;
+                    emit(&bytes, target.output.as_ref(), bin)
+                }
+                None => {
+                    if let Some(n) = number {
+                        bail!("no document numbered {n}");
+                    }
+                    let (inst, period) = need(&target)?;
+                    eprintln!("{inst} {period} is not issued; showing the live draft");
+                    let d = billing.draft(&ledger, inst, period).await?;
+                    let (bytes, bin) = render_doc(&billing, &d, target.format, None).await?;
+                    emit(&bytes, target.output.as_ref(), bin)
+                }
+            }
+        }
+        InvoiceCommand::List { institution } => {
+            let ledger = billing.sync().await?;
+            println!(
+                "{:<16} {:<12} {:<20} {:<8} {:<11} {:>14}  status",
+                "number", "kind", "institution", "period", "issued", "total"
+            );
+            for d in ledger
+                .docs
+                .iter()
+                .filter(|d| institution.as_deref().is_none_or(|i| d.customer.id == i))
+            {
+                let status = match (&d.references, ledger.voided_by(&d.number)) {
+                    (Some(r), _) => format!("cancels {r}"),
+                    (None, Some(c)) => format!("voided by {c}"),
+                    (None, None) => "issued".into(),
+                };
+                println!(
+                    "{:<16} {:<12} {:<20} {:<8} {:<11} {:>14}  {status}",
+                    d.number,
+                    match d.kind {
+                        super::Kind::Invoice => "invoice",
+                        super::Kind::CreditNote => "credit note",
+                    },
+                    d.customer.id,
+                    d.period.to_string(),
+                    d.issue_date.map(|x| x.to_string()).unwrap_or_default(),
+                    money(d.total)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn need(t: &Target) -> anyhow::Result<(&str, Period)> {
+    match (&t.institution, t.period) {
+        (Some(i), Some(p)) => Ok((i, p)),
+        _ => bail!("give --institution ID and --period YYYY-MM"),
+    }
+}
+
+pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> anyhow::Result<()> {
+    let store = Store::new(&cfg.clickhouse);
+    let book = crate::cli::load_book(cfg)?;
+    let billing = Billing::new(cfg, &store, &book);
+    let r = billing.reconcile(period).await?;
+    match format {
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        ReportFormat::Table => print!("{}", reconcile_table(&r)),
+    }
+    if r.problems > 0 {
+        eprintln!("{} discrepancies found", r.problems);
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn reconcile_table(r: &Reconciliation) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "period {}", r.period);
+    let _ = writeln!(
+        s,
+        "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  status",
+        "institution", "invoice", "invoice_total", "billed", "events_amount", "events_exact", "events", "unpriced", "rejected"
+    );
+    for i in &r.institutions {
+        let _ = writeln!(
+            s,
+            "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  {}",
+            i.institution,
+            i.invoice.as_deref().unwrap_or("-"),
+            i.invoice_total.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+            i.billed.to_string(),
+            i.events_amount.to_string(),
+            i.events_exact.to_string(),
+            i.events,
+            i.unpriced_events,
+            i.rejected_events,
+            i.status
+        );
+    }
+    let _ = writeln!(s, "\nkafka partition  consumed  stored  status");
+    for p in &r.partitions {
+        let _ = writeln!(
+            s,
+            "{:>15} {:>9} {:>7}  {}",
+            p.partition, p.consumed, p.stored, p.status
+        );
+    }
+    s
+}

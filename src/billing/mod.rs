@@ -1,0 +1,637 @@
+//! Invoices: periods, lines, contract multipliers and rounding (pure), the numbered
+//! ledger that freezes them, and their renderings (JSON, CSV, PDF).
+//!
+//! Money rule (DESIGN.md): a line's amount is the exact sum of its events' costs times
+//! the institution's contract multiplier, rounded once to cents, half away from zero.
+//! The total is the sum of the rounded lines. Nothing else rounds.
+
+pub mod cmd;
+pub mod ledger;
+pub mod render;
+pub mod service;
+pub mod usage;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, InstitutionConfig, PartyConfig};
+use crate::price::{PriceBook, Rates};
+
+/// A calendar month, the billing period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Period {
+    pub year: i32,
+    pub month: u32,
+}
+
+impl Period {
+    pub fn of(date: NaiveDate) -> Self {
+        Self {
+            year: date.year(),
+            month: date.month(),
+        }
+    }
+
+    pub fn first_day(self) -> NaiveDate {
+        NaiveDate::from_ymd_opt(self.year, self.month, 1).expect("valid month")
+    }
+
+    pub fn next(self) -> Self {
+        if self.month == 12 {
+            Self {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Self {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
+    }
+
+    pub fn prev(self) -> Self {
+        if self.month == 1 {
+            Self {
+                year: self.year - 1,
+                month: 12,
+            }
+        } else {
+            Self {
+                year: self.year,
+                month: self.month - 1,
+            }
+        }
+    }
+
+    /// `[start, end)` in UTC of this month in `tz` (local midnight of the 1st to the next 1st).
+    pub fn bounds(self, tz: chrono_tz::Tz) -> (DateTime<Utc>, DateTime<Utc>) {
+        let local_midnight = |d: NaiveDate| {
+            let naive = d.and_hms_opt(0, 0, 0).expect("midnight");
+            // A zone may skip midnight (DST at 00:00): the earliest instant that day.
+            tz.from_local_datetime(&naive)
+                .earliest()
+                .unwrap_or_else(|| tz.from_utc_datetime(&naive))
+                .with_timezone(&Utc)
+        };
+        (
+            local_midnight(self.first_day()),
+            local_midnight(self.next().first_day()),
+        )
+    }
+}
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+impl FromStr for Period {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a period; use YYYY-MM, e.g. 2026-10");
+        let (y, m) = s.split_once('-').ok_or_else(bad)?;
+        if y.len() != 4 || m.len() != 2 {
+            return Err(bad());
+        }
+        let year: i32 = y.parse().map_err(|_| bad())?;
+        let month: u32 = m.parse().map_err(|_| bad())?;
+        if !(1..=12).contains(&month) {
+            return Err(bad());
+        }
+        Ok(Self { year, month })
+    }
+}
+
+impl Serialize for Period {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a line counts.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Input,
+    CacheRead,
+    CacheWrite,
+    Output,
+    Reasoning,
+    /// Per-request fees: quantity is requests, the unit price is per request.
+    Requests,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Input => "input",
+            Class::CacheRead => "cache_read",
+            Class::CacheWrite => "cache_write",
+            Class::Output => "output",
+            Class::Reasoning => "reasoning",
+            Class::Requests => "requests",
+        }
+    }
+
+    /// Unit prices are per million tokens, except request fees.
+    pub fn per_million(self) -> bool {
+        self != Class::Requests
+    }
+}
+
+/// Sums over stored events that share one price entry and rate tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupSums {
+    pub price_id: String,
+    pub price_model: String,
+    /// Long-context threshold whose rates applied (0: base rates).
+    pub price_tier: u64,
+    pub events: i64,
+    pub input: i64,
+    pub cache_read: i64,
+    pub cache_write: i64,
+    pub output: i64,
+    /// Sum over events of min(reasoning, output): what a reasoning rate applies to.
+    pub reasoning: i64,
+    /// Exact sum of the events' stored costs.
+    pub cost: Decimal,
+}
+
+/// The identity of an invoice line: equal keys merge.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LineKey {
+    pub period: Period,
+    pub model: String,
+    /// e.g. "batch" or "prompts > 200000 tokens"; empty for standard rates.
+    pub variant: String,
+    pub class: Class,
+    pub unit_price: Decimal,
+}
+
+/// Exact quantities per line key, before the contract and rounding.
+pub type Quantities = BTreeMap<LineKey, i64>;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BillingError {
+    #[error("events priced by entry `{0}` which the price book no longer has; run `tokentally reprice`")]
+    MissingEntry(String),
+    #[error("events priced by `{price_id}` cost {stored} in store but {computed} at the current price book; run `tokentally reprice` first")]
+    BookChanged {
+        price_id: String,
+        stored: Decimal,
+        computed: Decimal,
+    },
+}
+
+fn rates_for(book: &PriceBook, g: &GroupSums) -> Result<(String, Rates, Decimal), BillingError> {
+    let entry = book
+        .entry(&g.price_id)
+        .ok_or_else(|| BillingError::MissingEntry(g.price_id.clone()))?;
+    let rates = if g.price_tier == 0 {
+        entry.rates.clone()
+    } else {
+        entry
+            .tiers
+            .iter()
+            .find(|t| t.above_input_tokens == g.price_tier)
+            .map(|t| t.rates.clone())
+            .ok_or_else(|| BillingError::MissingEntry(g.price_id.clone()))?
+    };
+    let mut variant = Vec::new();
+    if let Some(t) = &entry.service_tier {
+        variant.push(t.clone());
+    }
+    if g.price_tier > 0 {
+        variant.push(format!("prompts > {} tokens", g.price_tier));
+    }
+    Ok((variant.join(", "), rates, entry.per_request))
+}
+
+/// Splits grouped sums into line quantities, and checks that the current price book
+/// reproduces the stored costs exactly (it does unless prices were edited without
+/// `reprice`).
+pub fn quantities(
+    period: Period,
+    groups: &[GroupSums],
+    book: &PriceBook,
+) -> Result<Quantities, BillingError> {
+    let mut out = Quantities::new();
+    for g in groups {
+        let (variant, rates, per_request) = rates_for(book, g)?;
+        let (output, reasoning) = match rates.reasoning_per_mtok {
+            Some(r) => (g.output - g.reasoning, Some((g.reasoning, r))),
+            None => (g.output, None),
+        };
+        let mut parts = vec![
+            (Class::Input, g.input, rates.input_per_mtok),
+            (Class::CacheRead, g.cache_read, rates.cache_read_per_mtok),
+            (Class::CacheWrite, g.cache_write, rates.cache_write_per_mtok),
+            (Class::Output, output, rates.output_per_mtok),
+        ];
+        if let Some((q, r)) = reasoning {
+            parts.push((Class::Reasoning, q, r));
+        }
+        if !per_request.is_zero() {
+            parts.push((Class::Requests, g.events, per_request));
+        }
+        let mut computed = Decimal::ZERO;
+        for (class, qty, unit) in parts {
+            if qty == 0 {
+                continue;
+            }
+            let key = LineKey {
+                period,
+                model: g.price_model.clone(),
+                variant: variant.clone(),
+                class,
+                unit_price: unit.normalize(),
+            };
+            computed += exact_amount(class, qty, unit);
+            *out.entry(key).or_default() += qty;
+        }
+        if computed != g.cost {
+            return Err(BillingError::BookChanged {
+                price_id: g.price_id.clone(),
+                stored: g.cost,
+                computed,
+            });
+        }
+    }
+    out.retain(|_, q| *q != 0);
+    Ok(out)
+}
+
+/// The exact (unrounded, pre-contract) amount of `qty` units at `unit`.
+pub fn exact_amount(class: Class, qty: i64, unit: Decimal) -> Decimal {
+    let v = Decimal::from(qty) * unit;
+    if class.per_million() {
+        v * Decimal::new(1, 6)
+    } else {
+        v
+    }
+}
+
+/// 1 + percent/100.
+pub fn multiplier(contract_percent: Decimal) -> Decimal {
+    Decimal::ONE + contract_percent / Decimal::ONE_HUNDRED
+}
+
+/// Rounds once, to cents, half away from zero.
+pub fn round_cents(d: Decimal) -> Decimal {
+    let mut r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+    r.rescale(2);
+    r
+}
+
+/// What is still to bill: `live − billed`, per key (nonzero only).
+pub fn outstanding(live: &Quantities, billed: &Quantities) -> Quantities {
+    let mut out = live.clone();
+    for (k, q) in billed {
+        *out.entry(k.clone()).or_default() -= q;
+    }
+    out.retain(|_, q| *q != 0);
+    out
+}
+
+/// One invoice line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    /// The month the usage belongs to.
+    pub period: Period,
+    /// True for a correction to an earlier, already invoiced period.
+    pub adjustment: bool,
+    pub model: String,
+    pub variant: String,
+    pub class: Class,
+    /// Tokens (or requests); negative on corrections and credit notes.
+    pub quantity: i64,
+    /// Per million tokens, or per request.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub unit_price: Decimal,
+    /// quantity × unit price, exact, before the contract.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub exact: Decimal,
+    /// exact × contract multiplier, rounded to cents.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+impl Line {
+    pub fn description(&self) -> String {
+        let mut d = format!("{} {}", self.model, self.class.as_str().replace('_', " "));
+        if !self.variant.is_empty() {
+            d.push_str(&format!(" ({})", self.variant));
+        }
+        d
+    }
+
+    pub fn key(&self) -> LineKey {
+        LineKey {
+            period: self.period,
+            model: self.model.clone(),
+            variant: self.variant.clone(),
+            class: self.class,
+            unit_price: self.unit_price,
+        }
+    }
+}
+
+/// Turns quantities into priced, rounded lines.
+pub fn lines(q: &Quantities, invoice_period: Period, mult: Decimal) -> Vec<Line> {
+    q.iter()
+        .map(|(k, &qty)| {
+            let exact = exact_amount(k.class, qty, k.unit_price);
+            Line {
+                period: k.period,
+                adjustment: k.period != invoice_period,
+                model: k.model.clone(),
+                variant: k.variant.clone(),
+                class: k.class,
+                quantity: qty,
+                unit_price: k.unit_price,
+                exact: exact.normalize(),
+                amount: round_cents(exact * mult),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Invoice,
+    CreditNote,
+}
+
+/// Name and address block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Party {
+    pub id: String,
+    pub name: String,
+    pub address: Vec<String>,
+    pub email: String,
+    pub tax_id: String,
+}
+
+impl Party {
+    pub fn from_config(id: &str, name: &str, p: &PartyConfig) -> Self {
+        Self {
+            id: id.into(),
+            name: if p.name.is_empty() { name.into() } else { p.name.clone() },
+            address: p.address.clone(),
+            email: p.email.clone(),
+            tax_id: p.tax_id.clone(),
+        }
+    }
+}
+
+/// Unpriced usage of the period: listed, never billed as $0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unpriced {
+    pub events: i64,
+    pub tokens: i64,
+    pub models: Vec<String>,
+}
+
+/// An invoice or credit note: a draft until the ledger gives it a number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Document {
+    /// `TT-2026-000123`; "DRAFT" until issued.
+    pub number: String,
+    /// Position in the gap-free sequence (0 for drafts).
+    pub seq: u64,
+    pub kind: Kind,
+    /// For a credit note: the invoice it cancels.
+    pub references: Option<String>,
+    pub issuer: Party,
+    pub customer: Party,
+    pub customer_reference: String,
+    pub period: Period,
+    pub time_zone: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub issued_at: Option<DateTime<Utc>>,
+    pub issue_date: Option<NaiveDate>,
+    pub due_date: Option<NaiveDate>,
+    pub currency: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub contract_percent: Decimal,
+    /// Content hash of the price book the lines were computed with.
+    pub price_book_version: String,
+    pub lines: Vec<Line>,
+    /// Sum of this period's rounded lines.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub subtotal: Decimal,
+    /// Sum of the rounded adjustment lines for earlier periods.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub adjustments: Decimal,
+    /// subtotal + adjustments.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub total: Decimal,
+    pub unpriced: Unpriced,
+}
+
+impl Document {
+    /// Recomputes subtotal, adjustments and total from the lines.
+    pub fn totals(&mut self) {
+        self.subtotal = self
+            .lines
+            .iter()
+            .filter(|l| !l.adjustment)
+            .map(|l| l.amount)
+            .sum();
+        self.adjustments = self
+            .lines
+            .iter()
+            .filter(|l| l.adjustment)
+            .map(|l| l.amount)
+            .sum();
+        self.total = self.subtotal + self.adjustments;
+    }
+
+    /// What this document bills per line key (credit notes count negative already).
+    pub fn billed(&self) -> impl Iterator<Item = (LineKey, i64)> + '_ {
+        self.lines.iter().map(|l| (l.key(), l.quantity))
+    }
+
+    /// The credit note that cancels this invoice.
+    pub fn credit_note(&self) -> Document {
+        let mut c = self.clone();
+        c.kind = Kind::CreditNote;
+        c.references = Some(self.number.clone());
+        c.number = "DRAFT".into();
+        c.seq = 0;
+        for l in &mut c.lines {
+            l.quantity = -l.quantity;
+            l.exact = -l.exact;
+            l.amount = -l.amount;
+        }
+        c.totals();
+        c
+    }
+
+    pub fn title(&self) -> &'static str {
+        match self.kind {
+            Kind::Invoice => "Invoice",
+            Kind::CreditNote => "Credit note",
+        }
+    }
+}
+
+/// An institution's billing settings, resolved.
+#[derive(Debug, Clone)]
+pub struct Customer {
+    pub party: Party,
+    pub reference: String,
+    pub tz: chrono_tz::Tz,
+    pub contract_percent: Decimal,
+}
+
+impl Customer {
+    /// From config; an unconfigured institution bills in UTC at list price.
+    pub fn resolve(cfg: &Config, institution: &str) -> Self {
+        let default = InstitutionConfig {
+            id: institution.into(),
+            name: String::new(),
+            monthly_budget_usd: None,
+            time_zone: "UTC".into(),
+            contract_percent: Decimal::ZERO,
+            billing: PartyConfig::default(),
+            reference: String::new(),
+        };
+        let i = cfg.institution(institution).unwrap_or(&default);
+        let name = if i.name.is_empty() { &i.id } else { &i.name };
+        Self {
+            party: Party::from_config(&i.id, name, &i.billing),
+            reference: i.reference.clone(),
+            tz: i.time_zone.parse().unwrap_or(chrono_tz::UTC),
+            contract_percent: i.contract_percent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn periods_parse_step_and_bound_in_a_time_zone() {
+        let p: Period = "2026-10".parse().unwrap();
+        assert_eq!(p.to_string(), "2026-10");
+        assert_eq!(p.next().to_string(), "2026-11");
+        assert_eq!("2026-01".parse::<Period>().unwrap().prev().to_string(), "2025-12");
+        for bad in ["2026-13", "2026-1", "26-10", "2026/10", ""] {
+            assert!(bad.parse::<Period>().is_err(), "{bad}");
+        }
+        let (s, e) = p.bounds(chrono_tz::UTC);
+        assert_eq!(s.to_rfc3339(), "2026-10-01T00:00:00+00:00");
+        assert_eq!(e.to_rfc3339(), "2026-11-01T00:00:00+00:00");
+        // Berlin: CEST (+2) on Oct 1st, CET (+1) on Nov 1st.
+        let (s, e) = p.bounds(chrono_tz::Europe::Berlin);
+        assert_eq!(s.to_rfc3339(), "2026-09-30T22:00:00+00:00");
+        assert_eq!(e.to_rfc3339(), "2026-10-31T23:00:00+00:00");
+    }
+
+    #[test]
+    fn rounding_is_half_away_from_zero_once() {
+        assert_eq!(round_cents(dec!(0.005)), dec!(0.01));
+        assert_eq!(round_cents(dec!(0.015)), dec!(0.02));
+        assert_eq!(round_cents(dec!(0.0049999)), dec!(0.00));
+        assert_eq!(round_cents(dec!(-0.005)), dec!(-0.01));
+        assert_eq!(round_cents(dec!(2.675)), dec!(2.68));
+        assert_eq!(multiplier(dec!(-12.5)), dec!(0.875));
+        assert_eq!(multiplier(dec!(15)), dec!(1.15));
+    }
+
+    fn key(model: &str, class: Class, unit: Decimal) -> LineKey {
+        LineKey {
+            period: Period {
+                year: 2026,
+                month: 10,
+            },
+            model: model.into(),
+            variant: String::new(),
+            class,
+            unit_price: unit,
+        }
+    }
+
+    #[test]
+    fn each_line_is_rounded_on_its_own_and_the_total_sums_rounded_lines() {
+        // Three lines of exactly half a cent each: 0.01 each, total 0.03 (not 0.02 as
+        // rounding the exact sum 0.015 would give).
+        let mut q = Quantities::new();
+        q.insert(key("a", Class::Input, dec!(5)), 1000);
+        q.insert(key("b", Class::Input, dec!(5)), 1000);
+        q.insert(key("c", Class::Output, dec!(5)), 1000);
+        let p = Period {
+            year: 2026,
+            month: 10,
+        };
+        let ls = lines(&q, p, Decimal::ONE);
+        assert!(ls.iter().all(|l| l.exact == dec!(0.005) && l.amount == dec!(0.01)));
+        let total: Decimal = ls.iter().map(|l| l.amount).sum();
+        assert_eq!(total, dec!(0.03));
+        // A 10% discount applies to the exact amount before rounding: 0.0045 → 0.00.
+        let ls = lines(&q, p, multiplier(dec!(-10)));
+        assert!(ls.iter().all(|l| l.amount == dec!(0.00)));
+    }
+
+    #[test]
+    fn outstanding_is_live_minus_billed() {
+        let mut live = Quantities::new();
+        live.insert(key("a", Class::Input, dec!(1)), 100);
+        live.insert(key("a", Class::Output, dec!(2)), 50);
+        let mut billed = Quantities::new();
+        billed.insert(key("a", Class::Input, dec!(1)), 100);
+        billed.insert(key("a", Class::Output, dec!(3)), 10);
+        let o = outstanding(&live, &billed);
+        assert_eq!(o.len(), 2);
+        assert_eq!(o[&key("a", Class::Output, dec!(2))], 50);
+        assert_eq!(o[&key("a", Class::Output, dec!(3))], -10);
+    }
+
+    proptest! {
+        // Rounding each line moves it by at most half a cent, so the invoice total is
+        // within n × 0.005 of the exact contract amount, and a credit note cancels it.
+        #[test]
+        fn totals_stay_within_half_a_cent_per_line(
+            qs in proptest::collection::vec((1i64..5_000_000, 0u32..4, 1i64..200_000), 1..20),
+            pct in -9000i64..9000,
+        ) {
+            let units = [dec!(0.15), dec!(2.5), dec!(0.075), dec!(10)];
+            let mut q = Quantities::new();
+            for (i, (qty, u, _)) in qs.iter().enumerate() {
+                q.insert(key(&format!("m{i}"), Class::Input, units[*u as usize]), *qty);
+            }
+            let p = Period { year: 2026, month: 10 };
+            let mult = multiplier(Decimal::new(pct, 2));
+            let ls = lines(&q, p, mult);
+            let exact: Decimal = ls.iter().map(|l| l.exact * mult).sum();
+            let total: Decimal = ls.iter().map(|l| l.amount).sum();
+            prop_assert!((total - exact).abs() <= Decimal::new(5, 3) * Decimal::from(ls.len()));
+            for l in &ls {
+                prop_assert_eq!(l.amount.scale(), 2);
+                prop_assert!((l.amount - l.exact * mult).abs() <= dec!(0.005));
+            }
+        }
+    }
+}

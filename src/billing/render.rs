@@ -1,0 +1,502 @@
+//! Renderings of a document: JSON, CSV of lines, detailed usage CSV and PDF. All are
+//! functions of the frozen document alone, so an issued invoice renders the same bytes
+//! every time; the stored copies are what `show` and the portal return.
+
+use std::fmt::Write as _;
+
+use printpdf::{
+    IndirectFontRef, Line as PdfLine, Mm, OffsetDateTime, PdfDocument, PdfLayerReference, Point,
+};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use super::usage::Detail;
+use super::{exact_amount, quantities, Document, Kind, Period};
+use crate::price::PriceBook;
+use crate::web::page::{csv_field, money};
+
+/// The font embedded in every PDF (DejaVu Sans, see assets/fonts/DejaVuSans.LICENSE).
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Pretty JSON with a final newline.
+pub fn json(doc: &Document) -> String {
+    let mut s = serde_json::to_string_pretty(doc).expect("documents serialize");
+    s.push('\n');
+    s
+}
+
+pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,unit_price,unit,exact_amount,contract_percent,amount,currency";
+
+/// One row per line; the amounts sum to the document's total.
+pub fn lines_csv(doc: &Document) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{LINES_CSV_HEADER}");
+    let kind = match doc.kind {
+        Kind::Invoice => "invoice",
+        Kind::CreditNote => "credit_note",
+    };
+    for l in &doc.lines {
+        let unit = if l.class.per_million() {
+            "per 1M tokens"
+        } else {
+            "per request"
+        };
+        let cells = [
+            doc.number.clone(),
+            kind.to_owned(),
+            doc.customer.id.clone(),
+            doc.period.to_string(),
+            l.period.to_string(),
+            l.adjustment.to_string(),
+            l.description(),
+            l.model.clone(),
+            l.variant.clone(),
+            l.class.as_str().to_owned(),
+            l.quantity.to_string(),
+            l.unit_price.to_string(),
+            unit.to_owned(),
+            l.exact.to_string(),
+            doc.contract_percent.to_string(),
+            l.amount.to_string(),
+            doc.currency.clone(),
+        ];
+        let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+        let _ = writeln!(out, "{}", cells.join(","));
+    }
+    out
+}
+
+/// Day × user × key × model × token class, with exact amounts before the contract.
+/// Unpriced usage appears with class `unpriced` and no amount.
+pub fn usage_csv(period: Period, details: &[Detail], book: &PriceBook) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "day,user_id,api_key_id,model,variant,token_class,quantity,unit_price,exact_amount"
+    );
+    for d in details {
+        let prefix = [d.day.to_string(), d.user_id.clone(), d.api_key_id.clone()];
+        let prefix: Vec<String> = prefix.iter().map(|c| csv_field(c)).collect();
+        if !d.priced {
+            let tokens = d.sums.input + d.sums.cache_read + d.sums.cache_write + d.sums.output;
+            let _ = writeln!(
+                out,
+                "{},{},,unpriced,{tokens},,",
+                prefix.join(","),
+                csv_field(&d.model)
+            );
+            continue;
+        }
+        for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book)? {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{q},{},{}",
+                prefix.join(","),
+                csv_field(&k.model),
+                csv_field(&k.variant),
+                k.class.as_str(),
+                k.unit_price,
+                exact_amount(k.class, q, k.unit_price).normalize()
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Widths of text in the embedded font.
+struct Metrics {
+    face: ttf_parser::Face<'static>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            face: ttf_parser::Face::parse(FONT, 0).expect("embedded font parses"),
+        }
+    }
+
+    /// Width in millimetres at `size` points.
+    fn width(&self, text: &str, size: f32) -> f32 {
+        let units: f32 = text
+            .chars()
+            .map(|c| {
+                self.face
+                    .glyph_index(c)
+                    .and_then(|g| self.face.glyph_hor_advance(g))
+                    .unwrap_or(0) as f32
+            })
+            .sum();
+        units / self.face.units_per_em() as f32 * size * 0.352_778
+    }
+}
+
+struct Page<'a> {
+    layer: PdfLayerReference,
+    font: &'a IndirectFontRef,
+    metrics: &'a Metrics,
+}
+
+impl Page<'_> {
+    fn text(&self, s: &str, size: f32, x: f32, y: f32) {
+        self.layer.use_text(s, size, Mm(x), Mm(y), self.font);
+    }
+
+    fn right(&self, s: &str, size: f32, right_x: f32, y: f32) {
+        let w = self.metrics.width(s, size);
+        self.text(s, size, right_x - w, y);
+    }
+
+    fn rule(&self, y: f32) {
+        self.layer.set_outline_thickness(0.5);
+        self.layer.add_line(PdfLine {
+            points: vec![
+                (Point::new(Mm(LEFT), Mm(y)), false),
+                (Point::new(Mm(RIGHT), Mm(y)), false),
+            ],
+            is_closed: false,
+        });
+    }
+}
+
+const LEFT: f32 = 18.0;
+const RIGHT: f32 = 192.0;
+const PAGE_W: f32 = 210.0;
+const PAGE_H: f32 = 297.0;
+
+/// Shortens `s` to fit `max_mm` at `size` points.
+fn fit(m: &Metrics, s: &str, size: f32, max_mm: f32) -> String {
+    if m.width(s, size) <= max_mm {
+        return s.to_owned();
+    }
+    let mut out: String = s.to_owned();
+    while !out.is_empty() && m.width(&format!("{out}…"), size) > max_mm {
+        out.pop();
+    }
+    format!("{out}…")
+}
+
+fn qty(q: i64) -> String {
+    let s = q.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if q < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn date_or_dash(d: Option<chrono::NaiveDate>) -> String {
+    d.map_or_else(|| "—".to_owned(), |d| d.to_string())
+}
+
+/// A one- or multi-page A4 PDF with the font embedded. Deterministic: the document id
+/// and dates derive from the document, not the clock.
+pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
+    let title = format!("{} {}", doc.title(), doc.number);
+    let (pdf, page1, layer1) = PdfDocument::new(&title, Mm(PAGE_W), Mm(PAGE_H), "content");
+    let id = hex::encode(&Sha256::digest(doc.number.as_bytes())[..16]);
+    let when = doc
+        .issued_at
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let pdf = pdf
+        .with_document_id(id.clone())
+        .with_creation_date(when)
+        .with_mod_date(when)
+        .with_metadata_date(when)
+        .with_producer("tokentally")
+        .with_creator("tokentally");
+    let font = pdf.add_external_font(FONT)?;
+    let metrics = Metrics::new();
+    let mut pages = vec![Page {
+        layer: pdf.get_page(page1).get_layer(layer1),
+        font: &font,
+        metrics: &metrics,
+    }];
+
+    // Header: issuer left, document facts right.
+    let p = &pages[0];
+    let mut y = PAGE_H - 22.0;
+    p.text(&doc.issuer.name, 15.0, LEFT, y);
+    p.right(&doc.title().to_uppercase(), 18.0, RIGHT, y);
+    let mut ly = y - 6.0;
+    for a in &doc.issuer.address {
+        p.text(a, 9.0, LEFT, ly);
+        ly -= 4.5;
+    }
+    for extra in [&doc.issuer.email, &doc.issuer.tax_id] {
+        if !extra.is_empty() {
+            p.text(extra, 9.0, LEFT, ly);
+            ly -= 4.5;
+        }
+    }
+    let mut facts = vec![
+        ("Number", doc.number.clone()),
+        ("Issue date", date_or_dash(doc.issue_date)),
+        ("Due date", date_or_dash(doc.due_date)),
+        ("Period", format!("{} ({})", doc.period, doc.time_zone)),
+    ];
+    if let Some(r) = &doc.references {
+        facts.push(("Cancels invoice", r.clone()));
+    }
+    if !doc.customer_reference.is_empty() {
+        facts.push(("Your reference", doc.customer_reference.clone()));
+    }
+    let mut ry = y - 7.0;
+    for (k, v) in &facts {
+        p.right(&format!("{k}: {v}"), 9.5, RIGHT, ry);
+        ry -= 5.0;
+    }
+    y = ly.min(ry) - 8.0;
+    p.text("Bill to", 9.0, LEFT, y);
+    y -= 5.5;
+    p.text(&doc.customer.name, 11.0, LEFT, y);
+    y -= 5.0;
+    for a in doc
+        .customer
+        .address
+        .iter()
+        .chain([&doc.customer.email, &doc.customer.tax_id])
+    {
+        if !a.is_empty() {
+            p.text(a, 9.0, LEFT, y);
+            y -= 4.5;
+        }
+    }
+    y -= 6.0;
+
+    // Lines.
+    const COLS: [(&str, f32, bool); 5] = [
+        ("Description", LEFT, false),
+        ("Period", 112.0, false),
+        ("Quantity", 150.0, true),
+        ("Unit price", 171.0, true),
+        ("Amount", RIGHT, true),
+    ];
+    let header = |p: &Page, y: f32| {
+        for (name, x, right) in COLS {
+            if right {
+                p.right(name, 9.0, x, y);
+            } else {
+                p.text(name, 9.0, x, y);
+            }
+        }
+        p.rule(y - 2.0);
+    };
+    header(&pages[0], y);
+    y -= 7.0;
+    for l in &doc.lines {
+        if y < 40.0 {
+            let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
+            pages.push(Page {
+                layer: pdf.get_page(pi).get_layer(li),
+                font: &font,
+                metrics: &metrics,
+            });
+            y = PAGE_H - 22.0;
+            header(pages.last().expect("page"), y);
+            y -= 7.0;
+        }
+        let p = pages.last().expect("page");
+        let desc = if l.adjustment {
+            format!("Adjustment: {}", l.description())
+        } else {
+            l.description()
+        };
+        p.text(&fit(&metrics, &desc, 8.5, 92.0), 8.5, LEFT, y);
+        p.text(&l.period.to_string(), 8.5, 112.0, y);
+        p.right(&qty(l.quantity), 8.5, 150.0, y);
+        let unit = if l.class.per_million() {
+            format!("{}/1M", l.unit_price)
+        } else {
+            format!("{}/req", l.unit_price)
+        };
+        p.right(&unit, 8.5, 171.0, y);
+        p.right(&money(l.amount), 8.5, RIGHT, y);
+        y -= 5.0;
+    }
+    if doc.lines.is_empty() {
+        pages
+            .last()
+            .expect("page")
+            .text("No billable usage in this period.", 9.0, LEFT, y);
+        y -= 5.0;
+    }
+
+    // Totals and notes (on a new page if they would not fit).
+    if y < 70.0 {
+        let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
+        pages.push(Page {
+            layer: pdf.get_page(pi).get_layer(li),
+            font: &font,
+            metrics: &metrics,
+        });
+        y = PAGE_H - 22.0;
+    }
+    let p = pages.last().expect("page");
+    p.rule(y + 2.0);
+    y -= 5.0;
+    let totals = [
+        (format!("Subtotal {}", doc.period), doc.subtotal, 9.5),
+        (
+            "Adjustments for earlier periods".to_owned(),
+            doc.adjustments,
+            9.5,
+        ),
+        (format!("Total ({})", doc.currency), doc.total, 12.0),
+    ];
+    for (label, value, size) in totals {
+        p.right(&label, size, 160.0, y);
+        p.right(&money(value), size, RIGHT, y);
+        y -= 6.5;
+    }
+    y -= 4.0;
+    let mut notes = Vec::new();
+    if !doc.contract_percent.is_zero() {
+        let what = if doc.contract_percent < Decimal::ZERO {
+            "discount"
+        } else {
+            "markup"
+        };
+        notes.push(format!(
+            "Contract {what} of {}% applied to every line.",
+            doc.contract_percent.abs()
+        ));
+    }
+    notes.push(
+        "Each line is the exact sum of its requests' costs, rounded once to cents; the total is the sum of the lines."
+            .to_owned(),
+    );
+    if doc.unpriced.events != 0 {
+        notes.push(format!(
+            "Not billed: {} unpriced requests ({} tokens) of models without a price: {}.",
+            doc.unpriced.events,
+            qty(doc.unpriced.tokens),
+            doc.unpriced.models.join(", ")
+        ));
+    }
+    notes.push(format!("Price book version: {}", doc.price_book_version));
+    for n in notes {
+        p.text(&fit(&metrics, &n, 8.0, RIGHT - LEFT), 8.0, LEFT, y);
+        y -= 4.5;
+    }
+    let n = pages.len();
+    for (i, p) in pages.iter().enumerate() {
+        p.right(
+            &format!("{} · page {} of {n}", doc.number, i + 1),
+            7.5,
+            RIGHT,
+            12.0,
+        );
+    }
+    drop(pages);
+    let mut bytes = pdf.save_to_bytes()?;
+    // printpdf writes two random strings into the trailer's /ID; replace them (same
+    // length, so no offset moves) with one derived from the number, so that the same
+    // document always renders to the same bytes.
+    let marker = b"/ID[(";
+    if let Some(pos) = find(&bytes, marker) {
+        let first = pos + marker.len();
+        let second = first + 32 + 2;
+        if bytes.len() >= second + 32 && &bytes[first + 32..second] == b")(" {
+            let id = id.to_uppercase();
+            bytes[first..first + 32].copy_from_slice(id.as_bytes());
+            bytes[second..second + 32].copy_from_slice(id.as_bytes());
+        }
+    }
+    Ok(bytes)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::{Class, Line, Party, Unpriced};
+    use chrono::{TimeZone, Utc};
+    use rust_decimal_macros::dec;
+
+    pub(crate) fn sample(lines: usize) -> Document {
+        let p: Period = "2026-10".parse().unwrap();
+        let (s, e) = p.bounds(chrono_tz::UTC);
+        let mut d = Document {
+            number: "TT-2026-000042".into(),
+            seq: 42,
+            kind: Kind::Invoice,
+            references: None,
+            issuer: Party {
+                name: "Example Gateway GmbH".into(),
+                address: vec!["Hauptstraße 1".into(), "10115 Berlin".into()],
+                ..Default::default()
+            },
+            customer: Party {
+                id: "uni-a".into(),
+                name: "University A".into(),
+                ..Default::default()
+            },
+            customer_reference: "PO-7".into(),
+            period: p,
+            time_zone: "UTC".into(),
+            period_start: s,
+            period_end: e,
+            issued_at: Some(Utc.with_ymd_and_hms(2026, 11, 2, 9, 0, 0).unwrap()),
+            issue_date: Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 2).unwrap()),
+            due_date: Some(chrono::NaiveDate::from_ymd_opt(2026, 12, 2).unwrap()),
+            currency: "USD".into(),
+            contract_percent: dec!(-10),
+            price_book_version: "abc".into(),
+            lines: (0..lines)
+                .map(|i| Line {
+                    period: p,
+                    adjustment: false,
+                    model: format!("model-{i}"),
+                    variant: String::new(),
+                    class: Class::Input,
+                    quantity: 1_000_000,
+                    unit_price: dec!(1.5),
+                    exact: dec!(1.5),
+                    amount: dec!(1.35),
+                })
+                .collect(),
+            subtotal: Decimal::ZERO,
+            adjustments: Decimal::ZERO,
+            total: Decimal::ZERO,
+            unpriced: Unpriced::default(),
+        };
+        d.totals();
+        d
+    }
+
+    #[test]
+    fn pdf_is_deterministic_and_paginates() {
+        let one = sample(3);
+        let a = pdf(&one).unwrap();
+        assert_eq!(a, pdf(&one).unwrap());
+        assert!(a.starts_with(b"%PDF-"));
+        // 120 lines need three pages; the page tree says so.
+        let long = pdf(&sample(120)).unwrap();
+        assert!(find(&long, b"/Count 3").is_some());
+        assert!(find(&a, b"/Count 1").is_some());
+    }
+
+    #[test]
+    fn csv_amounts_sum_to_the_total() {
+        let d = sample(5);
+        let csv = lines_csv(&d);
+        let sum: Decimal = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(15).unwrap().parse::<Decimal>().unwrap())
+            .sum();
+        assert_eq!(sum, d.total);
+        assert_eq!(d.total, dec!(6.75));
+    }
+}
