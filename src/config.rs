@@ -334,7 +334,10 @@ impl Config {
     /// Applies overrides from `env` (a function so tests need not touch the process env).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let strings: [(&str, &mut String); 11] = [
-            ("TOKENTALLY_BILLING_LEDGER_TOPIC", &mut self.billing.ledger_topic),
+            (
+                "TOKENTALLY_BILLING_LEDGER_TOPIC",
+                &mut self.billing.ledger_topic,
+            ),
             ("TOKENTALLY_WEB_LISTEN", &mut self.web.listen),
             ("TOKENTALLY_KAFKA_BROKERS", &mut self.kafka.brokers),
             ("TOKENTALLY_KAFKA_TOPIC", &mut self.kafka.topic),

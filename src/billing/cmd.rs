@@ -60,18 +60,16 @@ pub enum InvoiceCommand {
 
 #[derive(Args, Debug)]
 pub struct Target {
-    #[arg(long, required_unless_present = "number")]
+    #[arg(long)]
     pub institution: Option<String>,
     /// Billing period, YYYY-MM (calendar month in the institution's time zone).
-    #[arg(long, required_unless_present = "number")]
+    #[arg(long)]
     pub period: Option<Period>,
     #[arg(long, value_enum, default_value = "table")]
     pub format: DocFormat,
     /// Write to this file instead of standard output.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    #[arg(skip)]
-    pub number: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,10 +185,18 @@ async fn render_doc(
         (DocFormat::Table, _) => (table(d).into_bytes(), false),
         (DocFormat::UsageCsv, _) => {
             let c = Customer::resolve(billing.cfg, &d.customer.id);
-            let details =
-                usage::details(billing.store, &d.customer.id, c.tz.name(), d.period_start, d.period_end)
-                    .await?;
-            (render::usage_csv(d.period, &details, billing.book)?.into_bytes(), false)
+            let details = usage::details(
+                billing.store,
+                &d.customer.id,
+                c.tz.name(),
+                d.period_start,
+                d.period_end,
+            )
+            .await?;
+            (
+                render::usage_csv(d.period, &details, billing.book)?.into_bytes(),
+                false,
+            )
         }
     })
 }
@@ -341,7 +347,15 @@ fn reconcile_table(r: &Reconciliation) -> String {
     let _ = writeln!(
         s,
         "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  status",
-        "institution", "invoice", "invoice_total", "billed", "events_amount", "events_exact", "events", "unpriced", "rejected"
+        "institution",
+        "invoice",
+        "invoice_total",
+        "billed",
+        "events_amount",
+        "events_exact",
+        "events",
+        "unpriced",
+        "rejected"
     );
     for i in &r.institutions {
         let _ = writeln!(
@@ -349,7 +363,9 @@ fn reconcile_table(r: &Reconciliation) -> String {
             "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  {}",
             i.institution,
             i.invoice.as_deref().unwrap_or("-"),
-            i.invoice_total.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+            i.invoice_total
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
             i.billed.to_string(),
             i.events_amount.to_string(),
             i.events_exact.to_string(),

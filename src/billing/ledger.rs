@@ -94,12 +94,17 @@ impl Ledger {
                         inst, document.period
                     ));
                 }
-                if self.last_change.get(&inst).is_some_and(|&o| o > record.based_on) {
+                if self
+                    .last_change
+                    .get(&inst)
+                    .is_some_and(|&o| o > record.based_on)
+                {
                     return Outcome::Stale;
                 }
                 let mut doc = (**document).clone();
                 self.number(&mut doc, record);
-                self.live.insert((inst.clone(), doc.period), doc.number.clone());
+                self.live
+                    .insert((inst.clone(), doc.period), doc.number.clone());
                 self.last_change.insert(inst, offset);
                 let n = doc.number.clone();
                 self.push(doc);
@@ -140,11 +145,7 @@ impl Ledger {
     fn number(&self, doc: &mut Document, record: &Record) {
         let seq = self.docs.len() as u64 + 1;
         doc.seq = seq;
-        doc.number = format!(
-            "{}-{}-{seq:06}",
-            record.prefix,
-            record.created_at.year()
-        );
+        doc.number = format!("{}-{}-{seq:06}", record.prefix, record.created_at.year());
         doc.issued_at = Some(record.created_at);
     }
 
@@ -199,7 +200,10 @@ impl LedgerLog {
             .set("retention.ms", "-1")
             .set("retention.bytes", "-1");
         for r in admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(TIMEOUT)))
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(TIMEOUT)),
+            )
             .await?
         {
             match r {
@@ -381,10 +385,7 @@ pub async fn materialize(store: &Store, ledger: &Ledger) -> anyhow::Result<usize
 }
 
 /// Stored documents (one per number), optionally of one institution, newest first.
-pub async fn stored(
-    store: &Store,
-    institution: Option<&str>,
-) -> anyhow::Result<Vec<InvoiceRow>> {
+pub async fn stored(store: &Store, institution: Option<&str>) -> anyhow::Result<Vec<InvoiceRow>> {
     let filter = institution
         .map(|i| format!("WHERE institution_id = {}", sql_str(i)))
         .unwrap_or_default();
@@ -528,7 +529,10 @@ mod tests {
             },
             ..issue("v", 0, doc("x", "2026-10"))
         };
-        assert_eq!(l.apply(1, &void), Outcome::Accepted("TT-2026-000002".into()));
+        assert_eq!(
+            l.apply(1, &void),
+            Outcome::Accepted("TT-2026-000002".into())
+        );
         let credit = &l.docs[1];
         assert_eq!(credit.kind, Kind::CreditNote);
         assert_eq!(credit.references.as_deref(), Some("TT-2026-000001"));

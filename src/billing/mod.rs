@@ -123,9 +123,7 @@ impl<'de> Deserialize<'de> for Period {
 }
 
 /// What a line counts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
     Input,
@@ -189,7 +187,9 @@ pub type Quantities = BTreeMap<LineKey, i64>;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BillingError {
-    #[error("events priced by entry `{0}` which the price book no longer has; run `tokentally reprice`")]
+    #[error(
+        "events priced by entry `{0}` which the price book no longer has; run `tokentally reprice`"
+    )]
     MissingEntry(String),
     #[error("events priced by `{price_id}` cost {stored} in store but {computed} at the current price book; run `tokentally reprice` first")]
     BookChanged {
@@ -393,7 +393,11 @@ impl Party {
     pub fn from_config(id: &str, name: &str, p: &PartyConfig) -> Self {
         Self {
             id: id.into(),
-            name: if p.name.is_empty() { name.into() } else { p.name.clone() },
+            name: if p.name.is_empty() {
+                name.into()
+            } else {
+                p.name.clone()
+            },
             address: p.address.clone(),
             email: p.email.clone(),
             tax_id: p.tax_id.clone(),
@@ -537,7 +541,10 @@ mod tests {
         let p: Period = "2026-10".parse().unwrap();
         assert_eq!(p.to_string(), "2026-10");
         assert_eq!(p.next().to_string(), "2026-11");
-        assert_eq!("2026-01".parse::<Period>().unwrap().prev().to_string(), "2025-12");
+        assert_eq!(
+            "2026-01".parse::<Period>().unwrap().prev().to_string(),
+            "2025-12"
+        );
         for bad in ["2026-13", "2026-1", "26-10", "2026/10", ""] {
             assert!(bad.parse::<Period>().is_err(), "{bad}");
         }
@@ -587,7 +594,9 @@ mod tests {
             month: 10,
         };
         let ls = lines(&q, p, Decimal::ONE);
-        assert!(ls.iter().all(|l| l.exact == dec!(0.005) && l.amount == dec!(0.01)));
+        assert!(ls
+            .iter()
+            .all(|l| l.exact == dec!(0.005) && l.amount == dec!(0.01)));
         let total: Decimal = ls.iter().map(|l| l.amount).sum();
         assert_eq!(total, dec!(0.03));
         // A 10% discount applies to the exact amount before rounding: 0.0045 → 0.00.

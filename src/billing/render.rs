@@ -179,7 +179,7 @@ fn qty(q: i64) -> String {
     let s = q.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -312,10 +312,14 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
         p.text(&fit(&metrics, &desc, 8.5, 92.0), 8.5, LEFT, y);
         p.text(&l.period.to_string(), 8.5, 112.0, y);
         p.right(&qty(l.quantity), 8.5, 150.0, y);
+        let mut price = l.unit_price;
+        if price.scale() < 2 {
+            price.rescale(2);
+        }
         let unit = if l.class.per_million() {
-            format!("{}/1M", l.unit_price)
+            format!("${price}/1M")
         } else {
-            format!("{}/req", l.unit_price)
+            format!("${price}/req")
         };
         p.right(&unit, 8.5, 171.0, y);
         p.right(&money(l.amount), 8.5, RIGHT, y);

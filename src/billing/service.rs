@@ -8,8 +8,10 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use super::ledger::{self, Ledger, LedgerLog, Outcome, Record, Request};
-use super::{lines, multiplier, outstanding, quantities, usage, Customer, Document, Kind, Party,
-    Period, Quantities};
+use super::{
+    lines, multiplier, outstanding, quantities, usage, Customer, Document, Kind, Party, Period,
+    Quantities,
+};
 use crate::config::Config;
 use crate::price::PriceBook;
 use crate::store::{sql_str, Store};
@@ -261,7 +263,9 @@ impl<'a> Billing<'a> {
                     tracing::info!(institution = %inst, %period, number = %d.number, total = %d.total, "invoice issued");
                     issued.push(d.number);
                 }
-                Err(e) => tracing::warn!(institution = %inst, %period, "automatic invoice not issued: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(institution = %inst, %period, "automatic invoice not issued: {e:#}")
+                }
             }
         }
         Ok(issued)

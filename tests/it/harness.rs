@@ -233,6 +233,42 @@ impl TestEnv {
     }
 }
 
+/// Runs the `tokentally` binary to completion.
+pub fn tokentally_output(
+    args: &[&str],
+    env: &[(&str, String)],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    use std::io::Write;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the `tokentally` binary, asserts success, returns its trimmed standard output.
+pub fn tokentally(args: &[&str], env: &[(&str, String)], stdin: Option<&str>) -> String {
+    let out = tokentally_output(args, env, stdin);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// Kills with SIGKILL: no shutdown handler runs.
 pub fn kill9(child: &mut Child) {
     unsafe_kill(child.id(), 9);

@@ -2,6 +2,7 @@
 //! `scripts/test` starts both; each test gets a fresh database and topic.
 
 mod harness;
+mod invoices;
 mod pipeline;
 mod web;
 mod workload;

@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use tokentally::store::rows::EventRow;
 
-use crate::harness::{terminate, TestEnv};
+use crate::harness::{terminate, tokentally, TestEnv};
 
 const INSTITUTIONS: [&str; 3] = ["inst-a", "inst-b", "inst-c"];
 const MODELS: [&str; 3] = ["gpt-4o-mini", "claude-haiku-4-5", "gemini-2.0-flash"];
@@ -116,32 +116,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn tokentally(args: &[&str], env: &[(&str, String)], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
-    c.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 async fn start_server(env: &TestEnv) -> Server {
