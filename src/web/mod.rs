@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod chart;
 pub mod error;
+mod invoices;
 pub mod lag;
 pub mod page;
 mod pages;
@@ -52,6 +53,13 @@ pub fn router(state: Arc<AppState>) -> Router {
                 get(pages::institution),
             )
             .route(&format!("{prefix}/models"), get(pages::models))
+            .route(&format!("{prefix}/invoices"), get(invoices::list))
+            .route(&format!("{prefix}/invoices/draft"), get(invoices::draft))
+            .route(&format!("{prefix}/invoices/issue"), post(invoices::issue))
+            .route(
+                &format!("{prefix}/institutions/{{institution}}/invoices/{{number}}/{{format}}"),
+                get(invoices::download),
+            )
             .route(&format!("{prefix}/pipeline"), get(pages::pipeline))
             .route(
                 &format!("{prefix}/pipeline/rejected/{{partition}}/{{offset}}"),
@@ -273,6 +281,7 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         book,
         cfg: cfg.clone(),
     });
+    tokio::spawn(invoice_upkeep(state.clone(), shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(&cfg.web.listen)
         .await
         .with_context(|| format!("binding {}", cfg.web.listen))?;
@@ -284,4 +293,28 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     .with_graceful_shutdown(async move { shutdown.wait().await })
     .await?;
     Ok(())
+}
+
+/// Every minute: copy documents from the invoice ledger that ClickHouse lacks (an
+/// issuer may have stopped between appending and writing), and on the configured day
+/// issue last month's invoices.
+async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
+    let billing = crate::billing::service::Billing::new(&state.cfg, &state.store, &state.book);
+    loop {
+        if let Err(e) = billing.sync().await {
+            tracing::warn!("invoice ledger sync failed (will retry): {e:#}");
+        } else if state.cfg.billing.auto_issue_day > 0 {
+            match billing.auto_issue().await {
+                Ok(issued) if !issued.is_empty() => {
+                    tracing::info!(count = issued.len(), "invoices issued automatically")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("automatic invoicing failed (will retry): {e:#}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
 }

@@ -952,3 +952,149 @@ async fn invoice_numbers_are_gap_free_under_concurrent_issuers() {
     );
     env.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
+    use crate::web::{client, free_port, wait_for_port};
+    let env = TestEnv::new("invoice_portal", 1).await;
+    let prices = price_dir();
+    let mut cli = Cli::new(&env, prices.path());
+    let rows: Vec<EventRow> = ["uni-b", "uni-c"]
+        .iter()
+        .flat_map(|inst| {
+            [6u32, 7].map(|m| chat_row(format!("{inst}-{m}"), inst, at(2026, m, 9, 8, 0), 77_777))
+        })
+        .collect();
+    env.store.insert_events(&rows).await.unwrap();
+    let mut numbers = BTreeMap::new();
+    for inst in ["uni-b", "uni-c"] {
+        let d = cli.json(&[
+            "invoice", "issue", "--institution", inst, "--period", "2026-07", "--format", "json",
+        ]);
+        numbers.insert(inst, d["number"].as_str().unwrap().to_owned());
+    }
+    let users = cli._dir.path().join("users.toml");
+    cli.vars
+        .push(("TOKENTALLY_USERS_FILE", users.display().to_string()));
+    let port = free_port();
+    cli.vars
+        .push(("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")));
+    let alice = cli.ok(&[
+        "tokens", "add", "c-api", "--role", "institution", "--institution", "uni-c",
+    ]);
+    let fin = cli.ok(&["tokens", "add", "fin-api", "--role", "finance"]);
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
+    c.arg("serve")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in &cli.vars {
+        c.env(k, v);
+    }
+    let mut server = c.spawn().unwrap();
+    wait_for_port(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = client();
+    let get = |path: String, token: Option<String>| {
+        let mut r = http.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+
+    // Anonymous: nothing.
+    assert_eq!(get("/api/v1/invoices".into(), None).await.unwrap().status(), 401);
+    // uni-c's token lists only uni-c's invoice and downloads its frozen bytes.
+    let list: Value = get("/api/v1/invoices".into(), Some(alice.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = list["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["institution"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec!["uni-c"]);
+    for format in ["pdf", "csv", "json"] {
+        let res = get(
+            format!("/institutions/uni-c/invoices/{}/{format}", numbers["uni-c"]),
+            Some(alice.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), 200, "{format}");
+        let body = res.bytes().await.unwrap();
+        let cli_bytes = cli.bytes(&[
+            "invoice", "show", "--number", &numbers["uni-c"], "--format", format,
+        ]);
+        assert!(body.as_ref() == cli_bytes.as_slice(), "{format} differs from the CLI's");
+    }
+    let usage = get(
+        format!("/institutions/uni-c/invoices/{}/usage-csv", numbers["uni-c"]),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(usage.starts_with("day,user_id,api_key_id,model"), "{usage}");
+    assert!(usage.lines().any(|l| l.contains(",input,77777,")), "{usage}");
+    // Another institution's invoice: forbidden by path, and not found under its own path.
+    let other = &numbers["uni-b"];
+    for path in [
+        format!("/institutions/uni-b/invoices/{other}/pdf"),
+        format!("/api/v1/invoices?institution=uni-b"),
+        format!("/invoices/draft?institution=uni-b&period=2026-07&format=json"),
+    ] {
+        assert_eq!(
+            get(path.clone(), Some(alice.clone())).await.unwrap().status(),
+            403,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        get(
+            format!("/institutions/uni-c/invoices/{other}/pdf"),
+            Some(alice.clone())
+        )
+        .await
+        .unwrap()
+        .status(),
+        404
+    );
+    // Institutions cannot issue; finance can, and sees everything.
+    let issue = |token: String, inst: &str| {
+        http.post(format!("{base}/api/v1/invoices/issue"))
+            .bearer_auth(token)
+            .form(&[("institution", inst), ("period", "2026-06")])
+            .send()
+    };
+    assert_eq!(issue(alice.clone(), "uni-c").await.unwrap().status(), 403);
+    let issued: Value = issue(fin.clone(), "uni-b").await.unwrap().json().await.unwrap();
+    assert!(issued["number"].as_str().unwrap().starts_with("TT-"));
+    let list: Value = get("/api/v1/invoices".into(), Some(fin.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["invoices"].as_array().unwrap().len(), 3);
+    // The draft of an open period for uni-c, as uni-c.
+    let draft: Value = get(
+        "/invoices/draft?period=2026-06&format=json".into(),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(draft["customer"]["id"], "uni-c");
+    assert_eq!(draft["number"], "DRAFT");
+    assert!(terminate(&mut server).success());
+    env.drop_database().await;
+}

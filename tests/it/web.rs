@@ -110,7 +110,7 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -136,6 +136,10 @@ async fn start_server(env: &TestEnv) -> Server {
         ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
         ("TOKENTALLY_PRICES", env.prices.display().to_string()),
         ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
+        (
+            "TOKENTALLY_BILLING_LEDGER_TOPIC",
+            format!("{}.invoices", env.name),
+        ),
     ];
     for (name, role, inst) in [
         ("admin", "admin", None),
@@ -195,7 +199,7 @@ async fn start_server(env: &TestEnv) -> Server {
     }
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -231,7 +235,7 @@ async fn login_form(s: &Server) -> (String, String) {
 }
 
 /// Waits until something listens on the port (a child process starting up).
-async fn wait_for_port(port: u16) {
+pub(crate) async fn wait_for_port(port: u16) {
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;

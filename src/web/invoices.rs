@@ -1,0 +1,298 @@
+//! The invoice portal: institutions list and download their own invoices (frozen bytes),
+//! finance sees and issues all. Reads go through `Scoped`, like every dashboard page.
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::{Authed, Role, Scoped};
+use super::error::AppError;
+use super::page::{money, urlencode};
+use super::AppState;
+use crate::billing::service::Billing;
+use crate::billing::{ledger, render, usage, Customer, Document, Period};
+
+struct Row {
+    number: String,
+    kind: String,
+    institution: String,
+    period: String,
+    issued: String,
+    total: String,
+    status: String,
+    downloads: Vec<(&'static str, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "invoices.html")]
+struct InvoicesTemplate<'a> {
+    user: &'a str,
+    role: &'a str,
+    csrf: &'a str,
+    pipeline: bool,
+    institution: Option<&'a str>,
+    rows: Vec<Row>,
+    can_issue: bool,
+    message: String,
+    failed: bool,
+    api_href: String,
+}
+
+fn href(inst: &str, number: &str, format: &str) -> String {
+    format!(
+        "/institutions/{}/invoices/{}/{format}",
+        urlencode(inst),
+        urlencode(number)
+    )
+}
+
+async fn listing(
+    state: &AppState,
+    scoped: &Scoped,
+    message: String,
+    failed: bool,
+) -> Result<Response, AppError> {
+    let rows = ledger::stored(&state.store, scoped.scope.institution()).await?;
+    let voids = ledger::voids(&rows);
+    let view: Vec<Row> = rows
+        .iter()
+        .map(|r| Row {
+            number: r.number.clone(),
+            kind: r.kind.replace('_', " "),
+            institution: r.institution_id.clone(),
+            period: r.period.clone(),
+            issued: chrono::DateTime::from_timestamp(i64::from(r.issued_at), 0)
+                .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                .unwrap_or_default(),
+            total: r
+                .total
+                .parse()
+                .map(money)
+                .unwrap_or_else(|_| r.total.clone()),
+            status: match (r.references_number.as_str(), voids.get(&r.number)) {
+                ("", Some(c)) => format!("voided by {c}"),
+                ("", None) => "issued".into(),
+                (inv, _) => format!("cancels {inv}"),
+            },
+            downloads: ["pdf", "csv", "json", "usage-csv"]
+                .into_iter()
+                .map(|f| (f, href(&r.institution_id, &r.number, f)))
+                .collect(),
+        })
+        .collect();
+    let role = format!("{:?}", scoped.principal.role).to_lowercase();
+    let page = InvoicesTemplate {
+        user: &scoped.principal.name,
+        role: &role,
+        csrf: &scoped.csrf,
+        pipeline: scoped.principal.sees_pipeline(),
+        institution: scoped.scope.institution(),
+        rows: view,
+        can_issue: can_issue(scoped.principal.role) && !scoped.csrf.is_empty(),
+        message,
+        failed,
+        api_href: match scoped.scope.institution() {
+            Some(i) => format!("/api/v1/invoices?institution={}", urlencode(i)),
+            None => "/api/v1/invoices".into(),
+        },
+    }
+    .render()?;
+    Ok(Html(page).into_response())
+}
+
+fn can_issue(role: Role) -> bool {
+    matches!(role, Role::Finance | Role::Admin)
+}
+
+/// `GET /invoices` (HTML) and `GET /api/v1/invoices` (JSON).
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    uri: Uri,
+) -> Result<Response, AppError> {
+    if uri.path().starts_with("/api/") {
+        let rows = ledger::stored(&state.store, scoped.scope.institution()).await?;
+        let voids = ledger::voids(&rows);
+        let items: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let downloads: std::collections::BTreeMap<String, String> =
+                    ["pdf", "csv", "json", "usage-csv"]
+                        .iter()
+                        .map(|f| (f.to_string(), href(&r.institution_id, &r.number, f)))
+                        .collect();
+                json!({
+                    "number": r.number,
+                    "seq": r.seq,
+                    "kind": r.kind,
+                    "institution": r.institution_id,
+                    "period": r.period,
+                    "issued_at": r.issued_at,
+                    "total": r.total,
+                    "references": (!r.references_number.is_empty()).then_some(&r.references_number),
+                    "voided_by": voids.get(&r.number),
+                    "downloads": downloads,
+                })
+            })
+            .collect();
+        return Ok(axum::Json(json!({ "invoices": items })).into_response());
+    }
+    listing(&state, &scoped, String::new(), false).await
+}
+
+fn file(bytes: Vec<u8>, name: &str, format: &str) -> Response {
+    let ctype = match format {
+        "pdf" => "application/pdf",
+        "json" => "application/json",
+        _ => "text/csv; charset=utf-8",
+    };
+    (
+        [
+            (header::CONTENT_TYPE, ctype.to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{}\"", name.replace('"', "")),
+            ),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+async fn usage_csv(state: &AppState, doc: &Document) -> Result<Vec<u8>, AppError> {
+    let c = Customer::resolve(&state.cfg, &doc.customer.id);
+    let details = usage::details(
+        &state.store,
+        &doc.customer.id,
+        c.tz.name(),
+        doc.period_start,
+        doc.period_end,
+    )
+    .await?;
+    Ok(render::usage_csv(doc.period, &details, &state.book)?.into_bytes())
+}
+
+/// `GET /institutions/{institution}/invoices/{number}/{format}`: the frozen bytes.
+pub async fn download(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    Path((inst, number, format)): Path<(String, String, String)>,
+) -> Result<Response, AppError> {
+    debug_assert_eq!(scoped.scope.institution(), Some(inst.as_str()));
+    let row = ledger::stored_one(&state.store, &number)
+        .await?
+        .filter(|r| r.institution_id == inst)
+        .ok_or(AppError::NotFound)?;
+    let frozen = ledger::frozen(&state.store, &row.number)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    let (bytes, ext) = match format.as_str() {
+        "pdf" => (frozen.pdf, "pdf"),
+        "csv" => (frozen.csv.into_bytes(), "csv"),
+        "json" => (frozen.document.into_bytes(), "json"),
+        "usage-csv" => {
+            let doc: Document = serde_json::from_str(&frozen.document)
+                .map_err(|e| AppError::Internal(e.into()))?;
+            (usage_csv(&state, &doc).await?, "usage.csv")
+        }
+        _ => return Err(AppError::NotFound),
+    };
+    Ok(file(bytes, &format!("{number}.{ext}"), &format))
+}
+
+#[derive(Deserialize)]
+pub struct DraftQuery {
+    period: String,
+    #[serde(default = "pdf")]
+    format: String,
+}
+
+fn pdf() -> String {
+    "pdf".into()
+}
+
+/// `GET /invoices/draft?institution=&period=&format=`: computed live, never stored.
+pub async fn draft(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    Query(q): Query<DraftQuery>,
+) -> Result<Response, AppError> {
+    let inst = scoped
+        .scope
+        .institution()
+        .ok_or_else(|| AppError::BadRequest("choose an institution".into()))?;
+    let period: Period = q.period.parse().map_err(AppError::BadRequest)?;
+    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let ledger = billing.log.fold().await?;
+    let doc = billing.draft(&ledger, inst, period).await?;
+    let name = format!("draft-{inst}-{period}");
+    let bytes = match q.format.as_str() {
+        "pdf" => render::pdf(&doc)?,
+        "csv" => render::lines_csv(&doc).into_bytes(),
+        "json" => render::json(&doc).into_bytes(),
+        "usage-csv" => usage_csv(&state, &doc).await?,
+        _ => return Err(AppError::BadRequest("format: pdf, csv, json or usage-csv".into())),
+    };
+    let ext = if q.format == "usage-csv" { "usage.csv" } else { &q.format };
+    Ok(file(bytes, &format!("{name}.{ext}"), &q.format))
+}
+
+#[derive(Deserialize)]
+pub struct IssueForm {
+    institution: String,
+    period: String,
+    #[serde(default)]
+    allow_unpriced: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /invoices/issue` (finance and admin; a session needs its CSRF token).
+pub async fn issue(
+    State(state): State<Arc<AppState>>,
+    authed: Authed,
+    uri: Uri,
+    Form(form): Form<IssueForm>,
+) -> Result<Response, AppError> {
+    if !can_issue(authed.principal.role) {
+        return Err(AppError::Forbidden);
+    }
+    if !authed.csrf.is_empty() && form.csrf != authed.csrf {
+        return Err(AppError::Forbidden);
+    }
+    let period: Period = form.period.trim().parse().map_err(AppError::BadRequest)?;
+    let inst = form.institution.trim();
+    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let result = billing
+        .issue(inst, period, form.allow_unpriced.is_some())
+        .await;
+    if uri.path().starts_with("/api/") {
+        return match result {
+            Ok(d) => Ok(axum::Json(json!({"number": d.number, "total": d.total.to_string(), "institution": inst, "period": period.to_string()})).into_response()),
+            Err(e) => Err(AppError::BadRequest(format!("{e:#}"))),
+        };
+    }
+    let scoped = Scoped {
+        principal: authed.principal,
+        csrf: authed.csrf,
+        scope: super::auth::Scope::All,
+    };
+    match result {
+        Ok(d) => {
+            tracing::info!(user = %scoped.principal.name, number = %d.number, "invoice issued from the portal");
+            listing(
+                &state,
+                &scoped,
+                format!("Issued {} for {inst} {period}: {}", d.number, money(d.total)),
+                false,
+            )
+            .await
+        }
+        Err(e) => listing(&state, &scoped, format!("Not issued: {e:#}"), true).await,
+    }
+}
