@@ -382,6 +382,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_command_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for args in [
+            &[
+                "tokentally",
+                "invoice",
+                "show",
+                "--number",
+                "TT-2026-000001",
+            ][..],
+            &[
+                "tokentally",
+                "invoice",
+                "draft",
+                "--institution",
+                "a",
+                "--period",
+                "2026-10",
+                "--format",
+                "usage-csv",
+            ],
+            &[
+                "tokentally",
+                "reconcile",
+                "--period",
+                "2026-10",
+                "--format",
+                "json",
+            ],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(Cli::try_parse_from(["tokentally", "reconcile", "--period", "2026-13"]).is_err());
+    }
+
+    #[test]
     fn group_by_values_are_spelled_as_documented() {
         for (arg, want) in [
             ("institution", GroupBy::Institution),

@@ -196,8 +196,8 @@ pub async fn download(
         "csv" => (frozen.csv.into_bytes(), "csv"),
         "json" => (frozen.document.into_bytes(), "json"),
         "usage-csv" => {
-            let doc: Document = serde_json::from_str(&frozen.document)
-                .map_err(|e| AppError::Internal(e.into()))?;
+            let doc: Document =
+                serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
             (usage_csv(&state, &doc).await?, "usage.csv")
         }
         _ => return Err(AppError::NotFound),
@@ -236,9 +236,17 @@ pub async fn draft(
         "csv" => render::lines_csv(&doc).into_bytes(),
         "json" => render::json(&doc).into_bytes(),
         "usage-csv" => usage_csv(&state, &doc).await?,
-        _ => return Err(AppError::BadRequest("format: pdf, csv, json or usage-csv".into())),
+        _ => {
+            return Err(AppError::BadRequest(
+                "format: pdf, csv, json or usage-csv".into(),
+            ))
+        }
     };
-    let ext = if q.format == "usage-csv" { "usage.csv" } else { &q.format };
+    let ext = if q.format == "usage-csv" {
+        "usage.csv"
+    } else {
+        &q.format
+    };
     Ok(file(bytes, &format!("{name}.{ext}"), &q.format))
 }
 
@@ -288,7 +296,11 @@ pub async fn issue(
             listing(
                 &state,
                 &scoped,
-                format!("Issued {} for {inst} {period}: {}", d.number, money(d.total)),
+                format!(
+                    "Issued {} for {inst} {period}: {}",
+                    d.number,
+                    money(d.total)
+                ),
                 false,
             )
             .await

@@ -969,7 +969,14 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     let mut numbers = BTreeMap::new();
     for inst in ["uni-b", "uni-c"] {
         let d = cli.json(&[
-            "invoice", "issue", "--institution", inst, "--period", "2026-07", "--format", "json",
+            "invoice",
+            "issue",
+            "--institution",
+            inst,
+            "--period",
+            "2026-07",
+            "--format",
+            "json",
         ]);
         numbers.insert(inst, d["number"].as_str().unwrap().to_owned());
     }
@@ -980,7 +987,13 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     cli.vars
         .push(("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")));
     let alice = cli.ok(&[
-        "tokens", "add", "c-api", "--role", "institution", "--institution", "uni-c",
+        "tokens",
+        "add",
+        "c-api",
+        "--role",
+        "institution",
+        "--institution",
+        "uni-c",
     ]);
     let fin = cli.ok(&["tokens", "add", "fin-api", "--role", "finance"]);
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
@@ -1003,7 +1016,10 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     };
 
     // Anonymous: nothing.
-    assert_eq!(get("/api/v1/invoices".into(), None).await.unwrap().status(), 401);
+    assert_eq!(
+        get("/api/v1/invoices".into(), None).await.unwrap().status(),
+        401
+    );
     // uni-c's token lists only uni-c's invoice and downloads its frozen bytes.
     let list: Value = get("/api/v1/invoices".into(), Some(alice.clone()))
         .await
@@ -1028,12 +1044,23 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         assert_eq!(res.status(), 200, "{format}");
         let body = res.bytes().await.unwrap();
         let cli_bytes = cli.bytes(&[
-            "invoice", "show", "--number", &numbers["uni-c"], "--format", format,
+            "invoice",
+            "show",
+            "--number",
+            &numbers["uni-c"],
+            "--format",
+            format,
         ]);
-        assert!(body.as_ref() == cli_bytes.as_slice(), "{format} differs from the CLI's");
+        assert!(
+            body.as_ref() == cli_bytes.as_slice(),
+            "{format} differs from the CLI's"
+        );
     }
     let usage = get(
-        format!("/institutions/uni-c/invoices/{}/usage-csv", numbers["uni-c"]),
+        format!(
+            "/institutions/uni-c/invoices/{}/usage-csv",
+            numbers["uni-c"]
+        ),
         Some(alice.clone()),
     )
     .await
@@ -1042,7 +1069,10 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     .await
     .unwrap();
     assert!(usage.starts_with("day,user_id,api_key_id,model"), "{usage}");
-    assert!(usage.lines().any(|l| l.contains(",input,77777,")), "{usage}");
+    assert!(
+        usage.lines().any(|l| l.contains(",input,77777,")),
+        "{usage}"
+    );
     // Another institution's invoice: forbidden by path, and not found under its own path.
     let other = &numbers["uni-b"];
     for path in [
@@ -1051,7 +1081,10 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         format!("/invoices/draft?institution=uni-b&period=2026-07&format=json"),
     ] {
         assert_eq!(
-            get(path.clone(), Some(alice.clone())).await.unwrap().status(),
+            get(path.clone(), Some(alice.clone()))
+                .await
+                .unwrap()
+                .status(),
             403,
             "{path}"
         );
@@ -1074,7 +1107,12 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
             .send()
     };
     assert_eq!(issue(alice.clone(), "uni-c").await.unwrap().status(), 403);
-    let issued: Value = issue(fin.clone(), "uni-b").await.unwrap().json().await.unwrap();
+    let issued: Value = issue(fin.clone(), "uni-b")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(issued["number"].as_str().unwrap().starts_with("TT-"));
     let list: Value = get("/api/v1/invoices".into(), Some(fin.clone()))
         .await
