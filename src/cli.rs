@@ -75,6 +75,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::billing::cmd::InvoiceCommand,
     },
+    /// Spend and pipeline alerts.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
     /// Per institution: invoice total vs. stored events, unpriced and rejected counts;
     /// per partition: Kafka messages consumed vs. rows stored. Exits 1 on a mismatch.
     Reconcile {
@@ -83,6 +88,30 @@ pub enum Command {
         period: crate::billing::Period,
         #[arg(long, value_enum, default_value = "table")]
         format: crate::billing::cmd::ReportFormat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AlertsCommand {
+    /// Run the spend detectors over stored history as if live at every step; prints the
+    /// alerts they would have fired and resolved, sending nothing.
+    Backtest {
+        /// First day (UTC, YYYY-MM-DD).
+        #[arg(long)]
+        from: NaiveDate,
+        /// Last day, inclusive.
+        #[arg(long)]
+        to: NaiveDate,
+        /// Hours between evaluations.
+        #[arg(long, default_value_t = 1)]
+        step_hours: u32,
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::billing::cmd::ReportFormat,
+    },
+    /// Incidents of the last N days (open ones always).
+    List {
+        #[arg(long, default_value_t = 30)]
+        days: i64,
     },
 }
 
@@ -234,6 +263,41 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let store = Store::new(&cfg.clickhouse);
             let summary = crate::reprice::reprice(&store, &book, since, dry_run).await?;
             println!("{summary}");
+            Ok(())
+        }
+        Command::Alerts {
+            command:
+                AlertsCommand::Backtest {
+                    from,
+                    to,
+                    step_hours,
+                    format,
+                },
+        } => {
+            let store = Store::new(&cfg.clickhouse);
+            let incidents =
+                crate::alerts::backtest::backtest(&cfg, &store, from, to, step_hours).await?;
+            match format {
+                crate::billing::cmd::ReportFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&incidents)?)
+                }
+                crate::billing::cmd::ReportFormat::Table => {
+                    print!("{}", crate::alerts::backtest::table(&incidents))
+                }
+            }
+            Ok(())
+        }
+        Command::Alerts {
+            command: AlertsCommand::List { days },
+        } => {
+            let store = Store::new(&cfg.clickhouse);
+            let since = chrono::Utc::now() - chrono::Duration::days(days);
+            for i in crate::alerts::evaluator::incidents(&store, None, since).await? {
+                println!(
+                    "{:<17} {:<9} {:<8} {:<18} {:<32} {}",
+                    i.alert_id, i.state, i.severity, i.kind, i.entity, i.message
+                );
+            }
             Ok(())
         }
         Command::Invoice { command } => crate::billing::cmd::invoice(&cfg, command).await,

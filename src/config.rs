@@ -15,6 +15,7 @@ pub struct Config {
     pub prices: PricesConfig,
     pub web: WebConfig,
     pub billing: BillingConfig,
+    pub alerts: AlertsConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
 }
@@ -24,6 +25,201 @@ impl Config {
     pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
         self.institutions.iter().find(|i| i.id == id)
     }
+}
+
+/// Alert detectors, delivery and routing (`[alerts]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Run the evaluator inside `serve`/`run` (enable it on one instance only).
+    pub enabled: bool,
+    /// Seconds between evaluations.
+    pub interval_secs: u64,
+    /// After an incident resolves, the same alert stays quiet this long.
+    pub cooldown_secs: i64,
+    /// Base URL of the dashboard, for links in messages.
+    pub dashboard_url: String,
+    /// Spend spikes per institution and per API key.
+    pub spike: SpikeConfig,
+    /// Percentages of `monthly_budget_usd` that alert, each once per month.
+    pub budget_thresholds: Vec<u32>,
+    /// Rejected messages per hour above which ops are alerted.
+    pub rejected_per_hour: u64,
+    /// Consumer lag (messages, all partitions) above which ops are alerted.
+    pub max_consumer_lag: i64,
+    pub webhook: WebhookConfig,
+    pub email: EmailConfig,
+    /// Who gets what; with no routes every alert goes to the webhook and `email.to`.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 60,
+            cooldown_secs: 3600,
+            dashboard_url: "http://127.0.0.1:8080".into(),
+            spike: SpikeConfig::default(),
+            budget_thresholds: vec![50, 80, 100],
+            rejected_per_hour: 100,
+            max_consumer_lag: 100_000,
+            webhook: WebhookConfig::default(),
+            email: EmailConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// See `alerts::spike` for how these combine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpikeConfig {
+    /// Length of the window compared, in hours.
+    pub window_hours: u32,
+    /// How many earlier weeks form the same-hour-of-week baseline.
+    pub baseline_weeks: u32,
+    /// Never alert below this spend in the window (USD).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub min_spend_usd: rust_decimal::Decimal,
+    /// Fire above this multiple of the baseline mean…
+    #[serde(with = "rust_decimal::serde::str")]
+    pub factor: rust_decimal::Decimal,
+    /// …and above mean + this many standard deviations.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub deviations: rust_decimal::Decimal,
+    /// Resolve at or below this multiple of the baseline mean.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub resolve_factor: rust_decimal::Decimal,
+}
+
+impl Default for SpikeConfig {
+    fn default() -> Self {
+        Self {
+            window_hours: 1,
+            baseline_weeks: 4,
+            min_spend_usd: rust_decimal::Decimal::from(5),
+            factor: rust_decimal::Decimal::from(3),
+            deviations: rust_decimal::Decimal::from(4),
+            resolve_factor: rust_decimal::Decimal::new(15, 1),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Slack-compatible incoming webhook URL (empty: no webhook).
+    pub url: String,
+    /// HMAC-SHA256 key for the `X-Tokentally-Signature` header. Env:
+    /// `TOKENTALLY_ALERTS_WEBHOOK_SECRET`. Never logged.
+    pub secret: String,
+    /// Attempts per message (exponential backoff between them).
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds (doubles each time, capped at 5 minutes).
+    pub retry_initial_ms: u64,
+    pub timeout_secs: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            secret: String::new(),
+            max_attempts: 10,
+            retry_initial_ms: 1000,
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field(
+                "secret",
+                &if self.secret.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// SMTP server (empty: no e-mail).
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `none` (plain, e.g. a local relay), `starttls` or `tls` (implicit TLS).
+    pub security: String,
+    pub username: String,
+    /// Env: `TOKENTALLY_ALERTS_SMTP_PASSWORD`. Never logged.
+    pub password: String,
+    pub from: String,
+    /// Default recipients.
+    pub to: Vec<String>,
+    pub max_attempts: u32,
+    pub retry_initial_ms: u64,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: String::new(),
+            smtp_port: 587,
+            security: "starttls".into(),
+            username: String::new(),
+            password: String::new(),
+            from: "tokentally <alerts@localhost>".into(),
+            to: Vec::new(),
+            max_attempts: 10,
+            retry_initial_ms: 1000,
+        }
+    }
+}
+
+impl fmt::Debug for EmailConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmailConfig")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+/// One routing rule: alerts matching it go to its destinations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `info`, `warning` or `critical`: this and above.
+    #[serde(default)]
+    pub min_severity: crate::alerts::Severity,
+    /// Only these institutions (empty: all, and pipeline alerts).
+    #[serde(default)]
+    pub institutions: Vec<String>,
+    /// Send to the webhook.
+    #[serde(default)]
+    pub webhook: bool,
+    /// Send e-mail to these addresses.
+    #[serde(default)]
+    pub email: Vec<String>,
 }
 
 /// Invoicing: who issues, how documents are numbered, and where the ledger lives.
@@ -323,6 +519,11 @@ impl Config {
                 )));
             }
         }
+        if !["none", "starttls", "tls"].contains(&self.alerts.email.security.as_str()) {
+            return Err(ConfigError::Invalid(
+                "alerts.email.security must be none, starttls or tls".into(),
+            ));
+        }
         if self.billing.auto_issue_day > 28 {
             return Err(ConfigError::Invalid(
                 "billing.auto_issue_day must be 0 (off) or 1-28".into(),
@@ -362,6 +563,12 @@ impl Config {
             if let Some(v) = env(name) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("TOKENTALLY_ALERTS_WEBHOOK_SECRET") {
+            self.alerts.webhook.secret = v;
+        }
+        if let Some(v) = env("TOKENTALLY_ALERTS_SMTP_PASSWORD") {
+            self.alerts.email.password = v;
         }
         if let Some(v) = env("TOKENTALLY_USERS_FILE") {
             self.web.users_file = PathBuf::from(v);
@@ -441,6 +648,11 @@ mod tests {
     fn password_is_never_printed() {
         let mut c = Config::default();
         c.clickhouse.password = "hunter2".into();
-        assert!(!format!("{c:?}").contains("hunter2"));
+        c.alerts.webhook.secret = "hunter3".into();
+        c.alerts.email.password = "hunter4".into();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3") && !shown.contains("hunter4")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! tokentally: usage billing and spend analytics for LLM API gateways.
 
+pub mod alerts;
 pub mod billing;
 pub mod cli;
 pub mod config;

@@ -29,6 +29,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_invoices.sql",
         include_str!("../../schema/0005_invoices.sql"),
     ),
+    (
+        "0006_alerts.sql",
+        include_str!("../../schema/0006_alerts.sql"),
+    ),
 ];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).

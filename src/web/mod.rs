@@ -1,5 +1,6 @@
 //! `tokentally serve`: the dashboard and JSON API (axum + askama).
 
+mod alerts;
 pub mod auth;
 pub mod chart;
 pub mod error;
@@ -53,6 +54,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 get(pages::institution),
             )
             .route(&format!("{prefix}/models"), get(pages::models))
+            .route(&format!("{prefix}/alerts"), get(alerts::list))
+            .route(
+                &format!("{prefix}/alerts/{{id}}/ack"),
+                post(alerts::acknowledge),
+            )
             .route(&format!("{prefix}/invoices"), get(invoices::list))
             .route(&format!("{prefix}/invoices/draft"), get(invoices::draft))
             .route(&format!("{prefix}/invoices/issue"), post(invoices::issue))
@@ -282,6 +288,13 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         cfg: cfg.clone(),
     });
     tokio::spawn(invoice_upkeep(state.clone(), shutdown.clone()));
+    if cfg.alerts.enabled {
+        tokio::spawn(crate::alerts::evaluator::run(
+            cfg.clone(),
+            state.store.clone(),
+            shutdown.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.web.listen)
         .await
         .with_context(|| format!("binding {}", cfg.web.listen))?;

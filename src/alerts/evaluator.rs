@@ -1,0 +1,492 @@
+//! The live evaluator: every `alerts.interval_secs` it reads the rollups and the
+//! pipeline, runs the detectors, records state changes in ClickHouse and hands them to
+//! delivery. Its memory (open incidents, cooldowns, budget thresholds already announced)
+//! is rebuilt from the `alerts` table at start, so a restart announces nothing twice.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, DurationRound, TimeZone, Utc};
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::deliver::Notifier;
+use super::{
+    budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, Tracker, Transition,
+};
+use crate::billing::{Customer, Period};
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+#[derive(Row, Deserialize)]
+struct HourRow {
+    hour: u32,
+    institution_id: String,
+    api_key_id: String,
+    cost: String,
+}
+
+/// Hourly spend per institution and per (institution, key) in `[from, to)`.
+pub struct SpendSeries {
+    pub institutions: BTreeMap<(String, String), Series>,
+    pub keys: BTreeMap<(String, String), Series>,
+}
+
+pub async fn load_series(
+    store: &Store,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<SpendSeries, StoreError> {
+    let sql = format!(
+        "SELECT toUInt32(hour) AS hour, institution_id, api_key_id, toString(sum(cost)) AS cost \
+         FROM usage_hourly_institution WHERE hour >= toDateTime({}) AND hour < toDateTime({}) \
+         GROUP BY hour, institution_id, api_key_id",
+        from.timestamp(),
+        to.timestamp()
+    );
+    let rows: Vec<HourRow> = store.client().query(&sql).fetch_all().await?;
+    let mut out = SpendSeries {
+        institutions: BTreeMap::new(),
+        keys: BTreeMap::new(),
+    };
+    for r in rows {
+        let t = Utc
+            .timestamp_opt(i64::from(r.hour), 0)
+            .single()
+            .unwrap_or_default();
+        let cost: Decimal = r.cost.parse().unwrap_or_default();
+        *out.institutions
+            .entry((r.institution_id.clone(), r.institution_id.clone()))
+            .or_default()
+            .entry(t)
+            .or_default() += cost;
+        if !r.api_key_id.is_empty() {
+            let entity = format!("{}/{}", r.institution_id, r.api_key_id);
+            *out.keys
+                .entry((r.institution_id, entity))
+                .or_default()
+                .entry(t)
+                .or_default() += cost;
+        }
+    }
+    Ok(out)
+}
+
+/// Budget readings at `now`: month-to-date spend (in the institution's time zone) against
+/// each configured threshold. The entity names the month and the threshold, so each
+/// fires once per period.
+pub fn budget_readings(cfg: &Config, series: &SpendSeries, now: DateTime<Utc>) -> Vec<Reading> {
+    let mut out = Vec::new();
+    for inst in &cfg.institutions {
+        let Some(budget) = inst.monthly_budget_usd else {
+            continue;
+        };
+        let c = Customer::resolve(cfg, &inst.id);
+        let period = Period::of(now.with_timezone(&c.tz).date_naive());
+        let (start, _) = period.bounds(c.tz);
+        let spent: Decimal = series
+            .institutions
+            .get(&(inst.id.clone(), inst.id.clone()))
+            .map(|s| s.range(start..=now).map(|(_, v)| *v).sum())
+            .unwrap_or_default();
+        for t in budget_crossed(spent, budget, &cfg.alerts.budget_thresholds) {
+            out.push(Reading {
+                kind: Kind::Budget,
+                entity: format!("{}/{period}/{t}", inst.id),
+                institution: inst.id.clone(),
+                firing: true,
+                severity: if t >= 100 {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                observed: spent.round_dp(2),
+                baseline: budget,
+                threshold: (budget * Decimal::from(t) / Decimal::ONE_HUNDRED).round_dp(2),
+                message: format!(
+                    "{} has spent ${} of its ${budget} budget for {period} ({t}% threshold)",
+                    inst.id,
+                    spent.round_dp(2)
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// The spike and budget readings at `end` (an hour boundary).
+pub fn spend_readings(
+    cfg: &Config,
+    series: &SpendSeries,
+    end: DateTime<Utc>,
+    tracker: &Tracker,
+) -> Vec<Reading> {
+    let open = |kind: Kind| move |e: &str| tracker.open.contains_key(&(kind, e.to_owned()));
+    let mut r = spike_readings(
+        Kind::InstitutionSpike,
+        &series.institutions,
+        end,
+        &cfg.alerts.spike,
+        open(Kind::InstitutionSpike),
+    );
+    r.extend(spike_readings(
+        Kind::KeySpike,
+        &series.keys,
+        end,
+        &cfg.alerts.spike,
+        open(Kind::KeySpike),
+    ));
+    r.extend(budget_readings(cfg, series, end - Duration::seconds(1)));
+    r
+}
+
+#[derive(Row, Deserialize)]
+struct CountRow {
+    name: String,
+    n: u64,
+}
+
+/// Pipeline readings: unpriced models in the last hour, rejections per hour, lag.
+async fn pipeline_readings(
+    cfg: &Config,
+    store: &Store,
+    now: DateTime<Utc>,
+    tracker: &Tracker,
+) -> Result<Vec<Reading>, StoreError> {
+    let hour_ago = (now - Duration::hours(1)).timestamp();
+    let unpriced: Vec<CountRow> = store
+        .client()
+        .query(&format!(
+            "SELECT model AS name, toUInt64(sum(unpriced_events)) AS n FROM usage_hourly \
+             WHERE hour >= toStartOfHour(toDateTime({hour_ago})) GROUP BY model HAVING n > 0"
+        ))
+        .fetch_all()
+        .await?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in unpriced {
+        seen.insert(u.name.clone());
+        out.push(Reading {
+            kind: Kind::UnpricedModel,
+            entity: u.name.clone(),
+            institution: String::new(),
+            firing: true,
+            severity: Severity::Warning,
+            observed: Decimal::from(u.n),
+            baseline: Decimal::ZERO,
+            threshold: Decimal::ZERO,
+            message: format!(
+                "{} events of model `{}` have no price: add it to the price book and run `tokentally reprice`",
+                u.n, u.name
+            ),
+        });
+    }
+    for (kind, entity) in tracker.open.keys() {
+        if *kind == Kind::UnpricedModel && !seen.contains(entity) {
+            out.push(Reading {
+                kind: Kind::UnpricedModel,
+                entity: entity.clone(),
+                institution: String::new(),
+                firing: false,
+                severity: Severity::Warning,
+                observed: Decimal::ZERO,
+                baseline: Decimal::ZERO,
+                threshold: Decimal::ZERO,
+                message: format!("no unpriced events of `{entity}` in the last hour"),
+            });
+        }
+    }
+    let rejected: u64 = store
+        .client()
+        .query(&format!(
+            "SELECT toUInt64(count()) FROM rejected_events WHERE received_at >= toDateTime({hour_ago})"
+        ))
+        .fetch_one()
+        .await?;
+    let limit = cfg.alerts.rejected_per_hour;
+    out.push(Reading {
+        kind: Kind::Rejections,
+        entity: "rejected_events".into(),
+        institution: String::new(),
+        firing: rejected > limit,
+        severity: Severity::Warning,
+        observed: Decimal::from(rejected),
+        baseline: Decimal::ZERO,
+        threshold: Decimal::from(limit),
+        message: format!("{rejected} messages rejected in the last hour (alert above {limit})"),
+    });
+    match crate::web::lag::consumer_lag(cfg).await {
+        Ok(parts) => {
+            let lag: i64 = parts.iter().map(|p| p.lag).sum();
+            let limit = cfg.alerts.max_consumer_lag;
+            out.push(Reading {
+                kind: Kind::ConsumerLag,
+                entity: cfg.kafka.group.clone(),
+                institution: String::new(),
+                firing: lag > limit,
+                severity: Severity::Critical,
+                observed: Decimal::from(lag),
+                baseline: Decimal::ZERO,
+                threshold: Decimal::from(limit),
+                message: format!(
+                    "consumer group `{}` is {lag} messages behind (alert above {limit})",
+                    cfg.kafka.group
+                ),
+            });
+        }
+        Err(e) => tracing::warn!("alerts: cannot read consumer lag: {e}"),
+    }
+    Ok(out)
+}
+
+#[derive(Row, Serialize)]
+struct AlertRow {
+    alert_id: String,
+    at: u32,
+    seq: u64,
+    state: String,
+    kind: String,
+    entity: String,
+    institution_id: String,
+    severity: String,
+    observed: i128,
+    baseline: i128,
+    threshold: i128,
+    message: String,
+    actor: String,
+}
+
+fn micros(d: Decimal) -> i128 {
+    let mut d = d.round_dp(6);
+    d.rescale(6);
+    d.mantissa()
+}
+
+/// Records state changes (one insert).
+pub async fn record(store: &Store, changes: &[Transition]) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut insert = store.client().insert::<AlertRow>("alerts").await?;
+    for (i, t) in changes.iter().enumerate() {
+        insert
+            .write(&AlertRow {
+                alert_id: t.alert_id.clone(),
+                at: t.at.timestamp() as u32,
+                seq: t.at.timestamp_millis() as u64 * 1000 + i as u64,
+                state: if t.resolved { "resolved" } else { "firing" }.into(),
+                kind: t.reading.kind.as_str().into(),
+                entity: t.reading.entity.clone(),
+                institution_id: t.reading.institution.clone(),
+                severity: t.reading.severity.as_str().into(),
+                observed: micros(t.reading.observed),
+                baseline: micros(t.reading.baseline),
+                threshold: micros(t.reading.threshold),
+                message: t.reading.message.clone(),
+                actor: String::new(),
+            })
+            .await?;
+    }
+    insert.end().await?;
+    Ok(())
+}
+
+/// Marks an incident acknowledged.
+pub async fn acknowledge(store: &Store, alert_id: &str, actor: &str) -> Result<(), StoreError> {
+    let now = Utc::now();
+    let mut insert = store.client().insert::<AlertRow>("alerts").await?;
+    insert
+        .write(&AlertRow {
+            alert_id: alert_id.into(),
+            at: now.timestamp() as u32,
+            seq: now.timestamp_millis() as u64 * 1000,
+            state: "acknowledged".into(),
+            kind: String::new(),
+            entity: String::new(),
+            institution_id: String::new(),
+            severity: String::new(),
+            observed: 0,
+            baseline: 0,
+            threshold: 0,
+            message: String::new(),
+            actor: actor.into(),
+        })
+        .await?;
+    insert.end().await?;
+    Ok(())
+}
+
+/// One incident as stored.
+#[derive(Debug, Clone, Row, Deserialize, Serialize)]
+pub struct Incident {
+    pub alert_id: String,
+    pub state: String,
+    pub kind: String,
+    pub entity: String,
+    pub institution_id: String,
+    pub severity: String,
+    pub fired_at: u32,
+    pub changed_at: u32,
+    pub observed: String,
+    pub baseline: String,
+    pub message: String,
+    pub acknowledged_by: String,
+}
+
+/// Incidents, newest first; optionally of one institution.
+pub async fn incidents(
+    store: &Store,
+    institution: Option<&str>,
+    since: DateTime<Utc>,
+) -> Result<Vec<Incident>, StoreError> {
+    let filter = institution
+        .map(|i| format!("HAVING institution_id = {}", crate::store::sql_str(i)))
+        .unwrap_or_default();
+    let sql = format!(
+        "SELECT alert_id, \
+           argMaxIf(state, seq, state != 'acknowledged') AS state, \
+           argMaxIf(kind, seq, state != 'acknowledged') AS kind, \
+           argMaxIf(entity, seq, state != 'acknowledged') AS entity, \
+           argMaxIf(institution_id, seq, state != 'acknowledged') AS institution_id, \
+           argMaxIf(severity, seq, state != 'acknowledged') AS severity, \
+           toUInt32(minIf(at, state = 'firing')) AS fired_at, \
+           toUInt32(maxIf(at, state != 'acknowledged')) AS changed_at, \
+           toString(argMaxIf(observed, seq, state = 'firing')) AS observed, \
+           toString(argMaxIf(baseline, seq, state = 'firing')) AS baseline, \
+           argMaxIf(message, seq, state = 'firing') AS message, \
+           argMaxIf(actor, seq, state = 'acknowledged') AS acknowledged_by \
+         FROM alerts GROUP BY alert_id {filter} \
+         ORDER BY (state = 'firing') DESC, changed_at DESC"
+    );
+    let all: Vec<Incident> = store.client().query(&sql).fetch_all().await?;
+    let since = since.timestamp() as u32;
+    Ok(all
+        .into_iter()
+        .filter(|i| i.state == "firing" || i.changed_at >= since)
+        .collect())
+}
+
+/// Rebuilds the tracker from the stored incidents.
+pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreError> {
+    for i in incidents(
+        store,
+        None,
+        Utc.timestamp_opt(0, 0).single().unwrap_or_default(),
+    )
+    .await?
+    {
+        let Some(kind) = Kind::parse(&i.kind) else {
+            continue;
+        };
+        let at = Utc
+            .timestamp_opt(i64::from(i.changed_at), 0)
+            .single()
+            .unwrap_or_default();
+        if kind == Kind::Budget {
+            tracker.restore_once(i.entity);
+            continue;
+        }
+        if i.state == "firing" {
+            tracker.restore_open(Open {
+                alert_id: i.alert_id,
+                fired_at: Utc
+                    .timestamp_opt(i64::from(i.fired_at), 0)
+                    .single()
+                    .unwrap_or_default(),
+                reading: Reading {
+                    kind,
+                    entity: i.entity,
+                    institution: i.institution_id,
+                    firing: true,
+                    severity: match i.severity.as_str() {
+                        "critical" => Severity::Critical,
+                        "info" => Severity::Info,
+                        _ => Severity::Warning,
+                    },
+                    observed: i.observed.parse().unwrap_or_default(),
+                    baseline: i.baseline.parse().unwrap_or_default(),
+                    threshold: Decimal::ZERO,
+                    message: i.message,
+                },
+            });
+        } else {
+            tracker.restore_resolved(kind, i.entity, at);
+        }
+    }
+    Ok(())
+}
+
+/// Runs until `shutdown`: evaluate, record, deliver, sleep.
+pub async fn run(cfg: Config, store: Store, mut shutdown: Shutdown) {
+    let notifier = Notifier::start(&cfg);
+    let mut tracker = Tracker::new(Duration::seconds(cfg.alerts.cooldown_secs));
+    loop {
+        match restore(&store, &mut tracker).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!("alerts: cannot read stored alerts yet: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+    tracing::info!(open = tracker.open.len(), "alert evaluator started");
+    loop {
+        if let Err(e) = evaluate_once(&cfg, &store, &mut tracker, &notifier, Utc::now()).await {
+            tracing::warn!("alerts: evaluation failed (will retry): {e}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(cfg.alerts.interval_secs.max(1))) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+pub async fn evaluate_once(
+    cfg: &Config,
+    store: &Store,
+    tracker: &mut Tracker,
+    notifier: &Notifier,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    // The window ends at the end of the current hour: the partial hour counts.
+    let end = now.duration_trunc(Duration::hours(1)).unwrap_or(now) + Duration::hours(1);
+    let weeks = i64::from(cfg.alerts.spike.baseline_weeks.max(1));
+    let window = i64::from(cfg.alerts.spike.window_hours.max(1));
+    let from =
+        (end - Duration::weeks(weeks) - Duration::hours(window)).min(end - Duration::days(32));
+    let series = load_series(store, from, end).await?;
+    let mut readings = spend_readings(cfg, &series, end, tracker);
+    readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
+    let changes = tracker.step(now, readings);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    // Stored before sent: a crash in between never sends twice; delivery retries.
+    if let Err(e) = record(store, &changes).await {
+        // Forget the changes so the next round decides them again.
+        for c in &changes {
+            let key = (c.reading.kind, c.reading.entity.clone());
+            if c.reading.kind == Kind::Budget {
+                tracker.forget_once(&c.reading.entity);
+            } else if c.resolved {
+                tracker.restore_open(Open {
+                    alert_id: c.alert_id.clone(),
+                    fired_at: c.at,
+                    reading: c.reading.clone(),
+                });
+            } else {
+                tracker.open.remove(&key);
+            }
+        }
+        return Err(e);
+    }
+    for c in changes {
+        tracing::info!(kind = c.reading.kind.as_str(), entity = %c.reading.entity, resolved = c.resolved, "alert");
+        notifier.send(c);
+    }
+    Ok(())
+}

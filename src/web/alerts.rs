@@ -1,0 +1,135 @@
+//! The alerts page: open and recently resolved incidents; ops and admins acknowledge.
+//! Institution users see only their institution's alerts (through `Scoped`).
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Form, Path, State};
+use axum::http::Uri;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::{Duration, Utc};
+use serde::Deserialize;
+
+use super::auth::{Authed, Role, Scoped};
+use super::error::AppError;
+use super::AppState;
+use crate::alerts::evaluator::{acknowledge as ack, incidents};
+
+struct Row {
+    id: String,
+    state: String,
+    severity: String,
+    kind: String,
+    entity: String,
+    fired: String,
+    changed: String,
+    observed: String,
+    baseline: String,
+    message: String,
+    acknowledged_by: String,
+}
+
+#[derive(Template)]
+#[template(path = "alerts.html")]
+struct AlertsTemplate<'a> {
+    user: &'a str,
+    role: &'a str,
+    csrf: &'a str,
+    pipeline: bool,
+    can_ack: bool,
+    rows: Vec<Row>,
+}
+
+fn when(ts: u32) -> String {
+    chrono::DateTime::from_timestamp(i64::from(ts), 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default()
+}
+
+fn can_ack(role: Role) -> bool {
+    matches!(role, Role::Ops | Role::Admin)
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    uri: Uri,
+) -> Result<Response, AppError> {
+    let all = incidents(
+        &state.store,
+        scoped.scope.institution(),
+        Utc::now() - Duration::days(30),
+    )
+    .await?;
+    if uri.path().starts_with("/api/") {
+        return Ok(axum::Json(serde_json::json!({ "alerts": all })).into_response());
+    }
+    let role = format!("{:?}", scoped.principal.role).to_lowercase();
+    let page = AlertsTemplate {
+        user: &scoped.principal.name,
+        role: &role,
+        csrf: &scoped.csrf,
+        pipeline: scoped.principal.sees_pipeline(),
+        can_ack: can_ack(scoped.principal.role),
+        rows: all
+            .into_iter()
+            .map(|i| Row {
+                id: i.alert_id,
+                state: i.state,
+                severity: i.severity,
+                kind: i.kind.replace('_', " "),
+                entity: i.entity,
+                fired: when(i.fired_at),
+                changed: when(i.changed_at),
+                observed: i.observed,
+                baseline: i.baseline,
+                message: i.message,
+                acknowledged_by: i.acknowledged_by,
+            })
+            .collect(),
+    }
+    .render()?;
+    Ok(Html(page).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct AckForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /alerts/{id}/ack` (ops and admin; sessions need their CSRF token).
+pub async fn acknowledge(
+    State(state): State<Arc<AppState>>,
+    authed: Authed,
+    Path(id): Path<String>,
+    uri: Uri,
+    Form(form): Form<AckForm>,
+) -> Result<Response, AppError> {
+    if !can_ack(authed.principal.role) {
+        return Err(AppError::Forbidden);
+    }
+    if !authed.csrf.is_empty() && form.csrf != authed.csrf {
+        return Err(AppError::Forbidden);
+    }
+    if !id.chars().all(|c| c.is_ascii_hexdigit()) || id.len() > 64 {
+        return Err(AppError::NotFound);
+    }
+    let known: u64 = state
+        .store
+        .client()
+        .query(&format!(
+            "SELECT toUInt64(count()) FROM alerts WHERE alert_id = {} AND state != 'acknowledged'",
+            crate::store::sql_str(&id)
+        ))
+        .fetch_one()
+        .await?;
+    if known == 0 {
+        return Err(AppError::NotFound);
+    }
+    ack(&state.store, &id, &authed.principal.name).await?;
+    if uri.path().starts_with("/api/") {
+        return Ok(axum::Json(serde_json::json!({"acknowledged": id})).into_response());
+    }
+    Ok(Redirect::to("/alerts").into_response())
+}
