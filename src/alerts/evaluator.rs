@@ -340,24 +340,26 @@ pub async fn incidents(
     institution: Option<&str>,
     since: DateTime<Utc>,
 ) -> Result<Vec<Incident>, StoreError> {
+    // Aliases differ from column names: 18.16 would substitute an alias named like a
+    // column into the other aggregates.
     let filter = institution
-        .map(|i| format!("HAVING institution_id = {}", crate::store::sql_str(i)))
+        .map(|i| format!("HAVING inst_ = {}", crate::store::sql_str(i)))
         .unwrap_or_default();
     let sql = format!(
         "SELECT alert_id, \
-           argMaxIf(state, seq, state != 'acknowledged') AS state, \
-           argMaxIf(kind, seq, state != 'acknowledged') AS kind, \
-           argMaxIf(entity, seq, state != 'acknowledged') AS entity, \
-           argMaxIf(institution_id, seq, state != 'acknowledged') AS institution_id, \
-           argMaxIf(severity, seq, state != 'acknowledged') AS severity, \
-           toUInt32(minIf(at, state = 'firing')) AS fired_at, \
-           toUInt32(maxIf(at, state != 'acknowledged')) AS changed_at, \
-           toString(argMaxIf(observed, seq, state = 'firing')) AS observed, \
-           toString(argMaxIf(baseline, seq, state = 'firing')) AS baseline, \
-           argMaxIf(message, seq, state = 'firing') AS message, \
-           argMaxIf(actor, seq, state = 'acknowledged') AS acknowledged_by \
+           argMaxIf(state, seq, state != 'acknowledged') AS state_, \
+           argMaxIf(kind, seq, state != 'acknowledged') AS kind_, \
+           argMaxIf(entity, seq, state != 'acknowledged') AS entity_, \
+           argMaxIf(institution_id, seq, state != 'acknowledged') AS inst_, \
+           argMaxIf(severity, seq, state != 'acknowledged') AS severity_, \
+           toUInt32(minIf(at, state = 'firing')) AS fired_at_, \
+           toUInt32(maxIf(at, state != 'acknowledged')) AS changed_at_, \
+           toString(argMaxIf(observed, seq, state = 'firing')) AS observed_, \
+           toString(argMaxIf(baseline, seq, state = 'firing')) AS baseline_, \
+           argMaxIf(message, seq, state = 'firing') AS message_, \
+           argMaxIf(actor, seq, state = 'acknowledged') AS acked_by_ \
          FROM alerts GROUP BY alert_id {filter} \
-         ORDER BY (state = 'firing') DESC, changed_at DESC"
+         ORDER BY (state_ = 'firing') DESC, changed_at_ DESC"
     );
     let all: Vec<Incident> = store.client().query(&sql).fetch_all().await?;
     let since = since.timestamp() as u32;

@@ -1,6 +1,7 @@
 //! Integration tests against the real broker (tansu or Kafka) and ClickHouse.
 //! `scripts/test` starts both; each test gets a fresh database and topic.
 
+mod alerts;
 mod harness;
 mod invoices;
 mod pipeline;

@@ -200,6 +200,8 @@ async fn start_server(env: &TestEnv) -> Server {
 }
 
 pub(crate) fn client() -> reqwest::Client {
+    // reqwest is built with rustls but no default provider (as in the product's main).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -1,0 +1,658 @@
+//! Alerts through the real binary and ClickHouse: a backtest over a synthetic month with
+//! weekly seasonality and labelled spikes (precision and recall), and live delivery to a
+//! local webhook receiver (signature checked, first attempts refused) and a real SMTP
+//! server (aiosmtpd), one message per incident and one "resolved", across a restart.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Datelike, Duration as Span, DurationRound, TimeZone, Timelike, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use tokentally::store::rows::EventRow;
+
+use crate::harness::{terminate, tokentally, TestEnv};
+use crate::web::{client, free_port, wait_for_port};
+
+fn spend_row(
+    id: String,
+    inst: &str,
+    key: &str,
+    at: DateTime<Utc>,
+    cost: Decimal,
+    sign: i8,
+) -> EventRow {
+    EventRow {
+        event_id: id,
+        occurred_at: at.timestamp() as u32,
+        occurred_ms: 0,
+        institution_id: inst.into(),
+        user_id: format!("user-{key}"),
+        api_key_id: key.into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        endpoint: String::new(),
+        service_tier: String::new(),
+        status: "ok".into(),
+        latency_ms: 0,
+        tag_keys: vec![],
+        tag_values: vec![],
+        input_tokens: 1000,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 100,
+        reasoning_tokens: 0,
+        priced: 1,
+        cost,
+        price_id: "x".into(),
+        price_model: "gpt-4o-mini".into(),
+        price_tier: 0,
+        kafka_topic: "t".into(),
+        kafka_partition: 0,
+        kafka_offset: 0,
+        ingested_at: at.timestamp() as u32,
+        version: 0,
+        sign,
+    }
+}
+
+struct Lcg(u64);
+impl Lcg {
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Spend shape of a working week: office hours on weekdays, quiet evenings, nights
+/// and weekends.
+fn season(t: DateTime<Utc>) -> f64 {
+    let weekend = t.weekday().num_days_from_monday() >= 5;
+    match (weekend, t.hour()) {
+        (true, 10..=17) => 0.15,
+        (true, _) => 0.05,
+        (false, 8..=17) => 1.0,
+        (false, 18..=22) => 0.35,
+        (false, _) => 0.06,
+    }
+}
+
+struct Spike {
+    inst: &'static str,
+    key: &'static str,
+    start: DateTime<Utc>,
+    hours: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backtest_fires_for_injected_spikes_not_for_weekly_seasonality() {
+    let env = TestEnv::new("alerts_backtest", 1).await;
+    // Five weeks of history, then the month under test (four weeks from a Monday).
+    let month = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    assert_eq!(month.weekday(), chrono::Weekday::Mon);
+    let history = month - Span::weeks(5);
+    let end = month + Span::weeks(4);
+    // Institutions: peak spend per office hour; one is tiny and must never page.
+    let institutions = [
+        ("big-uni", 60.0),
+        ("mid-uni", 25.0),
+        ("lab", 12.0),
+        ("college", 30.0),
+        ("tiny", 0.3),
+    ];
+    let keys = [("k1", 0.5), ("k2", 0.3), ("k3", 0.2)];
+    let h = |d: i64, hour: i64| month + Span::days(d) + Span::hours(hour);
+    // Labelled spikes: runaway scripts and leaked keys, on weekdays and weekends, by day
+    // and by night, 2-3 hours each.
+    let spikes = [
+        Spike {
+            inst: "big-uni",
+            key: "k3",
+            start: h(2, 3),
+            hours: 2,
+        },
+        Spike {
+            inst: "mid-uni",
+            key: "k1",
+            start: h(4, 11),
+            hours: 3,
+        },
+        Spike {
+            inst: "college",
+            key: "k2",
+            start: h(5, 22),
+            hours: 2,
+        },
+        Spike {
+            inst: "lab",
+            key: "k1",
+            start: h(6, 14),
+            hours: 2,
+        },
+        Spike {
+            inst: "big-uni",
+            key: "k1",
+            start: h(9, 9),
+            hours: 2,
+        },
+        Spike {
+            inst: "college",
+            key: "k3",
+            start: h(11, 2),
+            hours: 3,
+        },
+        Spike {
+            inst: "mid-uni",
+            key: "k2",
+            start: h(13, 19),
+            hours: 2,
+        },
+        Spike {
+            inst: "lab",
+            key: "k2",
+            start: h(15, 1),
+            hours: 2,
+        },
+        Spike {
+            inst: "big-uni",
+            key: "k2",
+            start: h(17, 15),
+            hours: 2,
+        },
+        Spike {
+            inst: "college",
+            key: "k1",
+            start: h(20, 12),
+            hours: 3,
+        },
+        Spike {
+            inst: "mid-uni",
+            key: "k3",
+            start: h(23, 4),
+            hours: 2,
+        },
+        Spike {
+            inst: "lab",
+            key: "k3",
+            start: h(26, 10),
+            hours: 2,
+        },
+    ];
+    let mut rng = Lcg(42);
+    let mut rows = Vec::new();
+    let mut t = history;
+    let mut n = 0;
+    while t < end {
+        for (inst, peak) in institutions {
+            for (key, share) in keys {
+                let noise = 0.75 + 0.5 * rng.unit();
+                let mut v = peak * share * season(t) * noise;
+                if spikes.iter().any(|s| {
+                    s.inst == inst
+                        && s.key == key
+                        && t >= s.start
+                        && t < s.start + Span::hours(s.hours)
+                }) {
+                    // A spike: the key spends like ten busy office hours.
+                    v = v.max(peak * share) * 10.0;
+                }
+                let cost = Decimal::from_f64_retain(v).unwrap().round_dp(6);
+                rows.push(spend_row(
+                    format!("e{n}"),
+                    inst,
+                    key,
+                    t + Span::minutes(7),
+                    cost,
+                    1,
+                ));
+                n += 1;
+            }
+        }
+        t += Span::hours(1);
+    }
+    for chunk in rows.chunks(20_000) {
+        env.store.insert_events(chunk).await.unwrap();
+    }
+    let vars = vec![
+        ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
+        (
+            "TOKENTALLY_CLICKHOUSE_DATABASE",
+            env.cfg.clickhouse.database.clone(),
+        ),
+        ("TOKENTALLY_LOG", "warn".into()),
+    ];
+    let out = tokentally(
+        &[
+            "alerts",
+            "backtest",
+            "--from",
+            "2026-06-01",
+            "--to",
+            "2026-06-28",
+            "--format",
+            "json",
+        ],
+        &vars,
+        None,
+    );
+    let fired: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let spike_alerts: Vec<&Value> = fired
+        .iter()
+        .filter(|a| a["kind"] == "institution_spike" || a["kind"] == "key_spike")
+        .collect();
+    let at = |v: &Value| v.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
+    // An alert is a true positive if it names the spiking institution or key and fires
+    // while the spike runs (or within the hour after it).
+    let matches = |a: &Value, s: &Spike| {
+        let entity = a["entity"].as_str().unwrap();
+        let who = entity == s.inst || entity == format!("{}/{}", s.inst, s.key);
+        let t = at(&a["fired_at"]);
+        who && t > s.start && t <= s.start + Span::hours(s.hours + 1)
+    };
+    let true_positives = spike_alerts
+        .iter()
+        .filter(|a| spikes.iter().any(|s| matches(a, s)))
+        .count();
+    let detected = spikes
+        .iter()
+        .filter(|s| spike_alerts.iter().any(|a| matches(a, s)))
+        .count();
+    let precision = true_positives as f64 / spike_alerts.len().max(1) as f64;
+    let recall = detected as f64 / spikes.len() as f64;
+    println!(
+        "backtest: {} spike alerts, {true_positives} on injected spikes; {detected}/{} spikes detected; precision {precision:.3}, recall {recall:.3}",
+        spike_alerts.len(),
+        spikes.len()
+    );
+    for a in &spike_alerts {
+        if !spikes.iter().any(|s| matches(a, s)) {
+            println!("  false positive: {a}");
+        }
+    }
+    assert!(precision >= 0.9, "precision {precision:.3}");
+    assert!(recall >= 0.9, "recall {recall:.3}");
+    // The tiny institution never pages, and every spike alert resolved once it was over.
+    assert!(fired
+        .iter()
+        .all(|a| !a["entity"].as_str().unwrap().starts_with("tiny")));
+    assert!(spike_alerts.iter().all(|a| !a["resolved_at"].is_null()));
+    env.drop_database().await;
+}
+
+/// Stops a child process however the test ends.
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A webhook receiver that refuses the first `fail_first` requests and records the rest
+/// after checking their signature.
+#[derive(Default)]
+struct Receiver {
+    refused: usize,
+    bodies: Vec<Value>,
+    bad_signatures: usize,
+}
+
+async fn start_receiver(secret: &'static str, fail_first: usize) -> (u16, Arc<Mutex<Receiver>>) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode};
+    let state = Arc::new(Mutex::new(Receiver::default()));
+    let s = state.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let s = s.clone();
+            async move {
+                let mut r = s.lock().unwrap();
+                if r.refused < fail_first {
+                    r.refused += 1;
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                use hmac::Mac;
+                let ts = headers["x-tokentally-timestamp"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let sig = headers["x-tokentally-signature"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let mut mac =
+                    hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+                mac.update(format!("{ts}.").as_bytes());
+                mac.update(&body);
+                let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+                if sig != want {
+                    r.bad_signatures += 1;
+                    return StatusCode::UNAUTHORIZED;
+                }
+                r.bodies.push(serde_json::from_slice(&body).unwrap());
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, state)
+}
+
+fn mails(dir: &Path) -> Vec<String> {
+    let new = dir.join("new");
+    let mut out: Vec<String> = std::fs::read_dir(&new)
+        .map(|d| {
+            d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn states(r: &Receiver) -> BTreeSet<(String, String, String)> {
+    r.bodies
+        .iter()
+        .map(|b| {
+            (
+                b["alert"]["kind"].as_str().unwrap().to_owned(),
+                b["alert"]["entity"].as_str().unwrap().to_owned(),
+                b["alert"]["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts() {
+    let env = TestEnv::new("alerts_live", 1).await;
+    let now = Utc::now();
+    let hour = now.duration_trunc(Span::hours(1)).unwrap();
+    // Baseline: $1 in this hour and the next, on each of the last four weeks; then a
+    // leaked key spends $60 this hour (and $6 next hour, in case the hour turns mid-test).
+    let mut rows = Vec::new();
+    for w in 1..=4 {
+        for (i, h) in [hour, hour + Span::hours(1)].into_iter().enumerate() {
+            rows.push(spend_row(
+                format!("base-{w}-{i}"),
+                "uni-x",
+                "pk_leak",
+                h - Span::weeks(w) + Span::minutes(5),
+                Decimal::ONE,
+                1,
+            ));
+        }
+    }
+    let spike_now = spend_row(
+        "spike-0".into(),
+        "uni-x",
+        "pk_leak",
+        hour + Span::minutes(1),
+        Decimal::from(60),
+        1,
+    );
+    let spike_next = spend_row(
+        "spike-1".into(),
+        "uni-x",
+        "pk_leak",
+        hour + Span::hours(1) + Span::minutes(1),
+        Decimal::from(6),
+        1,
+    );
+    rows.push(spike_now.clone());
+    rows.push(spike_next.clone());
+    env.store.insert_events(&rows).await.unwrap();
+    // Month-to-date (UTC) spend so far; the budget puts it at 85%: 50% and 80% fire.
+    let month_start = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .unwrap();
+    let mtd: Decimal = rows
+        .iter()
+        // As the evaluator counts: whole hours up to and including the current one.
+        .filter(|r| {
+            i64::from(r.occurred_at) >= month_start.timestamp()
+                && i64::from(r.occurred_at) < (hour + Span::hours(1)).timestamp()
+        })
+        .map(|r| r.cost)
+        .sum();
+    let budget = (mtd * Decimal::from(100) / Decimal::from(85)).round_dp(2);
+
+    let secret = "s3cret-hook-key";
+    let (hook_port, receiver) = start_receiver(secret, 2).await;
+    let smtp_port = free_port();
+    let mail_root = tempfile::tempdir().unwrap();
+    // aiosmtpd's Mailbox creates the maildir (tmp/new/cur) if it does not exist yet.
+    let maildir = mail_root.path().join("maildir");
+    let _smtp = KillOnDrop(
+        std::process::Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{smtp_port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+                maildir.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m aiosmtpd (scripts/services install-test-tools)"),
+    );
+    wait_for_port(smtp_port).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[alerts]
+interval_secs = 1
+dashboard_url = "http://dashboard.example"
+[alerts.webhook]
+url = "http://127.0.0.1:{hook_port}/hook"
+retry_initial_ms = 200
+[alerts.email]
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port}
+security = "none"
+from = "tokentally <alerts@example.org>"
+to = ["ops@example.org"]
+retry_initial_ms = 200
+[[institutions]]
+id = "uni-x"
+monthly_budget_usd = "{budget}"
+"#
+        ),
+    )
+    .unwrap();
+    let users = dir.path().join("users.toml");
+    let port = free_port();
+    let vars = vec![
+        ("TOKENTALLY_CONFIG", config.display().to_string()),
+        ("TOKENTALLY_USERS_FILE", users.display().to_string()),
+        ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
+        (
+            "TOKENTALLY_CLICKHOUSE_DATABASE",
+            env.cfg.clickhouse.database.clone(),
+        ),
+        ("TOKENTALLY_KAFKA_BROKERS", env.cfg.kafka.brokers.clone()),
+        ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
+        ("TOKENTALLY_KAFKA_GROUP", env.cfg.kafka.group.clone()),
+        (
+            "TOKENTALLY_BILLING_LEDGER_TOPIC",
+            format!("{}.invoices", env.name),
+        ),
+        ("TOKENTALLY_ALERTS_WEBHOOK_SECRET", secret.to_owned()),
+        ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
+        ("TOKENTALLY_LOG", "info".into()),
+    ];
+    let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
+    let log = std::env::temp_dir().join(format!("{}.serve.log", env.name));
+    let serve = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
+        c.arg("serve").stdout(std::process::Stdio::null()).stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap(),
+        );
+        for (k, v) in &vars {
+            c.env(k, v);
+        }
+        c.spawn().unwrap()
+    };
+    let mut server = KillOnDrop(serve());
+    wait_for_port(port).await;
+
+    let firing: BTreeSet<(String, String, String)> = [
+        ("institution_spike", "uni-x".to_owned()),
+        ("key_spike", "uni-x/pk_leak".to_owned()),
+        ("budget", format!("uni-x/{}/50", now.format("%Y-%m"))),
+        ("budget", format!("uni-x/{}/80", now.format("%Y-%m"))),
+    ]
+    .into_iter()
+    .map(|(k, e)| (k.to_owned(), e, "firing".to_owned()))
+    .collect();
+    wait_until("four firing webhooks", Duration::from_secs(60), || {
+        states(&receiver.lock().unwrap()) == firing
+    })
+    .await;
+    wait_until("four e-mails", Duration::from_secs(30), || {
+        mails(&maildir).len() == 4
+    })
+    .await;
+    // Several evaluation rounds and a restart later: nothing is announced again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(terminate(&mut server.0).success());
+    server = KillOnDrop(serve());
+    wait_for_port(port).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    {
+        let r = receiver.lock().unwrap();
+        assert_eq!(r.bodies.len(), 4, "{:#?}", r.bodies);
+        assert_eq!(
+            r.refused, 2,
+            "the first two attempts were refused and retried"
+        );
+        assert_eq!(r.bad_signatures, 0);
+        let text = r
+            .bodies
+            .iter()
+            .find(|b| b["alert"]["kind"] == "key_spike")
+            .unwrap();
+        assert!(text["text"].as_str().unwrap().contains("[FIRING]"));
+        assert!(text["attachments"][0]["fields"].as_array().unwrap().len() >= 5);
+    }
+    assert_eq!(mails(&maildir).len(), 4);
+    let mail = mails(&maildir)
+        .into_iter()
+        .find(|m| m.contains("key spike"))
+        .unwrap();
+    assert!(
+        mail.contains("To: ops@example.org") && mail.contains("http://dashboard.example/alerts"),
+        "{mail}"
+    );
+
+    // The leaked key is revoked: its spend is cancelled, both spikes resolve, once each.
+    let mut cancel = vec![spike_now, spike_next];
+    for r in &mut cancel {
+        r.sign = -1;
+    }
+    env.store.insert_events(&cancel).await.unwrap();
+    let mut all = firing.clone();
+    all.insert((
+        "institution_spike".into(),
+        "uni-x".into(),
+        "resolved".into(),
+    ));
+    all.insert((
+        "key_spike".into(),
+        "uni-x/pk_leak".into(),
+        "resolved".into(),
+    ));
+    wait_until("two resolved webhooks", Duration::from_secs(60), || {
+        states(&receiver.lock().unwrap()) == all
+    })
+    .await;
+    wait_until("six e-mails", Duration::from_secs(30), || {
+        mails(&maildir).len() == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.lock().unwrap().bodies.len(), 6);
+
+    // The dashboard lists them; ops acknowledge one.
+    let base = format!("http://127.0.0.1:{port}");
+    let http = client();
+    let list: Value = http
+        .get(format!("{base}/api/v1/alerts"))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alerts = list["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 4);
+    assert_eq!(
+        alerts.iter().filter(|a| a["state"] == "resolved").count(),
+        2
+    );
+    let id = alerts[0]["alert_id"].as_str().unwrap();
+    let res = http
+        .post(format!("{base}/api/v1/alerts/{id}/ack"))
+        .bearer_auth(&ops)
+        .form(&[("csrf", "")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let list: Value = http
+        .get(format!("{base}/api/v1/alerts"))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let acked = list["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alert_id"] == id)
+        .unwrap();
+    assert_eq!(acked["acknowledged_by"], "ops-api");
+    assert_eq!(
+        http.get(format!("{base}/api/v1/alerts"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert!(terminate(&mut server.0).success());
+    env.drop_database().await;
+}
