@@ -1077,8 +1077,8 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     let other = &numbers["uni-b"];
     for path in [
         format!("/institutions/uni-b/invoices/{other}/pdf"),
-        format!("/api/v1/invoices?institution=uni-b"),
-        format!("/invoices/draft?institution=uni-b&period=2026-07&format=json"),
+        "/api/v1/invoices?institution=uni-b".to_string(),
+        "/invoices/draft?institution=uni-b&period=2026-07&format=json".to_string(),
     ] {
         assert_eq!(
             get(path.clone(), Some(alice.clone()))

@@ -36,7 +36,7 @@ fn row(i: usize, inst: &str, model: &str, day: u32, cost: Decimal, priced: bool)
         status: "ok".into(),
         latency_ms: 1,
         tag_keys: vec!["project".into()],
-        tag_values: vec![if i % 2 == 0 {
+        tag_values: vec![if i.is_multiple_of(2) {
             "alpha".into()
         } else {
             "beta".into()
