@@ -418,7 +418,26 @@ async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts()
     );
     rows.push(spike_now.clone());
     rows.push(spike_next.clone());
+    // A model without a price shows up (unpriced, cost 0).
+    let mut mystery = spend_row("mystery-0".into(), "uni-x", "pk_other", hour + Span::minutes(2), Decimal::ZERO, 1);
+    mystery.priced = 0;
+    mystery.model = "mystery-model".into();
+    rows.push(mystery.clone());
     env.store.insert_events(&rows).await.unwrap();
+    // And a burst of rejected messages, above the configured 3 per hour.
+    let rejected: Vec<tokentally::store::rows::RejectedRow> = (0..5)
+        .map(|i| tokentally::store::rows::RejectedRow {
+            received_at: now.timestamp() as u32,
+            kafka_topic: "t".into(),
+            kafka_partition: 0,
+            kafka_offset: 1000 + i,
+            kafka_key: b"uni-x".to_vec(),
+            reason: "invalid_json".into(),
+            detail: "test".into(),
+            payload: b"{".to_vec(),
+        })
+        .collect();
+    env.store.insert_rejected(&rejected).await.unwrap();
     // Month-to-date (UTC) spend so far; the budget puts it at 85%: 50% and 80% fire.
     let month_start = Utc
         .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
@@ -467,6 +486,7 @@ async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts()
             r#"
 [alerts]
 interval_secs = 1
+rejected_per_hour = 3
 dashboard_url = "http://dashboard.example"
 [alerts.webhook]
 url = "http://127.0.0.1:{hook_port}/hook"
@@ -530,16 +550,18 @@ monthly_budget_usd = "{budget}"
         ("key_spike", "uni-x/pk_leak".to_owned()),
         ("budget", format!("uni-x/{}/50", now.format("%Y-%m"))),
         ("budget", format!("uni-x/{}/80", now.format("%Y-%m"))),
+        ("unpriced_model", "mystery-model".to_owned()),
+        ("rejections", "rejected_events".to_owned()),
     ]
     .into_iter()
     .map(|(k, e)| (k.to_owned(), e, "firing".to_owned()))
     .collect();
-    wait_until("four firing webhooks", Duration::from_secs(60), || {
+    wait_until("six firing webhooks", Duration::from_secs(60), || {
         states(&receiver.lock().unwrap()) == firing
     })
     .await;
-    wait_until("four e-mails", Duration::from_secs(30), || {
-        mails(&maildir).len() == 4
+    wait_until("six e-mails", Duration::from_secs(30), || {
+        mails(&maildir).len() == 6
     })
     .await;
     // Several evaluation rounds and a restart later: nothing is announced again.
@@ -550,7 +572,7 @@ monthly_budget_usd = "{budget}"
     tokio::time::sleep(Duration::from_secs(4)).await;
     {
         let r = receiver.lock().unwrap();
-        assert_eq!(r.bodies.len(), 4, "{:#?}", r.bodies);
+        assert_eq!(r.bodies.len(), 6, "{:#?}", r.bodies);
         assert_eq!(
             r.refused, 2,
             "the first two attempts were refused and retried"
@@ -564,7 +586,7 @@ monthly_budget_usd = "{budget}"
         assert!(text["text"].as_str().unwrap().contains("[FIRING]"));
         assert!(text["attachments"][0]["fields"].as_array().unwrap().len() >= 5);
     }
-    assert_eq!(mails(&maildir).len(), 4);
+    assert_eq!(mails(&maildir).len(), 6);
     let mail = mails(&maildir)
         .into_iter()
         .find(|m| m.contains("key spike"))
@@ -574,8 +596,9 @@ monthly_budget_usd = "{budget}"
         "{mail}"
     );
 
-    // The leaked key is revoked: its spend is cancelled, both spikes resolve, once each.
-    let mut cancel = vec![spike_now, spike_next];
+    // The leaked key is revoked and the unpriced event re-rated away: its spend is
+    // cancelled, both spikes and the unpriced model resolve, once each.
+    let mut cancel = vec![spike_now, spike_next, mystery];
     for r in &mut cancel {
         r.sign = -1;
     }
@@ -591,16 +614,21 @@ monthly_budget_usd = "{budget}"
         "uni-x/pk_leak".into(),
         "resolved".into(),
     ));
-    wait_until("two resolved webhooks", Duration::from_secs(60), || {
+    all.insert((
+        "unpriced_model".into(),
+        "mystery-model".into(),
+        "resolved".into(),
+    ));
+    wait_until("three resolved webhooks", Duration::from_secs(60), || {
         states(&receiver.lock().unwrap()) == all
     })
     .await;
-    wait_until("six e-mails", Duration::from_secs(30), || {
-        mails(&maildir).len() == 6
+    wait_until("nine e-mails", Duration::from_secs(30), || {
+        mails(&maildir).len() == 9
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(receiver.lock().unwrap().bodies.len(), 6);
+    assert_eq!(receiver.lock().unwrap().bodies.len(), 9);
 
     // The dashboard lists them; ops acknowledge one.
     let base = format!("http://127.0.0.1:{port}");
@@ -615,10 +643,10 @@ monthly_budget_usd = "{budget}"
         .await
         .unwrap();
     let alerts = list["alerts"].as_array().unwrap();
-    assert_eq!(alerts.len(), 4);
+    assert_eq!(alerts.len(), 6);
     assert_eq!(
         alerts.iter().filter(|a| a["state"] == "resolved").count(),
-        2
+        3
     );
     let id = alerts[0]["alert_id"].as_str().unwrap();
     let res = http
