@@ -419,7 +419,14 @@ async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts()
     rows.push(spike_now.clone());
     rows.push(spike_next.clone());
     // A model without a price shows up (unpriced, cost 0).
-    let mut mystery = spend_row("mystery-0".into(), "uni-x", "pk_other", hour + Span::minutes(2), Decimal::ZERO, 1);
+    let mut mystery = spend_row(
+        "mystery-0".into(),
+        "uni-x",
+        "pk_other",
+        hour + Span::minutes(2),
+        Decimal::ZERO,
+        1,
+    );
     mystery.priced = 0;
     mystery.model = "mystery-model".into();
     rows.push(mystery.clone());

@@ -966,6 +966,28 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         })
         .collect();
     env.store.insert_events(&rows).await.unwrap();
+    // Usage of uni-c last month, which `serve` invoices by itself (auto_issue_day = 1).
+    let today = Utc::now().date_naive();
+    let this_month = NaiveDate::from_ymd_opt(
+        chrono::Datelike::year(&today),
+        chrono::Datelike::month(&today),
+        1,
+    )
+    .unwrap();
+    let last_month = (this_month - chrono::Duration::days(1))
+        .format("%Y-%m")
+        .to_string();
+    let mid_last_month = (this_month - chrono::Duration::days(15))
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc();
+    env.store
+        .insert_events(&[chat_row("auto".into(), "uni-c", mid_last_month, 500_000)])
+        .await
+        .unwrap();
+    let config = cli._dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("[billing]\nauto_issue_day = 1\n{text}")).unwrap();
     let mut numbers = BTreeMap::new();
     for inst in ["uni-b", "uni-c"] {
         let d = cli.json(&[
@@ -1020,6 +1042,31 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         get("/api/v1/invoices".into(), None).await.unwrap().status(),
         401
     );
+    // serve issued last month's invoice for uni-c on its own: 500k tokens at $1.10/M.
+    let started = std::time::Instant::now();
+    let auto = loop {
+        let list: Value = get("/api/v1/invoices".into(), Some(fin.clone()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(i) = list["invoices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["period"] == last_month.as_str())
+        {
+            break i.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "serve did not issue {last_month}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(auto["institution"], "uni-c");
+    assert_eq!(auto["total"], "0.55");
     // uni-c's token lists only uni-c's invoice and downloads its frozen bytes.
     let list: Value = get("/api/v1/invoices".into(), Some(alice.clone()))
         .await
@@ -1033,7 +1080,7 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         .iter()
         .map(|i| i["institution"].as_str().unwrap())
         .collect();
-    assert_eq!(listed, vec!["uni-c"]);
+    assert_eq!(listed, vec!["uni-c", "uni-c"]);
     for format in ["pdf", "csv", "json"] {
         let res = get(
             format!("/institutions/uni-c/invoices/{}/{format}", numbers["uni-c"]),
@@ -1120,7 +1167,7 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list["invoices"].as_array().unwrap().len(), 3);
+    assert_eq!(list["invoices"].as_array().unwrap().len(), 4);
     // The draft of an open period for uni-c, as uni-c.
     let draft: Value = get(
         "/invoices/draft?period=2026-06&format=json".into(),
