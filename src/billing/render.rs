@@ -219,6 +219,16 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
         font: &font,
         metrics: &metrics,
     }];
+    let new_page = |pages: &mut Vec<Page<'_>>| {
+        let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
+        let first = &pages[0];
+        let page = Page {
+            layer: pdf.get_page(pi).get_layer(li),
+            font: first.font,
+            metrics: first.metrics,
+        };
+        pages.push(page);
+    };
 
     // Header: issuer left, document facts right.
     let p = &pages[0];
@@ -293,12 +303,7 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
     y -= 7.0;
     for l in &doc.lines {
         if y < 40.0 {
-            let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
-            pages.push(Page {
-                layer: pdf.get_page(pi).get_layer(li),
-                font: &font,
-                metrics: &metrics,
-            });
+            new_page(&mut pages);
             y = PAGE_H - 22.0;
             header(pages.last().expect("page"), y);
             y -= 7.0;
@@ -335,12 +340,7 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
 
     // Totals and notes (on a new page if they would not fit).
     if y < 70.0 {
-        let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
-        pages.push(Page {
-            layer: pdf.get_page(pi).get_layer(li),
-            font: &font,
-            metrics: &metrics,
-        });
+        new_page(&mut pages);
         y = PAGE_H - 22.0;
     }
     let p = pages.last().expect("page");

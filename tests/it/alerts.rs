@@ -219,14 +219,8 @@ async fn backtest_fires_for_injected_spikes_not_for_weekly_seasonality() {
     for chunk in rows.chunks(20_000) {
         env.store.insert_events(chunk).await.unwrap();
     }
-    let vars = vec![
-        ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
-        (
-            "TOKENTALLY_CLICKHOUSE_DATABASE",
-            env.cfg.clickhouse.database.clone(),
-        ),
-        ("TOKENTALLY_LOG", "warn".into()),
-    ];
+    let mut vars = env.cli_vars();
+    vars.push(("TOKENTALLY_LOG", "warn".into()));
     let out = tokentally(
         &[
             "alerts",
@@ -514,25 +508,14 @@ monthly_budget_usd = "{budget}"
     .unwrap();
     let users = dir.path().join("users.toml");
     let port = free_port();
-    let vars = vec![
+    let mut vars = env.cli_vars();
+    vars.extend([
         ("TOKENTALLY_CONFIG", config.display().to_string()),
         ("TOKENTALLY_USERS_FILE", users.display().to_string()),
-        ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
-        (
-            "TOKENTALLY_CLICKHOUSE_DATABASE",
-            env.cfg.clickhouse.database.clone(),
-        ),
-        ("TOKENTALLY_KAFKA_BROKERS", env.cfg.kafka.brokers.clone()),
-        ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
-        ("TOKENTALLY_KAFKA_GROUP", env.cfg.kafka.group.clone()),
-        (
-            "TOKENTALLY_BILLING_LEDGER_TOPIC",
-            format!("{}.invoices", env.name),
-        ),
         ("TOKENTALLY_ALERTS_WEBHOOK_SECRET", secret.to_owned()),
         ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
         ("TOKENTALLY_LOG", "info".into()),
-    ];
+    ]);
     let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
     let log = std::env::temp_dir().join(format!("{}.serve.log", env.name));
     let serve = || {

@@ -110,6 +110,26 @@ impl TestEnv {
             .expect("spawn tokentally ingest")
     }
 
+    /// Environment for a `tokentally` command against this test's database, topic, group
+    /// and invoice ledger.
+    pub fn cli_vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TOKENTALLY_CLICKHOUSE_URL", self.cfg.clickhouse.url.clone()),
+            (
+                "TOKENTALLY_CLICKHOUSE_DATABASE",
+                self.cfg.clickhouse.database.clone(),
+            ),
+            ("TOKENTALLY_KAFKA_BROKERS", self.cfg.kafka.brokers.clone()),
+            ("TOKENTALLY_KAFKA_TOPIC", self.cfg.kafka.topic.clone()),
+            ("TOKENTALLY_KAFKA_GROUP", self.cfg.kafka.group.clone()),
+            (
+                "TOKENTALLY_BILLING_LEDGER_TOPIC",
+                format!("{}.invoices", self.name),
+            ),
+            ("TOKENTALLY_PRICES", self.prices.display().to_string()),
+        ]
+    }
+
     pub async fn produce(&self, messages: &[(String, Vec<u8>)]) {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.kafka.brokers)

@@ -337,23 +337,13 @@ impl Cli {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, CONFIG).unwrap();
-        let vars = vec![
+        let mut vars = env.cli_vars();
+        vars.retain(|(k, _)| *k != "TOKENTALLY_PRICES");
+        vars.extend([
             ("TOKENTALLY_CONFIG", config.display().to_string()),
-            ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
-            (
-                "TOKENTALLY_CLICKHOUSE_DATABASE",
-                env.cfg.clickhouse.database.clone(),
-            ),
-            ("TOKENTALLY_KAFKA_BROKERS", env.cfg.kafka.brokers.clone()),
-            ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
-            ("TOKENTALLY_KAFKA_GROUP", env.cfg.kafka.group.clone()),
-            (
-                "TOKENTALLY_BILLING_LEDGER_TOPIC",
-                format!("{}.invoices", env.name),
-            ),
             ("TOKENTALLY_PRICES", prices.display().to_string()),
             ("TOKENTALLY_LOG", "warn".into()),
-        ];
+        ]);
         Self { vars, _dir: dir }
     }
 

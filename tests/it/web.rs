@@ -124,23 +124,12 @@ async fn start_server(env: &TestEnv) -> Server {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[[institutions]]\nid = \"inst-a\"\nname = \"Institution A\"\nmonthly_budget_usd = \"1000\"\n").unwrap();
     let port = free_port();
-    let vars = vec![
+    let mut vars = env.cli_vars();
+    vars.extend([
         ("TOKENTALLY_USERS_FILE", users.display().to_string()),
         ("TOKENTALLY_CONFIG", config.display().to_string()),
-        ("TOKENTALLY_CLICKHOUSE_URL", env.cfg.clickhouse.url.clone()),
-        (
-            "TOKENTALLY_CLICKHOUSE_DATABASE",
-            env.cfg.clickhouse.database.clone(),
-        ),
-        ("TOKENTALLY_KAFKA_BROKERS", env.cfg.kafka.brokers.clone()),
-        ("TOKENTALLY_KAFKA_TOPIC", env.cfg.kafka.topic.clone()),
-        ("TOKENTALLY_PRICES", env.prices.display().to_string()),
         ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
-        (
-            "TOKENTALLY_BILLING_LEDGER_TOPIC",
-            format!("{}.invoices", env.name),
-        ),
-    ];
+    ]);
     for (name, role, inst) in [
         ("admin", "admin", None),
         ("fin", "finance", None),
