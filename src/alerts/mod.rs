@@ -239,9 +239,6 @@ impl Tracker {
     }
 
     pub fn restore_resolved(&mut self, kind: Kind, entity: String, at: DateTime<Utc>) {
-        if kind == Kind::Budget {
-            self.once.insert(entity.clone());
-        }
         let e = self.resolved_at.entry((kind, entity)).or_insert(at);
         *e = (*e).max(at);
     }

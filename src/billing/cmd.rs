@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::ledger;
 use super::render;
 use super::service::{Billing, Reconciliation};
-use super::{usage, Customer, Document, Period};
+use super::{Document, Period};
 use crate::config::Config;
 use crate::store::Store;
 use crate::web::page::money;
@@ -183,21 +183,7 @@ async fn render_doc(
         (DocFormat::Csv, None) => (render::lines_csv(d).into_bytes(), false),
         (DocFormat::Pdf, None) => (render::pdf(d)?, true),
         (DocFormat::Table, _) => (table(d).into_bytes(), false),
-        (DocFormat::UsageCsv, _) => {
-            let c = Customer::resolve(billing.cfg, &d.customer.id);
-            let details = usage::details(
-                billing.store,
-                &d.customer.id,
-                c.tz.name(),
-                d.period_start,
-                d.period_end,
-            )
-            .await?;
-            (
-                render::usage_csv(d.period, &details, billing.book)?.into_bytes(),
-                false,
-            )
-        }
+        (DocFormat::UsageCsv, _) => (billing.usage_csv(d).await?.into_bytes(), false),
     })
 }
 

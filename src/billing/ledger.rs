@@ -173,6 +173,7 @@ impl Ledger {
 }
 
 /// Access to the ledger topic.
+#[derive(Clone)]
 pub struct LedgerLog {
     brokers: ClientConfig,
     topic: String,
@@ -269,19 +270,12 @@ impl LedgerLog {
     /// Folds what was appended since `ledger` was last brought up to date.
     pub async fn catch_up(&self, ledger: &mut Ledger) -> anyhow::Result<()> {
         let from = ledger.next_offset;
-        let this = self.clone_handle();
+        let this = self.clone();
         let records = tokio::task::spawn_blocking(move || this.read_blocking(from)).await??;
         for (offset, record) in records {
             ledger.apply(offset, &record);
         }
         Ok(())
-    }
-
-    fn clone_handle(&self) -> Self {
-        Self {
-            brokers: self.brokers.clone(),
-            topic: self.topic.clone(),
-        }
     }
 
     /// Appends a record and returns its offset once the broker has it.

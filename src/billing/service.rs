@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context as _};
-use chrono::{Duration, Utc};
+use chrono::{Datelike, Duration, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
@@ -106,6 +106,20 @@ impl<'a> Billing<'a> {
         };
         doc.totals();
         Ok(doc)
+    }
+
+    /// The detailed usage CSV of a document's period (live, from stored events), by
+    /// local day in the zone the document was computed in.
+    pub async fn usage_csv(&self, doc: &Document) -> anyhow::Result<String> {
+        let details = usage::details(
+            self.store,
+            &doc.customer.id,
+            &doc.time_zone,
+            doc.period_start,
+            doc.period_end,
+        )
+        .await?;
+        super::render::usage_csv(doc.period, &details, self.book)
     }
 
     /// Folds the ledger and copies any document ClickHouse lacks.
@@ -225,7 +239,9 @@ impl<'a> Billing<'a> {
 
     /// `serve`'s monthly job: on the configured day, issue last month's invoice of every
     /// institution that has usage or corrections and no invoice yet.
-    pub async fn auto_issue(&self) -> anyhow::Result<Vec<String>> {
+    /// `ledger` is the current fold (from `sync`): an institution's draft depends only on
+    /// its own documents, so issuing for one does not change another's.
+    pub async fn auto_issue(&self, ledger: &Ledger) -> anyhow::Result<Vec<String>> {
         let mut issued = Vec::new();
         let mut institutions: BTreeSet<String> =
             self.cfg.institutions.iter().map(|i| i.id.clone()).collect();
@@ -239,19 +255,14 @@ impl<'a> Billing<'a> {
         for inst in institutions {
             let c = Customer::resolve(self.cfg, &inst);
             let today = Utc::now().with_timezone(&c.tz).date_naive();
-            if today.format("%d").to_string().parse::<u32>().unwrap_or(0)
-                < self.cfg.billing.auto_issue_day
-            {
+            if today.day() < self.cfg.billing.auto_issue_day {
                 continue;
             }
             let period = Period::of(today).prev();
-            let ledger = self.log.fold().await?;
-            if ledger.live_invoice(&inst, period).is_some()
-                || ledger.of(&inst).any(|d| d.period == period)
-            {
+            if ledger.of(&inst).any(|d| d.period == period) {
                 continue;
             }
-            let draft = self.draft(&ledger, &inst, period).await?;
+            let draft = self.draft(ledger, &inst, period).await?;
             if draft.lines.is_empty() {
                 continue;
             }

@@ -112,16 +112,8 @@ struct DetailRow {
     api_key_id: String,
     priced: u8,
     model: String,
-    price_id: String,
-    price_model: String,
-    price_tier: u64,
-    events: i64,
-    input: i64,
-    cache_read: i64,
-    cache_write: i64,
-    output: i64,
-    reasoning: i64,
-    cost: String,
+    /// The `SUMS` columns, which follow in the same order (RowBinary is positional).
+    sums: GroupRow,
 }
 
 /// One row of the detailed usage export, before it is split into token classes.
@@ -161,19 +153,7 @@ pub async fn details(
             api_key_id: r.api_key_id,
             model: r.model,
             priced: r.priced == 1,
-            sums: GroupRow {
-                price_id: r.price_id,
-                price_model: r.price_model,
-                price_tier: r.price_tier,
-                events: r.events,
-                input: r.input,
-                cache_read: r.cache_read,
-                cache_write: r.cache_write,
-                output: r.output,
-                reasoning: r.reasoning,
-                cost: r.cost,
-            }
-            .into(),
+            sums: r.sums.into(),
         })
         .collect())
 }

@@ -15,7 +15,7 @@ use super::error::AppError;
 use super::page::{money, urlencode};
 use super::AppState;
 use crate::billing::service::Billing;
-use crate::billing::{ledger, render, usage, Customer, Document, Period};
+use crate::billing::{ledger, render, Document, Period};
 
 struct Row {
     number: String,
@@ -165,16 +165,8 @@ fn file(bytes: Vec<u8>, name: &str, format: &str) -> Response {
 }
 
 async fn usage_csv(state: &AppState, doc: &Document) -> Result<Vec<u8>, AppError> {
-    let c = Customer::resolve(&state.cfg, &doc.customer.id);
-    let details = usage::details(
-        &state.store,
-        &doc.customer.id,
-        c.tz.name(),
-        doc.period_start,
-        doc.period_end,
-    )
-    .await?;
-    Ok(render::usage_csv(doc.period, &details, &state.book)?.into_bytes())
+    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    Ok(billing.usage_csv(doc).await?.into_bytes())
 }
 
 /// `GET /institutions/{institution}/invoices/{number}/{format}`: the frozen bytes.

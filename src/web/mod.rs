@@ -314,16 +314,18 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
 async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
     let billing = crate::billing::service::Billing::new(&state.cfg, &state.store, &state.book);
     loop {
-        if let Err(e) = billing.sync().await {
-            tracing::warn!("invoice ledger sync failed (will retry): {e:#}");
-        } else if state.cfg.billing.auto_issue_day > 0 {
-            match billing.auto_issue().await {
-                Ok(issued) if !issued.is_empty() => {
-                    tracing::info!(count = issued.len(), "invoices issued automatically")
+        match billing.sync().await {
+            Err(e) => tracing::warn!("invoice ledger sync failed (will retry): {e:#}"),
+            Ok(ledger) if state.cfg.billing.auto_issue_day > 0 => {
+                match billing.auto_issue(&ledger).await {
+                    Ok(issued) if !issued.is_empty() => {
+                        tracing::info!(count = issued.len(), "invoices issued automatically")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("automatic invoicing failed (will retry): {e:#}"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("automatic invoicing failed (will retry): {e:#}"),
             }
+            Ok(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
