@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use tokentally::store::rows::EventRow;
 
-use crate::harness::{terminate, tokentally, TestEnv};
+use crate::harness::{event_row, terminate, tokentally, TestEnv};
 use crate::web::{client, free_port, wait_for_port};
 
 fn spend_row(
@@ -25,36 +25,14 @@ fn spend_row(
     sign: i8,
 ) -> EventRow {
     EventRow {
-        event_id: id,
-        occurred_at: at.timestamp() as u32,
-        occurred_ms: 0,
-        institution_id: inst.into(),
         user_id: format!("user-{key}"),
         api_key_id: key.into(),
-        provider: "openai".into(),
-        model: "gpt-4o-mini".into(),
-        endpoint: String::new(),
-        service_tier: String::new(),
-        status: "ok".into(),
-        latency_ms: 0,
-        tag_keys: vec![],
-        tag_values: vec![],
         input_tokens: 1000,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
         output_tokens: 100,
-        reasoning_tokens: 0,
-        priced: 1,
         cost,
         price_id: "x".into(),
-        price_model: "gpt-4o-mini".into(),
-        price_tier: 0,
-        kafka_topic: "t".into(),
-        kafka_partition: 0,
-        kafka_offset: 0,
-        ingested_at: at.timestamp() as u32,
-        version: 0,
         sign,
+        ..event_row(id, inst, at, "gpt-4o-mini")
     }
 }
 

@@ -253,6 +253,48 @@ impl TestEnv {
     }
 }
 
+/// A stored event with neutral values (priced, no tokens, cost 0, sign +1), for tests
+/// that write rows around the pipeline; set what matters with `..event_row(...)`.
+pub fn event_row(
+    id: impl Into<String>,
+    inst: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    model: &str,
+) -> tokentally::store::rows::EventRow {
+    tokentally::store::rows::EventRow {
+        event_id: id.into(),
+        occurred_at: at.timestamp() as u32,
+        occurred_ms: 0,
+        institution_id: inst.into(),
+        user_id: String::new(),
+        api_key_id: String::new(),
+        provider: "openai".into(),
+        model: model.into(),
+        endpoint: String::new(),
+        service_tier: String::new(),
+        status: "ok".into(),
+        latency_ms: 0,
+        tag_keys: vec![],
+        tag_values: vec![],
+        input_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 0,
+        reasoning_tokens: 0,
+        priced: 1,
+        cost: Decimal::ZERO,
+        price_id: String::new(),
+        price_model: model.into(),
+        price_tier: 0,
+        kafka_topic: "t".into(),
+        kafka_partition: 0,
+        kafka_offset: 0,
+        ingested_at: at.timestamp() as u32,
+        version: 0,
+        sign: 1,
+    }
+}
+
 /// Runs the `tokentally` binary to completion.
 pub fn tokentally_output(
     args: &[&str],

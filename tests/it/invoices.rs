@@ -14,7 +14,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::{json, Value};
 use tokentally::store::rows::EventRow;
 
-use crate::harness::{repo, terminate, tokentally, tokentally_output, TestEnv};
+use crate::harness::{event_row, repo, terminate, tokentally, tokentally_output, TestEnv};
 
 const BOOK: &str = r#"
 [[price]]
@@ -716,39 +716,13 @@ async fn invoices_are_exact_frozen_adjusted_and_reconciled() {
 
     // Injected discrepancies: a row written around the pipeline, and a consumed message
     // whose row disappears.
-    let mut rogue = EventRow {
-        event_id: "rogue".into(),
-        occurred_at: at(2026, 8, 12, 12, 0).timestamp() as u32,
-        occurred_ms: 0,
-        institution_id: "uni-c".into(),
-        user_id: String::new(),
-        api_key_id: String::new(),
-        provider: "openai".into(),
-        model: "acme-chat".into(),
-        endpoint: String::new(),
-        service_tier: String::new(),
-        status: "ok".into(),
-        latency_ms: 0,
-        tag_keys: vec![],
-        tag_values: vec![],
+    let rogue = EventRow {
         input_tokens: 1_000_000,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        output_tokens: 0,
-        reasoning_tokens: 0,
-        priced: 1,
         cost: "1.1".parse().unwrap(),
         price_id: "acme-chat-1".into(),
-        price_model: "acme-chat".into(),
-        price_tier: 0,
         kafka_topic: "elsewhere".into(),
-        kafka_partition: 0,
-        kafka_offset: 0,
-        ingested_at: 0,
-        version: 0,
-        sign: 1,
+        ..event_row("rogue", "uni-c", at(2026, 8, 12, 12, 0), "acme-chat")
     };
-    rogue.ingested_at = rogue.occurred_at;
     env.store.insert_events(&[rogue]).await.unwrap();
     let rec = tokentally_output(&["reconcile", "--period", "2026-08"], &cli.vars, None);
     assert_eq!(rec.status.code(), Some(1));
@@ -798,36 +772,12 @@ fn chat_row(id: String, inst: &str, at: DateTime<Utc>, input: u64) -> EventRow {
     // acme-chat before the August price change: 1.10 per million input tokens.
     let cost = Decimal::from(input) * "1.10".parse::<Decimal>().unwrap() / Decimal::from(1_000_000);
     EventRow {
-        event_id: id,
-        occurred_at: at.timestamp() as u32,
-        occurred_ms: 0,
-        institution_id: inst.into(),
         user_id: "u".into(),
         api_key_id: "k".into(),
-        provider: "openai".into(),
-        model: "acme-chat".into(),
-        endpoint: String::new(),
-        service_tier: String::new(),
-        status: "ok".into(),
-        latency_ms: 0,
-        tag_keys: vec![],
-        tag_values: vec![],
         input_tokens: input,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        output_tokens: 0,
-        reasoning_tokens: 0,
-        priced: 1,
         cost: cost.normalize(),
         price_id: "acme-chat-1".into(),
-        price_model: "acme-chat".into(),
-        price_tier: 0,
-        kafka_topic: "t".into(),
-        kafka_partition: 0,
-        kafka_offset: 0,
-        ingested_at: at.timestamp() as u32,
-        version: 0,
-        sign: 1,
+        ..event_row(id, inst, at, "acme-chat")
     }
 }
 
