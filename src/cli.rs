@@ -75,6 +75,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::billing::cmd::InvoiceCommand,
     },
+    /// The invoice register: check the ledger topic against ClickHouse's copies, and
+    /// restore it from them if the topic was lost.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Spend and pipeline alerts.
     Alerts {
         #[command(subcommand)]
@@ -89,6 +95,19 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: crate::billing::cmd::ReportFormat,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Compare the ledger topic with the documents ClickHouse holds; exits 1 if the ledger
+    /// lacks an issued document or the two disagree (issuing is refused until fixed).
+    Verify {
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::billing::cmd::ReportFormat,
+    },
+    /// Re-append the documents ClickHouse holds and the ledger lacks, numbers unchanged,
+    /// so that numbering continues above the highest number ever issued.
+    Restore,
 }
 
 #[derive(Subcommand, Debug)]
@@ -301,6 +320,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Invoice { command } => crate::billing::cmd::invoice(&cfg, command).await,
+        Command::Ledger { command } => crate::billing::cmd::ledger(&cfg, command).await,
         Command::Reconcile { period, format } => {
             crate::billing::cmd::reconcile(&cfg, period, format).await
         }

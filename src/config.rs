@@ -345,6 +345,12 @@ pub struct KafkaConfig {
     /// another instance (librdkafka `session.timeout.ms`; brokers accept >= 6000 by default).
     /// Env: `TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS`.
     pub session_timeout_ms: u64,
+    /// Longest pause between two polls before librdkafka considers the consumer stuck and
+    /// leaves the group (`max.poll.interval.ms`). Ingest polls continuously (also while a
+    /// write is retried), so this only matters for a wedged process; some brokers (tansu)
+    /// also use it as the time after which a crashed member is dropped, which is why it
+    /// is short. Env: `TOKENTALLY_KAFKA_MAX_POLL_INTERVAL_MS`.
+    pub max_poll_interval_ms: u64,
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.*`).
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -358,6 +364,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: String::new(),
             queued_max_kbytes: 32 * 1024,
             session_timeout_ms: 10_000,
+            max_poll_interval_ms: 20_000,
             properties: Default::default(),
         }
     }
@@ -423,6 +430,14 @@ pub struct IngestConfig {
     pub metrics_listen: String,
     /// Longest wait between retries of a failed write, in milliseconds.
     pub max_backoff_ms: u64,
+    /// A batch is also written once its messages hold this many bytes, so large
+    /// messages cannot make a batch (and the process) grow without bound.
+    /// Env: `TOKENTALLY_INGEST_BATCH_MAX_BYTES`.
+    pub batch_max_bytes: usize,
+    /// The group has uncommitted messages and this instance has not committed for this
+    /// long: it reports itself stalled (metric, log, pipeline alert) and, if it holds no
+    /// partitions, rejoins the group. Env: `TOKENTALLY_INGEST_STALL_SECS`.
+    pub stall_secs: u64,
 }
 
 impl Default for IngestConfig {
@@ -434,6 +449,8 @@ impl Default for IngestConfig {
             dedupe_window_secs: 3600,
             metrics_listen: "127.0.0.1:9464".into(),
             max_backoff_ms: 10_000,
+            batch_max_bytes: 8 * 1024 * 1024,
+            stall_secs: 60,
         }
     }
 }
@@ -576,7 +593,7 @@ impl Config {
         if let Some(v) = env("TOKENTALLY_PRICES") {
             self.prices.path = PathBuf::from(v);
         }
-        let numbers: [(&'static str, &mut u64); 2] = [
+        let numbers: [(&'static str, &mut u64); 4] = [
             (
                 "TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS",
                 &mut self.ingest.batch_max_wait_ms,
@@ -585,6 +602,11 @@ impl Config {
                 "TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS",
                 &mut self.kafka.session_timeout_ms,
             ),
+            (
+                "TOKENTALLY_KAFKA_MAX_POLL_INTERVAL_MS",
+                &mut self.kafka.max_poll_interval_ms,
+            ),
+            ("TOKENTALLY_INGEST_STALL_SECS", &mut self.ingest.stall_secs),
         ];
         for (name, slot) in numbers {
             if let Some(v) = env(name) {
@@ -596,6 +618,17 @@ impl Config {
                         reason: e.to_string(),
                     })?;
             }
+        }
+        if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_BYTES") {
+            self.ingest.batch_max_bytes =
+                v.parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ConfigError::Env {
+                        name: "TOKENTALLY_INGEST_BATCH_MAX_BYTES",
+                        value: v.clone(),
+                        reason: "must be a positive integer".into(),
+                    })?;
         }
         if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES") {
             self.ingest.batch_max_messages =

@@ -15,8 +15,6 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::LogNormal;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Value};
@@ -431,28 +429,6 @@ impl Generator {
     }
 }
 
-/// Creates the topic if it does not exist.
-pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<_> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let res = admin
-        .create_topics(
-            [&new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for r in res {
-        match r {
-            Ok(_) => tracing::info!(topic, partitions, "topic created"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => anyhow::bail!("creating topic {t}: {code}"),
-        }
-    }
-    Ok(())
-}
-
 #[derive(Default)]
 struct Tally {
     events: u64,
@@ -462,9 +438,8 @@ struct Tally {
 
 pub async fn run(cfg: &Config, args: &EmitArgs) -> anyhow::Result<()> {
     let topic = &cfg.kafka.topic;
-    ensure_topic(&cfg.kafka.brokers, topic, args.partitions).await?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
+    crate::kafka::ensure_topic(&cfg.kafka, topic, args.partitions, &[]).await?;
+    let producer: FutureProducer = crate::kafka::client_config(&cfg.kafka)
         .set("linger.ms", "20")
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "120000")

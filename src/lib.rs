@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod emit;
 pub mod ingest;
+pub mod kafka;
 pub mod price;
 pub mod report;
 pub mod reprice;

@@ -3,7 +3,8 @@
 //! An event's current state is its `sign = 1` row with the highest `version`. A change
 //! is written as a pair in one insert: the old state with `sign = -1` (cancelling it in
 //! every sum, the rollup included) and the new state with `version + 1`. Running it
-//! again changes nothing; run one `reprice` at a time.
+//! again changes nothing. Two runs at once would both cancel the same rows, so a run
+//! holds the `reprice` lease (see `store::leases`) and a second one is refused.
 
 use std::fmt;
 
@@ -12,7 +13,11 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use crate::domain::{EventId, InstitutionId, TokenCounts, UsageEvent};
 use crate::price::{price, PriceBook, Pricing};
 use crate::store::rows::EventRow;
+use crate::store::leases::LeaseError;
 use crate::store::{Store, StoreError};
+
+/// How long a `reprice` lease lives without renewal (a crashed run blocks others this long).
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RepriceSummary {
@@ -109,7 +114,27 @@ pub async fn reprice(
     book: &PriceBook,
     since: NaiveDate,
     dry_run: bool,
-) -> Result<RepriceSummary, StoreError> {
+) -> Result<RepriceSummary, LeaseError> {
+    let lease = if dry_run {
+        None
+    } else {
+        Some(store.acquire_lease("reprice", LEASE_TTL).await?)
+    };
+    let result = rerate_since(store, book, since, dry_run, lease.as_ref()).await;
+    if let Some(l) = lease {
+        l.release().await;
+    }
+    result
+}
+
+async fn rerate_since(
+    store: &Store,
+    book: &PriceBook,
+    since: NaiveDate,
+    dry_run: bool,
+    lease: Option<&crate::store::leases::Lease>,
+) -> Result<RepriceSummary, LeaseError> {
+    let check = || lease.map_or(Ok(()), |l| l.check());
     let start = since
         .and_hms_opt(0, 0, 0)
         .expect("midnight")
@@ -119,13 +144,13 @@ pub async fn reprice(
         "SELECT ?fields FROM usage_events WHERE sign = 1 AND occurred_at >= toDateTime({start}) \
          ORDER BY institution_id, event_id, version DESC LIMIT 1 BY institution_id, event_id"
     );
-    let mut cursor = store.client().query(&sql).fetch::<EventRow>()?;
+    let mut cursor = store.client().query(&sql).fetch::<EventRow>().map_err(StoreError::from)?;
     let mut summary = RepriceSummary {
         dry_run,
         ..Default::default()
     };
     let mut pending: Vec<EventRow> = Vec::new();
-    while let Some(row) = cursor.next().await? {
+    while let Some(row) = cursor.next().await.map_err(StoreError::from)? {
         summary.examined += 1;
         let Some(next) = rerate(&row, book) else {
             continue;
@@ -139,11 +164,13 @@ pub async fn reprice(
         pending.push(cancel);
         pending.push(next);
         if pending.len() >= CHUNK && !dry_run {
+            check()?;
             store.insert_events(&pending).await?;
             pending.clear();
         }
     }
     if !dry_run {
+        check()?;
         store.insert_events(&pending).await?;
     }
     summary.cost_delta = summary.cost_delta.normalize();

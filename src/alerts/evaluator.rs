@@ -216,7 +216,7 @@ async fn pipeline_readings(
         threshold: Decimal::from(limit),
         message: format!("{rejected} messages rejected in the last hour (alert above {limit})"),
     });
-    match crate::web::lag::consumer_lag(cfg).await {
+    match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group).await {
         Ok(parts) => {
             let lag: i64 = parts.iter().map(|p| p.lag).sum();
             let limit = cfg.alerts.max_consumer_lag;

@@ -310,6 +310,65 @@ fn need(t: &Target) -> anyhow::Result<(&str, Period)> {
     }
 }
 
+pub async fn ledger(cfg: &Config, command: crate::cli::LedgerCommand) -> anyhow::Result<()> {
+    let store = Store::new(&cfg.clickhouse);
+    let log = ledger::LedgerLog::new(cfg);
+    match command {
+        crate::cli::LedgerCommand::Verify { format } => {
+            let v = log.verify(&store).await?;
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                ReportFormat::Table => {
+                    println!(
+                        "ledger topic {}: {}",
+                        log.topic(),
+                        if v.topic_exists { "present" } else { "MISSING" }
+                    );
+                    println!("documents in the ledger:     {}", v.in_ledger);
+                    println!("documents in ClickHouse:     {}", v.in_clickhouse);
+                    let list = |l: &[String]| {
+                        if l.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            l.join(", ")
+                        }
+                    };
+                    println!("missing from the ledger:     {}", list(&v.missing_from_ledger));
+                    println!("not yet copied to ClickHouse: {}", list(&v.not_copied));
+                    println!("conflicts:                   {}", list(&v.conflicts));
+                }
+            }
+            if !v.ok() {
+                eprintln!(
+                    "the ledger is not whole: issuing is refused. {}",
+                    if v.conflicts.is_empty() {
+                        "Run `tokentally ledger restore`."
+                    } else {
+                        "The conflicts need a person: compare both sides."
+                    }
+                );
+                std::process::exit(1);
+            }
+            eprintln!("ledger ok");
+            Ok(())
+        }
+        crate::cli::LedgerCommand::Restore => {
+            let restored = log.restore(&store).await?;
+            if restored.is_empty() {
+                eprintln!("nothing to restore: the ledger holds every document ClickHouse has");
+            } else {
+                eprintln!(
+                    "restored {} document(s) to ledger topic {}: {}",
+                    restored.len(),
+                    log.topic(),
+                    restored.join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     let book = crate::cli::load_book(cfg)?;

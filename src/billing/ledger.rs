@@ -12,7 +12,12 @@
 //!    before anyone learns its number, so a crash never leaves a gap: the next fold
 //!    (any issuer, `serve`) materialises it into ClickHouse.
 //!
-//! ClickHouse's `invoices` table is a read-optimised copy, keyed by sequence number.
+//! ClickHouse's `invoices` table is a copy, keyed by sequence number, written as part of
+//! every issue. The two check each other: a topic can vanish (retention misconfigured,
+//! cluster migrated, deleted by mistake), and a register that restarted empty would hand
+//! out used numbers. So a ledger that lacks a document ClickHouse holds is never used for
+//! issuing (`LedgerError::Incomplete`), and `restore` re-appends the missing documents
+//! with their numbers, after which numbering continues above the highest ever used.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -20,10 +25,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Datelike, Utc};
 use clickhouse::Row;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -50,6 +53,22 @@ pub struct Record {
 pub enum Request {
     Issue { document: Box<Document> },
     Void { number: String, reason: String },
+    /// A document issued earlier, re-appended from ClickHouse's copy after the ledger was
+    /// lost: accepted only as the next number, with its number and dates unchanged.
+    Restore { document: Box<Document> },
+}
+
+/// Why the ledger cannot be used as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("the invoice ledger (topic `{topic}`) lacks {} document(s) that ClickHouse holds ({}); issuing now could reuse their numbers. Run `tokentally ledger verify`, then `tokentally ledger restore`", .missing.len(), .missing.join(", "))]
+    Incomplete { topic: String, missing: Vec<String> },
+    #[error("the invoice ledger (topic `{topic}`) and ClickHouse disagree on {}: {}; restore cannot reconcile this by itself — compare both and repair by hand", .conflicts.len(), .conflicts.join("; "))]
+    Conflict { topic: String, conflicts: Vec<String> },
+    #[error("ClickHouse holds documents up to seq {highest} but not seq {gap}: the register has a gap and cannot be restored gap-free")]
+    Gap { highest: u64, gap: u64 },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
 }
 
 /// What the fold decided about one request.
@@ -105,6 +124,33 @@ impl Ledger {
                 self.number(&mut doc, record);
                 self.live
                     .insert((inst.clone(), doc.period), doc.number.clone());
+                self.last_change.insert(inst, offset);
+                let n = doc.number.clone();
+                self.push(doc);
+                Outcome::Accepted(n)
+            }
+            Request::Restore { document } => {
+                let expected = self.docs.len() as u64 + 1;
+                if document.seq != expected {
+                    return Outcome::Refused(format!(
+                        "restore of {} (seq {}) out of order: the ledger expects seq {expected}",
+                        document.number, document.seq
+                    ));
+                }
+                let doc = (**document).clone();
+                let inst = doc.customer.id.clone();
+                match (&doc.kind, &doc.references) {
+                    (Kind::CreditNote, Some(r)) => {
+                        self.voided.insert(r.clone(), doc.number.clone());
+                        if self.live.get(&(inst.clone(), doc.period)) == Some(r) {
+                            self.live.remove(&(inst.clone(), doc.period));
+                        }
+                    }
+                    _ => {
+                        self.live
+                            .insert((inst.clone(), doc.period), doc.number.clone());
+                    }
+                }
                 self.last_change.insert(inst, offset);
                 let n = doc.number.clone();
                 self.push(doc);
@@ -176,44 +222,215 @@ impl Ledger {
 #[derive(Clone)]
 pub struct LedgerLog {
     brokers: ClientConfig,
+    kafka: crate::config::KafkaConfig,
     topic: String,
+}
+
+/// What `ledger verify` found.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Verification {
+    pub topic_exists: bool,
+    pub in_ledger: usize,
+    pub in_clickhouse: usize,
+    /// Issued documents ClickHouse holds that the ledger lacks: issuing is refused until
+    /// they are restored.
+    pub missing_from_ledger: Vec<String>,
+    /// Accepted documents not copied to ClickHouse yet (the copy runs with every issue and
+    /// every minute in `serve`; a few seconds' lag is normal).
+    pub not_copied: Vec<String>,
+    /// Same sequence number, different document.
+    pub conflicts: Vec<String>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.missing_from_ledger.is_empty() && self.conflicts.is_empty()
+    }
+}
+
+/// How the ledger's documents and ClickHouse's copies relate.
+pub struct Comparison<'a> {
+    /// In ClickHouse, not in the ledger, by seq.
+    pub missing_from_ledger: Vec<&'a Document>,
+    pub not_copied: Vec<String>,
+    pub conflicts: Vec<String>,
+}
+
+/// Pure comparison of a fold with ClickHouse's documents (`stored` sorted by seq).
+pub fn compare<'a>(ledger: &Ledger, stored: &'a [Document]) -> Comparison<'a> {
+    let mut out = Comparison {
+        missing_from_ledger: Vec::new(),
+        not_copied: Vec::new(),
+        conflicts: Vec::new(),
+    };
+    let by_seq: HashMap<u64, &Document> = stored.iter().map(|d| (d.seq, d)).collect();
+    for d in stored {
+        match ledger.docs.get((d.seq as usize).wrapping_sub(1)) {
+            None => out.missing_from_ledger.push(d),
+            Some(l) if l != d => out.conflicts.push(format!(
+                "seq {} is {} in the ledger but {} in ClickHouse",
+                d.seq, l.number, d.number
+            )),
+            Some(_) => {}
+        }
+    }
+    for l in &ledger.docs {
+        if !by_seq.contains_key(&l.seq) {
+            out.not_copied.push(l.number.clone());
+        }
+    }
+    out
+}
+
+/// Every document ClickHouse holds, parsed, by seq.
+pub async fn stored_documents(store: &Store) -> anyhow::Result<Vec<Document>> {
+    let mut docs = Vec::new();
+    for row in stored(store, None).await? {
+        let d: Document = serde_json::from_str(&row.document)
+            .with_context(|| format!("stored document {} is not valid JSON", row.number))?;
+        docs.push(d);
+    }
+    docs.sort_by_key(|d| d.seq);
+    Ok(docs)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl LedgerLog {
     pub fn new(cfg: &Config) -> Self {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &cfg.kafka.brokers);
-        for (k, v) in &cfg.kafka.properties {
-            c.set(k, v);
-        }
         Self {
-            brokers: c,
+            brokers: crate::kafka::client_config(&cfg.kafka),
+            kafka: cfg.kafka.clone(),
             topic: cfg.billing.ledger_topic.clone(),
         }
     }
 
-    /// Creates the topic (one partition, no retention limit) if it is missing.
-    pub async fn ensure(&self) -> anyhow::Result<()> {
-        let admin: AdminClient<_> = self.brokers.create()?;
-        let new = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(1))
-            .set("retention.ms", "-1")
-            .set("retention.bytes", "-1");
-        for r in admin
-            .create_topics(
-                [&new],
-                &AdminOptions::new().operation_timeout(Some(TIMEOUT)),
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Folds the ledger and checks it against ClickHouse's copy. The topic (one
+    /// partition, no retention limit) is created only while ClickHouse holds no document:
+    /// a missing ledger is never silently replaced by an empty one.
+    pub async fn open(&self, store: &Store) -> Result<Ledger, LedgerError> {
+        let stored = stored_documents(store).await?;
+        let exists = crate::kafka::partitions(&self.kafka, &self.topic)
+            .await
+            .map_err(anyhow::Error::from)?
+            .is_some();
+        if !exists {
+            if !stored.is_empty() {
+                return Err(LedgerError::Incomplete {
+                    topic: self.topic.clone(),
+                    missing: stored.iter().map(|d| d.number.clone()).collect(),
+                });
+            }
+            crate::kafka::ensure_topic(
+                &self.kafka,
+                &self.topic,
+                1,
+                &[("retention.ms", "-1"), ("retention.bytes", "-1")],
             )
-            .await?
-        {
-            match r {
-                Ok(_) => tracing::info!(topic = %self.topic, "invoice ledger topic created"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => anyhow::bail!("creating ledger topic {t}: {code}"),
+            .await
+            .map_err(anyhow::Error::from)?;
+        }
+        let ledger = self.fold().await?;
+        let c = compare(&ledger, &stored);
+        if !c.conflicts.is_empty() {
+            return Err(LedgerError::Conflict {
+                topic: self.topic.clone(),
+                conflicts: c.conflicts,
+            });
+        }
+        if !c.missing_from_ledger.is_empty() {
+            return Err(LedgerError::Incomplete {
+                topic: self.topic.clone(),
+                missing: c.missing_from_ledger.iter().map(|d| d.number.clone()).collect(),
+            });
+        }
+        Ok(ledger)
+    }
+
+    /// Compares the ledger with ClickHouse's copy without changing either.
+    pub async fn verify(&self, store: &Store) -> Result<Verification, LedgerError> {
+        let stored = stored_documents(store).await?;
+        let exists = crate::kafka::partitions(&self.kafka, &self.topic)
+            .await
+            .map_err(anyhow::Error::from)?
+            .is_some();
+        let ledger = if exists {
+            self.fold().await?
+        } else {
+            Ledger::default()
+        };
+        let c = compare(&ledger, &stored);
+        Ok(Verification {
+            topic_exists: exists,
+            in_ledger: ledger.docs.len(),
+            in_clickhouse: stored.len(),
+            missing_from_ledger: c
+                .missing_from_ledger
+                .iter()
+                .map(|d| d.number.clone())
+                .collect(),
+            not_copied: c.not_copied,
+            conflicts: c.conflicts,
+        })
+    }
+
+    /// Re-appends the documents ClickHouse holds and the ledger lacks, in number order
+    /// and with their numbers, so the register is whole again and numbering continues
+    /// above the highest number ever used. Returns the numbers restored.
+    pub async fn restore(&self, store: &Store) -> Result<Vec<String>, LedgerError> {
+        let stored = stored_documents(store).await?;
+        crate::kafka::ensure_topic(
+            &self.kafka,
+            &self.topic,
+            1,
+            &[("retention.ms", "-1"), ("retention.bytes", "-1")],
+        )
+        .await
+        .map_err(anyhow::Error::from)?;
+        let mut ledger = self.fold().await?;
+        let c = compare(&ledger, &stored);
+        if !c.conflicts.is_empty() {
+            return Err(LedgerError::Conflict {
+                topic: self.topic.clone(),
+                conflicts: c.conflicts,
+            });
+        }
+        let mut restored = Vec::new();
+        for doc in c.missing_from_ledger {
+            let expected = ledger.docs.len() as u64 + 1;
+            if doc.seq != expected {
+                return Err(LedgerError::Gap {
+                    highest: stored.iter().map(|d| d.seq).max().unwrap_or(0),
+                    gap: expected,
+                });
+            }
+            let record = Record {
+                v: 1,
+                request_id: uuid::Uuid::new_v4().to_string(),
+                based_on: ledger.next_offset - 1,
+                created_at: doc.issued_at.unwrap_or_else(Utc::now),
+                prefix: String::new(),
+                request: Request::Restore {
+                    document: Box::new(doc.clone()),
+                },
+            };
+            self.append(&record).await?;
+            self.catch_up(&mut ledger).await?;
+            match ledger.outcomes.get(&record.request_id) {
+                Some(Outcome::Accepted(n)) => restored.push(n.clone()),
+                other => {
+                    return Err(LedgerError::Other(anyhow::anyhow!(
+                        "restoring {} was not accepted: {other:?}",
+                        doc.number
+                    )))
+                }
             }
         }
-        Ok(())
+        Ok(restored)
     }
 
     /// Reads records from `from` up to the current end (blocking; call off the runtime).

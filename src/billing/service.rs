@@ -122,10 +122,10 @@ impl<'a> Billing<'a> {
         super::render::usage_csv(doc.period, &details, self.book)
     }
 
-    /// Folds the ledger and copies any document ClickHouse lacks.
+    /// Folds the ledger, checks it against ClickHouse's copy (refusing a ledger that lacks
+    /// issued documents) and copies any document ClickHouse lacks.
     pub async fn sync(&self) -> anyhow::Result<Ledger> {
-        self.log.ensure().await?;
-        let ledger = self.log.fold().await?;
+        let ledger = self.log.open(self.store).await?;
         let written = ledger::materialize(self.store, &ledger).await?;
         if written > 0 {
             tracing::info!(written, "invoices copied from the ledger");
@@ -148,8 +148,7 @@ impl<'a> Billing<'a> {
                 "{period} has not ended yet for {institution} (it ends {end} UTC); issue it after that"
             );
         }
-        self.log.ensure().await?;
-        let mut ledger = self.log.fold().await?;
+        let mut ledger = self.log.open(self.store).await?;
         for attempt in 1..=MAX_ATTEMPTS {
             if let Some(d) = ledger.live_invoice(institution, period) {
                 bail!(
@@ -207,8 +206,7 @@ impl<'a> Billing<'a> {
 
     /// Voids an issued invoice with a credit note.
     pub async fn void(&self, number: &str, reason: &str) -> anyhow::Result<Document> {
-        self.log.ensure().await?;
-        let mut ledger = self.log.fold().await?;
+        let mut ledger = self.log.open(self.store).await?;
         let record = Record {
             v: 1,
             request_id: uuid::Uuid::new_v4().to_string(),
@@ -426,9 +424,12 @@ impl Billing<'_> {
 
     /// Every message below the group's committed offset must have left exactly one row.
     async fn check_offsets(&self) -> anyhow::Result<Vec<PartitionCheck>> {
-        let lags = crate::web::lag::consumer_lag(self.cfg)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let lags = crate::kafka::consumer_lag(
+            &self.cfg.kafka,
+            &self.cfg.kafka.topic,
+            &self.cfg.kafka.group,
+        )
+        .await?;
         let topic = &self.cfg.kafka.topic;
         let mut out = Vec::new();
         for l in lags {

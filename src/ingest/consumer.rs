@@ -1,14 +1,22 @@
-//! The consumer loop: poll → batch (by size and time) → write → commit offsets.
+//! The consumer loop: poll → batch (by count, bytes and time) → write → commit offsets.
 //!
 //! Offsets are committed only after ClickHouse has the batch, and every write is
-//! idempotent, so a crash anywhere replays at most one batch and counts nothing twice.
+//! idempotent, so a crash anywhere replays at most the uncommitted batches and counts
+//! nothing twice.
+//!
+//! The loop never stops polling. A batch is written by a task of its own while the next
+//! one is collected; if that write is slow or retried (ClickHouse away), the loop pauses
+//! fetching but keeps polling, so the group never thinks this instance died
+//! (`max.poll.interval.ms`) and rebalances are served at once. One write runs at a time:
+//! the next batch waits until the previous one is stored, so a message read twice (after
+//! a rebalance) is always looked up after its first write finished.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -16,11 +24,12 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::decode::DecodeOptions;
 use super::metrics::{Metrics, PartitionLabel};
 use super::pipeline::{decode_batch, store_batch, Message, Outcome};
+use super::watch::{BookWatcher, Heartbeat};
 use crate::config::Config;
 use crate::price::PriceBook;
 use crate::shutdown::Shutdown;
@@ -31,13 +40,17 @@ struct IngestContext {
     generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     topic: String,
+    /// Sum of the assigned partitions' lag at the last statistics callback.
+    lag: Arc<AtomicI64>,
 }
 
 impl ClientContext for IngestContext {
     fn stats(&self, stats: Statistics) {
+        let mut total = 0;
         if let Some(t) = stats.topics.get(&self.topic) {
             for (p, s) in &t.partitions {
                 if *p >= 0 && s.consumer_lag >= 0 {
+                    total += s.consumer_lag;
                     self.metrics
                         .lag
                         .get_or_create(&PartitionLabel {
@@ -47,6 +60,7 @@ impl ClientContext for IngestContext {
                 }
             }
         }
+        self.lag.store(total, Ordering::SeqCst);
     }
 }
 
@@ -63,42 +77,21 @@ impl ConsumerContext for IngestContext {
     }
 }
 
-fn kafka_config(cfg: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers);
-    for (k, v) in &cfg.kafka.properties {
-        c.set(k, v);
-    }
-    c
-}
+type Kafka = StreamConsumer<IngestContext>;
 
-/// Runs the consumer until `shutdown` resolves; then writes the batch in hand and returns.
-pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let book = PriceBook::load(&cfg.prices.path)
-        .with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
-    info!(
-        entries = book.entries().len(),
-        version = book.version(),
-        "price book loaded"
-    );
-    let store = Store::new(&cfg.clickhouse);
-    let metrics = Metrics::new();
-    if !cfg.ingest.metrics_listen.is_empty() {
-        let (listen, m) = (cfg.ingest.metrics_listen.clone(), metrics.clone());
-        tokio::spawn(async move {
-            if let Err(e) = super::metrics::serve(listen, m).await {
-                warn!(error = %e, "metrics endpoint failed");
-            }
-        });
-    }
-
-    let generation = Arc::new(AtomicU64::new(0));
+fn create_consumer(
+    cfg: &Config,
+    generation: &Arc<AtomicU64>,
+    metrics: &Arc<Metrics>,
+    lag: &Arc<AtomicI64>,
+) -> anyhow::Result<Kafka> {
     let context = IngestContext {
         generation: generation.clone(),
         metrics: metrics.clone(),
         topic: cfg.kafka.topic.clone(),
+        lag: lag.clone(),
     };
-    let consumer: StreamConsumer<IngestContext> = kafka_config(cfg)
+    let consumer: Kafka = crate::kafka::client_config(&cfg.kafka)
         .set("group.id", &cfg.kafka.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -109,7 +102,10 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             cfg.kafka.queued_max_kbytes.to_string(),
         )
         .set("fetch.max.bytes", "16777216")
-        .set("max.poll.interval.ms", "600000")
+        .set(
+            "max.poll.interval.ms",
+            cfg.kafka.max_poll_interval_ms.to_string(),
+        )
         .set(
             "session.timeout.ms",
             cfg.kafka.session_timeout_ms.to_string(),
@@ -123,200 +119,382 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     consumer
         .subscribe(&[&cfg.kafka.topic])
         .context("subscribing")?;
-    let dead_letters: Option<FutureProducer> = if cfg.kafka.dead_letter_topic.is_empty() {
-        None
-    } else {
-        Some(
-            kafka_config(cfg)
-                .create()
-                .context("creating dead-letter producer")?,
-        )
-    };
-    info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group, brokers = %cfg.kafka.brokers, "ingest started");
+    Ok(consumer)
+}
 
-    let sink = Sink {
-        consumer: &consumer,
-        store: &store,
-        book: &book,
-        cfg,
-        metrics: &metrics,
-        dead_letters: dead_letters.as_ref(),
-    };
+/// What a batch write needs; shared with the write task.
+struct Writer {
+    store: Store,
+    topic: String,
+    dead_letter_topic: String,
+    dead_letters: Option<FutureProducer>,
+    metrics: Arc<Metrics>,
+    dedupe_window_secs: i64,
+    max_future_skew: chrono::Duration,
+    max_backoff: Duration,
+}
+
+/// A batch handed to the write task.
+struct Job {
+    messages: Vec<Message>,
+    generation: u64,
+    book: Arc<PriceBook>,
+}
+
+/// The write task's answer.
+struct Done {
+    messages: Vec<Message>,
+    generation: u64,
+    started: Instant,
+    /// `None`: given up (shutdown or rebalance while retrying); nothing is committed.
+    outcome: Option<Outcome>,
+}
+
+impl Writer {
+    /// Stores a batch, retrying until it is stored, the assignment changes or shutdown is
+    /// requested. A batch ClickHouse refuses for good (not a passing outage) is written in
+    /// halves, down to one message at a time: what fails because of its size then goes
+    /// through, and whatever still fails is retried, loudly, never dropped.
+    async fn write(
+        self: Arc<Self>,
+        job: Job,
+        generation: Arc<AtomicU64>,
+        mut shutdown: Shutdown,
+    ) -> Done {
+        let started = Instant::now();
+        let mut outcome = Outcome::default();
+        let mut chunk = job.messages.len().max(1);
+        let mut pos = 0;
+        let mut backoff = Duration::from_millis(100);
+        let give_up = |outcome| Done {
+            messages: Vec::new(),
+            generation: job.generation,
+            started,
+            outcome,
+        };
+        while pos < job.messages.len() {
+            let part = &job.messages[pos..(pos + chunk).min(job.messages.len())];
+            let opts = DecodeOptions {
+                now: chrono::Utc::now(),
+                max_future_skew: self.max_future_skew,
+            };
+            let decoded = decode_batch(part, &opts);
+            match store_batch(
+                &self.store,
+                &job.book,
+                &self.topic,
+                &decoded,
+                self.dedupe_window_secs,
+            )
+            .await
+            {
+                Ok(o) => {
+                    self.dead_letter(&decoded, &o).await;
+                    outcome.merge(o);
+                    pos += part.len();
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Err(e) if e.is_retryable() => {
+                    self.metrics.store_errors.inc();
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, messages = part.len(),
+                          "writing batch failed; retrying");
+                }
+                Err(e) => {
+                    self.metrics.store_errors.inc();
+                    if chunk > 1 {
+                        chunk = chunk.div_ceil(2);
+                        error!(error = %e, messages = part.len(), next_chunk = chunk,
+                               "ClickHouse refused the batch; writing it in smaller parts");
+                        continue;
+                    }
+                    error!(error = %e, partition = part[0].partition, offset = part[0].offset,
+                           "ClickHouse refuses this message; retrying (the partition is stalled until it is stored)");
+                    backoff = self.max_backoff;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.wait() => {
+                    warn!("shutdown while the store refuses writes: batch left uncommitted (re-read on restart)");
+                    return give_up(None);
+                }
+            }
+            if generation.load(Ordering::SeqCst) != job.generation {
+                info!("partitions reassigned while retrying: the batch is left to their new owner");
+                return give_up(None);
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+        Done {
+            messages: job.messages,
+            generation: job.generation,
+            started,
+            outcome: Some(outcome),
+        }
+    }
+
+    async fn dead_letter(&self, decoded: &super::pipeline::Decoded<'_>, outcome: &Outcome) {
+        let Some(producer) = &self.dead_letters else {
+            return;
+        };
+        for (reason, i) in &outcome.new_rejections {
+            let (_, m) = &decoded.rejected[*i];
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "tokentally-reason",
+                    value: Some(reason.as_str()),
+                })
+                .insert(Header {
+                    key: "tokentally-source-offset",
+                    value: Some(&format!("{}:{}", m.partition, m.offset)),
+                });
+            let record = FutureRecord::to(&self.dead_letter_topic)
+                .payload(&m.payload)
+                .key(&m.key)
+                .headers(headers);
+            if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
+                warn!(error = %e, "dead-letter publish failed (the rejection is stored in ClickHouse)");
+            }
+        }
+    }
+}
+
+/// Runs the consumer until `shutdown` resolves; then writes the batch in hand and returns.
+pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut books = BookWatcher::load(&cfg.prices.path)?;
+    let store = Store::new(&cfg.clickhouse);
+    let metrics = Metrics::new();
+    if !cfg.ingest.metrics_listen.is_empty() {
+        let (listen, m) = (cfg.ingest.metrics_listen.clone(), metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = super::metrics::serve(listen, m).await {
+                warn!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    let generation = Arc::new(AtomicU64::new(0));
+    let lag = Arc::new(AtomicI64::new(0));
+    let mut consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
+    let writer = Arc::new(Writer {
+        store: store.clone(),
+        topic: cfg.kafka.topic.clone(),
+        dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+        dead_letters: if cfg.kafka.dead_letter_topic.is_empty() {
+            None
+        } else {
+            Some(
+                crate::kafka::client_config(&cfg.kafka)
+                    .create()
+                    .context("creating dead-letter producer")?,
+            )
+        },
+        metrics: metrics.clone(),
+        dedupe_window_secs: cfg.ingest.dedupe_window_secs,
+        max_future_skew: chrono::Duration::seconds(cfg.ingest.max_future_skew_secs),
+        max_backoff: Duration::from_millis(cfg.ingest.max_backoff_ms),
+    });
+    let mut heartbeat = Heartbeat::new(cfg, store.clone());
+    info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group, brokers = %cfg.kafka.brokers,
+          instance = %heartbeat.instance_id(), "ingest started");
+
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
     let max_messages = cfg.ingest.batch_max_messages;
-    let mut batch: Vec<Message> = Vec::with_capacity(max_messages);
+    let max_bytes = cfg.ingest.batch_max_bytes;
+    let stall_after = Duration::from_secs(cfg.ingest.stall_secs);
+    let mut batch: Vec<Message> = Vec::with_capacity(max_messages.min(100_000));
+    let mut batch_bytes = 0usize;
     let mut batch_started = Instant::now();
-    let mut seen_generation = generation.load(Ordering::SeqCst);
+    let mut batch_generation = generation.load(Ordering::SeqCst);
+    let mut in_flight: Option<tokio::task::JoinHandle<Done>> = None;
+    let mut paused: Option<TopicPartitionList> = None;
+    let mut stopping = false;
+    let mut last_progress = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        let full = batch.len() >= max_messages || batch_bytes >= max_bytes;
+        let due = !batch.is_empty() && (full || stopping || batch_started.elapsed() >= max_wait);
+        if in_flight.is_none() && due {
+            if generation.load(Ordering::SeqCst) != batch_generation {
+                debug!(dropped = batch.len(), "assignment changed: batch will be re-read");
+                batch.clear();
+                batch_bytes = 0;
+            } else {
+                let job = Job {
+                    messages: std::mem::take(&mut batch),
+                    generation: batch_generation,
+                    book: books.current(),
+                };
+                batch_bytes = 0;
+                in_flight = Some(tokio::spawn(writer.clone().write(
+                    job,
+                    generation.clone(),
+                    shutdown.clone(),
+                )));
+                if let Some(tpl) = paused.take() {
+                    let _ = consumer.resume(&tpl);
+                }
+            }
+        }
+        if stopping && in_flight.is_none() && batch.is_empty() {
+            break;
+        }
         let deadline = tokio::time::Instant::from_std(batch_started + max_wait);
         tokio::select! {
             biased;
-            () = shutdown.wait() => {
+            () = shutdown.wait(), if !stopping => {
                 info!(pending = batch.len(), "shutting down: writing the batch in hand");
-                break;
+                stopping = true;
             }
-            () = tokio::time::sleep_until(deadline), if !batch.is_empty() => {}
-            msg = consumer.recv() => match msg {
+            done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match done {
+                    Ok(done) => {
+                        if finish(&consumer, cfg, &metrics, &generation, done) {
+                            last_progress = Instant::now();
+                            heartbeat.committed();
+                        }
+                    }
+                    Err(e) => return Err(anyhow::anyhow!("the batch writer failed: {e}")),
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if !batch.is_empty() && in_flight.is_none() => {}
+            _ = tick.tick() => {
+                books.maybe_reload();
+                metrics.price_book_reloads.set(books.reloads() as i64);
+                let assigned = consumer.assignment().map(|t| t.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+                let stalled = last_progress.elapsed() > stall_after
+                    && heartbeat.behind(cfg, lag.load(Ordering::SeqCst)).await;
+                metrics.stalled.set(i64::from(stalled));
+                heartbeat.beat(assigned, lag.load(Ordering::SeqCst), books.version(), stalled, in_flight.is_some()).await;
+                if stalled && heartbeat.should_rejoin(stall_after) {
+                    // The usual cause on a broker that keeps dead members: this consumer
+                    // holds no partitions while the topic has lag. A new member triggers
+                    // a fresh rebalance, in which the broker drops members that stopped
+                    // heartbeating.
+                    warn!(stalled_for_s = last_progress.elapsed().as_secs(), "ingest stalled: rejoining the consumer group");
+                    if in_flight.is_none() {
+                        batch.clear();
+                        batch_bytes = 0;
+                        paused = None;
+                        drop(consumer);
+                        consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
+                        generation.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if !batch.is_empty() || in_flight.is_some() || stalled { continue; }
+                // Idle and caught up: nothing is waiting, which is progress too.
+                if lag.load(Ordering::SeqCst) == 0 { last_progress = Instant::now(); }
+            }
+            msg = consumer.recv(), if !stopping => match msg {
                 Ok(m) => {
                     let g = generation.load(Ordering::SeqCst);
-                    if g != seen_generation {
+                    if g != batch_generation {
                         if !batch.is_empty() {
                             debug!(dropped = batch.len(), "assignment changed: batch will be re-read");
                         }
                         batch.clear();
-                        seen_generation = g;
+                        batch_bytes = 0;
+                        batch_generation = g;
+                        paused = None;
                     }
                     if batch.is_empty() {
                         batch_started = Instant::now();
                     }
-                    batch.push(Message {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
-                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    });
-                    if batch.len() < max_messages {
-                        continue;
+                    let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
+                    let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                    batch_bytes += key.len() + payload.len() + 64;
+                    batch.push(Message { partition: m.partition(), offset: m.offset(), key, payload });
+                    let full = batch.len() >= max_messages || batch_bytes >= max_bytes;
+                    if full && in_flight.is_some() && paused.is_none() {
+                        // The previous batch is still being written: stop fetching (the
+                        // queue would grow without bound) but keep polling.
+                        if let Ok(tpl) = consumer.assignment() {
+                            if consumer.pause(&tpl).is_ok() {
+                                paused = Some(tpl);
+                            }
+                        }
                     }
                 }
                 Err(e) => {
                     // Broker trouble: librdkafka reconnects by itself; keep polling.
                     warn!(error = %e, "Kafka error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
                 }
             },
         }
-        if generation.load(Ordering::SeqCst) != seen_generation {
-            batch.clear();
-            seen_generation = generation.load(Ordering::SeqCst);
-            continue;
-        }
-        if !batch.is_empty() {
-            sink.flush(&batch, &mut shutdown).await?;
-            batch.clear();
-        }
     }
-    if !batch.is_empty() && generation.load(Ordering::SeqCst) == seen_generation {
-        sink.flush(&batch, &mut shutdown).await?;
-    }
+    heartbeat.stopped().await;
     info!("ingest stopped");
     Ok(())
 }
 
-/// Where a batch goes: ClickHouse, the dead-letter topic, then the offset commit.
-struct Sink<'a> {
-    consumer: &'a StreamConsumer<IngestContext>,
-    store: &'a Store,
-    book: &'a PriceBook,
-    cfg: &'a Config,
-    metrics: &'a Metrics,
-    dead_letters: Option<&'a FutureProducer>,
-}
-
-impl Sink<'_> {
-    /// Writes a batch (retrying with backoff until it is stored), then commits its offsets.
-    async fn flush(&self, batch: &[Message], shutdown: &mut Shutdown) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let opts = DecodeOptions {
-            now: chrono::Utc::now(),
-            max_future_skew: chrono::Duration::seconds(self.cfg.ingest.max_future_skew_secs),
-        };
-        let decoded = decode_batch(batch, &opts);
-        let mut backoff = Duration::from_millis(100);
-        let outcome: Outcome = loop {
-            match store_batch(
-                self.store,
-                self.book,
-                &self.cfg.kafka.topic,
-                &decoded,
-                self.cfg.ingest.dedupe_window_secs,
-            )
-            .await
-            {
-                Ok(o) => break o,
-                Err(e) => {
-                    self.metrics.store_errors.inc();
-                    warn!(error = %e, retryable = e.is_retryable(), retry_in_ms = backoff.as_millis() as u64,
-                      messages = batch.len(), "writing batch failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.wait() => {
-                            // Nothing was committed: the batch is re-read on restart.
-                            warn!("shutdown while the store is unavailable: batch left uncommitted");
-                            return Ok(());
-                        }
-                    }
-                    backoff =
-                        (backoff * 2).min(Duration::from_millis(self.cfg.ingest.max_backoff_ms));
-                }
-            }
-        };
-
-        if let Some(producer) = self.dead_letters {
-            for (reason, i) in &outcome.new_rejections {
-                let (_, m) = &decoded.rejected[*i];
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "tokentally-reason",
-                        value: Some(reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: "tokentally-source-offset",
-                        value: Some(&format!("{}:{}", m.partition, m.offset)),
-                    });
-                let record = FutureRecord::to(&self.cfg.kafka.dead_letter_topic)
-                    .payload(&m.payload)
-                    .key(&m.key)
-                    .headers(headers);
-                if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
-                    warn!(error = %e, "dead-letter publish failed (the rejection is stored in ClickHouse)");
-                }
-            }
-        }
-
-        let mut tpl = TopicPartitionList::new();
-        let mut next: std::collections::BTreeMap<i32, i64> = Default::default();
-        for m in batch {
-            let e = next.entry(m.partition).or_insert(m.offset + 1);
-            *e = (*e).max(m.offset + 1);
-        }
-        for (p, o) in next {
-            tpl.add_partition_offset(&self.cfg.kafka.topic, p, Offset::Offset(o))?;
-        }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-            // Stored rows are the truth; a lost commit only means a harmless replay.
-            warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
-        }
-
-        self.metrics.consumed.inc_by(batch.len() as u64);
-        self.metrics.priced.inc_by(outcome.priced);
-        self.metrics.unpriced.inc_by(outcome.unpriced);
-        self.metrics.duplicates.inc_by(outcome.duplicates);
-        self.metrics.replayed.inc_by(outcome.already_stored);
-        for (reason, n) in &outcome.rejected {
-            self.metrics
-                .rejected
-                .get_or_create(&super::metrics::ReasonLabel {
-                    reason: (*reason).into(),
-                })
-                .inc_by(*n);
-        }
-        self.metrics.batches.inc();
-        self.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
+/// Commits a written batch's offsets (unless the assignment changed meanwhile: then the
+/// new owner re-reads it and finds it stored) and records its metrics. True if committed.
+fn finish(
+    consumer: &Kafka,
+    cfg: &Config,
+    metrics: &Metrics,
+    generation: &AtomicU64,
+    done: Done,
+) -> bool {
+    let Some(outcome) = done.outcome else {
+        return false;
+    };
+    if generation.load(Ordering::SeqCst) != done.generation {
         debug!(
-            messages = batch.len(),
-            priced = outcome.priced,
-            unpriced = outcome.unpriced,
-            rejected = outcome.rejected_total(),
-            duplicates = outcome.duplicates,
-            replayed = outcome.already_stored,
-            ms = started.elapsed().as_millis() as u64,
-            "batch stored"
+            messages = done.messages.len(),
+            "assignment changed while writing: not committing"
         );
-        Ok(())
+        return false;
     }
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for m in &done.messages {
+        let e = next.entry(m.partition).or_insert(m.offset + 1);
+        *e = (*e).max(m.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &next {
+        if tpl
+            .add_partition_offset(&cfg.kafka.topic, *p, Offset::Offset(*o))
+            .is_err()
+        {
+            return false;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+        // Stored rows are the truth; a lost commit only means a harmless replay.
+        warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
+    }
+    metrics.consumed.inc_by(done.messages.len() as u64);
+    metrics.priced.inc_by(outcome.priced);
+    metrics.unpriced.inc_by(outcome.unpriced);
+    metrics.duplicates.inc_by(outcome.duplicates);
+    metrics.replayed.inc_by(outcome.already_stored);
+    for (reason, n) in &outcome.rejected {
+        metrics
+            .rejected
+            .get_or_create(&super::metrics::ReasonLabel {
+                reason: (*reason).into(),
+            })
+            .inc_by(*n);
+    }
+    metrics.batches.inc();
+    metrics
+        .batch_seconds
+        .observe(done.started.elapsed().as_secs_f64());
+    debug!(
+        messages = done.messages.len(),
+        priced = outcome.priced,
+        unpriced = outcome.unpriced,
+        rejected = outcome.rejected_total(),
+        duplicates = outcome.duplicates,
+        replayed = outcome.already_stored,
+        ms = done.started.elapsed().as_millis() as u64,
+        "batch stored"
+    );
+    true
 }

@@ -18,16 +18,22 @@ pub enum RejectReason {
     UnsupportedSchemaVersion,
     BadTokenCount,
     FutureTimestamp,
+    /// The Kafka key is not the event's `institution_id`. The contract keys every event by
+    /// its institution so that all copies of an event land on one partition, where one
+    /// consumer at a time deduplicates them; a copy under another key could be counted
+    /// twice by two instances, so it is refused instead.
+    KeyMismatch,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::InvalidJson,
         RejectReason::MissingField,
         RejectReason::InvalidField,
         RejectReason::UnsupportedSchemaVersion,
         RejectReason::BadTokenCount,
         RejectReason::FutureTimestamp,
+        RejectReason::KeyMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +44,7 @@ impl RejectReason {
             RejectReason::UnsupportedSchemaVersion => "unsupported_schema_version",
             RejectReason::BadTokenCount => "bad_token_count",
             RejectReason::FutureTimestamp => "future_timestamp",
+            RejectReason::KeyMismatch => "key_mismatch",
         }
     }
 }
@@ -50,7 +57,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -69,6 +76,46 @@ pub struct DecodeOptions {
 
 /// Largest instant a ClickHouse `DateTime` (UInt32 seconds) can hold.
 const MAX_STORABLE_SECS: i64 = u32::MAX as i64;
+
+/// Longest provider name (the price book's providers are short words).
+pub const MAX_PROVIDER_LEN: usize = 64;
+/// Most tags one event may carry: every tag becomes a row of the tag rollup.
+pub const MAX_TAGS: usize = 32;
+/// Longest tag name; values may be as long as an id (`MAX_ID_LEN`).
+pub const MAX_TAG_KEY_LEN: usize = 64;
+
+/// A short, printable rendering of untrusted text for a rejection detail.
+pub fn excerpt(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(64)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+/// A short text field: at most `max` bytes, no control characters (NUL included).
+fn short_text(field: &str, s: &str, max: usize) -> Result<(), Rejection> {
+    if s.len() > max {
+        return Err(invalid(
+            field,
+            format!("is {} bytes long (at most {max})", s.len()),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid(field, "contains a control character"));
+    }
+    Ok(())
+}
 
 pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Rejection> {
     let value: Value = serde_json::from_slice(payload)
@@ -100,10 +147,12 @@ pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Reject
     if provider.is_empty() {
         return Err(invalid("provider", "is empty"));
     }
+    short_text("provider", &provider, MAX_PROVIDER_LEN)?;
     let model = required_str(&obj, "model")?.trim().to_owned();
     if model.is_empty() {
         return Err(invalid("model", "is empty"));
     }
+    short_text("model", &model, crate::domain::MAX_ID_LEN)?;
 
     let occurred_raw = required_str(&obj, "occurred_at")?;
     let occurred_at = DateTime::parse_from_rfc3339(occurred_raw)
@@ -167,8 +216,10 @@ fn required_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a str,
 fn optional_str(obj: &Map<String, Value>, field: &str) -> Result<String, Rejection> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(String::new()),
-        Some(Value::String(s)) if s.len() <= crate::domain::MAX_ID_LEN => Ok(s.clone()),
-        Some(Value::String(_)) => Err(invalid(field, "is too long")),
+        Some(Value::String(s)) => {
+            short_text(field, s, crate::domain::MAX_ID_LEN)?;
+            Ok(s.clone())
+        }
         Some(other) => Err(invalid(field, format!("must be a string, got {other}"))),
     }
 }
@@ -186,13 +237,28 @@ fn latency(obj: &Map<String, Value>) -> Result<u32, Rejection> {
 fn tags(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Rejection> {
     match obj.get("tags") {
         None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) if m.len() > MAX_TAGS => Err(invalid(
+            "tags",
+            format!("has {} entries (at most {MAX_TAGS})", m.len()),
+        )),
         Some(Value::Object(m)) => m
             .iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => Ok((k.clone(), s.clone())),
-                // Numbers and booleans are kept as their JSON text.
-                Value::Number(_) | Value::Bool(_) => Ok((k.clone(), v.to_string())),
-                _ => Err(invalid("tags", format!("value of `{k}` must be a string"))),
+            .map(|(k, v)| {
+                if k.is_empty() {
+                    return Err(invalid("tags", "has an empty name"));
+                }
+                short_text("tags", k, MAX_TAG_KEY_LEN)
+                    .map_err(|e| invalid("tags", format!("name `{}`: {}", excerpt(k), e.detail)))?;
+                let value = match v {
+                    Value::String(s) => s.clone(),
+                    // Numbers and booleans are kept as their JSON text.
+                    Value::Number(_) | Value::Bool(_) => v.to_string(),
+                    _ => return Err(invalid("tags", format!("value of `{}` must be a string", excerpt(k)))),
+                };
+                short_text("tags", &value, crate::domain::MAX_ID_LEN).map_err(|e| {
+                    invalid("tags", format!("value of `{}`: {}", excerpt(k), e.detail))
+                })?;
+                Ok((k.clone(), value))
             })
             .collect(),
         Some(_) => Err(invalid("tags", "must be an object of strings")),
@@ -374,6 +440,45 @@ mod tests {
             },
             RejectReason::InvalidField,
         );
+        // Bounds: long or binary names, and too many tags.
+        with(
+            &|o| {
+                o.insert("model".into(), json!("m".repeat(10_000)));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("provider".into(), json!("open\u{0}ai"));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("model".into(), json!("gpt\u{0}"));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                let tags: Map<String, Value> =
+                    (0..20_000).map(|i| (format!("t{i}"), json!("v"))).collect();
+                o.insert("tags".into(), Value::Object(tags));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("tags".into(), json!({"k": "v".repeat(300)}));
+            },
+            RejectReason::InvalidField,
+        );
+        with(
+            &|o| {
+                o.insert("user_id".into(), json!("alice\nbob"));
+            },
+            RejectReason::InvalidField,
+        );
         for (bytes, want) in cases {
             let got = decode(&bytes, &opts()).expect_err(&String::from_utf8_lossy(&bytes));
             assert_eq!(
@@ -385,6 +490,21 @@ mod tests {
             );
             assert!(!got.detail.is_empty());
         }
+    }
+
+    #[test]
+    fn bounded_fields_at_their_limits_are_accepted() {
+        let mut v = sample();
+        v["model"] = json!("m".repeat(crate::domain::MAX_ID_LEN));
+        v["provider"] = json!("p".repeat(MAX_PROVIDER_LEN));
+        let tags: Map<String, Value> = (0..MAX_TAGS)
+            .map(|i| (format!("{i:0>64}"), json!("v".repeat(crate::domain::MAX_ID_LEN))))
+            .collect();
+        v["tags"] = Value::Object(tags);
+        let e = dec(&v).unwrap();
+        assert_eq!(e.tags.len(), MAX_TAGS);
+        let shown = excerpt(&"a\u{0}".repeat(40));
+        assert!(shown.ends_with('…') && !shown.chars().any(char::is_control), "{shown}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub batch_seconds: Histogram,
     pub lag: Family<PartitionLabel, Gauge>,
+    /// 1 while the instance considers itself stalled (see `ingest::watch`).
+    pub stalled: Gauge,
+    pub price_book_reloads: Gauge,
 }
 
 impl Metrics {
@@ -48,6 +51,8 @@ impl Metrics {
             store_errors: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             lag: Family::default(),
+            stalled: Gauge::default(),
+            price_book_reloads: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -95,6 +100,16 @@ impl Metrics {
             "consumer_lag",
             "Messages behind the partition's end",
             m.lag.clone(),
+        );
+        registry.register(
+            "stalled",
+            "1 while the group has uncommitted messages and this instance has not committed for ingest.stall_secs",
+            m.stalled.clone(),
+        );
+        registry.register(
+            "price_book_reloads",
+            "Times the price book was reloaded after a change on disk",
+            m.price_book_reloads.clone(),
         );
         for reason in super::decode::RejectReason::ALL {
             let _ = m.rejected.get_or_create(&ReasonLabel {

@@ -5,5 +5,6 @@ pub mod decode;
 pub mod metrics;
 pub mod normalize;
 pub mod pipeline;
+pub mod watch;
 
 pub use consumer::run;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::Utc;
 
-use super::decode::{decode, DecodeOptions, RejectReason, Rejection};
+use super::decode::{decode, excerpt, DecodeOptions, RejectReason, Rejection};
 use crate::domain::UsageEvent;
 use crate::price::{price, PriceBook, Pricing};
 use crate::store::rows::{DuplicateRow, EventRow, RejectedRow};
@@ -30,7 +30,19 @@ impl Message {
     }
 }
 
-/// A decoded batch: valid events (first copy of each event_id), in-batch copies, rejections.
+/// The identity of an event: its id within its institution. With the Kafka key bound to
+/// the institution (`key_mismatch` otherwise), all copies of an event are on one
+/// partition, so deduplication never needs to look beyond the partition's own consumer.
+pub type Identity = (String, String);
+
+fn identity(e: &UsageEvent) -> Identity {
+    (
+        e.institution_id.as_str().to_owned(),
+        e.event_id.as_str().to_owned(),
+    )
+}
+
+/// A decoded batch: valid events (first copy of each identity), in-batch copies, rejections.
 pub struct Decoded<'a> {
     pub events: Vec<(UsageEvent, Position)>,
     /// (event, its position, position of the first copy in this batch)
@@ -39,18 +51,18 @@ pub struct Decoded<'a> {
 }
 
 pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decoded<'a> {
-    let mut first: HashMap<String, Position> = HashMap::new();
+    let mut first: HashMap<Identity, Position> = HashMap::new();
     let mut out = Decoded {
         events: Vec::new(),
         copies: Vec::new(),
         rejected: Vec::new(),
     };
     for m in messages {
-        match decode(&m.payload, opts) {
-            Ok(event) => match first.get(event.event_id.as_str()) {
+        match decode(&m.payload, opts).and_then(|e| check_key(&m.key, e)) {
+            Ok(event) => match first.get(&identity(&event)) {
                 Some(&original) => out.copies.push((event, m.position(), original)),
                 None => {
-                    first.insert(event.event_id.as_str().to_owned(), m.position());
+                    first.insert(identity(&event), m.position());
                     out.events.push((event, m.position()));
                 }
             },
@@ -58,6 +70,25 @@ pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decode
         }
     }
     out
+}
+
+/// The contract keys every message by its event's `institution_id`.
+fn check_key(key: &[u8], event: UsageEvent) -> Result<UsageEvent, Rejection> {
+    if key == event.institution_id.as_str().as_bytes() {
+        return Ok(event);
+    }
+    let shown = if key.is_empty() {
+        "no key".to_owned()
+    } else {
+        format!("key `{}`", excerpt(&String::from_utf8_lossy(key)))
+    };
+    Err(Rejection::new(
+        RejectReason::KeyMismatch,
+        format!(
+            "the message has {shown} but institution_id `{}`; publish every event (and every copy) with key = institution_id",
+            excerpt(event.institution_id.as_str())
+        ),
+    ))
 }
 
 /// What a batch added to the store.
@@ -76,6 +107,18 @@ pub struct Outcome {
 impl Outcome {
     pub fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
+    }
+
+    /// Adds another part's counts (its dead-letter indexes refer to its own part and are
+    /// not kept).
+    pub fn merge(&mut self, other: Outcome) {
+        self.priced += other.priced;
+        self.unpriced += other.unpriced;
+        self.duplicates += other.duplicates;
+        self.already_stored += other.already_stored;
+        for (reason, n) in other.rejected {
+            *self.rejected.entry(reason).or_default() += n;
+        }
     }
 }
 
@@ -159,7 +202,7 @@ pub async fn store_batch(
     let mut new_events = Vec::new();
     let mut dup_candidates: Vec<(&UsageEvent, Position, Position)> = Vec::new();
     for (e, pos) in &decoded.events {
-        match stored.get(e.event_id.as_str()) {
+        match stored.get(&identity(e)) {
             Some(p) if p == pos => outcome.already_stored += 1,
             Some(p) => dup_candidates.push((e, *pos, *p)),
             None => {
@@ -173,7 +216,7 @@ pub async fn store_batch(
         }
     }
     for (e, pos, first) in &decoded.copies {
-        let original = stored.get(e.event_id.as_str()).copied().unwrap_or(*first);
+        let original = stored.get(&identity(e)).copied().unwrap_or(*first);
         dup_candidates.push((e, *pos, original));
     }
 

@@ -355,6 +355,32 @@ pub fn book_files(path: &Path) -> Result<Vec<PathBuf>, BookError> {
     Ok(files)
 }
 
+/// The version of a book made of these (name, text) sources: a hash of file names and
+/// contents, stamped on invoices and reported by ingest.
+fn version_of(sources: &[(String, String)]) -> String {
+    let mut hasher = Sha256::new();
+    for (name, text) in sources {
+        hasher.update(name.rsplit('/').next().unwrap_or(name).as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    format!("{:x}", hasher.finalize())[..16].to_owned()
+}
+
+/// The version the book at `path` would have, without parsing it (cheap enough to poll).
+pub fn fingerprint(path: &Path) -> Result<String, BookError> {
+    let mut sources = Vec::new();
+    for file in book_files(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| BookError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        sources.push((file.display().to_string(), text));
+    }
+    Ok(version_of(&sources))
+}
+
 impl PriceBook {
     /// Loads a price book file, or every `.toml` file of a folder.
     pub fn load(path: &Path) -> Result<Self, BookError> {
@@ -373,12 +399,7 @@ impl PriceBook {
     pub fn from_sources(sources: &[(String, String)]) -> Result<Self, BookError> {
         let mut problems = Vec::new();
         let mut entries = Vec::new();
-        let mut hasher = Sha256::new();
         for (name, text) in sources {
-            hasher.update(name.rsplit('/').next().unwrap_or(name).as_bytes());
-            hasher.update([0]);
-            hasher.update(text.as_bytes());
-            hasher.update([0]);
             let raw: RawFile = match toml::from_str(text) {
                 Ok(r) => r,
                 Err(e) => {
@@ -400,8 +421,7 @@ impl PriceBook {
                 }
             }
         }
-        let version = format!("{:x}", hasher.finalize())[..16].to_owned();
-        let book = Self::index(entries, version);
+        let book = Self::index(entries, version_of(sources));
         problems.extend(book.overlaps());
         if problems.is_empty() {
             Ok(book)

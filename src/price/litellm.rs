@@ -298,18 +298,49 @@ mod tests {
     }
 
     #[test]
-    fn imports_the_shared_litellm_snapshot() {
+    fn imports_the_litellm_snapshot() {
+        // A trimmed copy of the snapshot ships with the repository (tests/data/README.md).
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/data/litellm-model-prices-2026-07-24.json"
+            "/tests/data/litellm-model-prices-2026-07-24.json"
         );
-        let Ok(json) = std::fs::read_to_string(path) else {
-            // The snapshot lives beside the repository; CI always has it.
-            panic!("missing {path}");
-        };
+        let json = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let opts = ImportOptions::mainstream(NaiveDate::from_ymd_opt(2026, 7, 24).unwrap());
         let (toml, n) = import(&json, &opts).unwrap();
         assert!(n >= 50, "only {n} entries");
         PriceBook::from_sources(&[("imported.toml".into(), toml)]).unwrap();
+    }
+
+    #[test]
+    fn the_default_price_book_is_the_snapshot_import_plus_two_documented_edits() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let json =
+            std::fs::read_to_string(format!("{root}/tests/data/litellm-model-prices-2026-07-24.json"))
+                .unwrap();
+        let opts = ImportOptions::mainstream(NaiveDate::from_ymd_opt(2024, 1, 1).unwrap());
+        let (toml, _) = import(&json, &opts).unwrap();
+        let imported = PriceBook::from_sources(&[("imported.toml".into(), toml)]).unwrap();
+        let shipped = PriceBook::load(std::path::Path::new(&format!(
+            "{root}/prices/litellm-2026-07-24.toml"
+        )))
+        .unwrap();
+        // The header of prices/litellm-2026-07-24.toml names these two hand edits.
+        let edited = ["o3", "gpt-4o-mini-search-preview"];
+        let key = |e: &crate::price::PriceEntry| {
+            (e.provider.clone(), e.model.clone(), e.service_tier.clone())
+        };
+        let shipped_by_key: std::collections::HashMap<_, _> =
+            shipped.entries().iter().map(|e| (key(e), e)).collect();
+        assert_eq!(imported.entries().len(), shipped.entries().len());
+        for e in imported.entries() {
+            let s = shipped_by_key
+                .get(&key(e))
+                .unwrap_or_else(|| panic!("{} is missing from the shipped book", e.model));
+            if edited.contains(&e.model.as_str()) {
+                continue;
+            }
+            assert_eq!((&e.rates, &e.tiers, e.per_request, e.effective_from), (&s.rates, &s.tiers, s.per_request, s.effective_from), "{}", e.model);
+            assert_eq!(e.match_exact, s.match_exact, "{}", e.model);
+        }
     }
 }

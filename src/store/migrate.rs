@@ -33,6 +33,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_alerts.sql",
         include_str!("../../schema/0006_alerts.sql"),
     ),
+    (
+        "0007_utc_heartbeats_locks.sql",
+        include_str!("../../schema/0007_utc_heartbeats_locks.sql"),
+    ),
 ];
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).

@@ -1,6 +1,8 @@
 //! ClickHouse: connection, row types, migrations, idempotent writes and queries.
 
+pub mod leases;
 pub mod migrate;
+pub mod pipeline;
 pub mod rows;
 pub mod writer;
 
@@ -12,17 +14,21 @@ pub enum StoreError {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("{0}")]
     Migration(String),
+    #[error("{0} earlier insert attempt(s) still run on the server after 5 minutes")]
+    Unsettled(u64),
 }
 
 impl StoreError {
-    /// Network trouble and server overload pass; a schema mismatch or bad SQL does not.
-    /// Ingest retries both (its data is already validated), but logs them differently.
+    /// Network trouble and server overload pass by themselves: retry as is. Anything else
+    /// (a query the server refuses, a schema mismatch) will fail the same way again, so
+    /// the caller must change something (ingest splits the batch) rather than retry blindly.
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::ClickHouse(e) => match e {
                 clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => true,
                 clickhouse::error::Error::BadResponse(msg) => {
-                    // Too many parts / simultaneous queries / memory limit / timeouts.
+                    // Too many parts / simultaneous queries / memory limit / timeouts /
+                    // table is read-only for a moment / server shutting down.
                     [
                         "Code: 252",
                         "Code: 202",
@@ -30,13 +36,17 @@ impl StoreError {
                         "Code: 159",
                         "Code: 209",
                         "Code: 210",
+                        "Code: 242",
+                        "Code: 394",
                     ]
                     .iter()
                     .any(|c| msg.contains(c))
+                        || !msg.contains("Code: ")
                 }
                 _ => false,
             },
-            _ => false,
+            StoreError::Unsettled(_) => true,
+            StoreError::Migration(_) => false,
         }
     }
 }
@@ -47,6 +57,8 @@ pub struct Store {
     client: clickhouse::Client,
     server: clickhouse::Client,
     database: String,
+    /// Query ids of inserts whose outcome is unknown (see `writer`).
+    pending_inserts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Store {
@@ -62,6 +74,7 @@ impl Store {
             client,
             server,
             database: cfg.database.clone(),
+            pending_inserts: Default::default(),
         }
     }
 

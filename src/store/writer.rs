@@ -1,13 +1,23 @@
 //! Idempotent writes: what is already stored is looked up first, so a batch that is
 //! written again (after a crash, a timeout, a replay) adds nothing twice.
+//!
+//! Two rules keep the look-ups exact:
+//! - they read plain `occurred_at` ranges, never `toStartOfHour` buckets, so the
+//!   server's time zone cannot make a stored copy invisible (a half-hour zone such as
+//!   +05:30 shifts every bucket);
+//! - an insert whose outcome is unknown (lost response, timeout) is remembered by its
+//!   `query_id`, and no look-up runs until ClickHouse no longer lists that query as
+//!   running: only then does a look-up see everything the first attempt wrote.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
+use clickhouse::sql::Identifier;
 use clickhouse::Row;
 use serde::Deserialize;
 
 use super::rows::{DuplicateRow, EventRow, RejectedRow};
-use super::{sql_str, sql_str_list, Store, StoreError};
+use super::{Store, StoreError};
 
 /// Where a message was in Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -25,6 +35,7 @@ pub struct EventKey<'a> {
 
 #[derive(Row, Deserialize)]
 struct StoredEvent {
+    institution_id: String,
     event_id: String,
     kafka_partition: i32,
     kafka_offset: i64,
@@ -36,61 +47,64 @@ struct StoredPosition {
     kafka_offset: i64,
 }
 
-/// The batch's event ids are sent as one `IN` list; lift the parser's default 256 KiB cap.
+/// Events per look-up query. Ids travel as one array literal (a single AST node), so
+/// the limit is about query size, not ClickHouse's `max_ast_elements`; a batch touching
+/// thousands of institutions is split, never refused.
+pub const LOOKUP_CHUNK: usize = 2000;
+
+/// Ids in a look-up are one array literal; lift the parser's default 256 KiB cap.
 const MAX_QUERY_SIZE: &str = "67108864";
 
+/// How long to wait for an insert with an unknown outcome to finish on the server.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl Store {
-    /// Events among `keys` that are already stored, with the Kafka position they came from.
+    /// Events among `keys` that are already stored, by (institution, event id), with the
+    /// Kafka position they came from.
     pub async fn stored_events(
         &self,
         topic: &str,
         keys: &[EventKey<'_>],
         window_secs: i64,
-    ) -> Result<HashMap<String, Position>, StoreError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        // Only the (institution, hour) slots a copy can be in: the sorting key's prefix,
-        // so ClickHouse reads a few granules per slot however large the table is.
-        let mut slots: BTreeSet<(&str, i64)> = BTreeSet::new();
-        for k in keys {
-            let t = i64::from(k.occurred_at);
-            let mut hour = (t - window_secs).max(0) / 3600 * 3600;
-            while hour <= t + window_secs {
-                slots.insert((k.institution_id, hour));
-                hour += 3600;
-            }
-        }
-        let slot_list: Vec<String> = slots
-            .iter()
-            .map(|(inst, hour)| format!("({}, {hour})", sql_str(inst)))
-            .collect();
-        let sql = format!(
-            "SELECT event_id, kafka_partition, kafka_offset FROM usage_events \
-             WHERE (institution_id, toStartOfHour(occurred_at)) IN ({}) \
-             AND event_id IN {} AND sign = 1 AND kafka_topic = {}",
-            slot_list.join(", "),
-            sql_str_list(keys.iter().map(|k| k.event_id)),
-            sql_str(topic),
-        );
-        let rows: Vec<StoredEvent> = self
-            .client
-            .query(&sql)
-            .with_setting("max_query_size", MAX_QUERY_SIZE)
-            .fetch_all()
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                (
-                    r.event_id,
+    ) -> Result<HashMap<(String, String), Position>, StoreError> {
+        self.settle_pending().await?;
+        let mut sorted: Vec<&EventKey<'_>> = keys.iter().collect();
+        // Institution first, then time: a chunk covers few institutions and a short time
+        // range, which is what the sorting key (institution, hour, event_id) reads fast.
+        sorted.sort_by_key(|k| (k.institution_id, k.occurred_at));
+        let mut out = HashMap::new();
+        for chunk in sorted.chunks(LOOKUP_CHUNK) {
+            let institutions: BTreeSet<&str> = chunk.iter().map(|k| k.institution_id).collect();
+            let ids: BTreeSet<&str> = chunk.iter().map(|k| k.event_id).collect();
+            let lo = chunk.iter().map(|k| i64::from(k.occurred_at)).min().unwrap_or(0);
+            let hi = chunk.iter().map(|k| i64::from(k.occurred_at)).max().unwrap_or(0);
+            let rows: Vec<StoredEvent> = self
+                .client
+                .query(
+                    "SELECT ?fields FROM usage_events \
+                     WHERE institution_id IN (SELECT arrayJoin(?)) \
+                     AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?) \
+                     AND event_id IN (SELECT arrayJoin(?)) AND sign = 1 AND kafka_topic = ?",
+                )
+                .bind(institutions)
+                .bind((lo - window_secs).max(0))
+                .bind((hi + window_secs).min(i64::from(u32::MAX)))
+                .bind(ids)
+                .bind(topic)
+                .with_setting("max_query_size", MAX_QUERY_SIZE)
+                .fetch_all()
+                .await?;
+            for r in rows {
+                out.insert(
+                    (r.institution_id, r.event_id),
                     Position {
                         partition: r.kafka_partition,
                         offset: r.kafka_offset,
                     },
-                )
-            })
-            .collect())
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Positions among `positions` that `table` (rejected_events or duplicate_events) holds.
@@ -103,59 +117,121 @@ impl Store {
         if positions.is_empty() {
             return Ok(HashSet::new());
         }
-        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-        for p in positions {
-            let r = ranges.entry(p.partition).or_insert((p.offset, p.offset));
-            r.0 = r.0.min(p.offset);
-            r.1 = r.1.max(p.offset);
+        self.settle_pending().await?;
+        let wanted: HashSet<Position> = positions.iter().copied().collect();
+        let partitions: BTreeSet<i32> = positions.iter().map(|p| p.partition).collect();
+        let mut out = HashSet::new();
+        for partition in partitions {
+            let offsets = positions
+                .iter()
+                .filter(|p| p.partition == partition)
+                .map(|p| p.offset);
+            let (lo, hi) = offsets.fold((i64::MAX, i64::MIN), |(lo, hi), o| {
+                (lo.min(o), hi.max(o))
+            });
+            let rows: Vec<StoredPosition> = self
+                .client
+                .query(
+                    "SELECT ?fields FROM ? WHERE kafka_topic = ? AND kafka_partition = ? \
+                     AND kafka_offset BETWEEN ? AND ?",
+                )
+                .bind(Identifier(table))
+                .bind(topic)
+                .bind(partition)
+                .bind(lo)
+                .bind(hi)
+                .fetch_all()
+                .await?;
+            out.extend(
+                rows.into_iter()
+                    .map(|r| Position {
+                        partition: r.kafka_partition,
+                        offset: r.kafka_offset,
+                    })
+                    .filter(|p| wanted.contains(p)),
+            );
         }
-        let conds: Vec<String> = ranges
-            .iter()
-            .map(|(p, (lo, hi))| {
-                format!("(kafka_partition = {p} AND kafka_offset BETWEEN {lo} AND {hi})")
-            })
-            .collect();
-        let sql = format!(
-            "SELECT kafka_partition, kafka_offset FROM {table} WHERE kafka_topic = {} AND ({})",
-            sql_str(topic),
-            conds.join(" OR ")
-        );
-        let rows: Vec<StoredPosition> = self.client.query(&sql).fetch_all().await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Position {
-                partition: r.kafka_partition,
-                offset: r.kafka_offset,
-            })
-            .collect())
+        Ok(out)
     }
 
     pub async fn insert_events(&self, rows: &[EventRow]) -> Result<(), StoreError> {
-        insert(&self.client, "usage_events", rows).await
+        self.insert_settled("usage_events", rows).await
     }
 
     pub async fn insert_rejected(&self, rows: &[RejectedRow]) -> Result<(), StoreError> {
-        insert(&self.client, "rejected_events", rows).await
+        self.insert_settled("rejected_events", rows).await
     }
 
     pub async fn insert_duplicates(&self, rows: &[DuplicateRow]) -> Result<(), StoreError> {
-        insert(&self.client, "duplicate_events", rows).await
+        self.insert_settled("duplicate_events", rows).await
     }
-}
 
-/// One INSERT per call: ClickHouse writes a block of this size atomically, so a failed
-/// insert leaves nothing behind and a repeated one is caught by the look-ups above.
-async fn insert<T>(client: &clickhouse::Client, table: &str, rows: &[T]) -> Result<(), StoreError>
-where
-    T: clickhouse::RowOwned + clickhouse::RowWrite,
-{
-    if rows.is_empty() {
-        return Ok(());
+    /// One INSERT, one block: ClickHouse writes it atomically, so it is either wholly
+    /// there or not at all. If the call fails we cannot know which (the server may have
+    /// applied it and the response been lost), so the query id is kept until the server
+    /// no longer runs it; the look-ups of the retry wait for that.
+    async fn insert_settled<T>(&self, table: &str, rows: &[T]) -> Result<(), StoreError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let query_id = uuid::Uuid::new_v4().to_string();
+        let attempt = async {
+            let mut insert = self
+                .client
+                .insert::<T>(table)
+                .await?
+                .with_setting("query_id", query_id.clone());
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        };
+        match attempt.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.pending_inserts
+                    .lock()
+                    .expect("pending inserts lock")
+                    .push(query_id);
+                Err(e.into())
+            }
+        }
     }
-    let mut insert = client.insert::<T>(table).await?;
-    for row in rows {
-        insert.write(row).await?;
+
+    /// Waits until no insert whose outcome is unknown still runs on the server.
+    pub async fn settle_pending(&self) -> Result<(), StoreError> {
+        let pending: Vec<String> = self
+            .pending_inserts
+            .lock()
+            .expect("pending inserts lock")
+            .clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let running: u64 = self
+                .server
+                .query("SELECT toUInt64(count()) FROM system.processes WHERE query_id IN (SELECT arrayJoin(?))")
+                .bind(&pending)
+                .fetch_one()
+                .await?;
+            if running == 0 {
+                break;
+            }
+            if started.elapsed() > SETTLE_TIMEOUT {
+                return Err(StoreError::Unsettled(running));
+            }
+            tracing::info!(running, "waiting for an earlier insert attempt to finish before retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.pending_inserts
+            .lock()
+            .expect("pending inserts lock")
+            .retain(|q| !pending.contains(q));
+        Ok(())
     }
-    insert.end().await?;
-    Ok(())
 }

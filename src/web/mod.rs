@@ -5,7 +5,6 @@ pub mod auth;
 pub mod chart;
 pub mod error;
 mod invoices;
-pub mod lag;
 pub mod page;
 mod pages;
 pub mod query;

@@ -618,7 +618,12 @@ pub async fn pipeline(
         .query("SELECT toFloat64(countIf(ingested_at >= now() - 300)) / 300 FROM usage_events WHERE version = 0 AND sign = 1 AND ingested_at >= now() - 300")
         .fetch_one()
         .await?;
-    let lag = super::lag::consumer_lag(&state.cfg).await;
+    let lag = crate::kafka::consumer_lag(
+        &state.cfg.kafka,
+        &state.cfg.kafka.topic,
+        &state.cfg.kafka.group,
+    )
+    .await;
 
     let mut page = PageData::new("Pipeline health");
     page.figure(

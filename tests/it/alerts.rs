@@ -257,14 +257,7 @@ async fn backtest_fires_for_injected_spikes_not_for_weekly_seasonality() {
     env.drop_database().await;
 }
 
-/// Stops a child process however the test ends.
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::harness::Proc as KillOnDrop;
 
 /// A webhook receiver that refuses the first `fail_first` requests and records the rest
 /// after checking their signature.

@@ -25,6 +25,38 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A child process that dies with the test: dropping it (a test that returns, or one that
+/// panics and unwinds) kills it with SIGKILL if it still runs.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(c: &mut Command) -> Self {
+        Proc(c.spawn().unwrap_or_else(|e| panic!("spawn {c:?}: {e}")))
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// One test's database, topic and consumer group.
 pub struct TestEnv {
     pub name: String,
@@ -59,7 +91,7 @@ impl TestEnv {
         tokentally::store::migrate::migrate(&store)
             .await
             .expect("migrate a fresh database");
-        tokentally::emit::ensure_topic(&cfg.kafka.brokers, &cfg.kafka.topic, partitions)
+        tokentally::kafka::ensure_topic(&cfg.kafka, &cfg.kafka.topic, partitions, &[])
             .await
             .expect("create a fresh topic");
         let prices = cfg.prices.path.clone();
@@ -73,9 +105,10 @@ impl TestEnv {
         }
     }
 
-    /// Starts `tokentally ingest` as a child process with this test's settings.
-    pub fn spawn_ingest(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_tokentally"))
+    /// Starts `tokentally ingest` as a child process with this test's settings and
+    /// otherwise the default configuration (no shortened timeouts).
+    pub fn spawn_ingest(&self) -> Proc {
+        Proc::spawn(Command::new(env!("CARGO_BIN_EXE_tokentally"))
             .arg("ingest")
             .env("TOKENTALLY_KAFKA_BROKERS", &self.cfg.kafka.brokers)
             .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
@@ -87,7 +120,6 @@ impl TestEnv {
             )
             .env("TOKENTALLY_PRICES", &self.prices)
             .env("TOKENTALLY_METRICS_LISTEN", "")
-            .env("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env(
                 "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
                 &self.dead_letter_topic,
@@ -103,11 +135,14 @@ impl TestEnv {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(std::env::temp_dir().join(format!("{}.ingest.log", self.name)))
+                    .open(self.log_path("ingest"))
                     .unwrap(),
-            ))
-            .spawn()
-            .expect("spawn tokentally ingest")
+            )))
+    }
+
+    /// Where this test's child processes of `kind` write their log.
+    pub fn log_path(&self, kind: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{}.{kind}.log", self.name))
     }
 
     /// Environment for a `tokentally` command against this test's database, topic, group
@@ -138,16 +173,36 @@ impl TestEnv {
             .create()
             .unwrap();
         for chunk in messages.chunks(20_000) {
-            let futures: Vec<_> = chunk
-                .iter()
-                .map(|(k, p)| {
-                    producer
-                        .send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p))
-                        .expect("enqueue")
-                })
-                .collect();
-            for f in futures {
-                f.await.expect("delivery future").expect("delivered");
+            let mut todo: Vec<&(String, Vec<u8>)> = chunk.iter().collect();
+            // Right after a broker restart the topic may be unknown for a moment
+            // (UnknownTopicOrPartition): such a message was not written, so send it again.
+            for attempt in 0.. {
+                let futures: Vec<_> = todo
+                    .iter()
+                    .map(|(k, p)| {
+                        producer
+                            .send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p))
+                            .expect("enqueue")
+                    })
+                    .collect();
+                let mut failed = Vec::new();
+                for (f, m) in futures.into_iter().zip(&todo) {
+                    match f.await.expect("delivery future") {
+                        Ok(_) => {}
+                        Err((rdkafka::error::KafkaError::MessageProduction(code), _))
+                            if attempt < 20
+                                && code == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition =>
+                        {
+                            failed.push(*m)
+                        }
+                        Err((e, _)) => panic!("message not delivered: {e}"),
+                    }
+                }
+                if failed.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                todo = failed;
             }
         }
         producer.flush(Duration::from_secs(30)).unwrap();

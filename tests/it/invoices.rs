@@ -828,6 +828,7 @@ async fn invoice_numbers_are_gap_free_under_concurrent_issuers() {
             for (k, v) in &cli.vars {
                 c.env(k, v);
             }
+            // Short-lived issuers that exit by themselves; their output is read below.
             c.spawn().unwrap()
         })
         .collect();
@@ -965,7 +966,7 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     for (k, v) in &cli.vars {
         c.env(k, v);
     }
-    let mut server = c.spawn().unwrap();
+    let mut server = crate::harness::Proc::spawn(&mut c);
     wait_for_port(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = client();

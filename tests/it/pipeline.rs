@@ -42,7 +42,7 @@ async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
 async fn mixed_shapes_duplicates_and_malformed_are_exact() {
     let mut env = TestEnv::new("mixed", 3).await;
     env.dead_letter_topic = format!("{}.dlq", env.name);
-    tokentally::emit::ensure_topic(&env.cfg.kafka.brokers, &env.dead_letter_topic, 1)
+    tokentally::kafka::ensure_topic(&env.cfg.kafka, &env.dead_letter_topic, 1, &[])
         .await
         .unwrap();
     let mix = Mix {

@@ -3,7 +3,7 @@
 //! requests are turned away; forms need their CSRF token; a real Chromium renders it.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -104,7 +104,7 @@ async fn load_known(env: &TestEnv) -> Known {
 }
 
 struct Server {
-    child: Child,
+    child: crate::harness::Proc,
     base: String,
     tokens: BTreeMap<&'static str, String>,
     _dir: tempfile::TempDir,
@@ -177,7 +177,7 @@ async fn start_server(env: &TestEnv) -> Server {
     for (k, v) in &vars {
         c.env(k, v);
     }
-    let child = c.spawn().unwrap();
+    let child = crate::harness::Proc::spawn(&mut c);
     let base = format!("http://127.0.0.1:{port}");
     wait_for_port(port).await;
     Server {
@@ -751,12 +751,12 @@ async fn browser_logs_in_and_sees_charts_with_data() {
     load_known(&env).await;
     let mut s = start_server(&env).await;
     let port = free_port();
-    let mut driver = Command::new("chromedriver")
+    let mut driver = crate::harness::Proc(Command::new("chromedriver")
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it");
+        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
     wait_for_port(port).await;
     let profile = tempfile::tempdir().unwrap();
     let mut caps = serde_json::Map::new();

@@ -1,0 +1,228 @@
+//! What ingest watches besides messages: the price book on disk (reloaded when it
+//! changes, so a new price applies without a restart) and its own progress (reported to
+//! ClickHouse as a heartbeat; a consumer that stops committing while the topic has lag is
+//! *stalled*: a metric, a log line, the pipeline alert, and a rejoin when it holds nothing).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::price::PriceBook;
+use crate::store::pipeline::InstanceRow;
+use crate::store::Store;
+
+/// How often the price book's files are compared with what is loaded.
+const BOOK_CHECK: Duration = Duration::from_secs(10);
+/// How often an instance reports.
+const BEAT_EVERY: Duration = Duration::from_secs(5);
+/// How often the group's committed offsets are read for the stall check.
+const LAG_CHECK: Duration = Duration::from_secs(10);
+
+/// The loaded price book, reloaded when its files change.
+pub struct BookWatcher {
+    path: std::path::PathBuf,
+    book: Arc<PriceBook>,
+    checked: Instant,
+    reloads: u64,
+    /// The version of a changed book that failed to load (reported once).
+    broken: Option<String>,
+}
+
+impl BookWatcher {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let book = PriceBook::load(path)
+            .with_context(|| format!("loading price book {}", path.display()))?;
+        info!(
+            entries = book.entries().len(),
+            version = book.version(),
+            "price book loaded"
+        );
+        Ok(Self {
+            path: path.to_owned(),
+            book: Arc::new(book),
+            checked: Instant::now(),
+            reloads: 0,
+            broken: None,
+        })
+    }
+
+    pub fn current(&self) -> Arc<PriceBook> {
+        self.book.clone()
+    }
+
+    pub fn version(&self) -> String {
+        self.book.version().to_owned()
+    }
+
+    pub fn reloads(&self) -> u64 {
+        self.reloads
+    }
+
+    /// Reloads if the files changed. A book that fails to load is reported and the
+    /// loaded one stays in force (events keep their prices; `reprice` fixes them later).
+    pub fn maybe_reload(&mut self) {
+        if self.checked.elapsed() < BOOK_CHECK {
+            return;
+        }
+        self.checked = Instant::now();
+        let fingerprint = match crate::price::book::fingerprint(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "price book unreadable; keeping the loaded one");
+                return;
+            }
+        };
+        if fingerprint == self.book.version() || self.broken.as_deref() == Some(&fingerprint) {
+            return;
+        }
+        match PriceBook::load(&self.path) {
+            Ok(book) => {
+                info!(old = self.book.version(), new = book.version(), entries = book.entries().len(),
+                      "price book changed on disk: reloaded");
+                self.book = Arc::new(book);
+                self.reloads += 1;
+                self.broken = None;
+            }
+            Err(e) => {
+                warn!(error = %e, version = %fingerprint, loaded = self.book.version(),
+                      "the changed price book is invalid; still pricing with the loaded one");
+                self.broken = Some(fingerprint);
+            }
+        }
+    }
+}
+
+/// This instance's reports and its view of whether the group is stuck.
+pub struct Heartbeat {
+    store: Store,
+    row: InstanceRow,
+    beaten: Option<Instant>,
+    lag_checked: Option<Instant>,
+    group_behind: bool,
+    rejoined: Option<Instant>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn now() -> u32 {
+    chrono::Utc::now().timestamp().max(0) as u32
+}
+
+impl Heartbeat {
+    pub fn new(cfg: &Config, store: Store) -> Self {
+        let started = now();
+        Self {
+            store,
+            row: InstanceRow {
+                instance_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+                host: hostname(),
+                pid: std::process::id(),
+                kafka_topic: cfg.kafka.topic.clone(),
+                kafka_group: cfg.kafka.group.clone(),
+                started_at: started,
+                at: started,
+                partitions: Vec::new(),
+                last_commit_at: 0,
+                lag: 0,
+                price_book_version: String::new(),
+                state: "running".into(),
+                detail: String::new(),
+            },
+            beaten: None,
+            lag_checked: None,
+            group_behind: false,
+            rejoined: None,
+        }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.row.instance_id
+    }
+
+    pub fn committed(&mut self) {
+        self.row.last_commit_at = now();
+    }
+
+    /// Whether the group has uncommitted messages: this instance's own lag, or (read from
+    /// the broker every few seconds) any partition's committed offset behind its end —
+    /// the case where this instance holds no partition at all.
+    pub async fn behind(&mut self, cfg: &Config, own_lag: i64) -> bool {
+        if own_lag > 0 {
+            return true;
+        }
+        if self.lag_checked.is_none_or(|t| t.elapsed() >= LAG_CHECK) {
+            self.lag_checked = Some(Instant::now());
+            match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group)
+                .await
+            {
+                Ok(parts) => self.group_behind = parts.iter().any(|p| p.lag > 0),
+                Err(e) => warn!(error = %e, "stall check: cannot read the group's offsets"),
+            }
+        }
+        self.group_behind
+    }
+
+    /// Rejoin at most once per stall period, and only when holding no partitions (a
+    /// consumer that holds partitions and cannot write waits for the store instead).
+    pub fn should_rejoin(&mut self, period: Duration) -> bool {
+        if !self.row.partitions.is_empty() || self.rejoined.is_some_and(|t| t.elapsed() < period) {
+            return false;
+        }
+        self.rejoined = Some(Instant::now());
+        true
+    }
+
+    pub async fn beat(
+        &mut self,
+        partitions: Vec<i32>,
+        lag: i64,
+        price_book_version: String,
+        stalled: bool,
+        writing: bool,
+    ) {
+        let state = if stalled { "stalled" } else { "running" };
+        let changed = state != self.row.state;
+        if changed && stalled {
+            warn!(
+                partitions = ?partitions,
+                lag,
+                last_commit_at = self.row.last_commit_at,
+                writing,
+                "ingest stalled: the group has uncommitted messages and this instance has not committed for a while"
+            );
+        } else if changed {
+            info!("ingest progressing again");
+        }
+        self.row.partitions = partitions;
+        self.row.lag = lag;
+        self.row.price_book_version = price_book_version;
+        self.row.state = state.into();
+        self.row.detail = match (stalled, writing, self.row.partitions.is_empty()) {
+            (false, _, _) => String::new(),
+            (true, true, _) => "a batch write is being retried (is ClickHouse reachable?)".into(),
+            (true, false, true) => "holds no partitions while the group is behind".into(),
+            (true, false, false) => "holds partitions but receives no messages".into(),
+        };
+        if !changed && self.beaten.is_some_and(|t| t.elapsed() < BEAT_EVERY) {
+            return;
+        }
+        self.beaten = Some(Instant::now());
+        self.row.at = now();
+        if let Err(e) = self.store.record_instance(&self.row).await {
+            tracing::debug!(error = %e, "heartbeat not recorded");
+        }
+    }
+
+    pub async fn stopped(&mut self) {
+        self.row.state = "stopped".into();
+        self.row.at = now();
+        let _ = self.store.record_instance(&self.row).await;
+    }
+}

@@ -1,0 +1,193 @@
+//! The one door to Kafka: every client (ingest, emit, the invoice ledger, lag readings,
+//! benchmarks) starts from `client_config`, so brokers, `kafka.properties` (SASL, TLS…)
+//! and timeouts are set in one place. Topic creation and offset readings live here too.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+
+/// How long one metadata, watermark or offset request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaDoorError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("a Kafka call panicked or was cancelled: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Brokers, the operator's extra properties, and nothing else: callers add what their
+/// role needs (`group.id`, `acks`, …) on top.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates `topic` if it does not exist (extra topic settings in `settings`).
+/// Returns true if it was created now.
+pub async fn ensure_topic(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    settings: &[(&str, &str)],
+) -> Result<bool, KafkaDoorError> {
+    let admin: AdminClient<_> = client_config(cfg).create()?;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in settings {
+        new = new.set(k, v);
+    }
+    let results = admin
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)),
+        )
+        .await?;
+    let mut created = false;
+    for r in results {
+        match r {
+            Ok(_) => {
+                tracing::info!(topic, partitions, "topic created");
+                created = true;
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(KafkaDoorError::CreateTopic { topic: t, code }),
+        }
+    }
+    Ok(created)
+}
+
+/// The topic's partitions, or `None` if the broker does not know the topic.
+pub async fn partitions(cfg: &KafkaConfig, topic: &str) -> Result<Option<Vec<i32>>, KafkaDoorError> {
+    let client = client_config(cfg);
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client.create()?;
+        let md = consumer.fetch_metadata(Some(&topic), REQUEST_TIMEOUT)?;
+        let t = md.topics().iter().find(|t| t.name() == topic);
+        Ok(match t {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Some(t.partitions().iter().map(|p| p.id()).collect())
+            }
+            _ => None,
+        })
+    })
+    .await?
+}
+
+/// One partition's offsets: the log's start and end, and what a group has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub partition: i32,
+    /// First offset still in the log.
+    pub low: i64,
+    /// Where the group resumes (the log start if it never committed).
+    pub committed: i64,
+    pub high: i64,
+    pub lag: i64,
+}
+
+/// Committed offsets of `group` on `topic` against the partitions' ends.
+pub async fn consumer_lag(
+    cfg: &KafkaConfig,
+    topic: &str,
+    group: &str,
+) -> Result<Vec<PartitionLag>, KafkaDoorError> {
+    let client = client_config(cfg);
+    let (topic, group) = (topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || lag_blocking(client, &topic, &group)).await?
+}
+
+fn lag_blocking(
+    mut client: ClientConfig,
+    topic: &str,
+    group: &str,
+) -> Result<Vec<PartitionLag>, KafkaDoorError> {
+    let consumer: BaseConsumer = client
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, REQUEST_TIMEOUT)?;
+    partitions
+        .iter()
+        .map(|&p| {
+            let (low, high) = consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT)?;
+            let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => low,
+            };
+            Ok(PartitionLag {
+                partition: p,
+                low,
+                committed,
+                high,
+                lag: (high - committed).max(0),
+            })
+        })
+        .collect()
+}
+
+/// The end offset of every partition of `topic`.
+pub async fn end_offsets(
+    cfg: &KafkaConfig,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, KafkaDoorError> {
+    let client = client_config(cfg);
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client.create()?;
+        let md = consumer.fetch_metadata(Some(&topic), REQUEST_TIMEOUT)?;
+        let mut out = BTreeMap::new();
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                let (_, high) = consumer.fetch_watermarks(&topic, p.id(), REQUEST_TIMEOUT)?;
+                out.insert(p.id(), high);
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_properties_reach_every_client() {
+        let mut cfg = KafkaConfig::default();
+        cfg.brokers = "k1:9092,k2:9092".into();
+        cfg.properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let c = client_config(&cfg);
+        assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+    }
+}
