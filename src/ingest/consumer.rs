@@ -366,28 +366,27 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                 books.maybe_reload();
                 metrics.price_book_reloads.set(books.reloads() as i64);
                 let assigned = consumer.assignment().map(|t| t.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
-                let stalled = last_progress.elapsed() > stall_after
-                    && heartbeat.behind(cfg, lag.load(Ordering::SeqCst)).await;
-                metrics.stalled.set(i64::from(stalled));
-                heartbeat.beat(assigned, lag.load(Ordering::SeqCst), books.version(), stalled, in_flight.is_some()).await;
-                if stalled && heartbeat.should_rejoin(stall_after) {
-                    // The usual cause on a broker that keeps dead members: this consumer
-                    // holds no partitions while the topic has lag. A new member triggers
-                    // a fresh rebalance, in which the broker drops members that stopped
-                    // heartbeating.
-                    warn!(stalled_for_s = last_progress.elapsed().as_secs(), "ingest stalled: rejoining the consumer group");
-                    if in_flight.is_none() {
-                        batch.clear();
-                        batch_bytes = 0;
-                        paused = None;
-                        drop(consumer);
-                        consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
-                        generation.fetch_add(1, Ordering::SeqCst);
-                    }
+                let own_lag = lag.load(Ordering::SeqCst);
+                let behind = heartbeat.behind(cfg, own_lag).await;
+                if !behind && batch.is_empty() && in_flight.is_none() {
+                    // Caught up and idle: nothing is waiting, which is progress too.
+                    last_progress = Instant::now();
                 }
-                if !batch.is_empty() || in_flight.is_some() || stalled { continue; }
-                // Idle and caught up: nothing is waiting, which is progress too.
-                if lag.load(Ordering::SeqCst) == 0 { last_progress = Instant::now(); }
+                let stalled = behind && last_progress.elapsed() > stall_after;
+                metrics.stalled.set(i64::from(stalled));
+                heartbeat.beat(assigned, own_lag, books.version(), stalled, in_flight.is_some()).await;
+                if stalled && in_flight.is_none() && heartbeat.should_rejoin(stall_after) {
+                    // This consumer holds no partitions while the group is behind (a
+                    // broker that keeps a crashed member, or a lost assignment): a new
+                    // member forces a rebalance, in which silent members are dropped.
+                    warn!(stalled_for_s = last_progress.elapsed().as_secs(), "ingest stalled: rejoining the consumer group");
+                    batch.clear();
+                    batch_bytes = 0;
+                    paused = None;
+                    drop(consumer);
+                    consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
+                    generation.fetch_add(1, Ordering::SeqCst);
+                }
             }
             msg = consumer.recv(), if !stopping => match msg {
                 Ok(m) => {

@@ -63,13 +63,21 @@ pub struct TestEnv {
     pub cfg: Config,
     pub store: Store,
     pub prices: PathBuf,
-    pub batch_max_messages: usize,
+    /// Batch size given to ingest (`None`: the default).
+    pub batch_max_messages: Option<usize>,
     /// Dead-letter topic given to ingest (empty: none).
     pub dead_letter_topic: String,
+    /// Extra TOML given to ingest as its config file (empty: none).
+    pub config_toml: String,
 }
 
 impl TestEnv {
     pub async fn new(test: &str, partitions: i32) -> Self {
+        Self::new_on(test, partitions, &clickhouse_url()).await
+    }
+
+    /// A fresh database on the ClickHouse server at `url` (and a fresh topic).
+    pub async fn new_on(test: &str, partitions: i32, url: &str) -> Self {
         let unique = format!(
             "{}_{}",
             std::process::id(),
@@ -81,7 +89,7 @@ impl TestEnv {
         );
         let name = format!("tt_{test}_{unique}");
         let mut cfg = Config::default();
-        cfg.clickhouse.url = clickhouse_url();
+        cfg.clickhouse.url = url.to_owned();
         cfg.clickhouse.database = name.clone();
         cfg.kafka.brokers = brokers();
         cfg.kafka.topic = format!("{name}.usage");
@@ -100,15 +108,25 @@ impl TestEnv {
             cfg,
             store,
             prices,
-            batch_max_messages: 1000,
+            batch_max_messages: None,
             dead_letter_topic: String::new(),
+            config_toml: String::new(),
         }
     }
 
     /// Starts `tokentally ingest` as a child process with this test's settings and
     /// otherwise the default configuration (no shortened timeouts).
     pub fn spawn_ingest(&self) -> Proc {
-        Proc::spawn(Command::new(env!("CARGO_BIN_EXE_tokentally"))
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
+        if let Some(n) = self.batch_max_messages {
+            c.env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", n.to_string());
+        }
+        if !self.config_toml.is_empty() {
+            let path = std::env::temp_dir().join(format!("{}.ingest.toml", self.name));
+            std::fs::write(&path, &self.config_toml).unwrap();
+            c.env("TOKENTALLY_CONFIG", path);
+        }
+        Proc::spawn(c
             .arg("ingest")
             .env("TOKENTALLY_KAFKA_BROKERS", &self.cfg.kafka.brokers)
             .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
@@ -124,11 +142,6 @@ impl TestEnv {
                 "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
                 &self.dead_letter_topic,
             )
-            .env(
-                "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES",
-                self.batch_max_messages.to_string(),
-            )
-            .env("TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS", "200")
             .env("TOKENTALLY_LOG", "warn,tokentally=info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -166,12 +179,20 @@ impl TestEnv {
     }
 
     pub async fn produce(&self, messages: &[(String, Vec<u8>)]) {
-        let producer: FutureProducer = ClientConfig::new()
+        self.produce_with(messages, &[]).await
+    }
+
+    /// Publishes with extra producer settings (e.g. a larger `message.max.bytes`).
+    pub async fn produce_with(&self, messages: &[(String, Vec<u8>)], settings: &[(&str, &str)]) {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .set("linger.ms", "10")
-            .set("queue.buffering.max.messages", "1000000")
-            .create()
-            .unwrap();
+            .set("queue.buffering.max.messages", "1000000");
+        for (k, v) in settings {
+            config.set(*k, *v);
+        }
+        let producer: FutureProducer = config.create().unwrap();
         for chunk in messages.chunks(20_000) {
             let mut todo: Vec<&(String, Vec<u8>)> = chunk.iter().collect();
             // Right after a broker restart the topic may be unknown for a moment
@@ -475,4 +496,32 @@ pub fn list_price(prices: &Path, model: &str) -> ListPrice {
         cache_write: rate("cache_write_per_mtok").unwrap_or(input),
         output: rate("output_per_mtok").unwrap(),
     }
+}
+
+/// Deletes a topic as an operator would (Kafka's DeleteTopics request).
+pub async fn delete_topic(cfg: &tokentally::config::KafkaConfig, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<_> = tokentally::kafka::client_config(cfg).create().unwrap();
+    let res = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("deleting {t}: {e}"));
+    }
+    let started = Instant::now();
+    while tokentally::kafka::partitions(cfg, topic).await.unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(30), "{topic} still exists");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Peak resident memory of a running process, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }

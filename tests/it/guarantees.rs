@@ -1,0 +1,617 @@
+//! The two core promises — every valid event counts exactly once, an invoice number is
+//! never used twice — tested the way operators break them: several instances, lost
+//! topics, crafted keys, wide batches, a server in a half-hour time zone, lost responses,
+//! huge messages, concurrent jobs. Each test failed before the fix it names.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::harness::{
+    delete_topic, list_price, peak_rss_kib, terminate, tokentally, tokentally_output, Proc,
+    TestEnv,
+};
+
+/// A contract-v1 event with canonical usage.
+fn event(id: &str, inst: &str, at: &str, model: &str, input: u64, output: u64) -> Vec<u8> {
+    json!({
+        "schema_version": 1, "event_id": id, "occurred_at": at, "institution_id": inst,
+        "user_id": format!("u@{inst}"), "api_key_id": "pk_1", "provider": "openai",
+        "model": model, "usage": {"input_tokens": input, "output_tokens": output}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn i64_of(env: &TestEnv, sql: &str) -> i64 {
+    env.scalar(sql).await
+}
+
+async fn rejected_by_reason(env: &TestEnv) -> BTreeMap<String, u64> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct R {
+        reason: String,
+        n: u64,
+    }
+    let rows: Vec<R> = env
+        .store
+        .client()
+        .query("SELECT reason, count() AS n FROM rejected_events GROUP BY reason")
+        .fetch_all()
+        .await
+        .unwrap();
+    rows.into_iter().map(|r| (r.reason, r.n)).collect()
+}
+
+/// Finding 4: a copy republished under another Kafka key lands on another partition,
+/// where another instance could store it too. Two instances, four partitions: copies
+/// under a wrong key are refused (`key_mismatch`), copies under the right key are
+/// duplicates, and an event id reused by another institution is that institution's own
+/// event — each counted once in the raw table and in the rollups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_and_rekeyed_copies_count_each_event_once() {
+    let env = TestEnv::new("rekeyed", 4).await;
+    let price = list_price(&env.prices, "gpt-4o-mini");
+    let mut a = env.spawn_ingest();
+    let mut b = env.spawn_ingest();
+    // Both members in the group before the traffic.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let mut messages = Vec::new();
+    let mut originals = Vec::new();
+    let mut expected: BTreeMap<String, Decimal> = BTreeMap::new();
+    for i in 0..3000u64 {
+        let inst = format!("inst-{}", i % 8);
+        let id = format!("ev-{i}");
+        let at = format!("2026-10-{:02}T{:02}:{:02}:00Z", 1 + i % 28, i % 24, i % 60);
+        let payload = event(&id, &inst, &at, "gpt-4o-mini", 1000 + i, 100 + i % 50);
+        *expected.entry(inst.clone()).or_default() += price.cost(1000 + i, 0, 0, 100 + i % 50);
+        originals.push((inst.clone(), id, at, payload.clone()));
+        messages.push((inst, payload));
+    }
+    // 600 copies under a wrong key (another institution's, or none).
+    for (n, (inst, _, _, payload)) in originals.iter().step_by(5).enumerate() {
+        let key = if n % 2 == 0 {
+            format!("{inst}-elsewhere")
+        } else {
+            String::new()
+        };
+        messages.push((key, payload.clone()));
+    }
+    // 200 copies under the right key.
+    for (inst, _, _, payload) in originals.iter().skip(1).step_by(15) {
+        messages.push((inst.clone(), payload.clone()));
+    }
+    // 100 event ids reused by another institution: its own events.
+    for (inst, id, at, _) in originals.iter().skip(2).step_by(30) {
+        let other = format!("{inst}-b");
+        *expected.entry(other.clone()).or_default() += price.cost(7, 0, 0, 3);
+        messages.push((other.clone(), event(id, &other, at, "gpt-4o-mini", 7, 3)));
+    }
+    let rekeyed: usize = 600;
+    let copies: i64 = 200;
+    let reused: usize = 100;
+    assert_eq!(messages.len(), 3000 + rekeyed + copies as usize + reused);
+    env.produce(&messages).await;
+    env.wait_accounted(messages.len() as i64, Duration::from_secs(180))
+        .await;
+    assert!(terminate(&mut a).success() && terminate(&mut b).success());
+
+    let (raw, rollup) = env.costs().await;
+    let expected: BTreeMap<String, Decimal> =
+        expected.into_iter().map(|(k, v)| (k, v.normalize())).collect();
+    assert_eq!(raw, expected, "cost per institution from usage_events");
+    assert_eq!(rollup, expected, "cost per institution from usage_hourly");
+    for table in ["usage_hourly_model", "usage_hourly_institution"] {
+        let events = i64_of(&env, &format!("SELECT toInt64(sum(events)) FROM {table}")).await;
+        assert_eq!(events, 3000 + reused as i64, "{table}");
+    }
+    let twice = i64_of(&env, "SELECT toInt64(count()) FROM (SELECT institution_id, event_id, sum(sign) AS s FROM usage_events GROUP BY institution_id, event_id HAVING s != 1)").await;
+    assert_eq!(twice, 0, "events stored other than exactly once");
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await,
+        copies
+    );
+    let reasons = rejected_by_reason(&env).await;
+    assert_eq!(reasons.get("key_mismatch").copied(), Some(rekeyed as u64), "{reasons:?}");
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    // Both instances took part.
+    let instances = env
+        .store
+        .ingest_instances(&env.cfg.kafka.topic, &env.cfg.kafka.group, 0)
+        .await
+        .unwrap();
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    env.drop_database().await;
+}
+
+/// Finding 4: a batch touching thousands of institutions made the look-up too big for
+/// ClickHouse 18.16 ("AST is too big") and ingest retried it forever. 5,000 institutions
+/// in one batch with a one-day dedupe window, then the same 5,000 republished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_5000_institutions_is_stored_and_its_copies_found() {
+    let mut env = TestEnv::new("wide", 1).await;
+    env.config_toml = "[ingest]\ndedupe_window_secs = 86400\nbatch_max_messages = 6000\nbatch_max_wait_ms = 3000\n".into();
+    let messages: Vec<(String, Vec<u8>)> = (0..5000)
+        .map(|i| {
+            let inst = format!("institution-{i:05}");
+            let p = event(&format!("w-{i}"), &inst, "2026-10-07T08:30:00Z", "gpt-4o-mini", 10, 1);
+            (inst, p)
+        })
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(5000, Duration::from_secs(120)).await;
+    env.produce(&messages).await;
+    env.wait_accounted(10_000, Duration::from_secs(120)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await, 5000);
+    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await, 5000);
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(uniqExact(institution_id)) FROM usage_hourly").await,
+        5000
+    );
+    env.drop_database().await;
+}
+
+/// A second ClickHouse server in a half-hour time zone, started by scripts/services and
+/// stopped when the test ends.
+struct ZonedClickHouse {
+    vars: Vec<(&'static str, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl ZonedClickHouse {
+    fn start(tz: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![
+            ("TT_CLICKHOUSE_HTTP_PORT", "8124".to_owned()),
+            ("TT_CLICKHOUSE_TCP_PORT", "9011".to_owned()),
+            ("TT_CLICKHOUSE_INTERSERVER_PORT", "9019".to_owned()),
+            ("TT_CLICKHOUSE_TZ", tz.to_owned()),
+            ("TT_DATA_DIR", dir.path().display().to_string()),
+        ];
+        let z = Self { vars, _dir: dir };
+        z.services("start-clickhouse");
+        z
+    }
+
+    fn services(&self, cmd: &str) {
+        let status = std::process::Command::new(crate::harness::repo().join("scripts/services"))
+            .arg(cmd)
+            .envs(self.vars.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/services {cmd}");
+    }
+}
+
+impl Drop for ZonedClickHouse {
+    fn drop(&mut self) {
+        self.services("stop-clickhouse");
+    }
+}
+
+/// Finding 4: the look-up compared hour buckets in the server's zone with hours computed
+/// in UTC, so on a +05:30 server nothing matched and copies were stored again. On such a
+/// server, copies are still found and the rollups bucket by UTC hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc_hour() {
+    let zoned = ZonedClickHouse::start("Asia/Kolkata");
+    let mut env = TestEnv::new_on("kolkata", 2, "http://127.0.0.1:8124").await;
+    let tz: String = env
+        .store
+        .client()
+        .query("SELECT timezone()")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(tz, "Asia/Kolkata", "the second server runs in +05:30");
+    // Two events in one UTC hour, either side of a local :00 (10:15 and 10:45 UTC are
+    // 15:45 and 16:15 in Kolkata).
+    let first = vec![
+        ("uni-k".to_owned(), event("k-1", "uni-k", "2026-10-05T10:15:00Z", "gpt-4o-mini", 100, 10)),
+        ("uni-k".to_owned(), event("k-2", "uni-k", "2026-10-05T10:45:00Z", "gpt-4o-mini", 100, 10)),
+    ];
+    env.batch_max_messages = Some(10);
+    env.produce(&first).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(2, Duration::from_secs(60)).await;
+    // Republished in a later batch: found in the store, not stored again.
+    env.produce(&first).await;
+    env.wait_accounted(4, Duration::from_secs(60)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await, 2);
+    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await, 2);
+    for table in ["usage_hourly", "usage_hourly_model", "usage_hourly_institution"] {
+        let off = i64_of(&env, &format!("SELECT toInt64(countIf(toUnixTimestamp(hour) % 3600 != 0)) FROM {table}")).await;
+        assert_eq!(off, 0, "{table} has hours that are not UTC hours");
+        let rows = i64_of(&env, &format!("SELECT toInt64(count()) FROM (SELECT hour FROM {table} GROUP BY hour)")).await;
+        assert_eq!(rows, 1, "{table}: both events belong to 10:00 UTC");
+    }
+    env.drop_database().await;
+    drop(zoned);
+}
+
+/// A TCP proxy in front of ClickHouse that loses the response of the first insert into
+/// `usage_events`: it forwards the request, hangs up on the client, and lets the insert
+/// finish on the server three seconds later — a proxy timeout while the insert applies.
+async fn lossy_proxy(upstream: String) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fired = Arc::new(AtomicBool::new(false));
+    let flag = fired.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let (upstream, flag) = (upstream.clone(), flag.clone());
+            tokio::spawn(async move {
+                let _ = proxy_connection(client, &upstream, &flag).await;
+            });
+        }
+    });
+    (port, fired)
+}
+
+async fn proxy_connection(
+    client: tokio::net::TcpStream,
+    upstream: &str,
+    fired: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut client = BufReader::new(client);
+    loop {
+        // Request head.
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if client.read_until(b'\n', &mut line).await? == 0 {
+                return Ok(());
+            }
+            let end = line == b"\r\n";
+            if !line.to_ascii_lowercase().starts_with(b"connection:") {
+                head.extend_from_slice(if end { b"Connection: close\r\n\r\n" } else { &line });
+            }
+            if end {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        // Body, framed by content-length or chunks; `body_last` is its final piece.
+        let mut body = Vec::new();
+        let mut body_last = Vec::new();
+        if let Some(n) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            body.resize(n, 0);
+            client.read_exact(&mut body).await?;
+            if n > 0 {
+                body_last = body.split_off(n - 1);
+            }
+        } else if text.contains("transfer-encoding: chunked") {
+            loop {
+                let mut size_line = Vec::new();
+                client.read_until(b'\n', &mut size_line).await?;
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&size_line).trim().split(';').next().unwrap_or("0"),
+                    16,
+                )
+                .unwrap_or(0);
+                let mut chunk = vec![0; size + 2];
+                client.read_exact(&mut chunk).await?;
+                if size == 0 {
+                    body_last.extend_from_slice(&size_line);
+                    body_last.extend_from_slice(&chunk);
+                    break;
+                }
+                body.extend_from_slice(&size_line);
+                body.extend_from_slice(&chunk);
+            }
+        }
+        let mut up = tokio::net::TcpStream::connect(upstream).await?;
+        up.write_all(&head).await?;
+        up.write_all(&body).await?;
+        let lose = text.contains("insert")
+            && text.contains("usage_events")
+            && !fired.swap(true, Ordering::SeqCst);
+        if lose {
+            // The client sees its connection drop; the insert completes later.
+            drop(client);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            up.write_all(&body_last).await?;
+            let mut sink = Vec::new();
+            up.read_to_end(&mut sink).await?;
+            return Ok(());
+        }
+        up.write_all(&body_last).await?;
+        let mut response = Vec::new();
+        up.read_to_end(&mut response).await?;
+        client.get_mut().write_all(&response).await?;
+    }
+}
+
+/// Finding 4: an insert ClickHouse applied, whose response was lost and which was
+/// retried while still applying, was stored twice (50 → 100 rows). The retry now waits
+/// until the first attempt is no longer running, then finds its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
+    let mut env = TestEnv::new("lostresponse", 1).await;
+    let upstream = env.cfg.clickhouse.url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let (port, fired) = lossy_proxy(upstream).await;
+    env.cfg.clickhouse.url = format!("http://127.0.0.1:{port}");
+    let messages: Vec<(String, Vec<u8>)> = (0..50)
+        .map(|i| {
+            ("uni-l".to_owned(), event(&format!("l-{i}"), "uni-l", "2026-10-09T12:00:00Z", "gpt-4o-mini", 10, 1))
+        })
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(50, Duration::from_secs(60)).await;
+    // Let any late write land before counting.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(terminate(&mut ingest).success());
+    assert!(fired.load(Ordering::SeqCst), "the proxy lost an insert response");
+    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM usage_events").await, 50);
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await, 50);
+    env.drop_database().await;
+}
+
+/// Finding 4: batches were capped by count and time only; 2 MB messages made ingest grow
+/// to 646 MiB. With the default byte cap its peak stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_batched_by_bytes_and_memory_stays_bounded() {
+    let env = TestEnv::new("bigmsg", 2).await;
+    let padding = "x".repeat(2 * 1024 * 1024);
+    let messages: Vec<(String, Vec<u8>)> = (0..150)
+        .map(|i| {
+            let inst = format!("uni-{}", i % 3);
+            let mut v: serde_json::Value = serde_json::from_slice(&event(
+                &format!("big-{i}"),
+                &inst,
+                "2026-10-09T12:00:00Z",
+                "gpt-4o-mini",
+                10,
+                1,
+            ))
+            .unwrap();
+            // Unknown fields are allowed by the contract (and ignored).
+            v["debug_blob"] = json!(padding);
+            (inst, v.to_string().into_bytes())
+        })
+        .collect();
+    env.produce_with(&messages, &[("message.max.bytes", "4000000")]).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(150, Duration::from_secs(240)).await;
+    let peak_mib = peak_rss_kib(ingest.id()) / 1024;
+    assert!(terminate(&mut ingest).success());
+    println!("ingest peak RSS with 150 messages of 2 MiB: {peak_mib} MiB");
+    assert!(peak_mib <= 256, "peak RSS {peak_mib} MiB");
+    env.drop_database().await;
+}
+
+/// Finding 1: the ledger topic disappeared and the next `issue` handed out a used
+/// number. Now issuing is refused with an error that names what is missing,
+/// `ledger verify` says so, `ledger restore` re-appends the documents from ClickHouse,
+/// and numbering continues above the highest number ever used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ledger_is_refused_then_restored_and_numbering_continues() {
+    let env = TestEnv::new("ledgerloss", 1).await;
+    let vars = env.cli_vars();
+    let ledger_topic = vars
+        .iter()
+        .find(|(k, _)| *k == "TOKENTALLY_BILLING_LEDGER_TOPIC")
+        .unwrap()
+        .1
+        .clone();
+    let issue = |inst: &str| {
+        tokentally_output(
+            &["invoice", "issue", "--institution", inst, "--period", "2026-09", "--format", "json"],
+            &vars,
+            None,
+        )
+    };
+    let number = |out: &std::process::Output| -> String {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["number"].as_str().unwrap().to_owned()
+    };
+    let year = chrono::Utc::now().format("%Y").to_string();
+    assert_eq!(number(&issue("uni-a")), format!("TT-{year}-000001"));
+    assert_eq!(number(&issue("uni-b")), format!("TT-{year}-000002"));
+
+    delete_topic(&env.cfg.kafka, &ledger_topic).await;
+    let refused = issue("uni-c");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "issuing with a lost ledger must fail");
+    assert!(
+        err.contains("lacks 2 document(s)") && err.contains("ledger restore"),
+        "{err}"
+    );
+    // Nothing recreated an empty register meanwhile.
+    assert!(tokentally::kafka::partitions(&env.cfg.kafka, &ledger_topic)
+        .await
+        .unwrap()
+        .is_none());
+    let verify = tokentally_output(&["ledger", "verify"], &vars, None);
+    assert_eq!(verify.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(report.contains("MISSING") && report.contains(&format!("TT-{year}-000002")), "{report}");
+
+    let restored = tokentally_output(&["ledger", "restore"], &vars, None);
+    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    assert!(String::from_utf8_lossy(&restored.stderr).contains("restored 2 document(s)"));
+    tokentally(&["ledger", "verify"], &vars, None);
+    assert_eq!(number(&issue("uni-c")), format!("TT-{year}-000003"));
+    // The restored register still refuses a second invoice for a period it holds.
+    assert!(!issue("uni-a").status.success());
+    let list = tokentally(&["invoice", "list"], &vars, None);
+    for n in 1..=3 {
+        assert!(list.contains(&format!("TT-{year}-00000{n}")), "{list}");
+    }
+    env.drop_database().await;
+}
+
+/// Finding 3: deleting a topic on the local broker deleted every topic, and librdkafka
+/// crashed in every consumer. With the patched broker: deleting an unrelated topic leaves
+/// ingest, serve and the other topics alone; deleting ingest's own topic does not crash it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
+    let env = TestEnv::new("deltopic", 2).await;
+    let vars = env.cli_vars();
+    let ledger_topic = vars
+        .iter()
+        .find(|(k, _)| *k == "TOKENTALLY_BILLING_LEDGER_TOPIC")
+        .unwrap()
+        .1
+        .clone();
+    let port = crate::web::free_port();
+    let mut serve = {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
+        c.arg("serve")
+            .env("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TOKENTALLY_USERS_FILE", std::env::temp_dir().join(format!("{}.users.toml", env.name)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(env.log_path("serve")).unwrap());
+        for (k, v) in &vars {
+            c.env(k, v);
+        }
+        Proc::spawn(&mut c)
+    };
+    crate::web::wait_for_port(port).await;
+    let mut ingest = env.spawn_ingest();
+    let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + 100)
+            .map(|i| ("uni-d".to_owned(), event(&format!("d-{i}"), "uni-d", "2026-10-09T12:00:00Z", "gpt-4o-mini", 10, 1)))
+            .collect()
+    };
+    env.produce(&batch(0)).await;
+    env.wait_accounted(100, Duration::from_secs(60)).await;
+    // serve's upkeep creates the (empty) ledger topic: nothing is issued yet.
+    let started = Instant::now();
+    while tokentally::kafka::partitions(&env.cfg.kafka, &ledger_topic).await.unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "serve did not create the ledger topic");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let unrelated = format!("{}.unrelated", env.name);
+    tokentally::kafka::ensure_topic(&env.cfg.kafka, &unrelated, 1, &[]).await.unwrap();
+    delete_topic(&env.cfg.kafka, &unrelated).await;
+    for topic in [&env.cfg.kafka.topic, &ledger_topic] {
+        assert!(
+            tokentally::kafka::partitions(&env.cfg.kafka, topic).await.unwrap().is_some(),
+            "{topic} vanished with the unrelated topic"
+        );
+    }
+    // The consumers crashed within a minute before the fix; ingest keeps working.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    env.produce(&batch(100)).await;
+    env.wait_accounted(200, Duration::from_secs(60)).await;
+    assert!(ingest.try_wait().unwrap().is_none(), "ingest died");
+    assert!(serve.try_wait().unwrap().is_none(), "serve died");
+
+    // Even its own topic vanishing does not crash ingest (it waits for it to return).
+    delete_topic(&env.cfg.kafka, &env.cfg.kafka.topic).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(ingest.try_wait().unwrap().is_none(), "ingest died when its topic was deleted");
+    assert!(terminate(&mut ingest).success());
+    assert!(terminate(&mut serve).success());
+    env.drop_database().await;
+}
+
+/// Finding 4: two `reprice` runs at once both cancelled the same rows. The second is
+/// refused while the first holds the lease; the totals are re-rated exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reprice_runs_at_once_one_is_refused_and_totals_stay_exact() {
+    let mut env = TestEnv::new("reprice2", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&env.prices).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    env.prices = dir.path().to_owned();
+    let messages: Vec<(String, Vec<u8>)> = (0..2000)
+        .map(|i| ("uni-r".to_owned(), event(&format!("r-{i}"), "uni-r", "2026-10-09T12:00:00Z", "acme-llm-2", 1_000_000, 0)))
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(2000, Duration::from_secs(60)).await;
+    assert!(terminate(&mut ingest).success());
+    std::fs::write(
+        dir.path().join("acme.toml"),
+        "[[price]]\nprovider = \"openai\"\nmodel = \"acme-llm-2\"\nmatch = [\"acme-llm-2\"]\n\
+         effective_from = \"2026-01-01\"\ninput_per_mtok = \"2\"\noutput_per_mtok = \"8\"\n",
+    )
+    .unwrap();
+    let mut vars = env.cli_vars();
+    vars.push(("TOKENTALLY_PRICES", dir.path().display().to_string()));
+    let run = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
+        c.args(["reprice", "--since", "2026-10-01"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in &vars {
+            c.env(k, v);
+        }
+        c.spawn().unwrap()
+    };
+    let (a, b) = (run(), run());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let ok: Vec<_> = [&a, &b].into_iter().filter(|o| o.status.success()).collect();
+    let refused: Vec<_> = [&a, &b].into_iter().filter(|o| !o.status.success()).collect();
+    assert_eq!(ok.len(), 1, "exactly one run re-rates: {a:?} {b:?}");
+    assert!(
+        String::from_utf8_lossy(&refused[0].stderr).contains("running elsewhere"),
+        "{}",
+        String::from_utf8_lossy(&refused[0].stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok[0].stdout).contains("2000 re-rated"));
+    // 2000 × 1M input tokens × $2/M = $4000, in the raw table and every rollup.
+    let (raw, rollup) = env.costs().await;
+    assert_eq!(raw["uni-r"], Decimal::from(4000));
+    assert_eq!(rollup["uni-r"], Decimal::from(4000));
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly_model").await, 2000);
+    env.drop_database().await;
+}
+
+/// Finding 4: ingest priced with the book it started with until restarted. A price added
+/// on disk applies to the next events without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_added_on_disk_applies_without_a_restart() {
+    let mut env = TestEnv::new("reload", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&env.prices).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    env.prices = dir.path().to_owned();
+    let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + 10)
+            .map(|i| ("uni-p".to_owned(), event(&format!("p-{i}"), "uni-p", "2026-10-09T12:00:00Z", "acme-llm-3", 1_000_000, 0)))
+            .collect()
+    };
+    env.produce(&batch(0)).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(10, Duration::from_secs(60)).await;
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await, 0);
+    std::fs::write(
+        dir.path().join("acme.toml"),
+        "[[price]]\nprovider = \"openai\"\nmodel = \"acme-llm-3\"\nmatch = [\"acme-llm-3\"]\n\
+         effective_from = \"2026-01-01\"\ninput_per_mtok = \"3\"\noutput_per_mtok = \"9\"\n",
+    )
+    .unwrap();
+    // The book is compared with the files every 10 s.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    env.produce(&batch(10)).await;
+    env.wait_accounted(20, Duration::from_secs(60)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await, 10);
+    let (raw, _) = env.costs().await;
+    assert_eq!(raw["uni-p"], Decimal::from(30));
+    env.drop_database().await;
+}
