@@ -58,7 +58,7 @@ pub struct Store {
     server: clickhouse::Client,
     database: String,
     /// Query ids of inserts whose outcome is unknown (see `writer`).
-    pending_inserts: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pending_inserts: std::sync::Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>>,
 }
 
 impl Store {

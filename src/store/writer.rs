@@ -7,7 +7,11 @@
 //!   +05:30 shifts every bucket);
 //! - an insert whose outcome is unknown (lost response, timeout) is remembered by its
 //!   `query_id`, and no look-up runs until ClickHouse no longer lists that query as
-//!   running: only then does a look-up see everything the first attempt wrote.
+//!   running *and* `SETTLE_GRACE` has passed since the failure: only then does a look-up
+//!   see everything the first attempt wrote. (ClickHouse 18.16 starts an HTTP insert only
+//!   once it has the whole body, so a request still in transit — a proxy that timed out
+//!   but forwards late — is not listed yet; the grace period covers that. A request held
+//!   longer than the grace could still land twice; `reconcile` would show it.)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -57,6 +61,8 @@ const MAX_QUERY_SIZE: &str = "67108864";
 
 /// How long to wait for an insert with an unknown outcome to finish on the server.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Least time between a failed insert and the look-ups of its retry.
+pub const SETTLE_GRACE: Duration = Duration::from_secs(5);
 
 impl Store {
     /// Events among `keys` that are already stored, by (institution, event id), with the
@@ -195,7 +201,7 @@ impl Store {
                 self.pending_inserts
                     .lock()
                     .expect("pending inserts lock")
-                    .push(query_id);
+                    .push((query_id, std::time::Instant::now()));
                 Err(e.into())
             }
         }
@@ -203,7 +209,7 @@ impl Store {
 
     /// Waits until no insert whose outcome is unknown still runs on the server.
     pub async fn settle_pending(&self) -> Result<(), StoreError> {
-        let pending: Vec<String> = self
+        let pending: Vec<(String, std::time::Instant)> = self
             .pending_inserts
             .lock()
             .expect("pending inserts lock")
@@ -211,22 +217,24 @@ impl Store {
         if pending.is_empty() {
             return Ok(());
         }
+        let ids: Vec<&str> = pending.iter().map(|(q, _)| q.as_str()).collect();
         let started = std::time::Instant::now();
         loop {
             let running: u64 = self
                 .server
                 .query("SELECT toUInt64(count()) FROM system.processes WHERE query_id IN (SELECT arrayJoin(?))")
-                .bind(&pending)
+                .bind(&ids)
                 .fetch_one()
                 .await?;
-            if running == 0 {
+            let young = pending.iter().any(|(_, at)| at.elapsed() < SETTLE_GRACE);
+            if running == 0 && !young {
                 break;
             }
             if started.elapsed() > SETTLE_TIMEOUT {
                 return Err(StoreError::Unsettled(running));
             }
             tracing::info!(running, "waiting for an earlier insert attempt to finish before retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(if running > 0 { 200 } else { 1000 })).await;
         }
         self.pending_inserts
             .lock()

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -238,9 +239,12 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
     drop(zoned);
 }
 
-/// A TCP proxy in front of ClickHouse that loses the response of the first insert into
-/// `usage_events`: it forwards the request, hangs up on the client, and lets the insert
-/// finish on the server three seconds later — a proxy timeout while the insert applies.
+/// An HTTP proxy in front of ClickHouse that loses the response of the first insert into
+/// `usage_events` while the server is still applying it — a proxy timeout during a slow
+/// insert. It forwards the first part of the body (enough that ClickHouse starts the
+/// query: it reads up to `max_query_size` = 256 KiB before executing), hangs up on the
+/// client, and forwards the rest three seconds later, so the insert completes after the
+/// client has already given up on it.
 async fn lossy_proxy(upstream: String) -> (u16, Arc<AtomicBool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -258,6 +262,13 @@ async fn lossy_proxy(upstream: String) -> (u16, Arc<AtomicBool>) {
     (port, fired)
 }
 
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 async fn proxy_connection(
     client: tokio::net::TcpStream,
     upstream: &str,
@@ -265,36 +276,35 @@ async fn proxy_connection(
 ) -> std::io::Result<()> {
     let mut client = BufReader::new(client);
     loop {
-        // Request head.
+        // Request head; framing headers are rewritten below.
         let mut head = Vec::new();
+        let mut framing = String::new();
         loop {
             let mut line = Vec::new();
             if client.read_until(b'\n', &mut line).await? == 0 {
                 return Ok(());
             }
-            let end = line == b"\r\n";
-            if !line.to_ascii_lowercase().starts_with(b"connection:") {
-                head.extend_from_slice(if end { b"Connection: close\r\n\r\n" } else { &line });
-            }
-            if end {
+            if line == b"\r\n" {
                 break;
+            }
+            let lower = String::from_utf8_lossy(&line).to_ascii_lowercase();
+            if lower.starts_with("content-length:") || lower.starts_with("transfer-encoding:") {
+                framing.push_str(&lower);
+            } else if !lower.starts_with("connection:") {
+                head.extend_from_slice(&line);
             }
         }
         let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        // Body, framed by content-length or chunks; `body_last` is its final piece.
+        // The body, de-chunked.
         let mut body = Vec::new();
-        let mut body_last = Vec::new();
-        if let Some(n) = text
+        if let Some(n) = framing
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|v| v.trim().parse::<usize>().ok())
         {
             body.resize(n, 0);
             client.read_exact(&mut body).await?;
-            if n > 0 {
-                body_last = body.split_off(n - 1);
-            }
-        } else if text.contains("transfer-encoding: chunked") {
+        } else if framing.contains("chunked") {
             loop {
                 let mut size_line = Vec::new();
                 client.read_until(b'\n', &mut size_line).await?;
@@ -303,33 +313,39 @@ async fn proxy_connection(
                     16,
                 )
                 .unwrap_or(0);
-                let mut chunk = vec![0; size + 2];
-                client.read_exact(&mut chunk).await?;
+                let mut data = vec![0; size + 2];
+                client.read_exact(&mut data).await?;
                 if size == 0 {
-                    body_last.extend_from_slice(&size_line);
-                    body_last.extend_from_slice(&chunk);
                     break;
                 }
-                body.extend_from_slice(&size_line);
-                body.extend_from_slice(&chunk);
+                body.extend_from_slice(&data[..size]);
             }
         }
         let mut up = tokio::net::TcpStream::connect(upstream).await?;
         up.write_all(&head).await?;
-        up.write_all(&body).await?;
+        up.write_all(b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n").await?;
+        let split = 300 * 1024;
         let lose = text.contains("insert")
             && text.contains("usage_events")
+            && body.len() > split
             && !fired.swap(true, Ordering::SeqCst);
         if lose {
+            up.write_all(&chunk(&body[..split])).await?;
+            up.flush().await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             // The client sees its connection drop; the insert completes later.
             drop(client);
             tokio::time::sleep(Duration::from_secs(3)).await;
-            up.write_all(&body_last).await?;
+            up.write_all(&chunk(&body[split..])).await?;
+            up.write_all(b"0\r\n\r\n").await?;
             let mut sink = Vec::new();
             up.read_to_end(&mut sink).await?;
             return Ok(());
         }
-        up.write_all(&body_last).await?;
+        if !body.is_empty() {
+            up.write_all(&chunk(&body)).await?;
+        }
+        up.write_all(b"0\r\n\r\n").await?;
         let mut response = Vec::new();
         up.read_to_end(&mut response).await?;
         client.get_mut().write_all(&response).await?;
@@ -338,27 +354,47 @@ async fn proxy_connection(
 
 /// Finding 4: an insert ClickHouse applied, whose response was lost and which was
 /// retried while still applying, was stored twice (50 → 100 rows). The retry now waits
-/// until the first attempt is no longer running, then finds its rows.
+/// until the first attempt no longer runs on the server, then finds its rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
     let mut env = TestEnv::new("lostresponse", 1).await;
     let upstream = env.cfg.clickhouse.url.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let (port, fired) = lossy_proxy(upstream).await;
     env.cfg.clickhouse.url = format!("http://127.0.0.1:{port}");
+    // Large, incompressible events, so that the insert of 50 is over 300 KiB.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let messages: Vec<(String, Vec<u8>)> = (0..50)
         .map(|i| {
-            ("uni-l".to_owned(), event(&format!("l-{i}"), "uni-l", "2026-10-09T12:00:00Z", "gpt-4o-mini", 10, 1))
+            let mut v: serde_json::Value = serde_json::from_slice(&event(
+                &format!("l-{i}"),
+                "uni-l",
+                "2026-10-09T12:00:00Z",
+                "gpt-4o-mini",
+                10,
+                1,
+            ))
+            .unwrap();
+            let tags: serde_json::Map<String, serde_json::Value> = (0..32)
+                .map(|t| {
+                    let value: String = (0..250).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect();
+                    (format!("t{t}"), json!(value))
+                })
+                .collect();
+            v["tags"] = serde_json::Value::Object(tags);
+            ("uni-l".to_owned(), v.to_string().into_bytes())
         })
         .collect();
     env.produce(&messages).await;
     let mut ingest = env.spawn_ingest();
     env.wait_accounted(50, Duration::from_secs(60)).await;
     // Let any late write land before counting.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(terminate(&mut ingest).success());
     assert!(fired.load(Ordering::SeqCst), "the proxy lost an insert response");
     assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM usage_events").await, 50);
     assert_eq!(i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await, 50);
+    let log = std::fs::read_to_string(env.log_path("ingest")).unwrap();
+    assert!(log.contains("waiting for an earlier insert attempt"), "the retry did not wait: {log}");
     env.drop_database().await;
 }
 
