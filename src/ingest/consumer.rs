@@ -367,19 +367,21 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                 metrics.price_book_reloads.set(books.reloads() as i64);
                 let assigned = consumer.assignment().map(|t| t.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
                 let own_lag = lag.load(Ordering::SeqCst);
-                let behind = heartbeat.behind(cfg, own_lag).await;
-                if !behind && batch.is_empty() && in_flight.is_none() {
-                    // Caught up and idle: nothing is waiting, which is progress too.
+                if own_lag == 0 && batch.is_empty() && in_flight.is_none() {
+                    // Caught up and idle: nothing is waiting for this instance.
                     last_progress = Instant::now();
                 }
-                let stalled = behind && last_progress.elapsed() > stall_after;
+                heartbeat.observe_group(cfg).await;
+                // Stalled: this instance has work it does not get done, or nobody in the
+                // group commits while messages wait.
+                let stalled = (own_lag > 0 && last_progress.elapsed() > stall_after)
+                    || heartbeat.group_stuck_for() > stall_after;
                 metrics.stalled.set(i64::from(stalled));
                 heartbeat.beat(assigned, own_lag, books.version(), stalled, in_flight.is_some()).await;
-                if stalled && in_flight.is_none() && heartbeat.should_rejoin(stall_after) {
-                    // This consumer holds no partitions while the group is behind (a
-                    // broker that keeps a crashed member, or a lost assignment): a new
-                    // member forces a rebalance, in which silent members are dropped.
-                    warn!(stalled_for_s = last_progress.elapsed().as_secs(), "ingest stalled: rejoining the consumer group");
+                let rejoin_after = stall_after.min(super::watch::REJOIN_AFTER);
+                if in_flight.is_none() && heartbeat.should_rejoin(rejoin_after) {
+                    warn!(group_stuck_for_s = heartbeat.group_stuck_for().as_secs(),
+                          "no partitions while the group makes no progress: rejoining the consumer group");
                     batch.clear();
                     batch_bytes = 0;
                     paused = None;

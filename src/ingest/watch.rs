@@ -19,7 +19,9 @@ const BOOK_CHECK: Duration = Duration::from_secs(10);
 /// How often an instance reports.
 const BEAT_EVERY: Duration = Duration::from_secs(5);
 /// How often the group's committed offsets are read for the stall check.
-const LAG_CHECK: Duration = Duration::from_secs(10);
+const LAG_CHECK: Duration = Duration::from_secs(5);
+/// A consumer without partitions rejoins once the group has made no progress this long.
+pub const REJOIN_AFTER: Duration = Duration::from_secs(15);
 
 /// The loaded price book, reloaded when its files change.
 pub struct BookWatcher {
@@ -101,7 +103,10 @@ pub struct Heartbeat {
     row: InstanceRow,
     beaten: Option<Instant>,
     lag_checked: Option<Instant>,
-    group_behind: bool,
+    /// The group's committed offsets (summed) at the last check, and since when.
+    group_committed: Option<i64>,
+    group_changed_at: Instant,
+    group_lag: i64,
     rejoined: Option<Instant>,
 }
 
@@ -137,7 +142,9 @@ impl Heartbeat {
             },
             beaten: None,
             lag_checked: None,
-            group_behind: false,
+            group_committed: None,
+            group_changed_at: Instant::now(),
+            group_lag: 0,
             rejoined: None,
         }
     }
@@ -150,29 +157,44 @@ impl Heartbeat {
         self.row.last_commit_at = now();
     }
 
-    /// Whether the group has uncommitted messages: this instance's own lag, or (read from
-    /// the broker every few seconds) any partition's committed offset behind its end —
-    /// the case where this instance holds no partition at all.
-    pub async fn behind(&mut self, cfg: &Config, own_lag: i64) -> bool {
-        if own_lag > 0 {
-            return true;
+    /// Reads the group's committed offsets (every few seconds) and notes when they last
+    /// moved: the group makes progress if any instance commits.
+    pub async fn observe_group(&mut self, cfg: &Config) {
+        if self.lag_checked.is_some_and(|t| t.elapsed() < LAG_CHECK) {
+            return;
         }
-        if self.lag_checked.is_none_or(|t| t.elapsed() >= LAG_CHECK) {
-            self.lag_checked = Some(Instant::now());
-            match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group)
-                .await
-            {
-                Ok(parts) => self.group_behind = parts.iter().any(|p| p.lag > 0),
-                Err(e) => warn!(error = %e, "stall check: cannot read the group's offsets"),
+        self.lag_checked = Some(Instant::now());
+        match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group).await {
+            Ok(parts) => {
+                let committed: i64 = parts.iter().map(|p| p.committed).sum();
+                self.group_lag = parts.iter().map(|p| p.lag).sum();
+                if self.group_committed != Some(committed) {
+                    self.group_committed = Some(committed);
+                    self.group_changed_at = Instant::now();
+                }
             }
+            Err(e) => warn!(error = %e, "stall check: cannot read the group's offsets"),
         }
-        self.group_behind
     }
 
-    /// Rejoin at most once per stall period, and only when holding no partitions (a
-    /// consumer that holds partitions and cannot write waits for the store instead).
-    pub fn should_rejoin(&mut self, period: Duration) -> bool {
-        if !self.row.partitions.is_empty() || self.rejoined.is_some_and(|t| t.elapsed() < period) {
+    /// How long the group has had uncommitted messages without any instance committing.
+    pub fn group_stuck_for(&self) -> Duration {
+        if self.group_lag > 0 {
+            self.group_changed_at.elapsed()
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A consumer that holds no partitions while nobody in the group makes progress
+    /// rejoins (at most every `REJOIN_AFTER`): a new member forces a rebalance, in which
+    /// a broker drops members that stopped heartbeating (a crashed instance). A consumer
+    /// that holds partitions and cannot write waits for the store instead.
+    pub fn should_rejoin(&mut self, after: Duration) -> bool {
+        if !self.row.partitions.is_empty()
+            || self.group_stuck_for() < after
+            || self.rejoined.is_some_and(|t| t.elapsed() < after)
+        {
             return false;
         }
         self.rejoined = Some(Instant::now());
