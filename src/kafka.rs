@@ -74,7 +74,10 @@ pub async fn ensure_topic(
 }
 
 /// The topic's partitions, or `None` if the broker does not know the topic.
-pub async fn partitions(cfg: &KafkaConfig, topic: &str) -> Result<Option<Vec<i32>>, KafkaDoorError> {
+pub async fn partitions(
+    cfg: &KafkaConfig,
+    topic: &str,
+) -> Result<Option<Vec<i32>>, KafkaDoorError> {
     let client = client_config(cfg);
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -182,10 +185,11 @@ mod tests {
 
     #[test]
     fn operator_properties_reach_every_client() {
-        let mut cfg = KafkaConfig::default();
-        cfg.brokers = "k1:9092,k2:9092".into();
-        cfg.properties
-            .insert("security.protocol".into(), "SASL_SSL".into());
+        let cfg = KafkaConfig {
+            brokers: "k1:9092,k2:9092".into(),
+            properties: [("security.protocol".to_owned(), "SASL_SSL".to_owned())].into(),
+            ..KafkaConfig::default()
+        };
         let c = client_config(&cfg);
         assert_eq!(c.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
         assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));

@@ -12,8 +12,8 @@ use chrono::{NaiveDate, TimeZone, Utc};
 
 use crate::domain::{EventId, InstitutionId, TokenCounts, UsageEvent};
 use crate::price::{price, PriceBook, Pricing};
-use crate::store::rows::EventRow;
 use crate::store::leases::LeaseError;
+use crate::store::rows::EventRow;
 use crate::store::{Store, StoreError};
 
 /// How long a `reprice` lease lives without renewal (a crashed run blocks others this long).
@@ -144,7 +144,11 @@ async fn rerate_since(
         "SELECT ?fields FROM usage_events WHERE sign = 1 AND occurred_at >= toDateTime({start}) \
          ORDER BY institution_id, event_id, version DESC LIMIT 1 BY institution_id, event_id"
     );
-    let mut cursor = store.client().query(&sql).fetch::<EventRow>().map_err(StoreError::from)?;
+    let mut cursor = store
+        .client()
+        .query(&sql)
+        .fetch::<EventRow>()
+        .map_err(StoreError::from)?;
     let mut summary = RepriceSummary {
         dry_run,
         ..Default::default()

@@ -333,7 +333,10 @@ pub async fn ledger(cfg: &Config, command: crate::cli::LedgerCommand) -> anyhow:
                             l.join(", ")
                         }
                     };
-                    println!("missing from the ledger:     {}", list(&v.missing_from_ledger));
+                    println!(
+                        "missing from the ledger:     {}",
+                        list(&v.missing_from_ledger)
+                    );
                     println!("not yet copied to ClickHouse: {}", list(&v.not_copied));
                     println!("conflicts:                   {}", list(&v.conflicts));
                 }

@@ -51,11 +51,18 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Request {
-    Issue { document: Box<Document> },
-    Void { number: String, reason: String },
+    Issue {
+        document: Box<Document>,
+    },
+    Void {
+        number: String,
+        reason: String,
+    },
     /// A document issued earlier, re-appended from ClickHouse's copy after the ledger was
     /// lost: accepted only as the next number, with its number and dates unchanged.
-    Restore { document: Box<Document> },
+    Restore {
+        document: Box<Document>,
+    },
 }
 
 /// Why the ledger cannot be used as it is.
@@ -64,7 +71,10 @@ pub enum LedgerError {
     #[error("the invoice ledger (topic `{topic}`) lacks {} document(s) that ClickHouse holds ({}); issuing now could reuse their numbers. Run `tokentally ledger verify`, then `tokentally ledger restore`", .missing.len(), .missing.join(", "))]
     Incomplete { topic: String, missing: Vec<String> },
     #[error("the invoice ledger (topic `{topic}`) and ClickHouse disagree on {}: {}; restore cannot reconcile this by itself — compare both and repair by hand", .conflicts.len(), .conflicts.join("; "))]
-    Conflict { topic: String, conflicts: Vec<String> },
+    Conflict {
+        topic: String,
+        conflicts: Vec<String>,
+    },
     #[error("ClickHouse holds documents up to seq {highest} but not seq {gap}: the register has a gap and cannot be restored gap-free")]
     Gap { highest: u64, gap: u64 },
     #[error(transparent)]
@@ -345,7 +355,11 @@ impl LedgerLog {
         if !c.missing_from_ledger.is_empty() {
             return Err(LedgerError::Incomplete {
                 topic: self.topic.clone(),
-                missing: c.missing_from_ledger.iter().map(|d| d.number.clone()).collect(),
+                missing: c
+                    .missing_from_ledger
+                    .iter()
+                    .map(|d| d.number.clone())
+                    .collect(),
             });
         }
         Ok(ledger)

@@ -319,7 +319,10 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         let due = !batch.is_empty() && (full || stopping || batch_started.elapsed() >= max_wait);
         if in_flight.is_none() && due {
             if generation.load(Ordering::SeqCst) != batch_generation {
-                debug!(dropped = batch.len(), "assignment changed: batch will be re-read");
+                debug!(
+                    dropped = batch.len(),
+                    "assignment changed: batch will be re-read"
+                );
                 batch.clear();
                 batch_bytes = 0;
             } else {

@@ -253,7 +253,12 @@ fn tags(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, Rejection>
                     Value::String(s) => s.clone(),
                     // Numbers and booleans are kept as their JSON text.
                     Value::Number(_) | Value::Bool(_) => v.to_string(),
-                    _ => return Err(invalid("tags", format!("value of `{}` must be a string", excerpt(k)))),
+                    _ => {
+                        return Err(invalid(
+                            "tags",
+                            format!("value of `{}` must be a string", excerpt(k)),
+                        ))
+                    }
                 };
                 short_text("tags", &value, crate::domain::MAX_ID_LEN).map_err(|e| {
                     invalid("tags", format!("value of `{}`: {}", excerpt(k), e.detail))
@@ -498,13 +503,21 @@ mod tests {
         v["model"] = json!("m".repeat(crate::domain::MAX_ID_LEN));
         v["provider"] = json!("p".repeat(MAX_PROVIDER_LEN));
         let tags: Map<String, Value> = (0..MAX_TAGS)
-            .map(|i| (format!("{i:0>64}"), json!("v".repeat(crate::domain::MAX_ID_LEN))))
+            .map(|i| {
+                (
+                    format!("{i:0>64}"),
+                    json!("v".repeat(crate::domain::MAX_ID_LEN)),
+                )
+            })
             .collect();
         v["tags"] = Value::Object(tags);
         let e = dec(&v).unwrap();
         assert_eq!(e.tags.len(), MAX_TAGS);
         let shown = excerpt(&"a\u{0}".repeat(40));
-        assert!(shown.ends_with('…') && !shown.chars().any(char::is_control), "{shown}");
+        assert!(
+            shown.ends_with('…') && !shown.chars().any(char::is_control),
+            "{shown}"
+        );
     }
 
     #[test]

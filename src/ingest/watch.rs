@@ -82,8 +82,12 @@ impl BookWatcher {
         }
         match PriceBook::load(&self.path) {
             Ok(book) => {
-                info!(old = self.book.version(), new = book.version(), entries = book.entries().len(),
-                      "price book changed on disk: reloaded");
+                info!(
+                    old = self.book.version(),
+                    new = book.version(),
+                    entries = book.entries().len(),
+                    "price book changed on disk: reloaded"
+                );
                 self.book = Arc::new(book);
                 self.reloads += 1;
                 self.broken = None;

@@ -314,9 +314,10 @@ mod tests {
     #[test]
     fn the_default_price_book_is_the_snapshot_import_plus_two_documented_edits() {
         let root = env!("CARGO_MANIFEST_DIR");
-        let json =
-            std::fs::read_to_string(format!("{root}/tests/data/litellm-model-prices-2026-07-24.json"))
-                .unwrap();
+        let json = std::fs::read_to_string(format!(
+            "{root}/tests/data/litellm-model-prices-2026-07-24.json"
+        ))
+        .unwrap();
         let opts = ImportOptions::mainstream(NaiveDate::from_ymd_opt(2024, 1, 1).unwrap());
         let (toml, _) = import(&json, &opts).unwrap();
         let imported = PriceBook::from_sources(&[("imported.toml".into(), toml)]).unwrap();
@@ -339,7 +340,12 @@ mod tests {
             if edited.contains(&e.model.as_str()) {
                 continue;
             }
-            assert_eq!((&e.rates, &e.tiers, e.per_request, e.effective_from), (&s.rates, &s.tiers, s.per_request, s.effective_from), "{}", e.model);
+            assert_eq!(
+                (&e.rates, &e.tiers, e.per_request, e.effective_from),
+                (&s.rates, &s.tiers, s.per_request, s.effective_from),
+                "{}",
+                e.model
+            );
             assert_eq!(e.match_exact, s.match_exact, "{}", e.model);
         }
     }

@@ -71,7 +71,13 @@ pub struct Lease {
 }
 
 impl Store {
-    async fn write_lease(&self, name: &str, holder: &str, state: &str, ttl: Duration) -> Result<(), StoreError> {
+    async fn write_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        state: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         let at = now_ms();
         let mut insert = self.client.insert::<LeaseRow<'_>>("leases").await?;
         insert
@@ -127,15 +133,22 @@ impl Store {
         self.write_lease(name, &holder, "active", ttl).await?;
         let valid_until = Arc::new(AtomicI64::new((now + ttl.as_millis() as u64) as i64));
         let renewer = {
-            let (store, name, holder, valid_until) =
-                (self.clone(), name.to_owned(), holder.clone(), valid_until.clone());
+            let (store, name, holder, valid_until) = (
+                self.clone(),
+                name.to_owned(),
+                holder.clone(),
+                valid_until.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 4).await;
                     let at = now_ms();
                     match store.write_lease(&name, &holder, "active", ttl).await {
-                        Ok(()) => valid_until.store((at + ttl.as_millis() as u64) as i64, Ordering::SeqCst),
-                        Err(e) => tracing::warn!(error = %e, lease = %name, "renewing lease failed"),
+                        Ok(()) => valid_until
+                            .store((at + ttl.as_millis() as u64) as i64, Ordering::SeqCst),
+                        Err(e) => {
+                            tracing::warn!(error = %e, lease = %name, "renewing lease failed")
+                        }
                     }
                 }
             })

@@ -26,7 +26,10 @@ pub struct InstanceRow {
 
 impl Store {
     pub async fn record_instance(&self, row: &InstanceRow) -> Result<(), StoreError> {
-        let mut insert = self.client.insert::<InstanceRow>("ingest_instances").await?;
+        let mut insert = self
+            .client
+            .insert::<InstanceRow>("ingest_instances")
+            .await?;
         insert.write(row).await?;
         insert.end().await?;
         Ok(())

@@ -82,8 +82,16 @@ impl Store {
         for chunk in sorted.chunks(LOOKUP_CHUNK) {
             let institutions: BTreeSet<&str> = chunk.iter().map(|k| k.institution_id).collect();
             let ids: BTreeSet<&str> = chunk.iter().map(|k| k.event_id).collect();
-            let lo = chunk.iter().map(|k| i64::from(k.occurred_at)).min().unwrap_or(0);
-            let hi = chunk.iter().map(|k| i64::from(k.occurred_at)).max().unwrap_or(0);
+            let lo = chunk
+                .iter()
+                .map(|k| i64::from(k.occurred_at))
+                .min()
+                .unwrap_or(0);
+            let hi = chunk
+                .iter()
+                .map(|k| i64::from(k.occurred_at))
+                .max()
+                .unwrap_or(0);
             let rows: Vec<StoredEvent> = self
                 .client
                 .query(
@@ -132,9 +140,7 @@ impl Store {
                 .iter()
                 .filter(|p| p.partition == partition)
                 .map(|p| p.offset);
-            let (lo, hi) = offsets.fold((i64::MAX, i64::MIN), |(lo, hi), o| {
-                (lo.min(o), hi.max(o))
-            });
+            let (lo, hi) = offsets.fold((i64::MAX, i64::MIN), |(lo, hi), o| (lo.min(o), hi.max(o)));
             let rows: Vec<StoredPosition> = self
                 .client
                 .query(
@@ -233,7 +239,10 @@ impl Store {
             if started.elapsed() > SETTLE_TIMEOUT {
                 return Err(StoreError::Unsettled(running));
             }
-            tracing::info!(running, "waiting for an earlier insert attempt to finish before retrying");
+            tracing::info!(
+                running,
+                "waiting for an earlier insert attempt to finish before retrying"
+            );
             tokio::time::sleep(Duration::from_millis(if running > 0 { 200 } else { 1000 })).await;
         }
         self.pending_inserts

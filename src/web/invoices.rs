@@ -220,7 +220,11 @@ pub async fn draft(
         .ok_or_else(|| AppError::BadRequest("choose an institution".into()))?;
     let period: Period = q.period.parse().map_err(AppError::BadRequest)?;
     let billing = Billing::new(&state.cfg, &state.store, &state.book);
-    let ledger = billing.log.open(&state.store).await.map_err(anyhow::Error::from)?;
+    let ledger = billing
+        .log
+        .open(&state.store)
+        .await
+        .map_err(anyhow::Error::from)?;
     let doc = billing.draft(&ledger, inst, period).await?;
     let name = format!("draft-{inst}-{period}");
     let bytes = match q.format.as_str() {

@@ -316,7 +316,9 @@ async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
         match billing.sync().await {
             // At start and every minute: a ledger that lacks issued documents is reported
             // (and never replaced by an empty one); issuing stays refused until restored.
-            Err(e) => tracing::error!("invoice ledger check failed (will retry in a minute): {e:#}"),
+            Err(e) => {
+                tracing::error!("invoice ledger check failed (will retry in a minute): {e:#}")
+            }
             Ok(ledger) if state.cfg.billing.auto_issue_day > 0 => {
                 match billing.auto_issue(&ledger).await {
                     Ok(issued) if !issued.is_empty() => {

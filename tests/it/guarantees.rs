@@ -14,8 +14,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::harness::{
-    delete_topic, list_price, peak_rss_kib, terminate, tokentally, tokentally_output, Proc,
-    TestEnv,
+    delete_topic, list_price, peak_rss_kib, terminate, tokentally, tokentally_output, Proc, TestEnv,
 };
 
 /// A contract-v1 event with canonical usage.
@@ -104,8 +103,10 @@ async fn two_instances_and_rekeyed_copies_count_each_event_once() {
     assert!(terminate(&mut a).success() && terminate(&mut b).success());
 
     let (raw, rollup) = env.costs().await;
-    let expected: BTreeMap<String, Decimal> =
-        expected.into_iter().map(|(k, v)| (k, v.normalize())).collect();
+    let expected: BTreeMap<String, Decimal> = expected
+        .into_iter()
+        .map(|(k, v)| (k, v.normalize()))
+        .collect();
     assert_eq!(raw, expected, "cost per institution from usage_events");
     assert_eq!(rollup, expected, "cost per institution from usage_hourly");
     for table in ["usage_hourly_model", "usage_hourly_institution"] {
@@ -119,7 +120,11 @@ async fn two_instances_and_rekeyed_copies_count_each_event_once() {
         copies
     );
     let reasons = rejected_by_reason(&env).await;
-    assert_eq!(reasons.get("key_mismatch").copied(), Some(rekeyed as u64), "{reasons:?}");
+    assert_eq!(
+        reasons.get("key_mismatch").copied(),
+        Some(rekeyed as u64),
+        "{reasons:?}"
+    );
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     // Both instances took part.
     let instances = env
@@ -141,7 +146,14 @@ async fn a_batch_of_5000_institutions_is_stored_and_its_copies_found() {
     let messages: Vec<(String, Vec<u8>)> = (0..5000)
         .map(|i| {
             let inst = format!("institution-{i:05}");
-            let p = event(&format!("w-{i}"), &inst, "2026-10-07T08:30:00Z", "gpt-4o-mini", 10, 1);
+            let p = event(
+                &format!("w-{i}"),
+                &inst,
+                "2026-10-07T08:30:00Z",
+                "gpt-4o-mini",
+                10,
+                1,
+            );
             (inst, p)
         })
         .collect();
@@ -151,10 +163,20 @@ async fn a_batch_of_5000_institutions_is_stored_and_its_copies_found() {
     env.produce(&messages).await;
     env.wait_accounted(10_000, Duration::from_secs(120)).await;
     assert!(terminate(&mut ingest).success());
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await, 5000);
-    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await, 5000);
     assert_eq!(
-        i64_of(&env, "SELECT toInt64(uniqExact(institution_id)) FROM usage_hourly").await,
+        i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+        5000
+    );
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await,
+        5000
+    );
+    assert_eq!(
+        i64_of(
+            &env,
+            "SELECT toInt64(uniqExact(institution_id)) FROM usage_hourly"
+        )
+        .await,
         5000
     );
     env.drop_database().await;
@@ -216,8 +238,28 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
     // Two events in one UTC hour, either side of a local :00 (10:15 and 10:45 UTC are
     // 15:45 and 16:15 in Kolkata).
     let first = vec![
-        ("uni-k".to_owned(), event("k-1", "uni-k", "2026-10-05T10:15:00Z", "gpt-4o-mini", 100, 10)),
-        ("uni-k".to_owned(), event("k-2", "uni-k", "2026-10-05T10:45:00Z", "gpt-4o-mini", 100, 10)),
+        (
+            "uni-k".to_owned(),
+            event(
+                "k-1",
+                "uni-k",
+                "2026-10-05T10:15:00Z",
+                "gpt-4o-mini",
+                100,
+                10,
+            ),
+        ),
+        (
+            "uni-k".to_owned(),
+            event(
+                "k-2",
+                "uni-k",
+                "2026-10-05T10:45:00Z",
+                "gpt-4o-mini",
+                100,
+                10,
+            ),
+        ),
     ];
     env.batch_max_messages = Some(10);
     env.produce(&first).await;
@@ -227,12 +269,30 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
     env.produce(&first).await;
     env.wait_accounted(4, Duration::from_secs(60)).await;
     assert!(terminate(&mut ingest).success());
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await, 2);
-    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await, 2);
-    for table in ["usage_hourly", "usage_hourly_model", "usage_hourly_institution"] {
-        let off = i64_of(&env, &format!("SELECT toInt64(countIf(toUnixTimestamp(hour) % 3600 != 0)) FROM {table}")).await;
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+        2
+    );
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await,
+        2
+    );
+    for table in [
+        "usage_hourly",
+        "usage_hourly_model",
+        "usage_hourly_institution",
+    ] {
+        let off = i64_of(
+            &env,
+            &format!("SELECT toInt64(countIf(toUnixTimestamp(hour) % 3600 != 0)) FROM {table}"),
+        )
+        .await;
         assert_eq!(off, 0, "{table} has hours that are not UTC hours");
-        let rows = i64_of(&env, &format!("SELECT toInt64(count()) FROM (SELECT hour FROM {table} GROUP BY hour)")).await;
+        let rows = i64_of(
+            &env,
+            &format!("SELECT toInt64(count()) FROM (SELECT hour FROM {table} GROUP BY hour)"),
+        )
+        .await;
         assert_eq!(rows, 1, "{table}: both events belong to 10:00 UTC");
     }
     env.drop_database().await;
@@ -252,7 +312,9 @@ async fn lossy_proxy(upstream: String) -> (u16, Arc<AtomicBool>) {
     let flag = fired.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((client, _)) = listener.accept().await else { return };
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
             let (upstream, flag) = (upstream.clone(), flag.clone());
             tokio::spawn(async move {
                 let _ = proxy_connection(client, &upstream, &flag).await;
@@ -309,7 +371,11 @@ async fn proxy_connection(
                 let mut size_line = Vec::new();
                 client.read_until(b'\n', &mut size_line).await?;
                 let size = usize::from_str_radix(
-                    String::from_utf8_lossy(&size_line).trim().split(';').next().unwrap_or("0"),
+                    String::from_utf8_lossy(&size_line)
+                        .trim()
+                        .split(';')
+                        .next()
+                        .unwrap_or("0"),
                     16,
                 )
                 .unwrap_or(0);
@@ -323,7 +389,8 @@ async fn proxy_connection(
         }
         let mut up = tokio::net::TcpStream::connect(upstream).await?;
         up.write_all(&head).await?;
-        up.write_all(b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n").await?;
+        up.write_all(b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await?;
         let split = 300 * 1024;
         let lose = text.contains("insert")
             && text.contains("usage_events")
@@ -358,7 +425,13 @@ async fn proxy_connection(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
     let mut env = TestEnv::new("lostresponse", 1).await;
-    let upstream = env.cfg.clickhouse.url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let upstream = env
+        .cfg
+        .clickhouse
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
     let (port, fired) = lossy_proxy(upstream).await;
     env.cfg.clickhouse.url = format!("http://127.0.0.1:{port}");
     // Large, incompressible events, so that the insert of 50 is over 300 KiB.
@@ -376,7 +449,9 @@ async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
             .unwrap();
             let tags: serde_json::Map<String, serde_json::Value> = (0..32)
                 .map(|t| {
-                    let value: String = (0..250).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect();
+                    let value: String = (0..250)
+                        .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+                        .collect();
                     (format!("t{t}"), json!(value))
                 })
                 .collect();
@@ -390,21 +465,37 @@ async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
     // Let any late write land before counting.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(terminate(&mut ingest).success());
-    assert!(fired.load(Ordering::SeqCst), "the proxy lost an insert response");
-    assert_eq!(i64_of(&env, "SELECT toInt64(count()) FROM usage_events").await, 50);
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await, 50);
+    assert!(
+        fired.load(Ordering::SeqCst),
+        "the proxy lost an insert response"
+    );
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(count()) FROM usage_events").await,
+        50
+    );
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await,
+        50
+    );
     let log = std::fs::read_to_string(env.log_path("ingest")).unwrap();
-    assert!(log.contains("waiting for an earlier insert attempt"), "the retry did not wait: {log}");
+    assert!(
+        log.contains("waiting for an earlier insert attempt"),
+        "the retry did not wait: {log}"
+    );
     env.drop_database().await;
 }
 
-/// Finding 4: batches were capped by count and time only; 2 MB messages made ingest grow
-/// to 646 MiB. With the default byte cap its peak stays small.
+/// Finding 4: batches were capped by count and time only; 2 MB messages with a 60 s batch
+/// wait made ingest grow to 646 MiB. With the default byte cap its peak stays small.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_are_batched_by_bytes_and_memory_stays_bounded() {
-    let env = TestEnv::new("bigmsg", 2).await;
-    let padding = "x".repeat(2 * 1024 * 1024);
-    let messages: Vec<(String, Vec<u8>)> = (0..150)
+    let mut env = TestEnv::new("bigmsg", 2).await;
+    // An operator's long batch wait: without a byte cap the whole backlog is one batch.
+    env.config_toml = "[ingest]\nbatch_max_wait_ms = 60000\n".into();
+    // 99 messages of 3 MiB: with the default 8 MiB cap every batch is full at 3 messages,
+    // so none waits for the 60 s timer.
+    let padding = "x".repeat(3 * 1024 * 1024);
+    let messages: Vec<(String, Vec<u8>)> = (0..99)
         .map(|i| {
             let inst = format!("uni-{}", i % 3);
             let mut v: serde_json::Value = serde_json::from_slice(&event(
@@ -421,12 +512,13 @@ async fn large_messages_are_batched_by_bytes_and_memory_stays_bounded() {
             (inst, v.to_string().into_bytes())
         })
         .collect();
-    env.produce_with(&messages, &[("message.max.bytes", "4000000")]).await;
+    env.produce_with(&messages, &[("message.max.bytes", "4000000")])
+        .await;
     let mut ingest = env.spawn_ingest();
-    env.wait_accounted(150, Duration::from_secs(240)).await;
+    env.wait_accounted(99, Duration::from_secs(240)).await;
     let peak_mib = peak_rss_kib(ingest.id()) / 1024;
     assert!(terminate(&mut ingest).success());
-    println!("ingest peak RSS with 150 messages of 2 MiB: {peak_mib} MiB");
+    println!("ingest peak RSS with 99 messages of 3 MiB: {peak_mib} MiB");
     assert!(peak_mib <= 256, "peak RSS {peak_mib} MiB");
     env.drop_database().await;
 }
@@ -447,13 +539,26 @@ async fn a_lost_ledger_is_refused_then_restored_and_numbering_continues() {
         .clone();
     let issue = |inst: &str| {
         tokentally_output(
-            &["invoice", "issue", "--institution", inst, "--period", "2026-09", "--format", "json"],
+            &[
+                "invoice",
+                "issue",
+                "--institution",
+                inst,
+                "--period",
+                "2026-09",
+                "--format",
+                "json",
+            ],
             &vars,
             None,
         )
     };
     let number = |out: &std::process::Output| -> String {
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         doc["number"].as_str().unwrap().to_owned()
     };
@@ -464,7 +569,10 @@ async fn a_lost_ledger_is_refused_then_restored_and_numbering_continues() {
     delete_topic(&env.cfg.kafka, &ledger_topic).await;
     let refused = issue("uni-c");
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "issuing with a lost ledger must fail");
+    assert!(
+        !refused.status.success(),
+        "issuing with a lost ledger must fail"
+    );
     assert!(
         err.contains("lacks 2 document(s)") && err.contains("ledger restore"),
         "{err}"
@@ -477,10 +585,17 @@ async fn a_lost_ledger_is_refused_then_restored_and_numbering_continues() {
     let verify = tokentally_output(&["ledger", "verify"], &vars, None);
     assert_eq!(verify.status.code(), Some(1));
     let report = String::from_utf8_lossy(&verify.stdout);
-    assert!(report.contains("MISSING") && report.contains(&format!("TT-{year}-000002")), "{report}");
+    assert!(
+        report.contains("MISSING") && report.contains(&format!("TT-{year}-000002")),
+        "{report}"
+    );
 
     let restored = tokentally_output(&["ledger", "restore"], &vars, None);
-    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
     assert!(String::from_utf8_lossy(&restored.stderr).contains("restored 2 document(s)"));
     tokentally(&["ledger", "verify"], &vars, None);
     assert_eq!(number(&issue("uni-c")), format!("TT-{year}-000003"));
@@ -511,7 +626,10 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
         c.arg("serve")
             .env("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}"))
-            .env("TOKENTALLY_USERS_FILE", std::env::temp_dir().join(format!("{}.users.toml", env.name)))
+            .env(
+                "TOKENTALLY_USERS_FILE",
+                std::env::temp_dir().join(format!("{}.users.toml", env.name)),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(env.log_path("serve")).unwrap());
         for (k, v) in &vars {
@@ -523,24 +641,48 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
     let mut ingest = env.spawn_ingest();
     let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + 100)
-            .map(|i| ("uni-d".to_owned(), event(&format!("d-{i}"), "uni-d", "2026-10-09T12:00:00Z", "gpt-4o-mini", 10, 1)))
+            .map(|i| {
+                (
+                    "uni-d".to_owned(),
+                    event(
+                        &format!("d-{i}"),
+                        "uni-d",
+                        "2026-10-09T12:00:00Z",
+                        "gpt-4o-mini",
+                        10,
+                        1,
+                    ),
+                )
+            })
             .collect()
     };
     env.produce(&batch(0)).await;
     env.wait_accounted(100, Duration::from_secs(60)).await;
     // serve's upkeep creates the (empty) ledger topic: nothing is issued yet.
     let started = Instant::now();
-    while tokentally::kafka::partitions(&env.cfg.kafka, &ledger_topic).await.unwrap().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(30), "serve did not create the ledger topic");
+    while tokentally::kafka::partitions(&env.cfg.kafka, &ledger_topic)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve did not create the ledger topic"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     let unrelated = format!("{}.unrelated", env.name);
-    tokentally::kafka::ensure_topic(&env.cfg.kafka, &unrelated, 1, &[]).await.unwrap();
+    tokentally::kafka::ensure_topic(&env.cfg.kafka, &unrelated, 1, &[])
+        .await
+        .unwrap();
     delete_topic(&env.cfg.kafka, &unrelated).await;
     for topic in [&env.cfg.kafka.topic, &ledger_topic] {
         assert!(
-            tokentally::kafka::partitions(&env.cfg.kafka, topic).await.unwrap().is_some(),
+            tokentally::kafka::partitions(&env.cfg.kafka, topic)
+                .await
+                .unwrap()
+                .is_some(),
             "{topic} vanished with the unrelated topic"
         );
     }
@@ -554,7 +696,10 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
     // Even its own topic vanishing does not crash ingest (it waits for it to return).
     delete_topic(&env.cfg.kafka, &env.cfg.kafka.topic).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert!(ingest.try_wait().unwrap().is_none(), "ingest died when its topic was deleted");
+    assert!(
+        ingest.try_wait().unwrap().is_none(),
+        "ingest died when its topic was deleted"
+    );
     assert!(terminate(&mut ingest).success());
     assert!(terminate(&mut serve).success());
     env.drop_database().await;
@@ -572,7 +717,19 @@ async fn two_reprice_runs_at_once_one_is_refused_and_totals_stay_exact() {
     }
     env.prices = dir.path().to_owned();
     let messages: Vec<(String, Vec<u8>)> = (0..2000)
-        .map(|i| ("uni-r".to_owned(), event(&format!("r-{i}"), "uni-r", "2026-10-09T12:00:00Z", "acme-llm-2", 1_000_000, 0)))
+        .map(|i| {
+            (
+                "uni-r".to_owned(),
+                event(
+                    &format!("r-{i}"),
+                    "uni-r",
+                    "2026-10-09T12:00:00Z",
+                    "acme-llm-2",
+                    1_000_000,
+                    0,
+                ),
+            )
+        })
         .collect();
     env.produce(&messages).await;
     let mut ingest = env.spawn_ingest();
@@ -598,8 +755,14 @@ async fn two_reprice_runs_at_once_one_is_refused_and_totals_stay_exact() {
     };
     let (a, b) = (run(), run());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    let ok: Vec<_> = [&a, &b].into_iter().filter(|o| o.status.success()).collect();
-    let refused: Vec<_> = [&a, &b].into_iter().filter(|o| !o.status.success()).collect();
+    let ok: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter(|o| o.status.success())
+        .collect();
+    let refused: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter(|o| !o.status.success())
+        .collect();
     assert_eq!(ok.len(), 1, "exactly one run re-rates: {a:?} {b:?}");
     assert!(
         String::from_utf8_lossy(&refused[0].stderr).contains("running elsewhere"),
@@ -611,7 +774,10 @@ async fn two_reprice_runs_at_once_one_is_refused_and_totals_stay_exact() {
     let (raw, rollup) = env.costs().await;
     assert_eq!(raw["uni-r"], Decimal::from(4000));
     assert_eq!(rollup["uni-r"], Decimal::from(4000));
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly_model").await, 2000);
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly_model").await,
+        2000
+    );
     env.drop_database().await;
 }
 
@@ -628,13 +794,28 @@ async fn a_price_added_on_disk_applies_without_a_restart() {
     env.prices = dir.path().to_owned();
     let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + 10)
-            .map(|i| ("uni-p".to_owned(), event(&format!("p-{i}"), "uni-p", "2026-10-09T12:00:00Z", "acme-llm-3", 1_000_000, 0)))
+            .map(|i| {
+                (
+                    "uni-p".to_owned(),
+                    event(
+                        &format!("p-{i}"),
+                        "uni-p",
+                        "2026-10-09T12:00:00Z",
+                        "acme-llm-3",
+                        1_000_000,
+                        0,
+                    ),
+                )
+            })
             .collect()
     };
     env.produce(&batch(0)).await;
     let mut ingest = env.spawn_ingest();
     env.wait_accounted(10, Duration::from_secs(60)).await;
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await, 0);
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await,
+        0
+    );
     std::fs::write(
         dir.path().join("acme.toml"),
         "[[price]]\nprovider = \"openai\"\nmodel = \"acme-llm-3\"\nmatch = [\"acme-llm-3\"]\n\
@@ -646,7 +827,10 @@ async fn a_price_added_on_disk_applies_without_a_restart() {
     env.produce(&batch(10)).await;
     env.wait_accounted(20, Duration::from_secs(60)).await;
     assert!(terminate(&mut ingest).success());
-    assert_eq!(i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await, 10);
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign * priced)) FROM usage_events").await,
+        10
+    );
     let (raw, _) = env.costs().await;
     assert_eq!(raw["uni-p"], Decimal::from(30));
     env.drop_database().await;

@@ -126,31 +126,32 @@ impl TestEnv {
             std::fs::write(&path, &self.config_toml).unwrap();
             c.env("TOKENTALLY_CONFIG", path);
         }
-        Proc::spawn(c
-            .arg("ingest")
-            .env("TOKENTALLY_KAFKA_BROKERS", &self.cfg.kafka.brokers)
-            .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
-            .env("TOKENTALLY_KAFKA_GROUP", &self.cfg.kafka.group)
-            .env("TOKENTALLY_CLICKHOUSE_URL", &self.cfg.clickhouse.url)
-            .env(
-                "TOKENTALLY_CLICKHOUSE_DATABASE",
-                &self.cfg.clickhouse.database,
-            )
-            .env("TOKENTALLY_PRICES", &self.prices)
-            .env("TOKENTALLY_METRICS_LISTEN", "")
-            .env(
-                "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
-                &self.dead_letter_topic,
-            )
-            .env("TOKENTALLY_LOG", "warn,tokentally=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.log_path("ingest"))
-                    .unwrap(),
-            )))
+        Proc::spawn(
+            c.arg("ingest")
+                .env("TOKENTALLY_KAFKA_BROKERS", &self.cfg.kafka.brokers)
+                .env("TOKENTALLY_KAFKA_TOPIC", &self.cfg.kafka.topic)
+                .env("TOKENTALLY_KAFKA_GROUP", &self.cfg.kafka.group)
+                .env("TOKENTALLY_CLICKHOUSE_URL", &self.cfg.clickhouse.url)
+                .env(
+                    "TOKENTALLY_CLICKHOUSE_DATABASE",
+                    &self.cfg.clickhouse.database,
+                )
+                .env("TOKENTALLY_PRICES", &self.prices)
+                .env("TOKENTALLY_METRICS_LISTEN", "")
+                .env(
+                    "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
+                    &self.dead_letter_topic,
+                )
+                .env("TOKENTALLY_LOG", "warn,tokentally=info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.log_path("ingest"))
+                        .unwrap(),
+                )),
+        )
     }
 
     /// Where this test's child processes of `kind` write their log.
@@ -510,8 +511,15 @@ pub async fn delete_topic(cfg: &tokentally::config::KafkaConfig, topic: &str) {
         r.unwrap_or_else(|(t, e)| panic!("deleting {t}: {e}"));
     }
     let started = Instant::now();
-    while tokentally::kafka::partitions(cfg, topic).await.unwrap().is_some() {
-        assert!(started.elapsed() < Duration::from_secs(30), "{topic} still exists");
+    while tokentally::kafka::partitions(cfg, topic)
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{topic} still exists"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
