@@ -216,6 +216,41 @@ async fn pipeline_readings(
         threshold: Decimal::from(limit),
         message: format!("{rejected} messages rejected in the last hour (alert above {limit})"),
     });
+    // Instances report themselves stalled (see ingest::watch); heard from in 2 minutes.
+    let instances = store
+        .ingest_instances(
+            &cfg.kafka.topic,
+            &cfg.kafka.group,
+            (now - Duration::minutes(2)).timestamp(),
+        )
+        .await?;
+    let stalled: Vec<String> = instances
+        .iter()
+        .filter(|i| i.state == "stalled")
+        .map(|i| format!("{}@{} ({})", i.instance_id, i.host, i.detail))
+        .collect();
+    out.push(Reading {
+        kind: Kind::IngestStalled,
+        entity: cfg.kafka.group.clone(),
+        institution: String::new(),
+        firing: !stalled.is_empty(),
+        severity: Severity::Critical,
+        observed: Decimal::from(stalled.len()),
+        baseline: Decimal::ZERO,
+        threshold: Decimal::ZERO,
+        message: if stalled.is_empty() {
+            format!(
+                "ingest group `{}` is making progress again",
+                cfg.kafka.group
+            )
+        } else {
+            format!(
+                "ingest stalled: messages wait and group `{}` commits nothing; {}",
+                cfg.kafka.group,
+                stalled.join("; ")
+            )
+        },
+    });
     match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group).await {
         Ok(parts) => {
             let lag: i64 = parts.iter().map(|p| p.lag).sum();

@@ -30,6 +30,8 @@ pub enum Kind {
     Rejections,
     /// The consumer group is behind.
     ConsumerLag,
+    /// Messages wait and no ingest instance commits (reported by the instances).
+    IngestStalled,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::UnpricedModel => "unpriced_model",
             Kind::Rejections => "rejections",
             Kind::ConsumerLag => "consumer_lag",
+            Kind::IngestStalled => "ingest_stalled",
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
             Kind::UnpricedModel,
             Kind::Rejections,
             Kind::ConsumerLag,
+            Kind::IngestStalled,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

@@ -625,6 +625,14 @@ pub async fn pipeline(
     )
     .await;
 
+    let instances = state
+        .store
+        .ingest_instances(
+            &state.cfg.kafka.topic,
+            &state.cfg.kafka.group,
+            (Utc::now() - Duration::days(1)).timestamp(),
+        )
+        .await?;
     let mut page = PageData::new("Pipeline health");
     page.figure(
         "Events/s stored (last 5 min)",
@@ -661,6 +669,59 @@ pub async fn pipeline(
                     Cell::Int(p.committed),
                     Cell::Int(p.high),
                     Cell::Int(p.lag),
+                ]
+            })
+            .collect(),
+    });
+    let when = |t: u32| {
+        chrono::DateTime::from_timestamp(i64::from(t), 0)
+            .filter(|_| t > 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    for i in instances.iter().filter(|i| i.state != "stopped") {
+        if i.price_book_version != state.book.version() {
+            page.notes.push(format!(
+                "Ingest instance {} prices with price book {}, the dashboard reads {}: one of them has not reloaded a change yet (ingest checks every 10 s).",
+                i.instance_id, i.price_book_version, state.book.version()
+            ));
+        }
+    }
+    page.tables.push(Table {
+        name: "instances",
+        title: "Ingest instances heard from in the last day (UTC)".into(),
+        columns: vec![
+            "instance",
+            "host",
+            "pid",
+            "state",
+            "partitions",
+            "last_commit",
+            "last_heard",
+            "lag",
+            "price_book",
+            "detail",
+        ],
+        rows: instances
+            .iter()
+            .map(|i| {
+                vec![
+                    Cell::Text(i.instance_id.clone()),
+                    Cell::Text(i.host.clone()),
+                    Cell::Int(i.pid.into()),
+                    Cell::Text(i.state.clone()),
+                    Cell::Text(
+                        i.partitions
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                    Cell::Text(when(i.last_commit_at)),
+                    Cell::Text(when(i.at)),
+                    Cell::Int(i.lag),
+                    Cell::Text(i.price_book_version.clone()),
+                    Cell::Text(i.detail.clone()),
                 ]
             })
             .collect(),

@@ -835,3 +835,110 @@ async fn a_price_added_on_disk_applies_without_a_restart() {
     assert_eq!(raw["uni-p"], Decimal::from(30));
     env.drop_database().await;
 }
+
+/// Finding 2: a stalled ingest was silent. With the table it writes to gone (a permanent
+/// error), ingest halves its batch down to single messages and keeps retrying — nothing
+/// is dropped — reports itself stalled, and `serve`'s evaluator raises "ingest stalled";
+/// when the table is back, every message is stored and the alert resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anything() {
+    let mut env = TestEnv::new("stall", 1).await;
+    env.config_toml = "[ingest]\nstall_secs = 10\nmax_backoff_ms = 2000\n".into();
+    let messages: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| {
+            (
+                "uni-s".to_owned(),
+                event(
+                    &format!("s-{i}"),
+                    "uni-s",
+                    "2026-10-09T12:00:00Z",
+                    "gpt-4o-mini",
+                    10,
+                    1,
+                ),
+            )
+        })
+        .collect();
+    env.produce(&messages).await;
+    env.store
+        .execute("RENAME TABLE usage_events TO usage_events_parked")
+        .await
+        .unwrap();
+    let mut ingest = env.spawn_ingest();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(&config, "[alerts]\ninterval_secs = 2\n").unwrap();
+    let port = crate::web::free_port();
+    let mut vars = env.cli_vars();
+    vars.extend([
+        ("TOKENTALLY_CONFIG", config.display().to_string()),
+        (
+            "TOKENTALLY_USERS_FILE",
+            dir.path().join("users.toml").display().to_string(),
+        ),
+        ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
+    ]);
+    let mut serve = {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
+        c.arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(env.log_path("serve")).unwrap());
+        for (k, v) in &vars {
+            c.env(k, v);
+        }
+        Proc::spawn(&mut c)
+    };
+    let alert_state = |state: &'static str| {
+        let store = env.store.clone();
+        async move {
+            store
+                .client()
+                .query("SELECT toUInt64(count()) FROM alerts WHERE kind = 'ingest_stalled' AND state = ?")
+                .bind(state)
+                .fetch_one::<u64>()
+                .await
+                .unwrap_or(0)
+        }
+    };
+    let started = Instant::now();
+    while alert_state("firing").await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no ingest_stalled alert"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("ingest_stalled fired after {:?}", started.elapsed());
+    let log = std::fs::read_to_string(env.log_path("ingest")).unwrap();
+    assert!(
+        log.contains("smaller parts"),
+        "a refused batch is split: {log}"
+    );
+    assert!(log.contains("ingest stalled"), "{log}");
+
+    env.store
+        .execute("RENAME TABLE usage_events_parked TO usage_events")
+        .await
+        .unwrap();
+    env.wait_accounted(100, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    while alert_state("resolved").await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "ingest_stalled never resolved"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(terminate(&mut ingest).success());
+    assert!(terminate(&mut serve).success());
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+        100
+    );
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await,
+        100
+    );
+    env.drop_database().await;
+}
