@@ -135,8 +135,15 @@ impl Default for WebhookConfig {
 
 impl fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL is a secret (Slack puts the token in its path): show the host only.
+        let host = self
+            .url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split(['/', '?']).next())
+            .unwrap_or("");
         f.debug_struct("WebhookConfig")
-            .field("url", &self.url)
+            .field("url_host", &host)
             .field(
                 "secret",
                 &if self.secret.is_empty() {
@@ -269,7 +276,7 @@ pub struct PartyConfig {
     pub tax_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
     /// Dashboard listen address. Env: `TOKENTALLY_WEB_LISTEN`.
@@ -281,8 +288,26 @@ pub struct WebConfig {
     pub secure_cookies: bool,
     /// Sessions expire after this many hours.
     pub session_hours: i64,
-    /// Failed logins allowed per user name and per client address per minute.
+    /// Failed logins allowed per minute for one user name from one client address (an
+    /// address alone may fail five times as often); failures from elsewhere only slow a
+    /// user's logins down, they never lock the user out.
     pub login_attempts_per_minute: u32,
+    /// Reverse proxies (IP addresses) whose `X-Forwarded-For` names the client. Without
+    /// it, every client behind a proxy would share the proxy's address.
+    pub trusted_proxies: Vec<String>,
+    /// Longest date range a dashboard page or export accepts, in days.
+    pub max_range_days: i64,
+    /// Every dashboard query is cut off after this many seconds (`max_execution_time`).
+    pub query_timeout_secs: u64,
+    /// …and may read at most this many rows (`max_rows_to_read`; 0: no limit).
+    pub max_rows_to_read: u64,
+    /// ClickHouse user for the dashboard's reads (empty: `clickhouse.user`). Give it a
+    /// read-only profile (`readonly = 2`); writes (invoices, alerts) keep the main user.
+    /// Env: `TOKENTALLY_WEB_CLICKHOUSE_USER` / `_PASSWORD` (never logged).
+    pub clickhouse_user: String,
+    pub clickhouse_password: String,
+    /// Invoice drafts one person may request per minute (each computes an invoice).
+    pub drafts_per_minute: u32,
 }
 
 impl Default for WebConfig {
@@ -293,7 +318,33 @@ impl Default for WebConfig {
             secure_cookies: false,
             session_hours: 12,
             login_attempts_per_minute: 5,
+            trusted_proxies: Vec::new(),
+            max_range_days: 400,
+            query_timeout_secs: 20,
+            max_rows_to_read: 0,
+            clickhouse_user: String::new(),
+            clickhouse_password: String::new(),
+            drafts_per_minute: 20,
         }
+    }
+}
+
+impl fmt::Debug for WebConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebConfig")
+            .field("listen", &self.listen)
+            .field("users_file", &self.users_file)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("clickhouse_user", &self.clickhouse_user)
+            .field(
+                "clickhouse_password",
+                &if self.clickhouse_password.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -541,6 +592,18 @@ impl Config {
                 "alerts.email.security must be none, starttls or tls".into(),
             ));
         }
+        for p in &self.web.trusted_proxies {
+            if p.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "web.trusted_proxies: {p:?} is not an IP address"
+                )));
+            }
+        }
+        if self.web.max_range_days < 1 {
+            return Err(ConfigError::Invalid(
+                "web.max_range_days must be at least 1".into(),
+            ));
+        }
         if self.billing.auto_issue_day > 28 {
             return Err(ConfigError::Invalid(
                 "billing.auto_issue_day must be 0 (off) or 1-28".into(),
@@ -580,6 +643,12 @@ impl Config {
             if let Some(v) = env(name) {
                 *slot = v;
             }
+        }
+        if let Some(v) = env("TOKENTALLY_WEB_CLICKHOUSE_USER") {
+            self.web.clickhouse_user = v;
+        }
+        if let Some(v) = env("TOKENTALLY_WEB_CLICKHOUSE_PASSWORD") {
+            self.web.clickhouse_password = v;
         }
         if let Some(v) = env("TOKENTALLY_ALERTS_WEBHOOK_SECRET") {
             self.alerts.webhook.secret = v;
@@ -683,9 +752,15 @@ mod tests {
         c.clickhouse.password = "hunter2".into();
         c.alerts.webhook.secret = "hunter3".into();
         c.alerts.email.password = "hunter4".into();
+        c.alerts.webhook.url = "https://hooks.slack.com/services/T0/B0/hunter5".into();
         let shown = format!("{c:?}");
         assert!(
-            !shown.contains("hunter2") && !shown.contains("hunter3") && !shown.contains("hunter4")
+            !shown.contains("hunter2")
+                && !shown.contains("hunter3")
+                && !shown.contains("hunter4")
+                && !shown.contains("hunter5"),
+            "{shown}"
         );
+        assert!(shown.contains("hooks.slack.com"));
     }
 }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod emit;
+pub mod format;
 pub mod ingest;
 pub mod kafka;
 pub mod price;

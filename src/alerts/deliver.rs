@@ -180,6 +180,14 @@ impl Notifier {
     }
 }
 
+/// The host of a webhook URL, the only part of it that is logged.
+pub fn webhook_host(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| "(invalid url)".into())
+}
+
 fn backoff(initial_ms: u64, attempt: u32) -> Duration {
     let ms = initial_ms.max(1).saturating_mul(1 << attempt.min(16));
     Duration::from_millis(ms.min(300_000))
@@ -209,7 +217,10 @@ async fn send_webhook(http: reqwest::Client, cfg: AlertsConfig, t: Transition) {
                 tracing::warn!(alert = %t.alert_id, status = %res.status(), attempt = attempt + 1, "webhook refused; retrying")
             }
             Err(e) => {
-                tracing::warn!(alert = %t.alert_id, attempt = attempt + 1, "webhook failed: {e}; retrying")
+                // Webhook URLs are secrets (Slack's carry the token in the path): log the
+                // host only, and the error without its URL.
+                tracing::warn!(alert = %t.alert_id, host = %webhook_host(&cfg.webhook.url), attempt = attempt + 1,
+                               "webhook failed: {}; retrying", e.without_url())
             }
         }
         tokio::time::sleep(backoff(cfg.webhook.retry_initial_ms, attempt)).await;

@@ -91,7 +91,7 @@ pub enum Outcome {
 }
 
 /// The state after folding the log.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Ledger {
     /// Accepted documents in number order (`docs[i].seq == i + 1`).
     pub docs: Vec<Document>,
@@ -234,6 +234,47 @@ pub struct LedgerLog {
     brokers: ClientConfig,
     kafka: crate::config::KafkaConfig,
     topic: String,
+    /// One reader, created on first use and kept: folding again only reads what was
+    /// appended since (a dashboard drafting invoices must not open a client per request).
+    reader: std::sync::Arc<std::sync::Mutex<Option<BaseConsumer>>>,
+}
+
+/// A fold kept between requests: brought up to date (only what was appended since) and
+/// checked against ClickHouse at most every `REFRESH`, so pages that draft invoices cost
+/// neither a Kafka client nor a full read of the ledger each.
+pub struct LedgerCache {
+    log: LedgerLog,
+    state: tokio::sync::Mutex<Option<(Ledger, std::time::Instant)>>,
+}
+
+impl LedgerCache {
+    const REFRESH: Duration = Duration::from_secs(10);
+
+    pub fn new(log: LedgerLog) -> Self {
+        Self {
+            log,
+            state: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn current(&self, store: &Store) -> Result<Ledger, LedgerError> {
+        let mut state = self.state.lock().await;
+        match state.as_mut() {
+            Some((ledger, at)) if at.elapsed() < Self::REFRESH => Ok(ledger.clone()),
+            Some((ledger, at)) => {
+                self.log.catch_up(ledger).await?;
+                self.log
+                    .check_against(ledger, &stored_documents(store).await?)?;
+                *at = std::time::Instant::now();
+                Ok(ledger.clone())
+            }
+            None => {
+                let ledger = self.log.open(store).await?;
+                *state = Some((ledger.clone(), std::time::Instant::now()));
+                Ok(ledger)
+            }
+        }
+    }
 }
 
 /// What `ledger verify` found.
@@ -311,6 +352,7 @@ impl LedgerLog {
         Self {
             brokers: crate::kafka::client_config(&cfg.kafka),
             kafka: cfg.kafka.clone(),
+            reader: Default::default(),
             topic: cfg.billing.ledger_topic.clone(),
         }
     }
@@ -345,7 +387,13 @@ impl LedgerLog {
             .map_err(anyhow::Error::from)?;
         }
         let ledger = self.fold().await?;
-        let c = compare(&ledger, &stored);
+        self.check_against(&ledger, &stored)?;
+        Ok(ledger)
+    }
+
+    /// Refuses a fold that lacks a document ClickHouse holds, or disagrees with one.
+    fn check_against(&self, ledger: &Ledger, stored: &[Document]) -> Result<(), LedgerError> {
+        let c = compare(ledger, stored);
         if !c.conflicts.is_empty() {
             return Err(LedgerError::Conflict {
                 topic: self.topic.clone(),
@@ -362,7 +410,7 @@ impl LedgerLog {
                     .collect(),
             });
         }
-        Ok(ledger)
+        Ok(())
     }
 
     /// Compares the ledger with ClickHouse's copy without changing either.
@@ -449,23 +497,42 @@ impl LedgerLog {
 
     /// Reads records from `from` up to the current end (blocking; call off the runtime).
     fn read_blocking(&self, from: i64) -> anyhow::Result<Vec<(i64, Record)>> {
-        let consumer: BaseConsumer = self
-            .brokers
-            .clone()
-            .set("group.id", "tokentally-ledger-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .context("creating ledger reader")?;
+        let mut guard = self.reader.lock().expect("ledger reader lock");
+        if guard.is_none() {
+            tracing::debug!(topic = %self.topic, "opening the invoice ledger reader");
+            *guard = Some(
+                self.brokers
+                    .clone()
+                    .set("group.id", "tokentally-ledger-reader")
+                    .set("enable.auto.commit", "false")
+                    .set("enable.partition.eof", "false")
+                    .create()
+                    .context("creating ledger reader")?,
+            );
+        }
+        let consumer = guard.as_ref().expect("created above");
+        let result = Self::read_with(consumer, &self.topic, from);
+        if result.is_err() {
+            // A broken reader (topic gone, broker replaced) is rebuilt next time.
+            *guard = None;
+        }
+        result
+    }
+
+    fn read_with(
+        consumer: &BaseConsumer,
+        topic: &str,
+        from: i64,
+    ) -> anyhow::Result<Vec<(i64, Record)>> {
         let (_, high) = consumer
-            .fetch_watermarks(&self.topic, 0, TIMEOUT)
-            .with_context(|| format!("reading the end of ledger topic {}", self.topic))?;
+            .fetch_watermarks(topic, 0, TIMEOUT)
+            .with_context(|| format!("reading the end of ledger topic {}", topic))?;
         let mut out = Vec::new();
         if from >= high {
             return Ok(out);
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(from))?;
+        tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
         consumer.assign(&tpl)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut next = from;
@@ -473,7 +540,7 @@ impl LedgerLog {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
                 "timed out reading ledger topic {} at offset {next} of {high}",
-                self.topic
+                topic
             );
             let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
                 continue;

@@ -56,9 +56,7 @@ fn count(obj: &Map<String, Value>, path: &str) -> Result<u64, UsageError> {
                 } else {
                     Ok(v)
                 }
-            } else if n.as_i64().is_some_and(|v| v < 0) {
-                Err(UsageError::Negative(path.to_owned()))
-            } else if n.as_f64().is_some_and(|v| v < 0.0) {
+            } else if n.as_i64().is_some_and(|v| v < 0) || n.as_f64().is_some_and(|v| v < 0.0) {
                 Err(UsageError::Negative(path.to_owned()))
             } else if n.is_f64() && n.as_f64().is_some_and(|v| v >= 1.8e19) {
                 Err(UsageError::Overflow(path.to_owned()))

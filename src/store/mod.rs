@@ -78,6 +78,30 @@ impl Store {
         }
     }
 
+    /// The dashboard's reader: the web user if one is configured (give it a read-only
+    /// profile), every query cut off after `web.query_timeout_secs` and, if set, after
+    /// `web.max_rows_to_read` rows.
+    pub fn dashboard_reader(cfg: &crate::config::Config) -> Self {
+        let mut ch = cfg.clickhouse.clone();
+        if !cfg.web.clickhouse_user.is_empty() {
+            ch.user = cfg.web.clickhouse_user.clone();
+            ch.password = cfg.web.clickhouse_password.clone();
+        }
+        let mut store = Self::new(&ch);
+        let mut limit = |name: &str, value: String| {
+            store.client = store.client.clone().with_setting(name, value.clone());
+            store.server = store.server.clone().with_setting(name, value);
+        };
+        limit(
+            "max_execution_time",
+            cfg.web.query_timeout_secs.max(1).to_string(),
+        );
+        if cfg.web.max_rows_to_read > 0 {
+            limit("max_rows_to_read", cfg.web.max_rows_to_read.to_string());
+        }
+        store
+    }
+
     pub fn client(&self) -> &clickhouse::Client {
         &self.client
     }

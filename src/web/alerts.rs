@@ -127,7 +127,7 @@ pub async fn acknowledge(
     if known == 0 {
         return Err(AppError::NotFound);
     }
-    ack(&state.store, &id, &authed.principal.name).await?;
+    ack(&state.writer, &id, &authed.principal.name).await?;
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(serde_json::json!({"acknowledged": id})).into_response());
     }

@@ -6,19 +6,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath, Query};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use chrono::{DateTime, Duration, Utc};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -111,8 +107,18 @@ impl UsersFile {
              # only hashes are stored.\n\n{}",
             toml::to_string(self)?
         );
+        // Password and token hashes: readable by the owner only (0600), from creation on.
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
@@ -135,12 +141,50 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
 }
 
+#[cfg(test)]
 fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::PasswordVerifier as _;
     PasswordHash::new(hash).is_ok_and(|h| {
         Argon2::default()
             .verify_password(password.as_bytes(), &h)
             .is_ok()
     })
+}
+
+/// Verifies an argon2 password hash with caller-owned working memory. argon2 needs 19 MiB per check;
+/// allocating it anew each time left the process tens of MiB larger per login (measured:
+/// +19 MiB per failed login, never returned), so the login threads keep theirs.
+fn verify_password_with(password: &str, hash: &str, blocks: &mut Vec<argon2::Block>) -> bool {
+    let Ok(h) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let Ok(params) = argon2::Params::try_from(&h) else {
+        return false;
+    };
+    let Ok(algorithm) = argon2::Algorithm::try_from(h.algorithm) else {
+        return false;
+    };
+    let version = match h.version.map(argon2::Version::try_from).transpose() {
+        Ok(v) => v.unwrap_or_default(),
+        Err(_) => return false,
+    };
+    let (Some(salt), Some(expected)) = (h.salt, h.hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let n = params.block_count();
+    if blocks.len() < n {
+        blocks.resize(n, argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let ok = Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut blocks[..n])
+        .is_ok();
+    // `Output` compares in constant time.
+    ok && argon2::password_hash::Output::new(&out).is_ok_and(|o| o == expected)
 }
 
 pub fn token_hash(token: &str) -> String {
@@ -160,11 +204,138 @@ struct Session {
     expires: DateTime<Utc>,
 }
 
-/// Users, tokens, sessions and the failed-login limiter.
+/// Longest user name and password a login form may carry; longer fields are refused
+/// before anything else looks at them.
+pub const MAX_USER_NAME: usize = 128;
+pub const MAX_PASSWORD: usize = 1024;
+
+/// Events (failed logins, drafts) counted per key in one-minute windows, in a table of
+/// bounded size: when it is full the oldest entry goes, so no stream of new names or
+/// addresses can grow it.
+pub struct WindowCounter {
+    max_keys: usize,
+    window: std::time::Duration,
+    map: Mutex<HashMap<String, (std::time::Instant, u32)>>,
+}
+
+impl WindowCounter {
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            max_keys,
+            window: std::time::Duration::from_secs(60),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Failures of `key` in the current window.
+    pub fn count(&self, key: &str) -> u32 {
+        let map = self.map.lock().expect("failures lock");
+        map.get(key)
+            .filter(|(start, _)| start.elapsed() < self.window)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn record(&self, key: &str) {
+        let mut map = self.map.lock().expect("failures lock");
+        let now = std::time::Instant::now();
+        if !map.contains_key(key) && map.len() >= self.max_keys {
+            map.retain(|_, (start, _)| start.elapsed() < self.window);
+            if map.len() >= self.max_keys {
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, (t, _))| *t)
+                    .map(|(k, _)| k.clone())
+                {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        let e = map.entry(key.to_owned()).or_insert((now, 0));
+        if e.0.elapsed() >= self.window {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+    }
+
+    pub fn clear(&self, key: &str) {
+        self.map.lock().expect("failures lock").remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("failures lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type CheckJob = (String, String, tokio::sync::oneshot::Sender<bool>);
+
+/// A fixed pool of threads that verify argon2 passwords.
+struct PasswordChecker {
+    jobs: std::sync::mpsc::SyncSender<CheckJob>,
+}
+
+impl PasswordChecker {
+    fn new(threads: usize) -> Self {
+        // Bounded queue: a flood beyond it is answered "failed" at once rather than held.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<CheckJob>(256);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    // One working memory per thread, reused by every check.
+                    let mut blocks = Vec::new();
+                    loop {
+                        let job = rx.lock().expect("argon2 queue").recv();
+                        let Ok((password, hash, reply)) = job else {
+                            return;
+                        };
+                        let _ = reply.send(verify_password_with(&password, &hash, &mut blocks));
+                    }
+                })
+                .expect("starting an argon2 thread");
+        }
+        Self { jobs: tx }
+    }
+
+    async fn verify(&self, password: String, hash: String) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.jobs.try_send((password, hash, reply)).is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+}
+
+/// What a login attempt came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginOutcome {
+    Ok(Principal),
+    Failed,
+    /// Too many failures from this address (for this user, or for any user).
+    RateLimited,
+}
+
+/// Users, tokens, sessions and the failed-login counters.
+///
+/// Lockout policy: failures count per (user, address) and per address. Either limit
+/// makes *that address* wait (429); nothing an attacker does from elsewhere locks a user
+/// out at their own address. Failures for a user from all addresses only slow further
+/// attempts for that user (up to 2 s each), which makes distributed guessing expensive
+/// without denying anyone.
 pub struct Auth {
     users: UsersFile,
     sessions: Mutex<HashMap<String, Session>>,
-    failures: DefaultKeyedRateLimiter<String>,
+    failures: WindowCounter,
+    per_minute: u32,
+    /// argon2 runs on two dedicated threads: a login flood queues instead of starving the
+    /// async workers that serve pages, and its memory (19 MiB per hash) stays with those
+    /// two threads instead of spreading over a growing pool of blocking threads.
+    hashing: PasswordChecker,
     session_length: Duration,
     pub secure_cookies: bool,
 }
@@ -175,6 +346,9 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$dG9rZW50YWxseWR1bW15$Zy
 pub const SESSION_COOKIE: &str = "tt_session";
 pub const LOGIN_CSRF_COOKIE: &str = "tt_login_csrf";
 
+/// Failed-login table size (entries; a few hundred bytes each).
+const MAX_FAILURE_KEYS: usize = 20_000;
+
 impl Auth {
     pub fn new(
         users: UsersFile,
@@ -182,38 +356,60 @@ impl Auth {
         attempts_per_minute: u32,
         secure_cookies: bool,
     ) -> Self {
-        let quota =
-            Quota::per_minute(NonZeroU32::new(attempts_per_minute.max(1)).expect("non-zero"));
         Self {
             users,
             sessions: Mutex::new(HashMap::new()),
-            failures: RateLimiter::keyed(quota),
+            failures: WindowCounter::new(MAX_FAILURE_KEYS),
+            per_minute: attempts_per_minute.max(1),
+            hashing: PasswordChecker::new(2),
             session_length: Duration::hours(session_hours),
             secure_cookies,
         }
     }
 
-    /// Checks a password. `Err` means the caller is rate limited: every attempt uses
-    /// one unit of the per-user-name and the per-address quota, so guessing is slow
-    /// whichever of the two an attacker varies.
-    pub fn login(&self, name: &str, password: &str, client: &str) -> Result<Option<Principal>, ()> {
-        let keys = [format!("user:{name}"), format!("addr:{client}")];
-        if keys
-            .iter()
-            .map(|k| self.failures.check_key(k).is_err())
-            .fold(false, |a, b| a | b)
+    /// Checks a password from `client` (see the lockout policy above).
+    pub async fn login(&self, name: &str, password: &str, client: &str) -> LoginOutcome {
+        let addr_key = format!("addr\0{client}");
+        let pair_key = format!("pair\0{client}\0{name}");
+        let user_key = format!("user\0{name}");
+        if self.failures.count(&addr_key) >= self.per_minute * 5
+            || self.failures.count(&pair_key) >= self.per_minute
         {
-            return Err(());
+            return LoginOutcome::RateLimited;
+        }
+        let spread = self.failures.count(&user_key);
+        if spread > 0 {
+            let delay = std::time::Duration::from_millis(u64::from(spread.min(20)) * 100);
+            tokio::time::sleep(delay).await;
         }
         let user = self.users.users.iter().find(|u| u.name == name);
         // Unknown names cost the same argon2 work, so timing does not reveal which exist.
-        let hash = user.map_or(DUMMY_HASH, |u| u.password_hash.as_str());
-        let ok = verify_password(password, hash) && user.is_some();
-        Ok(user.filter(|_| ok).map(|u| Principal {
-            name: u.name.clone(),
-            role: u.role,
-            institution: u.institution.clone(),
-        }))
+        let hash = user
+            .map_or(DUMMY_HASH, |u| u.password_hash.as_str())
+            .to_owned();
+        let password = password.to_owned();
+        let ok = self.hashing.verify(password, hash).await;
+        match user.filter(|_| ok) {
+            Some(u) => {
+                self.failures.clear(&pair_key);
+                LoginOutcome::Ok(Principal {
+                    name: u.name.clone(),
+                    role: u.role,
+                    institution: u.institution.clone(),
+                })
+            }
+            None => {
+                for k in [&addr_key, &pair_key, &user_key] {
+                    self.failures.record(k);
+                }
+                LoginOutcome::Failed
+            }
+        }
+    }
+
+    /// Entries in the failed-login table (bounded by its size).
+    pub fn failure_entries(&self) -> usize {
+        self.failures.len()
     }
 
     pub fn create_session(&self, principal: Principal) -> (String, String) {
@@ -280,6 +476,30 @@ pub fn set_cookie(name: &str, value: &str, secure: bool, max_age: Option<i64>) -
         c.push_str(&format!("; Max-Age={a}"));
     }
     c
+}
+
+/// The client's address: the peer, or — when the peer is a trusted reverse proxy — the
+/// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub fn client_ip(
+    peer: std::net::IpAddr,
+    headers: &HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
 }
 
 pub fn client_addr(parts: &Parts) -> String {
@@ -420,34 +640,77 @@ mod tests {
         assert!(h.starts_with("$argon2id$"));
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong", &h));
+        let mut blocks = Vec::new();
+        assert!(verify_password_with("correct horse", &h, &mut blocks));
+        assert!(!verify_password_with("wrong", &h, &mut blocks));
+        assert!(!verify_password_with("x", DUMMY_HASH, &mut blocks));
+        assert!(!verify_password_with("x", "not a hash", &mut blocks));
         assert_eq!(token_hash("abc").len(), 64);
     }
 
-    #[test]
-    fn failed_logins_are_rate_limited() {
-        let users = UsersFile {
+    fn one_user() -> UsersFile {
+        UsersFile {
             users: vec![UserEntry {
                 name: "f".into(),
                 role: Role::Finance,
                 institution: None,
-                password_hash: hash_password("pw").unwrap(),
+                password_hash: hash_password("pw-right").unwrap(),
             }],
             tokens: vec![],
-        };
-        let auth = Auth::new(users, 1, 3, false);
-        assert_eq!(
-            auth.login("f", "pw", "1.2.3.4").unwrap().unwrap().role,
-            Role::Finance
-        );
-        // The limiter counts attempts; after the quota even the right password waits.
-        let mut limited = false;
-        for _ in 0..5 {
-            if auth.login("f", "bad", "1.2.3.4").is_err() {
-                limited = true;
-            }
         }
-        assert!(limited);
-        assert!(auth.login("f", "pw", "1.2.3.4").is_err());
+    }
+
+    #[tokio::test]
+    async fn failures_elsewhere_never_lock_the_user_out_at_their_own_address() {
+        let auth = Auth::new(one_user(), 1, 3, false);
+        // An attacker guesses from many addresses, and hammers from one.
+        for i in 0..10 {
+            assert_eq!(
+                auth.login("f", "bad", &format!("10.0.0.{i}")).await,
+                LoginOutcome::Failed
+            );
+        }
+        for _ in 0..3 {
+            auth.login("f", "bad", "10.9.9.9").await;
+        }
+        assert_eq!(
+            auth.login("f", "bad", "10.9.9.9").await,
+            LoginOutcome::RateLimited
+        );
+        // The user, at their own address, gets in (slowed, not refused).
+        assert!(matches!(
+            auth.login("f", "pw-right", "192.0.2.7").await,
+            LoginOutcome::Ok(_)
+        ));
+    }
+
+    #[test]
+    fn the_failure_table_is_bounded() {
+        let c = WindowCounter::new(100);
+        for i in 0..10_000 {
+            c.record(&format!("user-{i}"));
+        }
+        assert_eq!(c.len(), 100);
+        assert_eq!(c.count("user-9999"), 1);
+        assert_eq!(c.count("user-0"), 0);
+    }
+
+    #[test]
+    fn the_client_address_comes_from_a_trusted_proxy_only() {
+        let proxy: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "198.51.100.1, 203.0.113.9".parse().unwrap(),
+        );
+        assert_eq!(client_ip(proxy, &h, &[]), proxy);
+        assert_eq!(client_ip(proxy, &h, &[proxy]).to_string(), "203.0.113.9");
+        let other: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            client_ip(other, &h, &[proxy]),
+            other,
+            "spoofed header from a non-proxy"
+        );
     }
 
     #[test]

@@ -15,19 +15,45 @@ pub enum AppError {
     BadRequest(String),
     #[error("too many attempts, try again in a minute")]
     TooManyRequests,
+    #[error(
+        "this view needs more work than a page may take; narrow the date range or the filters"
+    )]
+    TooLarge,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
-        AppError::Internal(e.into())
+        match &e {
+            crate::store::StoreError::ClickHouse(ch) => {
+                ch_error(ch).unwrap_or(AppError::Internal(e.into()))
+            }
+            _ => AppError::Internal(e.into()),
+        }
     }
 }
 
 impl From<clickhouse::error::Error> for AppError {
     fn from(e: clickhouse::error::Error) -> Self {
-        AppError::Internal(e.into())
+        ch_error(&e).unwrap_or(AppError::Internal(e.into()))
+    }
+}
+
+/// A query cut off by the dashboard's limits is the caller's to narrow, not a server fault.
+fn ch_error(e: &clickhouse::error::Error) -> Option<AppError> {
+    let clickhouse::error::Error::BadResponse(msg) = e else {
+        return None;
+    };
+    // 159 timeout exceeded, 158 too many rows to read, 307 too many bytes, 241 memory limit.
+    let cut = ["Code: 159", "Code: 158", "Code: 307", "Code: 241"]
+        .iter()
+        .any(|c| msg.contains(c));
+    if cut {
+        tracing::warn!(error = %crate::format::log_safe(msg, 300), "dashboard query cut off by its limits");
+        Some(AppError::TooLarge)
+    } else {
+        None
     }
 }
 
@@ -55,6 +81,7 @@ impl IntoResponse for AppError {
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            AppError::TooLarge => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -219,10 +219,20 @@ pub async fn draft(
         .institution()
         .ok_or_else(|| AppError::BadRequest("choose an institution".into()))?;
     let period: Period = q.period.parse().map_err(AppError::BadRequest)?;
+    // Each draft computes an invoice: a person gets `web.drafts_per_minute` of them.
+    let who = format!(
+        "{}\0{}",
+        scoped.principal.name,
+        scoped.principal.institution.as_deref().unwrap_or("")
+    );
+    if state.drafts.count(&who) >= state.cfg.web.drafts_per_minute.max(1) {
+        return Err(AppError::TooManyRequests);
+    }
+    state.drafts.record(&who);
     let billing = Billing::new(&state.cfg, &state.store, &state.book);
-    let ledger = billing
-        .log
-        .open(&state.store)
+    let ledger = state
+        .ledger
+        .current(&state.writer)
         .await
         .map_err(anyhow::Error::from)?;
     let doc = billing.draft(&ledger, inst, period).await?;
@@ -271,7 +281,7 @@ pub async fn issue(
     }
     let period: Period = form.period.trim().parse().map_err(AppError::BadRequest)?;
     let inst = form.institution.trim();
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let billing = Billing::new(&state.cfg, &state.writer, &state.book);
     let result = billing
         .issue(inst, period, form.allow_unpriced.is_some())
         .await;

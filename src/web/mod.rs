@@ -32,15 +32,29 @@ use error::AppError;
 
 pub struct AppState {
     pub cfg: Config,
+    /// Reads for pages and exports (the web user, with time and row limits).
     pub store: Store,
+    /// Writes: issuing invoices, acknowledging alerts, the upkeep and evaluator tasks.
+    pub writer: Store,
     pub book: PriceBook,
     pub auth: Auth,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The invoice ledger as drafts see it (kept, refreshed incrementally).
+    pub ledger: crate::billing::ledger::LedgerCache,
+    /// Drafts per person per minute.
+    pub drafts: auth::WindowCounter,
 }
 
 /// The routes. Pages and their `/api/v1` twins share handlers.
 pub fn router(state: Arc<AppState>) -> Router {
     let mut r = Router::new()
-        .route("/login", get(login_form).post(login))
+        .route(
+            "/login",
+            get(login_form)
+                .post(login)
+                // A login form is a few hundred bytes; refuse megabytes before parsing.
+                .layer(axum::extract::DefaultBodyLimit::max(8 * 1024)),
+        )
         .route("/logout", post(logout))
         .route("/api/v1/openapi.json", get(openapi));
     for prefix in ["", "/api/v1"] {
@@ -72,8 +86,31 @@ pub fn router(state: Arc<AppState>) -> Router {
             );
     }
     r.fallback(|| async { AppError::NotFound })
+        .layer(axum::middleware::from_fn(reject_repeated_parameters))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// Fail closed on ambiguous URLs: a parameter given twice (`?institution=a&institution=b`)
+/// is refused on every route rather than silently reduced to one of its values.
+async fn reject_repeated_parameters(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(q) = req.uri().query() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _) in form_urlencoded::parse(q.as_bytes()) {
+            if !seen.insert(k.clone()) {
+                return AppError::BadRequest(format!(
+                    "parameter `{}` is given more than once",
+                    crate::format::log_safe(&k, 40)
+                ))
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 async fn security_headers(mut res: Response) -> Response {
@@ -141,33 +178,44 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, AppError> {
+    // Sizes first: nothing below (limiter, argon2, logs) ever sees an oversized field.
+    if form.username.len() > auth::MAX_USER_NAME || form.password.len() > auth::MAX_PASSWORD {
+        return login_page(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "User name or password too long.",
+        );
+    }
     if form.csrf.is_empty()
         || cookie(&headers, LOGIN_CSRF_COOKIE).as_deref() != Some(form.csrf.as_str())
     {
         return Err(AppError::Forbidden);
     }
+    let client = auth::client_ip(addr.ip(), &headers, &state.trusted_proxies).to_string();
+    let user = crate::format::log_safe(&form.username, 64);
     match state
         .auth
-        .login(&form.username, &form.password, &addr.ip().to_string())
+        .login(&form.username, &form.password, &client)
+        .await
     {
-        Err(()) => {
-            tracing::warn!(user = %form.username, client = %addr.ip(), "login rate limited");
+        auth::LoginOutcome::RateLimited => {
+            tracing::warn!(%user, %client, "login rate limited");
             login_page(
                 &state,
                 StatusCode::TOO_MANY_REQUESTS,
-                "Too many attempts; try again in a minute.",
+                "Too many attempts from here; try again in a minute.",
             )
         }
-        Ok(None) => {
-            tracing::warn!(user = %form.username, client = %addr.ip(), "login failed");
+        auth::LoginOutcome::Failed => {
+            tracing::warn!(%user, %client, "login failed");
             login_page(
                 &state,
                 StatusCode::UNAUTHORIZED,
                 "Wrong user name or password.",
             )
         }
-        Ok(Some(principal)) => {
-            tracing::info!(user = %principal.name, "login");
+        auth::LoginOutcome::Ok(principal) => {
+            tracing::info!(user = %crate::format::log_safe(&principal.name, 64), %client, "login");
             let (id, _) = state.auth.create_session(principal);
             Ok((
                 axum::response::AppendHeaders([
@@ -282,22 +330,35 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             cfg.web.login_attempts_per_minute,
             cfg.web.secure_cookies,
         ),
-        store: Store::new(&cfg.clickhouse),
+        store: Store::dashboard_reader(cfg),
+        writer: Store::new(&cfg.clickhouse),
         book,
+        ledger: crate::billing::ledger::LedgerCache::new(crate::billing::ledger::LedgerLog::new(
+            cfg,
+        )),
+        drafts: auth::WindowCounter::new(10_000),
+        trusted_proxies: cfg
+            .web
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
         cfg: cfg.clone(),
     });
     tokio::spawn(invoice_upkeep(state.clone(), shutdown.clone()));
     if cfg.alerts.enabled {
         tokio::spawn(crate::alerts::evaluator::run(
             cfg.clone(),
-            state.store.clone(),
+            state.writer.clone(),
             shutdown.clone(),
         ));
     }
     let listener = tokio::net::TcpListener::bind(&cfg.web.listen)
         .await
         .with_context(|| format!("binding {}", cfg.web.listen))?;
-    tracing::info!(listen = %cfg.web.listen, "dashboard listening");
+    // The bound address (with port 0 the system picks one; tests read it from here).
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, "dashboard listening");
     axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
@@ -311,7 +372,7 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
 /// issuer may have stopped between appending and writing), and on the configured day
 /// issue last month's invoices.
 async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
-    let billing = crate::billing::service::Billing::new(&state.cfg, &state.store, &state.book);
+    let billing = crate::billing::service::Billing::new(&state.cfg, &state.writer, &state.book);
     loop {
         match billing.sync().await {
             // At start and every minute: a ledger that lacks issued documents is reported

@@ -119,7 +119,7 @@ pub async fn overview(
     Query(filters): Query<Filters>,
     uri: Uri,
 ) -> Result<Response, AppError> {
-    let sel = Selection::new(&filters, scoped.scope.clone())?;
+    let sel = Selection::new_capped(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     let store = &state.store;
     let today = Utc::now().date_naive();
     let last = month_start(today) - Duration::days(1);
@@ -205,7 +205,7 @@ pub async fn institutions(
     Query(filters): Query<Filters>,
     uri: Uri,
 ) -> Result<Response, AppError> {
-    let sel = Selection::new(&filters, scoped.scope.clone())?;
+    let sel = Selection::new_capped(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     let rows = aggregate(
         &state.store,
         &sel,
@@ -241,7 +241,7 @@ pub async fn institution(
     Query(filters): Query<Filters>,
     uri: Uri,
 ) -> Result<Response, AppError> {
-    let sel = Selection::new(&filters, scoped.scope.clone())?;
+    let sel = Selection::new_capped(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     debug_assert_eq!(sel.scope, Scope::One(inst.clone()));
     let store = &state.store;
     let config = state.cfg.institutions.iter().find(|i| i.id == inst);
@@ -468,7 +468,7 @@ pub async fn models(
     Query(filters): Query<Filters>,
     uri: Uri,
 ) -> Result<Response, AppError> {
-    let sel = Selection::new(&filters, scoped.scope.clone())?;
+    let sel = Selection::new_capped(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     let rows = aggregate(
         &state.store,
         &sel,
@@ -595,7 +595,7 @@ pub async fn pipeline(
     if !authed.principal.sees_pipeline() {
         return Err(AppError::Forbidden);
     }
-    let sel = Selection::new(&filters, Scope::All)?;
+    let sel = Selection::new_capped(&filters, Scope::All, state.cfg.web.max_range_days)?;
     let store = &state.store;
     let range = format!(
         "received_at >= toDateTime({}) AND received_at < toDateTime({})",

@@ -52,28 +52,69 @@ fn opt(s: &str) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
+/// A day as `YYYY-MM-DD`, years 2000–2199: exactly what a date picker sends. (chrono
+/// alone accepts `+262142-12-31`, whose next day overflows.)
 fn date(s: &str, name: &str) -> Result<Option<NaiveDate>, AppError> {
+    let bad = || {
+        AppError::BadRequest(format!(
+            "`{name}` must be a date YYYY-MM-DD between 2000 and 2199"
+        ))
+    };
     opt(s)
         .map(|d| {
-            NaiveDate::parse_from_str(&d, "%Y-%m-%d")
-                .map_err(|_| AppError::BadRequest(format!("`{name}` must be YYYY-MM-DD")))
+            let shape = d.len() == 10
+                && d.bytes().enumerate().all(|(i, b)| {
+                    if i == 4 || i == 7 {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                });
+            if !shape {
+                return Err(bad());
+            }
+            let day = NaiveDate::parse_from_str(&d, "%Y-%m-%d").map_err(|_| bad())?;
+            if !(2000..=2199).contains(&day.year()) {
+                return Err(bad());
+            }
+            Ok(day)
         })
         .transpose()
 }
 
+/// The longest range a page accepts unless configured otherwise (`web.max_range_days`).
+pub const DEFAULT_MAX_RANGE_DAYS: i64 = 400;
+
 impl Selection {
-    /// Defaults: this calendar month (UTC) so far.
+    /// Defaults: this calendar month (UTC) so far; at most `DEFAULT_MAX_RANGE_DAYS`.
     pub fn new(f: &Filters, scope: Scope) -> Result<Self, AppError> {
+        Self::new_capped(f, scope, DEFAULT_MAX_RANGE_DAYS)
+    }
+
+    /// As `new`, refusing ranges longer than `max_days`.
+    pub fn new_capped(f: &Filters, scope: Scope, max_days: i64) -> Result<Self, AppError> {
         let today = Utc::now().date_naive();
         let to = date(&f.to, "to")?.unwrap_or(today);
         let from = date(&f.from, "from")?.unwrap_or_else(|| to.with_day(1).expect("day 1"));
         if from > to {
             return Err(AppError::BadRequest("`from` is after `to`".into()));
         }
-        if (to - from).num_days() > 3660 {
-            return Err(AppError::BadRequest(
-                "the range is longer than ten years".into(),
-            ));
+        if (to - from).num_days() + 1 > max_days {
+            return Err(AppError::BadRequest(format!(
+                "the range {from} – {to} is {} days; pages show at most {max_days} days (narrow the range)",
+                (to - from).num_days() + 1
+            )));
+        }
+        for (name, v) in [
+            ("model", &f.model),
+            ("key", &f.key),
+            ("user", &f.user),
+            ("tag", &f.tag),
+            ("institution", &f.institution),
+        ] {
+            if v.len() > crate::domain::MAX_ID_LEN * 2 {
+                return Err(AppError::BadRequest(format!("`{name}` is too long")));
+            }
         }
         let tag = match opt(&f.tag) {
             None => None,

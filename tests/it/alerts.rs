@@ -477,34 +477,15 @@ monthly_budget_usd = "{budget}"
         ),
     )
     .unwrap();
-    let users = dir.path().join("users.toml");
-    let port = free_port();
-    let mut vars = env.cli_vars();
-    vars.extend([
-        ("TOKENTALLY_CONFIG", config.display().to_string()),
-        ("TOKENTALLY_USERS_FILE", users.display().to_string()),
+    let extra = [
         ("TOKENTALLY_ALERTS_WEBHOOK_SECRET", secret.to_owned()),
-        ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
-        ("TOKENTALLY_LOG", "info".into()),
-    ]);
+        ("TOKENTALLY_LOG", "info".to_owned()),
+    ];
+    let text = std::fs::read_to_string(&config).unwrap();
+    let serve_dir = tempfile::tempdir().unwrap();
+    let vars = crate::harness::serve_vars(&env, &serve_dir, &text, &extra);
     let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
-    let log = std::env::temp_dir().join(format!("{}.serve.log", env.name));
-    let serve = || {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
-        c.arg("serve").stdout(std::process::Stdio::null()).stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .unwrap(),
-        );
-        for (k, v) in &vars {
-            c.env(k, v);
-        }
-        c.spawn().unwrap()
-    };
-    let mut server = KillOnDrop(serve());
-    wait_for_port(port).await;
+    let mut server = crate::harness::spawn_serve_in(&env, serve_dir, &text, &extra).await;
 
     let firing: BTreeSet<(String, String, String)> = [
         ("institution_spike", "uni-x".to_owned()),
@@ -527,9 +508,11 @@ monthly_budget_usd = "{budget}"
     .await;
     // Several evaluation rounds and a restart later: nothing is announced again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(terminate(&mut server.0).success());
-    server = KillOnDrop(serve());
-    wait_for_port(port).await;
+    assert!(terminate(&mut server.proc).success());
+    // Restarted on the same users and config.
+    let serve_dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    drop(server);
+    let mut server = crate::harness::spawn_serve_in(&env, serve_dir, &text, &extra).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     {
         let r = receiver.lock().unwrap();
@@ -592,7 +575,7 @@ monthly_budget_usd = "{budget}"
     assert_eq!(receiver.lock().unwrap().bodies.len(), 9);
 
     // The dashboard lists them; ops acknowledge one.
-    let base = format!("http://127.0.0.1:{port}");
+    let base = server.base.clone();
     let http = client();
     let list: Value = http
         .get(format!("{base}/api/v1/alerts"))
@@ -642,6 +625,6 @@ monthly_budget_usd = "{budget}"
             .status(),
         401
     );
-    assert!(terminate(&mut server.0).success());
+    assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::harness::{
-    delete_topic, list_price, peak_rss_kib, terminate, tokentally, tokentally_output, Proc, TestEnv,
+    delete_topic, list_price, peak_rss_kib, terminate, tokentally, tokentally_output, TestEnv,
 };
 
 /// A contract-v1 event with canonical usage.
@@ -621,23 +621,7 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
         .unwrap()
         .1
         .clone();
-    let port = crate::web::free_port();
-    let mut serve = {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
-        c.arg("serve")
-            .env("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "TOKENTALLY_USERS_FILE",
-                std::env::temp_dir().join(format!("{}.users.toml", env.name)),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(env.log_path("serve")).unwrap());
-        for (k, v) in &vars {
-            c.env(k, v);
-        }
-        Proc::spawn(&mut c)
-    };
-    crate::web::wait_for_port(port).await;
+    let mut serve = crate::harness::spawn_serve(&env, "", &[]).await;
     let mut ingest = env.spawn_ingest();
     let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + 100)
@@ -691,7 +675,7 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
     env.produce(&batch(100)).await;
     env.wait_accounted(200, Duration::from_secs(60)).await;
     assert!(ingest.try_wait().unwrap().is_none(), "ingest died");
-    assert!(serve.try_wait().unwrap().is_none(), "serve died");
+    assert!(serve.proc.try_wait().unwrap().is_none(), "serve died");
 
     // Even its own topic vanishing does not crash ingest (it waits for it to return).
     delete_topic(&env.cfg.kafka, &env.cfg.kafka.topic).await;
@@ -701,7 +685,7 @@ async fn deleting_a_topic_leaves_other_topics_and_running_processes_alive() {
         "ingest died when its topic was deleted"
     );
     assert!(terminate(&mut ingest).success());
-    assert!(terminate(&mut serve).success());
+    assert!(terminate(&mut serve.proc).success());
     env.drop_database().await;
 }
 
@@ -866,29 +850,7 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
         .unwrap();
     let mut ingest = env.spawn_ingest();
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("serve.toml");
-    std::fs::write(&config, "[alerts]\ninterval_secs = 2\n").unwrap();
-    let port = crate::web::free_port();
-    let mut vars = env.cli_vars();
-    vars.extend([
-        ("TOKENTALLY_CONFIG", config.display().to_string()),
-        (
-            "TOKENTALLY_USERS_FILE",
-            dir.path().join("users.toml").display().to_string(),
-        ),
-        ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
-    ]);
-    let mut serve = {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
-        c.arg("serve")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(env.log_path("serve")).unwrap());
-        for (k, v) in &vars {
-            c.env(k, v);
-        }
-        Proc::spawn(&mut c)
-    };
+    let mut serve = crate::harness::spawn_serve(&env, "[alerts]\ninterval_secs = 2\n", &[]).await;
     let alert_state = |state: &'static str| {
         let store = env.store.clone();
         async move {
@@ -931,7 +893,7 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(terminate(&mut ingest).success());
-    assert!(terminate(&mut serve).success());
+    assert!(terminate(&mut serve.proc).success());
     assert_eq!(
         i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
         100

@@ -533,3 +533,102 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// A running `tokentally serve` for one test: its own users file and config, port 0
+/// (read back from its log), killed when dropped — also when the test panics.
+pub struct Serve {
+    pub proc: Proc,
+    pub base: String,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `serve` for `env` with `config` (TOML) and extra environment, waits until it
+/// answers, and returns it. Users and tokens can be added before with `serve_vars`.
+pub async fn spawn_serve(env: &TestEnv, config: &str, extra: &[(&'static str, String)]) -> Serve {
+    spawn_serve_in(env, tempfile::tempdir().unwrap(), config, extra).await
+}
+
+/// As `spawn_serve`, in a folder prepared with `serve_vars` (users added beforehand).
+pub async fn spawn_serve_in(
+    env: &TestEnv,
+    dir: tempfile::TempDir,
+    config: &str,
+    extra: &[(&'static str, String)],
+) -> Serve {
+    let vars = serve_vars(env, &dir, config, extra);
+    let log = env.log_path(&format!(
+        "serve-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
+    c.arg("serve")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in &vars {
+        c.env(k, v);
+    }
+    let proc = Proc::spawn(&mut c);
+    let started = Instant::now();
+    let port = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(p) = text
+            .lines()
+            .find(|l| l.contains("dashboard listening"))
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| {
+                p.trim()
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u16>()
+                    .ok()
+            })
+        {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve did not start: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let http = crate::web::client();
+    while http.get(format!("{base}/login")).send().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve does not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Serve {
+        proc,
+        base,
+        log,
+        dir,
+    }
+}
+
+/// The environment `spawn_serve` uses, so users and tokens can be created first: the
+/// test's database, topic and ledger, a users file and config file in `dir`, port 0.
+pub fn serve_vars(
+    env: &TestEnv,
+    dir: &tempfile::TempDir,
+    config: &str,
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let config_path = dir.path().join("config.toml");
+    if !config_path.exists() {
+        std::fs::write(&config_path, config).unwrap();
+    }
+    let mut vars = env.cli_vars();
+    vars.extend([
+        (
+            "TOKENTALLY_USERS_FILE",
+            dir.path().join("users.toml").display().to_string(),
+        ),
+        ("TOKENTALLY_CONFIG", config_path.display().to_string()),
+        ("TOKENTALLY_WEB_LISTEN", "127.0.0.1:0".to_owned()),
+    ]);
+    vars.extend(extra.iter().cloned());
+    vars
+}

@@ -896,7 +896,7 @@ async fn invoice_numbers_are_gap_free_under_concurrent_issuers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
-    use crate::web::{client, free_port, wait_for_port};
+    use crate::web::client;
     let env = TestEnv::new("invoice_portal", 1).await;
     let prices = price_dir();
     let mut cli = Cli::new(&env, prices.path());
@@ -946,9 +946,6 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     let users = cli._dir.path().join("users.toml");
     cli.vars
         .push(("TOKENTALLY_USERS_FILE", users.display().to_string()));
-    let port = free_port();
-    cli.vars
-        .push(("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")));
     let alice = cli.ok(&[
         "tokens",
         "add",
@@ -959,16 +956,23 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         "uni-c",
     ]);
     let fin = cli.ok(&["tokens", "add", "fin-api", "--role", "finance"]);
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tokentally"));
-    c.arg("serve")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (k, v) in &cli.vars {
-        c.env(k, v);
-    }
-    let mut server = crate::harness::Proc::spawn(&mut c);
-    wait_for_port(port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    // serve with this test's config, price book and users file.
+    let extra: Vec<(&'static str, String)> = cli
+        .vars
+        .iter()
+        .filter(|(k, _)| {
+            [
+                "TOKENTALLY_CONFIG",
+                "TOKENTALLY_PRICES",
+                "TOKENTALLY_USERS_FILE",
+                "TOKENTALLY_LOG",
+            ]
+            .contains(k)
+        })
+        .cloned()
+        .collect();
+    let mut server = crate::harness::spawn_serve(&env, "", &extra).await;
+    let base = server.base.clone();
     let http = client();
     let get = |path: String, token: Option<String>| {
         let mut r = http.get(format!("{base}{path}"));
@@ -1121,6 +1125,6 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     .unwrap();
     assert_eq!(draft["customer"]["id"], "uni-c");
     assert_eq!(draft["number"], "DRAFT");
-    assert!(terminate(&mut server).success());
+    assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -104,10 +104,15 @@ async fn load_known(env: &TestEnv) -> Known {
 }
 
 struct Server {
-    child: crate::harness::Proc,
-    base: String,
+    serve: crate::harness::Serve,
     tokens: BTreeMap<&'static str, String>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Server {
+    type Target = crate::harness::Serve;
+    fn deref(&self) -> &crate::harness::Serve {
+        &self.serve
+    }
 }
 
 pub(crate) fn free_port() -> u16 {
@@ -119,17 +124,16 @@ pub(crate) fn free_port() -> u16 {
 }
 
 async fn start_server(env: &TestEnv) -> Server {
+    start_server_with(env, "").await
+}
+
+/// `serve` with users admin, fin, ops, alice (inst-a) and tokens fin, inst-a; `extra`
+/// TOML is appended to the config.
+async fn start_server_with(env: &TestEnv, extra: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
+    let config = format!("[[institutions]]\nid = \"inst-a\"\nname = \"Institution A\"\nmonthly_budget_usd = \"1000\"\n{extra}");
+    let vars = crate::harness::serve_vars(env, &dir, &config, &[]);
     let users = dir.path().join("users.toml");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[[institutions]]\nid = \"inst-a\"\nname = \"Institution A\"\nmonthly_budget_usd = \"1000\"\n").unwrap();
-    let port = free_port();
-    let mut vars = env.cli_vars();
-    vars.extend([
-        ("TOKENTALLY_USERS_FILE", users.display().to_string()),
-        ("TOKENTALLY_CONFIG", config.display().to_string()),
-        ("TOKENTALLY_WEB_LISTEN", format!("127.0.0.1:{port}")),
-    ]);
     for (name, role, inst) in [
         ("admin", "admin", None),
         ("fin", "finance", None),
@@ -172,20 +176,11 @@ async fn start_server(env: &TestEnv) -> Server {
         !text.contains("alice-password") && !text.contains(&tokens["fin"]),
         "users file holds only hashes"
     );
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
-    c.arg("serve").stdout(Stdio::null()).stderr(Stdio::null());
-    for (k, v) in &vars {
-        c.env(k, v);
-    }
-    let child = crate::harness::Proc::spawn(&mut c);
-    let base = format!("http://127.0.0.1:{port}");
-    wait_for_port(port).await;
-    Server {
-        child,
-        base,
-        tokens,
-        _dir: dir,
-    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&users).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the users file is readable by its owner only");
+    let serve = crate::harness::spawn_serve_in(env, dir, &config, &[]).await;
+    Server { serve, tokens }
 }
 
 pub(crate) fn client() -> reqwest::Client {
@@ -524,7 +519,7 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
         .unwrap();
     assert_eq!(doc["openapi"], "3.0.3");
     assert!(doc["paths"]["/api/v1/institutions/{institution}"].is_object());
-    terminate(&mut s.child);
+    terminate(&mut s.serve.proc);
     env.drop_database().await;
 }
 
@@ -739,7 +734,7 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
         429,
         "even the right password waits once the quota is used"
     );
-    terminate(&mut s.child);
+    terminate(&mut s.serve.proc);
     env.drop_database().await;
 }
 
@@ -800,6 +795,375 @@ async fn browser_logs_in_and_sees_charts_with_data() {
     let _ = driver.kill();
     let _ = driver.wait();
     result.unwrap();
-    terminate(&mut s.child);
+    terminate(&mut s.serve.proc);
+    env.drop_database().await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 10, finding 1: 200 logins with a 1 MB user name grew the server by 205 MB and
+/// its log by 210 MB. Now the form is refused by size before anything reads it, the
+/// failed-login table is bounded, and logged names are escaped and truncated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_leaves_memory_and_log_bounded() {
+    let env = TestEnv::new("loginflood", 1).await;
+    let s = start_server(&env).await;
+    let (cookie, csrf) = login_form(&s).await;
+    let http = client();
+    // Warm up, then measure.
+    for _ in 0..3 {
+        let _ = http.get(format!("{}/login", s.base)).send().await;
+    }
+    let rss_before = rss_kib(s.proc.id());
+    let log_before = std::fs::metadata(&s.log).unwrap().len();
+    let huge = "u".repeat(1024 * 1024);
+    let mut refused = 0;
+    for _ in 0..200 {
+        let res = http
+            .post(format!("{}/login", s.base))
+            .header("cookie", &cookie)
+            .form(&[
+                ("username", huge.as_str()),
+                ("password", "x"),
+                ("csrf", &csrf),
+            ])
+            .send()
+            .await;
+        // Refused by size: a 413, or (when the server answers before the client has sent
+        // the whole body) the connection closed under the upload.
+        match res {
+            Ok(r) => assert_eq!(r.status(), 413, "a 1 MB form is refused by size"),
+            Err(e) => assert!(e.is_request(), "{e}"),
+        }
+        refused += 1;
+    }
+    assert_eq!(refused, 200);
+    let rss_after_huge = rss_kib(s.proc.id());
+    // Many distinct (short) names, and names that try to forge a log line.
+    let mut statuses = BTreeMap::new();
+    for i in 0..300 {
+        let name = format!("user-{i}\n2026-01-01T00:00:00Z  INFO login user=admin");
+        let res = http
+            .post(format!("{}/login", s.base))
+            .header("cookie", &cookie)
+            .form(&[
+                ("username", name.as_str()),
+                ("password", "wrong"),
+                ("csrf", &csrf),
+            ])
+            .send()
+            .await
+            .unwrap();
+        *statuses.entry(res.status().as_u16()).or_insert(0) += 1;
+    }
+    // The address is limited after 25 failures; the rest never reach argon2.
+    assert_eq!(statuses.get(&401), Some(&25), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&275), "{statuses:?}");
+    let rss_after = rss_kib(s.proc.id());
+    let log_after = std::fs::metadata(&s.log).unwrap().len();
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    println!(
+        "login flood: RSS {rss_before} → {rss_after_huge} KiB after 200 × 1 MB names → {rss_after} KiB after 300 failed logins; log {log_before} → {log_after} bytes"
+    );
+    assert!(
+        rss_after_huge < rss_before + 4 * 1024,
+        "1 MB names grew RSS by {} KiB",
+        rss_after_huge - rss_before
+    );
+    // argon2 needs 19 MiB of working memory; the two login threads keep theirs (a fixed
+    // cost paid on the first failed logins), nothing more.
+    assert!(
+        rss_after < rss_before + 48 * 1024,
+        "RSS grew by {} KiB",
+        rss_after - rss_before
+    );
+    // Another round of the same: no growth at all.
+    for i in 0..100 {
+        let _ = http
+            .post(format!("{}/login", s.base))
+            .header("cookie", &cookie)
+            .form(&[
+                ("username", format!("again-{i}").as_str()),
+                ("password", "wrong"),
+                ("csrf", &csrf),
+            ])
+            .send()
+            .await;
+    }
+    let rss_again = rss_kib(s.proc.id());
+    assert!(
+        rss_again < rss_after + 4 * 1024,
+        "RSS grew again: {rss_after} → {rss_again} KiB"
+    );
+    assert!(
+        log_after - log_before < 200 * 1024,
+        "log grew by {} bytes",
+        log_after - log_before
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a user name forged a log line"
+    );
+    assert!(
+        log.contains("user-7\\n2026-01-01"),
+        "names are logged escaped"
+    );
+    env.drop_database().await;
+}
+
+/// Issue 10, finding 2: five wrong passwords from anywhere locked the real user out.
+/// Behind a trusted proxy, failures from other addresses (and a hammering one) leave the
+/// user's own address able to log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_from_other_addresses_do_not_lock_a_user_out() {
+    let env = TestEnv::new("lockout", 1).await;
+    let s = start_server_with(&env, "[web]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
+    let http = client();
+    let attempt = |from: &'static str, password: &'static str| {
+        let (http, base) = (http.clone(), s.base.clone());
+        async move {
+            let form = http.get(format!("{base}/login")).send().await.unwrap();
+            let cookie = form.headers()["set-cookie"]
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_owned();
+            let csrf = csrf_of(&form.text().await.unwrap());
+            http.post(format!("{base}/login"))
+                .header("cookie", cookie)
+                .header("x-forwarded-for", from)
+                .form(&[("username", "fin"), ("password", password), ("csrf", &csrf)])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let others = [
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.3",
+        "203.0.113.4",
+        "203.0.113.5",
+        "203.0.113.6",
+        "203.0.113.7",
+        "203.0.113.8",
+        "203.0.113.9",
+        "203.0.113.10",
+    ];
+    for a in others {
+        assert_eq!(attempt(a, "guess").await, 401);
+    }
+    let mut hammer = Vec::new();
+    for _ in 0..8 {
+        hammer.push(attempt("198.51.100.7", "guess").await);
+    }
+    assert!(
+        hammer.ends_with(&[429, 429, 429]),
+        "the hammering address waits: {hammer:?}"
+    );
+    // The real user, at their own address, still gets in.
+    assert_eq!(attempt("192.0.2.44", "fin-password").await, 303);
+    // Without the proxy setting the header is not trusted: a direct client cannot
+    // choose its address.
+    env.drop_database().await;
+}
+
+/// Issue 10, finding 3: a repeated `institution` was silently ignored, an absurd date
+/// panicked the handler, and ranges and filters had no limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_absurd_parameters_are_refused_on_every_route() {
+    let env = TestEnv::new("failclosed", 1).await;
+    load_known(&env).await;
+    let s = start_server_with(&env, "[web]\nmax_rows_to_read = 50\n").await;
+    let fin = Auth::Bearer(&s.tokens["fin"]);
+    let inst = Auth::Bearer(&s.tokens["inst-a"]);
+    let routes = [
+        "/",
+        "/overview",
+        "/institutions",
+        "/institutions/inst-a",
+        "/models",
+        "/alerts",
+        "/invoices",
+        "/invoices/draft?period=2026-10",
+        "/pipeline",
+    ];
+    for prefix in ["", "/api/v1"] {
+        for route in routes {
+            let sep = if route.contains('?') { '&' } else { '?' };
+            let url = format!(
+                "{}{prefix}{route}{sep}institution=inst-a&institution=inst-b",
+                s.base
+            );
+            for who in [&fin, &inst] {
+                let res = get(&url, who).await;
+                assert_eq!(res.status(), 400, "{url}");
+            }
+        }
+    }
+    for bad in [
+        "to=+262142-12-31",
+        "from=2026-13-01",
+        "to=99999-01-01",
+        "from=2026-1-1",
+        "to=1800-01-01",
+    ] {
+        let res = get(&format!("{}/api/v1/overview?{bad}", s.base), &fin).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("YYYY-MM-DD"),
+            "{body}"
+        );
+    }
+    let res = get(
+        &format!(
+            "{}/institutions/inst-a?from=2016-01-01&to=2026-01-01",
+            s.base
+        ),
+        &fin,
+    )
+    .await;
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("at most 400 days"));
+    // A tag filter reads raw events; with `max_rows_to_read = 50` it is cut off with a
+    // clear answer instead of running on.
+    let res = get(
+        &format!(
+            "{}/api/v1/institutions/inst-a?from=2026-10-01&to=2026-10-31&tag=project%3Dx",
+            s.base
+        ),
+        &fin,
+    )
+    .await;
+    assert_eq!(res.status(), 422);
+    assert!(res.text().await.unwrap().contains("narrow the date range"));
+    // Every dashboard query carries a time limit (`web.query_timeout_secs`, 20 s).
+    let reader = tokentally::store::Store::dashboard_reader(&{
+        let mut c = env.cfg.clone();
+        c.web.query_timeout_secs = 7;
+        c
+    });
+    let limit: String = reader
+        .client()
+        .query("SELECT value FROM system.settings WHERE name = 'max_execution_time'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(limit, "7");
+    env.drop_database().await;
+}
+
+/// Issue 10, findings 4 and 5: a failing webhook logged its URL (a secret), and every
+/// invoice draft opened a Kafka client and read the whole ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_failures_log_no_secret_and_drafts_are_cached_and_limited() {
+    let env = TestEnv::new("hygiene", 1).await;
+    let closed = free_port();
+    let config = format!(
+        "[alerts]\ninterval_secs = 1\nrejected_per_hour = 0\n[alerts.webhook]\nurl = \"http://127.0.0.1:{closed}/services/T000/B000/SECRETPATH\"\nmax_attempts = 2\nretry_initial_ms = 100\n[web]\ndrafts_per_minute = 5\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [(
+        "TOKENTALLY_LOG",
+        "info,tokentally::billing::ledger=debug".to_owned(),
+    )];
+    let vars = crate::harness::serve_vars(&env, &dir, &config, &extra);
+    let token = tokentally(
+        &[
+            "tokens",
+            "add",
+            "a-api",
+            "--role",
+            "institution",
+            "--institution",
+            "inst-a",
+        ],
+        &vars,
+        None,
+    );
+    let s = crate::harness::spawn_serve_in(&env, dir, &config, &extra).await;
+    // A rejected message makes the rejections alert fire; its webhook cannot connect.
+    #[derive(clickhouse::Row, serde::Serialize)]
+    struct Rejected {
+        received_at: u32,
+        kafka_topic: String,
+        kafka_partition: i32,
+        kafka_offset: i64,
+        kafka_key: String,
+        reason: String,
+        detail: String,
+        payload: String,
+    }
+    let mut ins = env
+        .store
+        .client()
+        .insert::<Rejected>("rejected_events")
+        .await
+        .unwrap();
+    ins.write(&Rejected {
+        received_at: chrono::Utc::now().timestamp() as u32,
+        kafka_topic: env.cfg.kafka.topic.clone(),
+        kafka_partition: 0,
+        kafka_offset: 0,
+        kafka_key: String::new(),
+        reason: "invalid_json".into(),
+        detail: "test".into(),
+        payload: "{".into(),
+    })
+    .await
+    .unwrap();
+    ins.end().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(&s.log).unwrap();
+        if log.contains("webhook not delivered") {
+            assert!(log.contains("host=127.0.0.1"), "the host is logged");
+            assert!(
+                !log.contains("SECRETPATH") && !log.contains("/services/"),
+                "the URL path leaked"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no webhook attempt: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Drafts in a loop: the fold is kept (one ledger reader for the whole run) and a
+    // person gets `drafts_per_minute` of them.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let res = client()
+            .get(format!(
+                "{}/invoices/draft?period=2026-10&format=json",
+                s.base
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(&statuses[..5], &[200; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    let readers = log.matches("opening the invoice ledger reader").count();
+    assert!(
+        readers <= 2,
+        "{readers} ledger readers opened (upkeep + drafts at most)"
+    );
     env.drop_database().await;
 }
