@@ -1,5 +1,8 @@
-//! Small shared renderings: how untrusted text is shown in logs. (Money display, CSV and
-//! HTML escaping join this module as the dashboard is reorganised.)
+//! Shared renderings, one of each: money for people, CSV fields for spreadsheets, HTML and
+//! URL escaping, and untrusted input in logs. Used by reports, the dashboard, invoices
+//! and charts alike (this module imports nothing of theirs).
+
+use rust_decimal::{Decimal, RoundingStrategy};
 
 /// Untrusted input as it may appear in a log line: at most `max` characters, control
 /// characters (newlines included) escaped, so a value can neither forge a log line nor
@@ -20,9 +23,89 @@ pub fn log_safe(s: &str, max: usize) -> String {
     out
 }
 
+/// `1234567` → `1,234,567` (a leading `-` is kept).
+pub fn group_thousands(digits: &str) -> String {
+    let (sign, d) = digits.strip_prefix('-').map_or(("", digits), |d| ("-", d));
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+/// Money for people: dollars and cents, half away from zero, thousands grouped
+/// (`-$1,234.57`). Exact values go to CSV and JSON, never this.
+pub fn money(d: Decimal) -> String {
+    let r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+    let s = format!("{:.2}", r.abs());
+    let (int, frac) = s.split_once('.').unwrap_or((&s, "00"));
+    format!(
+        "{}${}.{frac}",
+        if r.is_sign_negative() && !r.is_zero() {
+            "-"
+        } else {
+            ""
+        },
+        group_thousands(int)
+    )
+}
+
+/// One CSV field: quoted when it holds a separator, quote or line break, and defused
+/// when a spreadsheet would read it as a formula (a leading `=`, `@`, TAB or CR, or a
+/// `+`/`-` that does not start a number) by a leading `'`.
+pub fn csv_field(s: &str) -> String {
+    let numeric = s.parse::<Decimal>().is_ok();
+    let formula = s.starts_with(['=', '@', '\t', '\r'])
+        || (s.starts_with(['+', '-']) && !numeric);
+    let s = if formula {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// A CSV line (without the line break) of `fields`.
+pub fn csv_row<S: AsRef<str>>(fields: &[S]) -> String {
+    fields
+        .iter()
+        .map(|f| csv_field(f.as_ref()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Text for HTML content and attribute values (SVG too).
+pub fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// A URL query value or path segment: everything but unreserved characters escaped.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rust_decimal_macros::dec;
 
     #[test]
     fn logged_input_cannot_forge_lines_or_flood() {
@@ -32,10 +115,41 @@ mod tests {
             "bob\\n2026-01-01 INFO login user=admin"
         );
         let long = log_safe(&"x".repeat(1_000_000), 64);
-        assert!(
-            long.len() < 100 && long.ends_with("(1000000 bytes)"),
-            "{long}"
-        );
+        assert!(long.len() < 100 && long.ends_with("(1000000 bytes)"), "{long}");
         assert!(!log_safe("\u{0}\r\t", 64).chars().any(char::is_control));
+    }
+
+    #[test]
+    fn money_rounds_half_away_from_zero_for_display() {
+        assert_eq!(money(dec!(1234.565)), "$1,234.57");
+        assert_eq!(money(dec!(0.004)), "$0.00");
+        assert_eq!(money(dec!(-2.005)), "-$2.01");
+        assert_eq!(group_thousands("-1234567"), "-1,234,567");
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_formulas_defused() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        for (input, want) in [
+            ("=cmd", "'=cmd"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("+cmd", "'+cmd"),
+            ("-cmd", "'-cmd"),
+            ("\tcmd", "'\tcmd"),
+            ("\rcmd", "\"'\rcmd\""),
+            ("-12.50", "-12.50"),
+            ("+3", "+3"),
+        ] {
+            assert_eq!(csv_field(input), want, "{input:?}");
+        }
+        assert_eq!(csv_row(&["a", "=1,2", "-1"]), "a,\"'=1,2\",-1");
+    }
+
+    #[test]
+    fn html_and_urls_are_escaped() {
+        assert_eq!(html("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(urlencode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
     }
 }

@@ -7,6 +7,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use crate::cli::{Format, GroupBy};
+use crate::format::csv_field;
 use crate::store::Store;
 use crate::web::auth::Scope;
 use crate::web::query::{aggregate, Selection};
@@ -104,13 +105,6 @@ fn cells(r: &SpendRow) -> Vec<String> {
     ]
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
 
 pub fn render(rows: &[SpendRow], group_by: GroupBy, format: Format) -> anyhow::Result<String> {
     let key = group_by.column();

@@ -12,7 +12,7 @@ use super::service::{Billing, Reconciliation};
 use super::{Document, Period};
 use crate::config::Config;
 use crate::store::Store;
-use crate::web::page::money;
+use crate::format::money;
 
 #[derive(Subcommand, Debug)]
 pub enum InvoiceCommand {

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::usage::Detail;
 use super::{exact_amount, quantities, Document, Kind, Period};
 use crate::price::PriceBook;
-use crate::web::page::{csv_field, money};
+use crate::format::{csv_field, money};
 
 /// The font embedded in every PDF (DejaVu Sans, see assets/fonts/DejaVuSans.LICENSE).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");

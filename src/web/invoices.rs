@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::auth::{Authed, Role, Scoped};
 use super::error::AppError;
-use super::page::{money, urlencode};
+use crate::format::{money, urlencode};
 use super::AppState;
 use crate::billing::service::Billing;
 use crate::billing::{ledger, render, Document, Period};

@@ -6,13 +6,14 @@ use std::fmt::Write as _;
 use askama::Template;
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
 use super::auth::Principal;
 use super::chart::Chart;
 use super::error::AppError;
 use super::query::Filters;
+use crate::format::{csv_field, group_thousands, html as esc, money, urlencode};
 
 #[derive(Debug, Clone)]
 pub enum Cell {
@@ -56,41 +57,8 @@ impl Cell {
     }
 }
 
-pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
 
-fn group_thousands(digits: &str) -> String {
-    let (sign, d) = digits.strip_prefix('-').map_or(("", digits), |d| ("-", d));
-    let mut out = String::new();
-    for (i, c) in d.chars().enumerate() {
-        if i > 0 && (d.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    format!("{sign}{out}")
-}
 
-/// Display form: dollars and cents, half away from zero (the exact value is in CSV/JSON).
-pub fn money(d: Decimal) -> String {
-    let r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
-    let s = format!("{:.2}", r.abs());
-    let (int, frac) = s.split_once('.').unwrap_or((&s, "00"));
-    format!(
-        "{}${}.{frac}",
-        if r.is_sign_negative() && !r.is_zero() {
-            "-"
-        } else {
-            ""
-        },
-        group_thousands(int)
-    )
-}
 
 #[derive(Debug, Clone)]
 pub struct Table {
@@ -180,21 +148,6 @@ impl PageData {
     }
 }
 
-pub fn csv_field(s: &str) -> String {
-    // Quote separators, and defuse spreadsheet formulas.
-    let formula = s.starts_with(['=', '+', '@'])
-        || (s.len() > 1 && s.starts_with('-') && s.parse::<Decimal>().is_err());
-    let s = if formula {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
 
 struct HtmlTable {
     title: String,
@@ -254,16 +207,6 @@ pub fn query_string(filters: &Filters, extra: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 /// Renders `page` as JSON (API paths), CSV (`format=csv&table=...`) or HTML.
 pub fn respond(
@@ -358,14 +301,6 @@ pub fn respond(
 mod tests {
     use super::*;
     use rust_decimal_macros::dec;
-
-    #[test]
-    fn money_rounds_half_away_from_zero_for_display() {
-        assert_eq!(money(dec!(1234.565)), "$1,234.57");
-        assert_eq!(money(dec!(0.004)), "$0.00");
-        assert_eq!(money(dec!(-2.005)), "-$2.01");
-        assert_eq!(group_thousands("-1234567"), "-1,234,567");
-    }
 
     #[test]
     fn csv_is_exact_quoted_and_defused() {

@@ -98,7 +98,7 @@ fn inst_link(f: &Filters, inst: &str) -> String {
         },
         &[],
     );
-    format!("/institutions/{}?{q}", super::page::urlencode(inst))
+    format!("/institutions/{}?{q}", crate::format::urlencode(inst))
 }
 
 /// Daily spend series over the whole range (days without spend are 0).
