@@ -25,6 +25,13 @@ impl Config {
     pub fn institution(&self, id: &str) -> Option<&InstitutionConfig> {
         self.institutions.iter().find(|i| i.id == id)
     }
+
+    /// The institution's time zone (UTC if unconfigured; validated at load).
+    pub fn institution_tz(&self, id: &str) -> chrono_tz::Tz {
+        self.institution(id)
+            .and_then(|i| i.time_zone.parse().ok())
+            .unwrap_or(chrono_tz::UTC)
+    }
 }
 
 /// Alert detectors, delivery and routing (`[alerts]`).
@@ -217,7 +224,7 @@ impl fmt::Debug for EmailConfig {
 pub struct RouteConfig {
     /// `info`, `warning` or `critical`: this and above.
     #[serde(default)]
-    pub min_severity: crate::alerts::Severity,
+    pub min_severity: crate::domain::Severity,
     /// Only these institutions (empty: all, and pipeline alerts).
     #[serde(default)]
     pub institutions: Vec<String>,

@@ -1,6 +1,7 @@
 //! tokentally: usage billing and spend analytics for LLM API gateways.
 
 pub mod alerts;
+pub mod app;
 pub mod billing;
 pub mod cli;
 pub mod config;

@@ -6,11 +6,29 @@ use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::cli::{Format, GroupBy};
+use clap::ValueEnum;
 use crate::format::csv_field;
-use crate::store::Store;
-use crate::web::auth::Scope;
-use crate::web::query::{aggregate, Selection};
+use crate::domain::{Scope, Selection};
+use crate::store::usage::{GroupKey, Order};
+use crate::store::{Store, StoreError};
+
+/// What `report spend` groups by.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    Institution,
+    Model,
+    #[value(name = "api_key", alias = "api-key")]
+    ApiKey,
+    User,
+}
+
+/// How `report spend` prints.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Table,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SpendRow {
@@ -28,6 +46,16 @@ pub struct SpendRow {
 }
 
 impl GroupBy {
+    fn key(self) -> GroupKey {
+        match self {
+            GroupBy::Institution => GroupKey::Institution,
+            GroupBy::Model => GroupKey::Model,
+            GroupBy::ApiKey => GroupKey::ApiKey,
+            GroupBy::User => GroupKey::User,
+        }
+    }
+
+    /// The column name the JSON and CSV outputs use for the group key.
     pub fn column(self) -> &'static str {
         match self {
             GroupBy::Institution => "institution_id",
@@ -45,25 +73,11 @@ pub async fn spend(
     from: NaiveDate,
     to: NaiveDate,
     group_by: GroupBy,
-) -> anyhow::Result<Vec<SpendRow>> {
-    let sel = Selection {
-        from,
-        to,
-        scope: Scope::All,
-        model: None,
-        key: None,
-        user: None,
-        tag: None,
-    };
-    let rows = aggregate(
-        store,
-        &sel,
-        group_by.column(),
-        "''",
-        "key",
-        u32::MAX as usize,
-    )
-    .await?;
+) -> Result<Vec<SpendRow>, StoreError> {
+    let sel = Selection::whole(from, to, Scope::All);
+    let rows = store
+        .aggregate(&sel, group_by.key(), GroupKey::None, Order::Key, u32::MAX as usize)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|a| SpendRow {

@@ -140,15 +140,7 @@ async fn rerate_since(
         .expect("midnight")
         .and_utc()
         .timestamp();
-    let sql = format!(
-        "SELECT ?fields FROM usage_events WHERE sign = 1 AND occurred_at >= toDateTime({start}) \
-         ORDER BY institution_id, event_id, version DESC LIMIT 1 BY institution_id, event_id"
-    );
-    let mut cursor = store
-        .client()
-        .query(&sql)
-        .fetch::<EventRow>()
-        .map_err(StoreError::from)?;
+    let mut cursor = store.current_events_since(start)?;
     let mut summary = RepriceSummary {
         dry_run,
         ..Default::default()

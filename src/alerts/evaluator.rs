@@ -6,26 +6,17 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, DurationRound, TimeZone, Utc};
-use clickhouse::Row;
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
 
 use super::deliver::Notifier;
 use super::{
     budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, Tracker, Transition,
 };
-use crate::billing::{Customer, Period};
+use crate::domain::Period;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
+use crate::store::alerts::{micros, AlertRow, Incident};
 use crate::store::{Store, StoreError};
-
-#[derive(Row, Deserialize)]
-struct HourRow {
-    hour: u32,
-    institution_id: String,
-    api_key_id: String,
-    cost: String,
-}
 
 /// Hourly spend per institution and per (institution, key) in `[from, to)`.
 pub struct SpendSeries {
@@ -38,14 +29,7 @@ pub async fn load_series(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<SpendSeries, StoreError> {
-    let sql = format!(
-        "SELECT toUInt32(hour) AS hour, institution_id, api_key_id, toString(sum(cost)) AS cost \
-         FROM usage_hourly_institution WHERE hour >= toDateTime({}) AND hour < toDateTime({}) \
-         GROUP BY hour, institution_id, api_key_id",
-        from.timestamp(),
-        to.timestamp()
-    );
-    let rows: Vec<HourRow> = store.client().query(&sql).fetch_all().await?;
+    let rows = store.hourly_spend(from.timestamp(), to.timestamp()).await?;
     let mut out = SpendSeries {
         institutions: BTreeMap::new(),
         keys: BTreeMap::new(),
@@ -55,7 +39,7 @@ pub async fn load_series(
             .timestamp_opt(i64::from(r.hour), 0)
             .single()
             .unwrap_or_default();
-        let cost: Decimal = r.cost.parse().unwrap_or_default();
+        let cost = r.cost;
         *out.institutions
             .entry((r.institution_id.clone(), r.institution_id.clone()))
             .or_default()
@@ -82,9 +66,9 @@ pub fn budget_readings(cfg: &Config, series: &SpendSeries, now: DateTime<Utc>) -
         let Some(budget) = inst.monthly_budget_usd else {
             continue;
         };
-        let c = Customer::resolve(cfg, &inst.id);
-        let period = Period::of(now.with_timezone(&c.tz).date_naive());
-        let (start, _) = period.bounds(c.tz);
+        let tz = cfg.institution_tz(&inst.id);
+        let period = Period::of(now.with_timezone(&tz).date_naive());
+        let (start, _) = period.bounds(tz);
         let spent: Decimal = series
             .institutions
             .get(&(inst.id.clone(), inst.id.clone()))
@@ -141,12 +125,6 @@ pub fn spend_readings(
     r
 }
 
-#[derive(Row, Deserialize)]
-struct CountRow {
-    name: String,
-    n: u64,
-}
-
 /// Pipeline readings: unpriced models in the last hour, rejections per hour, lag.
 async fn pipeline_readings(
     cfg: &Config,
@@ -155,14 +133,7 @@ async fn pipeline_readings(
     tracker: &Tracker,
 ) -> Result<Vec<Reading>, StoreError> {
     let hour_ago = (now - Duration::hours(1)).timestamp();
-    let unpriced: Vec<CountRow> = store
-        .client()
-        .query(&format!(
-            "SELECT model AS name, toUInt64(sum(unpriced_events)) AS n FROM usage_hourly \
-             WHERE hour >= toStartOfHour(toDateTime({hour_ago})) GROUP BY model HAVING n > 0"
-        ))
-        .fetch_all()
-        .await?;
+    let unpriced = store.unpriced_since(hour_ago).await?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for u in unpriced {
@@ -197,13 +168,7 @@ async fn pipeline_readings(
             });
         }
     }
-    let rejected: u64 = store
-        .client()
-        .query(&format!(
-            "SELECT toUInt64(count()) FROM rejected_events WHERE received_at >= toDateTime({hour_ago})"
-        ))
-        .fetch_one()
-        .await?;
+    let rejected = store.rejected_since(hour_ago).await?;
     let limit = cfg.alerts.rejected_per_hour;
     out.push(Reading {
         kind: Kind::Rejections,
@@ -275,38 +240,15 @@ async fn pipeline_readings(
     Ok(out)
 }
 
-#[derive(Row, Serialize)]
-struct AlertRow {
-    alert_id: String,
-    at: u32,
-    seq: u64,
-    state: String,
-    kind: String,
-    entity: String,
-    institution_id: String,
-    severity: String,
-    observed: i128,
-    baseline: i128,
-    threshold: i128,
-    message: String,
-    actor: String,
-}
-
-fn micros(d: Decimal) -> i128 {
-    let mut d = d.round_dp(6);
-    d.rescale(6);
-    d.mantissa()
-}
-
 /// Records state changes (one insert).
 pub async fn record(store: &Store, changes: &[Transition]) -> Result<(), StoreError> {
     if changes.is_empty() {
         return Ok(());
     }
-    let mut insert = store.client().insert::<AlertRow>("alerts").await?;
-    for (i, t) in changes.iter().enumerate() {
-        insert
-            .write(&AlertRow {
+    let rows: Vec<AlertRow> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, t)| AlertRow {
                 alert_id: t.alert_id.clone(),
                 at: t.at.timestamp() as u32,
                 seq: t.at.timestamp_millis() as u64 * 1000 + i as u64,
@@ -320,19 +262,16 @@ pub async fn record(store: &Store, changes: &[Transition]) -> Result<(), StoreEr
                 threshold: micros(t.reading.threshold),
                 message: t.reading.message.clone(),
                 actor: String::new(),
-            })
-            .await?;
-    }
-    insert.end().await?;
-    Ok(())
+        })
+        .collect();
+    store.record_alerts(&rows).await
 }
 
 /// Marks an incident acknowledged.
 pub async fn acknowledge(store: &Store, alert_id: &str, actor: &str) -> Result<(), StoreError> {
     let now = Utc::now();
-    let mut insert = store.client().insert::<AlertRow>("alerts").await?;
-    insert
-        .write(&AlertRow {
+    store
+        .record_alerts(&[AlertRow {
             alert_id: alert_id.into(),
             at: now.timestamp() as u32,
             seq: now.timestamp_millis() as u64 * 1000,
@@ -346,59 +285,21 @@ pub async fn acknowledge(store: &Store, alert_id: &str, actor: &str) -> Result<(
             threshold: 0,
             message: String::new(),
             actor: actor.into(),
-        })
-        .await?;
-    insert.end().await?;
-    Ok(())
+        }])
+        .await
 }
 
-/// One incident as stored.
-#[derive(Debug, Clone, Row, Deserialize, Serialize)]
-pub struct Incident {
-    pub alert_id: String,
-    pub state: String,
-    pub kind: String,
-    pub entity: String,
-    pub institution_id: String,
-    pub severity: String,
-    pub fired_at: u32,
-    pub changed_at: u32,
-    pub observed: String,
-    pub baseline: String,
-    pub message: String,
-    pub acknowledged_by: String,
-}
-
-/// Incidents, newest first; optionally of one institution.
+/// Incidents, open ones first, then by latest change; resolved ones only if they changed
+/// since `since`. Optionally of one institution.
 pub async fn incidents(
     store: &Store,
     institution: Option<&str>,
     since: DateTime<Utc>,
 ) -> Result<Vec<Incident>, StoreError> {
-    // Aliases differ from column names: 18.16 would substitute an alias named like a
-    // column into the other aggregates.
-    let filter = institution
-        .map(|i| format!("HAVING inst_ = {}", crate::store::sql_str(i)))
-        .unwrap_or_default();
-    let sql = format!(
-        "SELECT alert_id, \
-           argMaxIf(state, seq, state != 'acknowledged') AS state_, \
-           argMaxIf(kind, seq, state != 'acknowledged') AS kind_, \
-           argMaxIf(entity, seq, state != 'acknowledged') AS entity_, \
-           argMaxIf(institution_id, seq, state != 'acknowledged') AS inst_, \
-           argMaxIf(severity, seq, state != 'acknowledged') AS severity_, \
-           toUInt32(minIf(at, state = 'firing')) AS fired_at_, \
-           toUInt32(maxIf(at, state != 'acknowledged')) AS changed_at_, \
-           toString(argMaxIf(observed, seq, state = 'firing')) AS observed_, \
-           toString(argMaxIf(baseline, seq, state = 'firing')) AS baseline_, \
-           argMaxIf(message, seq, state = 'firing') AS message_, \
-           argMaxIf(actor, seq, state = 'acknowledged') AS acked_by_ \
-         FROM alerts GROUP BY alert_id {filter} \
-         ORDER BY (state_ = 'firing') DESC, changed_at_ DESC"
-    );
-    let all: Vec<Incident> = store.client().query(&sql).fetch_all().await?;
     let since = since.timestamp() as u32;
-    Ok(all
+    Ok(store
+        .incidents(institution)
+        .await?
         .into_iter()
         .filter(|i| i.state == "firing" || i.changed_at >= since)
         .collect())
@@ -441,8 +342,8 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
                         "info" => Severity::Info,
                         _ => Severity::Warning,
                     },
-                    observed: i.observed.parse().unwrap_or_default(),
-                    baseline: i.baseline.parse().unwrap_or_default(),
+                    observed: i.observed,
+                    baseline: i.baseline,
                     threshold: Decimal::ZERO,
                     message: i.message,
                 },

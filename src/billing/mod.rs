@@ -5,122 +5,21 @@
 //! the institution's contract multiplier, rounded once to cents, half away from zero.
 //! The total is the sum of the rounded lines. Nothing else rounds.
 
-pub mod cmd;
 pub mod ledger;
 pub mod render;
 pub mod service;
 pub mod usage;
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, InstitutionConfig, PartyConfig};
 use crate::price::{PriceBook, Rates};
 
-/// A calendar month, the billing period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Period {
-    pub year: i32,
-    pub month: u32,
-}
-
-impl Period {
-    pub fn of(date: NaiveDate) -> Self {
-        Self {
-            year: date.year(),
-            month: date.month(),
-        }
-    }
-
-    pub fn first_day(self) -> NaiveDate {
-        NaiveDate::from_ymd_opt(self.year, self.month, 1).expect("valid month")
-    }
-
-    pub fn next(self) -> Self {
-        if self.month == 12 {
-            Self {
-                year: self.year + 1,
-                month: 1,
-            }
-        } else {
-            Self {
-                year: self.year,
-                month: self.month + 1,
-            }
-        }
-    }
-
-    pub fn prev(self) -> Self {
-        if self.month == 1 {
-            Self {
-                year: self.year - 1,
-                month: 12,
-            }
-        } else {
-            Self {
-                year: self.year,
-                month: self.month - 1,
-            }
-        }
-    }
-
-    /// `[start, end)` in UTC of this month in `tz` (local midnight of the 1st to the next 1st).
-    pub fn bounds(self, tz: chrono_tz::Tz) -> (DateTime<Utc>, DateTime<Utc>) {
-        let local_midnight = |d: NaiveDate| {
-            let naive = d.and_hms_opt(0, 0, 0).expect("midnight");
-            // A zone may skip midnight (DST at 00:00): the earliest instant that day.
-            tz.from_local_datetime(&naive)
-                .earliest()
-                .unwrap_or_else(|| tz.from_utc_datetime(&naive))
-                .with_timezone(&Utc)
-        };
-        (
-            local_midnight(self.first_day()),
-            local_midnight(self.next().first_day()),
-        )
-    }
-}
-
-impl fmt::Display for Period {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:02}", self.year, self.month)
-    }
-}
-
-impl FromStr for Period {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a period; use YYYY-MM, e.g. 2026-10");
-        let (y, m) = s.split_once('-').ok_or_else(bad)?;
-        if y.len() != 4 || m.len() != 2 {
-            return Err(bad());
-        }
-        let year: i32 = y.parse().map_err(|_| bad())?;
-        let month: u32 = m.parse().map_err(|_| bad())?;
-        if !(1..=12).contains(&month) {
-            return Err(bad());
-        }
-        Ok(Self { year, month })
-    }
-}
-
-impl Serialize for Period {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Period {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use crate::domain::Period;
 
 /// What a line counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -185,7 +84,9 @@ pub struct LineKey {
 /// Exact quantities per line key, before the contract and rounding.
 pub type Quantities = BTreeMap<LineKey, i64>;
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+/// What can go wrong in billing. The first group is the caller's to fix (the web layer
+/// answers 4xx with the message); the rest are faults (opaque 500, logged).
+#[derive(Debug, thiserror::Error)]
 pub enum BillingError {
     #[error(
         "events priced by entry `{0}` which the price book no longer has; run `tokentally reprice`"
@@ -197,6 +98,62 @@ pub enum BillingError {
         stored: Decimal,
         computed: Decimal,
     },
+    #[error("{period} has not ended yet for {institution} (it ends {end}); issue it after that")]
+    PeriodNotEnded {
+        institution: String,
+        period: Period,
+        end: DateTime<Utc>,
+    },
+    #[error("{institution} {period} is already invoiced as {number}; `invoice void` it to issue a new one")]
+    AlreadyInvoiced {
+        institution: String,
+        period: Period,
+        number: String,
+    },
+    #[error("{institution} {period} has {events} unpriced events (models: {}); add prices and run `tokentally reprice`, or issue with --allow-unpriced to leave them off this invoice", .models.join(", "))]
+    UnpricedUsage {
+        institution: String,
+        period: Period,
+        events: i64,
+        models: Vec<String>,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("gave up after {attempts} attempts: other issuers kept changing {institution}'s invoices")]
+    Contended { attempts: u32, institution: String },
+    #[error("the invoice ledger has not decided on the request yet; try again")]
+    Undecided,
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("stored data is not what it should be: {0}")]
+    Corrupt(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("rendering: {0}")]
+    Render(String),
+}
+
+impl BillingError {
+    /// Whether the caller can act on the message (a state of the data, not a fault).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            BillingError::MissingEntry(_)
+            | BillingError::BookChanged { .. }
+            | BillingError::PeriodNotEnded { .. }
+            | BillingError::AlreadyInvoiced { .. }
+            | BillingError::UnpricedUsage { .. }
+            | BillingError::Refused(_)
+            | BillingError::Contended { .. }
+            | BillingError::Undecided => true,
+            BillingError::Ledger(e) => e.is_refusal(),
+            BillingError::Store(_)
+            | BillingError::Corrupt(_)
+            | BillingError::Kafka(_)
+            | BillingError::Render(_) => false,
+        }
+    }
 }
 
 fn rates_for(book: &PriceBook, g: &GroupSums) -> Result<(String, Rates, Decimal), BillingError> {

@@ -68,7 +68,11 @@ pub fn lines_csv(doc: &Document) -> String {
 
 /// Day × user × key × model × token class, with exact amounts before the contract.
 /// Unpriced usage appears with class `unpriced` and no amount.
-pub fn usage_csv(period: Period, details: &[Detail], book: &PriceBook) -> anyhow::Result<String> {
+pub fn usage_csv(
+    period: Period,
+    details: &[Detail],
+    book: &PriceBook,
+) -> Result<String, super::BillingError> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -197,7 +201,8 @@ fn date_or_dash(d: Option<chrono::NaiveDate>) -> String {
 
 /// A one- or multi-page A4 PDF with the font embedded. Deterministic: the document id
 /// and dates derive from the document, not the clock.
-pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
+pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
+    let render = |e: printpdf::Error| super::BillingError::Render(format!("PDF of {}: {e}", doc.number));
     let title = format!("{} {}", doc.title(), doc.number);
     let (pdf, page1, layer1) = PdfDocument::new(&title, Mm(PAGE_W), Mm(PAGE_H), "content");
     let id = hex::encode(&Sha256::digest(doc.number.as_bytes())[..16]);
@@ -212,7 +217,7 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
         .with_metadata_date(when)
         .with_producer("tokentally")
         .with_creator("tokentally");
-    let font = pdf.add_external_font(FONT)?;
+    let font = pdf.add_external_font(FONT).map_err(render)?;
     let metrics = Metrics::new();
     let mut pages = vec![Page {
         layer: pdf.get_page(page1).get_layer(layer1),
@@ -400,7 +405,7 @@ pub fn pdf(doc: &Document) -> anyhow::Result<Vec<u8>> {
         );
     }
     drop(pages);
-    let mut bytes = pdf.save_to_bytes()?;
+    let mut bytes = pdf.save_to_bytes().map_err(render)?;
     // printpdf writes two random strings into the trailer's /ID; replace them (same
     // length, so no offset moves) with one derived from the number, so that the same
     // document always renders to the same bytes.

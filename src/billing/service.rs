@@ -2,19 +2,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{bail, Context as _};
 use chrono::{Datelike, Duration, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
 use super::ledger::{self, Ledger, LedgerLog, Outcome, Record, Request};
 use super::{
-    lines, multiplier, outstanding, quantities, usage, Customer, Document, Kind, Party, Period,
-    Quantities,
+    lines, multiplier, outstanding, quantities, usage, BillingError, Customer, Document, Kind,
+    Party, Period, Quantities,
 };
 use crate::config::Config;
 use crate::price::PriceBook;
-use crate::store::{sql_str, Store};
+use crate::store::Store;
 
 pub struct Billing<'a> {
     pub cfg: &'a Config,
@@ -37,7 +36,12 @@ impl<'a> Billing<'a> {
     }
 
     /// Live quantities of one usage period.
-    async fn live(&self, institution: &str, c: &Customer, p: Period) -> anyhow::Result<Quantities> {
+    async fn live(
+        &self,
+        institution: &str,
+        c: &Customer,
+        p: Period,
+    ) -> Result<Quantities, BillingError> {
         let (start, end) = p.bounds(c.tz);
         let groups = usage::groups(self.store, institution, start, end).await?;
         Ok(quantities(p, &groups, self.book)?)
@@ -50,7 +54,7 @@ impl<'a> Billing<'a> {
         ledger: &Ledger,
         institution: &str,
         period: Period,
-    ) -> anyhow::Result<Document> {
+    ) -> Result<Document, BillingError> {
         let c = Customer::resolve(self.cfg, institution);
         let mut periods: BTreeSet<Period> = ledger
             .of(institution)
@@ -110,7 +114,7 @@ impl<'a> Billing<'a> {
 
     /// The detailed usage CSV of a document's period (live, from stored events), by
     /// local day in the zone the document was computed in.
-    pub async fn usage_csv(&self, doc: &Document) -> anyhow::Result<String> {
+    pub async fn usage_csv(&self, doc: &Document) -> Result<String, BillingError> {
         let details = usage::details(
             self.store,
             &doc.customer.id,
@@ -124,7 +128,7 @@ impl<'a> Billing<'a> {
 
     /// Folds the ledger, checks it against ClickHouse's copy (refusing a ledger that lacks
     /// issued documents) and copies any document ClickHouse lacks.
-    pub async fn sync(&self) -> anyhow::Result<Ledger> {
+    pub async fn sync(&self) -> Result<Ledger, BillingError> {
         let ledger = self.log.open(self.store).await?;
         let written = ledger::materialize(self.store, &ledger).await?;
         if written > 0 {
@@ -139,30 +143,34 @@ impl<'a> Billing<'a> {
         institution: &str,
         period: Period,
         allow_unpriced: bool,
-    ) -> anyhow::Result<Document> {
+    ) -> Result<Document, BillingError> {
         let c = Customer::resolve(self.cfg, institution);
         let (_, end) = period.bounds(c.tz);
         let now = Utc::now();
         if end > now {
-            bail!(
-                "{period} has not ended yet for {institution} (it ends {end} UTC); issue it after that"
-            );
+            return Err(BillingError::PeriodNotEnded {
+                institution: institution.to_owned(),
+                period,
+                end,
+            });
         }
         let mut ledger = self.log.open(self.store).await?;
         for attempt in 1..=MAX_ATTEMPTS {
             if let Some(d) = ledger.live_invoice(institution, period) {
-                bail!(
-                    "{institution} {period} is already invoiced as {}; `invoice void` it to issue a new one",
-                    d.number
-                );
+                return Err(BillingError::AlreadyInvoiced {
+                    institution: institution.to_owned(),
+                    period,
+                    number: d.number.clone(),
+                });
             }
             let mut doc = self.draft(&ledger, institution, period).await?;
             if doc.unpriced.events != 0 && !allow_unpriced {
-                bail!(
-                    "{institution} {period} has {} unpriced events (models: {}); add prices and run `tokentally reprice`, or issue with --allow-unpriced to leave them off this invoice",
-                    doc.unpriced.events,
-                    doc.unpriced.models.join(", ")
-                );
+                return Err(BillingError::UnpricedUsage {
+                    institution: institution.to_owned(),
+                    period,
+                    events: doc.unpriced.events,
+                    models: doc.unpriced.models.clone(),
+                });
             }
             let created_at = Utc::now();
             let issue_date = created_at.with_timezone(&c.tz).date_naive();
@@ -189,23 +197,28 @@ impl<'a> Billing<'a> {
                         .iter()
                         .find(|d| &d.number == number)
                         .cloned()
-                        .context("accepted document missing from the ledger")?;
+                        .ok_or_else(|| {
+                            BillingError::Corrupt(format!("accepted {number} is missing from the fold"))
+                        })?;
                     return Ok(doc);
                 }
-                Some(Outcome::Refused(why)) => bail!("{why}"),
+                Some(Outcome::Refused(why)) => return Err(BillingError::Refused(why.clone())),
                 Some(Outcome::Stale) => {
                     tracing::info!(attempt, %institution, %period, "another document was issued meanwhile; drafting again");
                     let pause = 50 + rand::random::<u64>() % 200;
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
-                None => bail!("the ledger does not show our request yet; try again"),
+                None => return Err(BillingError::Undecided),
             }
         }
-        bail!("gave up after {MAX_ATTEMPTS} attempts: other issuers kept changing {institution}'s invoices")
+        Err(BillingError::Contended {
+            attempts: MAX_ATTEMPTS,
+            institution: institution.to_owned(),
+        })
     }
 
     /// Voids an issued invoice with a credit note.
-    pub async fn void(&self, number: &str, reason: &str) -> anyhow::Result<Document> {
+    pub async fn void(&self, number: &str, reason: &str) -> Result<Document, BillingError> {
         let mut ledger = self.log.open(self.store).await?;
         let record = Record {
             v: 1,
@@ -228,10 +241,10 @@ impl<'a> Billing<'a> {
                     .iter()
                     .find(|d| &d.number == n)
                     .cloned()
-                    .context("credit note missing from the ledger")
+                    .ok_or_else(|| BillingError::Corrupt(format!("credit note {n} is missing from the fold")))
             }
-            Some(Outcome::Refused(why)) => bail!("{why}"),
-            _ => bail!("the ledger did not decide on the request; try again"),
+            Some(Outcome::Refused(why)) => Err(BillingError::Refused(why.clone())),
+            _ => Err(BillingError::Undecided),
         }
     }
 
@@ -239,16 +252,11 @@ impl<'a> Billing<'a> {
     /// institution that has usage or corrections and no invoice yet.
     /// `ledger` is the current fold (from `sync`): an institution's draft depends only on
     /// its own documents, so issuing for one does not change another's.
-    pub async fn auto_issue(&self, ledger: &Ledger) -> anyhow::Result<Vec<String>> {
+    pub async fn auto_issue(&self, ledger: &Ledger) -> Result<Vec<String>, BillingError> {
         let mut issued = Vec::new();
         let mut institutions: BTreeSet<String> =
             self.cfg.institutions.iter().map(|i| i.id.clone()).collect();
-        let known: Vec<String> = self
-            .store
-            .client()
-            .query("SELECT DISTINCT institution_id FROM usage_hourly_institution")
-            .fetch_all()
-            .await?;
+        let known = self.store.institutions_with_usage(None).await?;
         institutions.extend(known);
         for inst in institutions {
             let c = Customer::resolve(self.cfg, &inst);
@@ -328,7 +336,7 @@ pub struct Reconciliation {
 }
 
 impl Billing<'_> {
-    pub async fn reconcile(&self, period: Period) -> anyhow::Result<Reconciliation> {
+    pub async fn reconcile(&self, period: Period) -> Result<Reconciliation, BillingError> {
         let ledger = self.sync().await?;
         // Institutions: configured, with documents, or with events near the period.
         let mut institutions: BTreeSet<String> =
@@ -336,15 +344,12 @@ impl Billing<'_> {
         institutions.extend(ledger.docs.iter().map(|d| d.customer.id.clone()));
         let (wide_start, _) = period.bounds(chrono_tz::Etc::GMTMinus14);
         let (_, wide_end) = period.bounds(chrono_tz::Etc::GMTPlus12);
-        let active: Vec<String> = self
+        let active = self
             .store
-            .client()
-            .query(&format!(
-                "SELECT DISTINCT institution_id FROM usage_hourly_institution WHERE hour >= toDateTime({}) AND hour < toDateTime({})",
+            .institutions_with_usage(Some((
                 wide_start.timestamp() - 3600,
-                wide_end.timestamp() + 3600
-            ))
-            .fetch_all()
+                wide_end.timestamp() + 3600,
+            )))
             .await?;
         institutions.extend(active);
 
@@ -360,16 +365,9 @@ impl Billing<'_> {
             let events_exact: Decimal = groups.iter().map(|g| g.cost).sum();
             let events: i64 = groups.iter().map(|g| g.events).sum();
             let unpriced = usage::unpriced(self.store, &inst, start, end).await?;
-            let rejected: u64 = self
+            let rejected = self
                 .store
-                .client()
-                .query(&format!(
-                    "SELECT toUInt64(count()) FROM rejected_events WHERE kafka_key = {} AND received_at >= toDateTime({}) AND received_at < toDateTime({})",
-                    sql_str(&inst),
-                    start.timestamp(),
-                    end.timestamp()
-                ))
-                .fetch_one()
+                .rejected_for_key(&inst, start.timestamp(), end.timestamp())
                 .await?;
             let mut billed_q = Quantities::new();
             let mut billed = Decimal::ZERO;
@@ -423,33 +421,20 @@ impl Billing<'_> {
     }
 
     /// Every message below the group's committed offset must have left exactly one row.
-    async fn check_offsets(&self) -> anyhow::Result<Vec<PartitionCheck>> {
+    async fn check_offsets(&self) -> Result<Vec<PartitionCheck>, BillingError> {
         let lags = crate::kafka::consumer_lag(
             &self.cfg.kafka,
             &self.cfg.kafka.topic,
             &self.cfg.kafka.group,
         )
-        .await?;
+        .await
+        .map_err(|e| BillingError::Kafka(format!("reading consumer offsets: {e}")))?;
         let topic = &self.cfg.kafka.topic;
         let mut out = Vec::new();
         for l in lags {
-            let cond = format!(
-                "kafka_topic = {} AND kafka_partition = {} AND kafka_offset >= {} AND kafka_offset < {}",
-                sql_str(topic),
-                l.partition,
-                l.low,
-                l.committed
-            );
-            let stored: u64 = self
+            let stored = self
                 .store
-                .client()
-                .query(&format!(
-                    "SELECT toUInt64(uniqExact(kafka_offset)) FROM (\
-                     SELECT kafka_offset FROM usage_events WHERE {cond} \
-                     UNION ALL SELECT kafka_offset FROM rejected_events WHERE {cond} \
-                     UNION ALL SELECT kafka_offset FROM duplicate_events WHERE {cond})"
-                ))
-                .fetch_one()
+                .positions_with_rows(topic, l.partition, l.low, l.committed)
                 .await?;
             let consumed = (l.committed - l.low).max(0);
             let status = if stored as i64 == consumed {

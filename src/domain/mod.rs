@@ -1,6 +1,12 @@
 //! Core types. Past `ingest::decode` every `UsageEvent` is valid: ids are non-empty,
 //! token counts are canonical (disjoint classes) and the timestamp is in range.
 
+mod period;
+mod selection;
+
+pub use period::Period;
+pub use selection::{Scope, Selection};
+
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -142,6 +148,28 @@ pub fn canonical_provider(raw: &str) -> String {
         "openai" | "open_ai" => "openai".to_owned(),
         "anthropic" | "claude" => "anthropic".to_owned(),
         _ => p,
+    }
+}
+
+/// How urgent an alert is; routes choose destinations by it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    #[default]
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
     }
 }
 

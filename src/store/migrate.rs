@@ -4,7 +4,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{sql_str, Store, StoreError};
+use super::{Store, StoreError};
 
 /// The migrations, embedded so the binary carries its schema. A unit test checks this
 /// list against the files in `schema/`.
@@ -79,10 +79,8 @@ struct Applied {
 pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
     store
         .server
-        .query(&format!(
-            "CREATE DATABASE IF NOT EXISTS `{}`",
-            store.database.replace('`', "")
-        ))
+        .query("CREATE DATABASE IF NOT EXISTS ?")
+        .bind(clickhouse::sql::Identifier(&store.database))
         .execute()
         .await?;
     store
@@ -114,11 +112,11 @@ pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
             })?;
         }
         store
-            .execute(&format!(
-                "INSERT INTO schema_migrations (name, checksum, applied_at) VALUES ({}, {}, now())",
-                sql_str(name),
-                sql_str(&sum)
-            ))
+            .client
+            .query("INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?, ?, now())")
+            .bind(*name)
+            .bind(sum.as_str())
+            .execute()
             .await?;
         done.push((*name).to_owned());
     }

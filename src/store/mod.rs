@@ -3,6 +3,11 @@
 pub mod leases;
 pub mod migrate;
 pub mod pipeline;
+pub mod sql;
+pub mod usage;
+pub mod alerts;
+pub mod billing;
+pub mod invoices;
 pub mod rows;
 pub mod writer;
 
@@ -102,17 +107,23 @@ impl Store {
         store
     }
 
-    pub fn client(&self) -> &clickhouse::Client {
-        &self.client
-    }
-
     pub fn database(&self) -> &str {
         &self.database
     }
 
-    /// Runs a statement that returns nothing.
-    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+    /// Runs a statement of the embedded schema (migrations): fixed text, no values.
+    pub(crate) async fn execute(&self, sql: &str) -> Result<(), StoreError> {
         self.client.query(sql).execute().await.map_err(Into::into)
+    }
+
+    /// The value a setting has for this handle's queries (its limits, for instance).
+    pub async fn effective_setting(&self, name: &str) -> Result<String, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT value FROM system.settings WHERE name = ?")
+            .bind(name)
+            .fetch_one()
+            .await?)
     }
 
     /// Checks the server answers.
@@ -122,37 +133,5 @@ impl Store {
             .execute()
             .await
             .map_err(Into::into)
-    }
-}
-
-/// A ClickHouse string literal.
-pub fn sql_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("\\'"),
-            _ => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
-}
-
-/// A parenthesised list of string literals for `IN`.
-pub fn sql_str_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    let parts: Vec<String> = items.into_iter().map(sql_str).collect();
-    format!("({})", parts.join(", "))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(sql_str("a'b\\c"), "'a\\'b\\\\c'");
-        assert_eq!(sql_str_list(["x", "y"]), "('x', 'y')");
     }
 }

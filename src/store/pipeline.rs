@@ -68,3 +68,129 @@ impl Store {
             .await?)
     }
 }
+
+/// Rejected messages of one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub n: u64,
+}
+
+/// A rejected message, without its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct RejectedSummary {
+    pub received_at: u32,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// A rejected message with its raw payload.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct RejectedMessage {
+    pub reason: String,
+    pub detail: String,
+    pub payload: Vec<u8>,
+}
+
+/// Events of one model that had no price.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct UnpricedCount {
+    pub name: String,
+    pub n: u64,
+}
+
+impl Store {
+    /// Rejected messages received in `[start, end)`, per reason, most first.
+    pub async fn rejected_by_reason(&self, start: i64, end: i64) -> Result<Vec<ReasonCount>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM (SELECT reason, count() AS n FROM rejected_events \
+                 WHERE received_at >= toDateTime(?) AND received_at < toDateTime(?) \
+                 GROUP BY reason ORDER BY n DESC)",
+            )
+            .bind(start)
+            .bind(end)
+            .fetch_all()
+            .await?)
+    }
+
+    /// The latest `limit` rejected messages received in `[start, end)`.
+    pub async fn recent_rejected(
+        &self,
+        start: i64,
+        end: i64,
+        limit: u64,
+    ) -> Result<Vec<RejectedSummary>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM rejected_events \
+                 WHERE received_at >= toDateTime(?) AND received_at < toDateTime(?) \
+                 ORDER BY received_at DESC, kafka_offset DESC LIMIT ?",
+            )
+            .bind(start)
+            .bind(end)
+            .bind(limit)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Rejected messages received since `since` (unix seconds).
+    pub async fn rejected_since(&self, since: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT toUInt64(count()) FROM rejected_events WHERE received_at >= toDateTime(?)")
+            .bind(since)
+            .fetch_one()
+            .await?)
+    }
+
+    /// One rejected message with its payload, by Kafka position.
+    pub async fn rejected_message(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<RejectedMessage>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM rejected_events WHERE kafka_topic = ? AND kafka_partition = ? \
+                 AND kafka_offset = ? LIMIT 1",
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .fetch_optional()
+            .await?)
+    }
+
+    /// Events stored per second over the last five minutes (first versions only).
+    pub async fn stored_per_second(&self) -> Result<f64, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT toFloat64(countIf(ingested_at >= now() - 300)) / 300 FROM usage_events \
+                 WHERE version = 0 AND sign = 1 AND ingested_at >= now() - 300",
+            )
+            .fetch_one()
+            .await?)
+    }
+
+    /// Unpriced events per model in the hours since `since` (unix seconds).
+    pub async fn unpriced_since(&self, since: i64) -> Result<Vec<UnpricedCount>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM (SELECT model AS name, toUInt64(sum(unpriced_events)) AS n \
+                 FROM usage_hourly WHERE hour >= toStartOfHour(toDateTime(?), 'UTC') \
+                 GROUP BY model HAVING n > 0)",
+            )
+            .bind(since)
+            .fetch_all()
+            .await?)
+    }
+}

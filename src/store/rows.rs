@@ -17,6 +17,39 @@ pub fn cost_from_i128(v: i128) -> Decimal {
     Decimal::from_i128_with_scale(v, COST_SCALE).normalize()
 }
 
+/// A ClickHouse `Decimal(38, scale)` as an exact `Decimal`, or an error: its 38 digits can
+/// exceed what `rust_decimal` holds (28), and a wrong amount must never pass as a right
+/// one (nor as zero).
+pub fn decimal_from_i128(v: i128, scale: u32) -> Result<Decimal, String> {
+    Decimal::try_from_i128_with_scale(v, scale)
+        .map_err(|_| format!("the amount {v}e-{scale} does not fit an exact decimal"))
+}
+
+/// Serde for money columns read back from sums: `sum(Decimal(38, 18))` is a
+/// `Decimal(38, 18)`, an i128 in RowBinary.
+pub mod money18 {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        let v = i128::deserialize(d)?;
+        super::decimal_from_i128(v, super::COST_SCALE)
+            .map(|d| d.normalize())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde for `Decimal(38, 2)` (invoice totals, in cents; the scale is kept: `12.30`).
+pub mod money2 {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        let v = i128::deserialize(d)?;
+        super::decimal_from_i128(v, 2).map_err(serde::de::Error::custom)
+    }
+}
+
 mod cost_serde {
     use super::*;
     use serde::Deserializer;
@@ -100,6 +133,22 @@ pub struct DuplicateRow {
 mod tests {
     use super::*;
     use rust_decimal_macros::dec;
+
+    #[test]
+    fn an_amount_that_does_not_fit_is_an_error_not_zero() {
+        assert_eq!(decimal_from_i128(375_000_000_000_000, 18).unwrap(), dec!(0.000375));
+        assert_eq!(decimal_from_i128(-1230, 2).unwrap().to_string(), "-12.30");
+        // A corrupted sum (38 digits) cannot pass as a smaller amount or as zero.
+        let corrupt = 10i128.pow(37);
+        assert!(decimal_from_i128(corrupt, 18).is_err());
+        // Through the column decoder the rows use: the read fails.
+        use serde::de::value::{Error, I128Deserializer};
+        assert!(money18::deserialize(I128Deserializer::<Error>::new(corrupt)).is_err());
+        assert_eq!(
+            money18::deserialize(I128Deserializer::<Error>::new(1_500_000_000_000_000_000)).unwrap(),
+            dec!(1.5)
+        );
+    }
 
     #[test]
     fn cost_round_trips_through_i128() {

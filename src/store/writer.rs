@@ -166,6 +166,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The current state (latest version) of every event since `start` (unix seconds),
+    /// as a stream: what `reprice` re-rates.
+    pub fn current_events_since(
+        &self,
+        start: i64,
+    ) -> Result<clickhouse::query::RowCursor<EventRow>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM usage_events WHERE sign = 1 AND occurred_at >= toDateTime(?) \
+                 ORDER BY institution_id, event_id, version DESC LIMIT 1 BY institution_id, event_id",
+            )
+            .bind(start)
+            .fetch::<EventRow>()?)
+    }
+
     pub async fn insert_events(&self, rows: &[EventRow]) -> Result<(), StoreError> {
         self.insert_settled("usage_events", rows).await
     }

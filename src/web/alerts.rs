@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 
-use super::auth::{Authed, Role, Scoped};
+use super::auth::{Allowed, CanAcknowledge, CheckedForm, CsrfField, Policy, Scoped};
 use super::error::AppError;
 use super::AppState;
 use crate::alerts::evaluator::{acknowledge as ack, incidents};
@@ -46,9 +46,6 @@ fn when(ts: u32) -> String {
         .unwrap_or_default()
 }
 
-fn can_ack(role: Role) -> bool {
-    matches!(role, Role::Ops | Role::Admin)
-}
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -70,7 +67,7 @@ pub async fn list(
         role: &role,
         csrf: &scoped.csrf,
         pipeline: scoped.principal.sees_pipeline(),
-        can_ack: can_ack(scoped.principal.role),
+        can_ack: CanAcknowledge::allows(&scoped.principal),
         rows: all
             .into_iter()
             .map(|i| Row {
@@ -81,8 +78,8 @@ pub async fn list(
                 entity: i.entity,
                 fired: when(i.fired_at),
                 changed: when(i.changed_at),
-                observed: i.observed,
-                baseline: i.baseline,
+                observed: i.observed.to_string(),
+                baseline: i.baseline.to_string(),
                 message: i.message,
                 acknowledged_by: i.acknowledged_by,
             })
@@ -98,36 +95,27 @@ pub struct AckForm {
     csrf: String,
 }
 
-/// `POST /alerts/{id}/ack` (ops and admin; sessions need their CSRF token).
+impl CsrfField for AckForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
+/// `POST /alerts/{id}/ack` (ops and admin; a session needs its CSRF token).
 pub async fn acknowledge(
     State(state): State<Arc<AppState>>,
-    authed: Authed,
+    allowed: Allowed<CanAcknowledge>,
     Path(id): Path<String>,
     uri: Uri,
-    Form(form): Form<AckForm>,
+    CheckedForm(_): CheckedForm<AckForm>,
 ) -> Result<Response, AppError> {
-    if !can_ack(authed.principal.role) {
-        return Err(AppError::Forbidden);
-    }
-    if !authed.csrf.is_empty() && form.csrf != authed.csrf {
-        return Err(AppError::Forbidden);
-    }
     if !id.chars().all(|c| c.is_ascii_hexdigit()) || id.len() > 64 {
         return Err(AppError::NotFound);
     }
-    let known: u64 = state
-        .store
-        .client()
-        .query(&format!(
-            "SELECT toUInt64(count()) FROM alerts WHERE alert_id = {} AND state != 'acknowledged'",
-            crate::store::sql_str(&id)
-        ))
-        .fetch_one()
-        .await?;
-    if known == 0 {
+    if !state.store.alert_exists(&id).await? {
         return Err(AppError::NotFound);
     }
-    ack(&state.writer, &id, &authed.principal.name).await?;
+    ack(&state.writer, &id, &allowed.principal.name).await?;
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(serde_json::json!({"acknowledged": id})).into_response());
     }

@@ -551,21 +551,7 @@ impl FromRequestParts<Arc<AppState>> for Authed {
     }
 }
 
-/// Which institutions a request may read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    One(String),
-}
-
-impl Scope {
-    pub fn institution(&self) -> Option<&str> {
-        match self {
-            Scope::All => None,
-            Scope::One(i) => Some(i),
-        }
-    }
-}
+pub use crate::domain::Scope;
 
 #[derive(Deserialize)]
 struct InstitutionParam {
@@ -627,6 +613,98 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
             csrf,
             scope,
         })
+    }
+}
+
+/// Who may do what beyond reading their scope: a policy per action.
+pub trait Policy {
+    const WHAT: &'static str;
+    fn allows(p: &Principal) -> bool;
+}
+
+/// Admin and ops: the pipeline (raw rejected payloads of every institution).
+pub struct SeesPipeline;
+impl Policy for SeesPipeline {
+    const WHAT: &'static str = "see the pipeline";
+    fn allows(p: &Principal) -> bool {
+        p.sees_pipeline()
+    }
+}
+
+/// Finance and admin: issue invoices.
+pub struct CanIssue;
+impl Policy for CanIssue {
+    const WHAT: &'static str = "issue invoices";
+    fn allows(p: &Principal) -> bool {
+        matches!(p.role, Role::Finance | Role::Admin)
+    }
+}
+
+/// Ops and admin: acknowledge alerts.
+pub struct CanAcknowledge;
+impl Policy for CanAcknowledge {
+    const WHAT: &'static str = "acknowledge alerts";
+    fn allows(p: &Principal) -> bool {
+        matches!(p.role, Role::Ops | Role::Admin)
+    }
+}
+
+/// An authenticated request whose principal the policy `P` allows (403 otherwise).
+pub struct Allowed<P> {
+    pub principal: Principal,
+    pub csrf: String,
+    _policy: std::marker::PhantomData<P>,
+}
+
+impl<P: Policy> FromRequestParts<Arc<AppState>> for Allowed<P> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, AppError> {
+        let Authed { principal, csrf } = Authed::from_request_parts(parts, state).await?;
+        if !P::allows(&principal) {
+            tracing::info!(user = %crate::format::log_safe(&principal.name, 64), action = P::WHAT, "forbidden");
+            return Err(AppError::Forbidden);
+        }
+        Ok(Allowed {
+            principal,
+            csrf,
+            _policy: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A form that carries the session's CSRF token.
+pub trait CsrfField {
+    fn csrf(&self) -> &str;
+}
+
+/// A posted form, accepted only with the session's CSRF token (requests with a bearer
+/// token have no session and send no token: forms are the browser's).
+pub struct CheckedForm<T>(pub T);
+
+impl<T> axum::extract::FromRequest<Arc<AppState>> for CheckedForm<T>
+where
+    T: serde::de::DeserializeOwned + CsrfField + Send,
+{
+    type Rejection = AppError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &Arc<AppState>,
+    ) -> Result<Self, AppError> {
+        let (mut parts, body) = req.into_parts();
+        let authed = Authed::from_request_parts(&mut parts, state).await?;
+        let req = axum::extract::Request::from_parts(parts, body);
+        let axum::extract::Form(form) = axum::extract::Form::<T>::from_request(req, state)
+            .await
+            .map_err(|e| AppError::BadRequest(e.body_text()))?;
+        if !authed.csrf.is_empty() && form.csrf() != authed.csrf {
+            return Err(AppError::Forbidden);
+        }
+        Ok(CheckedForm(form))
     }
 }
 

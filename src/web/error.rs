@@ -13,6 +13,10 @@ pub enum AppError {
     NotFound,
     #[error("{0}")]
     BadRequest(String),
+    /// The request is well formed but the data's state refuses it (already invoiced,
+    /// period not ended, unpriced usage, a ledger to restore).
+    #[error("{0}")]
+    Conflict(String),
     #[error("too many attempts, try again in a minute")]
     TooManyRequests,
     #[error(
@@ -37,6 +41,22 @@ impl From<crate::store::StoreError> for AppError {
 impl From<clickhouse::error::Error> for AppError {
     fn from(e: clickhouse::error::Error) -> Self {
         ch_error(&e).unwrap_or(AppError::Internal(e.into()))
+    }
+}
+
+impl From<crate::billing::BillingError> for AppError {
+    fn from(e: crate::billing::BillingError) -> Self {
+        match e {
+            e if e.is_refusal() => AppError::Conflict(e.to_string()),
+            crate::billing::BillingError::Store(s) => s.into(),
+            e => AppError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<crate::billing::ledger::LedgerError> for AppError {
+    fn from(e: crate::billing::ledger::LedgerError) -> Self {
+        crate::billing::BillingError::from(e).into()
     }
 }
 
@@ -80,6 +100,7 @@ impl IntoResponse for AppError {
             AppError::Forbidden => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             AppError::TooLarge => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Internal(e) => {

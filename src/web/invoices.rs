@@ -57,7 +57,7 @@ async fn listing(
     message: String,
     failed: bool,
 ) -> Result<Response, AppError> {
-    let rows = ledger::stored(&state.store, scoped.scope.institution()).await?;
+    let rows = state.store.stored_invoices(scoped.scope.institution()).await?;
     let voids = ledger::voids(&rows);
     let view: Vec<Row> = rows
         .iter()
@@ -69,11 +69,7 @@ async fn listing(
             issued: chrono::DateTime::from_timestamp(i64::from(r.issued_at), 0)
                 .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
                 .unwrap_or_default(),
-            total: r
-                .total
-                .parse()
-                .map(money)
-                .unwrap_or_else(|_| r.total.clone()),
+            total: money(r.total),
             status: match (r.references_number.as_str(), voids.get(&r.number)) {
                 ("", Some(c)) => format!("voided by {c}"),
                 ("", None) => "issued".into(),
@@ -116,7 +112,7 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Response, AppError> {
     if uri.path().starts_with("/api/") {
-        let rows = ledger::stored(&state.store, scoped.scope.institution()).await?;
+        let rows = state.store.stored_invoices(scoped.scope.institution()).await?;
         let voids = ledger::voids(&rows);
         let items: Vec<_> = rows
             .iter()
@@ -133,7 +129,7 @@ pub async fn list(
                     "institution": r.institution_id,
                     "period": r.period,
                     "issued_at": r.issued_at,
-                    "total": r.total,
+                    "total": r.total.to_string(),
                     "references": (!r.references_number.is_empty()).then_some(&r.references_number),
                     "voided_by": voids.get(&r.number),
                     "downloads": downloads,
@@ -176,11 +172,11 @@ pub async fn download(
     Path((inst, number, format)): Path<(String, String, String)>,
 ) -> Result<Response, AppError> {
     debug_assert_eq!(scoped.scope.institution(), Some(inst.as_str()));
-    let row = ledger::stored_one(&state.store, &number)
+    let row = state.store.stored_invoice(&number)
         .await?
         .filter(|r| r.institution_id == inst)
         .ok_or(AppError::NotFound)?;
-    let frozen = ledger::frozen(&state.store, &row.number)
+    let frozen = state.store.frozen_invoice(&row.number)
         .await?
         .ok_or(AppError::NotFound)?;
     let (bytes, ext) = match format.as_str() {
@@ -230,11 +226,7 @@ pub async fn draft(
     }
     state.drafts.record(&who);
     let billing = Billing::new(&state.cfg, &state.store, &state.book);
-    let ledger = state
-        .ledger
-        .current(&state.writer)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let ledger = state.ledger.current(&state.writer).await?;
     let doc = billing.draft(&ledger, inst, period).await?;
     let name = format!("draft-{inst}-{period}");
     let bytes = match q.format.as_str() {
@@ -288,7 +280,7 @@ pub async fn issue(
     if uri.path().starts_with("/api/") {
         return match result {
             Ok(d) => Ok(axum::Json(json!({"number": d.number, "total": d.total.to_string(), "institution": inst, "period": period.to_string()})).into_response()),
-            Err(e) => Err(AppError::BadRequest(format!("{e:#}"))),
+            Err(e) => Err(e.into()),
         };
     }
     let scoped = Scoped {
@@ -311,6 +303,18 @@ pub async fn issue(
             )
             .await
         }
-        Err(e) => listing(&state, &scoped, format!("Not issued: {e:#}"), true).await,
+        Err(e) if e.is_refusal() => {
+            listing(&state, &scoped, format!("Not issued: {e}"), true).await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "issuing from the portal failed");
+            listing(
+                &state,
+                &scoped,
+                "Not issued: an internal error occurred (it is logged); try again later.".into(),
+                true,
+            )
+            .await
+        }
     }
 }

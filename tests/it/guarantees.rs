@@ -39,8 +39,7 @@ async fn rejected_by_reason(env: &TestEnv) -> BTreeMap<String, u64> {
         n: u64,
     }
     let rows: Vec<R> = env
-        .store
-        .client()
+        .ch()
         .query("SELECT reason, count() AS n FROM rejected_events GROUP BY reason")
         .fetch_all()
         .await
@@ -228,8 +227,7 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
     let zoned = ZonedClickHouse::start("Asia/Kolkata");
     let mut env = TestEnv::new_on("kolkata", 2, "http://127.0.0.1:8124").await;
     let tz: String = env
-        .store
-        .client()
+        .ch()
         .query("SELECT timezone()")
         .fetch_one()
         .await
@@ -844,18 +842,17 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
         })
         .collect();
     env.produce(&messages).await;
-    env.store
-        .execute("RENAME TABLE usage_events TO usage_events_parked")
+    env
+        .exec("RENAME TABLE usage_events TO usage_events_parked")
         .await
         .unwrap();
     let mut ingest = env.spawn_ingest();
 
     let mut serve = crate::harness::spawn_serve(&env, "[alerts]\ninterval_secs = 2\n", &[]).await;
     let alert_state = |state: &'static str| {
-        let store = env.store.clone();
+        let ch = env.ch();
         async move {
-            store
-                .client()
+            ch
                 .query("SELECT toUInt64(count()) FROM alerts WHERE kind = 'ingest_stalled' AND state = ?")
                 .bind(state)
                 .fetch_one::<u64>()
@@ -879,8 +876,8 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
     );
     assert!(log.contains("ingest stalled"), "{log}");
 
-    env.store
-        .execute("RENAME TABLE usage_events_parked TO usage_events")
+    env
+        .exec("RENAME TABLE usage_events_parked TO usage_events")
         .await
         .unwrap();
     env.wait_accounted(100, Duration::from_secs(60)).await;

@@ -265,9 +265,22 @@ impl TestEnv {
         out
     }
 
+    /// A ClickHouse client of its own on this test's database (the checks read the
+    /// tables directly, independent of tokentally's store).
+    pub fn ch(&self) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(&self.cfg.clickhouse.url)
+            .with_database(&self.cfg.clickhouse.database)
+            .with_validation(false)
+    }
+
+    /// Runs a statement on this test's database.
+    pub async fn exec(&self, sql: &str) -> Result<(), clickhouse::error::Error> {
+        self.ch().query(sql).execute().await
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
-        self.store
-            .client()
+        self.ch()
             .query(sql)
             .fetch_one::<i64>()
             .await
@@ -315,7 +328,7 @@ impl TestEnv {
         let mut out = Vec::new();
         for table in ["SELECT institution_id, toString(sum(cost * sign)) AS cost FROM usage_events GROUP BY institution_id",
                       "SELECT institution_id, toString(sum(cost)) AS cost FROM usage_hourly GROUP BY institution_id"] {
-            let rows: Vec<R> = self.store.client().query(table).fetch_all().await.unwrap();
+            let rows: Vec<R> = self.ch().query(table).fetch_all().await.unwrap();
             out.push(rows.into_iter().map(|r| (r.institution_id, r.cost.parse::<Decimal>().unwrap().normalize())).collect());
         }
         let rollup = out.pop().unwrap();
@@ -323,9 +336,7 @@ impl TestEnv {
     }
 
     pub async fn drop_database(&self) {
-        let _ = self
-            .store
-            .execute(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
+        let _ = self.exec(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
             .await;
     }
 }

@@ -77,8 +77,7 @@ async fn mixed_shapes_duplicates_and_malformed_are_exact() {
         payload: Vec<u8>,
     }
     let rows: Vec<Rej> = env
-        .store
-        .client()
+        .ch()
         .query("SELECT reason, detail, payload FROM rejected_events")
         .fetch_all()
         .await

@@ -357,7 +357,7 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
         html.contains(&format!(
             "title=\"{}\">{}",
             k.total,
-            tokentally::web::page::money(k.total)
+            tokentally::format::money(k.total)
         )),
         "total in HTML"
     );
@@ -1055,12 +1055,7 @@ async fn ambiguous_or_absurd_parameters_are_refused_on_every_route() {
         c.web.query_timeout_secs = 7;
         c
     });
-    let limit: String = reader
-        .client()
-        .query("SELECT value FROM system.settings WHERE name = 'max_execution_time'")
-        .fetch_one()
-        .await
-        .unwrap();
+    let limit = reader.effective_setting("max_execution_time").await.unwrap();
     assert_eq!(limit, "7");
     env.drop_database().await;
 }
@@ -1107,8 +1102,7 @@ async fn webhook_failures_log_no_secret_and_drafts_are_cached_and_limited() {
         payload: String,
     }
     let mut ins = env
-        .store
-        .client()
+        .ch()
         .insert::<Rejected>("rejected_events")
         .await
         .unwrap();

@@ -1,4 +1,4 @@
-//! `tokentally invoice …` and `tokentally reconcile`.
+//! `tokentally invoice …`, `tokentally ledger …` and `tokentally reconcile`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::ledger;
-use super::render;
-use super::service::{Billing, Reconciliation};
-use super::{Document, Period};
+use crate::billing::ledger;
+use crate::billing::render;
+use crate::billing::service::{Billing, Reconciliation};
+use crate::billing::{Document, Period};
 use crate::config::Config;
 use crate::store::Store;
 use crate::format::money;
@@ -173,7 +173,7 @@ async fn render_doc(
     billing: &Billing<'_>,
     d: &Document,
     format: DocFormat,
-    frozen: Option<&ledger::Frozen>,
+    frozen: Option<&crate::store::invoices::Frozen>,
 ) -> anyhow::Result<(Vec<u8>, bool)> {
     Ok(match (format, frozen) {
         (DocFormat::Json, Some(f)) => (f.document.clone().into_bytes(), false),
@@ -189,7 +189,7 @@ async fn render_doc(
 
 pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
-    let book = crate::cli::load_book(cfg)?;
+    let book = super::load_book(cfg)?;
     let billing = Billing::new(cfg, &store, &book);
     match command {
         InvoiceCommand::Draft(t) => {
@@ -212,7 +212,7 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                 period,
                 money(d.total)
             );
-            let frozen = ledger::frozen(&store, &d.number).await?;
+            let frozen = store.frozen_invoice(&d.number).await?;
             let (bytes, bin) = render_doc(&billing, &d, target.format, frozen.as_ref()).await?;
             emit(&bytes, target.output.as_ref(), bin)
         }
@@ -237,7 +237,7 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
             };
             let credit = billing.void(&number, &reason).await?;
             eprintln!("voided {number} with credit note {}", credit.number);
-            let frozen = ledger::frozen(&store, &credit.number).await?;
+            let frozen = store.frozen_invoice(&credit.number).await?;
             let (bytes, bin) = render_doc(&billing, &credit, format, frozen.as_ref()).await?;
             emit(&bytes, output.as_ref(), bin)
         }
@@ -252,7 +252,7 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
             };
             match doc {
                 Some(d) => {
-                    let frozen = ledger::frozen(&store, &d.number).await?;
+                    let frozen = store.frozen_invoice(&d.number).await?;
                     let (bytes, bin) =
                         render_doc(&billing, &d, target.format, frozen.as_ref()).await?;
                     emit(&bytes, target.output.as_ref(), bin)
@@ -289,8 +289,8 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                     "{:<16} {:<12} {:<20} {:<8} {:<11} {:>14}  {status}",
                     d.number,
                     match d.kind {
-                        super::Kind::Invoice => "invoice",
-                        super::Kind::CreditNote => "credit note",
+                        crate::billing::Kind::Invoice => "invoice",
+                        crate::billing::Kind::CreditNote => "credit note",
                     },
                     d.customer.id,
                     d.period.to_string(),
@@ -310,11 +310,11 @@ fn need(t: &Target) -> anyhow::Result<(&str, Period)> {
     }
 }
 
-pub async fn ledger(cfg: &Config, command: crate::cli::LedgerCommand) -> anyhow::Result<()> {
+pub async fn ledger(cfg: &Config, command: super::LedgerCommand) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     let log = ledger::LedgerLog::new(cfg);
     match command {
-        crate::cli::LedgerCommand::Verify { format } => {
+        super::LedgerCommand::Verify { format } => {
             let v = log.verify(&store).await?;
             match format {
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
@@ -355,7 +355,7 @@ pub async fn ledger(cfg: &Config, command: crate::cli::LedgerCommand) -> anyhow:
             eprintln!("ledger ok");
             Ok(())
         }
-        crate::cli::LedgerCommand::Restore => {
+        super::LedgerCommand::Restore => {
             let restored = log.restore(&store).await?;
             if restored.is_empty() {
                 eprintln!("nothing to restore: the ledger holds every document ClickHouse has");
@@ -374,7 +374,7 @@ pub async fn ledger(cfg: &Config, command: crate::cli::LedgerCommand) -> anyhow:
 
 pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
-    let book = crate::cli::load_book(cfg)?;
+    let book = super::load_book(cfg)?;
     let billing = Billing::new(cfg, &store, &book);
     let r = billing.reconcile(period).await?;
     match format {

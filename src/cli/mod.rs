@@ -1,12 +1,16 @@
-//! Command-line interface: one binary, one subcommand per job.
+//! Command-line interface: one binary, one subcommand per job. Definitions and dispatch
+//! live here; the invoice commands in `invoice`.
+
+pub mod invoice;
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use chrono::NaiveDate;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
+use crate::report::{Format, GroupBy};
 use crate::price::litellm::{import, ImportOptions};
 use crate::price::PriceBook;
 use crate::shutdown::Shutdown;
@@ -73,7 +77,7 @@ pub enum Command {
     /// Invoices: draft, issue (numbered, frozen), void (credit note), show, list.
     Invoice {
         #[command(subcommand)]
-        command: crate::billing::cmd::InvoiceCommand,
+        command: invoice::InvoiceCommand,
     },
     /// The invoice register: check the ledger topic against ClickHouse's copies, and
     /// restore it from them if the topic was lost.
@@ -93,7 +97,7 @@ pub enum Command {
         #[arg(long)]
         period: crate::billing::Period,
         #[arg(long, value_enum, default_value = "table")]
-        format: crate::billing::cmd::ReportFormat,
+        format: invoice::ReportFormat,
     },
 }
 
@@ -103,7 +107,7 @@ pub enum LedgerCommand {
     /// lacks an issued document or the two disagree (issuing is refused until fixed).
     Verify {
         #[arg(long, value_enum, default_value = "table")]
-        format: crate::billing::cmd::ReportFormat,
+        format: invoice::ReportFormat,
     },
     /// Re-append the documents ClickHouse holds and the ledger lacks, numbers unchanged,
     /// so that numbering continues above the highest number ever issued.
@@ -125,7 +129,7 @@ pub enum AlertsCommand {
         #[arg(long, default_value_t = 1)]
         step_hours: u32,
         #[arg(long, value_enum, default_value = "table")]
-        format: crate::billing::cmd::ReportFormat,
+        format: invoice::ReportFormat,
     },
     /// Incidents of the last N days (open ones always).
     List {
@@ -204,22 +208,6 @@ pub struct SpendArgs {
     pub format: Format,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupBy {
-    Institution,
-    Model,
-    #[value(name = "api_key", alias = "api-key")]
-    ApiKey,
-    User,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Json,
-    Csv,
-    Table,
-}
-
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENTALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
@@ -242,15 +230,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest => crate::ingest::run(&cfg, Shutdown::on_signals()).await,
         Command::Run => {
             run_migrate(&cfg).await?;
-            let shutdown = Shutdown::on_signals();
-            // Either half failing (e.g. the dashboard port is taken) stops the process.
-            tokio::try_join!(
-                crate::ingest::run(&cfg, shutdown.clone()),
-                crate::web::serve(&cfg, shutdown)
-            )
-            .map(|_| ())
+            crate::app::run(&cfg, Shutdown::on_signals()).await
         }
-        Command::Serve => crate::web::serve(&cfg, Shutdown::on_signals()).await,
+        Command::Serve => crate::app::serve(&cfg, Shutdown::on_signals()).await,
         Command::Users { command } => users(&cfg, command),
         Command::Tokens {
             command:
@@ -299,10 +281,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let incidents =
                 crate::alerts::backtest::backtest(&cfg, &store, from, to, step_hours).await?;
             match format {
-                crate::billing::cmd::ReportFormat::Json => {
+                invoice::ReportFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&incidents)?)
                 }
-                crate::billing::cmd::ReportFormat::Table => {
+                invoice::ReportFormat::Table => {
                     print!("{}", crate::alerts::backtest::table(&incidents))
                 }
             }
@@ -321,10 +303,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Invoice { command } => crate::billing::cmd::invoice(&cfg, command).await,
-        Command::Ledger { command } => crate::billing::cmd::ledger(&cfg, command).await,
+        Command::Invoice { command } => invoice::invoice(&cfg, command).await,
+        Command::Ledger { command } => invoice::ledger(&cfg, command).await,
         Command::Reconcile { period, format } => {
-            crate::billing::cmd::reconcile(&cfg, period, format).await
+            invoice::reconcile(&cfg, period, format).await
         }
         Command::Report {
             command: ReportCommand::Spend(args),

@@ -1,0 +1,157 @@
+//! The `alerts` table (append-only state changes of incidents) and the hourly spend the
+//! spike and budget detectors read.
+
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::rows::money18;
+use super::{Store, StoreError};
+
+/// One state change as written: `firing`, `resolved` or `acknowledged`.
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct AlertRow {
+    pub alert_id: String,
+    pub at: u32,
+    pub seq: u64,
+    pub state: String,
+    pub kind: String,
+    pub entity: String,
+    pub institution_id: String,
+    pub severity: String,
+    /// Decimal(38, 6) travels as millionths.
+    pub observed: i128,
+    pub baseline: i128,
+    pub threshold: i128,
+    pub message: String,
+    pub actor: String,
+}
+
+/// A Decimal as millionths for `Decimal(38, 6)` columns (rounded to six decimals).
+pub fn micros(d: Decimal) -> i128 {
+    let mut d = d.round_dp(6);
+    d.rescale(6);
+    d.mantissa()
+}
+
+/// Serde for `Decimal(38, 6)` read back (scale kept, e.g. `60.000000`, as shown).
+mod money6 {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        let v = i128::deserialize(d)?;
+        super::super::rows::decimal_from_i128(v, 6).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Decimal, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+}
+
+/// One incident as stored: its latest state and the figures it fired with.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize, Serialize)]
+pub struct Incident {
+    pub alert_id: String,
+    pub state: String,
+    pub kind: String,
+    pub entity: String,
+    pub institution_id: String,
+    pub severity: String,
+    pub fired_at: u32,
+    pub changed_at: u32,
+    #[serde(with = "money6")]
+    pub observed: Decimal,
+    #[serde(with = "money6")]
+    pub baseline: Decimal,
+    pub message: String,
+    pub acknowledged_by: String,
+}
+
+/// Spend of one (hour, institution, key).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct HourSpend {
+    pub hour: u32,
+    pub institution_id: String,
+    pub api_key_id: String,
+    #[serde(with = "money18")]
+    pub cost: Decimal,
+}
+
+impl Store {
+    /// Appends state changes (one insert).
+    pub async fn record_alerts(&self, rows: &[AlertRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<AlertRow>("alerts").await?;
+        for r in rows {
+            insert.write(r).await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    /// All incidents, the open ones first, then by latest change; optionally of one
+    /// institution.
+    pub async fn incidents(&self, institution: Option<&str>) -> Result<Vec<Incident>, StoreError> {
+        // Aliases differ from column names: 18.16 would substitute an alias named like a
+        // column into the other aggregates of the query.
+        let inner = "SELECT alert_id, \
+               argMaxIf(state, seq, state != 'acknowledged') AS state_, \
+               argMaxIf(kind, seq, state != 'acknowledged') AS kind_, \
+               argMaxIf(entity, seq, state != 'acknowledged') AS entity_, \
+               argMaxIf(institution_id, seq, state != 'acknowledged') AS inst_, \
+               argMaxIf(severity, seq, state != 'acknowledged') AS severity_, \
+               toUInt32(minIf(at, state = 'firing')) AS fired_at_, \
+               toUInt32(maxIf(at, state != 'acknowledged')) AS changed_at_, \
+               argMaxIf(observed, seq, state = 'firing') AS observed_, \
+               argMaxIf(baseline, seq, state = 'firing') AS baseline_, \
+               argMaxIf(message, seq, state = 'firing') AS message_, \
+               argMaxIf(actor, seq, state = 'acknowledged') AS acked_by_ \
+             FROM alerts GROUP BY alert_id";
+        let outer = "SELECT alert_id, state_ AS state, kind_ AS kind, entity_ AS entity, \
+             inst_ AS institution_id, severity_ AS severity, fired_at_ AS fired_at, \
+             changed_at_ AS changed_at, observed_ AS observed, baseline_ AS baseline, \
+             message_ AS message, acked_by_ AS acknowledged_by";
+        let order = "ORDER BY (state = 'firing') DESC, changed_at DESC";
+        let q = match institution {
+            Some(i) => self
+                .client
+                .query(&format!("{outer} FROM ({inner}) WHERE institution_id = ? {order}"))
+                .bind(i),
+            None => self.client.query(&format!("{outer} FROM ({inner}) {order}")),
+        };
+        Ok(q.fetch_all().await?)
+    }
+
+    /// Whether an incident exists that is not only an acknowledgement.
+    pub async fn alert_exists(&self, alert_id: &str) -> Result<bool, StoreError> {
+        let n: u64 = self
+            .client
+            .query(
+                "SELECT toUInt64(count()) FROM alerts WHERE alert_id = ? AND state != 'acknowledged'",
+            )
+            .bind(alert_id)
+            .fetch_one()
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Spend per hour × institution × key in `[from, to)` (unix seconds).
+    pub async fn hourly_spend(&self, from: i64, to: i64) -> Result<Vec<HourSpend>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT hour_ AS hour, institution_id, api_key_id, cost_ AS cost FROM \
+                 (SELECT toUInt32(hour) AS hour_, institution_id, api_key_id, \
+                 sum(cost) AS cost_ FROM usage_hourly_institution \
+                 WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
+                 GROUP BY hour_, institution_id, api_key_id)",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all()
+            .await?)
+    }
+}

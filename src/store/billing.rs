@@ -1,0 +1,178 @@
+//! What invoices and reconciliation are computed from: one institution's stored events
+//! of one period, summed per price entry and rate tier (every sum weighs rows by `sign`,
+//! so re-rated events count once at their current price), and the counts reconcile checks.
+
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::rows::money18;
+use super::{Store, StoreError};
+
+/// Sums over the stored events of one price entry and rate tier.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct PriceGroup {
+    pub price_id: String,
+    pub price_model: String,
+    pub price_tier: u64,
+    pub events: i64,
+    pub input: i64,
+    pub cache_read: i64,
+    pub cache_write: i64,
+    pub output: i64,
+    /// Sum over events of min(reasoning, output).
+    pub reasoning: i64,
+    #[serde(with = "money18")]
+    pub cost: Decimal,
+}
+
+/// The `PriceGroup` sums, in its field order.
+const SUMS: &str = "price_id, price_model, price_tier, \
+    sum(toInt64(sign)) AS events, \
+    sum(toInt64(input_tokens) * sign) AS input, \
+    sum(toInt64(cache_read_tokens) * sign) AS cache_read, \
+    sum(toInt64(cache_write_tokens) * sign) AS cache_write, \
+    sum(toInt64(output_tokens) * sign) AS output, \
+    sum(toInt64(least(reasoning_tokens, output_tokens)) * sign) AS reasoning, \
+    sum(cost * sign) AS cost_sum";
+
+const RANGE: &str =
+    "institution_id = ? AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?)";
+
+/// Unpriced usage of a period.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct UnpricedUsage {
+    pub events: i64,
+    pub tokens: i64,
+    pub models: Vec<String>,
+}
+
+/// One row of the detailed usage export: local day × user × key × model × price entry.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct UsageDetail {
+    /// `YYYY-MM-DD` in the zone asked for.
+    pub day: String,
+    pub user_id: String,
+    pub api_key_id: String,
+    pub priced: u8,
+    /// The model as the gateway named it (for unpriced rows).
+    pub model: String,
+    pub group: PriceGroup,
+}
+
+impl Store {
+    /// Priced usage of `institution` in `[start, end)` (unix seconds), per entry and tier.
+    pub async fn price_groups(
+        &self,
+        institution: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<PriceGroup>, StoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT {SUMS} FROM usage_events WHERE {RANGE} AND priced = 1 \
+                 GROUP BY price_id, price_model, price_tier HAVING events != 0 \
+                 ORDER BY price_id, price_tier"
+            ))
+            .bind(institution)
+            .bind(start)
+            .bind(end)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Unpriced usage of `institution` in `[start, end)`.
+    pub async fn unpriced_usage(
+        &self,
+        institution: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<UnpricedUsage, StoreError> {
+        let r: UnpricedUsage = self
+            .client
+            .query(&format!(
+                "SELECT sum(toInt64(sign)) AS events, \
+                 sum(toInt64(input_tokens + cache_read_tokens + cache_write_tokens + output_tokens) * sign) AS tokens, \
+                 arraySort(groupUniqArray(model)) AS models \
+                 FROM usage_events WHERE {RANGE} AND priced = 0"
+            ))
+            .bind(institution)
+            .bind(start)
+            .bind(end)
+            .fetch_one()
+            .await?;
+        Ok(UnpricedUsage {
+            models: if r.events == 0 { Vec::new() } else { r.models },
+            ..r
+        })
+    }
+
+    /// Usage of `institution` in `[start, end)` per local day (in `tz`) × user × key ×
+    /// model × price entry.
+    pub async fn usage_details(
+        &self,
+        institution: &str,
+        tz: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<UsageDetail>, StoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT toString(toDate(occurred_at, ?)) AS day, user_id, api_key_id, priced, model, {SUMS} \
+                 FROM usage_events WHERE {RANGE} \
+                 GROUP BY day, user_id, api_key_id, priced, model, price_id, price_model, price_tier \
+                 HAVING events != 0 \
+                 ORDER BY day, user_id, api_key_id, model, price_id, price_tier"
+            ))
+            .bind(tz)
+            .bind(institution)
+            .bind(start)
+            .bind(end)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Rejected messages keyed by `institution` received in `[start, end)`.
+    pub async fn rejected_for_key(
+        &self,
+        institution: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT toUInt64(count()) FROM rejected_events WHERE kafka_key = ? \
+                 AND received_at >= toDateTime(?) AND received_at < toDateTime(?)",
+            )
+            .bind(institution)
+            .bind(start)
+            .bind(end)
+            .fetch_one()
+            .await?)
+    }
+
+    /// Distinct Kafka positions in `[low, below)` of one partition that left a row
+    /// (event, rejection or duplicate).
+    pub async fn positions_with_rows(
+        &self,
+        topic: &str,
+        partition: i32,
+        low: i64,
+        below: i64,
+    ) -> Result<u64, StoreError> {
+        let cond = "kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset < ?";
+        let mut q = self.client.query(&format!(
+            "SELECT toUInt64(uniqExact(kafka_offset)) FROM (\
+             SELECT kafka_offset FROM usage_events WHERE {cond} \
+             UNION ALL SELECT kafka_offset FROM rejected_events WHERE {cond} \
+             UNION ALL SELECT kafka_offset FROM duplicate_events WHERE {cond})"
+        ));
+        for _ in 0..3 {
+            q = q.bind(topic).bind(partition).bind(low).bind(below);
+        }
+        Ok(q.fetch_one().await?)
+    }
+}

@@ -1,0 +1,364 @@
+//! Questions about spend, answered from the rollups (or, with a tag filter, from raw
+//! events shaped like them): the dashboard's tables and charts and `report spend`.
+
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::rows::money18;
+use super::sql::{i, s, Sql};
+use super::{Store, StoreError};
+use crate::domain::{Scope, Selection};
+
+/// Raw events as rollup rows: every sum weighed by `sign`, hours in UTC. The one place
+/// (besides the materialized views in `schema/`) that defines what a rollup row is.
+const RAW_AS_ROLLUP: &str = "toStartOfHour(occurred_at, 'UTC') AS hour, institution_id, provider, model, \
+     price_model, api_key_id, user_id, service_tier, toInt64(sign) AS events, \
+     toInt64(sign) * toInt64(1 - priced) AS unpriced_events, \
+     toInt64(input_tokens) * sign AS input_tokens, toInt64(cache_read_tokens) * sign AS cache_read_tokens, \
+     toInt64(cache_write_tokens) * sign AS cache_write_tokens, toInt64(output_tokens) * sign AS output_tokens, \
+     toInt64(reasoning_tokens) * sign AS reasoning_tokens, cost * sign AS cost";
+
+/// What a view groups by: fixed expressions, never text from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKey {
+    /// Nothing (a second key that is not used).
+    None,
+    /// The UTC hour, as `YYYY-MM-DD HH:MM:SS`.
+    Hour,
+    /// The UTC day, as `YYYY-MM-DD`.
+    Day,
+    Institution,
+    Provider,
+    Model,
+    ApiKey,
+    User,
+}
+
+impl GroupKey {
+    fn expr(self) -> &'static str {
+        match self {
+            GroupKey::None => "''",
+            GroupKey::Hour => "toString(hour, 'UTC')",
+            GroupKey::Day => "toString(toDate(hour, 'UTC'))",
+            GroupKey::Institution => "institution_id",
+            GroupKey::Provider => "provider",
+            GroupKey::Model => "model",
+            GroupKey::ApiKey => "api_key_id",
+            GroupKey::User => "user_id",
+        }
+    }
+
+    /// Keys that only the fine rollups (and raw events) have.
+    fn fine(self) -> bool {
+        matches!(self, GroupKey::ApiKey | GroupKey::User)
+    }
+}
+
+/// Row order of an aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// By the group key (time series).
+    Key,
+    /// Most spend first.
+    CostDesc,
+}
+
+/// Sums over one grouping.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct Agg {
+    pub key: String,
+    pub key2: String,
+    pub events: i64,
+    pub unpriced_events: i64,
+    pub input_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    /// Exact USD.
+    #[serde(with = "money18")]
+    pub cost_usd: Decimal,
+}
+
+impl Agg {
+    pub fn cost(&self) -> Decimal {
+        self.cost_usd
+    }
+}
+
+/// The table a selection reads, and its WHERE clause: the coarse model rollup when
+/// neither the keys nor the filters need user, key or tier; the fine rollup otherwise
+/// (institution-first when one institution is selected); raw events with a tag filter.
+fn source_and_conditions(sel: &Selection, fine_key: bool) -> Sql {
+    let fine = fine_key || sel.needs_fine_rollup();
+    let mut q = Sql::default();
+    match &sel.tag {
+        None if fine && sel.scope.institution().is_some() => {
+            q.push("usage_hourly_institution");
+        }
+        None if fine => {
+            q.push("usage_hourly");
+        }
+        None => {
+            q.push("usage_hourly_model");
+        }
+        Some(_) => {
+            q.push(&format!("(SELECT {RAW_AS_ROLLUP} FROM usage_events WHERE 1"))
+                .append(raw_conditions(sel))
+                .append(tag_condition(sel))
+                .push(")");
+        }
+    }
+    q.bind(
+        " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
+        [i(sel.start_ts()), i(sel.end_ts())],
+    );
+    if let Some(inst) = sel.scope.institution() {
+        q.bind(" AND institution_id = ?", [s(inst)]);
+    }
+    q.append(dimension_conditions(sel));
+    q
+}
+
+/// Institution and time conditions on raw events.
+fn raw_conditions(sel: &Selection) -> Sql {
+    let mut q = Sql::default();
+    q.bind(
+        " AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?)",
+        [i(sel.start_ts()), i(sel.end_ts())],
+    );
+    if let Some(inst) = sel.scope.institution() {
+        q.bind(" AND institution_id = ?", [s(inst)]);
+    }
+    q
+}
+
+/// Model, key and user conditions (columns the rollups and raw events share).
+fn dimension_conditions(sel: &Selection) -> Sql {
+    let mut q = Sql::default();
+    for (col, v) in [
+        ("model", &sel.model),
+        ("api_key_id", &sel.key),
+        ("user_id", &sel.user),
+    ] {
+        if let Some(v) = v {
+            q.bind(&format!(" AND {col} = ?"), [s(v)]);
+        }
+    }
+    q
+}
+
+fn tag_condition(sel: &Selection) -> Sql {
+    let mut q = Sql::default();
+    if let Some((k, v)) = &sel.tag {
+        q.bind(
+            " AND arrayExists((k, v) -> k = ? AND v = ?, tag_keys, tag_values)",
+            [s(k), s(v)],
+        );
+    }
+    q
+}
+
+/// The query of `aggregate` (separate so that tests can look at it).
+pub fn aggregate_sql(sel: &Selection, key: GroupKey, key2: GroupKey, order: Order, limit: usize) -> Sql {
+    let mut q = Sql::new(&format!(
+        "SELECT ?fields FROM (SELECT {} AS key, toString({}) AS key2, sum(events) AS events, \
+         sum(unpriced_events) AS unpriced_events, sum(input_tokens) AS input_tokens, \
+         sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens, \
+         sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, \
+         sum(cost) AS cost_usd FROM ",
+        to_string(key.expr()),
+        key2.expr()
+    ));
+    q.append(source_and_conditions(sel, key.fine() || key2.fine()));
+    q.push(&format!(
+        " GROUP BY key, key2 HAVING events != 0 ORDER BY {} LIMIT {limit})",
+        match order {
+            Order::Key => "key",
+            Order::CostDesc => "sum(cost) DESC",
+        }
+    ));
+    q
+}
+
+fn to_string(expr: &str) -> String {
+    if expr.starts_with("toString(") {
+        expr.to_owned()
+    } else {
+        format!("toString({expr})")
+    }
+}
+
+impl Store {
+    /// Spend and tokens of `sel` grouped by `key` (and `key2`), ordered by `order`.
+    pub async fn aggregate(
+        &self,
+        sel: &Selection,
+        key: GroupKey,
+        key2: GroupKey,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Agg>, StoreError> {
+        Ok(aggregate_sql(sel, key, key2, order, limit)
+            .query(&self.client)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Total spend of one scope between two instants.
+    pub async fn spend_between(
+        &self,
+        scope: &Scope,
+        start: i64,
+        end: i64,
+    ) -> Result<Decimal, StoreError> {
+        #[derive(Row, Deserialize)]
+        struct Total {
+            #[serde(with = "money18")]
+            total: Decimal,
+        }
+        let mut q = Sql::new("SELECT ?fields FROM (SELECT sum(cost) AS total FROM usage_hourly_model");
+        q.bind(
+            " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
+            [i(start), i(end)],
+        );
+        if let Some(inst) = scope.institution() {
+            q.bind(" AND institution_id = ?", [s(inst)]);
+        }
+        q.push(")");
+        let t: Total = q.query(&self.client).fetch_one().await?;
+        Ok(t.total)
+    }
+
+    /// Spend per tag (`name=value`), most first, at most `limit`: from the tag rollup,
+    /// or from raw events when a filter the tag rollup lacks is set.
+    pub async fn tag_totals(&self, sel: &Selection, limit: usize) -> Result<Vec<TagTotal>, StoreError> {
+        let plain = sel.model.is_none() && sel.key.is_none() && sel.user.is_none() && sel.tag.is_none();
+        let mut q = Sql::default();
+        if plain {
+            q.push(
+                "SELECT ?fields FROM (SELECT concat(tag_key, '=', tag_value) AS tag, sum(events) AS events, \
+                 sum(cost) AS cost_usd FROM usage_tags_hourly",
+            );
+            q.bind(
+                " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
+                [i(sel.start_ts()), i(sel.end_ts())],
+            );
+            if let Some(inst) = sel.scope.institution() {
+                q.bind(" AND institution_id = ?", [s(inst)]);
+            }
+            q.push(&format!(
+                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost) DESC LIMIT {limit})"
+            ));
+        } else {
+            q.push(
+                "SELECT ?fields FROM (SELECT concat(k, '=', v) AS tag, toInt64(sum(sign)) AS events, \
+                 sum(cost * sign) AS cost_usd FROM usage_events ARRAY JOIN tag_keys AS k, tag_values AS v WHERE 1",
+            )
+            .append(raw_conditions(sel))
+            .append(dimension_conditions(sel))
+            .append(tag_condition(sel))
+            .push(&format!(
+                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT {limit})"
+            ));
+        }
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Whether an institution has ever had usage (a page for an unknown one is a 404).
+    pub async fn institution_has_usage(&self, institution: &str) -> Result<bool, StoreError> {
+        let n: u64 = self
+            .client
+            .query("SELECT count() FROM usage_hourly_model WHERE institution_id = ?")
+            .bind(institution)
+            .fetch_one()
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Institutions with usage in `[start, end)` (all time without bounds).
+    pub async fn institutions_with_usage(
+        &self,
+        between: Option<(i64, i64)>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut q = Sql::new("SELECT DISTINCT institution_id FROM usage_hourly_institution");
+        if let Some((start, end)) = between {
+            q.bind(
+                " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
+                [i(start), i(end)],
+            );
+        }
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Unpriced events per (provider, model) in the selection, most first.
+    pub async fn unpriced_models(&self, sel: &Selection) -> Result<Vec<UnpricedModel>, StoreError> {
+        let mut q = Sql::new(
+            "SELECT ?fields FROM (SELECT provider, model, sum(unpriced_events) AS events FROM ",
+        );
+        q.append(source_and_conditions(sel, false));
+        q.push(" GROUP BY provider, model HAVING events != 0 ORDER BY events DESC)");
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+}
+
+/// Spend of one tag.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct TagTotal {
+    pub tag: String,
+    pub events: i64,
+    #[serde(with = "money18")]
+    pub cost_usd: Decimal,
+}
+
+/// Unpriced events of one model.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct UnpricedModel {
+    pub provider: String,
+    pub model: String,
+    pub events: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sql::Arg;
+    use chrono::NaiveDate;
+
+    fn sel(scope: Scope) -> Selection {
+        Selection::whole(
+            NaiveDate::from_ymd_opt(2026, 10, 1).unwrap(),
+            NaiveDate::from_ymd_opt(2026, 10, 31).unwrap(),
+            scope,
+        )
+    }
+
+    #[test]
+    fn values_are_bound_never_written_into_the_text() {
+        let mut s1 = sel(Scope::One("uni'?fields".into()));
+        s1.model = Some("a?b".into());
+        s1.user = Some("x\\y".into());
+        let q = aggregate_sql(&s1, GroupKey::Model, GroupKey::None, Order::CostDesc, 20);
+        assert!(!q.text().contains("uni'") && !q.text().contains("a?b") && !q.text().contains("x\\y"));
+        assert!(q.args().contains(&Arg::Str("uni'?fields".into())));
+        assert!(q.args().contains(&Arg::Str("a?b".into())));
+        // One placeholder per argument (plus `?fields`).
+        assert_eq!(q.text().matches('?').count() - 1, q.args().len());
+    }
+
+    #[test]
+    fn the_smallest_rollup_that_answers_is_chosen() {
+        let all = sel(Scope::All);
+        let text = |s: &Selection, k| aggregate_sql(s, k, GroupKey::None, Order::Key, 10).text().to_owned();
+        assert!(text(&all, GroupKey::Model).contains("FROM usage_hourly_model"));
+        assert!(text(&all, GroupKey::ApiKey).contains("FROM usage_hourly "));
+        let one = sel(Scope::One("u".into()));
+        assert!(text(&one, GroupKey::User).contains("FROM usage_hourly_institution"));
+        let mut tagged = sel(Scope::All);
+        tagged.tag = Some(("project".into(), "x".into()));
+        let t = text(&tagged, GroupKey::Model);
+        assert!(t.contains("FROM usage_events") && t.contains("arrayExists"));
+        assert_eq!(RAW_AS_ROLLUP.matches("sign").count(), 8, "every sum is weighed by sign");
+    }
+}

@@ -1,0 +1,58 @@
+//! `/api/v1/openapi.json`: the OpenAPI document of the JSON API.
+
+use axum::response::IntoResponse;
+
+use super::auth::Authed;
+
+pub async fn openapi(_: Authed) -> impl IntoResponse {
+    axum::Json(openapi_document())
+}
+
+/// The OpenAPI document of `/api/v1`.
+pub fn openapi_document() -> serde_json::Value {
+    let filter_params: Vec<serde_json::Value> = [
+        ("from", "First day, YYYY-MM-DD (UTC; default: first of this month)"),
+        ("to", "Last day, inclusive, YYYY-MM-DD (default: today)"),
+        ("institution", "Institution id (institution users: only their own)"),
+        ("model", "Model id"),
+        ("key", "API key id"),
+        ("user", "User id"),
+        ("tag", "Tag as name=value"),
+    ]
+    .iter()
+    .map(|(n, d)| serde_json::json!({"name": n, "in": "query", "required": false, "description": d, "schema": {"type": "string"}}))
+    .collect();
+    let page = serde_json::json!({"$ref": "#/components/schemas/Page"});
+    let op = |summary: &str, extra: Vec<serde_json::Value>| {
+        let mut params = filter_params.clone();
+        params.extend(extra);
+        serde_json::json!({"get": {"summary": summary, "parameters": params, "security": [{"bearer": []}],
+            "responses": {"200": {"description": "Page data", "content": {"application/json": {"schema": page}}},
+                          "401": {"description": "No or invalid token"}, "403": {"description": "Outside the token's scope"},
+                          "404": {"description": "Unknown"}}}})
+    };
+    let path_param = |name: &str, ty: &str| serde_json::json!({"name": name, "in": "path", "required": true, "schema": {"type": ty}});
+    serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "tokentally API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Spend analytics over priced LLM usage. Money is a decimal string in USD, exact."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Page": {"type": "object", "properties": {
+                "title": {"type": "string"},
+                "filters": {"type": "object"},
+                "figures": {"type": "object", "additionalProperties": true},
+                "charts": {"type": "array", "items": {"type": "object"}},
+                "tables": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object"}}}}}}
+        },
+        "paths": {
+            "/api/v1/overview": op("Spend overview: this month vs last, by day, top institutions and models", vec![]),
+            "/api/v1/institutions": op("Spend per institution", vec![]),
+            "/api/v1/institutions/{institution}": op("One institution: over time by model, users, keys, tags, budget", vec![path_param("institution", "string")]),
+            "/api/v1/models": op("Spend and tokens by model and token class; price entries in effect", vec![]),
+            "/api/v1/pipeline": op("Pipeline health (admin, ops): lag, rejected events, unpriced models", vec![]),
+            "/api/v1/pipeline/rejected/{partition}/{offset}": op("One rejected message with its raw payload (admin, ops)", vec![path_param("partition", "integer"), path_param("offset", "integer")]),
+        }
+    })
+}
+

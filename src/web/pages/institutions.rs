@@ -1,0 +1,166 @@
+//! `/institutions` (spend per institution) and `/institutions/{id}` (one institution:
+//! over time by model, users, keys, tags, budget burn-down).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::Uri;
+use axum::response::Response;
+use chrono::Utc;
+use rust_decimal::Decimal;
+
+use crate::domain::{Scope, Selection};
+use crate::store::usage::{Agg, GroupKey, Order};
+use crate::web::auth::Scoped;
+use crate::web::chart::{Chart, Kind, Series};
+use crate::web::error::AppError;
+use crate::web::page::{respond, Cell, PageData, Table};
+use crate::web::query::{selection, Filters};
+use crate::web::views::{
+    agg_table, burn_down, daily, hour_labels, institution_link, month_start, series_by_model,
+};
+use crate::web::AppState;
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    Query(filters): Query<Filters>,
+    uri: Uri,
+) -> Result<Response, AppError> {
+    let sel = selection(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
+    let rows = state
+        .store
+        .aggregate(&sel, GroupKey::Institution, GroupKey::None, Order::CostDesc, 10_000)
+        .await?;
+    let mut page = PageData::new("Institutions");
+    page.figure("Institutions with usage", Cell::Int(rows.len() as i64));
+    page.tables.push(agg_table(
+        "institutions",
+        "Spend per institution",
+        "institution_id",
+        &rows,
+        |a| Some(institution_link(&filters, &a.key)),
+    ));
+    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+}
+
+pub async fn one(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    Path(inst): Path<String>,
+    Query(filters): Query<Filters>,
+    uri: Uri,
+) -> Result<Response, AppError> {
+    let sel = selection(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
+    debug_assert_eq!(sel.scope, Scope::One(inst.clone()));
+    let store = &state.store;
+    let config = state.cfg.institution(&inst);
+    let hourly = (sel.to - sel.from).num_days() < 3;
+    let time_key = if hourly { GroupKey::Hour } else { GroupKey::Day };
+    // Independent queries, run concurrently: the page costs the slowest, not the sum.
+    let (by_model, users, keys, series_rows, tags) = tokio::try_join!(
+        store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),
+        store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, 20),
+        store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, 20),
+        store.aggregate(&sel, time_key, GroupKey::Model, Order::Key, 1_000_000),
+        store.tag_totals(&sel, 20),
+    )?;
+    if config.is_none() && by_model.is_empty() && !store.institution_has_usage(&inst).await? {
+        return Err(AppError::NotFound);
+    }
+
+    let mut page = PageData::new(
+        match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
+            Some(name) => format!("{name} ({inst})"),
+            None => format!("Institution {inst}"),
+        },
+    );
+    let total: Decimal = by_model.iter().map(Agg::cost).sum();
+    page.figure(
+        format!("Spend {} – {}", sel.from, sel.to),
+        Cell::Money(total.normalize()),
+    );
+    page.figure("Events", Cell::Int(by_model.iter().map(|a| a.events).sum()));
+    page.figure(
+        "Unpriced events",
+        Cell::Int(by_model.iter().map(|a| a.unpriced_events).sum()),
+    );
+
+    // Over time, by model (top 6 models by spend; the rest as "other").
+    let top: Vec<&str> = by_model.iter().take(6).map(|a| a.key.as_str()).collect();
+    let labels: Vec<String> = if hourly {
+        hour_labels(&sel)
+    } else {
+        sel.days().iter().map(|d| d.to_string()).collect()
+    };
+    page.charts.push(Chart {
+        title: format!(
+            "Spend per {} by model (USD)",
+            if hourly { "hour" } else { "day" }
+        ),
+        kind: Kind::Line,
+        series: series_by_model(&labels, &top, &series_rows),
+        labels,
+    });
+
+    // Budget burn-down for the current month.
+    let today = Utc::now().date_naive();
+    if let Some(budget) = config.and_then(|c| c.monthly_budget_usd) {
+        let month = Selection::whole(month_start(today), today, Scope::One(inst.clone()));
+        let days = store
+            .aggregate(&month, GroupKey::Day, GroupKey::None, Order::Key, 100)
+            .await?;
+        let (labels, daily_values) = daily(&month, &days);
+        let b = burn_down(budget, today, labels, &daily_values);
+        page.figure("Monthly budget", Cell::Money(budget));
+        page.figure("Budget used this month", Cell::Text(b.used_percent.clone()));
+        page.figure("Budget remaining", Cell::Money(b.remaining));
+        page.figure("Projected month-end spend", Cell::Money(b.projected));
+        page.charts.push(Chart {
+            title: "Budget burn-down this month (cumulative USD)".into(),
+            kind: Kind::Line,
+            series: vec![
+                Series {
+                    name: "spent".into(),
+                    values: b.cumulative,
+                },
+                Series {
+                    name: "budget".into(),
+                    values: vec![budget; b.labels.len()],
+                },
+            ],
+            labels: b.labels,
+        });
+    } else {
+        page.notes.push("No monthly budget is configured for this institution ([[institutions]] in the config).".into());
+    }
+    page.tables
+        .push(agg_table("models", "By model", "model", &by_model, |_| {
+            None
+        }));
+    page.tables
+        .push(agg_table("users", "Top users", "user_id", &users, |_| None));
+    page.tables.push(agg_table(
+        "keys",
+        "Top API keys",
+        "api_key_id",
+        &keys,
+        |_| None,
+    ));
+    page.tables.push(Table {
+        name: "tags",
+        title: "Tags".into(),
+        columns: vec!["tag", "events", "cost_usd"],
+        rows: tags
+            .iter()
+            .map(|t| {
+                vec![
+                    Cell::Text(t.tag.clone()),
+                    Cell::Int(t.events),
+                    Cell::Money(t.cost_usd),
+                ]
+            })
+            .collect(),
+    });
+    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+}
