@@ -172,13 +172,11 @@ pub fn aggregate_sql(sel: &Selection, key: GroupKey, key2: GroupKey, order: Orde
         key2.expr()
     ));
     q.append(source_and_conditions(sel, key.fine() || key2.fine()));
-    q.push(&format!(
-        " GROUP BY key, key2 HAVING events != 0 ORDER BY {} LIMIT {limit})",
-        match order {
-            Order::Key => "key",
-            Order::CostDesc => "sum(cost) DESC",
-        }
-    ));
+    q.push(match order {
+        Order::Key => " GROUP BY key, key2 HAVING events != 0 ORDER BY key",
+        Order::CostDesc => " GROUP BY key, key2 HAVING events != 0 ORDER BY sum(cost) DESC",
+    });
+    q.bind(" LIMIT ?)", [i(limit.min(i64::MAX as usize) as i64)]);
     q
 }
 
@@ -248,9 +246,10 @@ impl Store {
             if let Some(inst) = sel.scope.institution() {
                 q.bind(" AND institution_id = ?", [s(inst)]);
             }
-            q.push(&format!(
-                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost) DESC LIMIT {limit})"
-            ));
+            q.bind(
+                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost) DESC LIMIT ?)",
+                [i(limit as i64)],
+            );
         } else {
             q.push(
                 "SELECT ?fields FROM (SELECT concat(k, '=', v) AS tag, toInt64(sum(sign)) AS events, \
@@ -259,9 +258,10 @@ impl Store {
             .append(raw_conditions(sel))
             .append(dimension_conditions(sel))
             .append(tag_condition(sel))
-            .push(&format!(
-                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT {limit})"
-            ));
+            .bind(
+                " GROUP BY tag HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT ?)",
+                [i(limit as i64)],
+            );
         }
         Ok(q.query(&self.client).fetch_all().await?)
     }
@@ -343,8 +343,9 @@ mod tests {
         assert!(!q.text().contains("uni'") && !q.text().contains("a?b") && !q.text().contains("x\\y"));
         assert!(q.args().contains(&Arg::Str("uni'?fields".into())));
         assert!(q.args().contains(&Arg::Str("a?b".into())));
-        // One placeholder per argument (plus `?fields`).
+        // One placeholder per argument (plus `?fields`), the limit bound too.
         assert_eq!(q.text().matches('?').count() - 1, q.args().len());
+        assert!(!q.text().contains("20"));
     }
 
     #[test]

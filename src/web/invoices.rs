@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{Authed, Role, Scoped};
+use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField, Policy, Scoped};
 use super::error::AppError;
 use crate::format::{money, urlencode};
 use super::AppState;
@@ -89,7 +89,7 @@ async fn listing(
         pipeline: scoped.principal.sees_pipeline(),
         institution: scoped.scope.institution(),
         rows: view,
-        can_issue: can_issue(scoped.principal.role) && !scoped.csrf.is_empty(),
+        can_issue: CanIssue::allows(&scoped.principal) && !scoped.csrf.is_empty(),
         message,
         failed,
         api_href: match scoped.scope.institution() {
@@ -101,9 +101,6 @@ async fn listing(
     Ok(Html(page).into_response())
 }
 
-fn can_issue(role: Role) -> bool {
-    matches!(role, Role::Finance | Role::Admin)
-}
 
 /// `GET /invoices` (HTML) and `GET /api/v1/invoices` (JSON).
 pub async fn list(
@@ -258,19 +255,19 @@ pub struct IssueForm {
     csrf: String,
 }
 
+impl CsrfField for IssueForm {
+    fn csrf(&self) -> &str {
+        &self.csrf
+    }
+}
+
 /// `POST /invoices/issue` (finance and admin; a session needs its CSRF token).
 pub async fn issue(
     State(state): State<Arc<AppState>>,
-    authed: Authed,
+    authed: Allowed<CanIssue>,
     uri: Uri,
-    Form(form): Form<IssueForm>,
+    CheckedForm(form): CheckedForm<IssueForm>,
 ) -> Result<Response, AppError> {
-    if !can_issue(authed.principal.role) {
-        return Err(AppError::Forbidden);
-    }
-    if !authed.csrf.is_empty() && form.csrf != authed.csrf {
-        return Err(AppError::Forbidden);
-    }
     let period: Period = form.period.trim().parse().map_err(AppError::BadRequest)?;
     let inst = form.institution.trim();
     let billing = Billing::new(&state.cfg, &state.writer, &state.book);
