@@ -641,5 +641,13 @@ pub fn serve_vars(
         ("TOKENTALLY_WEB_LISTEN", "127.0.0.1:0".to_owned()),
     ]);
     vars.extend(extra.iter().cloned());
+    // The harness reads the bound port from the "dashboard listening" line.
+    let level = vars
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == "TOKENTALLY_LOG")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "info,rdkafka=warn".into());
+    vars.push(("TOKENTALLY_LOG", format!("{level},tokentally::app=info")));
     vars
 }
