@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
 
@@ -17,8 +16,12 @@ async fn main() {
         std::process::exit(2);
     };
     let expected: u64 = expected.parse().expect("EXPECTED_MESSAGES is a number");
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    // The same client builder as ingest (brokers plus any `kafka.properties`).
+    let kafka = tokentally::config::KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    };
+    let consumer: StreamConsumer = tokentally::kafka::client_config(&kafka)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

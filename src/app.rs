@@ -99,5 +99,9 @@ async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
 /// `tokentally run`: migrate, then ingest and serve in one process; either half failing
 /// (e.g. the dashboard port is taken) stops the process.
 pub async fn run(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    tokio::try_join!(crate::ingest::run(cfg, shutdown.clone()), serve(cfg, shutdown)).map(|_| ())
+    tokio::try_join!(
+        crate::ingest::run(cfg, shutdown.clone()),
+        serve(cfg, shutdown)
+    )
+    .map(|_| ())
 }

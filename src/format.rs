@@ -58,8 +58,7 @@ pub fn money(d: Decimal) -> String {
 /// `+`/`-` that does not start a number) by a leading `'`.
 pub fn csv_field(s: &str) -> String {
     let numeric = s.parse::<Decimal>().is_ok();
-    let formula = s.starts_with(['=', '@', '\t', '\r'])
-        || (s.starts_with(['+', '-']) && !numeric);
+    let formula = s.starts_with(['=', '@', '\t', '\r']) || (s.starts_with(['+', '-']) && !numeric);
     let s = if formula {
         format!("'{s}")
     } else {
@@ -115,7 +114,10 @@ mod tests {
             "bob\\n2026-01-01 INFO login user=admin"
         );
         let long = log_safe(&"x".repeat(1_000_000), 64);
-        assert!(long.len() < 100 && long.ends_with("(1000000 bytes)"), "{long}");
+        assert!(
+            long.len() < 100 && long.ends_with("(1000000 bytes)"),
+            "{long}"
+        );
         assert!(!log_safe("\u{0}\r\t", 64).chars().any(char::is_control));
     }
 
@@ -149,7 +151,10 @@ mod tests {
 
     #[test]
     fn html_and_urls_are_escaped() {
-        assert_eq!(html("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            html("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
         assert_eq!(urlencode("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
     }
 }

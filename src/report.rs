@@ -6,11 +6,11 @@ use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use clap::ValueEnum;
-use crate::format::csv_field;
 use crate::domain::{Scope, Selection};
+use crate::format::csv_field;
 use crate::store::usage::{GroupKey, Order};
 use crate::store::{Store, StoreError};
+use clap::ValueEnum;
 
 /// What `report spend` groups by.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +76,13 @@ pub async fn spend(
 ) -> Result<Vec<SpendRow>, StoreError> {
     let sel = Selection::whole(from, to, Scope::All);
     let rows = store
-        .aggregate(&sel, group_by.key(), GroupKey::None, Order::Key, u32::MAX as usize)
+        .aggregate(
+            &sel,
+            group_by.key(),
+            GroupKey::None,
+            Order::Key,
+            u32::MAX as usize,
+        )
         .await?;
     Ok(rows
         .into_iter()
@@ -94,16 +100,7 @@ pub async fn spend(
         .collect())
 }
 
-const COLUMNS: [&str; 8] = [
-    "events",
-    "unpriced_events",
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-];
+use crate::store::usage::METRIC_COLUMNS as COLUMNS;
 
 fn cells(r: &SpendRow) -> Vec<String> {
     vec![
@@ -118,7 +115,6 @@ fn cells(r: &SpendRow) -> Vec<String> {
         r.cost_usd.to_string(),
     ]
 }
-
 
 pub fn render(rows: &[SpendRow], group_by: GroupBy, format: Format) -> anyhow::Result<String> {
     let key = group_by.column();

@@ -12,8 +12,8 @@ use super::deliver::Notifier;
 use super::{
     budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, Tracker, Transition,
 };
-use crate::domain::Period;
 use crate::config::Config;
+use crate::domain::Period;
 use crate::shutdown::Shutdown;
 use crate::store::alerts::{micros, AlertRow, Incident};
 use crate::store::{Store, StoreError};
@@ -249,19 +249,19 @@ pub async fn record(store: &Store, changes: &[Transition]) -> Result<(), StoreEr
         .iter()
         .enumerate()
         .map(|(i, t)| AlertRow {
-                alert_id: t.alert_id.clone(),
-                at: t.at.timestamp() as u32,
-                seq: t.at.timestamp_millis() as u64 * 1000 + i as u64,
-                state: if t.resolved { "resolved" } else { "firing" }.into(),
-                kind: t.reading.kind.as_str().into(),
-                entity: t.reading.entity.clone(),
-                institution_id: t.reading.institution.clone(),
-                severity: t.reading.severity.as_str().into(),
-                observed: micros(t.reading.observed),
-                baseline: micros(t.reading.baseline),
-                threshold: micros(t.reading.threshold),
-                message: t.reading.message.clone(),
-                actor: String::new(),
+            alert_id: t.alert_id.clone(),
+            at: t.at.timestamp() as u32,
+            seq: t.at.timestamp_millis() as u64 * 1000 + i as u64,
+            state: if t.resolved { "resolved" } else { "firing" }.into(),
+            kind: t.reading.kind.as_str().into(),
+            entity: t.reading.entity.clone(),
+            institution_id: t.reading.institution.clone(),
+            severity: t.reading.severity.as_str().into(),
+            observed: micros(t.reading.observed),
+            baseline: micros(t.reading.baseline),
+            threshold: micros(t.reading.threshold),
+            message: t.reading.message.clone(),
+            actor: String::new(),
         })
         .collect();
     store.record_alerts(&rows).await

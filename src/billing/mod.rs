@@ -119,7 +119,9 @@ pub enum BillingError {
     },
     #[error("{0}")]
     Refused(String),
-    #[error("gave up after {attempts} attempts: other issuers kept changing {institution}'s invoices")]
+    #[error(
+        "gave up after {attempts} attempts: other issuers kept changing {institution}'s invoices"
+    )]
     Contended { attempts: u32, institution: String },
     #[error("the invoice ledger has not decided on the request yet; try again")]
     Undecided,

@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::usage::Detail;
 use super::{exact_amount, quantities, Document, Kind, Period};
-use crate::price::PriceBook;
 use crate::format::{csv_field, money};
+use crate::price::PriceBook;
 
 /// The font embedded in every PDF (DejaVu Sans, see assets/fonts/DejaVuSans.LICENSE).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
@@ -202,7 +202,8 @@ fn date_or_dash(d: Option<chrono::NaiveDate>) -> String {
 /// A one- or multi-page A4 PDF with the font embedded. Deterministic: the document id
 /// and dates derive from the document, not the clock.
 pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
-    let render = |e: printpdf::Error| super::BillingError::Render(format!("PDF of {}: {e}", doc.number));
+    let render =
+        |e: printpdf::Error| super::BillingError::Render(format!("PDF of {}: {e}", doc.number));
     let title = format!("{} {}", doc.title(), doc.number);
     let (pdf, page1, layer1) = PdfDocument::new(&title, Mm(PAGE_W), Mm(PAGE_H), "content");
     let id = hex::encode(&Sha256::digest(doc.number.as_bytes())[..16]);

@@ -44,7 +44,7 @@ impl<'a> Billing<'a> {
     ) -> Result<Quantities, BillingError> {
         let (start, end) = p.bounds(c.tz);
         let groups = usage::groups(self.store, institution, start, end).await?;
-        Ok(quantities(p, &groups, self.book)?)
+        quantities(p, &groups, self.book)
     }
 
     /// The invoice `period` would get if issued now against `ledger`: this period's usage
@@ -198,7 +198,9 @@ impl<'a> Billing<'a> {
                         .find(|d| &d.number == number)
                         .cloned()
                         .ok_or_else(|| {
-                            BillingError::Corrupt(format!("accepted {number} is missing from the fold"))
+                            BillingError::Corrupt(format!(
+                                "accepted {number} is missing from the fold"
+                            ))
                         })?;
                     return Ok(doc);
                 }
@@ -241,7 +243,9 @@ impl<'a> Billing<'a> {
                     .iter()
                     .find(|d| &d.number == n)
                     .cloned()
-                    .ok_or_else(|| BillingError::Corrupt(format!("credit note {n} is missing from the fold")))
+                    .ok_or_else(|| {
+                        BillingError::Corrupt(format!("credit note {n} is missing from the fold"))
+                    })
             }
             Some(Outcome::Refused(why)) => Err(BillingError::Refused(why.clone())),
             _ => Err(BillingError::Undecided),

@@ -11,8 +11,8 @@ use crate::billing::render;
 use crate::billing::service::{Billing, Reconciliation};
 use crate::billing::{Document, Period};
 use crate::config::Config;
-use crate::store::Store;
 use crate::format::money;
+use crate::store::Store;
 
 #[derive(Subcommand, Debug)]
 pub enum InvoiceCommand {

@@ -10,9 +10,9 @@ use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::report::{Format, GroupBy};
 use crate::price::litellm::{import, ImportOptions};
 use crate::price::PriceBook;
+use crate::report::{Format, GroupBy};
 use crate::shutdown::Shutdown;
 use crate::store::{migrate::migrate, Store};
 
@@ -305,9 +305,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Invoice { command } => invoice::invoice(&cfg, command).await,
         Command::Ledger { command } => invoice::ledger(&cfg, command).await,
-        Command::Reconcile { period, format } => {
-            invoice::reconcile(&cfg, period, format).await
-        }
+        Command::Reconcile { period, format } => invoice::reconcile(&cfg, period, format).await,
         Command::Report {
             command: ReportCommand::Spend(args),
         } => {

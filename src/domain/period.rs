@@ -105,4 +105,3 @@ impl<'de> Deserialize<'de> for Period {
         s.parse().map_err(serde::de::Error::custom)
     }
 }
-

@@ -368,31 +368,27 @@ fn version_of(sources: &[(String, String)]) -> String {
     format!("{:x}", hasher.finalize())[..16].to_owned()
 }
 
+/// (file name, text) of every file of the book at `path`.
+fn read_sources(path: &Path) -> Result<Vec<(String, String)>, BookError> {
+    book_files(path)?
+        .into_iter()
+        .map(|file| {
+            std::fs::read_to_string(&file)
+                .map(|text| (file.display().to_string(), text))
+                .map_err(|source| BookError::Io { path: file, source })
+        })
+        .collect()
+}
+
 /// The version the book at `path` would have, without parsing it (cheap enough to poll).
 pub fn fingerprint(path: &Path) -> Result<String, BookError> {
-    let mut sources = Vec::new();
-    for file in book_files(path)? {
-        let text = std::fs::read_to_string(&file).map_err(|source| BookError::Io {
-            path: file.clone(),
-            source,
-        })?;
-        sources.push((file.display().to_string(), text));
-    }
-    Ok(version_of(&sources))
+    Ok(version_of(&read_sources(path)?))
 }
 
 impl PriceBook {
     /// Loads a price book file, or every `.toml` file of a folder.
     pub fn load(path: &Path) -> Result<Self, BookError> {
-        let mut sources = Vec::new();
-        for file in book_files(path)? {
-            let text = std::fs::read_to_string(&file).map_err(|source| BookError::Io {
-                path: file.clone(),
-                source,
-            })?;
-            sources.push((file.display().to_string(), text));
-        }
-        Self::from_sources(&sources)
+        Self::from_sources(&read_sources(path)?)
     }
 
     /// Builds a book from (name, TOML text) pairs; reports every problem found.

@@ -118,9 +118,13 @@ impl Store {
         let q = match institution {
             Some(i) => self
                 .client
-                .query(&format!("{outer} FROM ({inner}) WHERE institution_id = ? {order}"))
+                .query(&format!(
+                    "{outer} FROM ({inner}) WHERE institution_id = ? {order}"
+                ))
                 .bind(i),
-            None => self.client.query(&format!("{outer} FROM ({inner}) {order}")),
+            None => self
+                .client
+                .query(&format!("{outer} FROM ({inner}) {order}")),
         };
         Ok(q.fetch_all().await?)
     }

@@ -163,7 +163,8 @@ impl Store {
         low: i64,
         below: i64,
     ) -> Result<u64, StoreError> {
-        let cond = "kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset < ?";
+        let cond =
+            "kafka_topic = ? AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset < ?";
         let mut q = self.client.query(&format!(
             "SELECT toUInt64(uniqExact(kafka_offset)) FROM (\
              SELECT kafka_offset FROM usage_events WHERE {cond} \

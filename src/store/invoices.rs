@@ -85,13 +85,16 @@ impl Store {
              any(issued_at) AS issued_at_, any(total) AS total_, \
              any(references_number) AS references_number_, any(document) AS document_ \
              FROM invoices GROUP BY seq";
-        let outer = "SELECT seq, number_ AS number, kind_ AS kind, institution_id_ AS institution_id, \
+        let outer =
+            "SELECT seq, number_ AS number, kind_ AS kind, institution_id_ AS institution_id, \
              period_ AS period, issued_at_ AS issued_at, total_ AS total, \
              references_number_ AS references_number, document_ AS document";
         let q = match institution {
             Some(i) => self
                 .client
-                .query(&format!("{outer} FROM ({inner}) WHERE institution_id = ? ORDER BY seq DESC"))
+                .query(&format!(
+                    "{outer} FROM ({inner}) WHERE institution_id = ? ORDER BY seq DESC"
+                ))
                 .bind(i),
             None => self
                 .client

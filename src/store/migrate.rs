@@ -113,7 +113,9 @@ pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
         }
         store
             .client
-            .query("INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?, ?, now())")
+            .query(
+                "INSERT INTO schema_migrations (name, checksum, applied_at) VALUES (?, ?, now())",
+            )
             .bind(*name)
             .bind(sum.as_str())
             .execute()

@@ -1,14 +1,14 @@
 //! ClickHouse: connection, row types, migrations, idempotent writes and queries.
 
-pub mod leases;
-pub mod migrate;
-pub mod pipeline;
-pub mod sql;
-pub mod usage;
 pub mod alerts;
 pub mod billing;
 pub mod invoices;
+pub mod leases;
+pub mod migrate;
+pub mod pipeline;
 pub mod rows;
+pub mod sql;
+pub mod usage;
 pub mod writer;
 
 use crate::config::ClickHouseConfig;

@@ -103,7 +103,11 @@ pub struct UnpricedCount {
 
 impl Store {
     /// Rejected messages received in `[start, end)`, per reason, most first.
-    pub async fn rejected_by_reason(&self, start: i64, end: i64) -> Result<Vec<ReasonCount>, StoreError> {
+    pub async fn rejected_by_reason(
+        &self,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<ReasonCount>, StoreError> {
         Ok(self
             .client
             .query(
@@ -142,7 +146,9 @@ impl Store {
     pub async fn rejected_since(&self, since: i64) -> Result<u64, StoreError> {
         Ok(self
             .client
-            .query("SELECT toUInt64(count()) FROM rejected_events WHERE received_at >= toDateTime(?)")
+            .query(
+                "SELECT toUInt64(count()) FROM rejected_events WHERE received_at >= toDateTime(?)",
+            )
             .bind(since)
             .fetch_one()
             .await?)

@@ -136,7 +136,10 @@ mod tests {
 
     #[test]
     fn an_amount_that_does_not_fit_is_an_error_not_zero() {
-        assert_eq!(decimal_from_i128(375_000_000_000_000, 18).unwrap(), dec!(0.000375));
+        assert_eq!(
+            decimal_from_i128(375_000_000_000_000, 18).unwrap(),
+            dec!(0.000375)
+        );
         assert_eq!(decimal_from_i128(-1230, 2).unwrap().to_string(), "-12.30");
         // A corrupted sum (38 digits) cannot pass as a smaller amount or as zero.
         let corrupt = 10i128.pow(37);
@@ -145,7 +148,8 @@ mod tests {
         use serde::de::value::{Error, I128Deserializer};
         assert!(money18::deserialize(I128Deserializer::<Error>::new(corrupt)).is_err());
         assert_eq!(
-            money18::deserialize(I128Deserializer::<Error>::new(1_500_000_000_000_000_000)).unwrap(),
+            money18::deserialize(I128Deserializer::<Error>::new(1_500_000_000_000_000_000))
+                .unwrap(),
             dec!(1.5)
         );
     }

@@ -64,6 +64,18 @@ pub enum Order {
     CostDesc,
 }
 
+/// The names of `Agg`'s sums, in order: the columns of every export of them.
+pub const METRIC_COLUMNS: [&str; 8] = [
+    "events",
+    "unpriced_events",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+];
+
 /// Sums over one grouping.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
 pub struct Agg {
@@ -104,10 +116,12 @@ fn source_and_conditions(sel: &Selection, fine_key: bool) -> Sql {
             q.push("usage_hourly_model");
         }
         Some(_) => {
-            q.push(&format!("(SELECT {RAW_AS_ROLLUP} FROM usage_events WHERE 1"))
-                .append(raw_conditions(sel))
-                .append(tag_condition(sel))
-                .push(")");
+            q.push(&format!(
+                "(SELECT {RAW_AS_ROLLUP} FROM usage_events WHERE 1"
+            ))
+            .append(raw_conditions(sel))
+            .append(tag_condition(sel))
+            .push(")");
         }
     }
     q.bind(
@@ -161,7 +175,13 @@ fn tag_condition(sel: &Selection) -> Sql {
 }
 
 /// The query of `aggregate` (separate so that tests can look at it).
-pub fn aggregate_sql(sel: &Selection, key: GroupKey, key2: GroupKey, order: Order, limit: usize) -> Sql {
+pub fn aggregate_sql(
+    sel: &Selection,
+    key: GroupKey,
+    key2: GroupKey,
+    order: Order,
+    limit: usize,
+) -> Sql {
     let mut q = Sql::new(&format!(
         "SELECT ?fields FROM (SELECT {} AS key, toString({}) AS key2, sum(events) AS events, \
          sum(unpriced_events) AS unpriced_events, sum(input_tokens) AS input_tokens, \
@@ -216,7 +236,8 @@ impl Store {
             #[serde(with = "money18")]
             total: Decimal,
         }
-        let mut q = Sql::new("SELECT ?fields FROM (SELECT sum(cost) AS total FROM usage_hourly_model");
+        let mut q =
+            Sql::new("SELECT ?fields FROM (SELECT sum(cost) AS total FROM usage_hourly_model");
         q.bind(
             " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
             [i(start), i(end)],
@@ -231,8 +252,13 @@ impl Store {
 
     /// Spend per tag (`name=value`), most first, at most `limit`: from the tag rollup,
     /// or from raw events when a filter the tag rollup lacks is set.
-    pub async fn tag_totals(&self, sel: &Selection, limit: usize) -> Result<Vec<TagTotal>, StoreError> {
-        let plain = sel.model.is_none() && sel.key.is_none() && sel.user.is_none() && sel.tag.is_none();
+    pub async fn tag_totals(
+        &self,
+        sel: &Selection,
+        limit: usize,
+    ) -> Result<Vec<TagTotal>, StoreError> {
+        let plain =
+            sel.model.is_none() && sel.key.is_none() && sel.user.is_none() && sel.tag.is_none();
         let mut q = Sql::default();
         if plain {
             q.push(
@@ -340,7 +366,9 @@ mod tests {
         s1.model = Some("a?b".into());
         s1.user = Some("x\\y".into());
         let q = aggregate_sql(&s1, GroupKey::Model, GroupKey::None, Order::CostDesc, 20);
-        assert!(!q.text().contains("uni'") && !q.text().contains("a?b") && !q.text().contains("x\\y"));
+        assert!(
+            !q.text().contains("uni'") && !q.text().contains("a?b") && !q.text().contains("x\\y")
+        );
         assert!(q.args().contains(&Arg::Str("uni'?fields".into())));
         assert!(q.args().contains(&Arg::Str("a?b".into())));
         // One placeholder per argument (plus `?fields`), the limit bound too.
@@ -351,7 +379,11 @@ mod tests {
     #[test]
     fn the_smallest_rollup_that_answers_is_chosen() {
         let all = sel(Scope::All);
-        let text = |s: &Selection, k| aggregate_sql(s, k, GroupKey::None, Order::Key, 10).text().to_owned();
+        let text = |s: &Selection, k| {
+            aggregate_sql(s, k, GroupKey::None, Order::Key, 10)
+                .text()
+                .to_owned()
+        };
         assert!(text(&all, GroupKey::Model).contains("FROM usage_hourly_model"));
         assert!(text(&all, GroupKey::ApiKey).contains("FROM usage_hourly "));
         let one = sel(Scope::One("u".into()));
@@ -360,6 +392,10 @@ mod tests {
         tagged.tag = Some(("project".into(), "x".into()));
         let t = text(&tagged, GroupKey::Model);
         assert!(t.contains("FROM usage_events") && t.contains("arrayExists"));
-        assert_eq!(RAW_AS_ROLLUP.matches("sign").count(), 8, "every sum is weighed by sign");
+        assert_eq!(
+            RAW_AS_ROLLUP.matches("sign").count(),
+            8,
+            "every sum is weighed by sign"
+        );
     }
 }

@@ -46,7 +46,6 @@ fn when(ts: u32) -> String {
         .unwrap_or_default()
 }
 
-
 pub async fn list(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,

@@ -12,10 +12,10 @@ use serde_json::json;
 
 use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField, Policy, Scoped};
 use super::error::AppError;
-use crate::format::{money, urlencode};
 use super::AppState;
 use crate::billing::service::Billing;
 use crate::billing::{ledger, render, Document, Period};
+use crate::format::{money, urlencode};
 
 struct Row {
     number: String,
@@ -57,7 +57,10 @@ async fn listing(
     message: String,
     failed: bool,
 ) -> Result<Response, AppError> {
-    let rows = state.store.stored_invoices(scoped.scope.institution()).await?;
+    let rows = state
+        .store
+        .stored_invoices(scoped.scope.institution())
+        .await?;
     let voids = ledger::voids(&rows);
     let view: Vec<Row> = rows
         .iter()
@@ -101,7 +104,6 @@ async fn listing(
     Ok(Html(page).into_response())
 }
 
-
 /// `GET /invoices` (HTML) and `GET /api/v1/invoices` (JSON).
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -109,7 +111,10 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Response, AppError> {
     if uri.path().starts_with("/api/") {
-        let rows = state.store.stored_invoices(scoped.scope.institution()).await?;
+        let rows = state
+            .store
+            .stored_invoices(scoped.scope.institution())
+            .await?;
         let voids = ledger::voids(&rows);
         let items: Vec<_> = rows
             .iter()
@@ -169,11 +174,15 @@ pub async fn download(
     Path((inst, number, format)): Path<(String, String, String)>,
 ) -> Result<Response, AppError> {
     debug_assert_eq!(scoped.scope.institution(), Some(inst.as_str()));
-    let row = state.store.stored_invoice(&number)
+    let row = state
+        .store
+        .stored_invoice(&number)
         .await?
         .filter(|r| r.institution_id == inst)
         .ok_or(AppError::NotFound)?;
-    let frozen = state.store.frozen_invoice(&row.number)
+    let frozen = state
+        .store
+        .frozen_invoice(&row.number)
         .await?
         .ok_or(AppError::NotFound)?;
     let (bytes, ext) = match format.as_str() {

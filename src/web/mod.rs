@@ -57,8 +57,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     for prefix in ["", "/api/v1"] {
         r = r
             .route(&format!("{prefix}/"), get(pages::overview::overview))
-            .route(&format!("{prefix}/overview"), get(pages::overview::overview))
-            .route(&format!("{prefix}/institutions"), get(pages::institutions::list))
+            .route(
+                &format!("{prefix}/overview"),
+                get(pages::overview::overview),
+            )
+            .route(
+                &format!("{prefix}/institutions"),
+                get(pages::institutions::list),
+            )
             .route(
                 &format!("{prefix}/institutions/{{institution}}"),
                 get(pages::institutions::one),
@@ -76,7 +82,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 &format!("{prefix}/institutions/{{institution}}/invoices/{{number}}/{{format}}"),
                 get(invoices::download),
             )
-            .route(&format!("{prefix}/pipeline"), get(pages::pipeline::pipeline))
+            .route(
+                &format!("{prefix}/pipeline"),
+                get(pages::pipeline::pipeline),
+            )
             .route(
                 &format!("{prefix}/pipeline/rejected/{{partition}}/{{offset}}"),
                 get(pages::pipeline::rejected),
@@ -130,4 +139,3 @@ async fn security_headers(mut res: Response) -> Response {
     h.insert(header::CACHE_CONTROL, "no-store".parse().expect("static"));
     res
 }
-

@@ -55,4 +55,3 @@ pub fn openapi_document() -> serde_json::Value {
         }
     })
 }
-

@@ -57,9 +57,6 @@ impl Cell {
     }
 }
 
-
-
-
 #[derive(Debug, Clone)]
 pub struct Table {
     pub name: &'static str,
@@ -148,7 +145,6 @@ impl PageData {
     }
 }
 
-
 struct HtmlTable {
     title: String,
     csv_href: String,
@@ -206,7 +202,6 @@ pub fn query_string(filters: &Filters, extra: &[(&str, &str)]) -> String {
         .collect::<Vec<_>>()
         .join("&")
 }
-
 
 /// Renders `page` as JSON (API paths), CSV (`format=csv&table=...`) or HTML.
 pub fn respond(

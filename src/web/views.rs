@@ -30,16 +30,7 @@ pub fn ts(d: NaiveDate) -> i64 {
         .timestamp()
 }
 
-pub const METRIC_COLUMNS: [&str; 8] = [
-    "events",
-    "unpriced_events",
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-];
+pub use crate::store::usage::METRIC_COLUMNS;
 
 fn metric_cells(a: &Agg) -> Vec<Cell> {
     vec![
@@ -173,7 +164,12 @@ pub struct BurnDown {
 
 /// The burn-down of `budget` over the month of `today`, from `daily` spend (labels and
 /// values of the month's days so far).
-pub fn burn_down(budget: Decimal, today: NaiveDate, labels: Vec<String>, daily: &[Decimal]) -> BurnDown {
+pub fn burn_down(
+    budget: Decimal,
+    today: NaiveDate,
+    labels: Vec<String>,
+    daily: &[Decimal],
+) -> BurnDown {
     let mut cum = Decimal::ZERO;
     let cumulative: Vec<Decimal> = daily
         .iter()
@@ -227,9 +223,15 @@ mod tests {
     fn daily_series_fill_every_day_of_the_range() {
         let sel = Selection::whole(day(1), day(4), Scope::All);
         let (labels, values) = daily(&sel, &[agg("2026-10-02", "", dec!(1.5))]);
-        assert_eq!(labels, ["2026-10-01", "2026-10-02", "2026-10-03", "2026-10-04"]);
+        assert_eq!(
+            labels,
+            ["2026-10-01", "2026-10-02", "2026-10-03", "2026-10-04"]
+        );
         assert_eq!(values, [dec!(0), dec!(1.5), dec!(0), dec!(0)]);
-        assert_eq!(hour_labels(&Selection::whole(day(1), day(1), Scope::All)).len(), 24);
+        assert_eq!(
+            hour_labels(&Selection::whole(day(1), day(1), Scope::All)).len(),
+            24
+        );
     }
 
     #[test]
@@ -243,8 +245,14 @@ mod tests {
         ];
         let s = series_by_model(&labels, &["a"], &rows);
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].name.as_str(), s[0].values.clone()), ("a", vec![dec!(1), dec!(0)]));
-        assert_eq!((s[1].name.as_str(), s[1].values.clone()), ("other", vec![dec!(0), dec!(5)]));
+        assert_eq!(
+            (s[0].name.as_str(), s[0].values.clone()),
+            ("a", vec![dec!(1), dec!(0)])
+        );
+        assert_eq!(
+            (s[1].name.as_str(), s[1].values.clone()),
+            ("other", vec![dec!(0), dec!(5)])
+        );
         // No "other" when the top covers everything.
         assert_eq!(series_by_model(&labels, &["a", "b", "c"], &rows).len(), 3);
     }

@@ -842,8 +842,7 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
         })
         .collect();
     env.produce(&messages).await;
-    env
-        .exec("RENAME TABLE usage_events TO usage_events_parked")
+    env.exec("RENAME TABLE usage_events TO usage_events_parked")
         .await
         .unwrap();
     let mut ingest = env.spawn_ingest();
@@ -852,12 +851,13 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
     let alert_state = |state: &'static str| {
         let ch = env.ch();
         async move {
-            ch
-                .query("SELECT toUInt64(count()) FROM alerts WHERE kind = 'ingest_stalled' AND state = ?")
-                .bind(state)
-                .fetch_one::<u64>()
-                .await
-                .unwrap_or(0)
+            ch.query(
+                "SELECT toUInt64(count()) FROM alerts WHERE kind = 'ingest_stalled' AND state = ?",
+            )
+            .bind(state)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0)
         }
     };
     let started = Instant::now();
@@ -876,8 +876,7 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
     );
     assert!(log.contains("ingest stalled"), "{log}");
 
-    env
-        .exec("RENAME TABLE usage_events_parked TO usage_events")
+    env.exec("RENAME TABLE usage_events_parked TO usage_events")
         .await
         .unwrap();
     env.wait_accounted(100, Duration::from_secs(60)).await;

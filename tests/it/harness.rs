@@ -336,7 +336,8 @@ impl TestEnv {
     }
 
     pub async fn drop_database(&self) {
-        let _ = self.exec(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
+        let _ = self
+            .exec(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
             .await;
     }
 }

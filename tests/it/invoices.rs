@@ -733,8 +733,7 @@ async fn invoices_are_exact_frozen_adjusted_and_reconciled() {
             .any(|l| l.starts_with("uni-c") && l.contains("MISMATCH")),
         "{table}"
     );
-    env
-        .exec("ALTER TABLE usage_events DELETE WHERE event_id = 'aug-0'")
+    env.exec("ALTER TABLE usage_events DELETE WHERE event_id = 'aug-0'")
         .await
         .unwrap();
     let mut gone = false;

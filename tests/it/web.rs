@@ -1055,7 +1055,10 @@ async fn ambiguous_or_absurd_parameters_are_refused_on_every_route() {
         c.web.query_timeout_secs = 7;
         c
     });
-    let limit = reader.effective_setting("max_execution_time").await.unwrap();
+    let limit = reader
+        .effective_setting("max_execution_time")
+        .await
+        .unwrap();
     assert_eq!(limit, "7");
     env.drop_database().await;
 }

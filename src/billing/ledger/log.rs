@@ -130,6 +130,19 @@ impl LedgerLog {
         }
     }
 
+    /// Creates the topic if it is missing: one partition (one order), kept forever.
+    async fn create_topic(&self) -> Result<(), LedgerError> {
+        crate::kafka::ensure_topic(
+            &self.kafka,
+            &self.topic,
+            1,
+            &[("retention.ms", "-1"), ("retention.bytes", "-1")],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| self.kafka_error(e))
+    }
+
     pub fn new(cfg: &Config) -> Self {
         Self {
             brokers: crate::kafka::client_config(&cfg.kafka),
@@ -159,14 +172,7 @@ impl LedgerLog {
                     missing: stored.iter().map(|d| d.number.clone()).collect(),
                 });
             }
-            crate::kafka::ensure_topic(
-                &self.kafka,
-                &self.topic,
-                1,
-                &[("retention.ms", "-1"), ("retention.bytes", "-1")],
-            )
-            .await
-            .map_err(|e| self.kafka_error(e))?;
+            self.create_topic().await?;
         }
         let ledger = self.fold().await?;
         self.check_against(&ledger, &stored)?;
@@ -227,14 +233,7 @@ impl LedgerLog {
     /// above the highest number ever used. Returns the numbers restored.
     pub async fn restore(&self, store: &Store) -> Result<Vec<String>, LedgerError> {
         let stored = stored_documents(store).await?;
-        crate::kafka::ensure_topic(
-            &self.kafka,
-            &self.topic,
-            1,
-            &[("retention.ms", "-1"), ("retention.bytes", "-1")],
-        )
-        .await
-        .map_err(|e| self.kafka_error(e))?;
+        self.create_topic().await?;
         let mut ledger = self.fold().await?;
         let c = compare(&ledger, &stored);
         if !c.conflicts.is_empty() {

@@ -30,7 +30,13 @@ pub async fn list(
     let sel = selection(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     let rows = state
         .store
-        .aggregate(&sel, GroupKey::Institution, GroupKey::None, Order::CostDesc, 10_000)
+        .aggregate(
+            &sel,
+            GroupKey::Institution,
+            GroupKey::None,
+            Order::CostDesc,
+            10_000,
+        )
         .await?;
     let mut page = PageData::new("Institutions");
     page.figure("Institutions with usage", Cell::Int(rows.len() as i64));
@@ -56,7 +62,11 @@ pub async fn one(
     let store = &state.store;
     let config = state.cfg.institution(&inst);
     let hourly = (sel.to - sel.from).num_days() < 3;
-    let time_key = if hourly { GroupKey::Hour } else { GroupKey::Day };
+    let time_key = if hourly {
+        GroupKey::Hour
+    } else {
+        GroupKey::Day
+    };
     // Independent queries, run concurrently: the page costs the slowest, not the sum.
     let (by_model, users, keys, series_rows, tags) = tokio::try_join!(
         store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),

@@ -26,7 +26,13 @@ pub async fn models(
     let sel = selection(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     let rows = state
         .store
-        .aggregate(&sel, GroupKey::Model, GroupKey::Provider, Order::CostDesc, 1000)
+        .aggregate(
+            &sel,
+            GroupKey::Model,
+            GroupKey::Provider,
+            Order::CostDesc,
+            1000,
+        )
         .await?;
     let mut page = PageData::new("Models");
     page.figure("Models used", Cell::Int(rows.len() as i64));
@@ -113,4 +119,3 @@ pub async fn models(
     });
     respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
 }
-

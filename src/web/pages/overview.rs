@@ -68,7 +68,13 @@ pub async fn overview(
     });
     if sel.scope == Scope::All {
         let by_inst = store
-            .aggregate(&sel, GroupKey::Institution, GroupKey::None, Order::CostDesc, 20)
+            .aggregate(
+                &sel,
+                GroupKey::Institution,
+                GroupKey::None,
+                Order::CostDesc,
+                20,
+            )
             .await?;
         page.tables.push(agg_table(
             "institutions",
