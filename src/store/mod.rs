@@ -24,6 +24,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A query the server cut off by its limits (time, rows, bytes, memory): the caller
+    /// asked for too much, nothing is broken.
+    pub fn cut_by_limits(&self) -> bool {
+        let StoreError::ClickHouse(clickhouse::error::Error::BadResponse(msg)) = self else {
+            return false;
+        };
+        // 159 timeout exceeded, 158 too many rows to read, 307 too many bytes, 241 memory.
+        ["Code: 159", "Code: 158", "Code: 307", "Code: 241"]
+            .iter()
+            .any(|c| msg.contains(c))
+    }
+
     /// Network trouble and server overload pass by themselves: retry as is. Anything else
     /// (a query the server refuses, a schema mismatch) will fail the same way again, so
     /// the caller must change something (ingest splits the batch) rather than retry blindly.

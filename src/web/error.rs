@@ -29,18 +29,13 @@ pub enum AppError {
 
 impl From<crate::store::StoreError> for AppError {
     fn from(e: crate::store::StoreError) -> Self {
-        match &e {
-            crate::store::StoreError::ClickHouse(ch) => {
-                ch_error(ch).unwrap_or(AppError::Internal(e.into()))
-            }
-            _ => AppError::Internal(e.into()),
+        if e.cut_by_limits() {
+            // A query cut off by the dashboard's limits is the caller's to narrow.
+            tracing::warn!(error = %crate::format::log_safe(&e.to_string(), 300), "dashboard query cut off by its limits");
+            AppError::TooLarge
+        } else {
+            AppError::Internal(e.into())
         }
-    }
-}
-
-impl From<clickhouse::error::Error> for AppError {
-    fn from(e: clickhouse::error::Error) -> Self {
-        ch_error(&e).unwrap_or(AppError::Internal(e.into()))
     }
 }
 
@@ -57,23 +52,6 @@ impl From<crate::billing::BillingError> for AppError {
 impl From<crate::billing::ledger::LedgerError> for AppError {
     fn from(e: crate::billing::ledger::LedgerError) -> Self {
         crate::billing::BillingError::from(e).into()
-    }
-}
-
-/// A query cut off by the dashboard's limits is the caller's to narrow, not a server fault.
-fn ch_error(e: &clickhouse::error::Error) -> Option<AppError> {
-    let clickhouse::error::Error::BadResponse(msg) = e else {
-        return None;
-    };
-    // 159 timeout exceeded, 158 too many rows to read, 307 too many bytes, 241 memory limit.
-    let cut = ["Code: 159", "Code: 158", "Code: 307", "Code: 241"]
-        .iter()
-        .any(|c| msg.contains(c));
-    if cut {
-        tracing::warn!(error = %crate::format::log_safe(msg, 300), "dashboard query cut off by its limits");
-        Some(AppError::TooLarge)
-    } else {
-        None
     }
 }
 
