@@ -61,7 +61,7 @@ fn event_of(row: &EventRow) -> Option<UsageEvent> {
         model: row.model.clone(),
         endpoint: String::new(),
         service_tier: row.service_tier.clone(),
-        status: String::new(),
+        status: row.status.clone(),
         latency_ms: 0,
         usage: TokenCounts {
             input: row.input_tokens,
@@ -71,6 +71,8 @@ fn event_of(row: &EventRow) -> Option<UsageEvent> {
             reasoning: row.reasoning_tokens,
         },
         tags: Default::default(),
+        usage_estimated: row.usage_estimated != 0,
+        billing: crate::domain::Billing::parse(&row.billing).unwrap_or_default(),
     })
 }
 

@@ -136,6 +136,51 @@ pub struct UsageEvent {
     pub latency_ms: u32,
     pub usage: TokenCounts,
     pub tags: BTreeMap<String, String>,
+    /// The usage was counted by the gateway (a tokenizer), not reported by the provider.
+    pub usage_estimated: bool,
+    /// Who paid the provider for this request.
+    pub billing: Billing,
+}
+
+impl UsageEvent {
+    /// Whether the request reached a provider. A request the gateway refused (rate
+    /// limit, moderation, a model the key may not use) has status `rejected_…` or
+    /// `blocked_…`: it is recorded, with zero tokens, but never charged a per-request fee.
+    pub fn was_served(&self) -> bool {
+        !(self.status.starts_with("rejected_") || self.status.starts_with("blocked_"))
+    }
+}
+
+/// Who paid the provider for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Billing {
+    /// Through the platform's upstream key: charged on the invoice.
+    #[default]
+    Platform,
+    /// Through the institution's own key ("bring your own key"): the provider bills the
+    /// institution; invoices list this usage separately and charge at most a
+    /// per-request platform fee.
+    Byok,
+}
+
+impl Billing {
+    /// The value of the event field and of the `billing` column (`''` for platform,
+    /// which is also what rows written before the column existed hold).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Billing::Platform => "",
+            Billing::Byok => "byok",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "platform" => Some(Billing::Platform),
+            "byok" => Some(Billing::Byok),
+            _ => None,
+        }
+    }
 }
 
 /// Maps the provider names gateways use to the names the price book uses.

@@ -195,6 +195,26 @@ pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Reject
         latency_ms: latency(&obj)?,
         usage,
         tags: tags(&obj)?,
+        usage_estimated: flag(&obj, "usage_estimated")?,
+        billing: billing(&obj)?,
+    })
+}
+
+fn flag(obj: &Map<String, Value>, field: &str) -> Result<bool, Rejection> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(invalid(field, format!("must be true or false, got {other}"))),
+    }
+}
+
+fn billing(obj: &Map<String, Value>) -> Result<crate::domain::Billing, Rejection> {
+    let raw = optional_str(obj, "billing")?;
+    crate::domain::Billing::parse(&raw).ok_or_else(|| {
+        invalid(
+            "billing",
+            format!("`{}` is not `platform` or `byok`", excerpt(&raw)),
+        )
     })
 }
 
@@ -348,6 +368,25 @@ mod tests {
             Some("thesis-bot")
         );
         assert_eq!(e.latency_ms, 840);
+        assert!(!e.usage_estimated);
+        assert_eq!(e.billing, crate::domain::Billing::Platform);
+    }
+
+    #[test]
+    fn gateway_fields_estimated_usage_and_billing() {
+        let mut v = sample();
+        v["usage_estimated"] = json!(true);
+        v["billing"] = json!("byok");
+        let e = dec(&v).unwrap();
+        assert!(e.usage_estimated);
+        assert_eq!(e.billing, crate::domain::Billing::Byok);
+        v["billing"] = json!("platform");
+        assert_eq!(dec(&v).unwrap().billing, crate::domain::Billing::Platform);
+        v["billing"] = json!("free");
+        assert_eq!(dec(&v).unwrap_err().reason, RejectReason::InvalidField);
+        v["billing"] = json!("byok");
+        v["usage_estimated"] = json!("yes");
+        assert_eq!(dec(&v).unwrap_err().reason, RejectReason::InvalidField);
     }
 
     #[test]

@@ -170,6 +170,8 @@ pub fn event_row(
         ingested_at: now,
         version: 0,
         sign: 1,
+        usage_estimated: u8::from(e.usage_estimated),
+        billing: e.billing.as_str().to_owned(),
     }
 }
 

@@ -71,7 +71,15 @@ pub fn price(event: &UsageEvent, book: &PriceBook) -> Pricing {
                 price_id: entry.id.clone(),
                 price_model: entry.model.clone(),
                 tier_threshold,
-                cost: cost(rates, &event.usage, entry.per_request),
+                cost: cost(
+                    rates,
+                    &event.usage,
+                    if event.was_served() {
+                        entry.per_request
+                    } else {
+                        Decimal::ZERO
+                    },
+                ),
             })
         }
     }
@@ -163,6 +171,8 @@ output_per_mtok = "15"
             latency_ms: 0,
             usage,
             tags: Default::default(),
+            usage_estimated: false,
+            billing: Default::default(),
         }
     }
 
@@ -254,6 +264,15 @@ output_per_mtok = "15"
         ));
         // 1000×2 + 200×8 + 300×10 = 6600 → 0.0066, + 0.001 per request.
         assert_eq!(p.cost, dec!(0.0076));
+        // A request the gateway refused reached no provider: no fee.
+        for status in ["rejected_rate_limit", "blocked_moderation"] {
+            let mut refused = event("openai", "o3", "", (2025, 5, 1), TokenCounts::default());
+            refused.status = status.into();
+            assert_eq!(priced(price(&refused, &book())).cost, dec!(0), "{status}");
+        }
+        let mut failed = event("openai", "o3", "", (2025, 5, 1), TokenCounts::default());
+        failed.status = "upstream_error".into();
+        assert_eq!(priced(price(&failed, &book())).cost, dec!(0.001));
         assert_eq!(
             price(
                 &event(

@@ -37,7 +37,30 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_utc_heartbeats_locks.sql",
         include_str!("../../schema/0007_utc_heartbeats_locks.sql"),
     ),
+    (
+        "0008_gateway.sql",
+        include_str!("../../schema/0008_gateway.sql"),
+    ),
 ];
+
+/// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so
+/// the runner asks `system.columns` first: a migration cut off after such a statement
+/// can be run again.
+fn added_column(stmt: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = stmt.split_whitespace().collect();
+    match words.as_slice() {
+        [alter, table, t, add, column, c, ..]
+            if alter.eq_ignore_ascii_case("alter")
+                && table.eq_ignore_ascii_case("table")
+                && add.eq_ignore_ascii_case("add")
+                && column.eq_ignore_ascii_case("column")
+                && !c.eq_ignore_ascii_case("if") =>
+        {
+            Some(((*t).to_owned(), (*c).to_owned()))
+        }
+        _ => None,
+    }
+}
 
 /// Splits a migration file into statements (`;` at the end of a line ends one).
 pub fn statements(sql: &str) -> Vec<String> {
@@ -107,6 +130,21 @@ pub async fn migrate(store: &Store) -> Result<Vec<String>, StoreError> {
             continue;
         }
         for stmt in statements(sql) {
+            if let Some((table, column)) = added_column(&stmt) {
+                let exists: u64 = store
+                    .client
+                    .query(
+                        "SELECT count() FROM system.columns \
+                         WHERE database = currentDatabase() AND table = ? AND name = ?",
+                    )
+                    .bind(table.as_str())
+                    .bind(column.as_str())
+                    .fetch_one()
+                    .await?;
+                if exists > 0 {
+                    continue;
+                }
+            }
             store.execute(&stmt).await.map_err(|e| {
                 StoreError::Migration(format!("migration {name} failed: {e}\nstatement: {stmt}"))
             })?;
@@ -154,5 +192,15 @@ mod tests {
         assert_eq!(statements(MIGRATIONS[1].1).len(), 3);
         assert_eq!(statements(MIGRATIONS[2].1).len(), 3);
         assert_eq!(statements(MIGRATIONS[3].1).len(), 3);
+    }
+
+    #[test]
+    fn added_columns_are_recognised() {
+        assert_eq!(
+            added_column("ALTER TABLE usage_events ADD COLUMN billing String DEFAULT ''"),
+            Some(("usage_events".into(), "billing".into()))
+        );
+        assert_eq!(added_column("ALTER TABLE t DROP COLUMN c"), None);
+        assert_eq!(added_column("CREATE TABLE t (a UInt8) ENGINE = Log"), None);
     }
 }

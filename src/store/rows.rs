@@ -101,6 +101,9 @@ pub struct EventRow {
     pub ingested_at: u32,
     pub version: u32,
     pub sign: i8,
+    pub usage_estimated: u8,
+    /// `''` (platform) or `byok`.
+    pub billing: String,
 }
 
 #[derive(Debug, Clone, Row, Serialize)]

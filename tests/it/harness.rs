@@ -381,6 +381,8 @@ pub fn event_row(
         ingested_at: at.timestamp() as u32,
         version: 0,
         sign: 1,
+        usage_estimated: 0,
+        billing: String::new(),
     }
 }
 

@@ -57,6 +57,8 @@ fn row(i: usize, inst: &str, model: &str, day: u32, cost: Decimal, priced: bool)
         ingested_at: t,
         version: 0,
         sign: 1,
+        usage_estimated: 0,
+        billing: String::new(),
     }
 }
 
