@@ -16,6 +16,7 @@ pub struct Config {
     pub web: WebConfig,
     pub billing: BillingConfig,
     pub alerts: AlertsConfig,
+    pub gateway: GatewayConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
 }
@@ -31,6 +32,133 @@ impl Config {
         self.institution(id)
             .and_then(|i| i.time_zone.parse().ok())
             .unwrap_or(chrono_tz::UTC)
+    }
+}
+
+/// The gateway (`[gateway]`): where it listens, the providers it forwards to, the
+/// spool that holds events while Kafka is away, and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: String,
+    /// 32 bytes as 64 hex characters: encrypts institutions' own provider keys and keys
+    /// the pseudonymous end-user ids. Env: `TOKENTALLY_GATEWAY_MASTER_KEY`. If empty,
+    /// read from `master_key_file` (which must be readable by its owner only), and
+    /// created there on first use. Never logged.
+    pub master_key: Secret,
+    pub master_key_file: PathBuf,
+    /// Where events wait for Kafka (append-only segment files).
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool may hold; beyond it the gateway answers 503 rather than
+    /// serve a request it could not bill.
+    pub spool_max_bytes: u64,
+    /// The spool is written before a response ends and fsynced every this many ms (0:
+    /// fsync before every response ends). A killed process loses nothing written; a
+    /// machine that loses power loses at most this window.
+    pub spool_fsync_ms: u64,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    pub connect_timeout_secs: u64,
+    /// Longest silence from a provider mid-response before the request is failed.
+    pub idle_timeout_secs: u64,
+    /// After a client goes away mid-stream, how long the provider's stream is still read
+    /// for its usage.
+    pub drain_secs: u64,
+    /// How often the keys are re-read from ClickHouse (revocations apply within this
+    /// plus one query).
+    pub keys_refresh_ms: u64,
+    pub openai: UpstreamConfig,
+    pub anthropic: UpstreamConfig,
+    pub gemini: UpstreamConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8090".into(),
+            master_key: Secret::default(),
+            master_key_file: PathBuf::from("gateway-master.key"),
+            spool_dir: PathBuf::from("spool"),
+            spool_max_bytes: 1 << 30,
+            spool_fsync_ms: 20,
+            max_body_bytes: 20 * 1024 * 1024,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 300,
+            drain_secs: 120,
+            keys_refresh_ms: 2000,
+            openai: UpstreamConfig::new("https://api.openai.com"),
+            anthropic: UpstreamConfig::new("https://api.anthropic.com"),
+            gemini: UpstreamConfig::new("https://generativelanguage.googleapis.com"),
+        }
+    }
+}
+
+/// One provider the gateway forwards to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Scheme, host and port (paths such as `/v1/...` are the client's).
+    pub base_url: String,
+    /// The platform's key for this provider. Env: `TOKENTALLY_GATEWAY_<PROVIDER>_API_KEY`.
+    pub api_key: Secret,
+    /// Or a file holding it (first line).
+    pub api_key_file: PathBuf,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl UpstreamConfig {
+    fn new(base_url: &str) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key: Secret::default(),
+            api_key_file: PathBuf::new(),
+        }
+    }
+
+    /// The key: `api_key`, else the first line of `api_key_file`, else none.
+    pub fn key(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.api_key.is_empty() {
+            return Ok(Some(self.api_key.clone()));
+        }
+        if self.api_key_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.api_key_file).map_err(|source| {
+            ConfigError::Read {
+                path: self.api_key_file.clone(),
+                source,
+            }
+        })?;
+        let key = text.lines().next().unwrap_or("").trim().to_owned();
+        Ok((!key.is_empty()).then(|| Secret::new(key)))
+    }
+}
+
+/// A secret string: shown as `<redacted>` by `Debug`, so no log line can carry it.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
     }
 }
 
@@ -378,6 +506,14 @@ pub struct InstitutionConfig {
     /// The customer's purchase-order or reference number, printed on invoices.
     #[serde(default)]
     pub reference: String,
+    /// Check every gateway request's input with the provider's moderation endpoint
+    /// first; flagged input is refused (400) and recorded as `blocked_moderation`.
+    #[serde(default)]
+    pub moderation: bool,
+    /// Platform fee per request served with the institution's own provider key (bring
+    /// your own key); that usage itself is not charged.
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub byok_fee_per_request_usd: rust_decimal::Decimal,
 }
 
 fn utc() -> String {
@@ -611,6 +747,23 @@ impl Config {
                 "web.max_range_days must be at least 1".into(),
             ));
         }
+        for (name, u) in [
+            ("openai", &self.gateway.openai),
+            ("anthropic", &self.gateway.anthropic),
+            ("gemini", &self.gateway.gemini),
+        ] {
+            if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "gateway.{name}.base_url {:?} must start with http:// or https://",
+                    u.base_url
+                )));
+            }
+        }
+        if self.gateway.max_body_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "gateway.max_body_bytes must be at least 1024".into(),
+            ));
+        }
         if self.billing.auto_issue_day > 28 {
             return Err(ConfigError::Invalid(
                 "billing.auto_issue_day must be 0 (off) or 1-28".into(),
@@ -656,6 +809,27 @@ impl Config {
         }
         if let Some(v) = env("TOKENTALLY_WEB_CLICKHOUSE_PASSWORD") {
             self.web.clickhouse_password = v;
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_LISTEN") {
+            self.gateway.listen = v;
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY") {
+            self.gateway.master_key = Secret::new(v);
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_SPOOL_DIR") {
+            self.gateway.spool_dir = PathBuf::from(v);
+        }
+        for (name, upstream) in [
+            ("OPENAI", &mut self.gateway.openai),
+            ("ANTHROPIC", &mut self.gateway.anthropic),
+            ("GEMINI", &mut self.gateway.gemini),
+        ] {
+            if let Some(v) = env(&format!("TOKENTALLY_GATEWAY_{name}_API_KEY")) {
+                upstream.api_key = Secret::new(v);
+            }
+            if let Some(v) = env(&format!("TOKENTALLY_GATEWAY_{name}_BASE_URL")) {
+                upstream.base_url = v;
+            }
         }
         if let Some(v) = env("TOKENTALLY_ALERTS_WEBHOOK_SECRET") {
             self.alerts.webhook.secret = v;

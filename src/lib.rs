@@ -10,6 +10,7 @@ pub mod emit;
 pub mod format;
 pub mod ingest;
 pub mod kafka;
+pub mod keys;
 pub mod price;
 pub mod report;
 pub mod reprice;

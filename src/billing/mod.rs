@@ -477,6 +477,8 @@ impl Customer {
             contract_percent: Decimal::ZERO,
             billing: PartyConfig::default(),
             reference: String::new(),
+            moderation: false,
+            byok_fee_per_request_usd: Decimal::ZERO,
         };
         let i = cfg.institution(institution).unwrap_or(&default);
         let name = if i.name.is_empty() { &i.id } else { &i.name };

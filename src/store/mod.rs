@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod billing;
 pub mod invoices;
+pub mod keys;
 pub mod leases;
 pub mod migrate;
 pub mod pipeline;
