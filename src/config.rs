@@ -67,6 +67,8 @@ pub struct GatewayConfig {
     /// How often the keys are re-read from ClickHouse (revocations apply within this
     /// plus one query).
     pub keys_refresh_ms: u64,
+    /// Prometheus metrics of the gateway (`/metrics`; empty: off).
+    pub metrics_listen: String,
     pub openai: UpstreamConfig,
     pub anthropic: UpstreamConfig,
     pub gemini: UpstreamConfig,
@@ -86,6 +88,7 @@ impl Default for GatewayConfig {
             idle_timeout_secs: 300,
             drain_secs: 120,
             keys_refresh_ms: 2000,
+            metrics_listen: "127.0.0.1:9465".into(),
             openai: UpstreamConfig::new("https://api.openai.com"),
             anthropic: UpstreamConfig::new("https://api.anthropic.com"),
             gemini: UpstreamConfig::new("https://generativelanguage.googleapis.com"),
@@ -815,6 +818,9 @@ impl Config {
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY") {
             self.gateway.master_key = Secret::new(v);
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
+            self.gateway.metrics_listen = v;
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_SPOOL_DIR") {
             self.gateway.spool_dir = PathBuf::from(v);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod emit;
 pub mod format;
+pub mod gateway;
 pub mod ingest;
 pub mod kafka;
 pub mod keys;

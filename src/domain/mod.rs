@@ -145,9 +145,12 @@ pub struct UsageEvent {
 impl UsageEvent {
     /// Whether the request reached a provider. A request the gateway refused (rate
     /// limit, moderation, a model the key may not use) has status `rejected_…` or
-    /// `blocked_…`: it is recorded, with zero tokens, but never charged a per-request fee.
+    /// `blocked_…`, one whose provider could not be reached `upstream_unreachable`: it
+    /// is recorded, with zero tokens, but never charged a per-request fee.
     pub fn was_served(&self) -> bool {
-        !(self.status.starts_with("rejected_") || self.status.starts_with("blocked_"))
+        !(self.status.starts_with("rejected_")
+            || self.status.starts_with("blocked_")
+            || self.status == "upstream_unreachable")
     }
 }
 

@@ -1,0 +1,103 @@
+//! Prometheus metrics of the gateway (bounded labels: statuses and refusal reasons).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    tokens: Counter,
+    pub spool_pending_bytes: Gauge,
+    pub keys: Gauge,
+    pub events_spooled: Gauge,
+    pub events_sent: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("tokentally_gateway"),
+            requests: Family::default(),
+            refused: Family::default(),
+            tokens: Counter::default(),
+            spool_pending_bytes: Gauge::default(),
+            keys: Gauge::default(),
+            events_spooled: Gauge::default(),
+            events_sent: Gauge::default(),
+        };
+        m.registry.register(
+            "requests",
+            "Requests that produced an event, by status",
+            m.requests.clone(),
+        );
+        m.registry.register(
+            "refused",
+            "Requests refused before any event (unknown, revoked, expired keys)",
+            m.refused.clone(),
+        );
+        m.registry
+            .register("tokens", "Tokens of finished requests", m.tokens.clone());
+        m.registry.register(
+            "spool_pending_bytes",
+            "Bytes in the spool not yet sent to Kafka",
+            m.spool_pending_bytes.clone(),
+        );
+        m.registry
+            .register("keys", "Keys known to this instance", m.keys.clone());
+        m.registry.register(
+            "events_spooled",
+            "Events written to the spool since start",
+            m.events_spooled.clone(),
+        );
+        m.registry.register(
+            "events_sent",
+            "Spooled events acknowledged by Kafka since start",
+            m.events_sent.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// An event was written with `status` (one of `event::Status`'s names).
+    pub fn recorded(&self, status: &str) {
+        self.requests
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .inc();
+    }
+
+    pub fn add_tokens(&self, tokens: u64) {
+        self.tokens.inc_by(tokens);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding metrics into a String cannot fail");
+        out
+    }
+}
