@@ -16,5 +16,6 @@ pub mod price;
 pub mod report;
 pub mod reprice;
 pub mod shutdown;
+pub mod simulate;
 pub mod store;
 pub mod web;

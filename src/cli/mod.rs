@@ -2,6 +2,7 @@
 //! live here; the invoice commands in `invoice`.
 
 pub mod invoice;
+pub mod keys;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,17 @@ pub enum Command {
     Run,
     /// The dashboard and JSON API (until SIGINT/SIGTERM).
     Serve,
+    /// The gateway: proxy for OpenAI, Anthropic and Gemini with proxy keys, per-key rate
+    /// limits and one usage event per request (until SIGINT/SIGTERM).
+    Gateway,
+    /// Proxy keys, ingest tokens and institutions' own provider keys.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// A stand-in for the OpenAI, Anthropic and Gemini APIs, for demos, tests and
+    /// benchmarks (until SIGINT/SIGTERM).
+    Simulate(crate::simulate::SimulateArgs),
     /// Dashboard users (stored in the users file with argon2 password hashes).
     Users {
         #[command(subcommand)]
@@ -233,6 +245,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::app::run(&cfg, Shutdown::on_signals()).await
         }
         Command::Serve => crate::app::serve(&cfg, Shutdown::on_signals()).await,
+        Command::Gateway => crate::gateway::run(&cfg, Shutdown::on_signals()).await,
+        Command::Keys { command } => keys::run(&cfg, command).await,
+        Command::Simulate(args) => crate::simulate::run(args, Shutdown::on_signals()).await,
         Command::Users { command } => users(&cfg, command),
         Command::Tokens {
             command:
