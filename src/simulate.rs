@@ -12,7 +12,7 @@
 //! `words=N` (answer length, default 12), `cached=N` (cached prompt tokens),
 //! `reasoning=N` (reasoning tokens, for any model), `slow=MS` (pause before each chunk),
 //! `truncate=N` (break the connection after N chunks, no usage), `error=STATUS` (answer
-//! with that error in the provider's format), `hang` (never answer).
+//! with that error in the provider's format), `hang` (never answer), `echo` (answer with the prompt's own words).
 //!
 //! `GET /_sim/requests` lists what the last requests carried (path, model, end-user
 //! field, which key: a SHA-256 prefix, never the key) — no prompt text;
@@ -59,6 +59,7 @@ struct Behaviour {
     truncate: Option<u64>,
     error: Option<u16>,
     hang: bool,
+    echo: bool,
 }
 
 fn behaviour(headers: &HeaderMap) -> Behaviour {
@@ -81,6 +82,7 @@ fn behaviour(headers: &HeaderMap) -> Behaviour {
             "truncate" => b.truncate = n,
             "error" => b.error = n.and_then(|s| u16::try_from(s).ok()),
             "hang" => b.hang = true,
+            "echo" => b.echo = true,
             _ => {}
         }
     }
@@ -135,11 +137,31 @@ fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 
+/// The request's own words, as the answer (`x-simulator: echo`).
+fn echo_words(body: &Value) -> Vec<String> {
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.extend(s.split_whitespace().map(str::to_owned)),
+            Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
+            Value::Object(o) => o
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "role" | "type"))
+                .for_each(|(_, x)| collect(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for f in ["messages", "input", "contents"] {
+        collect(&body[f], &mut out);
+    }
+    out
+}
+
 /// The answer's words, chosen by the request.
-fn answer(seed: &str, n: u64) -> Vec<&'static str> {
+fn answer(seed: &str, n: u64) -> Vec<String> {
     let h = Sha256::digest(seed.as_bytes());
     (0..n as usize)
-        .map(|i| WORDS[(h[i % 32] as usize + i) % WORDS.len()])
+        .map(|i| WORDS[(h[i % 32] as usize + i) % WORDS.len()].to_owned())
         .collect()
 }
 
@@ -150,7 +172,7 @@ fn is_reasoning_model(model: &str) -> bool {
 struct Call {
     model: String,
     id: String,
-    words: Vec<&'static str>,
+    words: Vec<String>,
     prompt: u64,
     cached: u64,
     reasoning: u64,
@@ -308,9 +330,17 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         return provider_error(&path, status);
     }
     let prompt = prompt_tokens(&body);
+    // Seeded by what the model is asked, not by framing a gateway may add (end-user
+    // fields, stream options): the same question gets the same answer either way.
+    let seed = json!([model, body["messages"], body["input"], body["contents"], body["system"], body["instructions"]])
+        .to_string();
     let call = Call {
-        id: digest(&bytes),
-        words: answer(&String::from_utf8_lossy(&bytes), b.words),
+        id: digest(seed.as_bytes()),
+        words: if b.echo {
+            echo_words(&body)
+        } else {
+            answer(&seed, b.words)
+        },
         prompt,
         cached: b.cached.min(prompt),
         reasoning: if b.reasoning > 0 || is_reasoning_model(&model) {

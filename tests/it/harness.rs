@@ -575,36 +575,8 @@ pub async fn spawn_serve_in(
         "serve-{}",
         dir.path().file_name().unwrap().to_string_lossy()
     ));
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
-    c.arg("serve")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in &vars {
-        c.env(k, v);
-    }
-    let proc = Proc::spawn(&mut c);
+    let (proc, port) = spawn_listening(&["serve"], &vars, &log, "dashboard listening").await;
     let started = Instant::now();
-    let port = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(p) = text
-            .lines()
-            .find(|l| l.contains("dashboard listening"))
-            .and_then(|l| l.rsplit(':').next())
-            .and_then(|p| {
-                p.trim()
-                    .trim_end_matches(|c: char| !c.is_ascii_digit())
-                    .parse::<u16>()
-                    .ok()
-            })
-        {
-            break p;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "serve did not start: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let base = format!("http://127.0.0.1:{port}");
     let http = crate::web::client();
     while http.get(format!("{base}/login")).send().await.is_err() {
@@ -653,4 +625,179 @@ pub fn serve_vars(
         .unwrap_or_else(|| "info,rdkafka=warn".into());
     vars.push(("TOKENTALLY_LOG", format!("{level},tokentally::app=info")));
     vars
+}
+
+/// The port in a "… listening listen=HOST:PORT …" log line.
+fn listening_port(log: &str, marker: &str) -> Option<u16> {
+    log.lines().filter(|l| l.contains(marker)).find_map(|l| {
+        let at = l.find("listen=")? + "listen=".len();
+        let addr = l[at..].split_whitespace().next()?;
+        addr.rsplit(':').next()?.parse().ok()
+    })
+}
+
+/// Starts the `tokentally` binary with `args` and `vars` (stderr to `log`) and waits for
+/// its `marker … listen=ADDR` line; returns the process (killed on drop) and the port.
+pub async fn spawn_listening(
+    args: &[&str],
+    vars: &[(&'static str, String)],
+    log: &Path,
+    marker: &str,
+) -> (Proc, u16) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tokentally"));
+    c.args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let mut proc = Proc::spawn(&mut c);
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(port) = listening_port(&text, marker) {
+            return (proc, port);
+        }
+        if let Ok(Some(status)) = proc.try_wait() {
+            panic!("{args:?} exited with {status}: {text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{args:?} did not start: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The provider simulator (`tokentally simulate`) on a port of its own.
+pub struct Simulator {
+    pub proc: Proc,
+    pub base: String,
+}
+
+/// The platform's provider keys the gateway tests configure (the simulator accepts only
+/// these and the institutions' own keys the tests set).
+pub const PLATFORM_KEYS: [(&str, &str); 3] = [
+    ("OPENAI", "sk-platform-openai-0c5e1f"),
+    ("ANTHROPIC", "sk-ant-platform-77d1a0"),
+    ("GEMINI", "gem-platform-5b2e9c"),
+];
+
+pub async fn spawn_simulator(env: &TestEnv, extra_keys: &[&str]) -> Simulator {
+    let keys: Vec<&str> = PLATFORM_KEYS
+        .iter()
+        .map(|(_, k)| *k)
+        .chain(extra_keys.iter().copied())
+        .collect();
+    let (proc, port) = spawn_listening(
+        &["simulate", "--listen", "127.0.0.1:0"],
+        &[
+            ("TOKENTALLY_SIMULATOR_KEYS", keys.join(",")),
+            ("TOKENTALLY_LOG", "info".into()),
+        ],
+        &env.log_path(&format!("simulator-{}", extra_keys.len())),
+        "simulator listening",
+    )
+    .await;
+    Simulator {
+        proc,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// A master key for the gateways of one test (every instance needs the same).
+pub const TEST_MASTER_KEY: &str = "5e1f0c0ffee0ddba11ab1e5eedcafe0badc0de0123456789abcdef0123456789";
+
+/// A running gateway.
+pub struct Gateway {
+    pub proc: Proc,
+    pub base: String,
+    pub log: PathBuf,
+    pub vars: Vec<(&'static str, String)>,
+}
+
+impl TestEnv {
+    /// The environment of a gateway of this test: its topic and database, the simulator
+    /// as every provider, the platform keys, a spool in `dir`, port 0.
+    pub fn gateway_vars(&self, sim: &Simulator, dir: &Path) -> Vec<(&'static str, String)> {
+        let mut vars = self.cli_vars();
+        for (p, k) in PLATFORM_KEYS {
+            let (key_var, base_var) = match p {
+                "OPENAI" => ("TOKENTALLY_GATEWAY_OPENAI_API_KEY", "TOKENTALLY_GATEWAY_OPENAI_BASE_URL"),
+                "ANTHROPIC" => ("TOKENTALLY_GATEWAY_ANTHROPIC_API_KEY", "TOKENTALLY_GATEWAY_ANTHROPIC_BASE_URL"),
+                _ => ("TOKENTALLY_GATEWAY_GEMINI_API_KEY", "TOKENTALLY_GATEWAY_GEMINI_BASE_URL"),
+            };
+            vars.push((key_var, k.to_owned()));
+            vars.push((base_var, sim.base.clone()));
+        }
+        vars.extend([
+            ("TOKENTALLY_GATEWAY_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
+            ("TOKENTALLY_GATEWAY_LISTEN", "127.0.0.1:0".to_owned()),
+            ("TOKENTALLY_GATEWAY_METRICS_LISTEN", String::new()),
+            (
+                "TOKENTALLY_GATEWAY_SPOOL_DIR",
+                dir.join("spool").display().to_string(),
+            ),
+            ("TOKENTALLY_LOG", "info,rdkafka=warn".to_owned()),
+        ]);
+        vars
+    }
+}
+
+/// Starts a gateway with `vars` (from `gateway_vars`, plus overrides appended).
+pub async fn spawn_gateway(env: &TestEnv, name: &str, vars: Vec<(&'static str, String)>) -> Gateway {
+    let log = env.log_path(&format!("gateway-{name}"));
+    let (proc, port) = spawn_listening(&["gateway"], &vars, &log, "gateway listening").await;
+    let base = format!("http://127.0.0.1:{port}");
+    Gateway {
+        proc,
+        base,
+        log,
+        vars,
+    }
+}
+
+/// The Python with the official SDKs (`scripts/services install-test-tools` makes it).
+pub fn python() -> PathBuf {
+    std::env::var_os("TT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".data/venv/bin/python"))
+}
+
+/// Runs `tests/py/sdk.py` against `base` with `key` and the `calls`; returns its results.
+pub fn sdk_calls(base: &str, key: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let py = python();
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/services install-test-tools",
+        py.display()
+    );
+    let mut child = Command::new(&py)
+        .arg(repo().join("tests/py/sdk.py"))
+        .arg(base)
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(calls.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sdk.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "sdk.py output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

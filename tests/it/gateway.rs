@@ -1,0 +1,343 @@
+//! The gateway (issue 12), driven with the official OpenAI and Anthropic Python SDKs
+//! against the provider simulator, with real Kafka, ClickHouse and ingest behind it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use crate::harness::{
+    list_price, sdk_calls, spawn_gateway, spawn_simulator, tokentally, Gateway, TestEnv,
+    PLATFORM_KEYS,
+};
+
+fn platform_key(provider: &str) -> &'static str {
+    PLATFORM_KEYS.iter().find(|(p, _)| *p == provider).unwrap().1
+}
+
+/// Creates a proxy key with the CLI; returns (key id, secret).
+fn create_key(env: &TestEnv, institution: &str, user: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "keys", "create", "--institution", institution, "--user", user, "--format", "json",
+    ];
+    args.extend_from_slice(extra);
+    let out: Value = serde_json::from_str(&tokentally(&args, &env.cli_vars(), None)).unwrap();
+    (
+        out["key_id"].as_str().unwrap().to_owned(),
+        out["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Waits until `gw` accepts `key` (keys are re-read every 2 s); returns how long it took.
+async fn until_accepted(gw: &Gateway, key: &str) -> Duration {
+    let http = crate::web::client();
+    let start = Instant::now();
+    loop {
+        let s = http
+            .get(format!("{}/v1/models", gw.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if s == 200 {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "key not accepted: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The stored events by id: (model, endpoint, status, input, cache_read, cache_write,
+/// output, reasoning, cost, usage_estimated, billing, user_id, api_key_id).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
+struct Stored {
+    event_id: String,
+    institution_id: String,
+    user_id: String,
+    api_key_id: String,
+    provider: String,
+    model: String,
+    endpoint: String,
+    status: String,
+    input_tokens: u64,
+    cache_read_tokens: u64,
+    cache_write_tokens: u64,
+    output_tokens: u64,
+    reasoning_tokens: u64,
+    cost: String,
+    usage_estimated: u8,
+    billing: String,
+    tag_keys: Vec<String>,
+    tag_values: Vec<String>,
+}
+
+async fn stored(env: &TestEnv) -> BTreeMap<String, Stored> {
+    env.ch()
+        .query(
+            "SELECT event_id, institution_id, user_id, api_key_id, provider, model, endpoint, status, \
+             input_tokens, cache_read_tokens, cache_write_tokens, output_tokens, reasoning_tokens, \
+             toString(cost) AS cost, usage_estimated, billing, tag_keys, tag_values \
+             FROM usage_events WHERE sign = 1",
+        )
+        .fetch_all::<Stored>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.event_id.clone(), s))
+        .collect()
+}
+
+async fn wait_events(env: &TestEnv, n: usize, timeout: Duration) -> BTreeMap<String, Stored> {
+    let start = Instant::now();
+    loop {
+        let s = stored(env).await;
+        if s.len() >= n {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "only {} of {n} events stored after {timeout:?}",
+            s.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Canonical (input, cache_read, cache_write, output, reasoning) of a usage object the
+/// simulator reported, by the providers' documented rules (not tokentally's code).
+fn canonical(api: &str, u: &Value) -> (u64, u64, u64, u64, u64) {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    match api {
+        "chat" | "embeddings" => {
+            let cached = n(&u["prompt_tokens_details"]["cached_tokens"]);
+            (
+                n(&u["prompt_tokens"]) - cached,
+                cached,
+                0,
+                n(&u["completion_tokens"]),
+                n(&u["completion_tokens_details"]["reasoning_tokens"]),
+            )
+        }
+        "responses" => {
+            let cached = n(&u["input_tokens_details"]["cached_tokens"]);
+            (
+                n(&u["input_tokens"]) - cached,
+                cached,
+                0,
+                n(&u["output_tokens"]),
+                n(&u["output_tokens_details"]["reasoning_tokens"]),
+            )
+        }
+        "messages" => (
+            n(&u["input_tokens"]),
+            n(&u["cache_read_input_tokens"]),
+            n(&u["cache_creation_input_tokens"]),
+            n(&u["output_tokens"]),
+            0,
+        ),
+        other => panic!("{other}"),
+    }
+}
+
+fn dec(s: &str) -> Decimal {
+    s.parse::<Decimal>().unwrap().normalize()
+}
+
+/// Issue 12: the official SDKs work through the gateway by changing base URL and key;
+/// each client gets exactly what the simulator sends; each request is one stored event,
+/// priced exactly as this test computes it from the price book's TOML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_event() {
+    let env = TestEnv::new("gwsdk", 2).await;
+    let sim = spawn_simulator(&env, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
+    let _ingest = env.spawn_ingest();
+    let (key_id, key) = create_key(&env, "uni-oslo", "alice@uni-oslo.no", &[]);
+    until_accepted(&gw, &key).await;
+
+    let user = |text: &str| json!([{"role": "user", "content": text}]);
+    let openai_calls = json!([
+        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": user("what is two plus two"),
+         "headers": {"x-simulator": "words=7,cached=2", "x-tokentally-tags": "course=inf100"}},
+        {"sdk": "openai", "api": "chat", "stream": true, "model": "gpt-4o-mini",
+         "messages": user("stream me a short answer please"), "headers": {"x-simulator": "words=9"}},
+        {"sdk": "openai", "api": "chat", "stream": true, "include_usage": true, "model": "gpt-4o-mini",
+         "messages": user("and this one with usage"), "headers": {"x-simulator": "words=5,cached=1"}},
+        {"sdk": "openai", "api": "responses", "model": "gpt-5-mini", "input": "explain lifetimes briefly",
+         "headers": {"x-simulator": "words=11,reasoning=6,cached=2"}},
+        {"sdk": "openai", "api": "responses", "stream": true, "model": "gpt-5-mini", "input": "stream the explanation",
+         "headers": {"x-simulator": "words=8,reasoning=3"}},
+        {"sdk": "openai", "api": "embeddings", "model": "text-embedding-3-small",
+         "input": ["one two three", "four five"]},
+    ]);
+    let anthropic_calls = json!([
+        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "max_tokens": 100,
+         "messages": user("hello claude how are you"), "headers": {"x-simulator": "words=6,cached=3"}},
+        {"sdk": "anthropic", "api": "messages", "stream": true, "model": "claude-haiku-4-5", "max_tokens": 100,
+         "messages": user("stream hello"), "headers": {"x-simulator": "words=10"}},
+    ]);
+    let via: Vec<Value> = sdk_calls(&gw.base, &key, &openai_calls)
+        .into_iter()
+        .chain(sdk_calls(&gw.base, &key, &anthropic_calls))
+        .collect();
+    let direct: Vec<Value> = sdk_calls(&sim.base, platform_key("OPENAI"), &openai_calls)
+        .into_iter()
+        .chain(sdk_calls(&sim.base, platform_key("ANTHROPIC"), &anthropic_calls))
+        .collect();
+    let calls: Vec<Value> = openai_calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(anthropic_calls.as_array().unwrap())
+        .cloned()
+        .collect();
+    // The usage the simulator reports for each request: its non-stream twin, direct.
+    let twins = |calls: &Value| -> Value {
+        Value::Array(
+            calls
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    let mut c = c.clone();
+                    c["stream"] = json!(false);
+                    c
+                })
+                .collect(),
+        )
+    };
+    let usage: Vec<Value> = sdk_calls(&sim.base, platform_key("OPENAI"), &twins(&openai_calls))
+        .into_iter()
+        .chain(sdk_calls(&sim.base, platform_key("ANTHROPIC"), &twins(&anthropic_calls)))
+        .map(|r| r["response"]["usage"].clone())
+        .collect();
+
+    for (i, (v, d)) in via.iter().zip(&direct).enumerate() {
+        assert_eq!(v["ok"], true, "call {i} through the gateway: {v}");
+        assert_eq!(d["ok"], true, "call {i} direct: {d}");
+        assert_eq!(v["response"], d["response"], "call {i}: the client got something else");
+        assert_eq!(v["chunks"], d["chunks"], "call {i}: the stream differs");
+        assert!(v["request_id"].is_string(), "call {i} has no request id");
+    }
+    // The stream without include_usage had no usage chunk; the one that asked got it.
+    let chunks = via[1]["chunks"].as_array().unwrap();
+    assert!(chunks.iter().all(|c| c["usage"].is_null()), "{chunks:?}");
+    let with_usage = via[2]["chunks"].as_array().unwrap();
+    assert!(with_usage.last().unwrap()["usage"]["prompt_tokens"].is_u64());
+
+    // The provider saw a pseudonymous end user, the platform's key, no client key.
+    let seen: Vec<Value> = crate::web::client().get(format!("{}/_sim/requests", sim.base)).send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let via_gateway: Vec<&Value> = seen
+        .iter()
+        .filter(|r| r["end_user"].as_str().is_some_and(|u| u.starts_with("tt_")))
+        .collect();
+    assert_eq!(via_gateway.len(), 8, "{seen:?}");
+    let pseudonym = via_gateway[0]["end_user"].as_str().unwrap();
+    assert!(via_gateway.iter().all(|r| r["end_user"] == pseudonym));
+    assert!(!pseudonym.contains("alice"));
+    let who = tokentally(&["keys", "whois", pseudonym], &{
+        let mut v = env.cli_vars();
+        v.push(("TOKENTALLY_GATEWAY_MASTER_KEY", crate::harness::TEST_MASTER_KEY.into()));
+        v
+    }, None);
+    assert_eq!(who, "institution uni-oslo, user alice@uni-oslo.no");
+    let sha = |k: &str| {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(k.as_bytes())[..8])
+    };
+    for r in &via_gateway {
+        let expected = if r["path"] == "/v1/messages" {
+            sha(platform_key("ANTHROPIC"))
+        } else {
+            sha(platform_key("OPENAI"))
+        };
+        assert_eq!(r["key_sha256"], expected);
+        let headers: Vec<&str> = r["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+        assert!(!headers.contains(&"x-tokentally-tags"), "{headers:?}");
+    }
+    assert!(via_gateway[1]["include_usage"] == true, "the gateway asks for stream usage");
+
+    // One event per request, priced as computed here.
+    let events = wait_events(&env, 8, Duration::from_secs(60)).await;
+    assert_eq!(events.len(), 8);
+    for (i, call) in calls.iter().enumerate() {
+        let id = via[i]["request_id"].as_str().unwrap();
+        let e = events.get(id).unwrap_or_else(|| panic!("no event for call {i} ({id})"));
+        let api = call["api"].as_str().unwrap();
+        let (input, cache_read, cache_write, output, reasoning) = canonical(api, &usage[i]);
+        assert_eq!(
+            (e.input_tokens, e.cache_read_tokens, e.cache_write_tokens, e.output_tokens, e.reasoning_tokens),
+            (input, cache_read, cache_write, output, reasoning),
+            "call {i} ({api})"
+        );
+        let price = list_price(&env.prices, call["model"].as_str().unwrap());
+        assert_eq!(
+            dec(&e.cost),
+            price.cost(input, cache_read, cache_write, output).normalize(),
+            "call {i} ({api}) cost"
+        );
+        assert_eq!(e.status, "ok", "call {i}");
+        assert_eq!(e.usage_estimated, 0);
+        assert_eq!(e.billing, "");
+        assert_eq!((e.institution_id.as_str(), e.user_id.as_str()), ("uni-oslo", "alice@uni-oslo.no"));
+        assert_eq!(e.api_key_id, key_id);
+        assert_eq!(e.model, call["model"].as_str().unwrap());
+        let provider = if api == "messages" { "anthropic" } else { "openai" };
+        assert_eq!(e.provider, provider);
+    }
+    let first = &events[via[0]["request_id"].as_str().unwrap()];
+    assert_eq!((first.tag_keys.clone(), first.tag_values.clone()), (vec!["course".to_string()], vec!["inf100".to_string()]));
+    assert_eq!(events[via[3]["request_id"].as_str().unwrap()].endpoint, "responses");
+
+    // Gemini (no official SDK here): generateContent, and a stream with and without SSE.
+    let http = crate::web::client();
+    let gem_body = json!({"contents": [{"role": "user", "parts": [{"text": "hello gemini friend"}]}]});
+    let mut gem_ids = Vec::new();
+    for (path, sse) in [
+        ("models/gemini-2.0-flash:generateContent", false),
+        ("models/gemini-2.0-flash:streamGenerateContent?alt=sse", true),
+        ("models/gemini-2.0-flash:streamGenerateContent", false),
+    ] {
+        let via = http
+            .post(format!("{}/v1beta/{path}", gw.base))
+            .header("x-goog-api-key", &key)
+            .header("x-simulator", "words=4")
+            .json(&gem_body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(via.status(), 200, "{path}");
+        gem_ids.push(via.headers()["x-tokentally-request-id"].to_str().unwrap().to_owned());
+        let via_text = via.text().await.unwrap();
+        let direct = http
+            .post(format!("{}/v1beta/{path}", sim.base))
+            .header("x-goog-api-key", platform_key("GEMINI"))
+            .header("x-simulator", "words=4")
+            .json(&gem_body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(via_text, direct, "{path}");
+        assert_eq!(via_text.contains("data: "), sse);
+    }
+    let events = wait_events(&env, 11, Duration::from_secs(30)).await;
+    let gemini = list_price(&env.prices, "gemini-2.0-flash");
+    for id in &gem_ids {
+        let e = &events[id];
+        // 3 words + 3 for the one content; 4 answer words.
+        assert_eq!((e.input_tokens, e.output_tokens, e.provider.as_str()), (6, 4, "google"));
+        assert_eq!(dec(&e.cost), gemini.cost(6, 0, 0, 4).normalize());
+    }
+    env.drop_database().await;
+}

@@ -1,0 +1,110 @@
+"""Drives an endpoint with the official OpenAI and Anthropic Python SDKs (from PyPI).
+
+usage: sdk.py BASE_URL API_KEY < calls.json > results.json
+
+Each call is an object: {"sdk": "openai"|"anthropic", "api": "chat"|"responses"|
+"embeddings"|"messages"|"models", "stream": bool, "include_usage": bool, "model": str,
+"messages"/"input": ..., "max_tokens": int, "headers": {...}, "leave_after": N}.
+`leave_after` reads N stream items and then closes the connection (a client that goes
+away). Each result: {"ok": true, "request_id": the gateway's x-tokentally-request-id,
+"status": HTTP status, "headers": {...}, "response": the SDK's object as a dict, or
+"chunks": [every streamed item as a dict]} or {"ok": false, "status", "error_type" (the
+SDK's exception class), "body", "headers"}.
+"""
+
+import json
+import sys
+
+import anthropic
+import openai
+
+
+def dump(obj):
+    return obj.model_dump(mode="json", exclude_unset=False)
+
+
+def headers_of(raw):
+    return {k.lower(): v for k, v in raw.headers.items()}
+
+
+def run_openai(client, call):
+    extra = {"extra_headers": call.get("headers", {})}
+    api = call["api"]
+    stream = call.get("stream", False)
+    if api == "models":
+        raw = client.models.with_raw_response.list(**extra)
+        return raw, {"response": [m.id for m in raw.parse().data]}
+    if api == "chat":
+        kwargs = dict(model=call["model"], messages=call["messages"], **extra)
+        if "max_tokens" in call:
+            kwargs["max_tokens"] = call["max_tokens"]
+        if stream:
+            kwargs["stream"] = True
+            if call.get("include_usage"):
+                kwargs["stream_options"] = {"include_usage": True}
+            raw = client.chat.completions.with_raw_response.create(**kwargs)
+            return raw, {"chunks": read_stream(raw.parse(), call)}
+        raw = client.chat.completions.with_raw_response.create(**kwargs)
+        return raw, {"response": dump(raw.parse())}
+    if api == "responses":
+        kwargs = dict(model=call["model"], input=call["input"], **extra)
+        if stream:
+            raw = client.responses.with_raw_response.create(stream=True, **kwargs)
+            return raw, {"chunks": read_stream(raw.parse(), call)}
+        raw = client.responses.with_raw_response.create(**kwargs)
+        return raw, {"response": dump(raw.parse())}
+    if api == "embeddings":
+        raw = client.embeddings.with_raw_response.create(model=call["model"], input=call["input"], **extra)
+        return raw, {"response": dump(raw.parse())}
+    raise ValueError(f"unknown openai api {api}")
+
+
+def run_anthropic(client, call):
+    extra = {"extra_headers": call.get("headers", {})}
+    kwargs = dict(model=call["model"], max_tokens=call.get("max_tokens", 64), messages=call["messages"], **extra)
+    if call.get("stream"):
+        raw = client.messages.with_raw_response.create(stream=True, **kwargs)
+        return raw, {"chunks": read_stream(raw.parse(), call)}
+    raw = client.messages.with_raw_response.create(**kwargs)
+    return raw, {"response": dump(raw.parse())}
+
+
+def read_stream(stream, call):
+    out = []
+    leave = call.get("leave_after")
+    for item in stream:
+        out.append(dump(item))
+        if leave is not None and len(out) >= leave:
+            stream.close()
+            break
+    return out
+
+
+def main():
+    base, key = sys.argv[1], sys.argv[2]
+    calls = json.load(sys.stdin)
+    oa = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+    an = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=60)
+    results = []
+    for call in calls:
+        try:
+            if call["sdk"] == "openai":
+                raw, body = run_openai(oa, call)
+            else:
+                raw, body = run_anthropic(an, call)
+            h = headers_of(raw)
+            results.append({"ok": True, "status": raw.status_code, "request_id": h.get("x-tokentally-request-id"),
+                            "headers": h, **body})
+        except (openai.APIStatusError, anthropic.APIStatusError) as e:
+            h = {k.lower(): v for k, v in e.response.headers.items()}
+            try:
+                body = e.response.json()
+            except Exception:  # noqa: BLE001 - a non-JSON error body is reported as text
+                body = e.response.text
+            results.append({"ok": False, "status": e.status_code, "error_type": type(e).__name__,
+                            "request_id": h.get("x-tokentally-request-id"), "headers": h, "body": body})
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
