@@ -341,3 +341,165 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
     }
     env.drop_database().await;
 }
+
+async fn status_of(gw: &Gateway, key: &str) -> u16 {
+    crate::web::client()
+        .get(format!("{}/v1/models", gw.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls both gateways until `key` gets `status` from each; returns the slower time.
+async fn until_status_on_both(a: &Gateway, b: &Gateway, key: &str, status: u16) -> Duration {
+    let start = Instant::now();
+    let mut done = [false, false];
+    let mut slowest = Duration::ZERO;
+    while !(done[0] && done[1]) {
+        for (i, gw) in [a, b].into_iter().enumerate() {
+            if !done[i] && status_of(gw, key).await == status {
+                done[i] = true;
+                slowest = start.elapsed();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "not {status} on both");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    slowest
+}
+
+fn chat(text: &str) -> Value {
+    json!({"sdk": "openai", "api": "chat", "model": "gpt-4o-mini",
+           "messages": [{"role": "user", "content": text}], "headers": {"x-simulator": "words=12"}})
+}
+
+/// Issue 12: keys are shared by every gateway instance; revocation and expiry apply on
+/// each within 5 s; a model outside the key's list is 403; per-key rate limits answer
+/// 429 with `retry-after` and OpenAI's `x-ratelimit-*` headers — in each SDK's format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_rate_limits() {
+    let env = TestEnv::new("gwkeys", 1).await;
+    let sim = spawn_simulator(&env, &[]).await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = spawn_gateway(&env, "a", env.gateway_vars(&sim, da.path())).await;
+    let b = spawn_gateway(&env, "b", env.gateway_vars(&sim, db.path())).await;
+    let _ingest = env.spawn_ingest();
+
+    // Created once, usable on both; revoked once, refused by both within 5 s.
+    let (key_id, key) = create_key(&env, "uni-a", "carol", &[]);
+    let accepted = until_status_on_both(&a, &b, &key, 200).await;
+    for gw in [&a, &b] {
+        let r = sdk_calls(&gw.base, &key, &json!([chat("hello")]));
+        assert_eq!(r[0]["ok"], true, "{r:?}");
+    }
+    tokentally(&["keys", "revoke", &key_id], &env.cli_vars(), None);
+    let revoked = until_status_on_both(&a, &b, &key, 401).await;
+    assert!(revoked < Duration::from_secs(5), "revocation took {revoked:?}");
+    for gw in [&a, &b] {
+        let r = sdk_calls(&gw.base, &key, &json!([chat("after revocation")]));
+        assert_eq!((r[0]["status"].as_u64(), r[0]["error_type"].as_str()), (Some(401), Some("AuthenticationError")));
+        assert_eq!(r[0]["body"]["error"]["code"], "invalid_api_key");
+        assert!(r[0]["body"]["error"]["message"].as_str().unwrap().contains("revoked"));
+        let m = sdk_calls(&gw.base, &key, &json!([{"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5",
+            "messages": [{"role": "user", "content": "hi"}]}]));
+        assert_eq!((m[0]["status"].as_u64(), m[0]["error_type"].as_str()), (Some(401), Some("AuthenticationError")));
+        assert_eq!(m[0]["body"]["error"]["type"], "authentication_error");
+    }
+    // The key stays revoked across a restart (the state is in ClickHouse).
+    let a = {
+        let vars = a.vars.clone();
+        drop(a);
+        spawn_gateway(&env, "a2", vars).await
+    };
+    assert_eq!(status_of(&a, &key).await, 401);
+
+    // Expiry: a key whose time runs out is refused by both within 5 s of it.
+    let store = &env.store;
+    let fresh = tokentally::keys::generate();
+    let expires_at = chrono::Utc::now().timestamp() as u32 + 10;
+    store
+        .write_key(&tokentally::store::keys::KeyRow {
+            key_id: fresh.key_id.clone(),
+            version: 1,
+            kind: "proxy".into(),
+            secret_hash: tokentally::keys::secret_hash(&fresh.secret),
+            institution_id: "uni-a".into(),
+            user_id: "dave".into(),
+            name: String::new(),
+            models: vec![],
+            expires_at,
+            rpm: 0,
+            tpm: 0,
+            revoked: 0,
+            created_at: 0,
+            created_by: "test".into(),
+            updated_at: 0,
+            updated_by: "test".into(),
+        })
+        .await
+        .unwrap();
+    until_status_on_both(&a, &b, &fresh.secret, 200).await;
+    let r = sdk_calls(&a.base, &fresh.secret, &json!([chat("before expiry")]));
+    assert_eq!(r[0]["ok"], true);
+    let expired_after = until_status_on_both(&a, &b, &fresh.secret, 401).await;
+    let late = chrono::Utc::now().timestamp() - i64::from(expires_at);
+    assert!(late <= 5, "refused on both only {late} s after the key expired");
+    let r = sdk_calls(&b.base, &fresh.secret, &json!([chat("after expiry")]));
+    assert_eq!(r[0]["status"], 401);
+    assert!(r[0]["body"]["error"]["message"].as_str().unwrap().contains("expired"));
+    assert!(late >= 0, "refused before its expiry");
+
+    // Models: only those on the key's list; /v1/models shows only them.
+    let (_, limited) = create_key(&env, "uni-a", "erin", &["--models", "gpt-4o-mini,claude-*"]);
+    until_status_on_both(&a, &b, &limited, 200).await;
+    let r = sdk_calls(&a.base, &limited, &json!([
+        chat("allowed"),
+        {"sdk": "openai", "api": "chat", "model": "gpt-5", "messages": [{"role": "user", "content": "no"}]},
+        {"sdk": "openai", "api": "models"},
+        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "yes"}]},
+    ]));
+    assert_eq!(r[0]["ok"], true);
+    assert_eq!((r[1]["status"].as_u64(), r[1]["error_type"].as_str()), (Some(403), Some("PermissionDeniedError")));
+    assert_eq!(r[1]["body"]["error"]["code"], "model_not_allowed");
+    assert_eq!(r[2]["response"], json!(["gpt-4o-mini"]));
+    assert_eq!(r[3]["ok"], true, "{:?}", r[3]);
+
+    // Requests per minute: the fourth within a minute is refused, with retry-after.
+    let (_, slow) = create_key(&env, "uni-a", "frank", &["--rpm", "3"]);
+    until_status_on_both(&a, &b, &slow, 200).await;
+    // (/v1/models is not rate limited; the model calls are.)
+    let r = sdk_calls(&a.base, &slow, &json!([chat("1"), chat("2"), chat("3"), chat("4")]));
+    let remaining: Vec<&str> = r[..3]
+        .iter()
+        .map(|x| x["headers"]["x-ratelimit-remaining-requests"].as_str().unwrap())
+        .collect();
+    assert_eq!(remaining, ["2", "1", "0"]);
+    assert_eq!((r[3]["status"].as_u64(), r[3]["error_type"].as_str()), (Some(429), Some("RateLimitError")));
+    assert_eq!(r[3]["body"]["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(r[3]["headers"]["x-ratelimit-limit-requests"], "3");
+    let retry: u64 = r[3]["headers"]["retry-after"].as_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    // Tokens per minute: counted from finished requests (each here is 6 + 12 tokens).
+    let (_, tokens) = create_key(&env, "uni-a", "gina", &["--tpm", "30"]);
+    until_status_on_both(&a, &b, &tokens, 200).await;
+    let r = sdk_calls(&a.base, &tokens, &json!([chat("one"), chat("two"), chat("three")]));
+    assert_eq!((r[0]["ok"].as_bool(), r[1]["ok"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(r[2]["status"], 429);
+    assert_eq!(r[2]["body"]["error"]["type"], "tokens");
+
+    // Every refusal after authentication is an event too (zero tokens, never charged).
+    let events = wait_events(&env, 12, Duration::from_secs(60)).await;
+    let count = |status: &str| events.values().filter(|e| e.status == status).count();
+    assert_eq!(count("rejected_model"), 1);
+    assert_eq!(count("rejected_rate_limit"), 2);
+    for e in events.values().filter(|e| e.status.starts_with("rejected_")) {
+        assert_eq!((e.input_tokens, e.output_tokens, dec(&e.cost)), (0, 0, Decimal::ZERO));
+    }
+    println!(
+        "keys: accepted on both after {accepted:?}, revoked on both after {revoked:?}, expired on both {expired_after:?} after the first check"
+    );
+    env.drop_database().await;
+}

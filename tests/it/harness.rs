@@ -801,3 +801,12 @@ pub fn sdk_calls(base: &str, key: &str, calls: &serde_json::Value) -> Vec<serde_
         )
     })
 }
+
+/// Runs `scripts/services` (the test suite's servers are started by it).
+pub fn services(cmd: &str) {
+    let status = Command::new(repo().join("scripts/services"))
+        .arg(cmd)
+        .status()
+        .expect("run scripts/services");
+    assert!(status.success(), "scripts/services {cmd} failed");
+}

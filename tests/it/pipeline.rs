@@ -190,15 +190,6 @@ async fn kill_9_five_times_resumes_within_30s_and_counts_every_event_once() {
     env.drop_database().await;
 }
 
-/// Runs `scripts/services` (the test suite's servers are started by it).
-fn services(cmd: &str) {
-    let status = std::process::Command::new(crate::harness::repo().join("scripts/services"))
-        .arg(cmd)
-        .status()
-        .expect("run scripts/services");
-    assert!(status.success(), "scripts/services {cmd} failed");
-}
-
 /// Stops one of the servers (`what`: clickhouse or kafka) while ingest runs, publishes
 /// the second half of the traffic around the outage, starts it again, checks totals.
 async fn outage(what: &str, seed: u64, batch: usize, publish_during_outage: bool) {
@@ -230,7 +221,7 @@ async fn outage(what: &str, seed: u64, batch: usize, publish_during_outage: bool
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    services(&format!("stop-{what}"));
+    crate::harness::services(&format!("stop-{what}"));
     if publish_during_outage {
         env.produce(second).await;
     }
@@ -239,7 +230,7 @@ async fn outage(what: &str, seed: u64, batch: usize, publish_during_outage: bool
         ingest.try_wait().unwrap().is_none(),
         "ingest must keep running through a {what} outage"
     );
-    services(&format!("start-{what}"));
+    crate::harness::services(&format!("start-{what}"));
     if !publish_during_outage {
         env.produce(second).await;
     }
