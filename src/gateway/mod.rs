@@ -274,8 +274,15 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     let spool = Spool::open(&g.spool_dir, g.spool_max_bytes, g.spool_fsync_ms)
         .context("opening the spool")?;
-    if let Err(e) = crate::kafka::ensure_topic(&cfg.kafka, &cfg.kafka.topic, 4, &[]).await {
-        tracing::warn!(error = %e, topic = %cfg.kafka.topic, "cannot check the usage topic now; events wait in the spool");
+    // Checked in the background: with the broker down the gateway still serves (the
+    // events wait in the spool).
+    {
+        let kafka = cfg.kafka.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::kafka::ensure_topic(&kafka, &kafka.topic, 4, &[]).await {
+                tracing::warn!(error = %e, topic = %kafka.topic, "cannot check the usage topic now; events wait in the spool");
+            }
+        });
     }
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(g.connect_timeout_secs.max(1)))
