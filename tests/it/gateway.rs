@@ -617,7 +617,7 @@ async fn broker_down_and_a_kill_lose_no_answered_request_and_count_none_twice() 
     let load = {
         let base = gw.base.clone();
         let key = key.clone();
-        tokio::spawn(async move { fire(&base, &key, 400, 16, "words=6,slow=5").await })
+        tokio::spawn(async move { fire(&base, &key, 400, 16, "words=6,slow=20").await })
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     crate::harness::kill9(&mut gw.proc);
