@@ -646,3 +646,352 @@ async fn broker_down_and_a_kill_lose_no_answered_request_and_count_none_twice() 
     drop(ingest);
     env.drop_database().await;
 }
+
+/// Every file under `dir` (recursively), as bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Issue 12: provider keys (the platform's and an institution's own), proxy keys and the
+/// content of prompts and answers never appear in logs (trace level), events, ClickHouse
+/// (every table of the test's database, and its files), Kafka, the spool or responses; a
+/// marker inside a prompt reaches the provider (the simulator echoes it) and nothing else.
+/// On the way: bring-your-own-key requests go upstream with the institution's key and
+/// are billed `byok`; moderation refuses flagged input in each SDK's format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
+    const BYOK: &str = "sk-byok-uni-b-9f3e77c1d2";
+    const MARKER: &str = "zebraquokka7731";
+    let env = TestEnv::new("gwsecret", 1).await;
+    let sim = spawn_simulator(&env, &[BYOK]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[institutions]]\nid = \"uni-a\"\n\n[[institutions]]\nid = \"uni-b\"\nbyok_fee_per_request_usd = \"0.002\"\n\n\
+         [[institutions]]\nid = \"uni-mod\"\nmoderation = true\n",
+    )
+    .unwrap();
+    let mut vars = env.gateway_vars(&sim, dir.path());
+    vars.push(("TOKENTALLY_CONFIG", config.display().to_string()));
+    vars.push(("TOKENTALLY_LOG", "trace".to_owned()));
+    let mut cli = env.cli_vars();
+    cli.push(("TOKENTALLY_GATEWAY_MASTER_KEY", crate::harness::TEST_MASTER_KEY.into()));
+    cli.push(("TOKENTALLY_LOG", "trace".into()));
+    let set = tokentally(
+        &["keys", "upstream", "set", "--institution", "uni-b", "--provider", "openai"],
+        &cli,
+        Some(&format!("{BYOK}\n")),
+    );
+    assert!(!set.contains(BYOK), "{set}");
+    let gw = spawn_gateway(&env, "a", vars).await;
+    let _ingest = env.spawn_ingest();
+    let (_, key_a) = create_key(&env, "uni-a", "alice", &[]);
+    let (_, key_b) = create_key(&env, "uni-b", "bob", &[]);
+    let (_, key_m) = create_key(&env, "uni-mod", "mia", &[]);
+    for k in [&key_a, &key_b, &key_m] {
+        until_accepted(&gw, k).await;
+    }
+
+    let prompt = format!("please repeat {MARKER} back");
+    let echo = |sdk: &str, api: &str, stream: bool| {
+        let mut c = json!({"sdk": sdk, "api": api, "stream": stream, "headers": {"x-simulator": "echo"},
+                           "messages": [{"role": "user", "content": prompt}], "input": prompt});
+        c["model"] = json!(if sdk == "anthropic" { "claude-haiku-4-5" } else if api == "responses" { "gpt-5-mini" } else { "gpt-4o-mini" });
+        c
+    };
+    let a = sdk_calls(&gw.base, &key_a, &json!([
+        echo("openai", "chat", false), echo("openai", "chat", true), echo("openai", "responses", false),
+        echo("anthropic", "messages", false), echo("anthropic", "messages", true),
+    ]));
+    let b = sdk_calls(&gw.base, &key_b, &json!([echo("openai", "chat", false), echo("openai", "chat", true)]));
+    let m = sdk_calls(&gw.base, &key_m, &json!([
+        chat("a harmless question"),
+        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "FLAG-ME please"}]},
+        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "FLAG-ME too"}]},
+    ]));
+    let answers = serde_json::to_string(&(&a, &b, &m)).unwrap();
+    for (i, r) in a.iter().chain(&b).enumerate() {
+        assert_eq!(r["ok"], true, "call {i}: {r}");
+        assert!(r.to_string().contains(MARKER), "call {i}: the provider did not get the prompt: {r}");
+    }
+    assert_eq!(m[0]["ok"], true);
+    assert_eq!((m[1]["status"].as_u64(), m[1]["error_type"].as_str()), (Some(400), Some("BadRequestError")));
+    assert_eq!(m[1]["body"]["error"]["code"], "content_policy_violation");
+    assert_eq!((m[2]["status"].as_u64(), m[2]["error_type"].as_str()), (Some(400), Some("BadRequestError")));
+    assert_eq!(m[2]["body"]["error"]["type"], "invalid_request_error");
+
+    // BYOK: uni-b's requests went upstream with uni-b's key, the others with the platform's.
+    let seen: Vec<Value> = crate::web::client().get(format!("{}/_sim/requests", sim.base)).send().await.unwrap().json().await.unwrap();
+    let sha = |k: &str| {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(k.as_bytes())[..8])
+    };
+    let with_byok = seen.iter().filter(|r| r["key_sha256"] == sha(BYOK)).count();
+    assert_eq!(with_byok, 2, "{seen:?}");
+    // The flagged input never reached the model (only the moderation endpoint).
+    assert_eq!(seen.iter().filter(|r| r["path"] != "/v1/moderations").count(), 5 + 2 + 1, "{seen:?}");
+
+    let events = wait_events(&env, 5 + 2 + 3, Duration::from_secs(60)).await;
+    let of = |inst: &str| events.values().filter(|e| e.institution_id == inst).collect::<Vec<_>>();
+    assert!(of("uni-b").iter().all(|e| e.billing == "byok" && e.status == "ok"));
+    assert!(of("uni-a").iter().all(|e| e.billing.is_empty()));
+    let blocked: Vec<_> = of("uni-mod").into_iter().filter(|e| e.status == "blocked_moderation").collect();
+    assert_eq!(blocked.len(), 2);
+    assert!(blocked.iter().all(|e| e.input_tokens + e.output_tokens == 0 && dec(&e.cost).is_zero()));
+
+    // Now look everywhere.
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("the BYOK key", BYOK.into()),
+        ("the marker", MARKER.into()),
+        ("the master key", crate::harness::TEST_MASTER_KEY.into()),
+        ("uni-a's proxy key", key_a.clone()),
+        ("uni-b's proxy key", key_b.clone()),
+        ("uni-mod's proxy key", key_m.clone()),
+    ];
+    // A proxy key's secret part alone (after its id) must not appear either.
+    secrets.push(("a proxy key's secret part", key_a.rsplit('-').next().unwrap().to_owned()));
+    for (p, k) in PLATFORM_KEYS {
+        secrets.push((p, k.to_owned()));
+    }
+    let mut places: Vec<(String, Vec<u8>)> = Vec::new();
+    places.push(("gateway log".into(), std::fs::read(&gw.log).unwrap()));
+    places.push(("ingest log".into(), std::fs::read(env.log_path("ingest")).unwrap_or_default()));
+    for (p, b) in files_under(dir.path()) {
+        if p != config {
+            places.push((p.display().to_string(), b));
+        }
+    }
+    let tables: Vec<String> = env
+        .ch()
+        .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+        .fetch_all::<String>()
+        .await
+        .unwrap();
+    assert!(tables.len() > 5, "{tables:?}");
+    let http = crate::web::client();
+    for t in &tables {
+        let dump = http
+            .post(format!(
+                "{}/?database={}",
+                crate::harness::clickhouse_url(),
+                env.cfg.clickhouse.database
+            ))
+            .body(format!("SELECT * FROM `{t}` FORMAT TabSeparated"))
+            .send()
+            .await
+            .unwrap();
+        assert!(dump.status().is_success(), "{t}");
+        places.push((format!("ClickHouse table {t}"), dump.bytes().await.unwrap().to_vec()));
+    }
+    let data_dir = crate::harness::repo().join(".data/clickhouse/data/data").join(&env.cfg.clickhouse.database);
+    for (p, b) in files_under(&data_dir) {
+        places.push((p.display().to_string(), b));
+    }
+    for (payload, _) in env.consume_all(&env.cfg.kafka.topic, 10, Duration::from_secs(30)).await {
+        places.push(("Kafka usage topic".into(), payload));
+    }
+    places.push(("responses".into(), {
+        // The client's own prompt and answer come back to it, and nothing else.
+        let mut s = answers.clone();
+        s = s.replace(MARKER, "");
+        s.into_bytes()
+    }));
+    for (what, bytes) in &places {
+        for (name, secret) in &secrets {
+            assert!(!contains(bytes, secret), "{name} appears in {what}");
+        }
+    }
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(log.lines().count() > 50, "trace logging was on: {} lines", log.lines().count());
+    println!(
+        "secrets: {} places checked ({} ClickHouse tables, {} data files), {} log lines at trace",
+        places.len(),
+        tables.len(),
+        files_under(&data_dir).len(),
+        log.lines().count()
+    );
+    env.drop_database().await;
+}
+
+/// Issue 12: a client that leaves mid-stream. When the provider finishes, its usage is
+/// recorded (status `client_cancelled`); when the provider breaks off without usage, the
+/// streamed output is counted with a tokenizer and the event is marked `usage_estimated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_is_billed_for_what_the_provider_did() {
+    let env = TestEnv::new("gwleave", 1).await;
+    let sim = spawn_simulator(&env, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
+    let _ingest = env.spawn_ingest();
+    let (_, key) = create_key(&env, "uni-l", "leo", &[]);
+    until_accepted(&gw, &key).await;
+    let msg = json!([{"role": "user", "content": "tell me a long story about rivers"}]);
+    let calls = json!([
+        {"sdk": "openai", "api": "chat", "stream": true, "model": "gpt-4o-mini", "messages": msg,
+         "headers": {"x-simulator": "words=40,slow=25"}, "leave_after": 3},
+        {"sdk": "anthropic", "api": "messages", "stream": true, "model": "claude-haiku-4-5", "messages": msg,
+         "max_tokens": 200, "headers": {"x-simulator": "words=40,slow=25"}, "leave_after": 3},
+        {"sdk": "openai", "api": "chat", "stream": true, "model": "gpt-4o-mini", "messages": msg,
+         "headers": {"x-simulator": "words=40,slow=25,truncate=8"}, "leave_after": 4},
+    ]);
+    let r = sdk_calls(&gw.base, &key, &calls);
+    for (i, x) in r.iter().enumerate() {
+        assert_eq!(x["ok"], true, "call {i}: {x}");
+        assert!(x["chunks"].as_array().unwrap().len() <= 4, "call {i} left early");
+    }
+    // What the provider reports for these requests when nobody leaves.
+    let twins = sdk_calls(&sim.base, platform_key("OPENAI"), &json!([
+        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": msg, "headers": {"x-simulator": "words=40"}}]));
+    let twin_a = sdk_calls(&sim.base, platform_key("ANTHROPIC"), &json!([
+        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": msg, "max_tokens": 200,
+         "headers": {"x-simulator": "words=40"}}]));
+    let events = wait_events(&env, 3, Duration::from_secs(60)).await;
+    let e: Vec<&Stored> = r.iter().map(|x| &events[x["request_id"].as_str().unwrap()]).collect();
+    let (i, cr, cw, o, re) = canonical("chat", &twins[0]["response"]["usage"]);
+    assert_eq!(
+        (e[0].status.as_str(), e[0].usage_estimated, e[0].input_tokens, e[0].cache_read_tokens, e[0].cache_write_tokens, e[0].output_tokens, e[0].reasoning_tokens),
+        ("client_cancelled", 0, i, cr, cw, o, re)
+    );
+    let (i, cr, cw, o, _) = canonical("messages", &twin_a[0]["response"]["usage"]);
+    assert_eq!(
+        (e[1].status.as_str(), e[1].usage_estimated, e[1].input_tokens, e[1].cache_read_tokens, e[1].cache_write_tokens, e[1].output_tokens),
+        ("client_cancelled", 0, i, cr, cw, o)
+    );
+    assert_eq!(o, 40, "the whole answer was billed, not the 3 chunks the client read");
+    // Broken off after 8 chunks (7 words after the role chunk), no usage: estimated.
+    assert_eq!((e[2].status.as_str(), e[2].usage_estimated), ("client_cancelled", 1), "{:?}", e[2]);
+    assert!((5..=12).contains(&e[2].output_tokens), "{:?}", e[2]);
+    assert!(e[2].input_tokens > 0);
+    let price = list_price(&env.prices, "gpt-4o-mini");
+    assert_eq!(dec(&e[2].cost), price.cost(e[2].input_tokens, 0, 0, e[2].output_tokens).normalize());
+    env.drop_database().await;
+}
+
+/// Issue 12: gateways that are not ours post usage to `POST /v1/usage-events`: contract-v1
+/// arrays, CloudEvents batches and LiteLLM's logger payload land as events; bad items get
+/// per-item errors; a token bound to an institution cannot send another's events; no
+/// token, a proxy key, or a revoked token → 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingest_takes_contract_cloudevents_and_litellm_batches_with_per_item_errors() {
+    let env = TestEnv::new("gwhttp", 2).await;
+    let sim = spawn_simulator(&env, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
+    let _ingest = env.spawn_ingest();
+    let created = |args: &[&str]| -> (String, String) {
+        let out: Value = serde_json::from_str(&tokentally(args, &env.cli_vars(), None)).unwrap();
+        (out["key_id"].as_str().unwrap().to_owned(), out["key"].as_str().unwrap().to_owned())
+    };
+    let (_, bound) = created(&["keys", "create-ingest", "--institution", "uni-h", "--format", "json"]);
+    let (any_id, any) = created(&["keys", "create-ingest", "--name", "litellm", "--format", "json"]);
+    let (_, proxy) = create_key(&env, "uni-h", "hal", &[]);
+    until_accepted(&gw, &proxy).await;
+    let url = format!("{}/v1/usage-events", gw.base);
+    let http = crate::web::client();
+    let post = |token: Option<&str>, ct: &str, body: String| {
+        let mut r = http.post(&url).header("content-type", ct).body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let res = r.send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let now = chrono::Utc::now().to_rfc3339();
+    let usage = json!({"input_tokens": 1000, "cache_read_tokens": 200, "output_tokens": 300});
+    let batch = json!([
+        {"schema_version": 1, "event_id": "h-1", "occurred_at": now, "provider": "openai", "model": "gpt-4o-mini", "usage": usage},
+        {"schema_version": 1, "event_id": "h-2", "occurred_at": now, "institution_id": "uni-other", "provider": "openai", "model": "gpt-4o-mini", "usage": usage},
+        {"schema_version": 1, "event_id": "h-3", "occurred_at": now, "provider": "openai", "usage": usage},
+        {"schema_version": 1, "event_id": "h-4", "occurred_at": now, "institution_id": "uni-h", "provider": "anthropic",
+         "model": "claude-haiku-4-5", "provider_usage": {"input_tokens": 50, "output_tokens": 20, "cache_read_input_tokens": 10}}
+    ]);
+    // Who may post.
+    assert_eq!(post(None, "application/json", batch.to_string()).await.0, 401);
+    assert_eq!(post(Some(&proxy), "application/json", batch.to_string()).await.0, 401);
+    assert_eq!(post(Some("tt-knotakey00000-00"), "application/json", batch.to_string()).await.0, 401);
+    // A contract batch with a bound token: per-item results.
+    let (s, r) = post(Some(&bound), "application/json", batch.to_string()).await;
+    assert_eq!(s, 202, "{r}");
+    assert_eq!((r["accepted"].as_u64(), r["rejected"].as_u64()), (Some(2), Some(2)), "{r}");
+    let st: Vec<&str> = r["results"].as_array().unwrap().iter().map(|x| x["status"].as_str().unwrap()).collect();
+    assert_eq!(st, ["accepted", "rejected", "rejected", "accepted"]);
+    assert!(r["results"][1]["detail"].as_str().unwrap().contains("uni-h"), "{r}");
+    assert_eq!(r["results"][2]["error"], "missing_field");
+    assert!(r["results"][2]["detail"].as_str().unwrap().contains("model"), "{r}");
+    // Nothing valid at all: 400; not JSON: 400.
+    let (s, _) = post(Some(&bound), "application/json", json!([batch[2]]).to_string()).await;
+    assert_eq!(s, 400);
+    assert_eq!(post(Some(&bound), "application/json", "{nope".into()).await.0, 400);
+    // A CloudEvents batch with an any-institution token.
+    let ce = json!([
+        {"specversion": "1.0", "id": "ce-1", "source": "/other-gateway", "type": "io.tokentally.usage.v1", "time": now,
+         "data": {"institution_id": "uni-c", "provider": "openai", "model": "gpt-4o-mini", "usage": {"input_tokens": 400, "output_tokens": 100}}},
+        {"specversion": "1.0", "id": "ce-2", "source": "/other-gateway", "type": "io.tokentally.usage.v1", "time": now,
+         "data": {"institution_id": "uni-c", "provider": "openai", "model": "gpt-4o", "usage": {"input_tokens": 10, "output_tokens": 5}}},
+        {"specversion": "0.3", "id": "ce-3", "data": {}}
+    ]);
+    let (s, r) = post(Some(&any), "application/cloudevents-batch+json", ce.to_string()).await;
+    assert_eq!((s, r["accepted"].as_u64(), r["rejected"].as_u64()), (202, Some(2), Some(1)), "{r}");
+    // LiteLLM's generic logger (StandardLoggingPayload), as a JSON array and as NDJSON.
+    let start = chrono::Utc::now().timestamp() as f64;
+    let litellm = |id: &str, team: &str| json!({
+        "id": id, "trace_id": "t", "call_type": "acompletion", "stream": false, "response_cost": 0.0001,
+        "status": "success", "custom_llm_provider": "openai", "total_tokens": 130, "prompt_tokens": 100,
+        "completion_tokens": 30, "startTime": start, "endTime": start + 1.25, "model": "gpt-4o-mini",
+        "metadata": {"user_api_key_alias": "course-key", "user_api_key_team_id": team, "user_api_key_user_id": "lisa",
+                     "usage_object": {"prompt_tokens": 100, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 20}}},
+        "request_tags": ["course:inf100"], "messages": [{"role": "user", "content": "secret prompt text"}],
+        "response": {"choices": [{"message": {"content": "secret answer"}}]}
+    });
+    let (s, r) = post(Some(&any), "application/json", json!([litellm("ll-1", "uni-l"), litellm("ll-2", "uni-l")]).to_string()).await;
+    assert_eq!((s, r["accepted"].as_u64()), (202, Some(2)), "{r}");
+    let nd = format!("{}\n{}\n", litellm("ll-3", "uni-l"), litellm("ll-4", "uni-l"));
+    let (s, r) = post(Some(&any), "application/x-ndjson", nd).await;
+    assert_eq!((s, r["accepted"].as_u64()), (202, Some(2)), "{r}");
+    // A revoked ingest token is refused (within the keyring's refresh).
+    tokentally(&["keys", "revoke", &any_id], &env.cli_vars(), None);
+    let started = Instant::now();
+    while post(Some(&any), "application/json", "[]".into()).await.0 != 401 {
+        assert!(started.elapsed() < Duration::from_secs(5), "revoked ingest token still accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let events = wait_events(&env, 8, Duration::from_secs(60)).await;
+    let mini = list_price(&env.prices, "gpt-4o-mini");
+    let check = |id: &str, inst: &str, t: (u64, u64, u64, u64), cost: Decimal| {
+        let e = events.get(id).unwrap_or_else(|| panic!("{id} not stored: {events:?}"));
+        assert_eq!(e.institution_id, inst, "{id}");
+        assert_eq!((e.input_tokens, e.cache_read_tokens, e.cache_write_tokens, e.output_tokens), t, "{id}");
+        assert_eq!(dec(&e.cost), cost.normalize(), "{id}");
+    };
+    check("h-1", "uni-h", (1000, 200, 0, 300), mini.cost(1000, 200, 0, 300));
+    check("h-4", "uni-h", (50, 10, 0, 20), list_price(&env.prices, "claude-haiku-4-5").cost(50, 10, 0, 20));
+    check("ce-1", "uni-c", (400, 0, 0, 100), mini.cost(400, 0, 0, 100));
+    check("ce-2", "uni-c", (10, 0, 0, 5), list_price(&env.prices, "gpt-4o").cost(10, 0, 0, 5));
+    for id in ["ll-1", "ll-2", "ll-3", "ll-4"] {
+        check(id, "uni-l", (80, 20, 0, 30), mini.cost(80, 20, 0, 30));
+        assert_eq!((events[id].user_id.as_str(), events[id].tag_keys.clone()), ("lisa", vec!["course".to_string()]));
+    }
+    assert_eq!(events.len(), 8, "{:?}", events.keys().collect::<Vec<_>>());
+    env.drop_database().await;
+}

@@ -671,7 +671,8 @@ pub async fn spawn_listening(
 
 /// The provider simulator (`tokentally simulate`) on a port of its own.
 pub struct Simulator {
-    pub proc: Proc,
+    /// Killed with the test.
+    pub _proc: Proc,
     pub base: String,
 }
 
@@ -700,7 +701,7 @@ pub async fn spawn_simulator(env: &TestEnv, extra_keys: &[&str]) -> Simulator {
     )
     .await;
     Simulator {
-        proc,
+        _proc: proc,
         base: format!("http://127.0.0.1:{port}"),
     }
 }
