@@ -59,7 +59,14 @@ pub struct GroupSums {
     pub price_model: String,
     /// Long-context threshold whose rates applied (0: base rates).
     pub price_tier: u64,
+    /// Served with the institution's own provider key: shown, not charged (only the
+    /// contract's per-request platform fee is).
+    pub byok: bool,
+    /// The gateway estimated the usage (the provider reported none): shown as such.
+    pub estimated: bool,
     pub events: i64,
+    /// Events that reached the provider: what per-request fees apply to.
+    pub served: i64,
     pub input: i64,
     pub cache_read: i64,
     pub cache_write: i64,
@@ -182,17 +189,38 @@ fn rates_for(book: &PriceBook, g: &GroupSums) -> Result<(String, Rates, Decimal)
     Ok((variant.join(", "), rates, entry.per_request))
 }
 
+/// How usage served with an institution's own provider key appears on its invoices.
+pub const BYOK_VARIANT: &str = "own provider key, not charged";
+/// The per-request platform fee on that usage.
+pub const BYOK_FEE_VARIANT: &str = "own provider key, platform fee";
+/// How usage the gateway had to estimate appears.
+pub const ESTIMATED_VARIANT: &str = "estimated usage";
+
 /// Splits grouped sums into line quantities, and checks that the current price book
 /// reproduces the stored costs exactly (it does unless prices were edited without
-/// `reprice`).
+/// `reprice`). Usage served with the institution's own provider key (`byok`) gets lines
+/// of its own at a zero unit price, plus `byok_fee` per served request if the contract
+/// has one; estimated usage gets lines of its own, marked.
 pub fn quantities(
     period: Period,
     groups: &[GroupSums],
     book: &PriceBook,
+    byok_fee: Decimal,
 ) -> Result<Quantities, BillingError> {
     let mut out = Quantities::new();
     for g in groups {
-        let (variant, rates, per_request) = rates_for(book, g)?;
+        let (mut variant, rates, per_request) = rates_for(book, g)?;
+        let mut marks: Vec<&str> = Vec::new();
+        if !variant.is_empty() {
+            marks.push(&variant);
+        }
+        if g.estimated {
+            marks.push(ESTIMATED_VARIANT);
+        }
+        if g.byok {
+            marks.push(BYOK_VARIANT);
+        }
+        variant = marks.join(", ");
         let (output, reasoning) = match rates.reasoning_per_mtok {
             Some(r) => (g.output - g.reasoning, Some((g.reasoning, r))),
             None => (g.output, None),
@@ -207,7 +235,7 @@ pub fn quantities(
             parts.push((Class::Reasoning, q, r));
         }
         if !per_request.is_zero() {
-            parts.push((Class::Requests, g.events, per_request));
+            parts.push((Class::Requests, g.served, per_request));
         }
         let mut computed = Decimal::ZERO;
         for (class, qty, unit) in parts {
@@ -219,10 +247,20 @@ pub fn quantities(
                 model: g.price_model.clone(),
                 variant: variant.clone(),
                 class,
-                unit_price: unit.normalize(),
+                unit_price: if g.byok { Decimal::ZERO } else { unit.normalize() },
             };
             computed += exact_amount(class, qty, unit);
             *out.entry(key).or_default() += qty;
+        }
+        if g.byok && !byok_fee.is_zero() && g.served != 0 {
+            let key = LineKey {
+                period,
+                model: g.price_model.clone(),
+                variant: BYOK_FEE_VARIANT.into(),
+                class: Class::Requests,
+                unit_price: byok_fee.normalize(),
+            };
+            *out.entry(key).or_default() += g.served;
         }
         if computed != g.cost {
             return Err(BillingError::BookChanged {
@@ -464,6 +502,8 @@ pub struct Customer {
     pub reference: String,
     pub tz: chrono_tz::Tz,
     pub contract_percent: Decimal,
+    /// Per request served with the institution's own provider key.
+    pub byok_fee: Decimal,
 }
 
 impl Customer {
@@ -487,6 +527,7 @@ impl Customer {
             reference: i.reference.clone(),
             tz: i.time_zone.parse().unwrap_or(chrono_tz::UTC),
             contract_percent: i.contract_percent,
+            byok_fee: i.byok_fee_per_request_usd,
         }
     }
 }
@@ -563,6 +604,81 @@ mod tests {
         // A 10% discount applies to the exact amount before rounding: 0.0045 → 0.00.
         let ls = lines(&q, p, multiplier(dec!(-10)));
         assert!(ls.iter().all(|l| l.amount == dec!(0.00)));
+    }
+
+    #[test]
+    fn byok_usage_is_shown_at_zero_with_a_platform_fee_and_estimates_are_marked() {
+        let book = PriceBook::from_sources(&[(
+            "t.toml".into(),
+            r#"
+[[price]]
+provider = "openai"
+model = "m"
+id = "m-1"
+match = "m"
+effective_from = "2024-01-01"
+input_per_mtok = "2"
+output_per_mtok = "8"
+per_request = "0.001"
+"#
+            .into(),
+        )])
+        .unwrap();
+        let g = |byok: bool, estimated: bool, events: i64, served: i64, input: i64, output: i64| {
+            // The stored cost as ingest prices it: tokens, plus the fee per served request.
+            let cost = Decimal::from(input) * dec!(0.000002)
+                + Decimal::from(output) * dec!(0.000008)
+                + Decimal::from(served) * dec!(0.001);
+            GroupSums {
+                price_id: "m-1".into(),
+                price_model: "m".into(),
+                price_tier: 0,
+                byok,
+                estimated,
+                events,
+                served,
+                input,
+                cache_read: 0,
+                cache_write: 0,
+                output,
+                reasoning: 0,
+                cost: cost.normalize(),
+            }
+        };
+        let p: Period = "2026-10".parse().unwrap();
+        let groups = [
+            g(false, false, 10, 8, 1_000_000, 500_000),
+            g(false, true, 2, 2, 1_000, 300),
+            g(true, false, 5, 5, 2_000_000, 100_000),
+        ];
+        let q = quantities(p, &groups, &book, dec!(0.002)).unwrap();
+        let ls = lines(&q, p, Decimal::ONE);
+        let find = |variant: &str, class: Class| {
+            ls.iter()
+                .find(|l| l.variant == variant && l.class == class)
+                .unwrap_or_else(|| panic!("no {variant} {class:?} line in {ls:?}"))
+        };
+        // Platform usage: per-request fees only on the 8 served requests.
+        assert_eq!(find("", Class::Requests).quantity, 8);
+        assert_eq!(find("", Class::Input).amount, dec!(2.00));
+        assert_eq!(find("", Class::Output).amount, dec!(4.00));
+        // Estimated usage is charged, on lines of its own.
+        assert_eq!(find(ESTIMATED_VARIANT, Class::Output).quantity, 300);
+        assert_eq!(find(ESTIMATED_VARIANT, Class::Input).exact, dec!(0.002));
+        // Own-key usage is listed with its quantities and charged nothing, except the
+        // platform fee per request.
+        let own = find(BYOK_VARIANT, Class::Input);
+        assert_eq!((own.quantity, own.unit_price, own.amount), (2_000_000, Decimal::ZERO, dec!(0.00)));
+        assert_eq!(find(BYOK_VARIANT, Class::Requests).amount, dec!(0.00));
+        let fee = find(BYOK_FEE_VARIANT, Class::Requests);
+        assert_eq!((fee.quantity, fee.amount), (5, dec!(0.01)));
+        let total: Decimal = ls.iter().map(|l| l.amount).sum();
+        // 2.00 + 4.00 + 0.01 (8 requests) + three estimated lines that each round to
+        // 0.00 + 0.01 (the fee on 5 requests)
+        assert_eq!(total, dec!(6.02));
+        // Without a fee in the contract, own-key usage costs nothing at all.
+        let q = quantities(p, &groups[2..], &book, Decimal::ZERO).unwrap();
+        assert!(lines(&q, p, Decimal::ONE).iter().all(|l| l.amount.is_zero()));
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub fn usage_csv(
     period: Period,
     details: &[Detail],
     book: &PriceBook,
+    byok_fee: Decimal,
 ) -> Result<String, super::BillingError> {
     let mut out = String::new();
     let _ = writeln!(
@@ -91,7 +92,7 @@ pub fn usage_csv(
             );
             continue;
         }
-        for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book)? {
+        for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book, byok_fee)? {
             let _ = writeln!(
                 out,
                 "{},{},{},{},{q},{},{}",

@@ -44,7 +44,7 @@ impl<'a> Billing<'a> {
     ) -> Result<Quantities, BillingError> {
         let (start, end) = p.bounds(c.tz);
         let groups = usage::groups(self.store, institution, start, end).await?;
-        quantities(p, &groups, self.book)
+        quantities(p, &groups, self.book, c.byok_fee)
     }
 
     /// The invoice `period` would get if issued now against `ledger`: this period's usage
@@ -123,7 +123,8 @@ impl<'a> Billing<'a> {
             doc.period_end,
         )
         .await?;
-        super::render::usage_csv(doc.period, &details, self.book)
+        let fee = Customer::resolve(self.cfg, &doc.customer.id).byok_fee;
+        super::render::usage_csv(doc.period, &details, self.book, fee)
     }
 
     /// Folds the ledger, checks it against ClickHouse's copy (refusing a ledger that lacks
@@ -363,10 +364,12 @@ impl Billing<'_> {
             let c = Customer::resolve(self.cfg, &inst);
             let (start, end) = period.bounds(c.tz);
             let groups = usage::groups(self.store, &inst, start, end).await?;
-            let live = quantities(period, &groups, self.book)?;
+            let live = quantities(period, &groups, self.book, c.byok_fee)?;
             let mult = multiplier(c.contract_percent);
             let events_amount: Decimal = lines(&live, period, mult).iter().map(|l| l.amount).sum();
-            let events_exact: Decimal = groups.iter().map(|g| g.cost).sum();
+            // What is charged before the contract: the stored costs, except usage on the
+            // institution's own provider key (its platform fee instead).
+            let events_exact: Decimal = lines(&live, period, mult).iter().map(|l| l.exact).sum();
             let events: i64 = groups.iter().map(|g| g.events).sum();
             let unpriced = usage::unpriced(self.store, &inst, start, end).await?;
             let rejected = self

@@ -15,7 +15,14 @@ pub struct PriceGroup {
     pub price_id: String,
     pub price_model: String,
     pub price_tier: u64,
+    /// `byok` when the institution's own provider key served the events, else empty.
+    pub billing: String,
+    /// 1 for events whose usage the gateway estimated (the provider sent none).
+    pub estimated: u8,
     pub events: i64,
+    /// Events that reached the provider (not `rejected_*`, `blocked_*` or
+    /// `upstream_unreachable`): what per-request fees apply to.
+    pub served: i64,
     pub input: i64,
     pub cache_read: i64,
     pub cache_write: i64,
@@ -27,8 +34,10 @@ pub struct PriceGroup {
 }
 
 /// The `PriceGroup` sums, in its field order.
-const SUMS: &str = "price_id, price_model, price_tier, \
+const SUMS: &str = "price_id, price_model, price_tier, billing, usage_estimated AS estimated, \
     sum(toInt64(sign)) AS events, \
+    sum(toInt64(sign) * (substring(status, 1, 9) != 'rejected_' AND substring(status, 1, 8) != 'blocked_' \
+        AND status != 'upstream_unreachable')) AS served, \
     sum(toInt64(input_tokens) * sign) AS input, \
     sum(toInt64(cache_read_tokens) * sign) AS cache_read, \
     sum(toInt64(cache_write_tokens) * sign) AS cache_write, \
@@ -72,8 +81,8 @@ impl Store {
             .client
             .query(&format!(
                 "SELECT {SUMS} FROM usage_events WHERE {RANGE} AND priced = 1 \
-                 GROUP BY price_id, price_model, price_tier HAVING events != 0 \
-                 ORDER BY price_id, price_tier"
+                 GROUP BY price_id, price_model, price_tier, billing, usage_estimated HAVING events != 0 \
+                 ORDER BY price_id, price_tier, billing, estimated"
             ))
             .bind(institution)
             .bind(start)
@@ -122,9 +131,9 @@ impl Store {
             .query(&format!(
                 "SELECT toString(toDate(occurred_at, ?)) AS day, user_id, api_key_id, priced, model, {SUMS} \
                  FROM usage_events WHERE {RANGE} \
-                 GROUP BY day, user_id, api_key_id, priced, model, price_id, price_model, price_tier \
-                 HAVING events != 0 \
-                 ORDER BY day, user_id, api_key_id, model, price_id, price_tier"
+                 GROUP BY day, user_id, api_key_id, priced, model, price_id, price_model, price_tier, \
+                 billing, usage_estimated HAVING events != 0 \
+                 ORDER BY day, user_id, api_key_id, model, price_id, price_tier, billing, estimated"
             ))
             .bind(tz)
             .bind(institution)

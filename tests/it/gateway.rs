@@ -684,7 +684,7 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
-        "[[institutions]]\nid = \"uni-a\"\n\n[[institutions]]\nid = \"uni-b\"\nbyok_fee_per_request_usd = \"0.002\"\n\n\
+        "[[institutions]]\nid = \"uni-a\"\n\n[[institutions]]\nid = \"uni-b\"\nbyok_fee_per_request_usd = \"0.01\"\n\n\
          [[institutions]]\nid = \"uni-mod\"\nmoderation = true\n",
     )
     .unwrap();
@@ -755,6 +755,27 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
     let blocked: Vec<_> = of("uni-mod").into_iter().filter(|e| e.status == "blocked_moderation").collect();
     assert_eq!(blocked.len(), 2);
     assert!(blocked.iter().all(|e| e.input_tokens + e.output_tokens == 0 && dec(&e.cost).is_zero()));
+
+    // uni-b's invoice lists its own-key usage, charges only the contract's fee per request.
+    let mut with_config = env.cli_vars();
+    with_config.push(("TOKENTALLY_CONFIG", config.display().to_string()));
+    let period = chrono::Utc::now().format("%Y-%m").to_string();
+    let draft: Value = serde_json::from_str(&tokentally(
+        &["invoice", "draft", "--institution", "uni-b", "--period", &period, "--format", "json"],
+        &with_config,
+        None,
+    ))
+    .unwrap();
+    let lines = draft["lines"].as_array().unwrap();
+    let own: Vec<&Value> = lines.iter().filter(|l| l["variant"] == "own provider key, not charged").collect();
+    assert!(!own.is_empty(), "{draft}");
+    assert!(own.iter().all(|l| dec(l["amount"].as_str().unwrap()).is_zero()), "{draft}");
+    let tokens: i64 = own.iter().map(|l| l["quantity"].as_i64().unwrap()).sum();
+    let stored: u64 = of("uni-b").iter().map(|e| e.input_tokens + e.cache_read_tokens + e.output_tokens).sum();
+    assert_eq!(tokens as u64, stored, "every own-key token is listed");
+    let fee: Vec<&Value> = lines.iter().filter(|l| l["variant"] == "own provider key, platform fee").collect();
+    assert_eq!((fee.len(), fee[0]["quantity"].as_i64()), (1, Some(2)), "{draft}");
+    assert_eq!(dec(draft["total"].as_str().unwrap()), dec("0.02"));
 
     // Now look everywhere.
     let mut secrets: Vec<(&str, String)> = vec![
