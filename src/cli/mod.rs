@@ -374,7 +374,7 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
                 println!(
                     "user  {:<24} {:<12} {}",
                     u.name,
-                    format!("{:?}", u.role).to_lowercase(),
+                    u.role.as_str().to_owned(),
                     u.institution.as_deref().unwrap_or("")
                 );
             }
@@ -382,7 +382,7 @@ fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
                 println!(
                     "token {:<24} {:<12} {}",
                     t.name,
-                    format!("{:?}", t.role).to_lowercase(),
+                    t.role.as_str().to_owned(),
                     t.institution.as_deref().unwrap_or("")
                 );
             }

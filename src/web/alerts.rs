@@ -60,7 +60,7 @@ pub async fn list(
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(serde_json::json!({ "alerts": all })).into_response());
     }
-    let role = format!("{:?}", scoped.principal.role).to_lowercase();
+    let role = scoped.principal.role.as_str().to_owned();
     let page = AlertsTemplate {
         user: &scoped.principal.name,
         role: &role,

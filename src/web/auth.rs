@@ -28,7 +28,29 @@ pub enum Role {
     Admin,
     Finance,
     Ops,
+    /// Reads one institution's pages, invoices and keys.
     Institution,
+    /// An institution user who also creates and revokes their institution's proxy keys.
+    #[serde(rename = "institution_admin")]
+    #[value(name = "institution_admin")]
+    InstitutionAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Finance => "finance",
+            Role::Ops => "ops",
+            Role::Institution => "institution",
+            Role::InstitutionAdmin => "institution_admin",
+        }
+    }
+
+    /// Roles confined to one institution.
+    pub fn is_institution(self) -> bool {
+        matches!(self, Role::Institution | Role::InstitutionAdmin)
+    }
 }
 
 /// An authenticated user or API token.
@@ -36,7 +58,7 @@ pub enum Role {
 pub struct Principal {
     pub name: String,
     pub role: Role,
-    /// Set exactly when `role` is `Institution`.
+    /// Set exactly when `role` is `Institution` or `InstitutionAdmin`.
     pub institution: Option<String>,
 }
 
@@ -125,11 +147,24 @@ impl UsersFile {
 }
 
 pub fn check_role(role: Role, institution: Option<&str>) -> Result<(), String> {
-    match (role, institution) {
-        (Role::Institution, Some(i)) if !i.is_empty() => Ok(()),
-        (Role::Institution, _) => Err("role institution needs an institution".into()),
-        (_, Some(_)) => Err("only role institution takes an institution".into()),
-        (_, None) => Ok(()),
+    match (role.is_institution(), institution) {
+        (true, Some(i)) if !i.is_empty() => Ok(()),
+        (true, _) => Err(format!("role {} needs an institution", role.as_str())),
+        (false, Some(_)) => {
+            Err("only roles institution and institution_admin take an institution".into())
+        }
+        (false, None) => Ok(()),
+    }
+}
+
+/// The one place an institution's principal is confined: the institution a request names
+/// (`None`: none named) must be the principal's own; returns the institution the request
+/// is about (`None`: every institution, for principals that may see all).
+pub fn confine(principal: &Principal, requested: Option<&str>) -> Result<Option<String>, AppError> {
+    match (&principal.institution, requested) {
+        (Some(own), Some(req)) if own != req => Err(AppError::Forbidden),
+        (Some(own), _) => Ok(Some(own.clone())),
+        (None, req) => Ok(req.map(str::to_owned)),
     }
 }
 
@@ -602,11 +637,9 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
             }
         }
         let requested = from_path.or(from_query);
-        let scope = match (&principal.institution, requested) {
-            (Some(own), Some(req)) if *own != req => return Err(AppError::Forbidden),
-            (Some(own), _) => Scope::One(own.clone()),
-            (None, Some(req)) => Scope::One(req),
-            (None, None) => Scope::All,
+        let scope = match confine(&principal, requested.as_deref())? {
+            Some(i) => Scope::One(i),
+            None => Scope::All,
         };
         Ok(Scoped {
             principal,
@@ -646,6 +679,29 @@ impl Policy for CanAcknowledge {
     const WHAT: &'static str = "acknowledge alerts";
     fn allows(p: &Principal) -> bool {
         matches!(p.role, Role::Ops | Role::Admin)
+    }
+}
+
+/// Admin, finance and an institution's administrator (for their own people): create,
+/// rotate and revoke proxy keys.
+pub struct CanManageKeys;
+impl Policy for CanManageKeys {
+    const WHAT: &'static str = "manage API keys";
+    fn allows(p: &Principal) -> bool {
+        matches!(
+            p.role,
+            Role::Admin | Role::Finance | Role::InstitutionAdmin
+        )
+    }
+}
+
+/// Admin (everything) and an institution's administrator (their institution): the log
+/// of key operations.
+pub struct SeesKeyLog;
+impl Policy for SeesKeyLog {
+    const WHAT: &'static str = "see the key log";
+    fn allows(p: &Principal) -> bool {
+        matches!(p.role, Role::Admin | Role::InstitutionAdmin)
     }
 }
 

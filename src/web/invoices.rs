@@ -84,7 +84,7 @@ async fn listing(
                 .collect(),
         })
         .collect();
-    let role = format!("{:?}", scoped.principal.role).to_lowercase();
+    let role = scoped.principal.role.as_str().to_owned();
     let page = InvoicesTemplate {
         user: &scoped.principal.name,
         role: &role,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod chart;
 pub mod error;
 mod invoices;
+mod keys;
 mod login;
 mod openapi;
 pub mod page;
@@ -81,6 +82,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             .route(
                 &format!("{prefix}/institutions/{{institution}}/invoices/{{number}}/{{format}}"),
                 get(invoices::download),
+            )
+            .route(&format!("{prefix}/keys"), get(keys::list))
+            .route(&format!("{prefix}/keys/create"), post(keys::create))
+            .route(
+                &format!("{prefix}/keys/{{key_id}}/revoke"),
+                post(keys::revoke),
             )
             .route(
                 &format!("{prefix}/pipeline"),

@@ -52,6 +52,19 @@ pub fn openapi_document() -> serde_json::Value {
             "/api/v1/models": op("Spend and tokens by model and token class; price entries in effect", vec![]),
             "/api/v1/pipeline": op("Pipeline health (admin, ops): lag, rejected events, unpriced models", vec![]),
             "/api/v1/pipeline/rejected/{partition}/{offset}": op("One rejected message with its raw payload (admin, ops)", vec![path_param("partition", "integer"), path_param("offset", "integer")]),
+            "/api/v1/keys": {"get": {"summary": "Gateway proxy keys and ingest tokens of the scope (never a secret)", "security": [{"bearer": []}],
+                "parameters": [{"name": "institution", "in": "query", "required": false, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "{\"keys\": [...]}"}, "401": {"description": "No or invalid token"}, "403": {"description": "Outside the token's scope"}}}},
+            "/api/v1/keys/create": {"post": {"summary": "Create a proxy key (admin, finance, institution_admin for their institution); the secret is in the answer, once",
+                "security": [{"bearer": []}],
+                "requestBody": {"content": {"application/x-www-form-urlencoded": {"schema": {"type": "object", "required": ["user"],
+                    "properties": {"institution": {"type": "string"}, "user": {"type": "string"}, "name": {"type": "string"},
+                                   "models": {"type": "string", "description": "comma-separated ids or prefixes ending in *"},
+                                   "expires": {"type": "string", "format": "date"}, "rpm": {"type": "integer"}, "tpm": {"type": "integer"}}}}}},
+                "responses": {"200": {"description": "{key_id, key, institution}"}, "400": {"description": "Invalid field"}, "403": {"description": "Not allowed"}}}},
+            "/api/v1/keys/{key_id}/revoke": {"post": {"summary": "Revoke a key; every gateway refuses it within seconds", "security": [{"bearer": []}],
+                "parameters": [path_param("key_id", "string")],
+                "responses": {"200": {"description": "Revoked"}, "404": {"description": "No such key in the scope"}, "409": {"description": "Already revoked"}}}},
         }
     })
 }

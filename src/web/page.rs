@@ -263,7 +263,7 @@ pub fn respond(
                 .collect(),
         })
         .collect();
-    let role = format!("{:?}", principal.role).to_lowercase();
+    let role = principal.role.as_str().to_owned();
     let t = PageTemplate {
         title: &page.title,
         user: &principal.name,

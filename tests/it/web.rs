@@ -132,16 +132,29 @@ async fn start_server(env: &TestEnv) -> Server {
 /// `serve` with users admin, fin, ops, alice (inst-a) and tokens fin, inst-a; `extra`
 /// TOML is appended to the config.
 async fn start_server_with(env: &TestEnv, extra: &str) -> Server {
+    start_server_users(env, extra, &[]).await
+}
+
+/// As `start_server_with`, with more users: (name, role, institution); each user's
+/// password is `<name>-password`.
+async fn start_server_users(
+    env: &TestEnv,
+    extra: &str,
+    more: &[(&str, &str, Option<&str>)],
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[[institutions]]\nid = \"inst-a\"\nname = \"Institution A\"\nmonthly_budget_usd = \"1000\"\n{extra}");
     let vars = crate::harness::serve_vars(env, &dir, &config, &[]);
     let users = dir.path().join("users.toml");
-    for (name, role, inst) in [
+    for &(name, role, inst) in [
         ("admin", "admin", None),
         ("fin", "finance", None),
         ("ops", "ops", None),
         ("alice", "institution", Some("inst-a")),
-    ] {
+    ]
+    .iter()
+    .chain(more)
+    {
         let mut args = vec!["users", "add", name, "--role", role, "--password-stdin"];
         if let Some(i) = inst {
             args.extend(["--institution", i]);
@@ -1004,6 +1017,7 @@ async fn ambiguous_or_absurd_parameters_are_refused_on_every_route() {
         "/invoices",
         "/invoices/draft?period=2026-10",
         "/pipeline",
+        "/keys",
     ];
     for prefix in ["", "/api/v1"] {
         for route in routes {
@@ -1168,5 +1182,172 @@ async fn webhook_failures_log_no_secret_and_drafts_are_cached_and_limited() {
         readers <= 2,
         "{readers} ledger readers opened (upkeep + drafts at most)"
     );
+    env.drop_database().await;
+}
+
+/// Issue 12: the Keys page. An institution administrator (role `institution_admin`)
+/// creates a key for one of their people in the browser (shown once), the gateway
+/// accepts it, they revoke it in the browser and the gateway refuses it; they cannot
+/// touch another institution's keys; an institution user sees their keys but cannot
+/// manage them; finance sees all; every operation is in the admin's key log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
+    use fantoccini::{ClientBuilder, Locator};
+    let env = TestEnv::new("keyspage", 1).await;
+    let mut s = start_server_users(
+        &env,
+        "",
+        &[("anna", "institution_admin", Some("inst-a")), ("bert", "institution_admin", Some("inst-b"))],
+    )
+    .await;
+    let sim = crate::harness::spawn_simulator(&env, &[]).await;
+    let gdir = tempfile::tempdir().unwrap();
+    let gw = crate::harness::spawn_gateway(&env, "a", env.gateway_vars(&sim, gdir.path())).await;
+    // A key of inst-b, made with the CLI.
+    let other: Value = serde_json::from_str(&tokentally(
+        &["keys", "create", "--institution", "inst-b", "--user", "zed", "--format", "json"],
+        &env.cli_vars(),
+        None,
+    ))
+    .unwrap();
+    let other_id = other["key_id"].as_str().unwrap().to_owned();
+
+    let port = free_port();
+    let mut driver = crate::harness::Proc(Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
+    wait_for_port(port).await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), serde_json::json!({
+        "binary": "/usr/bin/chromium",
+        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1200", format!("--user-data-dir={}", profile.path().display())]
+    }));
+    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("WebDriver session");
+    let http = client();
+    let models = |key: String| {
+        let http = http.clone();
+        let base = gw.base.clone();
+        async move {
+            http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status().as_u16()
+        }
+    };
+    let result: Result<(String, String), fantoccini::error::CmdError> = async {
+        browser.goto(&format!("{}/login", s.base)).await?;
+        browser.find(Locator::Css("input[name=username]")).await?.send_keys("anna").await?;
+        browser.find(Locator::Css("input[name=password]")).await?.send_keys("anna-password").await?;
+        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("h1")).await?;
+        browser.find(Locator::LinkText("Keys")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("form#create")).await?;
+        // Anna's form has no institution field: her keys are inst-a's.
+        assert!(browser.find_all(Locator::Css("form#create input[name=institution]")).await?.is_empty());
+        // inst-b's key is not on her page.
+        let page = browser.source().await?;
+        assert!(!page.contains(&other_id), "another institution's key is listed");
+        browser.find(Locator::Css("form#create input[name=user]")).await?.send_keys("student1@inst-a").await?;
+        browser.find(Locator::Css("form#create input[name=name]")).await?.send_keys("thesis").await?;
+        browser.find(Locator::Css("form#create input[name=models]")).await?.send_keys("gpt-4o-mini").await?;
+        browser.find(Locator::Css("form#create input[name=rpm]")).await?.send_keys("10").await?;
+        browser.find(Locator::Css("form#create button[type=submit]")).await?.click().await?;
+        let secret = browser.wait().for_element(Locator::Css("#secret")).await?.text().await?;
+        let message = browser.find(Locator::Css("#message")).await?.text().await?;
+        let key_id = message.split_whitespace().nth(2).unwrap().to_owned();
+        let row = browser.find(Locator::Css(&format!("tr[data-key='{key_id}']"))).await?.text().await?;
+        assert!(row.contains("inst-a") && row.contains("student1@inst-a") && row.contains("10 requests/min") && row.contains("active"), "{row}");
+        Ok((key_id, secret))
+    }
+    .await;
+    let (key_id, secret) = result.expect("creating a key in the browser");
+    assert!(secret.starts_with(&format!("tt-{key_id}-")), "{secret}");
+    // The gateway accepts it within its refresh interval.
+    let started = Instant::now();
+    while models(secret.clone()).await != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the new key is not accepted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The secret is never shown again, to anyone.
+    let admin = login(&s, "admin", "admin-password").await;
+    for who in [&admin, &login(&s, "alice", "alice-password").await] {
+        let page = get(&format!("{}/keys", s.base), &Auth::Cookie(who)).await.text().await.unwrap();
+        assert!(page.contains(&key_id) && !page.contains(&secret[secret.len() - 20..]));
+    }
+
+    // Confinement: anna cannot create for inst-b nor revoke inst-b's key; bert cannot revoke
+    // anna's; alice (institution user) cannot manage at all.
+    let form_post = |who: String, path: String, fields: Vec<(&'static str, String)>| {
+        let http = http.clone();
+        let base = s.base.clone();
+        async move {
+            let page = http.get(format!("{base}/keys")).header("cookie", &who).send().await.unwrap().text().await.unwrap();
+            let mut fields = fields;
+            if page.contains("name=\"csrf\"") {
+                fields.push(("csrf", csrf_of(&page)));
+            }
+            http.post(format!("{base}{path}")).header("cookie", &who).form(&fields).send().await.unwrap().status().as_u16()
+        }
+    };
+    let anna = login(&s, "anna", "anna-password").await;
+    let bert = login(&s, "bert", "bert-password").await;
+    let alice = login(&s, "alice", "alice-password").await;
+    assert_eq!(form_post(anna.clone(), "/keys/create".into(), vec![("institution", "inst-b".into()), ("user", "x".into())]).await, 403);
+    assert_eq!(form_post(anna.clone(), format!("/keys/{other_id}/revoke"), vec![]).await, 404);
+    assert_eq!(form_post(bert.clone(), format!("/keys/{key_id}/revoke"), vec![]).await, 404);
+    assert_eq!(form_post(alice.clone(), "/keys/create".into(), vec![("user", "x".into())]).await, 403);
+    assert_eq!(form_post(alice.clone(), format!("/keys/{key_id}/revoke"), vec![]).await, 403);
+    assert_eq!(get(&format!("{}/keys?institution=inst-b", s.base), &Auth::Cookie(&anna)).await.status(), 403);
+    // Without the session's CSRF token nothing happens.
+    let no_csrf = http.post(format!("{}/keys/{key_id}/revoke", s.base)).header("cookie", &anna).form(&[("csrf", "x")]).send().await.unwrap();
+    assert_eq!(no_csrf.status(), 403);
+    // Alice's page lists the key without a revoke button or a create form.
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&alice)).await.text().await.unwrap();
+    assert!(page.contains(&key_id) && !page.contains("Revoke") && !page.contains("form#create") && !page.contains("id=\"create\""));
+    assert!(!page.contains(&other_id));
+    // Finance sees every institution's keys (JSON too), never a hash or secret.
+    let all: Value = get(&format!("{}/api/v1/keys", s.base), &Auth::Bearer(&s.tokens["fin"])).await.json().await.unwrap();
+    let ids: Vec<&str> = all["keys"].as_array().unwrap().iter().map(|k| k["key_id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&key_id.as_str()) && ids.contains(&other_id.as_str()));
+    assert!(!all.to_string().contains("secret") && !all.to_string().contains(&secret));
+
+    // Anna revokes it in the browser: every gateway refuses it within seconds.
+    let revoked: Result<String, fantoccini::error::CmdError> = async {
+        browser.goto(&format!("{}/keys", s.base)).await?;
+        browser.find(Locator::Css(&format!("tr[data-key='{key_id}'] button"))).await?.click().await?;
+        browser.wait().for_element(Locator::Css("#message")).await?;
+        browser.find(Locator::Css(&format!("tr[data-key='{key_id}'] td.state"))).await?.text().await
+    }
+    .await;
+    let _ = browser.close().await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    assert_eq!(revoked.expect("revoking in the browser"), "revoked");
+    let started = Instant::now();
+    while models(secret.clone()).await != 401 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the revoked key still works");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The admin's key log: who did what, when.
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&admin)).await.text().await.unwrap();
+    let log = page.split("id=\"log\"").nth(1).expect("the admin sees the key log");
+    for action in ["create", "revoke"] {
+        assert!(log.contains(&format!("<td>web:anna</td><td>{action}</td><td>{key_id}</td>")), "{action} missing: {log}");
+    }
+    assert!(log.contains(&format!("<td>{other_id}</td>")), "the CLI's create is logged too");
+    // Finance manages but does not see the log; Anna's log is her institution's only.
+    let fin = login(&s, "fin", "fin-password").await;
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&fin)).await.text().await.unwrap();
+    assert!(!page.contains("id=\"log\"") && page.contains("id=\"create\""));
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&anna)).await.text().await.unwrap();
+    assert!(page.contains("id=\"log\"") && !page.contains(&other_id));
+    terminate(&mut s.serve.proc);
     env.drop_database().await;
 }
