@@ -819,6 +819,9 @@ impl Config {
         if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY") {
             self.gateway.master_key = Secret::new(v);
         }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY_FILE") {
+            self.gateway.master_key_file = PathBuf::from(v);
+        }
         if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
             self.gateway.metrics_listen = v;
         }
