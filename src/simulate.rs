@@ -626,6 +626,10 @@ pub async fn run(args: SimulateArgs, mut shutdown: crate::shutdown::Shutdown) ->
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let bound: SocketAddr = listener.local_addr()?;
     tracing::info!(listen = %bound, "provider simulator listening");
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(keys))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;

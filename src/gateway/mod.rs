@@ -357,6 +357,13 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     tracing::info!(listen = %bound, keys = keys.len(), "gateway listening");
     let mut stopping = shutdown.clone();
+    // TCP_NODELAY on every client connection: hyper writes a response's head and body
+    // separately, and with Nagle's algorithm the second write waited for the client's
+    // delayed ACK (measured: +43 ms per request at 200 req/s).
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(
         listener,
         router(gw.clone()).into_make_service_with_connect_info::<SocketAddr>(),
