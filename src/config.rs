@@ -19,6 +19,9 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
+    /// Spend, request and token limits the gateway enforces (`[[limits]]`); limits set
+    /// with `tokentally limits set` take precedence over one with the same id here.
+    pub limits: Vec<crate::domain::Limit>,
 }
 
 impl Config {
@@ -67,6 +70,16 @@ pub struct GatewayConfig {
     /// How often the keys are re-read from ClickHouse (revocations apply within this
     /// plus one query).
     pub keys_refresh_ms: u64,
+    /// How often limits and the usage they count are re-read from ClickHouse, and this
+    /// instance's reservations reported to the others (a changed limit applies within
+    /// this plus one query; see the README on several instances).
+    pub limits_refresh_ms: u64,
+    /// Stated bounds for the worst case reserved before a request: tokens the provider
+    /// may add to a prompt (tool and system preambles), and per image in the request.
+    pub reserve_overhead_tokens: u64,
+    pub reserve_image_tokens: u64,
+    /// Output reserved when neither the request nor the price book caps it.
+    pub reserve_default_output_tokens: u64,
     /// Prometheus metrics of the gateway (`/metrics`; empty: off).
     pub metrics_listen: String,
     pub openai: UpstreamConfig,
@@ -88,6 +101,10 @@ impl Default for GatewayConfig {
             idle_timeout_secs: 300,
             drain_secs: 120,
             keys_refresh_ms: 2000,
+            limits_refresh_ms: 1000,
+            reserve_overhead_tokens: 512,
+            reserve_image_tokens: 3000,
+            reserve_default_output_tokens: 100_000,
             metrics_listen: "127.0.0.1:9465".into(),
             openai: UpstreamConfig::new("https://api.openai.com"),
             anthropic: UpstreamConfig::new("https://api.anthropic.com"),
@@ -730,6 +747,17 @@ impl Config {
                 return Err(ConfigError::Invalid(format!(
                     "institution `{}`: contract_percent must be above -100",
                     i.id
+                )));
+            }
+        }
+        let mut limit_ids = std::collections::BTreeSet::new();
+        for l in &self.limits {
+            l.validate()
+                .map_err(|e| ConfigError::Invalid(format!("limit {}: {e}", l.id())))?;
+            if !limit_ids.insert(l.id()) {
+                return Err(ConfigError::Invalid(format!(
+                    "limit {} is configured twice",
+                    l.id()
                 )));
             }
         }

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod ingest;
 pub mod kafka;
 pub mod keys;
+pub mod limits;
 pub mod price;
 pub mod report;
 pub mod reprice;

@@ -99,6 +99,60 @@ pub fn budget_readings(cfg: &Config, series: &SpendSeries, now: DateTime<Utc>) -
     out
 }
 
+/// Limit readings: a limit in mode `alert` that is reached, a limit in mode `block` that
+/// refused requests. The entity names the limit and its period, so each fires once.
+pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
+    let mut out = Vec::new();
+    for s in standings {
+        let label = match s.scope {
+            crate::domain::LimitScope::Institution => s.institution_id.clone(),
+            sc => format!("{sc} {} of {}", s.subject, s.institution_id),
+        };
+        let amount = |d: Decimal| match s.metric {
+            crate::domain::Metric::Usd => format!("${}", d.round_dp(2)),
+            m => format!("{} {m}", d.normalize()),
+        };
+        let period = s.period_start.format("%Y-%m-%d").to_string();
+        let (firing, what, message) = if s.mode == "alert" {
+            (
+                s.used >= s.limit,
+                "reached",
+                format!(
+                    "{label} has used {} of its {} per {} limit (alert only; nothing was refused)",
+                    amount(s.used),
+                    amount(s.limit),
+                    s.period
+                ),
+            )
+        } else {
+            (
+                s.blocked > 0,
+                "blocked",
+                format!(
+                    "{label} reached its {} per {} limit: {} request(s) refused so far this period",
+                    amount(s.limit),
+                    s.period,
+                    s.blocked
+                ),
+            )
+        };
+        if firing {
+            out.push(Reading {
+                kind: Kind::Limit,
+                entity: format!("{}/{period}/{what}", s.limit_id),
+                institution: s.institution_id.clone(),
+                firing: true,
+                severity: Severity::Warning,
+                observed: s.used,
+                baseline: s.limit,
+                threshold: s.limit,
+                message,
+            });
+        }
+    }
+    out
+}
+
 /// The spike and budget readings at `end` (an hour boundary).
 pub fn spend_readings(
     cfg: &Config,
@@ -321,7 +375,7 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
             .timestamp_opt(i64::from(i.changed_at), 0)
             .single()
             .unwrap_or_default();
-        if kind == Kind::Budget {
+        if kind.is_once() {
             tracker.restore_once(i.entity);
             continue;
         }
@@ -399,6 +453,10 @@ pub async fn evaluate_once(
     let series = load_series(store, from, end).await?;
     let mut readings = spend_readings(cfg, &series, end, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
+    match crate::limits::standings(store, cfg, None, now).await {
+        Ok(standings) => readings.extend(limit_readings(&standings)),
+        Err(e) => tracing::warn!(error = %e, "cannot read limits for alerts"),
+    }
     let changes = tracker.step(now, readings);
     if changes.is_empty() {
         return Ok(());
@@ -408,7 +466,7 @@ pub async fn evaluate_once(
         // Forget the changes so the next round decides them again.
         for c in &changes {
             let key = (c.reading.kind, c.reading.entity.clone());
-            if c.reading.kind == Kind::Budget {
+            if c.reading.kind.is_once() {
                 tracker.forget_once(&c.reading.entity);
             } else if c.resolved {
                 tracker.restore_open(Open {

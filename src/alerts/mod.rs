@@ -24,6 +24,9 @@ pub enum Kind {
     KeySpike,
     /// Month-to-date spend crossed a share of the monthly budget.
     Budget,
+    /// A limit (`tokentally limits`) was reached (mode `alert`) or refused requests
+    /// (mode `block`): once per limit and period.
+    Limit,
     /// Events of a model without a price arrived.
     UnpricedModel,
     /// Rejected messages above the configured rate.
@@ -40,6 +43,7 @@ impl Kind {
             Kind::InstitutionSpike => "institution_spike",
             Kind::KeySpike => "key_spike",
             Kind::Budget => "budget",
+            Kind::Limit => "limit",
             Kind::UnpricedModel => "unpriced_model",
             Kind::Rejections => "rejections",
             Kind::ConsumerLag => "consumer_lag",
@@ -47,11 +51,17 @@ impl Kind {
         }
     }
 
+    /// Kinds that fire once per entity (the entity names the period) and never resolve.
+    pub fn is_once(self) -> bool {
+        matches!(self, Kind::Budget | Kind::Limit)
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         [
             Kind::InstitutionSpike,
             Kind::KeySpike,
             Kind::Budget,
+            Kind::Limit,
             Kind::UnpricedModel,
             Kind::Rejections,
             Kind::ConsumerLag,
@@ -243,7 +253,7 @@ impl Tracker {
         let mut out = Vec::new();
         for r in readings {
             let key = (r.kind, r.entity.clone());
-            if r.kind == Kind::Budget {
+            if r.kind.is_once() {
                 if r.firing && self.once.insert(r.entity.clone()) {
                     out.push(Transition {
                         alert_id: alert_id(&r, now),

@@ -3,6 +3,7 @@
 
 pub mod invoice;
 pub mod keys;
+pub mod limits;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,12 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Spend, request and token limits per institution, user or key (enforced by the
+    /// gateway in mode `block`, alerted in mode `alert`).
+    Limits {
+        #[command(subcommand)]
+        command: limits::LimitsCommand,
     },
     /// A stand-in for the OpenAI, Anthropic and Gemini APIs, for demos, tests and
     /// benchmarks (until SIGINT/SIGTERM).
@@ -247,6 +254,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => crate::app::serve(&cfg, Shutdown::on_signals()).await,
         Command::Gateway => crate::gateway::run(&cfg, Shutdown::on_signals()).await,
         Command::Keys { command } => keys::run(&cfg, command).await,
+        Command::Limits { command } => limits::run(&cfg, command).await,
         Command::Simulate(args) => crate::simulate::run(args, Shutdown::on_signals()).await,
         Command::Users { command } => users(&cfg, command),
         Command::Tokens {

@@ -22,6 +22,8 @@ pub enum Status {
     ClientCancelled,
     RejectedRateLimit,
     RejectedModel,
+    /// A limit in mode `block` would have been passed.
+    RejectedBudget,
     BlockedModeration,
 }
 
@@ -34,6 +36,7 @@ impl Status {
             Status::ClientCancelled => "client_cancelled",
             Status::RejectedRateLimit => "rejected_rate_limit",
             Status::RejectedModel => "rejected_model",
+            Status::RejectedBudget => "rejected_budget",
             Status::BlockedModeration => "blocked_moderation",
         }
     }
@@ -152,6 +155,24 @@ impl GatewayEvent {
             billing: origin.billing.as_str(),
             tags: origin.tags.clone(),
             upstream_status,
+        }
+    }
+
+    /// The token counts ingest will store for this event (the provider's usage read the
+    /// way ingest reads it).
+    pub fn token_counts(&self) -> TokenCounts {
+        match (&self.usage, &self.provider_usage) {
+            (Some(u), _) => TokenCounts::new(
+                u.input_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.output_tokens,
+                u.reasoning_tokens,
+            ),
+            (None, Some(v)) => {
+                crate::ingest::normalize::provider_usage(self.provider, v).unwrap_or_default()
+            }
+            (None, None) => TokenCounts::default(),
         }
     }
 

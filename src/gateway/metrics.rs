@@ -27,6 +27,9 @@ pub struct Metrics {
     pub keys: Gauge,
     pub events_spooled: Gauge,
     pub events_sent: Gauge,
+    pub limits: Gauge,
+    pub reservations_open: Gauge,
+    pub admission_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Metrics {
@@ -40,7 +43,27 @@ impl Metrics {
             keys: Gauge::default(),
             events_spooled: Gauge::default(),
             events_sent: Gauge::default(),
+            limits: Gauge::default(),
+            reservations_open: Gauge::default(),
+            admission_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                [0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01].into_iter(),
+            ),
         };
+        m.registry.register(
+            "limits",
+            "Limits this instance enforces or watches",
+            m.limits.clone(),
+        );
+        m.registry.register(
+            "reservations_open",
+            "Requests holding a reservation on a limit right now",
+            m.reservations_open.clone(),
+        );
+        m.registry.register(
+            "admission_seconds",
+            "Time to decide a request against its limits (worst case and reservation)",
+            m.admission_seconds.clone(),
+        );
         m.registry.register(
             "requests",
             "Requests that produced an event, by status",

@@ -11,6 +11,8 @@
 //! What is kept: the event of each request (ids, model, token counts, latency, status,
 //! tags) — never prompt or completion text, never a key. Bodies pass through memory only.
 
+pub mod admission;
+pub mod budget;
 pub mod estimate;
 pub mod event;
 pub mod http_ingest;
@@ -106,9 +108,26 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
     /// For `/v1/usage-events`: publishing straight to Kafka.
     pub ingest: http_ingest::Publisher,
+    /// Limits in mode `block`: reservations and what they count.
+    pub budgets: Arc<budget::Budgets>,
+    /// The price book (reloaded when its files change): reservations and settlements.
+    pub book: Arc<std::sync::RwLock<Arc<crate::price::PriceBook>>>,
+    pub bounds: admission::Bounds,
 }
 
 impl Gateway {
+    pub fn book(&self) -> Arc<crate::price::PriceBook> {
+        self.book
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Keys and limits have been read: requests can be decided.
+    pub fn ready(&self) -> bool {
+        self.keys.ready() && self.budgets.ready()
+    }
+
     /// Writes an event to the spool (the sender takes it to Kafka).
     pub fn record(&self, event: &GatewayEvent) {
         self.metrics.recorded(event.status);
@@ -177,7 +196,7 @@ async fn model_request(State(gw): State<Arc<Gateway>>, req: Request) -> Response
 async fn models(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (parts, _) = req.into_parts();
     let provider = Provider::OpenAi;
-    if !gw.keys.ready() {
+    if !gw.ready() {
         return Refusal::Unavailable("the gateway is starting".into())
             .respond(provider, HeaderMap::new());
     }
@@ -235,7 +254,7 @@ async fn models(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.keys.ready() {
+    if gw.ready() {
         "ok\n".into_response()
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
@@ -302,6 +321,33 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let metrics = metrics::Metrics::new();
+    let book = crate::ingest::watch::BookWatcher::load(&cfg.prices.path)?;
+    let current_book = Arc::new(std::sync::RwLock::new(book.current()));
+    let budgets = budget::Budgets::new(
+        cfg.institutions
+            .iter()
+            .map(|i| (i.id.clone(), cfg.institution_tz(&i.id)))
+            .collect(),
+    );
+    let instance = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    if let Err(e) = admission::refresh(&budgets, &store, &cfg.limits, &instance, chrono::Utc::now()).await {
+        tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
+    }
+    tokio::spawn(admission::keep_fresh(
+        budgets.clone(),
+        store.clone(),
+        cfg.limits.clone(),
+        instance.clone(),
+        book,
+        current_book.clone(),
+        metrics.clone(),
+        Duration::from_millis(g.limits_refresh_ms.max(100)),
+        shutdown.clone(),
+    ));
     let gw = Arc::new(Gateway {
         settings: Settings {
             max_body_bytes: g.max_body_bytes,
@@ -322,6 +368,9 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             .collect(),
         metrics: metrics.clone(),
         ingest: http_ingest::Publisher::new(cfg)?,
+        budgets,
+        book: current_book,
+        bounds: admission::Bounds::from_config(g),
     });
     let (stop_spool, spool_stop_rx) = tokio::sync::watch::channel(false);
     let sender = tokio::spawn(spool.clone().run(
@@ -355,7 +404,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", g.listen))?;
     let bound = listener.local_addr()?;
-    tracing::info!(listen = %bound, keys = keys.len(), "gateway listening");
+    tracing::info!(listen = %bound, keys = keys.len(), limits = gw.budgets.limit_count(), %instance, "gateway listening");
     let mut stopping = shutdown.clone();
     // TCP_NODELAY on every client connection: hyper writes a response's head and body
     // separately, and with Nagle's algorithm the second write waited for the client's

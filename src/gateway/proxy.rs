@@ -20,6 +20,7 @@ use super::wire::body::{self, Prepared};
 use super::wire::sse::{Piece, Splitter};
 use super::wire::usage::{Seen, Tracker, Verdict};
 use super::wire::{self, Api, Provider, Refusal};
+use super::budget::{Admission, Amounts, Reservation, Who};
 use super::Gateway;
 use crate::domain::Billing;
 use crate::keys::{model_allowed, Key, KeyKind, KeyRefusal};
@@ -103,6 +104,8 @@ struct Request {
     key: Arc<Key>,
     model: String,
     started: Instant,
+    /// The request's hold on its limits (released if dropped unsettled).
+    reservation: Option<Reservation>,
 }
 
 impl Request {
@@ -135,7 +138,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-tokentally-request-id", v);
     }
-    if !gw.keys.ready() {
+    if !gw.ready() {
         return Refusal::Unavailable("the gateway is starting; try again in a moment".into())
             .respond(provider, headers);
     }
@@ -176,7 +179,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         (None, _) => unreachable!("prepare requires a model for every other API"),
     };
     let own_key = gw.keys.own_key(&key.institution_id, provider);
-    let req = Request {
+    let mut req = Request {
         api,
         origin: Origin {
             request_id,
@@ -196,6 +199,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         key,
         model,
         started,
+        reservation: None,
     };
 
     if !model_allowed(&req.key.models, &req.model) {
@@ -219,6 +223,24 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
             );
             let kind = if e.what == "requests" { "requests" } else { "tokens" };
             return Refusal::RateLimited { message, kind }.respond(provider, headers);
+        }
+    }
+    match admit(&gw, &req, api, &bytes, &prepared, now) {
+        Admission::Free => {}
+        Admission::Admitted(r) => {
+            budget_header(r.remaining_usd, &mut headers);
+            req.reservation = Some(r);
+        }
+        Admission::Refused(b) => {
+            budget_header(b.remaining_usd, &mut headers);
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            if let Ok(v) = HeaderValue::from_str(&b.limit.id()) {
+                headers.insert("x-tokentally-limit", v);
+            }
+            gw.metrics.refused("limit");
+            gw.record(&req.event(&req.model, None, Status::RejectedBudget, Usage::None, 0));
+            let message = b.message(gw.budgets.zone(&req.key.institution_id));
+            return Refusal::OverLimit(message).respond(provider, headers);
         }
     }
     if let Err(e) = gw.spool.has_room() {
@@ -249,6 +271,53 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         }
     }
     forward(gw, req, parts, bytes, prepared, upstream_key, headers).await
+}
+
+/// Decides `req` against its limits: reserves its worst case, or refuses it.
+fn admit(
+    gw: &Gateway,
+    req: &Request,
+    api: Api,
+    body: &[u8],
+    prepared: &Prepared,
+    now: chrono::DateTime<Utc>,
+) -> Admission {
+    let who = Who {
+        institution: &req.key.institution_id,
+        user: &req.key.user_id,
+        key: &req.key.key_id,
+    };
+    if !gw.budgets.applies(&who) {
+        return Admission::Free;
+    }
+    let started = Instant::now();
+    let ask = super::admission::worst_case(
+        &gw.book(),
+        &gw.bounds,
+        api.provider(),
+        api,
+        &req.model,
+        body,
+        prepared,
+        now,
+    );
+    let decided = gw.budgets.admit(&who, &ask, now);
+    gw.metrics
+        .admission_seconds
+        .observe(started.elapsed().as_secs_f64());
+    decided
+}
+
+/// `x-tokentally-budget-remaining`: USD left of the tightest USD limit.
+fn budget_header(remaining: Option<rust_decimal::Decimal>, h: &mut HeaderMap) {
+    if let Some(r) = remaining {
+        let r = r
+            .round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero)
+            .normalize();
+        if let Ok(v) = HeaderValue::from_str(&r.to_string()) {
+            h.insert("x-tokentally-budget-remaining", v);
+        }
+    }
 }
 
 /// The upstream URL: the provider's base, the client's path and query (minus a Gemini
@@ -464,6 +533,7 @@ impl Relay {
         }
         let seen = std::mem::replace(&mut self.tracker, Tracker::new(self.req.api, false)).finish();
         let event = self.event(&seen, client_gone_at.is_some(), broken);
+        self.settle(&event, &seen);
         self.gw.record(&event);
         if let Some(b) = held {
             let _ = tx.send(Ok(b)).await;
@@ -475,6 +545,37 @@ impl Relay {
                 .send(Err(std::io::Error::other("the provider's answer broke off")))
                 .await;
         }
+    }
+
+    /// Replaces the request's reservation by its priced usage.
+    fn settle(&mut self, event: &GatewayEvent, seen: &Seen) {
+        let Some(r) = self.req.reservation.take() else {
+            return;
+        };
+        let counts = event.token_counts();
+        let priced = crate::price::price_usage(
+            &self.gw.book(),
+            self.req.origin.provider,
+            &event.model,
+            seen.service_tier.as_deref().unwrap_or(""),
+            self.req.origin.occurred_at.date_naive(),
+            &counts,
+            true,
+        );
+        let usd = match priced {
+            crate::price::Pricing::Priced(p) => p.cost,
+            // The provider answered with a model the book does not price: count what
+            // was reserved rather than nothing.
+            crate::price::Pricing::Unpriced => r.reserved().usd,
+        };
+        r.settle(
+            &event.event_id,
+            Amounts {
+                usd,
+                requests: 1,
+                tokens: counts.prompt_total() + counts.output,
+            },
+        );
     }
 
     fn event(&self, seen: &Seen, client_gone: bool, broken: bool) -> GatewayEvent {

@@ -48,6 +48,9 @@ pub struct PriceEntry {
     pub service_tier: Option<String>,
     pub rates: Rates,
     pub per_request: Decimal,
+    /// The most output tokens the model writes in one answer (the gateway reserves this
+    /// much for a request that sets no cap of its own); `None`: not known.
+    pub max_output_tokens: Option<u64>,
     /// Sorted by threshold, ascending.
     pub tiers: Vec<Tier>,
     /// Where the entry was read from, for error messages.
@@ -134,6 +137,7 @@ struct RawEntry {
     currency: Option<String>,
     service_tier: Option<String>,
     per_request: Option<toml::Value>,
+    max_output_tokens: Option<u64>,
     #[serde(default)]
     tier: Vec<RawTier>,
     #[serde(flatten)]
@@ -324,6 +328,7 @@ fn parse_entry(raw: RawEntry, source: String) -> Result<PriceEntry, Vec<String>>
                 service_tier,
                 rates,
                 per_request,
+                max_output_tokens: raw.max_output_tokens.filter(|n| *n > 0),
                 tiers,
                 source,
             })

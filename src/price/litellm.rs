@@ -70,6 +70,7 @@ struct Imported {
     service_tier: Option<String>,
     rates: ImportedRates,
     tiers: Vec<(u64, ImportedRates)>,
+    max_output_tokens: Option<u64>,
 }
 
 fn per_mtok(model: &str, field: &str, raw: &RawValue) -> Result<Option<Decimal>, ImportError> {
@@ -177,6 +178,9 @@ pub fn import(json: &str, opts: &ImportOptions) -> Result<(String, usize), Impor
                     service_tier: service_tier.map(str::to_owned),
                     rates: base,
                     tiers,
+                    max_output_tokens: fields
+                        .get("max_output_tokens")
+                        .and_then(|v| serde_json::from_str::<u64>(v.get()).ok()),
                 });
             }
         }
@@ -237,6 +241,9 @@ fn render(entries: &[Imported], effective_from: NaiveDate) -> String {
         let _ = writeln!(s, "currency = \"USD\"");
         if let Some(t) = &e.service_tier {
             let _ = writeln!(s, "service_tier = \"{t}\"");
+        }
+        if let Some(n) = e.max_output_tokens {
+            let _ = writeln!(s, "max_output_tokens = {n}");
         }
         rate_lines(&mut s, &e.rates);
         for (threshold, t) in &e.tiers {
@@ -341,8 +348,8 @@ mod tests {
                 continue;
             }
             assert_eq!(
-                (&e.rates, &e.tiers, e.per_request, e.effective_from),
-                (&s.rates, &s.tiers, s.per_request, s.effective_from),
+                (&e.rates, &e.tiers, e.per_request, e.effective_from, e.max_output_tokens),
+                (&s.rates, &s.tiers, s.per_request, s.effective_from, s.max_output_tokens),
                 "{}",
                 e.model
             );

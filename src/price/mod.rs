@@ -62,19 +62,40 @@ pub fn cost(rates: &Rates, usage: &TokenCounts, per_request: Decimal) -> Decimal
 
 /// Prices one event with the book.
 pub fn price(event: &UsageEvent, book: &PriceBook) -> Pricing {
-    let date = event.occurred_at.date_naive();
-    match book.lookup(&event.provider, &event.model, &event.service_tier, date) {
+    price_usage(
+        book,
+        &event.provider,
+        &event.model,
+        &event.service_tier,
+        event.occurred_at.date_naive(),
+        &event.usage,
+        event.was_served(),
+    )
+}
+
+/// Prices `usage` of `model` on `date`; the per-request fee only for a served request.
+/// The one pricing path: ingest prices stored events with it, the gateway its budgets.
+pub fn price_usage(
+    book: &PriceBook,
+    provider: &str,
+    model: &str,
+    service_tier: &str,
+    date: chrono::NaiveDate,
+    usage: &TokenCounts,
+    served: bool,
+) -> Pricing {
+    match book.lookup(provider, model, service_tier, date) {
         None => Pricing::Unpriced,
         Some(entry) => {
-            let (tier_threshold, rates) = applicable_rates(entry, &event.usage);
+            let (tier_threshold, rates) = applicable_rates(entry, usage);
             Pricing::Priced(Priced {
                 price_id: entry.id.clone(),
                 price_model: entry.model.clone(),
                 tier_threshold,
                 cost: cost(
                     rates,
-                    &event.usage,
-                    if event.was_served() {
+                    usage,
+                    if served {
                         entry.per_request
                     } else {
                         Decimal::ZERO
@@ -83,6 +104,35 @@ pub fn price(event: &UsageEvent, book: &PriceBook) -> Pricing {
             })
         }
     }
+}
+
+/// The most a request of `prompt` prompt tokens and at most `output` output tokens can
+/// cost under `entry`: every prompt token at the dearest input rate (plain, cached-read
+/// or cache-write) and every output token at the dearest output rate (plain or
+/// reasoning), in the tier `prompt` falls into, plus the per-request fee.
+pub fn worst_case(entry: &PriceEntry, prompt: u64, output: u64) -> Decimal {
+    // Every tier a request of at most `prompt` tokens could fall into (the base rates
+    // and each tier below it): the dearest rate among them.
+    let candidates = std::iter::once(&entry.rates).chain(
+        entry
+            .tiers
+            .iter()
+            .filter(|t| prompt > t.above_input_tokens)
+            .map(|t| &t.rates),
+    );
+    let (mut input_rate, mut output_rate) = (Decimal::ZERO, Decimal::ZERO);
+    for r in candidates {
+        input_rate = input_rate
+            .max(r.input_per_mtok)
+            .max(r.cache_read_per_mtok)
+            .max(r.cache_write_per_mtok);
+        output_rate = output_rate
+            .max(r.output_per_mtok)
+            .max(r.reasoning_per_mtok.unwrap_or(Decimal::ZERO));
+    }
+    ((Decimal::from(prompt) * input_rate + Decimal::from(output) * output_rate) * per_token()
+        + entry.per_request)
+        .normalize()
 }
 
 #[cfg(test)]

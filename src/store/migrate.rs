@@ -41,6 +41,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0008_gateway.sql",
         include_str!("../../schema/0008_gateway.sql"),
     ),
+    (
+        "0009_limits.sql",
+        include_str!("../../schema/0009_limits.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

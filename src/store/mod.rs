@@ -5,6 +5,7 @@ pub mod billing;
 pub mod invoices;
 pub mod keys;
 pub mod leases;
+pub mod limits;
 pub mod migrate;
 pub mod pipeline;
 pub mod rows;

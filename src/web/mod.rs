@@ -8,6 +8,7 @@ pub mod chart;
 pub mod error;
 mod invoices;
 mod keys;
+mod limits;
 mod login;
 mod openapi;
 pub mod page;
@@ -84,6 +85,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                 get(invoices::download),
             )
             .route(&format!("{prefix}/keys"), get(keys::list))
+            .route(&format!("{prefix}/limits"), get(limits::list))
+            .route(&format!("{prefix}/limits/set"), post(limits::set))
+            .route(&format!("{prefix}/limits/remove"), post(limits::remove))
             .route(&format!("{prefix}/keys/create"), post(keys::create))
             .route(
                 &format!("{prefix}/keys/{{key_id}}/revoke"),

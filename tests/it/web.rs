@@ -1018,6 +1018,7 @@ async fn ambiguous_or_absurd_parameters_are_refused_on_every_route() {
         "/invoices/draft?period=2026-10",
         "/pipeline",
         "/keys",
+        "/limits",
     ];
     for prefix in ["", "/api/v1"] {
         for route in routes {

@@ -96,6 +96,8 @@ pub struct Prepared {
     pub client_wants_usage: bool,
     /// The output cap the client set, if any.
     pub max_output_tokens: Option<u64>,
+    /// Answers asked for (`n`, Gemini's `candidateCount`); each may write the cap.
+    pub choices: u64,
     /// The body to send upstream.
     pub body: Vec<u8>,
     /// Whether `body` differs from what the client sent.
@@ -125,6 +127,15 @@ pub fn prepare(api: Api, bytes: &[u8], end_user: &str) -> Result<Prepared, Strin
             obj.get_value("generationConfig")
                 .and_then(|g| g.get("maxOutputTokens").and_then(Value::as_u64))
         });
+    let choices = obj
+        .get_value("n")
+        .and_then(|v| v.as_u64())
+        .or_else(|| {
+            obj.get_value("generationConfig")
+                .and_then(|g| g.get("candidateCount").and_then(Value::as_u64))
+        })
+        .unwrap_or(1)
+        .max(1);
     let mut client_wants_usage = false;
     let mut rewritten = false;
     match api {
@@ -170,6 +181,7 @@ pub fn prepare(api: Api, bytes: &[u8], end_user: &str) -> Result<Prepared, Strin
         stream,
         client_wants_usage,
         max_output_tokens,
+        choices,
         body: if rewritten { obj.to_bytes() } else { bytes.to_vec() },
         rewritten,
     })

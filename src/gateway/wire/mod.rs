@@ -105,6 +105,8 @@ pub enum Refusal {
     ModelNotAllowed(String),
     /// 429: over the key's requests or tokens per minute.
     RateLimited { message: String, kind: &'static str },
+    /// 429: a limit (budget or quota) in mode `block` would be passed.
+    OverLimit(String),
     /// 400: the request is not what this API takes.
     BadRequest(String),
     /// 400: input flagged by moderation.
@@ -122,7 +124,7 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Refusal::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::RateLimited { .. } | Refusal::OverLimit(_) => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BadRequest(_) | Refusal::Flagged => StatusCode::BAD_REQUEST,
             Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -135,7 +137,8 @@ impl Refusal {
             Refusal::Unauthenticated(m)
             | Refusal::BadRequest(m)
             | Refusal::Unavailable(m)
-            | Refusal::Upstream(m) => m.clone(),
+            | Refusal::Upstream(m)
+            | Refusal::OverLimit(m) => m.clone(),
             Refusal::ModelNotAllowed(model) => format!(
                 "this API key may not use the model `{}`",
                 crate::format::log_safe(model, 100)
@@ -155,6 +158,7 @@ impl Refusal {
             Refusal::Unauthenticated(_) => ("invalid_request_error", "invalid_api_key"),
             Refusal::ModelNotAllowed(_) => ("invalid_request_error", "model_not_allowed"),
             Refusal::RateLimited { kind, .. } => (*kind, "rate_limit_exceeded"),
+            Refusal::OverLimit(_) => ("insufficient_quota", "insufficient_quota"),
             Refusal::BadRequest(_) => ("invalid_request_error", "invalid_request"),
             Refusal::Flagged => ("invalid_request_error", "content_policy_violation"),
             Refusal::TooLarge(_) => ("invalid_request_error", "request_too_large"),
@@ -169,7 +173,7 @@ impl Refusal {
         let kind = match self {
             Refusal::Unauthenticated(_) => "authentication_error",
             Refusal::ModelNotAllowed(_) => "permission_error",
-            Refusal::RateLimited { .. } => "rate_limit_error",
+            Refusal::RateLimited { .. } | Refusal::OverLimit(_) => "rate_limit_error",
             Refusal::BadRequest(_) | Refusal::Flagged => "invalid_request_error",
             Refusal::TooLarge(_) => "request_too_large",
             Refusal::Unavailable(_) => "overloaded_error",
@@ -183,7 +187,7 @@ impl Refusal {
         let status = match self {
             Refusal::Unauthenticated(_) => "UNAUTHENTICATED",
             Refusal::ModelNotAllowed(_) => "PERMISSION_DENIED",
-            Refusal::RateLimited { .. } => "RESOURCE_EXHAUSTED",
+            Refusal::RateLimited { .. } | Refusal::OverLimit(_) => "RESOURCE_EXHAUSTED",
             Refusal::BadRequest(_) | Refusal::Flagged | Refusal::TooLarge(_) => {
                 "INVALID_ARGUMENT"
             }

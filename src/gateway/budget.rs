@@ -1,0 +1,705 @@
+//! Hard limits at the gateway: reserve the worst case before a request goes upstream,
+//! settle to its priced cost when it ends, release on error or cancel.
+//!
+//! For each limit and period a *counter* holds three amounts:
+//! - `stored`: what ClickHouse holds for the period, as of the last refresh;
+//! - `pending`: what this instance priced since, by event id, until ClickHouse has it
+//!   (the refresh reads the sums and which pending ids are in them in one query, so an
+//!   event counts once: in `pending` or in `stored`);
+//! - `reserved`: the worst case of every request still running.
+//!
+//! A request is admitted only if, for every `block` limit it falls under,
+//! `stored + pending + reserved + its own worst case ≤ limit`. Admission and settlement
+//! take one lock, so concurrent requests on one instance can never pass a limit
+//! together. Other instances' requests show up through ClickHouse: see the README for
+//! the bound on what several instances can overshoot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use crate::domain::{Limit, LimitMode, LimitScope, Metric};
+use crate::store::limits::{HoldRow, SubjectUsage};
+
+/// USD, requests and tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub usd: Decimal,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Amounts {
+    fn of(&self, m: Metric) -> Decimal {
+        match m {
+            Metric::Usd => self.usd,
+            Metric::Requests => Decimal::from(self.requests),
+            Metric::Tokens => Decimal::from(self.tokens),
+        }
+    }
+
+    fn add(&mut self, o: &Amounts) {
+        self.usd += o.usd;
+        self.requests += o.requests;
+        self.tokens += o.tokens;
+    }
+
+    fn sub(&mut self, o: &Amounts) {
+        self.usd -= o.usd;
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.tokens = self.tokens.saturating_sub(o.tokens);
+    }
+
+    fn is_zero(&self) -> bool {
+        self.usd.is_zero() && self.requests == 0 && self.tokens == 0
+    }
+}
+
+/// Who a request is billed to.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub institution: &'a str,
+    pub user: &'a str,
+    pub key: &'a str,
+}
+
+/// The worst case of one request, before it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    /// `Err`: the model has no price, so a USD limit cannot be held.
+    pub usd: Result<Decimal, String>,
+    pub tokens: u64,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub limit: Arc<Limit>,
+    /// Left of the limit before this request (never below zero).
+    pub remaining: Decimal,
+    /// What this request may take at most (`None`: its model has no price).
+    pub need: Option<Decimal>,
+    /// When the period ends (the limit renews).
+    pub renews: DateTime<Utc>,
+    /// Left of the tightest USD limit, for `x-tokentally-budget-remaining`.
+    pub remaining_usd: Option<Decimal>,
+}
+
+impl Blocked {
+    /// The message the client reads: which limit, what is left, what was asked, when
+    /// it renews (in the institution's time zone).
+    pub fn message(&self, tz: chrono_tz::Tz) -> String {
+        let l = &self.limit;
+        let money = |d: Decimal| format!("${}", d.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero).normalize());
+        let amount = |d: Decimal| match l.metric {
+            Metric::Usd => money(d),
+            m => format!("{} {m}", d.normalize()),
+        };
+        let who = match l.scope {
+            LimitScope::Institution => format!("institution {}", l.institution_id),
+            LimitScope::User => format!("user {} of {}", l.subject, l.institution_id),
+            LimitScope::Key => format!("API key {} of {}", l.subject, l.institution_id),
+        };
+        let renews = self.renews.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z");
+        let need = match &self.need {
+            Some(n) => format!("this request may use up to {}", amount(*n)),
+            None => "this model has no price in the price book, so its cost cannot be held to a budget".into(),
+        };
+        format!(
+            "Limit reached: {who} may use {} (limit {}). {} is left; {need}. It renews at {renews}.",
+            l.amount_label(),
+            l.id(),
+            amount(self.remaining),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    end: i64,
+    stored: Amounts,
+    pending: HashMap<String, Amounts>,
+    pending_sum: Amounts,
+    reserved: Amounts,
+    open: u64,
+    /// Other instances' reservations and not-yet-stored usage, as they last reported.
+    others: Amounts,
+}
+
+impl Counter {
+    fn used(&self) -> Amounts {
+        let mut u = self.stored;
+        u.add(&self.pending_sum);
+        u.add(&self.reserved);
+        u.add(&self.others);
+        u
+    }
+}
+
+/// An institution's limits by subject (ids into `Inner::limits`).
+#[derive(Debug, Default)]
+struct Subjects {
+    institution: Vec<String>,
+    users: HashMap<String, Vec<String>>,
+    keys: HashMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    limits: HashMap<String, Arc<Limit>>,
+    by_institution: HashMap<String, Subjects>,
+    /// (limit id, period start) → counter.
+    counters: HashMap<(String, i64), Counter>,
+}
+
+impl Inner {
+    /// The `block` limits `who` falls under.
+    fn applying(&self, who: &Who<'_>) -> Vec<Arc<Limit>> {
+        let Some(s) = self.by_institution.get(who.institution) else {
+            return Vec::new();
+        };
+        s.institution
+            .iter()
+            .chain(s.users.get(who.user).into_iter().flatten())
+            .chain(s.keys.get(who.key).into_iter().flatten())
+            .filter_map(|id| self.limits.get(id))
+            .filter(|l| l.mode == LimitMode::Block)
+            .cloned()
+            .collect()
+    }
+}
+
+/// One ClickHouse read a refresh needs: an institution's usage in one period, and which
+/// of this instance's pending events of that institution are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub institution: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub pending: Vec<String>,
+}
+
+/// Every limit's counters on this instance.
+#[derive(Debug)]
+pub struct Budgets {
+    inner: Mutex<Inner>,
+    zones: HashMap<String, chrono_tz::Tz>,
+    /// Limits and usage have been read once: until then nothing is admitted.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// What admission decided.
+#[derive(Debug)]
+pub enum Admission {
+    /// No `block` limit applies.
+    Free,
+    Admitted(Reservation),
+    Refused(Blocked),
+}
+
+impl Budgets {
+    /// `zones`: institutions' time zones (others are UTC).
+    pub fn new(zones: HashMap<String, chrono_tz::Tz>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            zones,
+            ready: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn zone(&self, institution: &str) -> chrono_tz::Tz {
+        self.zones.get(institution).copied().unwrap_or(chrono_tz::UTC)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether any `block` limit applies to `who` (cheap: decides whether the worst
+    /// case must be computed at all).
+    pub fn applies(&self, who: &Who<'_>) -> bool {
+        !self.lock().applying(who).is_empty()
+    }
+
+    /// Reserves `ask` against every `block` limit of `who`, or refuses.
+    pub fn admit(self: &Arc<Self>, who: &Who<'_>, ask: &Ask, now: DateTime<Utc>) -> Admission {
+        let tz = self.zone(who.institution);
+        let mut inner = self.lock();
+        let limits = inner.applying(who);
+        if limits.is_empty() {
+            return Admission::Free;
+        }
+        let take = Amounts {
+            usd: *ask.usd.as_ref().unwrap_or(&Decimal::ZERO),
+            requests: 1,
+            tokens: ask.tokens,
+        };
+        let mut keys = Vec::with_capacity(limits.len());
+        let mut remaining_usd: Option<Decimal> = None;
+        let mut refused: Option<Blocked> = None;
+        for l in &limits {
+            let (start, end) = l.period.bounds(now, tz);
+            let key = (l.id(), start.timestamp());
+            let c = inner.counters.entry(key.clone()).or_insert_with(|| Counter {
+                end: end.timestamp(),
+                ..Counter::default()
+            });
+            let left = (l.amount - c.used().of(l.metric)).max(Decimal::ZERO);
+            let need = match (l.metric, &ask.usd) {
+                (Metric::Usd, Err(_)) => None,
+                (m, _) => Some(take.of(m)),
+            };
+            if l.metric == Metric::Usd {
+                let after = left - need.unwrap_or(Decimal::ZERO);
+                remaining_usd = Some(remaining_usd.map_or(after, |r| r.min(after)));
+            }
+            let fits = need.is_some_and(|n| n <= left);
+            if !fits && refused.is_none() {
+                refused = Some(Blocked {
+                    limit: l.clone(),
+                    remaining: left,
+                    need,
+                    renews: end,
+                    remaining_usd: None,
+                });
+            }
+            keys.push(key);
+        }
+        if let Some(mut b) = refused {
+            // What is left of the tightest USD budget, before this request.
+            b.remaining_usd = limits
+                .iter()
+                .filter(|l| l.metric == Metric::Usd)
+                .map(|l| {
+                    let (start, _) = l.period.bounds(now, tz);
+                    let used = inner
+                        .counters
+                        .get(&(l.id(), start.timestamp()))
+                        .map(|c| c.used().usd)
+                        .unwrap_or_default();
+                    (l.amount - used).max(Decimal::ZERO)
+                })
+                .min();
+            return Admission::Refused(b);
+        }
+        for key in &keys {
+            let c = inner.counters.get_mut(key).expect("entered above");
+            c.reserved.add(&take);
+            c.open += 1;
+        }
+        Admission::Admitted(Reservation {
+            budgets: self.clone(),
+            keys,
+            amounts: take,
+            remaining_usd: remaining_usd.map(|r| r.max(Decimal::ZERO)),
+            done: false,
+        })
+    }
+
+    fn finish(&self, keys: &[(String, i64)], reserved: &Amounts, event: Option<(&str, Amounts)>) {
+        let mut inner = self.lock();
+        for key in keys {
+            if let Some(c) = inner.counters.get_mut(key) {
+                c.reserved.sub(reserved);
+                c.open = c.open.saturating_sub(1);
+                if let Some((id, actual)) = event.filter(|(_, a)| !a.is_zero()) {
+                    if let Some(old) = c.pending.insert(id.to_owned(), actual) {
+                        c.pending_sum.sub(&old);
+                    }
+                    c.pending_sum.add(&actual);
+                }
+            }
+        }
+    }
+
+    /// The reads the next refresh needs, for `limits` at `now`: one per institution and
+    /// period, with the pending events of that institution's counters in the period.
+    pub fn plan(&self, limits: &[Limit], now: DateTime<Utc>) -> Vec<Read> {
+        let inner = self.lock();
+        let mut reads: Vec<Read> = Vec::new();
+        for l in limits {
+            let (start, end) = l.period.bounds(now, self.zone(&l.institution_id));
+            if reads
+                .iter()
+                .any(|r| r.institution == l.institution_id && r.start == start && r.end == end)
+            {
+                continue;
+            }
+            let mut pending: Vec<String> = inner
+                .counters
+                .iter()
+                .filter(|((id, s), _)| {
+                    *s == start.timestamp()
+                        && inner
+                            .limits
+                            .get(id)
+                            .is_some_and(|x| x.institution_id == l.institution_id)
+                })
+                .flat_map(|(_, c)| c.pending.keys().cloned())
+                .collect();
+            pending.sort();
+            pending.dedup();
+            reads.push(Read {
+                institution: l.institution_id.clone(),
+                start,
+                end,
+                pending,
+            });
+        }
+        reads
+    }
+
+    /// Installs `limits` (every current one; others are dropped) with the usage read
+    /// for `plan(limits, now)`: stored amounts replaced, stored events no longer pending.
+    /// `others`: the other instances' holds by (limit id, period start).
+    pub fn apply(
+        &self,
+        limits: Vec<Limit>,
+        reads: &[(Read, Vec<SubjectUsage>)],
+        others: &HashMap<(String, i64), Amounts>,
+        now: DateTime<Utc>,
+    ) {
+        let mut inner = self.lock();
+        let mut by_institution: HashMap<String, Subjects> = HashMap::new();
+        let mut map = HashMap::new();
+        for l in limits {
+            let id = l.id();
+            let s = by_institution.entry(l.institution_id.clone()).or_default();
+            match l.scope {
+                LimitScope::Institution => s.institution.push(id.clone()),
+                LimitScope::User => s.users.entry(l.subject.clone()).or_default().push(id.clone()),
+                LimitScope::Key => s.keys.entry(l.subject.clone()).or_default().push(id.clone()),
+            }
+            map.insert(id, Arc::new(l));
+        }
+        inner.limits = map;
+        inner.by_institution = by_institution;
+        for (read, rows) in reads {
+            let stored_ids: std::collections::HashSet<&str> = rows
+                .iter()
+                .flat_map(|r| r.stored.iter().map(String::as_str))
+                .collect();
+            let ids: Vec<Arc<Limit>> = inner
+                .limits
+                .values()
+                .filter(|l| {
+                    l.institution_id == read.institution
+                        && l.period.bounds(now, self.zone(&l.institution_id))
+                            == (read.start, read.end)
+                })
+                .cloned()
+                .collect();
+            for l in ids {
+                let stored = rows
+                    .iter()
+                    .filter(|r| match l.scope {
+                        LimitScope::Institution => true,
+                        LimitScope::User => r.user_id == l.subject,
+                        LimitScope::Key => r.api_key_id == l.subject,
+                    })
+                    .fold(Amounts::default(), |mut a, r| {
+                        a.add(&Amounts {
+                            usd: r.usd,
+                            requests: u64::try_from(r.requests).unwrap_or(0),
+                            tokens: u64::try_from(r.tokens).unwrap_or(0),
+                        });
+                        a
+                    });
+                let c = inner
+                    .counters
+                    .entry((l.id(), read.start.timestamp()))
+                    .or_insert_with(|| Counter {
+                        end: read.end.timestamp(),
+                        ..Counter::default()
+                    });
+                c.stored = stored;
+                c.others = others
+                    .get(&(l.id(), read.start.timestamp()))
+                    .copied()
+                    .unwrap_or_default();
+                let gone: Vec<String> = c
+                    .pending
+                    .keys()
+                    .filter(|id| stored_ids.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(a) = c.pending.remove(&id) {
+                        c.pending_sum.sub(&a);
+                    }
+                }
+            }
+        }
+        // Counters of ended periods or removed limits go once nothing runs on them.
+        let now_ts = now.timestamp();
+        let limits = &inner.limits;
+        let keep: Vec<(String, i64)> = inner
+            .counters
+            .iter()
+            .filter(|((id, _), c)| c.open > 0 || (c.end > now_ts && limits.contains_key(id)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let keep: std::collections::HashSet<(String, i64)> = keep.into_iter().collect();
+        inner.counters.retain(|k, _| keep.contains(k));
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// What this instance holds beyond ClickHouse, per limit (for the dashboard).
+    pub fn holds(&self, instance: &str, now: DateTime<Utc>) -> Vec<HoldRow> {
+        let inner = self.lock();
+        inner
+            .counters
+            .iter()
+            .filter(|((id, _), _)| inner.limits.contains_key(id))
+            .map(|((id, start), c)| HoldRow {
+                instance: instance.to_owned(),
+                limit_id: id.clone(),
+                period_start: u32::try_from(*start).unwrap_or(0),
+                reserved_usd: c.reserved.usd.normalize().to_string(),
+                reserved_requests: c.reserved.requests,
+                reserved_tokens: c.reserved.tokens,
+                open_reservations: c.open,
+                pending_usd: c.pending_sum.usd.normalize().to_string(),
+                pending_requests: c.pending_sum.requests,
+                pending_tokens: c.pending_sum.tokens,
+                reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Open reservations and their USD, over every counter (for metrics and tests).
+    pub fn open(&self) -> (u64, Decimal) {
+        let inner = self.lock();
+        inner
+            .counters
+            .values()
+            .fold((0, Decimal::ZERO), |(n, usd), c| (n + c.open, usd + c.reserved.usd))
+    }
+
+    /// The used amount of a limit in the period holding `now` (tests, dashboard).
+    pub fn used(&self, limit_id: &str, now: DateTime<Utc>) -> Option<Amounts> {
+        let inner = self.lock();
+        let l = inner.limits.get(limit_id)?;
+        let (start, _) = l.period.bounds(now, self.zone(&l.institution_id));
+        inner
+            .counters
+            .get(&(limit_id.to_owned(), start.timestamp()))
+            .map(Counter::used)
+    }
+
+    pub fn limit_count(&self) -> usize {
+        self.lock().limits.len()
+    }
+}
+
+/// A request's hold on its limits. Settle it with the request's priced usage; dropped
+/// unsettled (an error, a cancel, a panic), it is released.
+#[derive(Debug)]
+pub struct Reservation {
+    budgets: Arc<Budgets>,
+    keys: Vec<(String, i64)>,
+    amounts: Amounts,
+    /// Left of the tightest USD limit after this reservation.
+    pub remaining_usd: Option<Decimal>,
+    done: bool,
+}
+
+impl Reservation {
+    /// Replaces the reservation by what the request used (kept until ClickHouse has
+    /// event `event_id`).
+    pub fn settle(mut self, event_id: &str, actual: Amounts) {
+        self.done = true;
+        self.budgets
+            .finish(&self.keys, &self.amounts, Some((event_id, actual)));
+    }
+
+    pub fn reserved(&self) -> Amounts {
+        self.amounts
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.budgets.finish(&self.keys, &self.amounts, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::LimitPeriod;
+    use proptest::prelude::*;
+    use rust_decimal_macros::dec;
+
+    fn limit(scope: LimitScope, subject: &str, metric: Metric, amount: Decimal) -> Limit {
+        Limit {
+            institution_id: "uni-a".into(),
+            scope,
+            subject: subject.into(),
+            metric,
+            period: LimitPeriod::Month,
+            amount,
+            mode: LimitMode::Block,
+        }
+    }
+
+    fn who() -> Who<'static> {
+        Who {
+            institution: "uni-a",
+            user: "alice",
+            key: "k1",
+        }
+    }
+
+    fn usd(d: Decimal) -> Ask {
+        Ask {
+            usd: Ok(d),
+            tokens: 100,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-12-03T12:00:00Z".parse().unwrap()
+    }
+
+    fn install(b: &Budgets, limits: Vec<Limit>) {
+        let reads: Vec<(Read, Vec<SubjectUsage>)> = b
+            .plan(&limits, now())
+            .into_iter()
+            .map(|r| (r, vec![]))
+            .collect();
+        b.apply(limits, &reads, &HashMap::new(), now());
+    }
+
+    #[test]
+    fn reserve_settle_release() {
+        let b = Budgets::new(HashMap::new());
+        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1.00))]);
+        let Admission::Admitted(r1) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        assert_eq!(r1.remaining_usd, Some(dec!(0.60)));
+        let Admission::Admitted(r2) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        // 0.80 reserved: a third 0.40 does not fit, 0.20 does.
+        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        assert_eq!((x.remaining, x.need), (dec!(0.20), Some(dec!(0.40))));
+        assert!(x.message(chrono_tz::UTC).contains("$0.2 is left"), "{}", x.message(chrono_tz::UTC));
+        // Settled below the reservation: the difference is free again.
+        r1.settle("e1", Amounts { usd: dec!(0.10), requests: 1, tokens: 50 });
+        drop(r2); // released: an error or a cancel
+        assert_eq!(b.open(), (0, Decimal::ZERO));
+        assert_eq!(b.used("uni-a:key:k1:usd:month", now()).unwrap().usd, dec!(0.10));
+        let Admission::Admitted(_held) = b.admit(&who(), &usd(dec!(0.90)), now()) else { panic!() };
+        let Admission::Refused(_) = b.admit(&who(), &usd(dec!(0.000001)), now()) else { panic!() };
+    }
+
+    #[test]
+    fn other_subjects_and_alert_limits_do_not_block() {
+        let b = Budgets::new(HashMap::new());
+        let mut alert = limit(LimitScope::Institution, "", Metric::Usd, dec!(0));
+        alert.mode = LimitMode::Alert;
+        install(&b, vec![limit(LimitScope::User, "bob", Metric::Requests, dec!(0)), alert]);
+        assert!(matches!(b.admit(&who(), &usd(dec!(5)), now()), Admission::Free));
+        assert!(!b.applies(&who()));
+    }
+
+    #[test]
+    fn a_refresh_counts_a_stored_event_once() {
+        let b = Budgets::new(HashMap::new());
+        let limits = vec![limit(LimitScope::User, "alice", Metric::Usd, dec!(1))];
+        install(&b, limits.clone());
+        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.5)), now()) else { panic!() };
+        r.settle("e1", Amounts { usd: dec!(0.3), requests: 1, tokens: 10 });
+        let id = "uni-a:user:alice:usd:month";
+        assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.3));
+        let reads = b.plan(&limits, now());
+        assert_eq!(reads[0].pending, vec!["e1".to_string()]);
+        // ClickHouse now has e1 and another instance's 0.2.
+        let rows = vec![
+            SubjectUsage { user_id: "alice".into(), api_key_id: "k1".into(), usd: dec!(0.3), requests: 1, tokens: 10, stored: vec!["e1".into()] },
+            SubjectUsage { user_id: "alice".into(), api_key_id: "k9".into(), usd: dec!(0.2), requests: 1, tokens: 10, stored: vec![] },
+            SubjectUsage { user_id: "bob".into(), api_key_id: "k2".into(), usd: dec!(7), requests: 1, tokens: 10, stored: vec![] },
+        ];
+        b.apply(limits.clone(), &[(reads[0].clone(), rows)], &HashMap::new(), now());
+        assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.5));
+        // Another instance holds 0.25: counted too.
+        let start = reads[0].start.timestamp();
+        let others = HashMap::from([((id.to_string(), start), Amounts { usd: dec!(0.25), requests: 1, tokens: 0 })]);
+        b.apply(limits.clone(), &[(b.plan(&limits, now())[0].clone(), vec![])], &others, now());
+        assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.25));
+        // A limit removed: its counter goes.
+        b.apply(vec![], &[], &HashMap::new(), now());
+        assert_eq!(b.used(id, now()), None);
+    }
+
+    #[test]
+    fn periods_roll_over() {
+        let b = Budgets::new(HashMap::from([("uni-a".to_string(), "Europe/Oslo".parse().unwrap())]));
+        let mut l = limit(LimitScope::User, "alice", Metric::Requests, dec!(2));
+        l.period = LimitPeriod::Day;
+        install(&b, vec![l]);
+        // 22:30 UTC on Dec 3 is 23:30 in Oslo; 23:30 UTC is already Dec 4 there.
+        let late: DateTime<Utc> = "2026-12-03T22:30:00Z".parse().unwrap();
+        let next: DateTime<Utc> = "2026-12-03T23:30:00Z".parse().unwrap();
+        for _ in 0..2 {
+            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0)), late) else { panic!() };
+            r.settle(&uuid::Uuid::now_v7().to_string(), Amounts { usd: dec!(0), requests: 1, tokens: 1 });
+        }
+        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0)), late) else { panic!() };
+        assert_eq!(x.renews, next - chrono::Duration::minutes(30));
+        assert!(x.message("Europe/Oslo".parse().unwrap()).contains("renews at 2026-12-04 00:00 CET"));
+        assert!(matches!(b.admit(&who(), &usd(dec!(0)), next), Admission::Admitted(_)));
+    }
+
+    #[test]
+    fn an_unpriced_model_is_refused_only_by_usd_limits() {
+        let b = Budgets::new(HashMap::new());
+        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(100))]);
+        let ask = Ask { usd: Err("no price".into()), tokens: 10 };
+        let Admission::Refused(x) = b.admit(&who(), &ask, now()) else { panic!() };
+        assert!(x.message(chrono_tz::UTC).contains("no price"));
+        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Tokens, dec!(100))]);
+        assert!(matches!(b.admit(&who(), &ask, now()), Admission::Admitted(_)));
+    }
+
+    proptest! {
+        /// Whatever the order of admissions, settlements (each at most its reservation)
+        /// and releases, used never passes the limit, and at the end nothing is reserved.
+        #[test]
+        fn never_over_the_limit(ops in proptest::collection::vec((1u32..200, 0u32..=100, 0u8..3), 1..200), cents in 1u32..2000) {
+            let b = Budgets::new(HashMap::new());
+            let amount = Decimal::new(i64::from(cents), 2);
+            install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, amount)]);
+            let mut open: Vec<(Reservation, u32)> = Vec::new();
+            let mut settled = Decimal::ZERO;
+            for (i, (ask_m, pct, action)) in ops.into_iter().enumerate() {
+                let ask = Decimal::new(i64::from(ask_m), 3);
+                match b.admit(&who(), &usd(ask), now()) {
+                    Admission::Admitted(r) => open.push((r, pct)),
+                    Admission::Refused(x) => prop_assert!(x.remaining < ask),
+                    Admission::Free => prop_assert!(false),
+                }
+                if action > 0 && !open.is_empty() {
+                    let (r, pct) = open.swap_remove(i % open.len());
+                    if action == 1 {
+                        let actual = r.reserved().usd * Decimal::from(pct) / Decimal::ONE_HUNDRED;
+                        settled += actual;
+                        r.settle(&format!("e{i}"), Amounts { usd: actual, requests: 1, tokens: 0 });
+                    }
+                }
+                let used = b.used("uni-a:key:k1:usd:month", now()).unwrap().usd;
+                prop_assert!(used <= amount, "used {} > {}", used, amount);
+            }
+            drop(open);
+            prop_assert_eq!(b.open(), (0, Decimal::ZERO));
+            prop_assert_eq!(b.used("uni-a:key:k1:usd:month", now()).unwrap().usd, settled);
+            prop_assert!(settled <= amount);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Limits as operators see them: set and removed from the CLI and the dashboard, merged
+//! with the config's `[[limits]]`, and their standing (limit, spend, reserved,
+//! remaining) read from ClickHouse and the gateways' reports.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::domain::{Limit, LimitScope, Metric};
+use crate::store::limits::LimitRow;
+use crate::store::Store;
+
+/// The limits in force: the config's `[[limits]]`, overridden (or removed) by those set
+/// with the CLI or dashboard (same id).
+pub async fn current(store: &Store, configured: &[Limit]) -> anyhow::Result<Vec<Limit>> {
+    let rows = store.current_limits().await?;
+    let mut by_id: HashMap<String, Limit> =
+        configured.iter().map(|l| (l.id(), l.clone())).collect();
+    for r in rows {
+        if r.removed == 1 {
+            by_id.remove(&r.limit_id);
+            continue;
+        }
+        match r.limit() {
+            Ok(l) => {
+                by_id.insert(l.id(), l);
+            }
+            Err(e) => tracing::warn!(
+                limit = %crate::format::log_safe(&r.limit_id, 200),
+                error = %e,
+                "ignoring an unreadable limit"
+            ),
+        }
+    }
+    let mut out: Vec<Limit> = by_id.into_values().collect();
+    out.sort_by_key(Limit::id);
+    Ok(out)
+}
+
+fn version_now() -> u64 {
+    u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0)
+}
+
+/// Sets (adds or changes) a limit; every gateway applies it within
+/// `gateway.limits_refresh_ms`.
+pub async fn set(store: &Store, limit: &Limit, actor: &str) -> anyhow::Result<()> {
+    limit.validate().map_err(anyhow::Error::msg)?;
+    let at = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
+    store
+        .write_limit(&LimitRow::of(limit, version_now(), false, at, actor))
+        .await?;
+    Ok(())
+}
+
+/// Removes a limit (also one from the config file, until it is set again).
+pub async fn remove(store: &Store, cfg: &Config, limit_id: &str, actor: &str) -> anyhow::Result<Limit> {
+    let limit = current(store, &cfg.limits)
+        .await?
+        .into_iter()
+        .find(|l| l.id() == limit_id)
+        .ok_or_else(|| anyhow::anyhow!("no limit {limit_id}; `tokentally limits list` shows them"))?;
+    let at = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
+    store
+        .write_limit(&LimitRow::of(&limit, version_now(), true, at, actor))
+        .await?;
+    Ok(limit)
+}
+
+/// One limit's standing in its current period.
+#[derive(Debug, Clone, Serialize)]
+pub struct Standing {
+    pub limit_id: String,
+    pub institution_id: String,
+    pub scope: LimitScope,
+    pub subject: String,
+    pub metric: Metric,
+    pub period: String,
+    pub mode: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub limit: Decimal,
+    /// Stored in ClickHouse, plus what gateways priced and have not stored yet.
+    pub used: Decimal,
+    /// Held by requests still running on the gateways.
+    pub reserved: Decimal,
+    pub remaining: Decimal,
+    /// Requests this limit's subject had refused by a limit this period.
+    pub blocked: u64,
+}
+
+/// The standing of every limit (of `institution`, or all) at `now`.
+pub async fn standings(
+    store: &Store,
+    cfg: &Config,
+    institution: Option<&str>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<Standing>> {
+    let limits: Vec<Limit> = current(store, &cfg.limits)
+        .await?
+        .into_iter()
+        .filter(|l| institution.is_none_or(|i| l.institution_id == i))
+        .collect();
+    let holds = store.live_holds(now.timestamp() - 10).await?;
+    let mut cache: HashMap<(String, i64, i64), Vec<crate::store::limits::SubjectUsage>> =
+        HashMap::new();
+    let mut refused_cache: HashMap<(String, i64), Vec<crate::store::limits::Refusal>> =
+        HashMap::new();
+    let mut out = Vec::new();
+    for l in limits {
+        let tz = cfg.institution_tz(&l.institution_id);
+        let (start, end) = l.period.bounds(now, tz);
+        let key = (l.institution_id.clone(), start.timestamp(), end.timestamp());
+        if !cache.contains_key(&key) {
+            let rows = store
+                .limit_usage(&l.institution_id, start.timestamp(), end.timestamp(), vec![String::new()])
+                .await?;
+            cache.insert(key.clone(), rows);
+        }
+        let matches = |user: &str, api_key: &str| match l.scope {
+            LimitScope::Institution => true,
+            LimitScope::User => user == l.subject,
+            LimitScope::Key => api_key == l.subject,
+        };
+        let of = |usd: Decimal, requests: i64, tokens: i64| match l.metric {
+            Metric::Usd => usd,
+            Metric::Requests => Decimal::from(requests),
+            Metric::Tokens => Decimal::from(tokens),
+        };
+        let mut used: Decimal = cache[&key]
+            .iter()
+            .filter(|r| matches(&r.user_id, &r.api_key_id))
+            .map(|r| of(r.usd, r.requests, r.tokens))
+            .sum();
+        let mut reserved = Decimal::ZERO;
+        let num = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+        for h in holds
+            .iter()
+            .filter(|h| h.limit_id == l.id() && i64::from(h.period_start) == start.timestamp())
+        {
+            reserved += of(
+                num(&h.reserved_usd),
+                h.reserved_requests as i64,
+                h.reserved_tokens as i64,
+            );
+            used += of(
+                num(&h.pending_usd),
+                h.pending_requests as i64,
+                h.pending_tokens as i64,
+            );
+        }
+        let rkey = (l.institution_id.clone(), start.timestamp());
+        if !refused_cache.contains_key(&rkey) {
+            let r = store
+                .limit_refusals(Some(&l.institution_id), start.timestamp(), 100_000)
+                .await?;
+            refused_cache.insert(rkey.clone(), r);
+        }
+        let blocked = refused_cache[&rkey]
+            .iter()
+            .filter(|r| matches(&r.user_id, &r.api_key_id))
+            .count() as u64;
+        out.push(Standing {
+            limit_id: l.id(),
+            institution_id: l.institution_id.clone(),
+            scope: l.scope,
+            subject: l.subject.clone(),
+            metric: l.metric,
+            period: l.period.to_string(),
+            mode: l.mode.to_string(),
+            period_start: start,
+            period_end: end,
+            limit: l.amount,
+            used: used.normalize(),
+            reserved: reserved.normalize(),
+            remaining: (l.amount - used - reserved).max(Decimal::ZERO).normalize(),
+            blocked,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,195 @@
+//! Limits (`limits`), what gateway instances hold against them (`limit_holds`), and the
+//! usage a limit counts, read from `usage_events`.
+
+use clickhouse::Row;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::rows::money18;
+use super::sql::{s, Arg, Sql};
+use super::{Store, StoreError};
+use crate::domain::Limit;
+
+/// One state of a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct LimitRow {
+    pub limit_id: String,
+    pub version: u64,
+    pub institution_id: String,
+    pub scope: String,
+    pub subject: String,
+    pub metric: String,
+    pub period: String,
+    pub amount: String,
+    pub mode: String,
+    pub removed: u8,
+    pub updated_at: u32,
+    pub updated_by: String,
+}
+
+impl LimitRow {
+    /// The limit this row sets, or why it cannot be read (a row written by hand).
+    pub fn limit(&self) -> Result<Limit, String> {
+        let l = Limit {
+            institution_id: self.institution_id.clone(),
+            scope: self.scope.parse()?,
+            subject: self.subject.clone(),
+            metric: self.metric.parse()?,
+            period: self.period.parse()?,
+            amount: self
+                .amount
+                .parse()
+                .map_err(|_| format!("amount {:?} is not a number", self.amount))?,
+            mode: self.mode.parse()?,
+        };
+        l.validate()?;
+        Ok(l)
+    }
+
+    pub fn of(limit: &Limit, version: u64, removed: bool, at: u32, by: &str) -> Self {
+        Self {
+            limit_id: limit.id(),
+            version,
+            institution_id: limit.institution_id.clone(),
+            scope: limit.scope.as_str().into(),
+            subject: limit.subject.clone(),
+            metric: limit.metric.as_str().into(),
+            period: limit.period.as_str().into(),
+            amount: limit.amount.normalize().to_string(),
+            mode: limit.mode.as_str().into(),
+            removed: u8::from(removed),
+            updated_at: at,
+            updated_by: by.into(),
+        }
+    }
+}
+
+/// One gateway instance's holds on one limit.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct HoldRow {
+    pub instance: String,
+    pub limit_id: String,
+    pub period_start: u32,
+    pub reserved_usd: String,
+    pub reserved_requests: u64,
+    pub reserved_tokens: u64,
+    pub open_reservations: u64,
+    pub pending_usd: String,
+    pub pending_requests: u64,
+    pub pending_tokens: u64,
+    pub reported_at: u32,
+}
+
+/// Usage of one (user, key) of an institution in a period, as limits count it; with
+/// those of `pending` (event ids) that are stored.
+#[derive(Debug, Clone, PartialEq, Row, Deserialize)]
+pub struct SubjectUsage {
+    pub user_id: String,
+    pub api_key_id: String,
+    #[serde(with = "money18")]
+    pub usd: Decimal,
+    pub requests: i64,
+    pub tokens: i64,
+    pub stored: Vec<String>,
+}
+
+/// Requests that count against a `requests` limit: those the provider served.
+pub const SERVED: &str = "(substring(status, 1, 9) != 'rejected_' AND substring(status, 1, 8) != 'blocked_' \
+    AND status != 'upstream_unreachable')";
+
+impl Store {
+    /// Every limit's current state (removed ones included, flagged).
+    pub async fn current_limits(&self) -> Result<Vec<LimitRow>, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT ?fields FROM limits ORDER BY limit_id, version DESC LIMIT 1 BY limit_id")
+            .fetch_all()
+            .await?)
+    }
+
+    pub async fn write_limit(&self, row: &LimitRow) -> Result<(), StoreError> {
+        let mut insert = self.client.insert::<LimitRow>("limits").await?;
+        insert.write(row).await?;
+        insert.end().await?;
+        Ok(())
+    }
+
+    /// What an institution's users and keys used in `[from, to)` (unix seconds), one row
+    /// per (user, key), each with those of `pending` that are stored — read in one query,
+    /// so an event is either in the sums and listed, or in neither.
+    pub async fn limit_usage(
+        &self,
+        institution: &str,
+        from: i64,
+        to: i64,
+        pending: Vec<String>,
+    ) -> Result<Vec<SubjectUsage>, StoreError> {
+        let mut q = Sql::new("SELECT user_id, api_key_id, sum(cost * sign) AS usd, ");
+        q.push(&format!("sum(toInt64(sign) * {SERVED}) AS requests, "));
+        q.push(
+            "sum(toInt64(sign) * toInt64(input_tokens + cache_read_tokens + cache_write_tokens + output_tokens)) AS tokens, ",
+        );
+        q.bind(
+            "groupUniqArrayIf(event_id, sign = 1 AND has(?, event_id)) AS stored \
+             FROM usage_events WHERE institution_id = ? \
+             AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
+             GROUP BY user_id, api_key_id",
+            [Arg::Strs(pending), s(institution), Arg::Int(from), Arg::Int(to)],
+        );
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    pub async fn write_holds(&self, rows: &[HoldRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<HoldRow>("limit_holds").await?;
+        for r in rows {
+            insert.write(r).await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+
+    /// Each instance's latest holds reported since `since` (unix seconds).
+    pub async fn live_holds(&self, since: i64) -> Result<Vec<HoldRow>, StoreError> {
+        let mut q = Sql::new(
+            "SELECT ?fields FROM (SELECT * FROM limit_holds ORDER BY instance, limit_id, reported_at DESC \
+             LIMIT 1 BY instance, limit_id)",
+        );
+        q.bind(" WHERE reported_at >= toDateTime(?)", [Arg::Int(since)]);
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Requests refused by limits in `[from, to)`, newest first: (when, user, key,
+    /// message-free: the model).
+    pub async fn limit_refusals(
+        &self,
+        institution: Option<&str>,
+        from: i64,
+        limit: u64,
+    ) -> Result<Vec<Refusal>, StoreError> {
+        let mut q = Sql::new(
+            "SELECT toUInt32(occurred_at) AS at, institution_id, user_id, api_key_id, model \
+             FROM usage_events WHERE status = 'rejected_budget' AND sign = 1",
+        );
+        if let Some(i) = institution {
+            q.bind(" AND institution_id = ?", [s(i)]);
+        }
+        q.bind(
+            " AND occurred_at >= toDateTime(?) ORDER BY occurred_at DESC LIMIT ?",
+            [Arg::Int(from), Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX))],
+        );
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+}
+
+/// A request a limit refused.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize, Serialize)]
+pub struct Refusal {
+    pub at: u32,
+    pub institution_id: String,
+    pub user_id: String,
+    pub api_key_id: String,
+    pub model: String,
+}
