@@ -159,7 +159,10 @@ impl Limit {
     /// `$5.00 per month`, `15 requests per day`.
     pub fn amount_label(&self) -> String {
         match self.metric {
-            Metric::Usd => format!("${} per {}", self.amount.round_dp(2), self.period),
+            Metric::Usd if self.amount.fract().is_zero() || self.amount.scale() <= 2 => {
+                format!("${:.2} per {}", self.amount, self.period)
+            }
+            Metric::Usd => format!("${} per {}", self.amount.normalize(), self.period),
             m => format!("{} {m} per {}", self.amount, self.period),
         }
     }

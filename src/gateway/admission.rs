@@ -113,10 +113,12 @@ pub async fn refresh(
         results.push((r, rows));
     }
     let mut others: HashMap<(String, i64), Amounts> = HashMap::new();
+    let mut live = std::collections::HashSet::from([instance.to_owned()]);
     if !limits.is_empty() {
-        // Reports older than three refreshes are of instances that are gone.
+        // Reports older than ten seconds are of instances that are gone.
         for h in store.live_holds(now.timestamp() - 10).await? {
-            if h.instance == instance {
+            live.insert(h.instance.clone());
+            if h.instance == instance || h.limit_id.is_empty() {
                 continue;
             }
             let a = others
@@ -128,8 +130,26 @@ pub async fn refresh(
             a.tokens += h.reserved_tokens + h.pending_tokens;
         }
     }
-    budgets.apply(limits, &results, &others, now);
-    store.write_holds(&budgets.holds(instance, now)).await?;
+    let any = !limits.is_empty();
+    budgets.apply(limits, &results, &others, live.len(), now);
+    let mut holds = budgets.holds(instance, now);
+    if any {
+        // A row of its own tells the others this instance is live (it takes a share).
+        holds.push(crate::store::limits::HoldRow {
+            instance: instance.to_owned(),
+            limit_id: String::new(),
+            period_start: 0,
+            reserved_usd: "0".into(),
+            reserved_requests: 0,
+            reserved_tokens: 0,
+            open_reservations: 0,
+            pending_usd: "0".into(),
+            pending_requests: 0,
+            pending_tokens: 0,
+            reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
+        });
+    }
+    store.write_holds(&holds).await?;
     Ok(())
 }
 

@@ -126,6 +126,10 @@ struct Counter {
     open: u64,
     /// Other instances' reservations and not-yet-stored usage, as they last reported.
     others: Amounts,
+    /// With other instances live: the most this instance may admit between two
+    /// refreshes (its share of the headroom it saw), and what it admitted since.
+    share: Option<Decimal>,
+    since_sync: Amounts,
 }
 
 impl Counter {
@@ -259,7 +263,9 @@ impl Budgets {
                 let after = left - need.unwrap_or(Decimal::ZERO);
                 remaining_usd = Some(remaining_usd.map_or(after, |r| r.min(after)));
             }
-            let fits = need.is_some_and(|n| n <= left);
+            let fits = need.is_some_and(|n| {
+                n <= left && c.share.is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
+            });
             if !fits && refused.is_none() {
                 refused = Some(Blocked {
                     limit: l.clone(),
@@ -291,6 +297,7 @@ impl Budgets {
         for key in &keys {
             let c = inner.counters.get_mut(key).expect("entered above");
             c.reserved.add(&take);
+            c.since_sync.add(&take);
             c.open += 1;
         }
         Admission::Admitted(Reservation {
@@ -357,12 +364,17 @@ impl Budgets {
 
     /// Installs `limits` (every current one; others are dropped) with the usage read
     /// for `plan(limits, now)`: stored amounts replaced, stored events no longer pending.
-    /// `others`: the other instances' holds by (limit id, period start).
+    /// `others`: the other instances' holds by (limit id, period start); `instances`:
+    /// how many gateway instances are live, this one included. With more than one, each
+    /// may admit at most its share (1/`instances`) of the headroom it sees until the next
+    /// refresh, so that instances that cannot see each other's latest admissions do not
+    /// all spend the same headroom.
     pub fn apply(
         &self,
         limits: Vec<Limit>,
         reads: &[(Read, Vec<SubjectUsage>)],
         others: &HashMap<(String, i64), Amounts>,
+        instances: usize,
         now: DateTime<Utc>,
     ) {
         let mut inner = self.lock();
@@ -434,6 +446,11 @@ impl Budgets {
                         c.pending_sum.sub(&a);
                     }
                 }
+                c.since_sync = Amounts::default();
+                c.share = (instances > 1).then(|| {
+                    (l.amount - c.used().of(l.metric)).max(Decimal::ZERO)
+                        / Decimal::from(instances as u64)
+                });
             }
         }
         // Counters of ended periods or removed limits go once nothing runs on them.
@@ -576,7 +593,7 @@ mod tests {
             .into_iter()
             .map(|r| (r, vec![]))
             .collect();
-        b.apply(limits, &reads, &HashMap::new(), now());
+        b.apply(limits, &reads, &HashMap::new(), 1, now());
     }
 
     #[test]
@@ -626,16 +643,39 @@ mod tests {
             SubjectUsage { user_id: "alice".into(), api_key_id: "k9".into(), usd: dec!(0.2), requests: 1, tokens: 10, stored: vec![] },
             SubjectUsage { user_id: "bob".into(), api_key_id: "k2".into(), usd: dec!(7), requests: 1, tokens: 10, stored: vec![] },
         ];
-        b.apply(limits.clone(), &[(reads[0].clone(), rows)], &HashMap::new(), now());
+        b.apply(limits.clone(), &[(reads[0].clone(), rows)], &HashMap::new(), 1, now());
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.5));
         // Another instance holds 0.25: counted too.
         let start = reads[0].start.timestamp();
         let others = HashMap::from([((id.to_string(), start), Amounts { usd: dec!(0.25), requests: 1, tokens: 0 })]);
-        b.apply(limits.clone(), &[(b.plan(&limits, now())[0].clone(), vec![])], &others, now());
+        b.apply(limits.clone(), &[(b.plan(&limits, now())[0].clone(), vec![])], &others, 1, now());
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.25));
         // A limit removed: its counter goes.
-        b.apply(vec![], &[], &HashMap::new(), now());
+        b.apply(vec![], &[], &HashMap::new(), 1, now());
         assert_eq!(b.used(id, now()), None);
+    }
+
+    #[test]
+    fn with_two_instances_each_spends_half_the_headroom_between_refreshes() {
+        let b = Budgets::new(HashMap::new());
+        let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1))];
+        let reads: Vec<_> = b.plan(&limits, now()).into_iter().map(|r| (r, vec![])).collect();
+        b.apply(limits.clone(), &reads, &HashMap::new(), 2, now());
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.1)), now()) else { panic!() };
+            held.push(r);
+        }
+        // 0.5 admitted since the refresh: the other half is the other instance's.
+        assert!(matches!(b.admit(&who(), &usd(dec!(0.1)), now()), Admission::Refused(_)));
+        // Next refresh: the other instance reported 0.3; headroom 0.2, share 0.1.
+        let id = "uni-a:key:k1:usd:month".to_string();
+        let start = reads[0].0.start.timestamp();
+        let others = HashMap::from([((id, start), Amounts { usd: dec!(0.3), requests: 3, tokens: 0 })]);
+        let reads: Vec<_> = b.plan(&limits, now()).into_iter().map(|r| (r, vec![])).collect();
+        b.apply(limits, &reads, &others, 2, now());
+        let Admission::Admitted(_r) = b.admit(&who(), &usd(dec!(0.1)), now()) else { panic!() };
+        assert!(matches!(b.admit(&who(), &usd(dec!(0.01)), now()), Admission::Refused(_)));
     }
 
     #[test]

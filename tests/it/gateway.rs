@@ -17,7 +17,7 @@ fn platform_key(provider: &str) -> &'static str {
 }
 
 /// Creates a proxy key with the CLI; returns (key id, secret).
-fn create_key(env: &TestEnv, institution: &str, user: &str, extra: &[&str]) -> (String, String) {
+pub(crate) fn create_key(env: &TestEnv, institution: &str, user: &str, extra: &[&str]) -> (String, String) {
     let mut args = vec![
         "keys", "create", "--institution", institution, "--user", user, "--format", "json",
     ];
@@ -30,7 +30,7 @@ fn create_key(env: &TestEnv, institution: &str, user: &str, extra: &[&str]) -> (
 }
 
 /// Waits until `gw` accepts `key` (keys are re-read every 2 s); returns how long it took.
-async fn until_accepted(gw: &Gateway, key: &str) -> Duration {
+pub(crate) async fn until_accepted(gw: &Gateway, key: &str) -> Duration {
     let http = crate::web::client();
     let start = Instant::now();
     loop {
@@ -141,7 +141,7 @@ fn canonical(api: &str, u: &Value) -> (u64, u64, u64, u64, u64) {
     }
 }
 
-fn dec(s: &str) -> Decimal {
+pub(crate) fn dec(s: &str) -> Decimal {
     s.parse::<Decimal>().unwrap().normalize()
 }
 
@@ -371,7 +371,7 @@ async fn until_status_on_both(a: &Gateway, b: &Gateway, key: &str, status: u16) 
     slowest
 }
 
-fn chat(text: &str) -> Value {
+pub(crate) fn chat(text: &str) -> Value {
     json!({"sdk": "openai", "api": "chat", "model": "gpt-4o-mini",
            "messages": [{"role": "user", "content": text}], "headers": {"x-simulator": "words=12"}})
 }

@@ -2,6 +2,7 @@
 //! `scripts/test` starts both; each test gets a fresh database and topic.
 
 mod alerts;
+mod budgets;
 mod gateway;
 mod guarantees;
 mod harness;

@@ -88,10 +88,12 @@ def main():
     results = []
     for call in calls:
         try:
+            # "max_retries": N lets the SDK retry as it would by default.
+            retries = call.get("max_retries", 0)
             if call["sdk"] == "openai":
-                raw, body = run_openai(oa, call)
+                raw, body = run_openai(oa.with_options(max_retries=retries), call)
             else:
-                raw, body = run_anthropic(an, call)
+                raw, body = run_anthropic(an.with_options(max_retries=retries), call)
             h = headers_of(raw)
             results.append({"ok": True, "status": raw.status_code, "request_id": h.get("x-tokentally-request-id"),
                             "headers": h, **body})
