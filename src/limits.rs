@@ -104,8 +104,20 @@ pub async fn standings(
         .filter(|l| institution.is_none_or(|i| l.institution_id == i))
         .collect();
     let holds = store.live_holds(now.timestamp() - 10).await?;
-    let mut cache: HashMap<(String, i64, i64), Vec<crate::store::limits::SubjectUsage>> =
-        HashMap::new();
+    // Per (institution, period): usage in total, by user and by key (one query each).
+    type Sums = (Decimal, i64, i64);
+    #[derive(Default)]
+    struct Index {
+        total: Sums,
+        users: HashMap<String, Sums>,
+        keys: HashMap<String, Sums>,
+    }
+    fn add(a: &mut Sums, r: &crate::store::limits::SubjectUsage) {
+        a.0 += r.usd;
+        a.1 += r.requests;
+        a.2 += r.tokens;
+    }
+    let mut cache: HashMap<(String, i64, i64), Index> = HashMap::new();
     let mut refused_cache: HashMap<(String, i64), Vec<crate::store::limits::Refusal>> =
         HashMap::new();
     let mut out = Vec::new();
@@ -117,7 +129,13 @@ pub async fn standings(
             let rows = store
                 .limit_usage(&l.institution_id, start.timestamp(), end.timestamp(), vec![String::new()])
                 .await?;
-            cache.insert(key.clone(), rows);
+            let mut ix = Index::default();
+            for r in &rows {
+                add(&mut ix.total, r);
+                add(ix.users.entry(r.user_id.clone()).or_default(), r);
+                add(ix.keys.entry(r.api_key_id.clone()).or_default(), r);
+            }
+            cache.insert(key.clone(), ix);
         }
         let matches = |user: &str, api_key: &str| match l.scope {
             LimitScope::Institution => true,
@@ -129,11 +147,15 @@ pub async fn standings(
             Metric::Requests => Decimal::from(requests),
             Metric::Tokens => Decimal::from(tokens),
         };
-        let mut used: Decimal = cache[&key]
-            .iter()
-            .filter(|r| matches(&r.user_id, &r.api_key_id))
-            .map(|r| of(r.usd, r.requests, r.tokens))
-            .sum();
+        let ix = &cache[&key];
+        let sums = match l.scope {
+            LimitScope::Institution => Some(&ix.total),
+            LimitScope::User => ix.users.get(&l.subject),
+            LimitScope::Key => ix.keys.get(&l.subject),
+        }
+        .copied()
+        .unwrap_or_default();
+        let mut used = of(sums.0, sums.1, sums.2);
         let mut reserved = Decimal::ZERO;
         let num = |s: &str| s.parse::<Decimal>().unwrap_or_default();
         for h in holds

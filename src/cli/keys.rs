@@ -229,8 +229,8 @@ pub async fn run(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 }
                 ReportFormat::Table => {
                     println!(
-                        "{:<13} {:<7} {:<8} {:<16} {:<24} {:<10} {:>5} {:>8}  {}",
-                        "KEY", "KIND", "STATE", "INSTITUTION", "USER", "EXPIRES", "RPM", "TPM", "MODELS"
+                        "{:<13} {:<7} {:<8} {:<16} {:<24} {:<10} {:>5} {:>8}  MODELS",
+                        "KEY", "KIND", "STATE", "INSTITUTION", "USER", "EXPIRES", "RPM", "TPM"
                     );
                     for r in &rows {
                         println!(

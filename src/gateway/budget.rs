@@ -130,9 +130,39 @@ struct Counter {
     /// refreshes (its share of the headroom it saw), and what it admitted since.
     share: Option<Decimal>,
     since_sync: Amounts,
+    /// Its last report to `limit_holds` was not all zero.
+    reported: bool,
 }
 
 impl Counter {
+    fn holds_something(&self) -> bool {
+        self.open > 0 || !self.pending.is_empty() || !self.reserved.is_zero()
+    }
+
+    /// Takes what a refresh read for this counter's limit and period.
+    fn refresh(&mut self, limit: &Limit, key: &(String, i64), snap: &Snapshot) {
+        self.stored = snap.stored.get(key).copied().unwrap_or_default();
+        self.others = snap.others.get(key).copied().unwrap_or_default();
+        if let Some(ids) = snap.stored_ids.get(&(limit.institution_id.clone(), key.1)) {
+            let gone: Vec<String> = self
+                .pending
+                .keys()
+                .filter(|id| ids.contains(id.as_str()))
+                .cloned()
+                .collect();
+            for id in gone {
+                if let Some(a) = self.pending.remove(&id) {
+                    self.pending_sum.sub(&a);
+                }
+            }
+        }
+        self.since_sync = Amounts::default();
+        self.share = (snap.instances > 1).then(|| {
+            (limit.amount - self.used().of(limit.metric)).max(Decimal::ZERO)
+                / Decimal::from(snap.instances as u64)
+        });
+    }
+
     fn used(&self) -> Amounts {
         let mut u = self.stored;
         u.add(&self.pending_sum);
@@ -150,25 +180,40 @@ struct Subjects {
     keys: HashMap<String, Vec<String>>,
 }
 
+/// What a refresh read, built outside the lock and swapped in whole.
 #[derive(Debug, Default)]
-struct Inner {
+struct Snapshot {
     limits: HashMap<String, Arc<Limit>>,
     by_institution: HashMap<String, Subjects>,
-    /// (limit id, period start) → counter.
+    /// Stored usage per (limit id, start of its current period).
+    stored: HashMap<(String, i64), Amounts>,
+    /// Other instances' holds per (limit id, period start).
+    others: HashMap<(String, i64), Amounts>,
+    /// Which pending event ids ClickHouse holds, per (institution, period start).
+    stored_ids: HashMap<(String, i64), std::collections::HashSet<String>>,
+    /// Live gateway instances, this one included.
+    instances: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    snap: Arc<Snapshot>,
+    /// (limit id, period start) → counter; only for limits that requests fell under.
     counters: HashMap<(String, i64), Counter>,
 }
 
 impl Inner {
     /// The `block` limits `who` falls under.
     fn applying(&self, who: &Who<'_>) -> Vec<Arc<Limit>> {
-        let Some(s) = self.by_institution.get(who.institution) else {
+        let snap = &self.snap;
+        let Some(s) = snap.by_institution.get(who.institution) else {
             return Vec::new();
         };
         s.institution
             .iter()
             .chain(s.users.get(who.user).into_iter().flatten())
             .chain(s.keys.get(who.key).into_iter().flatten())
-            .filter_map(|id| self.limits.get(id))
+            .filter_map(|id| snap.limits.get(id))
             .filter(|l| l.mode == LimitMode::Block)
             .cloned()
             .collect()
@@ -250,9 +295,14 @@ impl Budgets {
         for l in &limits {
             let (start, end) = l.period.bounds(now, tz);
             let key = (l.id(), start.timestamp());
-            let c = inner.counters.entry(key.clone()).or_insert_with(|| Counter {
-                end: end.timestamp(),
-                ..Counter::default()
+            let snap = inner.snap.clone();
+            let c = inner.counters.entry(key.clone()).or_insert_with(|| {
+                let mut c = Counter {
+                    end: end.timestamp(),
+                    ..Counter::default()
+                };
+                c.refresh(l, &key, &snap);
+                c
             });
             let left = (l.amount - c.used().of(l.metric)).max(Decimal::ZERO);
             let need = match (l.metric, &ask.usd) {
@@ -328,35 +378,39 @@ impl Budgets {
     /// The reads the next refresh needs, for `limits` at `now`: one per institution and
     /// period, with the pending events of that institution's counters in the period.
     pub fn plan(&self, limits: &[Limit], now: DateTime<Utc>) -> Vec<Read> {
-        let inner = self.lock();
-        let mut reads: Vec<Read> = Vec::new();
+        let mut pending: HashMap<(String, i64), Vec<String>> = HashMap::new();
+        {
+            let inner = self.lock();
+            for ((id, start), c) in &inner.counters {
+                if c.pending.is_empty() {
+                    continue;
+                }
+                if let Some(l) = inner.snap.limits.get(id) {
+                    pending
+                        .entry((l.institution_id.clone(), *start))
+                        .or_default()
+                        .extend(c.pending.keys().cloned());
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut reads = Vec::new();
         for l in limits {
             let (start, end) = l.period.bounds(now, self.zone(&l.institution_id));
-            if reads
-                .iter()
-                .any(|r| r.institution == l.institution_id && r.start == start && r.end == end)
-            {
+            if !seen.insert((l.institution_id.clone(), start, end)) {
                 continue;
             }
-            let mut pending: Vec<String> = inner
-                .counters
-                .iter()
-                .filter(|((id, s), _)| {
-                    *s == start.timestamp()
-                        && inner
-                            .limits
-                            .get(id)
-                            .is_some_and(|x| x.institution_id == l.institution_id)
-                })
-                .flat_map(|(_, c)| c.pending.keys().cloned())
-                .collect();
-            pending.sort();
-            pending.dedup();
+            let mut ids = pending
+                .get(&(l.institution_id.clone(), start.timestamp()))
+                .cloned()
+                .unwrap_or_default();
+            ids.sort();
+            ids.dedup();
             reads.push(Read {
                 institution: l.institution_id.clone(),
                 start,
                 end,
-                pending,
+                pending: ids,
             });
         }
         reads
@@ -368,7 +422,8 @@ impl Budgets {
     /// how many gateway instances are live, this one included. With more than one, each
     /// may admit at most its share (1/`instances`) of the headroom it sees until the next
     /// refresh, so that instances that cannot see each other's latest admissions do not
-    /// all spend the same headroom.
+    /// all spend the same headroom. The work is done before the lock is taken; under it,
+    /// only the counters requests use are updated.
     pub fn apply(
         &self,
         limits: Vec<Limit>,
@@ -377,104 +432,92 @@ impl Budgets {
         instances: usize,
         now: DateTime<Utc>,
     ) {
-        let mut inner = self.lock();
-        let mut by_institution: HashMap<String, Subjects> = HashMap::new();
-        let mut map = HashMap::new();
+        #[derive(Default)]
+        struct Index {
+            total: Amounts,
+            users: HashMap<String, Amounts>,
+            keys: HashMap<String, Amounts>,
+        }
+        let mut snap = Snapshot {
+            others: others.clone(),
+            instances: instances.max(1),
+            ..Snapshot::default()
+        };
+        let mut indexes: HashMap<(String, i64, i64), Index> = HashMap::new();
+        for (read, rows) in reads {
+            let mut ix = Index::default();
+            for r in rows {
+                let a = Amounts {
+                    usd: r.usd,
+                    requests: u64::try_from(r.requests).unwrap_or(0),
+                    tokens: u64::try_from(r.tokens).unwrap_or(0),
+                };
+                ix.total.add(&a);
+                ix.users.entry(r.user_id.clone()).or_default().add(&a);
+                ix.keys.entry(r.api_key_id.clone()).or_default().add(&a);
+            }
+            snap.stored_ids.insert(
+                (read.institution.clone(), read.start.timestamp()),
+                rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),
+            );
+            indexes.insert(
+                (read.institution.clone(), read.start.timestamp(), read.end.timestamp()),
+                ix,
+            );
+        }
         for l in limits {
             let id = l.id();
-            let s = by_institution.entry(l.institution_id.clone()).or_default();
+            let (start, end) = l.period.bounds(now, self.zone(&l.institution_id));
+            if let Some(ix) =
+                indexes.get(&(l.institution_id.clone(), start.timestamp(), end.timestamp()))
+            {
+                let stored = match l.scope {
+                    LimitScope::Institution => Some(&ix.total),
+                    LimitScope::User => ix.users.get(&l.subject),
+                    LimitScope::Key => ix.keys.get(&l.subject),
+                };
+                snap.stored
+                    .insert((id.clone(), start.timestamp()), stored.copied().unwrap_or_default());
+            }
+            let s = snap.by_institution.entry(l.institution_id.clone()).or_default();
             match l.scope {
                 LimitScope::Institution => s.institution.push(id.clone()),
                 LimitScope::User => s.users.entry(l.subject.clone()).or_default().push(id.clone()),
                 LimitScope::Key => s.keys.entry(l.subject.clone()).or_default().push(id.clone()),
             }
-            map.insert(id, Arc::new(l));
+            snap.limits.insert(id, Arc::new(l));
         }
-        inner.limits = map;
-        inner.by_institution = by_institution;
-        for (read, rows) in reads {
-            let stored_ids: std::collections::HashSet<&str> = rows
-                .iter()
-                .flat_map(|r| r.stored.iter().map(String::as_str))
-                .collect();
-            let ids: Vec<Arc<Limit>> = inner
-                .limits
-                .values()
-                .filter(|l| {
-                    l.institution_id == read.institution
-                        && l.period.bounds(now, self.zone(&l.institution_id))
-                            == (read.start, read.end)
-                })
-                .cloned()
-                .collect();
-            for l in ids {
-                let stored = rows
-                    .iter()
-                    .filter(|r| match l.scope {
-                        LimitScope::Institution => true,
-                        LimitScope::User => r.user_id == l.subject,
-                        LimitScope::Key => r.api_key_id == l.subject,
-                    })
-                    .fold(Amounts::default(), |mut a, r| {
-                        a.add(&Amounts {
-                            usd: r.usd,
-                            requests: u64::try_from(r.requests).unwrap_or(0),
-                            tokens: u64::try_from(r.tokens).unwrap_or(0),
-                        });
-                        a
-                    });
-                let c = inner
-                    .counters
-                    .entry((l.id(), read.start.timestamp()))
-                    .or_insert_with(|| Counter {
-                        end: read.end.timestamp(),
-                        ..Counter::default()
-                    });
-                c.stored = stored;
-                c.others = others
-                    .get(&(l.id(), read.start.timestamp()))
-                    .copied()
-                    .unwrap_or_default();
-                let gone: Vec<String> = c
-                    .pending
-                    .keys()
-                    .filter(|id| stored_ids.contains(id.as_str()))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    if let Some(a) = c.pending.remove(&id) {
-                        c.pending_sum.sub(&a);
-                    }
-                }
-                c.since_sync = Amounts::default();
-                c.share = (instances > 1).then(|| {
-                    (l.amount - c.used().of(l.metric)).max(Decimal::ZERO)
-                        / Decimal::from(instances as u64)
-                });
-            }
-        }
-        // Counters of ended periods or removed limits go once nothing runs on them.
+        let snap = Arc::new(snap);
         let now_ts = now.timestamp();
-        let limits = &inner.limits;
-        let keep: Vec<(String, i64)> = inner
-            .counters
-            .iter()
-            .filter(|((id, _), c)| c.open > 0 || (c.end > now_ts && limits.contains_key(id)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let keep: std::collections::HashSet<(String, i64)> = keep.into_iter().collect();
-        inner.counters.retain(|k, _| keep.contains(k));
+        let mut inner = self.lock();
+        inner.snap = snap.clone();
+        inner.counters.retain(|key, c| {
+            let limit = snap.limits.get(&key.0);
+            if let Some(l) = limit {
+                if snap.stored.contains_key(key) {
+                    c.refresh(l, key, &snap);
+                }
+            }
+            c.open > 0 || (c.end > now_ts && limit.is_some())
+        });
+        drop(inner);
         self.ready.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// What this instance holds beyond ClickHouse, per limit (for the dashboard).
+    /// What this instance holds beyond ClickHouse, per limit (for the dashboard and the
+    /// other instances): counters that hold something, and once more (as zeros) those
+    /// that just stopped holding anything.
     pub fn holds(&self, instance: &str, now: DateTime<Utc>) -> Vec<HoldRow> {
-        let inner = self.lock();
-        inner
-            .counters
-            .iter()
-            .filter(|((id, _), _)| inner.limits.contains_key(id))
-            .map(|((id, start), c)| HoldRow {
+        let mut inner = self.lock();
+        let snap = inner.snap.clone();
+        let mut out = Vec::new();
+        for ((id, start), c) in inner.counters.iter_mut() {
+            let holds = c.holds_something();
+            if !snap.limits.contains_key(id) || !(holds || c.reported) {
+                continue;
+            }
+            c.reported = holds;
+            out.push(HoldRow {
                 instance: instance.to_owned(),
                 limit_id: id.clone(),
                 period_start: u32::try_from(*start).unwrap_or(0),
@@ -486,8 +529,9 @@ impl Budgets {
                 pending_requests: c.pending_sum.requests,
                 pending_tokens: c.pending_sum.tokens,
                 reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
-            })
-            .collect()
+            });
+        }
+        out
     }
 
     /// Open reservations and their USD, over every counter (for metrics and tests).
@@ -502,7 +546,7 @@ impl Budgets {
     /// The used amount of a limit in the period holding `now` (tests, dashboard).
     pub fn used(&self, limit_id: &str, now: DateTime<Utc>) -> Option<Amounts> {
         let inner = self.lock();
-        let l = inner.limits.get(limit_id)?;
+        let l = inner.snap.limits.get(limit_id)?;
         let (start, _) = l.period.bounds(now, self.zone(&l.institution_id));
         inner
             .counters
@@ -511,7 +555,7 @@ impl Budgets {
     }
 
     pub fn limit_count(&self) -> usize {
-        self.lock().limits.len()
+        self.lock().snap.limits.len()
     }
 }
 

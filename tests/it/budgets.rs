@@ -394,7 +394,10 @@ mode = "block"
     env.store.insert_events(&[inside, before]).await.unwrap();
     let id = set_limit(&env, &["--institution", "uni-oslo", "--user", "nils", "--usd", "1", "--per", "month"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let list: Value = serde_json::from_str(&tokentally(&["limits", "list", "--institution", "uni-oslo", "--format", "json"], &env.cli_vars(), None)).unwrap();
+    // The CLI reads the same config as the gateway (the institution's time zone).
+    let mut cli = env.cli_vars();
+    cli.push(("TOKENTALLY_CONFIG", config.display().to_string()));
+    let list: Value = serde_json::from_str(&tokentally(&["limits", "list", "--institution", "uni-oslo", "--format", "json"], &cli, None)).unwrap();
     let row = list.as_array().unwrap().iter().find(|l| l["limit_id"] == id.as_str()).unwrap();
     // nils's one request above is stored by now or pending: $0.60 plus a fraction of a cent.
     let used = dec(row["used"].as_str().unwrap());
@@ -432,7 +435,7 @@ async fn alert_mode_never_blocks_and_alerts_once() {
     assert_eq!(wave(&gw.base, &blocked, 1, 0, 10, "words=3").await[0].status, 429);
     wait_stored(&env, &key_id, 40).await;
     let start = Instant::now();
-    while by_status(&env, &blocked_id).await.get("rejected_budget").is_none() {
+    while !by_status(&env, &blocked_id).await.contains_key("rejected_budget") {
         assert!(start.elapsed() < Duration::from_secs(60), "the refusal was not stored");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -1319,6 +1319,30 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     assert!(ids.contains(&key_id.as_str()) && ids.contains(&other_id.as_str()));
     assert!(!all.to_string().contains("secret") && !all.to_string().contains(&secret));
 
+    // Limits (issue 13): anna sets a quota for one of her users, but not her
+    // institution's own budget nor anything of inst-b's; alice cannot set any; each sees
+    // only inst-a's limits, finance sees all.
+    let quota = vec![("scope", "user".to_string()), ("subject", "student1@inst-a".into()), ("metric", "requests".into()),
+        ("amount", "15".into()), ("period", "day".into())];
+    assert_eq!(form_post(anna.clone(), "/limits/set".into(), quota.clone()).await, 200);
+    let mut own = quota.clone();
+    own[0].1 = "institution".into();
+    assert_eq!(form_post(anna.clone(), "/limits/set".into(), own).await, 403);
+    let mut other = quota.clone();
+    other.push(("institution", "inst-b".into()));
+    assert_eq!(form_post(anna.clone(), "/limits/set".into(), other).await, 403);
+    assert_eq!(form_post(alice.clone(), "/limits/set".into(), quota.clone()).await, 403);
+    tokentally(&["limits", "set", "--institution", "inst-b", "--usd", "100"], &env.cli_vars(), None);
+    let page = get(&format!("{}/limits", s.base), &Auth::Cookie(&anna)).await.text().await.unwrap();
+    assert!(page.contains("inst-a:user:student1@inst-a:requests:day") && page.contains("15 requests per day"), "{page}");
+    assert!(!page.contains("inst-b"));
+    let mine: Value = get(&format!("{}/api/v1/limits", s.base), &Auth::Cookie(&alice)).await.json().await.unwrap();
+    let ids: Vec<&str> = mine["limits"].as_array().unwrap().iter().map(|l| l["limit_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["inst-a:user:student1@inst-a:requests:day"]);
+    assert_eq!(get(&format!("{}/limits?institution=inst-b", s.base), &Auth::Cookie(&alice)).await.status(), 403);
+    let all: Value = get(&format!("{}/api/v1/limits", s.base), &Auth::Bearer(&s.tokens["fin"])).await.json().await.unwrap();
+    assert_eq!(all["limits"].as_array().unwrap().len(), 2, "{all}");
+
     // Anna revokes it in the browser: every gateway refuses it within seconds.
     let revoked: Result<String, fantoccini::error::CmdError> = async {
         browser.goto(&format!("{}/keys", s.base)).await?;
