@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use super::budget::{Amounts, Ask, Budgets};
+use super::budget::{Amounts, Ask, Budgets, LimitSet};
 use super::wire::body::Prepared;
 use super::wire::{Api, Provider};
 use crate::config::GatewayConfig;
@@ -91,17 +91,31 @@ fn count(hay: &[u8], needle: &[u8]) -> u64 {
     hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
 }
 
-/// One refresh: limits, their stored usage, the other instances' holds; then this
-/// instance's holds reported.
+/// The limits last read, and the table's fingerprint (row count, highest version) then:
+/// the limits are read again only when it changes.
+#[derive(Default)]
+pub struct LimitsCache {
+    fingerprint: Option<(u64, u64)>,
+}
+
+/// One refresh: limits (when they changed), their stored usage, the other instances'
+/// holds; then this instance's holds reported.
 pub async fn refresh(
     budgets: &Budgets,
     store: &Store,
     configured: &[Limit],
     instance: &str,
+    cache: &mut LimitsCache,
     now: DateTime<Utc>,
 ) -> anyhow::Result<()> {
-    let limits = crate::limits::current(store, configured).await?;
-    let reads = budgets.plan(&limits, now);
+    let fingerprint = store.limits_fingerprint().await?;
+    let set = if cache.fingerprint == Some(fingerprint) {
+        budgets.limit_set()
+    } else {
+        LimitSet::new(crate::limits::current(store, configured).await?)
+    };
+    let limits_empty = set.is_empty();
+    let reads = budgets.plan_set(&set, now);
     let mut results = Vec::with_capacity(reads.len());
     for r in reads {
         // The empty id never matches: it keeps the list's type known to ClickHouse.
@@ -114,7 +128,7 @@ pub async fn refresh(
     }
     let mut others: HashMap<(String, i64), Amounts> = HashMap::new();
     let mut live = std::collections::HashSet::from([instance.to_owned()]);
-    if !limits.is_empty() {
+    if !limits_empty {
         // Reports older than ten seconds are of instances that are gone.
         for h in store.live_holds(now.timestamp() - 10).await? {
             live.insert(h.instance.clone());
@@ -130,8 +144,9 @@ pub async fn refresh(
             a.tokens += h.reserved_tokens + h.pending_tokens;
         }
     }
-    let any = !limits.is_empty();
-    budgets.apply(limits, &results, &others, live.len(), now);
+    let any = !limits_empty;
+    budgets.apply_set(set, &results, &others, live.len(), now);
+    cache.fingerprint = Some(fingerprint);
     let mut holds = budgets.holds(instance, now);
     if any {
         // A row of its own tells the others this instance is live (it takes a share).
@@ -167,6 +182,7 @@ pub async fn keep_fresh(
     mut shutdown: Shutdown,
 ) {
     let mut failing = false;
+    let mut cache = LimitsCache::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -178,7 +194,7 @@ pub async fn keep_fresh(
                 *b = book.current();
             }
         }
-        match refresh(&budgets, &store, &configured, &instance, Utc::now()).await {
+        match refresh(&budgets, &store, &configured, &instance, &mut cache, Utc::now()).await {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("limits and usage read again");

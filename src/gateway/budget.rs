@@ -141,7 +141,11 @@ impl Counter {
 
     /// Takes what a refresh read for this counter's limit and period.
     fn refresh(&mut self, limit: &Limit, key: &(String, i64), snap: &Snapshot) {
-        self.stored = snap.stored.get(key).copied().unwrap_or_default();
+        self.stored = snap
+            .usage
+            .get(&(limit.institution_id.clone(), key.1, self.end))
+            .map(|ix| ix.of(limit))
+            .unwrap_or_default();
         self.others = snap.others.get(key).copied().unwrap_or_default();
         if let Some(ids) = snap.stored_ids.get(&(limit.institution_id.clone(), key.1)) {
             let gone: Vec<String> = self
@@ -180,13 +184,69 @@ struct Subjects {
     keys: HashMap<String, Vec<String>>,
 }
 
+/// The limits in force, indexed by subject; rebuilt only when they change.
+#[derive(Debug, Default)]
+pub struct LimitSet {
+    limits: HashMap<String, Arc<Limit>>,
+    by_institution: HashMap<String, Subjects>,
+    /// Each (institution, period kind) some limit uses: what a refresh reads.
+    periods: Vec<(String, crate::domain::LimitPeriod)>,
+}
+
+impl LimitSet {
+    pub fn new(limits: Vec<Limit>) -> Arc<Self> {
+        let mut set = LimitSet::default();
+        let mut periods = std::collections::BTreeSet::new();
+        for l in limits {
+            let id = l.id();
+            periods.insert((l.institution_id.clone(), l.period));
+            let s = set.by_institution.entry(l.institution_id.clone()).or_default();
+            match l.scope {
+                LimitScope::Institution => s.institution.push(id.clone()),
+                LimitScope::User => s.users.entry(l.subject.clone()).or_default().push(id.clone()),
+                LimitScope::Key => s.keys.entry(l.subject.clone()).or_default().push(id.clone()),
+            }
+            set.limits.insert(id, Arc::new(l));
+        }
+        set.periods = periods.into_iter().collect();
+        Arc::new(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.limits.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+}
+
+/// An institution's usage in one period: in total, by user, by key.
+#[derive(Debug, Default)]
+struct UsageIndex {
+    total: Amounts,
+    users: HashMap<String, Amounts>,
+    keys: HashMap<String, Amounts>,
+}
+
+impl UsageIndex {
+    fn of(&self, l: &Limit) -> Amounts {
+        match l.scope {
+            LimitScope::Institution => Some(&self.total),
+            LimitScope::User => self.users.get(&l.subject),
+            LimitScope::Key => self.keys.get(&l.subject),
+        }
+        .copied()
+        .unwrap_or_default()
+    }
+}
+
 /// What a refresh read, built outside the lock and swapped in whole.
 #[derive(Debug, Default)]
 struct Snapshot {
-    limits: HashMap<String, Arc<Limit>>,
-    by_institution: HashMap<String, Subjects>,
-    /// Stored usage per (limit id, start of its current period).
-    stored: HashMap<(String, i64), Amounts>,
+    set: Arc<LimitSet>,
+    /// Usage per (institution, period start, period end) read.
+    usage: HashMap<(String, i64, i64), UsageIndex>,
     /// Other instances' holds per (limit id, period start).
     others: HashMap<(String, i64), Amounts>,
     /// Which pending event ids ClickHouse holds, per (institution, period start).
@@ -205,7 +265,7 @@ struct Inner {
 impl Inner {
     /// The `block` limits `who` falls under.
     fn applying(&self, who: &Who<'_>) -> Vec<Arc<Limit>> {
-        let snap = &self.snap;
+        let snap = &self.snap.set;
         let Some(s) = snap.by_institution.get(who.institution) else {
             return Vec::new();
         };
@@ -375,9 +435,19 @@ impl Budgets {
         }
     }
 
-    /// The reads the next refresh needs, for `limits` at `now`: one per institution and
-    /// period, with the pending events of that institution's counters in the period.
+    /// The limits in force now.
+    pub fn limit_set(&self) -> Arc<LimitSet> {
+        self.lock().snap.set.clone()
+    }
+
+    /// The reads the next refresh needs, for `limits` at `now` (tests; see `plan_set`).
     pub fn plan(&self, limits: &[Limit], now: DateTime<Utc>) -> Vec<Read> {
+        self.plan_set(&LimitSet::new(limits.to_vec()), now)
+    }
+
+    /// The reads the next refresh needs for `set` at `now`: one per institution and
+    /// period, with the pending events of that institution's counters in the period.
+    pub fn plan_set(&self, set: &LimitSet, now: DateTime<Utc>) -> Vec<Read> {
         let mut pending: HashMap<(String, i64), Vec<String>> = HashMap::new();
         {
             let inner = self.lock();
@@ -385,7 +455,7 @@ impl Budgets {
                 if c.pending.is_empty() {
                     continue;
                 }
-                if let Some(l) = inner.snap.limits.get(id) {
+                if let Some(l) = inner.snap.set.limits.get(id) {
                     pending
                         .entry((l.institution_id.clone(), *start))
                         .or_default()
@@ -395,19 +465,19 @@ impl Budgets {
         }
         let mut seen = std::collections::HashSet::new();
         let mut reads = Vec::new();
-        for l in limits {
-            let (start, end) = l.period.bounds(now, self.zone(&l.institution_id));
-            if !seen.insert((l.institution_id.clone(), start, end)) {
+        for (institution, period) in &set.periods {
+            let (start, end) = period.bounds(now, self.zone(institution));
+            if !seen.insert((institution.clone(), start, end)) {
                 continue;
             }
             let mut ids = pending
-                .get(&(l.institution_id.clone(), start.timestamp()))
+                .get(&(institution.clone(), start.timestamp()))
                 .cloned()
                 .unwrap_or_default();
             ids.sort();
             ids.dedup();
             reads.push(Read {
-                institution: l.institution_id.clone(),
+                institution: institution.clone(),
                 start,
                 end,
                 pending: ids,
@@ -416,14 +486,7 @@ impl Budgets {
         reads
     }
 
-    /// Installs `limits` (every current one; others are dropped) with the usage read
-    /// for `plan(limits, now)`: stored amounts replaced, stored events no longer pending.
-    /// `others`: the other instances' holds by (limit id, period start); `instances`:
-    /// how many gateway instances are live, this one included. With more than one, each
-    /// may admit at most its share (1/`instances`) of the headroom it sees until the next
-    /// refresh, so that instances that cannot see each other's latest admissions do not
-    /// all spend the same headroom. The work is done before the lock is taken; under it,
-    /// only the counters requests use are updated.
+    /// As `apply_set` with a set built from `limits` (tests, benchmarks).
     pub fn apply(
         &self,
         limits: Vec<Limit>,
@@ -432,20 +495,33 @@ impl Budgets {
         instances: usize,
         now: DateTime<Utc>,
     ) {
-        #[derive(Default)]
-        struct Index {
-            total: Amounts,
-            users: HashMap<String, Amounts>,
-            keys: HashMap<String, Amounts>,
-        }
+        self.apply_set(LimitSet::new(limits), reads, others, instances, now)
+    }
+
+    /// Installs `set` (every current limit; others are dropped) with the usage read for
+    /// `plan_set(set, now)`: stored amounts replaced, stored events no longer pending.
+    /// `others`: the other instances' holds by (limit id, period start); `instances`:
+    /// how many gateway instances are live, this one included. With more than one, each
+    /// may admit at most its share (1/`instances`) of the headroom it sees until the next
+    /// refresh, so that instances that cannot see each other's latest admissions do not
+    /// all spend the same headroom. The usage is indexed before the lock is taken; under
+    /// it, only the counters requests use are updated.
+    pub fn apply_set(
+        &self,
+        set: Arc<LimitSet>,
+        reads: &[(Read, Vec<SubjectUsage>)],
+        others: &HashMap<(String, i64), Amounts>,
+        instances: usize,
+        now: DateTime<Utc>,
+    ) {
         let mut snap = Snapshot {
+            set,
             others: others.clone(),
             instances: instances.max(1),
             ..Snapshot::default()
         };
-        let mut indexes: HashMap<(String, i64, i64), Index> = HashMap::new();
         for (read, rows) in reads {
-            let mut ix = Index::default();
+            let mut ix = UsageIndex::default();
             for r in rows {
                 let a = Amounts {
                     usd: r.usd,
@@ -460,41 +536,19 @@ impl Budgets {
                 (read.institution.clone(), read.start.timestamp()),
                 rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),
             );
-            indexes.insert(
+            snap.usage.insert(
                 (read.institution.clone(), read.start.timestamp(), read.end.timestamp()),
                 ix,
             );
-        }
-        for l in limits {
-            let id = l.id();
-            let (start, end) = l.period.bounds(now, self.zone(&l.institution_id));
-            if let Some(ix) =
-                indexes.get(&(l.institution_id.clone(), start.timestamp(), end.timestamp()))
-            {
-                let stored = match l.scope {
-                    LimitScope::Institution => Some(&ix.total),
-                    LimitScope::User => ix.users.get(&l.subject),
-                    LimitScope::Key => ix.keys.get(&l.subject),
-                };
-                snap.stored
-                    .insert((id.clone(), start.timestamp()), stored.copied().unwrap_or_default());
-            }
-            let s = snap.by_institution.entry(l.institution_id.clone()).or_default();
-            match l.scope {
-                LimitScope::Institution => s.institution.push(id.clone()),
-                LimitScope::User => s.users.entry(l.subject.clone()).or_default().push(id.clone()),
-                LimitScope::Key => s.keys.entry(l.subject.clone()).or_default().push(id.clone()),
-            }
-            snap.limits.insert(id, Arc::new(l));
         }
         let snap = Arc::new(snap);
         let now_ts = now.timestamp();
         let mut inner = self.lock();
         inner.snap = snap.clone();
         inner.counters.retain(|key, c| {
-            let limit = snap.limits.get(&key.0);
+            let limit = snap.set.limits.get(&key.0);
             if let Some(l) = limit {
-                if snap.stored.contains_key(key) {
+                if snap.usage.contains_key(&(l.institution_id.clone(), key.1, c.end)) {
                     c.refresh(l, key, &snap);
                 }
             }
@@ -513,7 +567,7 @@ impl Budgets {
         let mut out = Vec::new();
         for ((id, start), c) in inner.counters.iter_mut() {
             let holds = c.holds_something();
-            if !snap.limits.contains_key(id) || !(holds || c.reported) {
+            if !snap.set.limits.contains_key(id) || !(holds || c.reported) {
                 continue;
             }
             c.reported = holds;
@@ -546,7 +600,7 @@ impl Budgets {
     /// The used amount of a limit in the period holding `now` (tests, dashboard).
     pub fn used(&self, limit_id: &str, now: DateTime<Utc>) -> Option<Amounts> {
         let inner = self.lock();
-        let l = inner.snap.limits.get(limit_id)?;
+        let l = inner.snap.set.limits.get(limit_id)?;
         let (start, _) = l.period.bounds(now, self.zone(&l.institution_id));
         inner
             .counters
@@ -555,7 +609,7 @@ impl Budgets {
     }
 
     pub fn limit_count(&self) -> usize {
-        self.lock().snap.limits.len()
+        self.lock().snap.set.limits.len()
     }
 }
 

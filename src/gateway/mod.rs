@@ -334,7 +334,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    if let Err(e) = admission::refresh(&budgets, &store, &cfg.limits, &instance, chrono::Utc::now()).await {
+    if let Err(e) = admission::refresh(&budgets, &store, &cfg.limits, &instance, &mut admission::LimitsCache::default(), chrono::Utc::now()).await {
         tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
     }
     tokio::spawn(admission::keep_fresh(

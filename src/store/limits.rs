@@ -107,6 +107,15 @@ impl Store {
             .await?)
     }
 
+    /// (rows, highest version) of `limits`: changes whenever a limit is set or removed.
+    pub async fn limits_fingerprint(&self) -> Result<(u64, u64), StoreError> {
+        Ok(self
+            .client
+            .query("SELECT count() AS n, max(version) AS v FROM limits")
+            .fetch_one::<(u64, u64)>()
+            .await?)
+    }
+
     pub async fn write_limit(&self, row: &LimitRow) -> Result<(), StoreError> {
         let mut insert = self.client.insert::<LimitRow>("limits").await?;
         insert.write(row).await?;
