@@ -50,6 +50,7 @@ impl Bounds {
 ///   model's maximum output from the price book, else `default_output_tokens`;
 /// - USD: that many tokens at the dearest rates of every entry the model could be priced
 ///   by today (all service tiers, the long-context tier the prompt could reach).
+#[allow(clippy::too_many_arguments)]
 pub fn worst_case(
     book: &PriceBook,
     bounds: &Bounds,
