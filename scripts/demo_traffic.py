@@ -26,7 +26,7 @@ def main():
     base, keys = sys.argv[1], sys.argv[2:]
     n = int(os.environ.get("DEMO_GATEWAY_REQUESTS", "40"))
     rng = random.Random(2026)
-    done = 0
+    done = refused = 0
     for i, key in enumerate(keys):
         client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=2)
         tags = {"x-tokentally-tags": f"course=inf{100 + i},source=demo"}
@@ -35,22 +35,34 @@ def main():
             words = rng.randint(20, 400)
             headers = {**tags, "x-simulator": f"words={words},cached={rng.randint(0, 3) * 16}"}
             kind = rng.random()
-            if kind < 0.5:
-                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": q}],
-                                               extra_headers=headers)
-            elif kind < 0.75:
-                stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
-                                                        messages=[{"role": "user", "content": q}],
-                                                        extra_headers=headers)
-                for _chunk in stream:
-                    pass
-            elif kind < 0.92:
-                client.responses.create(model="gpt-5-mini", input=q,
-                                        extra_headers={**headers, "x-simulator": headers["x-simulator"] + ",reasoning=64"})
-            else:
-                client.embeddings.create(model="text-embedding-3-small", input=[q], extra_headers=tags)
+            try:
+                send(client, kind, q, headers, tags)
+            except openai.RateLimitError as e:
+                # A limit of the demo (`tokentally limits`): 429 insufficient_quota.
+                if refused == 0:
+                    print(f"refused by a limit: {e.message}")
+                refused += 1
             done += 1
-    print(f"sent {done} requests through the gateway with the openai SDK {openai.__version__}")
+    print(f"sent {done} requests through the gateway with the openai SDK {openai.__version__}; "
+          f"{refused} refused by limits")
+
+
+def send(client, kind, q, headers, tags):
+    """One request of the mix: chat (plain or streamed), responses or embeddings."""
+    if kind < 0.5:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": q}],
+                                       extra_headers=headers)
+    elif kind < 0.75:
+        stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                messages=[{"role": "user", "content": q}],
+                                                extra_headers=headers)
+        for _chunk in stream:
+            pass
+    elif kind < 0.92:
+        client.responses.create(model="gpt-5-mini", input=q,
+                                extra_headers={**headers, "x-simulator": headers["x-simulator"] + ",reasoning=64"})
+    else:
+        client.embeddings.create(model="text-embedding-3-small", input=[q], extra_headers=tags)
 
 
 if __name__ == "__main__":
