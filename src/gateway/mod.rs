@@ -4,7 +4,9 @@
 //! spool, so that no request it served goes unbilled.
 //!
 //! - `wire`: the providers' formats (paths, bodies, usage, errors);
-//! - `proxy`: one request, end to end; `limits`: requests/tokens per minute;
+//! - `proxy`: one request, end to end; `rate`: requests/tokens per minute per key;
+//! - `budget`: limits that block (reserve, then settle); `admission`: worst cases and
+//!   the refresh that keeps limits and usage current;
 //! - `keyring`: keys as every instance sees them; `spool`: events on their way to Kafka;
 //! - `http_ingest`: `POST /v1/usage-events` for gateways that are not ours.
 //!
@@ -17,7 +19,7 @@ pub mod estimate;
 pub mod event;
 pub mod http_ingest;
 pub mod keyring;
-pub mod limits;
+pub mod rate;
 pub mod metrics;
 pub mod moderation;
 pub mod proxy;
@@ -43,7 +45,7 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use event::GatewayEvent;
 use keyring::Keyring;
-use limits::Limiter;
+use rate::Limiter;
 use spool::Spool;
 use wire::{Api, Provider, Refusal};
 

@@ -15,7 +15,7 @@ use chrono::Utc;
 use futures::StreamExt as _;
 
 use super::event::{GatewayEvent, Origin, Status, Usage};
-use super::limits::{openai_duration, Exceeded, Standing};
+use super::rate::{openai_duration, Exceeded, Standing};
 use super::wire::body::{self, Prepared};
 use super::wire::sse::{Piece, Splitter};
 use super::wire::usage::{Seen, Tracker, Verdict};

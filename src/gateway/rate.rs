@@ -1,4 +1,4 @@
-//! Requests and tokens per minute, per key: a sliding minute of one-second buckets.
+//! Requests and tokens per minute, per key (`--rpm`, `--tpm`): a sliding minute of one-second buckets.
 //!
 //! A request is admitted while the key's last 60 seconds hold fewer than `rpm` requests
 //! and fewer than `tpm` tokens; tokens are added when a response ends (its real usage).
