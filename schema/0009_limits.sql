@@ -25,8 +25,9 @@ ORDER BY limit_id;
 
 -- 2. What each gateway instance holds for a limit beyond what ClickHouse has stored:
 --    open reservations and priced requests not yet stored, reported every few seconds
---    for the dashboard (`reported_at` tells a live instance from a gone one). Amounts
---    are decimal strings (USD) and counts.
+--    for the dashboard (`reported_at` tells a live instance from a gone one), and how
+--    many requests the limit refused on that instance this period (cumulative: the
+--    latest report of each instance counts). Amounts are decimal strings (USD) and counts.
 CREATE TABLE IF NOT EXISTS limit_holds
 (
     instance String,
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS limit_holds
     pending_usd String,
     pending_requests UInt64,
     pending_tokens UInt64,
+    refused UInt64,
     reported_at DateTime
 )
 ENGINE = ReplacingMergeTree(reported_at)

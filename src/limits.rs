@@ -87,7 +87,7 @@ pub struct Standing {
     /// Held by requests still running on the gateways.
     pub reserved: Decimal,
     pub remaining: Decimal,
-    /// Requests this limit's subject had refused by a limit this period.
+    /// Requests this limit refused this period (over every gateway instance).
     pub blocked: u64,
 }
 
@@ -118,8 +118,7 @@ pub async fn standings(
         a.2 += r.tokens;
     }
     let mut cache: HashMap<(String, i64, i64), Index> = HashMap::new();
-    let mut refused_cache: HashMap<(String, i64), Vec<crate::store::limits::Refusal>> =
-        HashMap::new();
+    let refused = store.limit_refused_counts().await?;
     let mut out = Vec::new();
     for l in limits {
         let tz = cfg.institution_tz(&l.institution_id);
@@ -137,11 +136,6 @@ pub async fn standings(
             }
             cache.insert(key.clone(), ix);
         }
-        let matches = |user: &str, api_key: &str| match l.scope {
-            LimitScope::Institution => true,
-            LimitScope::User => user == l.subject,
-            LimitScope::Key => api_key == l.subject,
-        };
         let of = |usd: Decimal, requests: i64, tokens: i64| match l.metric {
             Metric::Usd => usd,
             Metric::Requests => Decimal::from(requests),
@@ -173,17 +167,10 @@ pub async fn standings(
                 h.pending_tokens as i64,
             );
         }
-        let rkey = (l.institution_id.clone(), start.timestamp());
-        if !refused_cache.contains_key(&rkey) {
-            let r = store
-                .limit_refusals(Some(&l.institution_id), start.timestamp(), 100_000)
-                .await?;
-            refused_cache.insert(rkey.clone(), r);
-        }
-        let blocked = refused_cache[&rkey]
-            .iter()
-            .filter(|r| matches(&r.user_id, &r.api_key_id))
-            .count() as u64;
+        let blocked = refused
+            .get(&(l.id(), u32::try_from(start.timestamp()).unwrap_or(0)))
+            .copied()
+            .unwrap_or(0);
         out.push(Standing {
             limit_id: l.id(),
             institution_id: l.institution_id.clone(),

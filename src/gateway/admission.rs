@@ -162,6 +162,7 @@ pub async fn refresh(
             pending_usd: "0".into(),
             pending_requests: 0,
             pending_tokens: 0,
+            refused: 0,
             reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
         });
     }

@@ -104,11 +104,11 @@ impl Blocked {
         };
         let renews = self.renews.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z");
         let need = match &self.need {
-            Some(n) => format!("this request may use up to {}", amount(*n)),
+            Some(n) => format!("this request needs up to {}", amount(*n)),
             None => "this model has no price in the price book, so its cost cannot be held to a budget".into(),
         };
         format!(
-            "Limit reached: {who} may use {} (limit {}). {} is left; {need}. It renews at {renews}.",
+            "Limit reached: {who} may use {} (limit {}). Left this period: {}; {need}. It renews at {renews}.",
             l.amount_label(),
             l.id(),
             amount(self.remaining),
@@ -132,6 +132,12 @@ struct Counter {
     since_sync: Amounts,
     /// Its last report to `limit_holds` was not all zero.
     reported: bool,
+    /// Requests this limit refused in this period on this instance; `dirty`: since the
+    /// last report.
+    refused: u64,
+    dirty: bool,
+    /// Refreshes so far: a reservation made in the current epoch is in `since_sync`.
+    epoch: u64,
 }
 
 impl Counter {
@@ -161,6 +167,7 @@ impl Counter {
             }
         }
         self.since_sync = Amounts::default();
+        self.epoch += 1;
         self.share = (snap.instances > 1).then(|| {
             (limit.amount - self.used().of(limit.metric)).max(Decimal::ZERO)
                 / Decimal::from(snap.instances as u64)
@@ -377,6 +384,8 @@ impl Budgets {
                 n <= left && c.share.is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
             });
             if !fits && refused.is_none() {
+                c.refused += 1;
+                c.dirty = true;
                 refused = Some(Blocked {
                     limit: l.clone(),
                     remaining: left,
@@ -404,27 +413,44 @@ impl Budgets {
                 .min();
             return Admission::Refused(b);
         }
+        let mut epochs = Vec::with_capacity(keys.len());
         for key in &keys {
             let c = inner.counters.get_mut(key).expect("entered above");
             c.reserved.add(&take);
             c.since_sync.add(&take);
             c.open += 1;
+            epochs.push(c.epoch);
         }
         Admission::Admitted(Reservation {
             budgets: self.clone(),
             keys,
+            epochs,
             amounts: take,
             remaining_usd: remaining_usd.map(|r| r.max(Decimal::ZERO)),
             done: false,
         })
     }
 
-    fn finish(&self, keys: &[(String, i64)], reserved: &Amounts, event: Option<(&str, Amounts)>) {
+    fn finish(
+        &self,
+        keys: &[(String, i64)],
+        epochs: &[u64],
+        reserved: &Amounts,
+        event: Option<(&str, Amounts)>,
+    ) {
         let mut inner = self.lock();
-        for key in keys {
+        for (key, epoch) in keys.iter().zip(epochs) {
             if let Some(c) = inner.counters.get_mut(key) {
                 c.reserved.sub(reserved);
                 c.open = c.open.saturating_sub(1);
+                if c.epoch == *epoch {
+                    // Admitted since the last refresh: what the other instances cannot
+                    // see yet is what the request really used, not its reservation.
+                    c.since_sync.sub(reserved);
+                    if let Some((_, actual)) = event {
+                        c.since_sync.add(&actual);
+                    }
+                }
                 if let Some((id, actual)) = event.filter(|(_, a)| !a.is_zero()) {
                     if let Some(old) = c.pending.insert(id.to_owned(), actual) {
                         c.pending_sum.sub(&old);
@@ -567,10 +593,11 @@ impl Budgets {
         let mut out = Vec::new();
         for ((id, start), c) in inner.counters.iter_mut() {
             let holds = c.holds_something();
-            if !snap.set.limits.contains_key(id) || !(holds || c.reported) {
+            if !snap.set.limits.contains_key(id) || !(holds || c.reported || c.dirty) {
                 continue;
             }
             c.reported = holds;
+            c.dirty = false;
             out.push(HoldRow {
                 instance: instance.to_owned(),
                 limit_id: id.clone(),
@@ -582,6 +609,7 @@ impl Budgets {
                 pending_usd: c.pending_sum.usd.normalize().to_string(),
                 pending_requests: c.pending_sum.requests,
                 pending_tokens: c.pending_sum.tokens,
+                refused: c.refused,
                 reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
             });
         }
@@ -619,6 +647,7 @@ impl Budgets {
 pub struct Reservation {
     budgets: Arc<Budgets>,
     keys: Vec<(String, i64)>,
+    epochs: Vec<u64>,
     amounts: Amounts,
     /// Left of the tightest USD limit after this reservation.
     pub remaining_usd: Option<Decimal>,
@@ -631,7 +660,7 @@ impl Reservation {
     pub fn settle(mut self, event_id: &str, actual: Amounts) {
         self.done = true;
         self.budgets
-            .finish(&self.keys, &self.amounts, Some((event_id, actual)));
+            .finish(&self.keys, &self.epochs, &self.amounts, Some((event_id, actual)));
     }
 
     pub fn reserved(&self) -> Amounts {
@@ -642,7 +671,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.budgets.finish(&self.keys, &self.amounts, None);
+            self.budgets.finish(&self.keys, &self.epochs, &self.amounts, None);
         }
     }
 }
@@ -704,7 +733,7 @@ mod tests {
         // 0.80 reserved: a third 0.40 does not fit, 0.20 does.
         let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
         assert_eq!((x.remaining, x.need), (dec!(0.20), Some(dec!(0.40))));
-        assert!(x.message(chrono_tz::UTC).contains("$0.2 is left"), "{}", x.message(chrono_tz::UTC));
+        assert!(x.message(chrono_tz::UTC).contains("Left this period: $0.2;"), "{}", x.message(chrono_tz::UTC));
         // Settled below the reservation: the difference is free again.
         r1.settle("e1", Amounts { usd: dec!(0.10), requests: 1, tokens: 50 });
         drop(r2); // released: an error or a cancel
@@ -766,6 +795,12 @@ mod tests {
         }
         // 0.5 admitted since the refresh: the other half is the other instance's.
         assert!(matches!(b.admit(&who(), &usd(dec!(0.1)), now()), Admission::Refused(_)));
+        // One settles at 0.02: the other instances will see 0.02, not 0.1, so 0.08 of
+        // this instance's share is free again.
+        held.pop().unwrap().settle("e-small", Amounts { usd: dec!(0.02), requests: 1, tokens: 0 });
+        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.08)), now()) else { panic!() };
+        held.push(r);
+        assert!(matches!(b.admit(&who(), &usd(dec!(0.01)), now()), Admission::Refused(_)));
         // Next refresh: the other instance reported 0.3; headroom 0.2, share 0.1.
         let id = "uni-a:key:k1:usd:month".to_string();
         let start = reads[0].0.start.timestamp();

@@ -77,6 +77,8 @@ pub struct HoldRow {
     pub pending_usd: String,
     pub pending_requests: u64,
     pub pending_tokens: u64,
+    /// Requests this limit refused on this instance in this period (cumulative).
+    pub refused: u64,
     pub reported_at: u32,
 }
 
@@ -168,6 +170,33 @@ impl Store {
         );
         q.bind(" WHERE reported_at >= toDateTime(?)", [Arg::Int(since)]);
         Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Requests each limit refused per period, over every instance: (limit id, period
+    /// start) → count.
+    pub async fn limit_refused_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<(String, u32), u64>, StoreError> {
+        #[derive(Row, Deserialize)]
+        struct R {
+            limit_id: String,
+            period_start: u32,
+            refused: u64,
+        }
+        let rows: Vec<R> = self
+            .client
+            .query(
+                "SELECT limit_id, period_start, toUInt64(sum(m)) AS refused FROM \
+                 (SELECT instance, limit_id, toUInt32(period_start) AS period_start, max(refused) AS m \
+                  FROM limit_holds WHERE refused > 0 GROUP BY instance, limit_id, period_start) \
+                 GROUP BY limit_id, period_start",
+            )
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.limit_id, r.period_start), r.refused))
+            .collect())
     }
 
     /// Requests refused by limits in `[from, to)`, newest first: (when, user, key,

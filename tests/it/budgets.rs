@@ -246,6 +246,11 @@ async fn one_gateway_never_passes_a_key_budget_under_200_concurrent_streams() {
     let h = holds(&env, &limit_id).await;
     assert_eq!(h.len(), 1, "one instance reported: {:?}", h.iter().map(|h| &h.instance).collect::<Vec<_>>());
     assert_eq!((h[0].open_reservations, dec(&h[0].reserved_usd)), (0, Decimal::ZERO), "{h:?}");
+    // The standing (CLI, dashboard): used is what was spent; every refusal counted.
+    let list: Value = serde_json::from_str(&tokentally(&["limits", "list", "--format", "json"], &env.cli_vars(), None)).unwrap();
+    let row = list.as_array().unwrap().iter().find(|l| l["limit_id"] == limit_id.as_str()).unwrap();
+    assert_eq!(dec(row["used"].as_str().unwrap()), served, "{row}");
+    assert_eq!(row["blocked"].as_u64(), Some(refused as u64 + 1), "{row}");
     println!(
         "budget $1.00, one gateway: applied after {applied:?}; {admitted} admitted, {refused} refused in waves of 200; \
          served ${served}; one reservation ≤ ${max_reserved}; unused ${}",
@@ -276,6 +281,7 @@ async fn two_gateways_on_one_budget_overshoot_within_the_bound_and_changes_apply
     // Both instances know of each other (each reports every second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut admitted = 0;
+    let mut zero = 0;
     for w in 0..15 {
         let (ra, rb) = tokio::join!(
             wave(&a.base, &key, 100, w * 200, 1000, "words=600,slow=1"),
@@ -285,7 +291,15 @@ async fn two_gateways_on_one_budget_overshoot_within_the_bound_and_changes_apply
         let n = ra.iter().chain(&rb).filter(|o| o.status == 200).count();
         admitted += n;
         if n == 0 {
-            break;
+            // Nothing admitted: the budget is spent, or both used their share of the
+            // headroom since the last refresh; after a refresh, once more.
+            zero += 1;
+            if zero == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        } else {
+            zero = 0;
         }
     }
     let stored = wait_stored(&env, &key_id, sent).await;
