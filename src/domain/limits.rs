@@ -168,26 +168,29 @@ impl Limit {
     }
 }
 
-/// An amount as a decimal string (`"12.50"`) or a whole number (`15`); never a float,
-/// which could not be exact.
+/// An amount as a decimal string (`"12.50"`) or a whole number (`15`); a float is
+/// refused (serde's "invalid type: floating point" with the expectation below), since it
+/// could not be exact.
 fn amount<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Str(String),
-        Float(f64),
+    struct Amount;
+    impl serde::de::Visitor<'_> for Amount {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number or a decimal string such as \"12.50\" (never a float: it could not be exact)")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(n))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(n))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Decimal, E> {
+            s.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("amount {s:?} is not a number")))
+        }
     }
-    match Raw::deserialize(d)? {
-        Raw::Int(n) => Ok(Decimal::from(n)),
-        Raw::Str(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("amount {s:?} is not a number"))),
-        Raw::Float(f) => Err(serde::de::Error::custom(format!(
-            "amount {f} must be written as a string (\"{f}\") so that it is exact"
-        ))),
-    }
+    d.deserialize_any(Amount)
 }
 
 pub fn limit_id(
@@ -288,6 +291,19 @@ mod tests {
         l.subject.clear();
         assert!(l.validate().is_err());
         assert_eq!("weekly".parse::<LimitPeriod>().unwrap_err(), "weekly is not a limit period; use one of: day, week, month");
+    }
+
+    #[test]
+    fn amounts_in_config_are_exact_or_refused() {
+        let parse = |v: &str| {
+            toml::from_str::<Limit>(&format!(
+                "institution_id = \"u\"\nscope = \"institution\"\nmetric = \"usd\"\nperiod = \"month\"\nmode = \"block\"\namount = {v}"
+            ))
+        };
+        assert_eq!(parse("\"12.50\"").unwrap().amount, Decimal::new(1250, 2));
+        assert_eq!(parse("15").unwrap().amount, Decimal::from(15));
+        assert!(parse("12.5").unwrap_err().to_string().contains("never a float"));
+        assert!(parse("\"lots\"").unwrap_err().to_string().contains("not a number"));
     }
 
     proptest! {
