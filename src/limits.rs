@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::domain::limits::{Amounts, UsageIndex};
 use crate::domain::{Limit, LimitScope, Metric};
 use crate::store::limits::LimitRow;
 use crate::store::Store;
@@ -73,6 +74,8 @@ pub async fn remove(store: &Store, cfg: &Config, limit_id: &str, actor: &str) ->
 #[derive(Debug, Clone, Serialize)]
 pub struct Standing {
     pub limit_id: String,
+    /// `$5.00 per month`, `15 requests per day`.
+    pub label: String,
     pub institution_id: String,
     pub scope: LimitScope,
     pub subject: String,
@@ -104,20 +107,8 @@ pub async fn standings(
         .filter(|l| institution.is_none_or(|i| l.institution_id == i))
         .collect();
     let holds = store.live_holds(now.timestamp() - 10).await?;
-    // Per (institution, period): usage in total, by user and by key (one query each).
-    type Sums = (Decimal, i64, i64);
-    #[derive(Default)]
-    struct Index {
-        total: Sums,
-        users: HashMap<String, Sums>,
-        keys: HashMap<String, Sums>,
-    }
-    fn add(a: &mut Sums, r: &crate::store::limits::SubjectUsage) {
-        a.0 += r.usd;
-        a.1 += r.requests;
-        a.2 += r.tokens;
-    }
-    let mut cache: HashMap<(String, i64, i64), Index> = HashMap::new();
+    // Per (institution, period): one query, indexed by user and key.
+    let mut cache: HashMap<(String, i64, i64), UsageIndex> = HashMap::new();
     let refused = store.limit_refused_counts().await?;
     let mut out = Vec::new();
     for l in limits {
@@ -128,51 +119,26 @@ pub async fn standings(
             let rows = store
                 .limit_usage(&l.institution_id, start.timestamp(), end.timestamp(), vec![String::new()])
                 .await?;
-            let mut ix = Index::default();
-            for r in &rows {
-                add(&mut ix.total, r);
-                add(ix.users.entry(r.user_id.clone()).or_default(), r);
-                add(ix.keys.entry(r.api_key_id.clone()).or_default(), r);
-            }
+            let ix = UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts())));
             cache.insert(key.clone(), ix);
         }
-        let of = |usd: Decimal, requests: i64, tokens: i64| match l.metric {
-            Metric::Usd => usd,
-            Metric::Requests => Decimal::from(requests),
-            Metric::Tokens => Decimal::from(tokens),
-        };
-        let ix = &cache[&key];
-        let sums = match l.scope {
-            LimitScope::Institution => Some(&ix.total),
-            LimitScope::User => ix.users.get(&l.subject),
-            LimitScope::Key => ix.keys.get(&l.subject),
-        }
-        .copied()
-        .unwrap_or_default();
-        let mut used = of(sums.0, sums.1, sums.2);
-        let mut reserved = Decimal::ZERO;
-        let num = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+        let mut used = cache[&key].of(&l);
+        let mut reserved = Amounts::default();
         for h in holds
             .iter()
             .filter(|h| h.limit_id == l.id() && i64::from(h.period_start) == start.timestamp())
         {
-            reserved += of(
-                num(&h.reserved_usd),
-                h.reserved_requests as i64,
-                h.reserved_tokens as i64,
-            );
-            used += of(
-                num(&h.pending_usd),
-                h.pending_requests as i64,
-                h.pending_tokens as i64,
-            );
+            reserved.add(&h.reserved());
+            used.add(&h.pending());
         }
+        let (used, reserved) = (used.of(l.metric), reserved.of(l.metric));
         let blocked = refused
             .get(&(l.id(), u32::try_from(start.timestamp()).unwrap_or(0)))
             .copied()
             .unwrap_or(0);
         out.push(Standing {
             limit_id: l.id(),
+            label: l.amount_label(),
             institution_id: l.institution_id.clone(),
             scope: l.scope,
             subject: l.subject.clone(),

@@ -118,10 +118,9 @@ pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
                 s.used >= s.limit,
                 "reached",
                 format!(
-                    "{label} has used {} of its {} per {} limit (alert only; nothing was refused)",
+                    "{label} has used {} of its {} limit (alert only; nothing was refused)",
                     amount(s.used),
-                    amount(s.limit),
-                    s.period
+                    s.label
                 ),
             )
         } else {
@@ -129,10 +128,8 @@ pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
                 s.blocked > 0,
                 "blocked",
                 format!(
-                    "{label} reached its {} per {} limit: {} request(s) refused so far this period",
-                    amount(s.limit),
-                    s.period,
-                    s.blocked
+                    "{label} reached its {} limit: {} request(s) refused so far this period",
+                    s.label, s.blocked
                 ),
             )
         };

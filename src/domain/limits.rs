@@ -90,6 +90,73 @@ names!(Metric, "limit metric", Usd => "usd", Requests => "requests", Tokens => "
 names!(LimitPeriod, "limit period", Day => "day", Week => "week", Month => "month");
 names!(LimitMode, "limit mode", Block => "block", Alert => "alert");
 
+/// What a limit counts: USD, requests and tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub usd: Decimal,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Amounts {
+    pub fn of(&self, m: Metric) -> Decimal {
+        match m {
+            Metric::Usd => self.usd,
+            Metric::Requests => Decimal::from(self.requests),
+            Metric::Tokens => Decimal::from(self.tokens),
+        }
+    }
+
+    pub fn add(&mut self, o: &Amounts) {
+        self.usd += o.usd;
+        self.requests += o.requests;
+        self.tokens += o.tokens;
+    }
+
+    pub fn sub(&mut self, o: &Amounts) {
+        self.usd -= o.usd;
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.tokens = self.tokens.saturating_sub(o.tokens);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.usd.is_zero() && self.requests == 0 && self.tokens == 0
+    }
+}
+
+/// An institution's usage in one period: in total, by user and by key, so that every
+/// limit's share is a lookup.
+#[derive(Debug, Default)]
+pub struct UsageIndex {
+    total: Amounts,
+    users: std::collections::HashMap<String, Amounts>,
+    keys: std::collections::HashMap<String, Amounts>,
+}
+
+impl UsageIndex {
+    /// From (user, key, usage) rows.
+    pub fn of_rows<'a>(rows: impl IntoIterator<Item = (&'a String, &'a String, Amounts)>) -> Self {
+        let mut ix = Self::default();
+        for (user, key, a) in rows {
+            ix.total.add(&a);
+            ix.users.entry(user.clone()).or_default().add(&a);
+            ix.keys.entry(key.clone()).or_default().add(&a);
+        }
+        ix
+    }
+
+    /// What `l` counts of it.
+    pub fn of(&self, l: &Limit) -> Amounts {
+        match l.scope {
+            LimitScope::Institution => Some(&self.total),
+            LimitScope::User => self.users.get(&l.subject),
+            LimitScope::Key => self.keys.get(&l.subject),
+        }
+        .copied()
+        .unwrap_or_default()
+    }
+}
+
 /// One limit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

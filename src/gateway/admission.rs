@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
 
 use super::budget::{Amounts, Ask, Budgets, LimitSet};
 use super::wire::body::Prepared;
@@ -139,32 +138,19 @@ pub async fn refresh(
             let a = others
                 .entry((h.limit_id.clone(), i64::from(h.period_start)))
                 .or_default();
-            let usd = |s: &str| s.parse::<Decimal>().unwrap_or_default();
-            a.usd += usd(&h.reserved_usd) + usd(&h.pending_usd);
-            a.requests += h.reserved_requests + h.pending_requests;
-            a.tokens += h.reserved_tokens + h.pending_tokens;
+            a.add(&h.reserved());
+            a.add(&h.pending());
         }
     }
-    let any = !limits_empty;
     budgets.apply_set(set, &results, &others, live.len(), now);
     cache.fingerprint = Some(fingerprint);
     let mut holds = budgets.holds(instance, now);
-    if any {
+    if !limits_empty {
         // A row of its own tells the others this instance is live (it takes a share).
-        holds.push(crate::store::limits::HoldRow {
-            instance: instance.to_owned(),
-            limit_id: String::new(),
-            period_start: 0,
-            reserved_usd: "0".into(),
-            reserved_requests: 0,
-            reserved_tokens: 0,
-            open_reservations: 0,
-            pending_usd: "0".into(),
-            pending_requests: 0,
-            pending_tokens: 0,
-            refused: 0,
-            reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
-        });
+        holds.push(crate::store::limits::HoldRow::heartbeat(
+            instance,
+            u32::try_from(now.timestamp()).unwrap_or(0),
+        ));
     }
     store.write_holds(&holds).await?;
     Ok(())
@@ -216,6 +202,7 @@ pub async fn keep_fresh(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rust_decimal::Decimal;
     use rust_decimal_macros::dec;
 
     const BOOK: &str = r#"

@@ -23,39 +23,8 @@ use rust_decimal::Decimal;
 use crate::domain::{Limit, LimitMode, LimitScope, Metric};
 use crate::store::limits::{HoldRow, SubjectUsage};
 
-/// USD, requests and tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Amounts {
-    pub usd: Decimal,
-    pub requests: u64,
-    pub tokens: u64,
-}
-
-impl Amounts {
-    fn of(&self, m: Metric) -> Decimal {
-        match m {
-            Metric::Usd => self.usd,
-            Metric::Requests => Decimal::from(self.requests),
-            Metric::Tokens => Decimal::from(self.tokens),
-        }
-    }
-
-    fn add(&mut self, o: &Amounts) {
-        self.usd += o.usd;
-        self.requests += o.requests;
-        self.tokens += o.tokens;
-    }
-
-    fn sub(&mut self, o: &Amounts) {
-        self.usd -= o.usd;
-        self.requests = self.requests.saturating_sub(o.requests);
-        self.tokens = self.tokens.saturating_sub(o.tokens);
-    }
-
-    fn is_zero(&self) -> bool {
-        self.usd.is_zero() && self.requests == 0 && self.tokens == 0
-    }
-}
+pub use crate::domain::limits::Amounts;
+use crate::domain::limits::UsageIndex;
 
 /// Who a request is billed to.
 #[derive(Debug, Clone, Copy)]
@@ -228,26 +197,6 @@ impl LimitSet {
     }
 }
 
-/// An institution's usage in one period: in total, by user, by key.
-#[derive(Debug, Default)]
-struct UsageIndex {
-    total: Amounts,
-    users: HashMap<String, Amounts>,
-    keys: HashMap<String, Amounts>,
-}
-
-impl UsageIndex {
-    fn of(&self, l: &Limit) -> Amounts {
-        match l.scope {
-            LimitScope::Institution => Some(&self.total),
-            LimitScope::User => self.users.get(&l.subject),
-            LimitScope::Key => self.keys.get(&l.subject),
-        }
-        .copied()
-        .unwrap_or_default()
-    }
-}
-
 /// What a refresh read, built outside the lock and swapped in whole.
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -357,12 +306,13 @@ impl Budgets {
             tokens: ask.tokens,
         };
         let mut keys = Vec::with_capacity(limits.len());
-        let mut remaining_usd: Option<Decimal> = None;
+        // What is left of the tightest USD limit, before this request.
+        let mut usd_left: Option<Decimal> = None;
         let mut refused: Option<Blocked> = None;
+        let snap = inner.snap.clone();
         for l in &limits {
             let (start, end) = l.period.bounds(now, tz);
             let key = (l.id(), start.timestamp());
-            let snap = inner.snap.clone();
             let c = inner.counters.entry(key.clone()).or_insert_with(|| {
                 let mut c = Counter {
                     end: end.timestamp(),
@@ -377,8 +327,7 @@ impl Budgets {
                 (m, _) => Some(take.of(m)),
             };
             if l.metric == Metric::Usd {
-                let after = left - need.unwrap_or(Decimal::ZERO);
-                remaining_usd = Some(remaining_usd.map_or(after, |r| r.min(after)));
+                usd_left = Some(usd_left.map_or(left, |u| u.min(left)));
             }
             let fits = need.is_some_and(|n| {
                 n <= left && c.share.is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
@@ -397,20 +346,7 @@ impl Budgets {
             keys.push(key);
         }
         if let Some(mut b) = refused {
-            // What is left of the tightest USD budget, before this request.
-            b.remaining_usd = limits
-                .iter()
-                .filter(|l| l.metric == Metric::Usd)
-                .map(|l| {
-                    let (start, _) = l.period.bounds(now, tz);
-                    let used = inner
-                        .counters
-                        .get(&(l.id(), start.timestamp()))
-                        .map(|c| c.used().usd)
-                        .unwrap_or_default();
-                    (l.amount - used).max(Decimal::ZERO)
-                })
-                .min();
+            b.remaining_usd = usd_left;
             return Admission::Refused(b);
         }
         let mut epochs = Vec::with_capacity(keys.len());
@@ -426,7 +362,7 @@ impl Budgets {
             keys,
             epochs,
             amounts: take,
-            remaining_usd: remaining_usd.map(|r| r.max(Decimal::ZERO)),
+            remaining_usd: usd_left.map(|u| (u - take.usd).max(Decimal::ZERO)),
             done: false,
         })
     }
@@ -547,17 +483,7 @@ impl Budgets {
             ..Snapshot::default()
         };
         for (read, rows) in reads {
-            let mut ix = UsageIndex::default();
-            for r in rows {
-                let a = Amounts {
-                    usd: r.usd,
-                    requests: u64::try_from(r.requests).unwrap_or(0),
-                    tokens: u64::try_from(r.tokens).unwrap_or(0),
-                };
-                ix.total.add(&a);
-                ix.users.entry(r.user_id.clone()).or_default().add(&a);
-                ix.keys.entry(r.api_key_id.clone()).or_default().add(&a);
-            }
+            let ix = UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts())));
             snap.stored_ids.insert(
                 (read.institution.clone(), read.start.timestamp()),
                 rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),

@@ -606,26 +606,22 @@ impl Relay {
             )),
             None => Usage::None,
         };
-        let tokens = match &usage {
-            Usage::Provider(v) => crate::ingest::normalize::provider_usage(req.origin.provider, v)
-                .map(|t| t.prompt_total() + t.output)
-                .unwrap_or(0),
-            Usage::Estimated(t) => t.prompt_total() + t.output,
-            Usage::None => 0,
-        };
+        let event = req.event(
+            &model,
+            seen.service_tier.as_deref(),
+            status,
+            usage,
+            self.status.as_u16(),
+        );
+        let counts = event.token_counts();
+        let tokens = counts.prompt_total() + counts.output;
         self.gw.limiter.add_tokens(
             &req.key.key_id,
             tokens,
             Utc::now().timestamp().max(0) as u64,
         );
         self.gw.metrics.add_tokens(tokens);
-        req.event(
-            &model,
-            seen.service_tier.as_deref(),
-            status,
-            usage,
-            self.status.as_u16(),
-        )
+        event
     }
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::rows::money18;
 use super::sql::{s, Arg, Sql};
 use super::{Store, StoreError};
+use crate::domain::limits::Amounts;
 use crate::domain::Limit;
 
 /// One state of a limit.
@@ -82,6 +83,42 @@ pub struct HoldRow {
     pub reported_at: u32,
 }
 
+impl HoldRow {
+    /// A row that only says `instance` is live (it takes a share of every headroom).
+    pub fn heartbeat(instance: &str, at: u32) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            limit_id: String::new(),
+            period_start: 0,
+            reserved_usd: "0".into(),
+            reserved_requests: 0,
+            reserved_tokens: 0,
+            open_reservations: 0,
+            pending_usd: "0".into(),
+            pending_requests: 0,
+            pending_tokens: 0,
+            refused: 0,
+            reported_at: at,
+        }
+    }
+
+    pub fn reserved(&self) -> Amounts {
+        Amounts {
+            usd: self.reserved_usd.parse().unwrap_or_default(),
+            requests: self.reserved_requests,
+            tokens: self.reserved_tokens,
+        }
+    }
+
+    pub fn pending(&self) -> Amounts {
+        Amounts {
+            usd: self.pending_usd.parse().unwrap_or_default(),
+            requests: self.pending_requests,
+            tokens: self.pending_tokens,
+        }
+    }
+}
+
 /// Usage of one (user, key) of an institution in a period, as limits count it; with
 /// those of `pending` (event ids) that are stored.
 #[derive(Debug, Clone, PartialEq, Row, Deserialize)]
@@ -93,6 +130,16 @@ pub struct SubjectUsage {
     pub requests: i64,
     pub tokens: i64,
     pub stored: Vec<String>,
+}
+
+impl SubjectUsage {
+    pub fn amounts(&self) -> Amounts {
+        Amounts {
+            usd: self.usd,
+            requests: u64::try_from(self.requests).unwrap_or(0),
+            tokens: u64::try_from(self.tokens).unwrap_or(0),
+        }
+    }
 }
 
 /// Requests that count against a `requests` limit: those the provider served.

@@ -105,7 +105,7 @@ async fn page(
                     LimitScope::Institution => s.institution_id.clone(),
                     sc => format!("{} · {sc} {}", s.institution_id, s.subject),
                 },
-                amount: format!("{} {} per {}", amount(s.metric, s.limit), if s.metric == Metric::Usd { "" } else { s.metric.as_str() }, s.period).replace("  ", " "),
+                amount: s.label.clone(),
                 mode: s.mode.clone(),
                 used: amount(s.metric, s.used),
                 reserved: amount(s.metric, s.reserved),
