@@ -401,6 +401,9 @@ pub struct BillingConfig {
     pub auto_issue_allow_unpriced: bool,
     /// The issuer printed on every invoice.
     pub issuer: PartyConfig,
+    /// The issuer's time zone: the year in an invoice number is the calendar year there
+    /// when the document is issued (IANA name, default UTC).
+    pub time_zone: String,
 }
 
 impl Default for BillingConfig {
@@ -415,6 +418,7 @@ impl Default for BillingConfig {
                 name: "tokentally".into(),
                 ..Default::default()
             },
+            time_zone: "UTC".into(),
         }
     }
 }
@@ -749,6 +753,12 @@ impl Config {
                     i.id
                 )));
             }
+        }
+        if self.billing.time_zone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "billing.time_zone: unknown time zone {:?} (use an IANA name such as \"Europe/Berlin\")",
+                self.billing.time_zone
+            )));
         }
         let mut limit_ids = std::collections::BTreeSet::new();
         for l in &self.limits {

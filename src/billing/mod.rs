@@ -5,6 +5,7 @@
 //! the institution's contract multiplier, rounded once to cents, half away from zero.
 //! The total is the sum of the rounded lines. Nothing else rounds.
 
+pub mod evidence;
 pub mod ledger;
 pub mod render;
 pub mod service;
@@ -105,11 +106,12 @@ pub enum BillingError {
         stored: Decimal,
         computed: Decimal,
     },
-    #[error("{period} has not ended yet for {institution} (it ends {end}); issue it after that")]
+    #[error("{period} has not ended yet for {institution} (it ends {}); issue it after that", ends_at(.end, .tz))]
     PeriodNotEnded {
         institution: String,
         period: Period,
         end: DateTime<Utc>,
+        tz: chrono_tz::Tz,
     },
     #[error("{institution} {period} is already invoiced as {number}; `invoice void` it to issue a new one")]
     AlreadyInvoiced {
@@ -165,6 +167,15 @@ impl BillingError {
     }
 }
 
+/// "2026-12-01 00:00 Europe/Berlin (2026-11-30 23:00 UTC)", or one UTC time in UTC.
+pub fn ends_at(end: &DateTime<Utc>, tz: &chrono_tz::Tz) -> String {
+    let utc = end.format("%Y-%m-%d %H:%M UTC").to_string();
+    if *tz == chrono_tz::UTC {
+        return utc;
+    }
+    format!("{} {} ({utc})", end.with_timezone(tz).format("%Y-%m-%d %H:%M"), tz.name())
+}
+
 fn rates_for(book: &PriceBook, g: &GroupSums) -> Result<(String, Rates, Decimal), BillingError> {
     let entry = book
         .entry(&g.price_id)
@@ -196,6 +207,9 @@ pub const BYOK_FEE_VARIANT: &str = "own provider key, platform fee";
 /// How usage the gateway had to estimate appears.
 pub const ESTIMATED_VARIANT: &str = "estimated usage";
 
+/// The days each line key's unit price applied, where that is less than the period.
+pub type Windows = BTreeMap<LineKey, DateRange>;
+
 /// Splits grouped sums into line quantities, and checks that the current price book
 /// reproduces the stored costs exactly (it does unless prices were edited without
 /// `reprice`). Usage served with the institution's own provider key (`byok`) gets lines
@@ -207,9 +221,31 @@ pub fn quantities(
     book: &PriceBook,
     byok_fee: Decimal,
 ) -> Result<Quantities, BillingError> {
+    Ok(priced(period, groups, book, byok_fee)?.0)
+}
+
+/// `quantities`, with the days each price applied (from the price book's effective
+/// dates, clipped to the period) where a price covered only part of it.
+pub fn priced(
+    period: Period,
+    groups: &[GroupSums],
+    book: &PriceBook,
+    byok_fee: Decimal,
+) -> Result<(Quantities, Windows), BillingError> {
     let mut out = Quantities::new();
+    let mut windows = Windows::new();
+    let first = period.first_day();
+    let last = period.next().first_day().pred_opt().unwrap_or(first);
     for g in groups {
         let (mut variant, rates, per_request) = rates_for(book, g)?;
+        let window = book.entry(&g.price_id).map(|e| DateRange {
+            from: e.effective_from.max(first),
+            until: book
+                .superseded_on(&g.price_id)
+                .and_then(|d| d.pred_opt())
+                .map_or(last, |d| d.min(last)),
+        });
+        let window = window.filter(|w| (w.from, w.until) != (first, last));
         let mut marks: Vec<&str> = Vec::new();
         if !variant.is_empty() {
             marks.push(&variant);
@@ -250,6 +286,15 @@ pub fn quantities(
                 unit_price: if g.byok { Decimal::ZERO } else { unit.normalize() },
             };
             computed += exact_amount(class, qty, unit);
+            if let Some(w) = window {
+                windows
+                    .entry(key.clone())
+                    .and_modify(|x| {
+                        x.from = x.from.min(w.from);
+                        x.until = x.until.max(w.until);
+                    })
+                    .or_insert(w);
+            }
             *out.entry(key).or_default() += qty;
         }
         if g.byok && !byok_fee.is_zero() && g.served != 0 {
@@ -271,7 +316,8 @@ pub fn quantities(
         }
     }
     out.retain(|_, q| *q != 0);
-    Ok(out)
+    windows.retain(|k, _| out.contains_key(k));
+    Ok((out, windows))
 }
 
 /// The exact (unrounded, pre-contract) amount of `qty` units at `unit`.
@@ -296,7 +342,7 @@ pub fn round_cents(d: Decimal) -> Decimal {
     r
 }
 
-/// What is still to bill: `live − billed`, per key (nonzero only).
+/// What is still to bill: `live − billed` quantities, per key (nonzero only).
 pub fn outstanding(live: &Quantities, billed: &Quantities) -> Quantities {
     let mut out = live.clone();
     for (k, q) in billed {
@@ -304,6 +350,75 @@ pub fn outstanding(live: &Quantities, billed: &Quantities) -> Quantities {
     }
     out.retain(|_, q| *q != 0);
     out
+}
+
+/// What documents have billed for one line key, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billed {
+    pub quantity: i64,
+    pub exact: Decimal,
+    pub amount: Decimal,
+}
+
+/// What documents billed per line key.
+pub type BilledLines = BTreeMap<LineKey, Billed>;
+
+/// The rule for every line, on a first invoice and on adjustments alike: a line bills
+/// what the stored events of its key come to now under the contract (their exact sum ×
+/// multiplier, rounded once to cents) minus what earlier documents billed for the key.
+/// So all documents of a period together bill exactly what its events come to, line by
+/// line, whatever order the events arrived in. Lines of the invoice's own period are
+/// kept when their quantity is not zero (a $0.00 line still shows the usage);
+/// adjustment lines only when they move money.
+pub fn due_lines(
+    live: &Quantities,
+    windows: &Windows,
+    billed: &BilledLines,
+    invoice_period: Period,
+    mult: Decimal,
+) -> Vec<Line> {
+    let keys: std::collections::BTreeSet<&LineKey> = live.keys().chain(billed.keys()).collect();
+    let mut out = Vec::new();
+    for k in keys {
+        let now_q = live.get(k).copied().unwrap_or(0);
+        let now_exact = exact_amount(k.class, now_q, k.unit_price);
+        let now_amount = round_cents(now_exact * mult);
+        let before = billed.get(k).copied().unwrap_or_default();
+        let quantity = now_q - before.quantity;
+        let mut amount = now_amount - before.amount;
+        amount.rescale(2);
+        let adjustment = k.period != invoice_period;
+        let keep = if adjustment {
+            !amount.is_zero()
+        } else {
+            quantity != 0 || !amount.is_zero()
+        };
+        if !keep {
+            continue;
+        }
+        let explained = adjustment || before != Billed::default();
+        out.push(Line {
+            period: k.period,
+            adjustment,
+            model: k.model.clone(),
+            variant: k.variant.clone(),
+            class: k.class,
+            quantity,
+            unit_price: k.unit_price,
+            exact: (now_exact - before.exact).normalize(),
+            amount,
+            contract_unit_price: Some((k.unit_price * mult).normalize()),
+            applies: windows.get(k).copied(),
+            now_amount: explained.then_some(now_amount),
+            billed_before: explained.then_some(before.amount),
+        });
+    }
+    out
+}
+
+/// Turns quantities into priced, rounded lines (nothing billed before).
+pub fn lines(q: &Quantities, invoice_period: Period, mult: Decimal) -> Vec<Line> {
+    due_lines(q, &Windows::new(), &BilledLines::new(), invoice_period, mult)
 }
 
 /// One invoice line.
@@ -327,15 +442,67 @@ pub struct Line {
     /// exact × contract multiplier, rounded to cents.
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    /// The unit price with the contract applied (list price × multiplier): quantity ×
+    /// this is the amount before rounding. Absent on documents issued before it existed.
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub contract_unit_price: Option<Decimal>,
+    /// The days of the usage period this unit price applied (set when it did not apply
+    /// to the whole period, e.g. a price change mid-month).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applies: Option<DateRange>,
+    /// On an adjustment: what the stored events of this line come to now (rounded) …
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub now_amount: Option<Decimal>,
+    /// … and what earlier documents billed for it; amount = now_amount − billed_before.
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub billed_before: Option<Decimal>,
+}
+
+/// Inclusive dates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateRange {
+    pub from: NaiveDate,
+    pub until: NaiveDate,
+}
+
+impl std::fmt::Display for DateRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} – {}", self.from, self.until)
+    }
 }
 
 impl Line {
     pub fn description(&self) -> String {
         let mut d = format!("{} {}", self.model, self.class.as_str().replace('_', " "));
+        let mut marks = Vec::new();
         if !self.variant.is_empty() {
-            d.push_str(&format!(" ({})", self.variant));
+            marks.push(self.variant.clone());
+        }
+        if let Some(r) = self.applies {
+            marks.push(format!("price of {r}"));
+        }
+        if !marks.is_empty() {
+            d.push_str(&format!(" ({})", marks.join("; ")));
         }
         d
+    }
+
+    /// The unit price as billed (with the contract).
+    pub fn billed_unit_price(&self, contract_percent: Decimal) -> Decimal {
+        self.contract_unit_price
+            .unwrap_or_else(|| (self.unit_price * multiplier(contract_percent)).normalize())
     }
 
     pub fn key(&self) -> LineKey {
@@ -347,26 +514,6 @@ impl Line {
             unit_price: self.unit_price,
         }
     }
-}
-
-/// Turns quantities into priced, rounded lines.
-pub fn lines(q: &Quantities, invoice_period: Period, mult: Decimal) -> Vec<Line> {
-    q.iter()
-        .map(|(k, &qty)| {
-            let exact = exact_amount(k.class, qty, k.unit_price);
-            Line {
-                period: k.period,
-                adjustment: k.period != invoice_period,
-                model: k.model.clone(),
-                variant: k.variant.clone(),
-                class: k.class,
-                quantity: qty,
-                unit_price: k.unit_price,
-                exact: exact.normalize(),
-                amount: round_cents(exact * mult),
-            }
-        })
-        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,6 +557,28 @@ pub struct Unpriced {
     pub models: Vec<String>,
 }
 
+/// Unpriced usage of an earlier, already invoiced period that no document has listed
+/// yet (it arrived late): listed with the adjustments, not billed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnpricedEarlier {
+    pub period: Period,
+    pub events: i64,
+    pub tokens: i64,
+    pub models: Vec<String>,
+}
+
+/// What one line of an issued document was computed from, so that anyone can check it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineManifest {
+    /// Stored events of the line's key in its period when the document was issued
+    /// (for an adjustment: all of them, not only the late ones).
+    pub events: u64,
+    /// Merkle root (SHA-256, see `verify::merkle_root`) over those events' ids, sorted.
+    pub merkle_root: String,
+    /// The price entries that priced them.
+    pub price_ids: Vec<String>,
+}
+
 /// An invoice or credit note: a draft until the ledger gives it a number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Document {
@@ -446,9 +615,33 @@ pub struct Document {
     #[serde(with = "rust_decimal::serde::str")]
     pub total: Decimal,
     pub unpriced: Unpriced,
+    /// Late unpriced usage of earlier invoiced periods, listed with the adjustments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unpriced_earlier: Vec<UnpricedEarlier>,
+    /// One entry per line (issued invoices; empty on drafts and credit notes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifest: Vec<LineManifest>,
+    /// The snapshot the issuer stored with the lines' event ids and the frozen usage.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot: String,
+    /// SHA-256 of the issuer's previous document (the hash chain), set when numbered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub previous_sha256: String,
+    /// SHA-256 of this document (its JSON with this field empty), set when numbered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
 }
 
 impl Document {
+    /// The document's content hash: SHA-256 of its JSON with `sha256` left empty.
+    pub fn content_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut d = self.clone();
+        d.sha256.clear();
+        let json = serde_json::to_vec(&d).expect("documents serialize");
+        hex::encode(Sha256::digest(&json))
+    }
+
     /// Recomputes subtotal, adjustments and total from the lines.
     pub fn totals(&mut self) {
         self.subtotal = self
@@ -464,6 +657,10 @@ impl Document {
             .map(|l| l.amount)
             .sum();
         self.total = self.subtotal + self.adjustments;
+        // Money has two decimals on every document, an empty one too ("0.00", not "0").
+        for d in [&mut self.subtotal, &mut self.adjustments, &mut self.total] {
+            d.rescale(2);
+        }
     }
 
     /// What this document bills per line key (credit notes count negative already).
@@ -478,10 +675,20 @@ impl Document {
         c.references = Some(self.number.clone());
         c.number = "DRAFT".into();
         c.seq = 0;
+        // A credit note cancels what was billed; what was listed as not billed is not
+        // repeated, and its lines are checked through the invoice it cancels.
+        c.unpriced = Unpriced::default();
+        c.unpriced_earlier.clear();
+        c.manifest.clear();
+        c.snapshot.clear();
+        c.previous_sha256.clear();
+        c.sha256.clear();
         for l in &mut c.lines {
             l.quantity = -l.quantity;
             l.exact = -l.exact;
             l.amount = -l.amount;
+            l.now_amount = None;
+            l.billed_before = None;
         }
         c.totals();
         c
@@ -557,6 +764,28 @@ mod tests {
         let (s, e) = p.bounds(chrono_tz::Europe::Berlin);
         assert_eq!(s.to_rfc3339(), "2026-09-30T22:00:00+00:00");
         assert_eq!(e.to_rfc3339(), "2026-10-31T23:00:00+00:00");
+    }
+
+    #[test]
+    fn a_period_not_ended_says_when_it_ends_once_per_zone() {
+        let p: Period = "2026-11".parse().unwrap();
+        let tz = chrono_tz::Europe::Berlin;
+        let e = BillingError::PeriodNotEnded {
+            institution: "uni-a".into(),
+            period: p,
+            end: p.bounds(tz).1,
+            tz,
+        };
+        let m = e.to_string();
+        assert!(m.contains("2026-12-01 00:00 Europe/Berlin (2026-11-30 23:00 UTC)"), "{m}");
+        assert_eq!(m.matches("UTC").count(), 1, "{m}");
+        let e = BillingError::PeriodNotEnded {
+            institution: "uni-a".into(),
+            period: p,
+            end: p.bounds(chrono_tz::UTC).1,
+            tz: chrono_tz::UTC,
+        };
+        assert!(e.to_string().contains("(it ends 2026-12-01 00:00 UTC)"), "{e}");
     }
 
     #[test]

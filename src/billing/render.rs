@@ -108,6 +108,40 @@ pub fn usage_csv(
     Ok(out)
 }
 
+/// Characters the PDF's own labels use beyond printable ASCII.
+const LABEL_CHARS: &str = "—–…·−×‖≤≥€£";
+
+/// The embedded font cut down to the glyphs this document can use (its JSON holds every
+/// text it prints, labels add printable ASCII and a few marks): ~25 KB instead of the
+/// whole 740 KB font. The subset keeps a Unicode cmap, so printpdf maps text through it
+/// and writes a ToUnicode map as usual: the text stays extractable.
+fn subset_font(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
+    use allsorts::binary::read::ReadScope;
+    use allsorts::font_data::FontData;
+    use allsorts::subset::{subset, CmapTarget, SubsetProfile};
+    let fail = |e: String| super::BillingError::Render(format!("font subset: {e}"));
+    let face = ttf_parser::Face::parse(FONT, 0).map_err(|e| fail(e.to_string()))?;
+    let json = json(doc);
+    let chars: std::collections::BTreeSet<char> = (' '..='~')
+        .chain(LABEL_CHARS.chars())
+        .chain(json.chars())
+        .collect();
+    let mut glyphs: Vec<u16> = chars
+        .iter()
+        .filter_map(|c| face.glyph_index(*c).map(|g| g.0))
+        .filter(|g| *g != 0)
+        .collect();
+    glyphs.sort_unstable();
+    glyphs.dedup();
+    glyphs.insert(0, 0);
+    let data = ReadScope::new(FONT)
+        .read::<FontData<'_>>()
+        .map_err(|e| fail(e.to_string()))?;
+    let provider = data.table_provider(0).map_err(|e| fail(e.to_string()))?;
+    subset(&provider, &glyphs, &SubsetProfile::Pdf, CmapTarget::Unicode)
+        .map_err(|e| fail(e.to_string()))
+}
+
 /// Widths of text in the embedded font.
 struct Metrics {
     face: ttf_parser::Face<'static>,
@@ -168,7 +202,43 @@ const RIGHT: f32 = 192.0;
 const PAGE_W: f32 = 210.0;
 const PAGE_H: f32 = 297.0;
 
+/// Breaks `s` into lines of at most `max_mm` at `size` points, at spaces where it can
+/// (a word longer than a line is broken inside).
+fn wrap(m: &Metrics, s: &str, size: f32, max_mm: f32) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for word in s.split(' ') {
+        let candidate = if cur.is_empty() {
+            word.to_owned()
+        } else {
+            format!("{cur} {word}")
+        };
+        if m.width(&candidate, size) <= max_mm {
+            cur = candidate;
+            continue;
+        }
+        if !cur.is_empty() {
+            lines.push(std::mem::take(&mut cur));
+        }
+        let mut w = String::new();
+        for ch in word.chars() {
+            w.push(ch);
+            if m.width(&w, size) > max_mm {
+                w.pop();
+                lines.push(std::mem::take(&mut w));
+                w.push(ch);
+            }
+        }
+        cur = w;
+    }
+    if !cur.is_empty() || lines.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
 /// Shortens `s` to fit `max_mm` at `size` points.
+#[allow(dead_code)]
 fn fit(m: &Metrics, s: &str, size: f32, max_mm: f32) -> String {
     if m.width(s, size) <= max_mm {
         return s.to_owned();
@@ -219,7 +289,9 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         .with_metadata_date(when)
         .with_producer("tokentally")
         .with_creator("tokentally");
-    let font = pdf.add_external_font(FONT).map_err(render)?;
+    let font = pdf
+        .add_external_font(subset_font(doc)?.as_slice())
+        .map_err(render)?;
     let metrics = Metrics::new();
     let mut pages = vec![Page {
         layer: pdf.get_page(page1).get_layer(layer1),
@@ -309,22 +381,39 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
     header(&pages[0], y);
     y -= 7.0;
     for l in &doc.lines {
-        if y < 40.0 {
+        let desc = if l.adjustment {
+            format!("Adjustment: {}", l.description())
+        } else {
+            l.description()
+        };
+        let mut rows = wrap(&metrics, &desc, 8.5, 90.0);
+        if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
+            rows.extend(wrap(
+                &metrics,
+                &format!(
+                    "its events come to {} now; earlier documents billed {}",
+                    money(now),
+                    money(before)
+                ),
+                7.5,
+                90.0,
+            ));
+        }
+        let height = 4.0 * rows.len() as f32 + 1.0;
+        if y - height < 36.0 {
             new_page(&mut pages);
             y = PAGE_H - 22.0;
             header(pages.last().expect("page"), y);
             y -= 7.0;
         }
         let p = pages.last().expect("page");
-        let desc = if l.adjustment {
-            format!("Adjustment: {}", l.description())
-        } else {
-            l.description()
-        };
-        p.text(&fit(&metrics, &desc, 8.5, 92.0), 8.5, LEFT, y);
+        for (i, r) in rows.iter().enumerate() {
+            let size = if i > 0 && r.starts_with("its events") { 7.5 } else { 8.5 };
+            p.text(r, size, LEFT, y - 4.0 * i as f32);
+        }
         p.text(&l.period.to_string(), 8.5, 112.0, y);
         p.right(&qty(l.quantity), 8.5, 150.0, y);
-        let mut price = l.unit_price;
+        let mut price = l.billed_unit_price(doc.contract_percent);
         if price.scale() < 2 {
             price.rescale(2);
         }
@@ -335,7 +424,7 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         };
         p.right(&unit, 8.5, 171.0, y);
         p.right(&money(l.amount), 8.5, RIGHT, y);
-        y -= 5.0;
+        y -= height;
     }
     if doc.lines.is_empty() {
         pages
@@ -376,15 +465,22 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             "markup"
         };
         notes.push(format!(
-            "Contract {what} of {}% applied to every line.",
-            doc.contract_percent.abs()
+            "Contract {what} of {}%: unit prices include it (list price × {}), so quantity × unit price is each line's amount before rounding.",
+            doc.contract_percent.abs(),
+            super::multiplier(doc.contract_percent).normalize()
         ));
     }
     notes.push(
         "Each line is the exact sum of its requests' costs, rounded once to cents; the total is the sum of the lines."
             .to_owned(),
     );
-    if doc.unpriced.events != 0 {
+    if doc.lines.iter().any(|l| l.adjustment) {
+        notes.push(
+            "An adjustment bills what a line's stored requests come to now minus what earlier documents billed for it."
+                .to_owned(),
+        );
+    }
+    if doc.kind == Kind::Invoice && doc.unpriced.events != 0 {
         notes.push(format!(
             "Not billed: {} unpriced requests ({} tokens) of models without a price: {}.",
             doc.unpriced.events,
@@ -392,10 +488,40 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             doc.unpriced.models.join(", ")
         ));
     }
+    for u in &doc.unpriced_earlier {
+        notes.push(format!(
+            "Adjustments, not billed: {} unpriced requests ({} tokens) for {} arrived after it was invoiced; models without a price: {}.",
+            u.events,
+            qty(u.tokens),
+            u.period,
+            u.models.join(", ")
+        ));
+    }
     notes.push(format!("Price book version: {}", doc.price_book_version));
+    if !doc.sha256.is_empty() {
+        notes.push(format!("Document SHA-256: {}", doc.sha256));
+        if !doc.previous_sha256.is_empty() {
+            notes.push(format!("Previous document's SHA-256: {}", doc.previous_sha256));
+        }
+    }
+    if !doc.manifest.is_empty() {
+        notes.push(
+            "Verify with `tokentally invoice verify`; each line's requests are listed by its Merkle root:"
+                .to_owned(),
+        );
+        for (i, m) in doc.manifest.iter().enumerate() {
+            notes.push(format!("line {}: {} requests, {}", i + 1, m.events, m.merkle_root));
+        }
+    }
     for n in notes {
-        p.text(&fit(&metrics, &n, 8.0, RIGHT - LEFT), 8.0, LEFT, y);
-        y -= 4.5;
+        for row in wrap(&metrics, &n, 8.0, RIGHT - LEFT) {
+            if y < 18.0 {
+                new_page(&mut pages);
+                y = PAGE_H - 22.0;
+            }
+            pages.last().expect("page").text(&row, 8.0, LEFT, y);
+            y -= 4.5;
+        }
     }
     let n = pages.len();
     for (i, p) in pages.iter().enumerate() {
@@ -429,7 +555,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::billing::{Class, Line, Party, Unpriced};
     use chrono::{TimeZone, Utc};
@@ -475,12 +601,21 @@ mod tests {
                     unit_price: dec!(1.5),
                     exact: dec!(1.5),
                     amount: dec!(1.35),
+                    contract_unit_price: Some(dec!(1.35)),
+                    applies: None,
+                    now_amount: None,
+                    billed_before: None,
                 })
                 .collect(),
             subtotal: Decimal::ZERO,
             adjustments: Decimal::ZERO,
             total: Decimal::ZERO,
             unpriced: Unpriced::default(),
+            unpriced_earlier: Vec::new(),
+            manifest: Vec::new(),
+            snapshot: String::new(),
+            previous_sha256: String::new(),
+            sha256: String::new(),
         };
         d.totals();
         d
@@ -496,6 +631,20 @@ mod tests {
         let long = pdf(&sample(120)).unwrap();
         assert!(find(&long, b"/Count 3").is_some());
         assert!(find(&a, b"/Count 1").is_some());
+    }
+
+    #[test]
+    fn pdf_embeds_a_font_subset_and_wraps_long_descriptions() {
+        let mut d = sample(3);
+        d.lines[0].variant = "batch, prompts > 200000 tokens, own provider key, not charged, estimated usage".into();
+        let bytes = pdf(&d).unwrap();
+        assert!(bytes.len() < 100 * 1024, "{} bytes", bytes.len());
+        let m = Metrics::new();
+        let rows = wrap(&m, &d.lines[0].description(), 8.5, 90.0);
+        assert!(rows.len() >= 2, "{rows:?}");
+        assert!(rows.iter().all(|r| m.width(r, 8.5) <= 90.0));
+        // Nothing is lost in wrapping.
+        assert_eq!(rows.join(" "), d.lines[0].description());
     }
 
     #[test]

@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use super::ledger::{self, Ledger, LedgerLog, Outcome, Record, Request};
 use super::{
-    lines, multiplier, outstanding, quantities, usage, BillingError, Customer, Document, Kind,
-    Party, Period, Quantities,
+    due_lines, evidence, lines, multiplier, outstanding, priced, quantities, usage, BilledLines,
+    BillingError, Customer, Document, GroupSums, Kind, Party, Period, Quantities, Unpriced,
+    UnpricedEarlier, Windows,
 };
 use crate::config::Config;
 use crate::price::PriceBook;
@@ -35,16 +36,16 @@ impl<'a> Billing<'a> {
         }
     }
 
-    /// Live quantities of one usage period.
-    async fn live(
-        &self,
-        institution: &str,
-        c: &Customer,
-        p: Period,
-    ) -> Result<Quantities, BillingError> {
-        let (start, end) = p.bounds(c.tz);
-        let groups = usage::groups(self.store, institution, start, end).await?;
-        quantities(p, &groups, self.book, c.byok_fee)
+    /// The periods a draft of `period` covers: it, and every earlier period of the
+    /// institution that already has a document (corrections go on this invoice).
+    fn periods(ledger: &Ledger, institution: &str, period: Period) -> BTreeSet<Period> {
+        let mut periods: BTreeSet<Period> = ledger
+            .of(institution)
+            .map(|d| d.period)
+            .filter(|p| *p < period)
+            .collect();
+        periods.insert(period);
+        periods
     }
 
     /// The invoice `period` would get if issued now against `ledger`: this period's usage
@@ -56,25 +57,50 @@ impl<'a> Billing<'a> {
         period: Period,
     ) -> Result<Document, BillingError> {
         let c = Customer::resolve(self.cfg, institution);
-        let mut periods: BTreeSet<Period> = ledger
-            .of(institution)
-            .map(|d| d.period)
-            .filter(|p| *p < period)
-            .collect();
-        periods.insert(period);
-        let mut billed: BTreeMap<Period, Quantities> = BTreeMap::new();
+        let mut usage = BTreeMap::new();
+        for p in Self::periods(ledger, institution, period) {
+            let (start, end) = p.bounds(c.tz);
+            let groups = usage::groups(self.store, institution, start, end).await?;
+            let unpriced = usage::unpriced(self.store, institution, start, end).await?;
+            usage.insert(p, (groups, unpriced));
+        }
+        self.compose(ledger, &c, period, &usage)
+    }
+
+    /// The document for `period` from the usage of every period it covers. Pure.
+    pub fn compose(
+        &self,
+        ledger: &Ledger,
+        c: &Customer,
+        period: Period,
+        usage: &BTreeMap<Period, (Vec<GroupSums>, Unpriced)>,
+    ) -> Result<Document, BillingError> {
+        let institution = c.party.id.as_str();
+        let mut billed = BilledLines::new();
         for d in ledger.of(institution) {
-            for (k, q) in d.billed() {
-                *billed.entry(k.period).or_default().entry(k).or_default() += q;
+            for l in &d.lines {
+                let b = billed.entry(l.key()).or_default();
+                b.quantity += l.quantity;
+                b.exact += l.exact;
+                b.amount += l.amount;
             }
         }
-        let mut due = Quantities::new();
-        for p in periods {
-            let live = self.live(institution, &c, p).await?;
-            let empty = Quantities::new();
-            due.extend(outstanding(&live, billed.get(&p).unwrap_or(&empty)));
+        let mut live = Quantities::new();
+        let mut windows = Windows::new();
+        for (p, (groups, _)) in usage {
+            let (q, w) = priced(*p, groups, self.book, c.byok_fee)?;
+            live.extend(q);
+            windows.extend(w);
         }
-        let mut ls = lines(&due, period, multiplier(c.contract_percent));
+        // Billed keys of periods outside `usage` (later periods) are not this draft's.
+        billed.retain(|k, _| usage.contains_key(&k.period));
+        let mut ls = due_lines(
+            &live,
+            &windows,
+            &billed,
+            period,
+            multiplier(c.contract_percent),
+        );
         // This period first, then corrections oldest first.
         ls.sort_by(|a, b| {
             (a.adjustment, a.period, &a.model, &a.variant, a.class)
@@ -82,7 +108,32 @@ impl<'a> Billing<'a> {
                 .then(a.unit_price.cmp(&b.unit_price))
         });
         let (start, end) = period.bounds(c.tz);
-        let unpriced = usage::unpriced(self.store, institution, start, end).await?;
+        let unpriced = usage.get(&period).map(|u| u.1.clone()).unwrap_or_default();
+        // Unpriced usage of earlier invoiced periods that no live invoice has listed yet.
+        let mut unpriced_earlier = Vec::new();
+        for (p, (_, now)) in usage.range(..period) {
+            let (mut events, mut tokens) = (0, 0);
+            for d in ledger.of(institution).filter(|d| {
+                d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none()
+            }) {
+                if d.period == *p {
+                    events += d.unpriced.events;
+                    tokens += d.unpriced.tokens;
+                }
+                for e in d.unpriced_earlier.iter().filter(|e| e.period == *p) {
+                    events += e.events;
+                    tokens += e.tokens;
+                }
+            }
+            if now.events > events {
+                unpriced_earlier.push(UnpricedEarlier {
+                    period: *p,
+                    events: now.events - events,
+                    tokens: now.tokens - tokens,
+                    models: now.models.clone(),
+                });
+            }
+        }
         let issuer = &self.cfg.billing.issuer;
         let mut doc = Document {
             number: "DRAFT".into(),
@@ -107,13 +158,53 @@ impl<'a> Billing<'a> {
             adjustments: Decimal::ZERO,
             total: Decimal::ZERO,
             unpriced,
+            unpriced_earlier,
+            manifest: Vec::new(),
+            snapshot: String::new(),
+            previous_sha256: String::new(),
+            sha256: String::new(),
         };
         doc.totals();
         Ok(doc)
     }
 
-    /// The detailed usage CSV of a document's period (live, from stored events), by
-    /// local day in the zone the document was computed in.
+    /// The document to request for `period`, computed from one snapshot of the stored
+    /// events (one row per event), with each line's evidence; the evidence and the frozen
+    /// usage export are stored under a new snapshot id the document names.
+    async fn draft_with_evidence(
+        &self,
+        ledger: &Ledger,
+        institution: &str,
+        period: Period,
+    ) -> Result<Document, BillingError> {
+        let c = Customer::resolve(self.cfg, institution);
+        let mut snapshot = BTreeMap::new();
+        let mut usage = BTreeMap::new();
+        for p in Self::periods(ledger, institution, period) {
+            let (start, end) = p.bounds(c.tz);
+            let states = self
+                .store
+                .event_states(institution, c.tz.name(), start.timestamp(), end.timestamp())
+                .await?;
+            usage.insert(p, evidence::usage_of(&states));
+            snapshot.insert(p, states);
+        }
+        let mut doc = self.compose(ledger, &c, period, &usage)?;
+        let (manifest, stored) = evidence::manifest(&doc, &snapshot, self.book, c.byok_fee)?;
+        let details = evidence::details_of(snapshot.get(&period).map_or(&[][..], Vec::as_slice))?;
+        let csv = super::render::usage_csv(period, &details, self.book, c.byok_fee)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        self.store
+            .insert_snapshot(&id, institution, &stored, &csv)
+            .await?;
+        doc.manifest = manifest;
+        doc.snapshot = id;
+        Ok(doc)
+    }
+
+    /// The detailed usage CSV of a document's period as the events are stored now, by
+    /// local day in the zone the document was computed in ("live": it includes events
+    /// that arrived after the document was issued).
     pub async fn usage_csv(&self, doc: &Document) -> Result<String, BillingError> {
         let details = usage::details(
             self.store,
@@ -125,6 +216,16 @@ impl<'a> Billing<'a> {
         .await?;
         let fee = Customer::resolve(self.cfg, &doc.customer.id).byok_fee;
         super::render::usage_csv(doc.period, &details, self.book, fee)
+    }
+
+    /// The usage CSV frozen when the document was issued: the rows its lines were
+    /// computed from (adds up to the invoice's own-period lines). `None` for documents
+    /// without a snapshot (drafts, credit notes, documents issued before snapshots).
+    pub async fn usage_csv_as_issued(&self, doc: &Document) -> Result<Option<String>, BillingError> {
+        if doc.snapshot.is_empty() {
+            return Ok(None);
+        }
+        Ok(self.store.snapshot_usage_csv(&doc.snapshot).await?)
     }
 
     /// Folds the ledger, checks it against ClickHouse's copy (refusing a ledger that lacks
@@ -153,6 +254,7 @@ impl<'a> Billing<'a> {
                 institution: institution.to_owned(),
                 period,
                 end,
+                tz: c.tz,
             });
         }
         let mut ledger = self.log.open(self.store).await?;
@@ -164,7 +266,9 @@ impl<'a> Billing<'a> {
                     number: d.number.clone(),
                 });
             }
-            let mut doc = self.draft(&ledger, institution, period).await?;
+            let mut doc = self
+                .draft_with_evidence(&ledger, institution, period)
+                .await?;
             if doc.unpriced.events != 0 && !allow_unpriced {
                 return Err(BillingError::UnpricedUsage {
                     institution: institution.to_owned(),
@@ -184,6 +288,7 @@ impl<'a> Billing<'a> {
                 based_on: ledger.next_offset - 1,
                 created_at,
                 prefix: self.cfg.billing.number_prefix.clone(),
+                zone: self.cfg.billing.time_zone.clone(),
                 request: Request::Issue {
                     document: Box::new(doc),
                 },
@@ -229,6 +334,7 @@ impl<'a> Billing<'a> {
             based_on: ledger.next_offset - 1,
             created_at: Utc::now(),
             prefix: self.cfg.billing.number_prefix.clone(),
+            zone: self.cfg.billing.time_zone.clone(),
             request: Request::Void {
                 number: number.to_owned(),
                 reason: reason.to_owned(),
@@ -294,7 +400,8 @@ impl<'a> Billing<'a> {
     }
 }
 
-/// One institution's row of `reconcile`.
+/// One institution's row of `reconcile`: the period's stored events against what its
+/// documents billed, in the institution's billing month.
 #[derive(Debug, Serialize)]
 pub struct ReconcileRow {
     pub institution: String,
@@ -302,21 +409,34 @@ pub struct ReconcileRow {
     pub invoice: Option<String>,
     #[serde(with = "rust_decimal::serde::str_option")]
     pub invoice_total: Option<Decimal>,
-    /// Everything billed for this period on any document (invoice, later corrections,
-    /// credit notes).
+    /// Everything billed for this period on any document (invoice, adjustments on later
+    /// invoices, credit notes).
     #[serde(with = "rust_decimal::serde::str")]
     pub billed: Decimal,
-    /// What the stored events come to under the contract, rounded per line now.
+    /// What the stored events come to now under the contract, each line rounded once:
+    /// by the billing rule, what all documents of the period must add up to.
     #[serde(with = "rust_decimal::serde::str")]
     pub events_amount: Decimal,
-    /// Exact sum of the stored events' costs, before the contract.
+    /// events_amount − billed: still to bill (positive) or to credit (negative) on the
+    /// next invoice's adjustments. Any cent here is flagged.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub difference: Decimal,
+    /// Exact sum of what the stored events are charged before the contract.
     #[serde(with = "rust_decimal::serde::str")]
     pub events_exact: Decimal,
-    pub events: i64,
+    /// Stored events with a price, in the period (institution's time zone).
+    pub priced_events: i64,
+    /// Stored events without a price: listed on documents, never billed.
     pub unpriced_events: i64,
+    /// Of those, how many some live invoice has listed (the rest arrived late).
+    pub unpriced_listed: i64,
+    /// Rejected messages about this institution whose usage happened in the period
+    /// (institution and time as the payload names them; the Kafka key and the time
+    /// received where the payload does not say).
     pub rejected_events: u64,
     /// Tokens (or requests) stored but not billed (positive) or billed but no longer
-    /// stored (negative), summed over lines.
+    /// stored (negative), summed over lines. Informational: a line whose difference
+    /// rounds to $0.00 is not billed.
     pub unbilled_quantity: i64,
     pub status: String,
 }
@@ -336,6 +456,9 @@ pub struct PartitionCheck {
 pub struct Reconciliation {
     pub period: Period,
     pub institutions: Vec<ReconcileRow>,
+    /// Rejected messages of the period (UTC month, by the time the payload names, else
+    /// the time received) that name no institution at all.
+    pub rejected_unattributed: u64,
     pub partitions: Vec<PartitionCheck>,
     pub problems: usize,
 }
@@ -366,42 +489,74 @@ impl Billing<'_> {
             let groups = usage::groups(self.store, &inst, start, end).await?;
             let live = quantities(period, &groups, self.book, c.byok_fee)?;
             let mult = multiplier(c.contract_percent);
-            let events_amount: Decimal = lines(&live, period, mult).iter().map(|l| l.amount).sum();
+            let now = lines(&live, period, mult);
+            let events_amount: Decimal = now.iter().map(|l| l.amount).sum();
             // What is charged before the contract: the stored costs, except usage on the
             // institution's own provider key (its platform fee instead).
-            let events_exact: Decimal = lines(&live, period, mult).iter().map(|l| l.exact).sum();
-            let events: i64 = groups.iter().map(|g| g.events).sum();
+            let events_exact: Decimal = now.iter().map(|l| l.exact).sum();
+            let priced_events: i64 = groups.iter().map(|g| g.events).sum();
             let unpriced = usage::unpriced(self.store, &inst, start, end).await?;
             let rejected = self
                 .store
-                .rejected_for_key(&inst, start.timestamp(), end.timestamp())
+                .rejected_about(&inst, start.timestamp(), end.timestamp())
                 .await?;
             let mut billed_q = Quantities::new();
             let mut billed = Decimal::ZERO;
+            let mut unpriced_listed = 0;
             for d in ledger.of(&inst) {
                 for l in d.lines.iter().filter(|l| l.period == period) {
                     *billed_q.entry(l.key()).or_default() += l.quantity;
                     billed += l.amount;
                 }
+                if d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none() {
+                    if d.period == period {
+                        unpriced_listed += d.unpriced.events;
+                    }
+                    unpriced_listed += d
+                        .unpriced_earlier
+                        .iter()
+                        .filter(|e| e.period == period)
+                        .map(|e| e.events)
+                        .sum::<i64>();
+                }
             }
             let invoice = ledger.live_invoice(&inst, period);
             let diff = outstanding(&live, &billed_q);
             let unbilled: i64 = diff.values().sum();
+            let difference = events_amount - billed;
             let has_docs = ledger.of(&inst).any(|d| d.period == period);
+            let mut findings = Vec::new();
+            if has_docs {
+                if !difference.is_zero() {
+                    findings.push(format!(
+                        "MISMATCH: the stored events come to {events_amount}, documents billed {billed} ({difference:+} goes on the next invoice as adjustments)"
+                    ));
+                }
+                if unpriced.events > unpriced_listed {
+                    findings.push(format!(
+                        "UNPRICED: {} unpriced event(s) not on any document yet (models: {}; listed on the next invoice)",
+                        unpriced.events - unpriced_listed,
+                        unpriced.models.join(", ")
+                    ));
+                } else if unpriced.events > 0 {
+                    findings.push(format!(
+                        "UNPRICED: {} event(s) listed as not billed (models: {}); add prices and reprice to bill them",
+                        unpriced.events,
+                        unpriced.models.join(", ")
+                    ));
+                }
+            }
             let status = if !has_docs {
-                if events == 0 && unpriced.events == 0 {
+                if priced_events == 0 && unpriced.events == 0 {
                     "no usage".to_owned()
                 } else {
                     "not invoiced".to_owned()
                 }
-            } else if diff.is_empty() {
+            } else if findings.is_empty() {
                 "ok".to_owned()
             } else {
                 problems += 1;
-                format!(
-                    "MISMATCH: {} line(s) differ between stored events and billed documents (goes on the next invoice as adjustments)",
-                    diff.len()
-                )
+                findings.join("; ")
             };
             rows.push(ReconcileRow {
                 institution: inst,
@@ -409,19 +564,27 @@ impl Billing<'_> {
                 invoice_total: invoice.map(|d| d.total),
                 billed,
                 events_amount,
+                difference,
                 events_exact: events_exact.normalize(),
-                events,
+                priced_events,
                 unpriced_events: unpriced.events,
+                unpriced_listed,
                 rejected_events: rejected,
                 unbilled_quantity: unbilled,
                 status,
             });
         }
+        let (utc_start, utc_end) = period.bounds(chrono_tz::UTC);
+        let rejected_unattributed = self
+            .store
+            .rejected_unattributed(utc_start.timestamp(), utc_end.timestamp())
+            .await?;
         let partitions = self.check_offsets().await?;
         problems += partitions.iter().filter(|p| p.status != "ok").count();
         Ok(Reconciliation {
             period,
             institutions: rows,
+            rejected_unattributed,
             partitions,
             problems,
         })
@@ -458,6 +621,187 @@ impl Billing<'_> {
                 stored,
                 status,
             });
+        }
+        Ok(out)
+    }
+}
+
+/// What `invoice verify` found.
+#[derive(Debug, Serialize)]
+pub struct InvoiceVerification {
+    pub document: evidence::DocumentCheck,
+    pub lines: Vec<evidence::LineCheck>,
+    /// Set when the price book is not the version the document was computed with (lines
+    /// are still checked against it: an unchanged entry prices the same).
+    pub price_book_note: Option<String>,
+    pub ok: bool,
+}
+
+impl Billing<'_> {
+    /// Verifies a document given as its JSON rendering (a downloaded file, or the stored
+    /// copy): its bytes and hash chain against the ledger, and every line against the
+    /// stored events and the price book.
+    pub async fn verify(&self, bytes: &[u8]) -> Result<InvoiceVerification, BillingError> {
+        let ledger = self.sync().await?;
+        let (doc, document) =
+            evidence::check_document(bytes, &ledger.docs).map_err(BillingError::Refused)?;
+        let c = Customer::resolve(self.cfg, &doc.customer.id);
+        let mut lines = Vec::new();
+        match doc.kind {
+            Kind::CreditNote => {
+                // A credit note bills the exact negation of the invoice it cancels.
+                let orig = doc
+                    .references
+                    .as_deref()
+                    .and_then(|r| ledger.docs.iter().find(|d| d.number == r));
+                for (i, l) in doc.lines.iter().enumerate() {
+                    let negated = orig.and_then(|o| o.lines.get(i)).is_some_and(|o| {
+                        o.key() == l.key() && o.quantity == -l.quantity && o.amount == -l.amount
+                    });
+                    lines.push(evidence::LineCheck {
+                        line: i + 1,
+                        description: l.description(),
+                        ok: negated,
+                        problems: if negated {
+                            Vec::new()
+                        } else {
+                            vec!["does not cancel the same line of the invoice it references".into()]
+                        },
+                        arrived_later: 0,
+                    });
+                }
+            }
+            Kind::Invoice => {
+                let mut current: BTreeMap<Period, Vec<crate::store::billing::EventState>> =
+                    BTreeMap::new();
+                for (i, l) in doc.lines.iter().enumerate() {
+                    if !current.contains_key(&l.period) {
+                        let (start, end) = l.period.bounds(c.tz);
+                        let states = self
+                            .store
+                            .event_states(
+                                &doc.customer.id,
+                                c.tz.name(),
+                                start.timestamp(),
+                                end.timestamp(),
+                            )
+                            .await?;
+                        current.insert(l.period, states);
+                    }
+                    let recorded = if doc.snapshot.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.store.snapshot_line_events(&doc.snapshot, i as u32).await?
+                    };
+                    let key = l.key();
+                    let billed_before: Decimal = ledger
+                        .of(&doc.customer.id)
+                        .filter(|d| d.seq < doc.seq)
+                        .flat_map(|d| d.lines.iter())
+                        .filter(|x| x.key() == key)
+                        .map(|x| x.amount)
+                        .sum();
+                    lines.push(evidence::check_line(
+                        &doc,
+                        i,
+                        &evidence::LineInputs {
+                            recorded: &recorded,
+                            current: &current[&l.period],
+                            billed_before,
+                        },
+                        self.book,
+                        c.byok_fee,
+                    ));
+                }
+            }
+        }
+        let price_book_note = (doc.price_book_version != self.book.version()).then(|| {
+            format!(
+                "the document was computed with price book {}, the current one is {}",
+                doc.price_book_version,
+                self.book.version()
+            )
+        });
+        let ok = document.ok && lines.iter().all(|l| l.ok);
+        Ok(InvoiceVerification {
+            document,
+            lines,
+            price_book_note,
+            ok,
+        })
+    }
+
+    /// "Explain this line": the events behind line `line` (1-based) of an issued
+    /// invoice, as CSV: each event recorded for it, as stored now, and events of the same
+    /// key stored since (which later adjustments bill).
+    pub async fn explain_line(&self, doc: &Document, line: usize) -> Result<String, BillingError> {
+        use crate::format::csv_field;
+        use std::fmt::Write as _;
+        let Some(l) = line.checked_sub(1).and_then(|i| doc.lines.get(i)) else {
+            return Err(BillingError::Refused(format!(
+                "{} has no line {line} (it has {})",
+                doc.number,
+                doc.lines.len()
+            )));
+        };
+        if doc.snapshot.is_empty() {
+            return Err(BillingError::Refused(format!(
+                "{} has no stored evidence (a credit note, or issued before invoices carried it)",
+                doc.number
+            )));
+        }
+        let c = Customer::resolve(self.cfg, &doc.customer.id);
+        let recorded = self
+            .store
+            .snapshot_line_events(&doc.snapshot, (line - 1) as u32)
+            .await?;
+        let (start, end) = l.period.bounds(c.tz);
+        let states = self
+            .store
+            .event_states(&doc.customer.id, c.tz.name(), start.timestamp(), end.timestamp())
+            .await?;
+        let by_key = evidence::events_by_key(l.period, &states, self.book, c.byok_fee)?;
+        let now: BTreeMap<&str, i64> = by_key
+            .get(&l.key())
+            .map(|v| v.iter().map(|(e, q)| (e.event_id.as_str(), *q)).collect())
+            .unwrap_or_default();
+        let state: BTreeMap<&str, &crate::store::billing::EventState> =
+            states.iter().map(|e| (e.event_id.as_str(), e)).collect();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status"
+        );
+        let mut row = |id: &str, status: &str| {
+            let e = state.get(id);
+            let cells = [
+                doc.number.clone(),
+                line.to_string(),
+                l.description(),
+                id.to_owned(),
+                e.map(|e| e.day.clone()).unwrap_or_default(),
+                e.map(|e| e.user_id.clone()).unwrap_or_default(),
+                e.map(|e| e.api_key_id.clone()).unwrap_or_default(),
+                e.map(|e| e.model.clone()).unwrap_or_default(),
+                l.class.as_str().to_owned(),
+                now.get(id).map(|q| q.to_string()).unwrap_or_default(),
+                status.to_owned(),
+            ];
+            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+            let _ = writeln!(out, "{}", cells.join(","));
+        };
+        let mut seen = BTreeSet::new();
+        for (id, leaf) in &recorded {
+            seen.insert(id.as_str());
+            let status = match state.get(id.as_str()) {
+                None => "no longer stored",
+                Some(e) if &evidence::leaf(e) != leaf => "changed since issue",
+                Some(_) => "as issued",
+            };
+            row(id, status);
+        }
+        for id in now.keys().filter(|id| !seen.contains(*id)) {
+            row(id, "stored after issue");
         }
         Ok(out)
     }

@@ -56,6 +56,26 @@ pub enum InvoiceCommand {
         #[arg(long)]
         institution: Option<String>,
     },
+    /// Check a document against the ledger, the stored events and the price book: that its
+    /// bytes are as issued, its hash chain holds, and each line recomputes from its events.
+    /// Exits 1 and names what differs when anything does.
+    Verify {
+        /// A document's JSON rendering (`invoice show --format json`), or a document
+        /// number (checks ClickHouse's stored copy).
+        document: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+    /// The events behind one line of an issued invoice, as CSV ("explain this line").
+    Explain {
+        #[arg(long)]
+        number: String,
+        /// The line, 1-based as printed.
+        #[arg(long)]
+        line: usize,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,8 +100,11 @@ pub enum DocFormat {
     /// One row per invoice line.
     Csv,
     Pdf,
-    /// Day × user × key × model × token class for the period (live, from stored events).
+    /// Day × user × key × model × token class for the period as stored now ("live":
+    /// includes events that arrived after an invoice was issued).
     UsageCsv,
+    /// The same, frozen when the invoice was issued: adds up to its own-period lines.
+    UsageCsvAsIssued,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +131,17 @@ fn emit(bytes: &[u8], output: Option<&PathBuf>, binary: bool) -> anyhow::Result<
     Ok(())
 }
 
-/// A readable summary of a document.
+/// "/1M tokens" or "/request".
+fn per(class: crate::billing::Class) -> &'static str {
+    if class.per_million() {
+        "/1M tokens"
+    } else {
+        "/request"
+    }
+}
+
+/// A readable summary of a document. Unit prices are as billed (with the contract), so
+/// every line multiplies out: quantity × unit price = amount before rounding.
 pub fn table(d: &Document) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
@@ -127,9 +160,22 @@ pub fn table(d: &Document) -> String {
     if let (Some(i), Some(due)) = (d.issue_date, d.due_date) {
         let _ = writeln!(s, "issued {i}, due {due}");
     }
+    if !d.contract_percent.is_zero() {
+        let what = if d.contract_percent < rust_decimal::Decimal::ZERO {
+            "discount"
+        } else {
+            "markup"
+        };
+        let _ = writeln!(
+            s,
+            "contract {what} of {}%: unit prices below include it (list price × {})",
+            d.contract_percent.abs(),
+            crate::billing::multiplier(d.contract_percent).normalize()
+        );
+    }
     let _ = writeln!(
         s,
-        "{:<58} {:>8} {:>16} {:>14} {:>12}",
+        "{:<64} {:>8} {:>14} {:>24} {:>12}",
         "line", "period", "quantity", "unit price", "amount"
     );
     for l in &d.lines {
@@ -140,19 +186,27 @@ pub fn table(d: &Document) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<58} {:>8} {:>16} {:>14} {:>12}",
+            "{:<64} {:>8} {:>14} {:>24} {:>12}",
             desc,
             l.period.to_string(),
             l.quantity,
-            l.unit_price.to_string(),
+            format!("${}{}", l.billed_unit_price(d.contract_percent), per(l.class)),
             money(l.amount)
         );
+        if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
+            let _ = writeln!(
+                s,
+                "    its events come to {} now; earlier documents billed {}",
+                money(now),
+                money(before)
+            );
+        }
     }
-    let _ = writeln!(s, "{:>96} {:>14}", "subtotal", money(d.subtotal));
-    let _ = writeln!(s, "{:>96} {:>14}", "adjustments", money(d.adjustments));
+    let _ = writeln!(s, "{:>112} {:>12}", "subtotal", money(d.subtotal));
+    let _ = writeln!(s, "{:>112} {:>12}", "adjustments", money(d.adjustments));
     let _ = writeln!(
         s,
-        "{:>96} {:>14}",
+        "{:>112} {:>12}",
         format!("total {}", d.currency),
         money(d.total)
     );
@@ -165,7 +219,23 @@ pub fn table(d: &Document) -> String {
             d.unpriced.models.join(", ")
         );
     }
+    for u in &d.unpriced_earlier {
+        let _ = writeln!(
+            s,
+            "UNPRICED (adjustment, {}): {} events ({} tokens) of {} arrived after that period was invoiced; not billed",
+            u.period,
+            u.events,
+            u.tokens,
+            u.models.join(", ")
+        );
+    }
     let _ = writeln!(s, "price book {}", d.price_book_version);
+    if !d.sha256.is_empty() {
+        let _ = writeln!(s, "sha256 {}", d.sha256);
+        if !d.previous_sha256.is_empty() {
+            let _ = writeln!(s, "previous document's sha256 {}", d.previous_sha256);
+        }
+    }
     s
 }
 
@@ -184,6 +254,13 @@ async fn render_doc(
         (DocFormat::Pdf, None) => (render::pdf(d)?, true),
         (DocFormat::Table, _) => (table(d).into_bytes(), false),
         (DocFormat::UsageCsv, _) => (billing.usage_csv(d).await?.into_bytes(), false),
+        (DocFormat::UsageCsvAsIssued, _) => match billing.usage_csv_as_issued(d).await? {
+            Some(csv) => (csv.into_bytes(), false),
+            None => bail!(
+                "{} has no usage frozen at issue (a draft, a credit note, or issued before snapshots); use --format usage-csv for the live usage",
+                d.number
+            ),
+        },
     })
 }
 
@@ -300,7 +377,79 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
             }
             Ok(())
         }
+        InvoiceCommand::Verify { document, format } => {
+            let bytes = if std::path::Path::new(&document).exists() {
+                std::fs::read(&document).with_context(|| format!("reading {document}"))?
+            } else {
+                store
+                    .frozen_invoice(&document)
+                    .await?
+                    .with_context(|| format!("{document} is neither a file nor a stored document number"))?
+                    .document
+                    .into_bytes()
+            };
+            let v = billing.verify(&bytes).await?;
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                ReportFormat::Table => print!("{}", verification_table(&v)),
+            }
+            if !v.ok {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        InvoiceCommand::Explain {
+            number,
+            line,
+            output,
+        } => {
+            let ledger = billing.sync().await?;
+            let doc = ledger
+                .docs
+                .iter()
+                .find(|d| d.number == number)
+                .with_context(|| format!("no document numbered {number}"))?;
+            let csv = billing.explain_line(doc, line).await?;
+            emit(csv.as_bytes(), output.as_ref(), false)
+        }
     }
+}
+
+fn verification_table(v: &crate::billing::service::InvoiceVerification) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let d = &v.document;
+    let _ = writeln!(
+        s,
+        "{} {}",
+        d.number,
+        if d.ok { "document: as issued, hash chain holds" } else { "document: ALTERED" }
+    );
+    for p in &d.problems {
+        let _ = writeln!(s, "  - {p}");
+    }
+    if let Some(n) = &v.price_book_note {
+        let _ = writeln!(s, "note: {n}");
+    }
+    for l in &v.lines {
+        let later = if l.arrived_later > 0 {
+            format!(" ({} event(s) stored since: later adjustments)", l.arrived_later)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "line {:>3} {:<8} {}{later}",
+            l.line,
+            if l.ok { "matches" } else { "DIFFERS" },
+            l.description
+        );
+        for p in &l.problems {
+            let _ = writeln!(s, "           - {p}");
+        }
+    }
+    let _ = writeln!(s, "{}", if v.ok { "verified" } else { "NOT verified" });
+    s
 }
 
 fn need(t: &Target) -> anyhow::Result<(&str, Period)> {
@@ -391,24 +540,25 @@ pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> an
 fn reconcile_table(r: &Reconciliation) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let _ = writeln!(s, "period {}", r.period);
+    let _ = writeln!(s, "period {} (each institution's billing month, in its time zone)", r.period);
     let _ = writeln!(
         s,
-        "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  status",
+        "{:<20} {:<16} {:>13} {:>13} {:>13} {:>11} {:>13} {:>15} {:>15} {:>13}  status",
         "institution",
         "invoice",
         "invoice_total",
         "billed",
         "events_amount",
-        "events_exact",
-        "events",
-        "unpriced",
-        "rejected"
+        "difference",
+        "priced_events",
+        "unpriced_events",
+        "unpriced_listed",
+        "rejected_events"
     );
     for i in &r.institutions {
         let _ = writeln!(
             s,
-            "{:<20} {:<16} {:>13} {:>13} {:>13} {:>24} {:>9} {:>9} {:>9}  {}",
+            "{:<20} {:<16} {:>13} {:>13} {:>13} {:>11} {:>13} {:>15} {:>15} {:>13}  {}",
             i.institution,
             i.invoice.as_deref().unwrap_or("-"),
             i.invoice_total
@@ -416,13 +566,19 @@ fn reconcile_table(r: &Reconciliation) -> String {
                 .unwrap_or_else(|| "-".into()),
             i.billed.to_string(),
             i.events_amount.to_string(),
-            i.events_exact.to_string(),
-            i.events,
+            i.difference.to_string(),
+            i.priced_events,
             i.unpriced_events,
+            i.unpriced_listed,
             i.rejected_events,
             i.status
         );
     }
+    let _ = writeln!(
+        s,
+        "rejected messages naming no institution (UTC month): {}",
+        r.rejected_unattributed
+    );
     let _ = writeln!(s, "\nkafka partition  consumed  stored  status");
     for p in &r.partitions {
         let _ = writeln!(

@@ -56,6 +56,42 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// What a rejected message was about, read best effort from its payload so that
+/// reconcile can count rejections by institution and time of use: the payload's
+/// `institution_id` (else the Kafka key) and `occurred_at` (unix seconds), where each can
+/// be read. Never fails.
+pub fn rejected_about(payload: &[u8], key: &[u8]) -> (String, u32) {
+    #[derive(serde::Deserialize)]
+    struct About {
+        #[serde(default)]
+        institution_id: Option<serde_json::Value>,
+        #[serde(default)]
+        occurred_at: Option<serde_json::Value>,
+    }
+    let about: Option<About> = serde_json::from_slice(payload).ok();
+    let (inst, at) = match about {
+        Some(a) => (
+            a.institution_id
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .filter(|s| !s.is_empty() && s.len() <= 256),
+            a.occurred_at
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+                .map(|t| t.timestamp())
+                .filter(|t| (0..=i64::from(u32::MAX)).contains(t)),
+        ),
+        None => (None, None),
+    };
+    let inst = inst.unwrap_or_else(|| {
+        std::str::from_utf8(key)
+            .ok()
+            .filter(|k| k.len() <= 256)
+            .unwrap_or("")
+            .to_owned()
+    });
+    (inst, at.unwrap_or(0) as u32)
+}
+
 impl Rejection {
     pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self {
@@ -398,6 +434,15 @@ mod tests {
         assert_eq!(e.provider, "google");
         assert_eq!(e.user_id, "");
         assert_eq!(e.usage.input, 10);
+    }
+
+    #[test]
+    fn a_rejection_is_attributed_to_the_payloads_institution_and_time() {
+        let p = br#"{"institution_id":"uni-a","occurred_at":"2026-10-31T23:30:00Z","model":1}"#;
+        assert_eq!(rejected_about(p, b"other"), ("uni-a".into(), 1_793_489_400));
+        // Unreadable payloads fall back to the key, and to no time.
+        assert_eq!(rejected_about(b"not json", b"uni-b"), ("uni-b".into(), 0));
+        assert_eq!(rejected_about(br#"{"occurred_at":"yesterday"}"#, b""), (String::new(), 0));
     }
 
     #[test]

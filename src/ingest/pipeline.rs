@@ -258,7 +258,10 @@ pub async fn store_batch(
         }
         *outcome.rejected.entry(r.reason.as_str()).or_default() += 1;
         outcome.new_rejections.push((r.reason, i));
+        let (institution_id, occurred_at) = super::decode::rejected_about(&m.payload, &m.key);
         rejected.push(RejectedRow {
+            institution_id,
+            occurred_at,
             received_at: now,
             kafka_topic: topic.to_owned(),
             kafka_partition: m.partition,

@@ -525,6 +525,22 @@ impl PriceBook {
         self.entries.iter().find(|e| e.id == id)
     }
 
+    /// The day the entry `id` stops applying: the `effective_from` of the next entry for
+    /// the same provider, model and service tier, if any.
+    pub fn superseded_on(&self, id: &str) -> Option<NaiveDate> {
+        let e = self.entry(id)?;
+        self.entries
+            .iter()
+            .filter(|o| {
+                o.provider == e.provider
+                    && o.model == e.model
+                    && o.service_tier == e.service_tier
+                    && o.effective_from > e.effective_from
+            })
+            .map(|o| o.effective_from)
+            .min()
+    }
+
     /// The entry that prices `model` of `provider` in `service_tier` on `date`.
     ///
     /// Precedence: an entry for the event's own tier over the tier-less one; an exact id

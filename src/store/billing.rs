@@ -4,7 +4,7 @@
 
 use clickhouse::Row;
 use rust_decimal::Decimal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::rows::money18;
 use super::{Store, StoreError};
@@ -47,6 +47,59 @@ const SUMS: &str = "price_id, price_model, price_tier, billing, usage_estimated 
 
 const RANGE: &str =
     "institution_id = ? AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?)";
+
+/// One event's current state (sign-weighted over its stored rows).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct EventState {
+    pub event_id: String,
+    /// `YYYY-MM-DD` in the zone asked for.
+    pub day: String,
+    pub user_id: String,
+    pub api_key_id: String,
+    pub model: String,
+    pub priced: u8,
+    pub status: String,
+    pub price_id: String,
+    pub price_model: String,
+    pub price_tier: u64,
+    pub billing: String,
+    pub estimated: u8,
+    pub events: i64,
+    pub input: i64,
+    pub cache_read: i64,
+    pub cache_write: i64,
+    pub output: i64,
+    pub reasoning: i64,
+    #[serde(with = "money18")]
+    pub cost: Decimal,
+}
+
+impl EventState {
+    /// Whether the request reached the provider (what per-request fees apply to); the
+    /// same rule as the `served` sum.
+    pub fn served(&self) -> bool {
+        !self.status.starts_with("rejected_")
+            && !self.status.starts_with("blocked_")
+            && self.status != "upstream_unreachable"
+    }
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+struct LineEventRow {
+    snapshot: String,
+    institution_id: String,
+    line: u32,
+    event_id: String,
+    leaf: String,
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+struct SnapshotRow {
+    snapshot: String,
+    institution_id: String,
+    created_at: u32,
+    usage_csv: String,
+}
 
 /// Unpriced usage of a period.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
@@ -143,8 +196,10 @@ impl Store {
             .await?)
     }
 
-    /// Rejected messages keyed by `institution` received in `[start, end)`.
-    pub async fn rejected_for_key(
+    /// Rejected messages about `institution` whose usage happened in `[start, end)`: the
+    /// institution and time named in the payload; for rows whose payload gave no time
+    /// (0), the time they were received.
+    pub async fn rejected_about(
         &self,
         institution: &str,
         start: i64,
@@ -153,13 +208,183 @@ impl Store {
         Ok(self
             .client
             .query(
-                "SELECT toUInt64(count()) FROM rejected_events WHERE kafka_key = ? \
-                 AND received_at >= toDateTime(?) AND received_at < toDateTime(?)",
+                "SELECT toUInt64(count()) FROM rejected_events WHERE institution_id = ? \
+                 AND if(occurred_at = toDateTime(0), received_at, occurred_at) >= toDateTime(?) \
+                 AND if(occurred_at = toDateTime(0), received_at, occurred_at) < toDateTime(?)",
             )
             .bind(institution)
             .bind(start)
             .bind(end)
             .fetch_one()
+            .await?)
+    }
+
+    /// Rejected messages in `[start, end)` (as above) that name no institution at all.
+    pub async fn rejected_unattributed(&self, start: i64, end: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT toUInt64(count()) FROM rejected_events WHERE institution_id = '' \
+                 AND if(occurred_at = toDateTime(0), received_at, occurred_at) >= toDateTime(?) \
+                 AND if(occurred_at = toDateTime(0), received_at, occurred_at) < toDateTime(?)",
+            )
+            .bind(start)
+            .bind(end)
+            .fetch_one()
+            .await?)
+    }
+
+    /// The current state of every stored event of `institution` in `[start, end)`, one
+    /// row per event id (sorted by id): what an issued invoice is computed from, so that
+    /// its sums and its manifest describe the same events.
+    pub async fn event_states(
+        &self,
+        institution: &str,
+        tz: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<EventState>, StoreError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT event_id, toString(toDate(min(occurred_at), ?)) AS day, \
+                 any(user_id) AS user_, any(api_key_id) AS key_, any(model) AS model_, \
+                 argMaxIf(priced, version, sign = 1) AS priced_, \
+                 argMaxIf(status, version, sign = 1) AS status_, \
+                 argMaxIf(price_id, version, sign = 1) AS price_id_, \
+                 argMaxIf(price_model, version, sign = 1) AS price_model_, \
+                 argMaxIf(price_tier, version, sign = 1) AS price_tier_, \
+                 argMaxIf(billing, version, sign = 1) AS billing_, \
+                 argMaxIf(usage_estimated, version, sign = 1) AS estimated_, \
+                 sum(toInt64(sign)) AS events, \
+                 sum(toInt64(input_tokens) * sign) AS input, \
+                 sum(toInt64(cache_read_tokens) * sign) AS cache_read, \
+                 sum(toInt64(cache_write_tokens) * sign) AS cache_write, \
+                 sum(toInt64(output_tokens) * sign) AS output, \
+                 sum(toInt64(least(reasoning_tokens, output_tokens)) * sign) AS reasoning, \
+                 sum(cost * sign) AS cost_sum \
+                 FROM usage_events WHERE {RANGE} GROUP BY event_id HAVING events > 0 \
+                 ORDER BY event_id"
+            ))
+            .bind(tz)
+            .bind(institution)
+            .bind(start)
+            .bind(end)
+            .fetch_all()
+            .await?)
+    }
+
+    /// The current state of the events of `institution` among `ids` (any time).
+    pub async fn event_states_by_id(
+        &self,
+        institution: &str,
+        tz: &str,
+        ids: &[String],
+    ) -> Result<Vec<EventState>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(5_000) {
+            let rows: Vec<EventState> = self
+                .client
+                .query(
+                    "SELECT event_id, toString(toDate(min(occurred_at), ?)) AS day, \
+                     any(user_id) AS user_, any(api_key_id) AS key_, any(model) AS model_, \
+                     argMaxIf(priced, version, sign = 1) AS priced_, \
+                     argMaxIf(status, version, sign = 1) AS status_, \
+                     argMaxIf(price_id, version, sign = 1) AS price_id_, \
+                     argMaxIf(price_model, version, sign = 1) AS price_model_, \
+                     argMaxIf(price_tier, version, sign = 1) AS price_tier_, \
+                     argMaxIf(billing, version, sign = 1) AS billing_, \
+                     argMaxIf(usage_estimated, version, sign = 1) AS estimated_, \
+                     sum(toInt64(sign)) AS events, \
+                     sum(toInt64(input_tokens) * sign) AS input, \
+                     sum(toInt64(cache_read_tokens) * sign) AS cache_read, \
+                     sum(toInt64(cache_write_tokens) * sign) AS cache_write, \
+                     sum(toInt64(output_tokens) * sign) AS output, \
+                     sum(toInt64(least(reasoning_tokens, output_tokens)) * sign) AS reasoning, \
+                     sum(cost * sign) AS cost_sum \
+                     FROM usage_events WHERE institution_id = ? \
+                     AND event_id IN (SELECT arrayJoin(?)) GROUP BY event_id HAVING events > 0 \
+                     ORDER BY event_id",
+                )
+                .with_setting("max_query_size", "104857600")
+                .bind(tz)
+                .bind(institution)
+                .bind(chunk)
+                .fetch_all()
+                .await?;
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// Stores the evidence behind an invoice about to be requested: per line, the ids of
+    /// its events, and the frozen usage export.
+    pub async fn insert_snapshot(
+        &self,
+        snapshot: &str,
+        institution: &str,
+        line_events: &[(u32, Vec<(String, String)>)],
+        usage_csv: &str,
+    ) -> Result<(), StoreError> {
+        let mut insert = self
+            .client
+            .insert::<LineEventRow>("invoice_line_events")
+            .await?;
+        for (line, ids) in line_events {
+            for (id, leaf) in ids {
+                insert
+                    .write(&LineEventRow {
+                        snapshot: snapshot.to_owned(),
+                        institution_id: institution.to_owned(),
+                        line: *line,
+                        event_id: id.clone(),
+                        leaf: leaf.clone(),
+                    })
+                    .await?;
+            }
+        }
+        insert.end().await?;
+        let mut insert = self
+            .client
+            .insert::<SnapshotRow>("invoice_snapshots")
+            .await?;
+        insert
+            .write(&SnapshotRow {
+                snapshot: snapshot.to_owned(),
+                institution_id: institution.to_owned(),
+                created_at: chrono::Utc::now().timestamp() as u32,
+                usage_csv: usage_csv.to_owned(),
+            })
+            .await?;
+        insert.end().await?;
+        Ok(())
+    }
+
+    /// The (event id, leaf hash) pairs a snapshot recorded for one line, by event id.
+    pub async fn snapshot_line_events(
+        &self,
+        snapshot: &str,
+        line: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT DISTINCT event_id, leaf FROM invoice_line_events \
+                 WHERE snapshot = ? AND line = ? ORDER BY event_id, leaf",
+            )
+            .bind(snapshot)
+            .bind(line)
+            .fetch_all()
+            .await?)
+    }
+
+    /// The frozen usage export of a snapshot.
+    pub async fn snapshot_usage_csv(&self, snapshot: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT usage_csv FROM invoice_snapshots WHERE snapshot = ? LIMIT 1")
+            .bind(snapshot)
+            .fetch_optional()
             .await?)
     }
 

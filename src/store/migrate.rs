@@ -45,6 +45,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0009_limits.sql",
         include_str!("../../schema/0009_limits.sql"),
     ),
+    (
+        "0010_invoice_evidence.sql",
+        include_str!("../../schema/0010_invoice_evidence.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -118,6 +118,10 @@ pub struct RejectedRow {
     pub detail: String,
     #[serde(serialize_with = "as_bytes")]
     pub payload: Vec<u8>,
+    /// The institution the payload names (else the key), empty if neither is readable.
+    pub institution_id: String,
+    /// When the payload says the usage happened (unix seconds), 0 if unreadable.
+    pub occurred_at: u32,
 }
 
 #[derive(Debug, Clone, Row, Serialize)]

@@ -407,6 +407,8 @@ async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts()
             reason: "invalid_json".into(),
             detail: "test".into(),
             payload: b"{".to_vec(),
+            institution_id: "uni-x".into(),
+            occurred_at: 0,
         })
         .collect();
     env.store.insert_rejected(&rejected).await.unwrap();

@@ -478,6 +478,8 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
             reason: "invalid_json".into(),
             detail: "not valid JSON".into(),
             payload: b"{broken <payload>".to_vec(),
+            institution_id: "inst-a".into(),
+            occurred_at: 0,
         }])
         .await
         .unwrap();

@@ -18,6 +18,10 @@ pub struct Record {
     pub created_at: DateTime<Utc>,
     /// Number prefix in force when the request was made.
     pub prefix: String,
+    /// The issuer's time zone when the request was made: its calendar year is the year
+    /// in the number. Records from before it existed were numbered in UTC.
+    #[serde(default = "utc_zone")]
+    pub zone: String,
     pub request: Request,
 }
 
@@ -36,6 +40,10 @@ pub enum Request {
     Restore {
         document: Box<Document>,
     },
+}
+
+fn utc_zone() -> String {
+    "UTC".into()
 }
 
 /// What the fold decided about one request.
@@ -158,8 +166,19 @@ impl Ledger {
     fn number(&self, doc: &mut Document, record: &Record) {
         let seq = self.docs.len() as u64 + 1;
         doc.seq = seq;
-        doc.number = format!("{}-{}-{seq:06}", record.prefix, record.created_at.year());
+        let zone: chrono_tz::Tz = record.zone.parse().unwrap_or(chrono_tz::UTC);
+        let year = record.created_at.with_timezone(&zone).year();
+        doc.number = format!("{}-{year}-{seq:06}", record.prefix);
         doc.issued_at = Some(record.created_at);
+        // The hash chain: each document names its predecessor's hash, then hashes itself.
+        doc.previous_sha256 = self.docs.last().map_or_else(String::new, |p| {
+            if p.sha256.is_empty() {
+                p.content_hash()
+            } else {
+                p.sha256.clone()
+            }
+        });
+        doc.sha256 = doc.content_hash();
     }
 
     fn push(&mut self, doc: Document) {
@@ -285,6 +304,11 @@ mod tests {
             adjustments: Decimal::ZERO,
             total: Decimal::ZERO,
             unpriced: Unpriced::default(),
+            unpriced_earlier: Vec::new(),
+            manifest: Vec::new(),
+            snapshot: String::new(),
+            previous_sha256: String::new(),
+            sha256: String::new(),
         }
     }
 
@@ -295,6 +319,7 @@ mod tests {
             based_on,
             created_at: Utc.with_ymd_and_hms(2026, 11, 2, 9, 0, 0).unwrap(),
             prefix: "TT".into(),
+            zone: "UTC".into(),
             request: Request::Issue {
                 document: Box::new(d),
             },

@@ -257,6 +257,7 @@ impl LedgerLog {
                 based_on: ledger.next_offset - 1,
                 created_at: doc.issued_at.unwrap_or_else(Utc::now),
                 prefix: String::new(),
+                zone: "UTC".into(),
                 request: Request::Restore {
                     document: Box::new(doc.clone()),
                 },

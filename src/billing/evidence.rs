@@ -1,0 +1,697 @@
+//! Invoices anyone can verify. An issued invoice is computed from one snapshot of the
+//! institution's stored events (their current state, one row per event id); the same
+//! snapshot gives each line its evidence: the ids of the events behind it, a leaf hash
+//! per event (its id and every field the invoice depends on) and the Merkle root over
+//! those leaves, printed on the document. The ids and leaves are stored beside the
+//! document, so that later anyone can recompute a line from the stored events and the
+//! price book and learn which events, prices or bytes changed. Pure: no I/O here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::usage::Detail;
+use super::{
+    exact_amount, multiplier, quantities, round_cents, BillingError, Document, GroupSums,
+    LineKey, LineManifest, Period, Unpriced,
+};
+use crate::price::PriceBook;
+use crate::store::billing::EventState;
+
+/// The leaf hash of one event: SHA-256 over its id and the fields its invoice lines
+/// depend on, NUL-separated. Anything else (user, key, latency) does not move money.
+pub fn leaf(e: &EventState) -> String {
+    let fields = [
+        e.event_id.clone(),
+        e.priced.to_string(),
+        e.price_id.clone(),
+        e.price_model.clone(),
+        e.price_tier.to_string(),
+        e.billing.clone(),
+        e.estimated.to_string(),
+        e.served().to_string(),
+        e.input.to_string(),
+        e.cache_read.to_string(),
+        e.cache_write.to_string(),
+        e.output.to_string(),
+        e.reasoning.to_string(),
+        e.cost.normalize().to_string(),
+    ];
+    let mut h = Sha256::new();
+    for f in fields {
+        h.update(f.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The Merkle root over hex leaf hashes, in the order given (events sorted by id):
+/// parents are SHA-256(0x01 ‖ left ‖ right) over the raw digests, an odd last node is
+/// carried up unchanged; no leaves gives SHA-256 of nothing.
+pub fn merkle_root(leaves: &[String]) -> String {
+    if leaves.is_empty() {
+        return hex::encode(Sha256::digest(b""));
+    }
+    let mut level: Vec<Vec<u8>> = leaves
+        .iter()
+        .map(|l| hex::decode(l).unwrap_or_else(|_| Sha256::digest(l.as_bytes()).to_vec()))
+        .collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [l, r] => {
+                    let mut h = Sha256::new();
+                    h.update([1u8]);
+                    h.update(l);
+                    h.update(r);
+                    h.finalize().to_vec()
+                }
+                [one] => one.clone(),
+                _ => unreachable!("chunks of two"),
+            })
+            .collect();
+    }
+    hex::encode(&level[0])
+}
+
+/// One event as the sums invoices are computed from.
+fn group_of(e: &EventState) -> GroupSums {
+    GroupSums {
+        price_id: e.price_id.clone(),
+        price_model: e.price_model.clone(),
+        price_tier: e.price_tier,
+        byok: e.billing == "byok",
+        estimated: e.estimated == 1,
+        events: e.events,
+        served: if e.served() { e.events } else { 0 },
+        input: e.input,
+        cache_read: e.cache_read,
+        cache_write: e.cache_write,
+        output: e.output,
+        reasoning: e.reasoning,
+        cost: e.cost.normalize(),
+    }
+}
+
+/// The grouped sums and the unpriced usage of a snapshot: exactly what the SQL sums of
+/// `store::billing` give for the same rows.
+pub fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
+    type Key = (String, String, u64, String, u8);
+    let mut groups: BTreeMap<Key, GroupSums> = BTreeMap::new();
+    let mut unpriced = Unpriced::default();
+    let mut models = BTreeSet::new();
+    for e in states {
+        if e.priced == 0 {
+            unpriced.events += e.events;
+            unpriced.tokens += e.input + e.cache_read + e.cache_write + e.output;
+            models.insert(e.model.clone());
+            continue;
+        }
+        let key = (
+            e.price_id.clone(),
+            e.price_model.clone(),
+            e.price_tier,
+            e.billing.clone(),
+            e.estimated,
+        );
+        let g = groups.entry(key).or_insert_with(|| GroupSums {
+            price_id: e.price_id.clone(),
+            price_model: e.price_model.clone(),
+            price_tier: e.price_tier,
+            byok: e.billing == "byok",
+            estimated: e.estimated == 1,
+            ..Default::default()
+        });
+        add(g, &group_of(e));
+    }
+    unpriced.models = models.into_iter().collect();
+    let groups = groups
+        .into_values()
+        .filter(|g| g.events != 0)
+        .map(|mut g| {
+            g.cost = g.cost.normalize();
+            g
+        })
+        .collect();
+    (groups, unpriced)
+}
+
+fn add(g: &mut GroupSums, e: &GroupSums) {
+    g.events += e.events;
+    g.served += e.served;
+    g.input += e.input;
+    g.cache_read += e.cache_read;
+    g.cache_write += e.cache_write;
+    g.output += e.output;
+    g.reasoning += e.reasoning;
+    g.cost += e.cost;
+}
+
+/// The detailed usage export's rows of a snapshot (day × user × key × model × entry),
+/// as `store::usage_details` gives them for the same rows.
+pub fn details_of(states: &[EventState]) -> Result<Vec<Detail>, BillingError> {
+    type Key = (String, String, String, String, String, u64, String, u8, u8);
+    let mut rows: BTreeMap<Key, (GroupSums, bool)> = BTreeMap::new();
+    for e in states {
+        let key = (
+            e.day.clone(),
+            e.user_id.clone(),
+            e.api_key_id.clone(),
+            e.model.clone(),
+            e.price_id.clone(),
+            e.price_tier,
+            e.billing.clone(),
+            e.estimated,
+            e.priced,
+        );
+        let (g, _) = rows.entry(key).or_insert_with(|| {
+            (
+                GroupSums {
+                    price_id: e.price_id.clone(),
+                    price_model: e.price_model.clone(),
+                    price_tier: e.price_tier,
+                    byok: e.billing == "byok",
+                    estimated: e.estimated == 1,
+                    ..Default::default()
+                },
+                e.priced != 0,
+            )
+        });
+        add(g, &group_of(e));
+    }
+    rows.into_iter()
+        .map(|((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
+            sums.cost = sums.cost.normalize();
+            Ok(Detail {
+                day: day.parse().map_err(|_| {
+                    BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
+                })?,
+                user_id,
+                api_key_id,
+                model,
+                priced,
+                sums,
+            })
+        })
+        .collect()
+}
+
+/// The events behind each line key of one period: (event, its quantity on the key).
+pub fn events_by_key<'a>(
+    period: Period,
+    states: &'a [EventState],
+    book: &PriceBook,
+    byok_fee: Decimal,
+) -> Result<BTreeMap<LineKey, Vec<(&'a EventState, i64)>>, BillingError> {
+    let mut out: BTreeMap<LineKey, Vec<(&EventState, i64)>> = BTreeMap::new();
+    for e in states.iter().filter(|e| e.priced != 0) {
+        for (k, q) in quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee)? {
+            out.entry(k).or_default().push((e, q));
+        }
+    }
+    Ok(out)
+}
+
+/// Per line of `doc`: its manifest, and the (event id, leaf) pairs to store.
+pub type Evidence = (Vec<LineManifest>, Vec<(u32, Vec<(String, String)>)>);
+
+/// The manifest of every line of `doc`, from the snapshot the lines were computed from.
+pub fn manifest(
+    doc: &Document,
+    snapshot: &BTreeMap<Period, Vec<EventState>>,
+    book: &PriceBook,
+    byok_fee: Decimal,
+) -> Result<Evidence, BillingError> {
+    let mut by_key: BTreeMap<LineKey, Vec<(&EventState, i64)>> = BTreeMap::new();
+    for (p, states) in snapshot {
+        by_key.extend(events_by_key(*p, states, book, byok_fee)?);
+    }
+    let mut manifests = Vec::new();
+    let mut stored = Vec::new();
+    for (i, l) in doc.lines.iter().enumerate() {
+        let events = by_key.get(&l.key()).map(Vec::as_slice).unwrap_or(&[]);
+        let pairs: Vec<(String, String)> =
+            events.iter().map(|(e, _)| (e.event_id.clone(), leaf(e))).collect();
+        let leaves: Vec<String> = pairs.iter().map(|(_, l)| l.clone()).collect();
+        let price_ids: BTreeSet<String> = events.iter().map(|(e, _)| e.price_id.clone()).collect();
+        manifests.push(LineManifest {
+            events: pairs.len() as u64,
+            merkle_root: merkle_root(&leaves),
+            price_ids: price_ids.into_iter().collect(),
+        });
+        stored.push((i as u32, pairs));
+    }
+    Ok((manifests, stored))
+}
+
+/// What `verify` found about one line.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LineCheck {
+    /// 1-based, as printed.
+    pub line: usize,
+    pub description: String,
+    pub ok: bool,
+    pub problems: Vec<String>,
+    /// Events of the line's key stored since the document was issued (they go on a later
+    /// invoice as adjustments; not a problem of this document).
+    pub arrived_later: u64,
+}
+
+/// Everything a line check needs from the store.
+pub struct LineInputs<'a> {
+    /// The (event id, leaf) pairs stored with the document for this line.
+    pub recorded: &'a [(String, String)],
+    /// The current state of every stored event of the line's period.
+    pub current: &'a [EventState],
+    /// What earlier documents billed for the line's key (per the ledger).
+    pub billed_before: Decimal,
+}
+
+/// Recomputes line `i` of `doc` from the stored events and the price book.
+pub fn check_line(
+    doc: &Document,
+    i: usize,
+    input: &LineInputs<'_>,
+    book: &PriceBook,
+    byok_fee: Decimal,
+) -> LineCheck {
+    let l = &doc.lines[i];
+    let mut problems = Vec::new();
+    let Some(m) = doc.manifest.get(i) else {
+        return LineCheck {
+            line: i + 1,
+            description: l.description(),
+            ok: false,
+            problems: vec!["the document has no manifest for this line".into()],
+            arrived_later: 0,
+        };
+    };
+    let leaves: Vec<String> = input.recorded.iter().map(|(_, l)| l.clone()).collect();
+    if input.recorded.len() as u64 != m.events || merkle_root(&leaves) != m.merkle_root {
+        problems.push(format!(
+            "the stored event list does not match the document's Merkle root ({} events stored, {} on the document)",
+            input.recorded.len(),
+            m.events
+        ));
+    }
+    let current: HashMap<&str, &EventState> = input
+        .current
+        .iter()
+        .map(|e| (e.event_id.as_str(), e))
+        .collect();
+    let recorded_ids: BTreeSet<&str> = input.recorded.iter().map(|(id, _)| id.as_str()).collect();
+    let mut now = Vec::new();
+    for (id, recorded_leaf) in input.recorded {
+        match current.get(id.as_str()) {
+            None => problems.push(format!("event {id} is no longer stored in the period")),
+            Some(e) => {
+                if &leaf(e) != recorded_leaf {
+                    problems.push(format!("event {id} changed since the document was issued"));
+                }
+                now.push((*e).clone());
+            }
+        }
+    }
+    // Recompute the line from the events recorded for it, as they are stored now.
+    let key = l.key();
+    let mult = multiplier(doc.contract_percent);
+    let (groups, _) = usage_of(&now);
+    match quantities(l.period, &groups, book, byok_fee) {
+        Err(e) => problems.push(format!("the price book no longer prices these events as stored: {e}")),
+        Ok(q) => {
+            let qty = q.get(&key).copied().unwrap_or(0);
+            let now_amount = round_cents(exact_amount(key.class, qty, key.unit_price) * mult);
+            match (l.now_amount, l.billed_before) {
+                (Some(n), Some(b)) => {
+                    if n != now_amount {
+                        problems.push(format!(
+                            "its events come to {now_amount}, the document says {n}"
+                        ));
+                    }
+                    if b != input.billed_before {
+                        problems.push(format!(
+                            "earlier documents billed {}, the document says {b}",
+                            input.billed_before
+                        ));
+                    }
+                    if l.amount != n - b {
+                        problems.push(format!("amount {} is not {n} − {b}", l.amount));
+                    }
+                }
+                _ => {
+                    if qty != l.quantity {
+                        problems.push(format!(
+                            "its events come to {qty} units, the document says {}",
+                            l.quantity
+                        ));
+                    }
+                    if now_amount != l.amount {
+                        problems.push(format!(
+                            "its events come to {now_amount}, the document says {}",
+                            l.amount
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let price_ids: BTreeSet<String> = now.iter().map(|e| e.price_id.clone()).collect();
+    if price_ids.into_iter().collect::<Vec<_>>() != m.price_ids && problems.is_empty() {
+        problems.push("its events are priced by other entries than the document names".into());
+    }
+    // Events of the key stored since: listed, not a fault of this document.
+    let later = events_by_key(l.period, input.current, book, byok_fee)
+        .ok()
+        .and_then(|mut by| by.remove(&key))
+        .map_or(0, |v| {
+            v.iter()
+                .filter(|(e, _)| !recorded_ids.contains(e.event_id.as_str()))
+                .count() as u64
+        });
+    LineCheck {
+        line: i + 1,
+        description: l.description(),
+        ok: problems.is_empty(),
+        problems,
+        arrived_later: later,
+    }
+}
+
+/// What `verify` found about the document itself.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DocumentCheck {
+    pub number: String,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+/// Checks a document's bytes: that they are the canonical rendering of a document, that
+/// its SHA-256 is the one it records, that the ledger's copy is the same document, and
+/// that it names its predecessor's hash.
+pub fn check_document(
+    bytes: &[u8],
+    ledger: &[Document],
+) -> Result<(Document, DocumentCheck), String> {
+    let doc: Document = serde_json::from_slice(bytes).map_err(|e| {
+        format!("not a tokentally document (the JSON rendering of an invoice or credit note): {e}")
+    })?;
+    let mut problems = Vec::new();
+    if super::render::json(&doc).as_bytes() != bytes {
+        let pos = super::render::json(&doc)
+            .as_bytes()
+            .iter()
+            .zip(bytes)
+            .position(|(a, b)| a != b)
+            .unwrap_or(bytes.len().min(super::render::json(&doc).len()));
+        problems.push(format!(
+            "the file is not the document as issued: it differs from its canonical rendering at byte {pos}"
+        ));
+    }
+    let hash = doc.content_hash();
+    if doc.sha256.is_empty() {
+        problems.push("the document carries no SHA-256 (issued before documents were hash-chained, or a draft)".into());
+    } else if hash != doc.sha256 {
+        problems.push(format!(
+            "its content hashes to {hash}, but it says {}: it was altered",
+            doc.sha256
+        ));
+    }
+    match ledger.iter().find(|d| d.number == doc.number) {
+        None => problems.push(format!("the ledger has no document numbered {}", doc.number)),
+        Some(orig) => {
+            if orig != &doc {
+                problems.extend(differences(orig, &doc));
+            }
+            if let Some(prev) = ledger.iter().find(|d| d.seq + 1 == orig.seq) {
+                let prev_hash = if prev.sha256.is_empty() {
+                    prev.content_hash()
+                } else {
+                    prev.sha256.clone()
+                };
+                if !doc.sha256.is_empty() && doc.previous_sha256 != prev_hash {
+                    problems.push(format!(
+                        "it names {} as its predecessor's hash, but {} hashes to {prev_hash}",
+                        doc.previous_sha256, prev.number
+                    ));
+                }
+            }
+        }
+    }
+    let check = DocumentCheck {
+        number: doc.number.clone(),
+        ok: problems.is_empty(),
+        problems,
+    };
+    Ok((doc, check))
+}
+
+/// Where a document differs from the ledger's copy, named for a reader.
+fn differences(orig: &Document, doc: &Document) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, (a, b)) in orig.lines.iter().zip(&doc.lines).enumerate() {
+        if a != b {
+            out.push(format!(
+                "line {} ({}) differs from the ledger's copy: {} {} {} there, {} {} {} here",
+                i + 1,
+                a.description(),
+                a.quantity,
+                a.unit_price,
+                a.amount,
+                b.quantity,
+                b.unit_price,
+                b.amount
+            ));
+        }
+    }
+    if orig.lines.len() != doc.lines.len() {
+        out.push(format!(
+            "the ledger's copy has {} lines, this one {}",
+            orig.lines.len(),
+            doc.lines.len()
+        ));
+    }
+    for (what, a, b) in [
+        ("total", orig.total, doc.total),
+        ("subtotal", orig.subtotal, doc.subtotal),
+        ("adjustments", orig.adjustments, doc.adjustments),
+    ] {
+        if a != b {
+            out.push(format!("{what} is {a} in the ledger's copy, {b} here"));
+        }
+    }
+    if out.is_empty() {
+        out.push("it differs from the ledger's copy of the same number".into());
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::billing::{due_lines, priced, BilledLines};
+    use proptest::prelude::*;
+    use rust_decimal_macros::dec;
+
+    pub(crate) fn book() -> PriceBook {
+        PriceBook::from_sources(&[(
+            "t.toml".into(),
+            r#"
+[[price]]
+provider = "openai"
+model = "m"
+id = "m-1"
+match = "m"
+effective_from = "2024-01-01"
+input_per_mtok = "3"
+output_per_mtok = "15"
+cache_read_per_mtok = "0.3"
+"#
+            .into(),
+        )])
+        .unwrap()
+    }
+
+    pub(crate) fn event(id: &str, input: i64, cache_read: i64, output: i64) -> EventState {
+        let cost = (Decimal::from(input) * dec!(3)
+            + Decimal::from(cache_read) * dec!(0.3)
+            + Decimal::from(output) * dec!(15))
+            / dec!(1000000);
+        EventState {
+            event_id: id.into(),
+            day: "2026-10-05".into(),
+            user_id: "u".into(),
+            api_key_id: "k".into(),
+            model: "m".into(),
+            priced: 1,
+            status: "ok".into(),
+            price_id: "m-1".into(),
+            price_model: "m".into(),
+            price_tier: 0,
+            billing: String::new(),
+            estimated: 0,
+            events: 1,
+            input,
+            cache_read,
+            cache_write: 0,
+            output,
+            reasoning: 0,
+            cost: cost.normalize(),
+        }
+    }
+
+    /// An issued-looking invoice of `states` (one period) with its manifest.
+    fn issued(states: &[EventState], book: &PriceBook) -> (Document, Vec<(u32, Vec<(String, String)>)>) {
+        let p: Period = "2026-10".parse().unwrap();
+        let (groups, _) = usage_of(states);
+        let (q, w) = priced(p, &groups, book, Decimal::ZERO).unwrap();
+        let mut doc = crate::billing::render::tests::sample(0);
+        doc.contract_percent = dec!(-12.5);
+        doc.lines = due_lines(&q, &w, &BilledLines::new(), p, multiplier(doc.contract_percent));
+        doc.totals();
+        let mut snap = BTreeMap::new();
+        snap.insert(p, states.to_vec());
+        let (m, stored) = manifest(&doc, &snap, book, Decimal::ZERO).unwrap();
+        doc.manifest = m;
+        doc.sha256 = doc.content_hash();
+        (doc, stored)
+    }
+
+    fn checks(doc: &Document, stored: &[(u32, Vec<(String, String)>)], now: &[EventState], book: &PriceBook) -> Vec<LineCheck> {
+        (0..doc.lines.len())
+            .map(|i| {
+                check_line(
+                    doc,
+                    i,
+                    &LineInputs {
+                        recorded: &stored[i].1,
+                        current: now,
+                        billed_before: Decimal::ZERO,
+                    },
+                    book,
+                    Decimal::ZERO,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merkle_root_is_order_sensitive_and_covers_every_leaf() {
+        let l: Vec<String> = ["a", "b", "c"].iter().map(|s| hex::encode(Sha256::digest(s.as_bytes()))).collect();
+        let r = merkle_root(&l);
+        assert_ne!(r, merkle_root(&l[..2]));
+        assert_ne!(r, merkle_root(&[l[1].clone(), l[0].clone(), l[2].clone()]));
+        assert_eq!(r.len(), 64);
+        assert_eq!(merkle_root(&l[..1]), l[0]);
+    }
+
+    #[test]
+    fn snapshot_sums_equal_the_sum_of_its_events() {
+        let states = vec![event("a", 100, 0, 10), event("b", 50, 20, 0)];
+        let (g, u) = usage_of(&states);
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].events, g[0].input, g[0].cache_read, g[0].output), (2, 150, 20, 10));
+        assert_eq!(g[0].cost, (states[0].cost + states[1].cost).normalize());
+        assert_eq!(u.events, 0);
+    }
+
+    #[test]
+    fn an_untouched_invoice_verifies() {
+        let b = book();
+        let states = vec![event("a", 1_804_169, 0, 10), event("b", 50, 20, 999)];
+        let (doc, stored) = issued(&states, &b);
+        let c = checks(&doc, &stored, &states, &b);
+        assert!(c.iter().all(|c| c.ok), "{c:?}");
+        let bytes = super::super::render::json(&doc);
+        let (_, dc) = check_document(bytes.as_bytes(), std::slice::from_ref(&doc)).unwrap();
+        assert!(dc.ok, "{dc:?}");
+    }
+
+    proptest! {
+        // Any single change to a stored event — any billed field, its id, or its removal —
+        // is named by the check of a line it was on.
+        #[test]
+        fn any_change_to_one_event_is_detected(
+            tokens in proptest::collection::vec((1i64..3_000_000, 0i64..50_000, 0i64..400_000), 1..12),
+            which in any::<proptest::sample::Index>(),
+            field in 0usize..7,
+            delta in 1i64..1000,
+        ) {
+            let b = book();
+            let states: Vec<EventState> = tokens.iter().enumerate()
+                .map(|(i, (a, c, o))| event(&format!("e{i:03}"), *a, *c, *o)).collect();
+            let (doc, stored) = issued(&states, &b);
+            let mut now = states.clone();
+            let i = which.index(now.len());
+            let id = now[i].event_id.clone();
+            match field {
+                0 => now[i].input += delta,
+                1 => now[i].output += delta,
+                2 => now[i].cache_read += delta,
+                3 => now[i].event_id = format!("{id}x"),
+                4 => { now.remove(i); }
+                5 => now[i].price_tier = 200_000,
+                _ => now[i].estimated = 1,
+            }
+            let c = checks(&doc, &stored, &now, &b);
+            let named = c.iter().any(|c| !c.ok && c.problems.iter().any(|p| p.contains(&id)));
+            prop_assert!(named, "change {} to {} not named: {:?}", field, id, c);
+        }
+
+        // Any change to a rate that priced a line is detected on that line.
+        #[test]
+        fn any_change_to_a_price_used_is_detected(
+            tokens in proptest::collection::vec((1i64..3_000_000, 1i64..50_000, 1i64..400_000), 1..8),
+            which in 0usize..3,
+            cents in 1i64..500,
+        ) {
+            let b = book();
+            let states: Vec<EventState> = tokens.iter().enumerate()
+                .map(|(i, (a, c, o))| event(&format!("e{i}"), *a, *c, *o)).collect();
+            let (doc, stored) = issued(&states, &b);
+            let rate = ["input_per_mtok", "output_per_mtok", "cache_read_per_mtok"][which];
+            let old = ["3", "15", "0.3"][which];
+            let new = (old.parse::<Decimal>().unwrap() + Decimal::new(cents, 2)).to_string();
+            let src = format!(r#"
+[[price]]
+provider = "openai"
+model = "m"
+id = "m-1"
+match = "m"
+effective_from = "2024-01-01"
+input_per_mtok = "3"
+output_per_mtok = "15"
+cache_read_per_mtok = "0.3"
+"#).replace(&format!("{rate} = \"{old}\""), &format!("{rate} = \"{new}\""));
+            let changed = PriceBook::from_sources(&[("t.toml".into(), src)]).unwrap();
+            prop_assert_ne!(changed.version(), b.version());
+            let c = checks(&doc, &stored, &states, &changed);
+            prop_assert!(c.iter().any(|c| !c.ok && c.problems.iter().any(|p| p.contains("price book"))), "{:?}", c);
+        }
+
+        // Any single changed byte of an issued document is detected.
+        #[test]
+        fn any_changed_byte_of_a_document_is_detected(
+            pos in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let b = book();
+            let states = vec![event("a", 1_804_169, 10, 10), event("b", 50, 20, 999)];
+            let (mut doc, _) = issued(&states, &b);
+            doc.number = "TT-2026-000001".into();
+            doc.seq = 1;
+            doc.sha256 = doc.content_hash();
+            let good = super::super::render::json(&doc).into_bytes();
+            let mut bad = good.clone();
+            let i = pos.index(bad.len());
+            prop_assume!(bad[i] != byte);
+            bad[i] = byte;
+            match check_document(&bad, std::slice::from_ref(&doc)) {
+                Err(_) => {}
+                Ok((_, c)) => prop_assert!(!c.ok, "byte {} → {:?} went unnoticed", i, byte as char),
+            }
+        }
+    }
+}
