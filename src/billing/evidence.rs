@@ -215,6 +215,20 @@ pub fn events_by_key<'a>(
     Ok(out)
 }
 
+/// One event's quantities per line key, or `None` when the price book cannot reproduce
+/// its stored cost (a changed event or price).
+pub fn event_quantities(
+    period: Period,
+    e: &EventState,
+    book: &PriceBook,
+    byok_fee: Decimal,
+) -> Option<super::Quantities> {
+    if e.priced == 0 {
+        return None;
+    }
+    quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee).ok()
+}
+
 /// Per line of `doc`: its manifest, and the (event id, leaf) pairs to store.
 pub type Evidence = (Vec<LineManifest>, Vec<(u32, Vec<(String, String)>)>);
 
@@ -320,7 +334,14 @@ pub fn check_line(
     let mult = multiplier(doc.contract_percent);
     let (groups, _) = usage_of(&now);
     match quantities(l.period, &groups, book, byok_fee) {
-        Err(e) => problems.push(format!("the price book no longer prices these events as stored: {e}")),
+        Err(BillingError::BookChanged {
+            price_id,
+            stored,
+            computed,
+        }) => problems.push(format!(
+            "at the price book, its events' token counts cost {computed} by `{price_id}` but their stored cost is {stored}: an event or a price changed"
+        )),
+        Err(e) => problems.push(format!("the price book cannot price these events: {e}")),
         Ok(q) => {
             let qty = q.get(&key).copied().unwrap_or(0);
             let now_amount = round_cents(exact_amount(key.class, qty, key.unit_price) * mult);
@@ -363,14 +384,14 @@ pub fn check_line(
         problems.push("its events are priced by other entries than the document names".into());
     }
     // Events of the key stored since: listed, not a fault of this document.
-    let later = events_by_key(l.period, input.current, book, byok_fee)
-        .ok()
-        .and_then(|mut by| by.remove(&key))
-        .map_or(0, |v| {
-            v.iter()
-                .filter(|(e, _)| !recorded_ids.contains(e.event_id.as_str()))
-                .count() as u64
-        });
+    let later = input
+        .current
+        .iter()
+        .filter(|e| !recorded_ids.contains(e.event_id.as_str()))
+        .filter(|e| {
+            event_quantities(l.period, e, book, byok_fee).is_some_and(|q| q.contains_key(&key))
+        })
+        .count() as u64;
     LineCheck {
         line: i + 1,
         description: l.description(),
@@ -668,7 +689,7 @@ cache_read_per_mtok = "0.3"
             let changed = PriceBook::from_sources(&[("t.toml".into(), src)]).unwrap();
             prop_assert_ne!(changed.version(), b.version());
             let c = checks(&doc, &stored, &states, &changed);
-            prop_assert!(c.iter().any(|c| !c.ok && c.problems.iter().any(|p| p.contains("price book"))), "{:?}", c);
+            prop_assert!(c.iter().any(|c| !c.ok && c.problems.iter().any(|p| p.contains("at the price book"))), "{:?}", c);
         }
 
         // Any single changed byte of an issued document is detected.

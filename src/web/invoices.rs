@@ -43,6 +43,18 @@ struct InvoicesTemplate<'a> {
     api_href: String,
 }
 
+/// What each issued document offers: its frozen renderings, the usage behind it as
+/// frozen at issue and as stored now, and a verification against the stored events.
+const DOWNLOADS: [&str; 7] = [
+    "pdf",
+    "csv",
+    "json",
+    "usage-csv-as-issued",
+    "usage-csv",
+    "verify",
+    "lines",
+];
+
 fn href(inst: &str, number: &str, format: &str) -> String {
     format!(
         "/institutions/{}/invoices/{}/{format}",
@@ -78,7 +90,7 @@ async fn listing(
                 ("", None) => "issued".into(),
                 (inv, _) => format!("cancels {inv}"),
             },
-            downloads: ["pdf", "csv", "json", "usage-csv"]
+            downloads: DOWNLOADS
                 .into_iter()
                 .map(|f| (f, href(&r.institution_id, &r.number, f)))
                 .collect(),
@@ -120,7 +132,7 @@ pub async fn list(
             .iter()
             .map(|r| {
                 let downloads: std::collections::BTreeMap<String, String> =
-                    ["pdf", "csv", "json", "usage-csv"]
+                    DOWNLOADS
                         .iter()
                         .map(|f| (f.to_string(), href(&r.institution_id, &r.number, f)))
                         .collect();
@@ -192,11 +204,75 @@ pub async fn download(
         "usage-csv" => {
             let doc: Document =
                 serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-            (usage_csv(&state, &doc).await?, "usage.csv")
+            (usage_csv(&state, &doc).await?, "usage-live.csv")
+        }
+        "usage-csv-as-issued" => {
+            let doc: Document =
+                serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
+            let billing = Billing::new(&state.cfg, &state.store, &state.book);
+            let csv = billing
+                .usage_csv_as_issued(&doc)
+                .await?
+                .ok_or(AppError::NotFound)?;
+            (csv.into_bytes(), "usage-as-issued.csv")
+        }
+        "verify" => {
+            let billing = Billing::new(&state.cfg, &state.store, &state.book);
+            let v = billing.verify(frozen.document.as_bytes()).await?;
+            return Ok(axum::Json(v).into_response());
+        }
+        "lines" => {
+            // The lines with a link to the events behind each ("explain this line").
+            let doc: Document =
+                serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
+            let lines: Vec<_> = doc
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    json!({
+                        "line": i + 1,
+                        "description": l.description(),
+                        "period": l.period.to_string(),
+                        "quantity": l.quantity,
+                        "unit_price": l.billed_unit_price(doc.contract_percent).to_string(),
+                        "amount": l.amount.to_string(),
+                        "events": doc.manifest.get(i).map(|m| m.events),
+                        "merkle_root": doc.manifest.get(i).map(|m| m.merkle_root.clone()),
+                        "explain": format!("{}/{}", href(&inst, &number, "lines"), i + 1),
+                    })
+                })
+                .collect();
+            return Ok(axum::Json(json!({"number": number, "lines": lines})).into_response());
         }
         _ => return Err(AppError::NotFound),
     };
     Ok(file(bytes, &format!("{number}.{ext}"), &format))
+}
+
+/// `GET /institutions/{institution}/invoices/{number}/lines/{line}`: the events behind
+/// one line of an issued invoice, as CSV, for that institution only.
+pub async fn explain(
+    State(state): State<Arc<AppState>>,
+    scoped: Scoped,
+    Path((inst, number, line)): Path<(String, String, usize)>,
+) -> Result<Response, AppError> {
+    debug_assert_eq!(scoped.scope.institution(), Some(inst.as_str()));
+    let frozen = state
+        .store
+        .stored_invoice(&number)
+        .await?
+        .filter(|r| r.institution_id == inst)
+        .ok_or(AppError::NotFound)?;
+    let doc: Document =
+        serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
+    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let csv = billing.explain_line(&doc, line).await?;
+    Ok(file(
+        csv.into_bytes(),
+        &format!("{number}-line-{line}.csv"),
+        "csv",
+    ))
 }
 
 #[derive(Deserialize)]

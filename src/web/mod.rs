@@ -84,6 +84,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 &format!("{prefix}/institutions/{{institution}}/invoices/{{number}}/{{format}}"),
                 get(invoices::download),
             )
+            .route(
+                &format!(
+                    "{prefix}/institutions/{{institution}}/invoices/{{number}}/lines/{{line}}"
+                ),
+                get(invoices::explain),
+            )
             .route(&format!("{prefix}/keys"), get(keys::list))
             .route(&format!("{prefix}/limits"), get(limits::list))
             .route(&format!("{prefix}/limits/set"), post(limits::set))
