@@ -1078,8 +1078,50 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         usage.lines().any(|l| l.contains(",input,77777,")),
         "{usage}"
     );
+    // "Explain this line": the lines with their evidence, each line's events as CSV, the
+    // usage as issued, and the verification, for the institution's own invoice only.
+    let mine = &numbers["uni-c"];
+    let lines: Value = get(format!("/institutions/uni-c/invoices/{mine}/lines"), Some(alice.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let first = &lines["lines"][0];
+    assert_eq!(first["events"], 1, "{lines:#}");
+    let explain = get(first["explain"].as_str().unwrap().to_owned(), Some(alice.clone()))
+        .await
+        .unwrap();
+    assert_eq!(explain.status(), 200);
+    let csv = explain.text().await.unwrap();
+    assert!(csv.lines().any(|l| l.contains(",uni-c-7,") && l.ends_with(",as issued")), "{csv}");
+    let verified: Value = get(format!("/institutions/uni-c/invoices/{mine}/verify"), Some(alice.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(verified["ok"], true, "{verified:#}");
+    let as_issued = get(format!("/institutions/uni-c/invoices/{mine}/usage-csv-as-issued"), Some(alice.clone()))
+        .await
+        .unwrap();
+    assert_eq!(as_issued.status(), 200);
+    assert!(as_issued.text().await.unwrap().contains(",input,77777,"));
     // Another institution's invoice: forbidden by path, and not found under its own path.
     let other = &numbers["uni-b"];
+    for path in [
+        format!("/institutions/uni-b/invoices/{other}/lines/1"),
+        format!("/institutions/uni-b/invoices/{other}/verify"),
+    ] {
+        assert_eq!(get(path.clone(), Some(alice.clone())).await.unwrap().status(), 403, "{path}");
+    }
+    assert_eq!(
+        get(format!("/institutions/uni-c/invoices/{other}/lines/1"), Some(alice.clone()))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     for path in [
         format!("/institutions/uni-b/invoices/{other}/pdf"),
         "/api/v1/invoices?institution=uni-b".to_string(),

@@ -359,6 +359,31 @@ mod tests {
     }
 
     #[test]
+    fn the_year_in_a_number_is_the_issuers_and_documents_are_hash_chained() {
+        let mut l = Ledger::default();
+        // 2026-12-31 12:00 UTC is already 2027 in Kiritimati (UTC+14), still 2026 in UTC.
+        let mut r = issue("a", -1, doc("uni-a", "2026-11"));
+        r.created_at = Utc.with_ymd_and_hms(2026, 12, 31, 12, 0, 0).unwrap();
+        r.zone = "Pacific/Kiritimati".into();
+        assert_eq!(l.apply(0, &r), Outcome::Accepted("TT-2027-000001".into()));
+        let mut r = issue("b", -1, doc("uni-b", "2026-11"));
+        r.created_at = Utc.with_ymd_and_hms(2026, 12, 31, 12, 0, 0).unwrap();
+        assert_eq!(l.apply(1, &r), Outcome::Accepted("TT-2026-000002".into()));
+        // Records from before the zone existed read as UTC.
+        let old: Record = serde_json::from_str(
+            &serde_json::to_string(&r).unwrap().replace(",\"zone\":\"UTC\"", ""),
+        )
+        .unwrap();
+        assert_eq!(old.zone, "UTC");
+        // Each names its predecessor's hash and hashes to what it says.
+        let (a, b) = (&l.docs[0], &l.docs[1]);
+        assert!(a.previous_sha256.is_empty());
+        assert_eq!(b.previous_sha256, a.sha256);
+        assert_eq!(a.sha256, a.content_hash());
+        assert_eq!(b.sha256, b.content_hash());
+    }
+
+    #[test]
     fn voiding_issues_a_credit_note_and_frees_the_period() {
         let mut l = Ledger::default();
         let mut d = doc("uni-a", "2026-10");
