@@ -638,6 +638,7 @@ pub(crate) mod tests {
         let mut d = sample(3);
         d.lines[0].variant = "batch, prompts > 200000 tokens, own provider key, not charged, estimated usage".into();
         let bytes = pdf(&d).unwrap();
+        eprintln!("PDF with a subset font: {} bytes", bytes.len());
         assert!(bytes.len() < 100 * 1024, "{} bytes", bytes.len());
         let m = Metrics::new();
         let rows = wrap(&m, &d.lines[0].description(), 8.5, 90.0);

@@ -208,7 +208,8 @@ impl Store {
         Ok(self
             .client
             .query(
-                "SELECT toUInt64(count()) FROM rejected_events WHERE institution_id = ? \
+                "SELECT toUInt64(count()) FROM rejected_events \
+                 WHERE if(institution_id = '', kafka_key, institution_id) = ? \
                  AND if(occurred_at = toDateTime(0), received_at, occurred_at) >= toDateTime(?) \
                  AND if(occurred_at = toDateTime(0), received_at, occurred_at) < toDateTime(?)",
             )
@@ -219,12 +220,13 @@ impl Store {
             .await?)
     }
 
-    /// Rejected messages in `[start, end)` (as above) that name no institution at all.
+    /// Rejected messages in `[start, end)` (as above) that name no institution at all
+    /// (rows stored before the payload was read count by their Kafka key, as they did).
     pub async fn rejected_unattributed(&self, start: i64, end: i64) -> Result<u64, StoreError> {
         Ok(self
             .client
             .query(
-                "SELECT toUInt64(count()) FROM rejected_events WHERE institution_id = '' \
+                "SELECT toUInt64(count()) FROM rejected_events WHERE institution_id = '' AND kafka_key = '' \
                  AND if(occurred_at = toDateTime(0), received_at, occurred_at) >= toDateTime(?) \
                  AND if(occurred_at = toDateTime(0), received_at, occurred_at) < toDateTime(?)",
             )
