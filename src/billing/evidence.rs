@@ -1,8 +1,8 @@
 //! Invoices anyone can verify. An issued invoice is computed from one snapshot of the
-//! institution's stored events (their current state, one row per event id); the same
-//! snapshot gives each line its evidence: the ids of the events behind it, a leaf hash
-//! per event (its id and every field the invoice depends on) and the Merkle root over
-//! those leaves, printed on the document. The ids and leaves are stored beside the
+//! institution's stored events (their current state, one row per event id, streamed);
+//! the same pass gives each line its evidence: the ids of the events behind it, a leaf
+//! hash per event (its id and every field the invoice depends on) and the Merkle root
+//! over those leaves, printed on the document. The ids and leaves are stored beside the
 //! document, so that later anyone can recompute a line from the stored events and the
 //! price book and learn which events, prices or bytes changed. Pure: no I/O here.
 
@@ -15,14 +15,14 @@ use sha2::{Digest, Sha256};
 use super::usage::Detail;
 use super::{
     exact_amount, multiplier, quantities, round_cents, BillingError, Document, GroupSums,
-    LineKey, LineManifest, Period, Unpriced,
+    LineKey, LineManifest, Period, Quantities, Unpriced,
 };
 use crate::price::PriceBook;
 use crate::store::billing::EventState;
 
 /// The leaf hash of one event: SHA-256 over its id and the fields its invoice lines
 /// depend on, NUL-separated. Anything else (user, key, latency) does not move money.
-pub fn leaf(e: &EventState) -> String {
+pub fn leaf(e: &EventState) -> [u8; 32] {
     let fields = [
         e.event_id.clone(),
         e.priced.to_string(),
@@ -44,20 +44,26 @@ pub fn leaf(e: &EventState) -> String {
         h.update(f.as_bytes());
         h.update([0u8]);
     }
-    hex::encode(h.finalize())
+    h.finalize().into()
 }
 
-/// The Merkle root over hex leaf hashes, in the order given (events sorted by id):
-/// parents are SHA-256(0x01 ‖ left ‖ right) over the raw digests, an odd last node is
-/// carried up unchanged; no leaves gives SHA-256 of nothing.
-pub fn merkle_root(leaves: &[String]) -> String {
+/// A stored hex leaf as bytes (anything that is not 32 bytes of hex hashes to itself, so
+/// it can never match a real leaf).
+fn leaf_bytes(hex_leaf: &str) -> [u8; 32] {
+    match hex::decode(hex_leaf) {
+        Ok(b) if b.len() == 32 => b.try_into().expect("32 bytes"),
+        _ => Sha256::digest(hex_leaf.as_bytes()).into(),
+    }
+}
+
+/// The Merkle root over leaf hashes, in the order given (events sorted by id): parents
+/// are SHA-256(0x01 ‖ left ‖ right), an odd last node is carried up unchanged; no leaves
+/// gives SHA-256 of nothing.
+pub fn merkle_root(leaves: &[[u8; 32]]) -> String {
     if leaves.is_empty() {
         return hex::encode(Sha256::digest(b""));
     }
-    let mut level: Vec<Vec<u8>> = leaves
-        .iter()
-        .map(|l| hex::decode(l).unwrap_or_else(|_| Sha256::digest(l.as_bytes()).to_vec()))
-        .collect();
+    let mut level: Vec<[u8; 32]> = leaves.to_vec();
     while level.len() > 1 {
         level = level
             .chunks(2)
@@ -67,14 +73,14 @@ pub fn merkle_root(leaves: &[String]) -> String {
                     h.update([1u8]);
                     h.update(l);
                     h.update(r);
-                    h.finalize().to_vec()
+                    h.finalize().into()
                 }
-                [one] => one.clone(),
+                [one] => *one,
                 _ => unreachable!("chunks of two"),
             })
             .collect();
     }
-    hex::encode(&level[0])
+    hex::encode(level[0])
 }
 
 /// One event as the sums invoices are computed from.
@@ -96,49 +102,6 @@ fn group_of(e: &EventState) -> GroupSums {
     }
 }
 
-/// The grouped sums and the unpriced usage of a snapshot: exactly what the SQL sums of
-/// `store::billing` give for the same rows.
-pub fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
-    type Key = (String, String, u64, String, u8);
-    let mut groups: BTreeMap<Key, GroupSums> = BTreeMap::new();
-    let mut unpriced = Unpriced::default();
-    let mut models = BTreeSet::new();
-    for e in states {
-        if e.priced == 0 {
-            unpriced.events += e.events;
-            unpriced.tokens += e.input + e.cache_read + e.cache_write + e.output;
-            models.insert(e.model.clone());
-            continue;
-        }
-        let key = (
-            e.price_id.clone(),
-            e.price_model.clone(),
-            e.price_tier,
-            e.billing.clone(),
-            e.estimated,
-        );
-        let g = groups.entry(key).or_insert_with(|| GroupSums {
-            price_id: e.price_id.clone(),
-            price_model: e.price_model.clone(),
-            price_tier: e.price_tier,
-            byok: e.billing == "byok",
-            estimated: e.estimated == 1,
-            ..Default::default()
-        });
-        add(g, &group_of(e));
-    }
-    unpriced.models = models.into_iter().collect();
-    let groups = groups
-        .into_values()
-        .filter(|g| g.events != 0)
-        .map(|mut g| {
-            g.cost = g.cost.normalize();
-            g
-        })
-        .collect();
-    (groups, unpriced)
-}
-
 fn add(g: &mut GroupSums, e: &GroupSums) {
     g.events += e.events;
     g.served += e.served;
@@ -150,12 +113,73 @@ fn add(g: &mut GroupSums, e: &GroupSums) {
     g.cost += e.cost;
 }
 
-/// The detailed usage export's rows of a snapshot (day × user × key × model × entry),
-/// as `store::usage_details` gives them for the same rows.
-pub fn details_of(states: &[EventState]) -> Result<Vec<Detail>, BillingError> {
-    type Key = (String, String, String, String, String, u64, String, u8, u8);
-    let mut rows: BTreeMap<Key, (GroupSums, bool)> = BTreeMap::new();
-    for e in states {
+/// Grouped sums and unpriced usage, one event at a time: exactly what the SQL sums of
+/// `store::billing` give for the same rows.
+#[derive(Default)]
+pub struct UsageAcc {
+    groups: BTreeMap<(String, String, u64, String, u8), GroupSums>,
+    unpriced: Unpriced,
+    models: BTreeSet<String>,
+}
+
+impl UsageAcc {
+    pub fn add(&mut self, e: &EventState) {
+        if e.priced == 0 {
+            self.unpriced.events += e.events;
+            self.unpriced.tokens += e.input + e.cache_read + e.cache_write + e.output;
+            self.models.insert(e.model.clone());
+            return;
+        }
+        let key = (
+            e.price_id.clone(),
+            e.price_model.clone(),
+            e.price_tier,
+            e.billing.clone(),
+            e.estimated,
+        );
+        let g = self.groups.entry(key).or_insert_with(|| GroupSums {
+            price_id: e.price_id.clone(),
+            price_model: e.price_model.clone(),
+            price_tier: e.price_tier,
+            byok: e.billing == "byok",
+            estimated: e.estimated == 1,
+            ..Default::default()
+        });
+        add(g, &group_of(e));
+    }
+
+    pub fn finish(mut self) -> (Vec<GroupSums>, Unpriced) {
+        self.unpriced.models = self.models.into_iter().collect();
+        let groups = self
+            .groups
+            .into_values()
+            .filter(|g| g.events != 0)
+            .map(|mut g| {
+                g.cost = g.cost.normalize();
+                g
+            })
+            .collect();
+        (groups, self.unpriced)
+    }
+}
+
+/// `UsageAcc` over a slice.
+pub fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
+    let mut acc = UsageAcc::default();
+    states.iter().for_each(|e| acc.add(e));
+    acc.finish()
+}
+
+/// The detailed usage export's rows (day × user × key × model × entry), one event at a
+/// time, as `store::usage_details` gives them for the same rows.
+#[derive(Default)]
+pub struct DetailsAcc {
+    #[allow(clippy::type_complexity)]
+    rows: BTreeMap<(String, String, String, String, String, u64, String, u8, u8), (GroupSums, bool)>,
+}
+
+impl DetailsAcc {
+    pub fn add(&mut self, e: &EventState) {
         let key = (
             e.day.clone(),
             e.user_id.clone(),
@@ -167,7 +191,7 @@ pub fn details_of(states: &[EventState]) -> Result<Vec<Detail>, BillingError> {
             e.estimated,
             e.priced,
         );
-        let (g, _) = rows.entry(key).or_insert_with(|| {
+        let (g, _) = self.rows.entry(key).or_insert_with(|| {
             (
                 GroupSums {
                     price_id: e.price_id.clone(),
@@ -182,83 +206,161 @@ pub fn details_of(states: &[EventState]) -> Result<Vec<Detail>, BillingError> {
         });
         add(g, &group_of(e));
     }
-    rows.into_iter()
-        .map(|((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
-            sums.cost = sums.cost.normalize();
-            Ok(Detail {
-                day: day.parse().map_err(|_| {
-                    BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
-                })?,
-                user_id,
-                api_key_id,
-                model,
-                priced,
-                sums,
+
+    pub fn finish(self) -> Result<Vec<Detail>, BillingError> {
+        self.rows
+            .into_iter()
+            .map(|((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
+                sums.cost = sums.cost.normalize();
+                Ok(Detail {
+                    day: day.parse().map_err(|_| {
+                        BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
+                    })?,
+                    user_id,
+                    api_key_id,
+                    model,
+                    priced,
+                    sums,
+                })
             })
-        })
-        .collect()
-}
-
-/// The events behind each line key of one period: (event, its quantity on the key).
-pub fn events_by_key<'a>(
-    period: Period,
-    states: &'a [EventState],
-    book: &PriceBook,
-    byok_fee: Decimal,
-) -> Result<BTreeMap<LineKey, Vec<(&'a EventState, i64)>>, BillingError> {
-    let mut out: BTreeMap<LineKey, Vec<(&EventState, i64)>> = BTreeMap::new();
-    for e in states.iter().filter(|e| e.priced != 0) {
-        for (k, q) in quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee)? {
-            out.entry(k).or_default().push((e, q));
-        }
+            .collect()
     }
-    Ok(out)
 }
 
-/// One event's quantities per line key, or `None` when the price book cannot reproduce
-/// its stored cost (a changed event or price).
+/// One event's quantities per line key, or `None` when it is unpriced or the price book
+/// cannot reproduce its stored cost (a changed event or price).
 pub fn event_quantities(
     period: Period,
     e: &EventState,
     book: &PriceBook,
     byok_fee: Decimal,
-) -> Option<super::Quantities> {
+) -> Option<Quantities> {
     if e.priced == 0 {
         return None;
     }
     quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee).ok()
 }
 
-/// Per line of `doc`: its manifest, and the (event id, leaf) pairs to store.
-pub type Evidence = (Vec<LineManifest>, Vec<(u32, Vec<(String, String)>)>);
+/// The events behind each line key, gathered one event at a time (in id order): each
+/// event's id and leaf once, and per key the events on it.
+#[derive(Default)]
+pub struct KeyEvents {
+    events: Vec<(String, [u8; 32])>,
+    by_key: BTreeMap<LineKey, Vec<u32>>,
+    price_ids: BTreeMap<LineKey, BTreeSet<String>>,
+}
 
-/// The manifest of every line of `doc`, from the snapshot the lines were computed from.
-pub fn manifest(
-    doc: &Document,
-    snapshot: &BTreeMap<Period, Vec<EventState>>,
-    book: &PriceBook,
-    byok_fee: Decimal,
-) -> Result<Evidence, BillingError> {
-    let mut by_key: BTreeMap<LineKey, Vec<(&EventState, i64)>> = BTreeMap::new();
-    for (p, states) in snapshot {
-        by_key.extend(events_by_key(*p, states, book, byok_fee)?);
+impl KeyEvents {
+    pub fn add(
+        &mut self,
+        period: Period,
+        e: &EventState,
+        book: &PriceBook,
+        byok_fee: Decimal,
+    ) -> Result<(), BillingError> {
+        if e.priced == 0 {
+            return Ok(());
+        }
+        let q = quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee)?;
+        if q.is_empty() {
+            return Ok(());
+        }
+        let idx = self.events.len() as u32;
+        self.events.push((e.event_id.clone(), leaf(e)));
+        for k in q.into_keys() {
+            self.price_ids
+                .entry(k.clone())
+                .or_default()
+                .insert(e.price_id.clone());
+            self.by_key.entry(k).or_default().push(idx);
+        }
+        Ok(())
     }
+}
+
+/// Per line of a document: its manifest, and the (event id, leaf) pairs to store.
+pub type Evidence<'a> = (Vec<LineManifest>, Vec<(u32, Vec<(&'a str, [u8; 32])>)>);
+
+/// The manifest of every line of `doc`, from the events its lines were computed from.
+pub fn manifest<'a>(doc: &Document, events: &'a KeyEvents) -> Evidence<'a> {
     let mut manifests = Vec::new();
     let mut stored = Vec::new();
     for (i, l) in doc.lines.iter().enumerate() {
-        let events = by_key.get(&l.key()).map(Vec::as_slice).unwrap_or(&[]);
-        let pairs: Vec<(String, String)> =
-            events.iter().map(|(e, _)| (e.event_id.clone(), leaf(e))).collect();
-        let leaves: Vec<String> = pairs.iter().map(|(_, l)| l.clone()).collect();
-        let price_ids: BTreeSet<String> = events.iter().map(|(e, _)| e.price_id.clone()).collect();
+        let key = l.key();
+        let idx = events.by_key.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let pairs: Vec<(&str, [u8; 32])> = idx
+            .iter()
+            .map(|&j| {
+                let (id, leaf) = &events.events[j as usize];
+                (id.as_str(), *leaf)
+            })
+            .collect();
+        let leaves: Vec<[u8; 32]> = pairs.iter().map(|(_, l)| *l).collect();
         manifests.push(LineManifest {
             events: pairs.len() as u64,
             merkle_root: merkle_root(&leaves),
-            price_ids: price_ids.into_iter().collect(),
+            price_ids: events
+                .price_ids
+                .get(&key)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
         });
         stored.push((i as u32, pairs));
     }
-    Ok((manifests, stored))
+    (manifests, stored)
+}
+
+/// What one stored event contributes, now, to the lines of a document being verified.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub leaf: [u8; 32],
+    /// (line index, quantity) for each line of the document it is on.
+    pub lines: Vec<(u32, i64)>,
+    /// Why the price book does not reproduce its stored cost, if it does not.
+    pub problem: Option<String>,
+}
+
+/// An event's facts for a document whose line keys are `keys`.
+pub fn facts(
+    period: Period,
+    e: &EventState,
+    book: &PriceBook,
+    byok_fee: Decimal,
+    keys: &HashMap<LineKey, u32>,
+) -> Facts {
+    let mut f = Facts {
+        leaf: leaf(e),
+        lines: Vec::new(),
+        problem: None,
+    };
+    if e.priced == 0 {
+        return f;
+    }
+    match quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee) {
+        Ok(q) => {
+            f.lines = q
+                .into_iter()
+                .filter_map(|(k, n)| keys.get(&k).map(|&i| (i, n)))
+                .collect();
+        }
+        Err(BillingError::BookChanged {
+            price_id,
+            stored,
+            computed,
+        }) => {
+            f.problem = Some(format!(
+                "at the price book, event {}'s token counts cost {computed} by `{price_id}` but its stored cost is {stored}: the event or the price changed",
+                e.event_id
+            ))
+        }
+        Err(err) => {
+            f.problem = Some(format!(
+                "the price book cannot price event {}: {err}",
+                e.event_id
+            ))
+        }
+    }
+    f
 }
 
 /// What `verify` found about one line.
@@ -276,22 +378,17 @@ pub struct LineCheck {
 
 /// Everything a line check needs from the store.
 pub struct LineInputs<'a> {
-    /// The (event id, leaf) pairs stored with the document for this line.
+    /// The (event id, hex leaf) pairs stored with the document for this line.
     pub recorded: &'a [(String, String)],
-    /// The current state of every stored event of the line's period.
-    pub current: &'a [EventState],
+    /// Facts of the stored events of the line's period (at least those recorded and
+    /// those on some line of the document).
+    pub current: &'a HashMap<String, Facts>,
     /// What earlier documents billed for the line's key (per the ledger).
     pub billed_before: Decimal,
 }
 
 /// Recomputes line `i` of `doc` from the stored events and the price book.
-pub fn check_line(
-    doc: &Document,
-    i: usize,
-    input: &LineInputs<'_>,
-    book: &PriceBook,
-    byok_fee: Decimal,
-) -> LineCheck {
+pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck {
     let l = &doc.lines[i];
     let mut problems = Vec::new();
     let Some(m) = doc.manifest.get(i) else {
@@ -303,7 +400,7 @@ pub fn check_line(
             arrived_later: 0,
         };
     };
-    let leaves: Vec<String> = input.recorded.iter().map(|(_, l)| l.clone()).collect();
+    let leaves: Vec<[u8; 32]> = input.recorded.iter().map(|(_, l)| leaf_bytes(l)).collect();
     if input.recorded.len() as u64 != m.events || merkle_root(&leaves) != m.merkle_root {
         problems.push(format!(
             "the stored event list does not match the document's Merkle root ({} events stored, {} on the document)",
@@ -311,85 +408,68 @@ pub fn check_line(
             m.events
         ));
     }
-    let current: HashMap<&str, &EventState> = input
-        .current
-        .iter()
-        .map(|e| (e.event_id.as_str(), e))
-        .collect();
+    let line = i as u32;
+    let mut qty = 0i64;
     let recorded_ids: BTreeSet<&str> = input.recorded.iter().map(|(id, _)| id.as_str()).collect();
-    let mut now = Vec::new();
     for (id, recorded_leaf) in input.recorded {
-        match current.get(id.as_str()) {
+        match input.current.get(id) {
             None => problems.push(format!("event {id} is no longer stored in the period")),
-            Some(e) => {
-                if &leaf(e) != recorded_leaf {
+            Some(f) => {
+                if f.leaf != leaf_bytes(recorded_leaf) {
                     problems.push(format!("event {id} changed since the document was issued"));
                 }
-                now.push((*e).clone());
+                if let Some(p) = &f.problem {
+                    problems.push(p.clone());
+                }
+                qty += f
+                    .lines
+                    .iter()
+                    .filter(|(j, _)| *j == line)
+                    .map(|(_, n)| n)
+                    .sum::<i64>();
             }
         }
     }
     // Recompute the line from the events recorded for it, as they are stored now.
     let key = l.key();
     let mult = multiplier(doc.contract_percent);
-    let (groups, _) = usage_of(&now);
-    match quantities(l.period, &groups, book, byok_fee) {
-        Err(BillingError::BookChanged {
-            price_id,
-            stored,
-            computed,
-        }) => problems.push(format!(
-            "at the price book, its events' token counts cost {computed} by `{price_id}` but their stored cost is {stored}: an event or a price changed"
-        )),
-        Err(e) => problems.push(format!("the price book cannot price these events: {e}")),
-        Ok(q) => {
-            let qty = q.get(&key).copied().unwrap_or(0);
-            let now_amount = round_cents(exact_amount(key.class, qty, key.unit_price) * mult);
-            match (l.now_amount, l.billed_before) {
-                (Some(n), Some(b)) => {
-                    if n != now_amount {
-                        problems.push(format!(
-                            "its events come to {now_amount}, the document says {n}"
-                        ));
-                    }
-                    if b != input.billed_before {
-                        problems.push(format!(
-                            "earlier documents billed {}, the document says {b}",
-                            input.billed_before
-                        ));
-                    }
-                    if l.amount != n - b {
-                        problems.push(format!("amount {} is not {n} − {b}", l.amount));
-                    }
-                }
-                _ => {
-                    if qty != l.quantity {
-                        problems.push(format!(
-                            "its events come to {qty} units, the document says {}",
-                            l.quantity
-                        ));
-                    }
-                    if now_amount != l.amount {
-                        problems.push(format!(
-                            "its events come to {now_amount}, the document says {}",
-                            l.amount
-                        ));
-                    }
-                }
+    let now_amount = round_cents(exact_amount(key.class, qty, key.unit_price) * mult);
+    match (l.now_amount, l.billed_before) {
+        (Some(n), Some(b)) => {
+            if n != now_amount {
+                problems.push(format!("its events come to {now_amount}, the document says {n}"));
+            }
+            if b != input.billed_before {
+                problems.push(format!(
+                    "earlier documents billed {}, the document says {b}",
+                    input.billed_before
+                ));
+            }
+            if l.amount != n - b {
+                problems.push(format!("amount {} is not {n} − {b}", l.amount));
             }
         }
-    }
-    let price_ids: BTreeSet<String> = now.iter().map(|e| e.price_id.clone()).collect();
-    if price_ids.into_iter().collect::<Vec<_>>() != m.price_ids && problems.is_empty() {
-        problems.push("its events are priced by other entries than the document names".into());
+        _ => {
+            if qty != l.quantity {
+                problems.push(format!(
+                    "its events come to {qty} units, the document says {}",
+                    l.quantity
+                ));
+            }
+            if now_amount != l.amount {
+                problems.push(format!(
+                    "its events come to {now_amount}, the document says {}",
+                    l.amount
+                ));
+            }
+        }
     }
     // Events of the key stored since: listed, not a fault of this document.
     let later = input
         .current
         .iter()
-        .filter(|e| !recorded_ids.contains(e.event_id.as_str()))
-        .filter(|e| {
-            event_quantities(l.period, e, book, byok_fee).is_some_and(|q| q.contains_key(&key))
+        .filter(|(id, f)| {
+            !recorded_ids.contains(id.as_str()) && f.lines.iter().any(|(j, _)| *j == line)
         })
         .count() as u64;
     LineCheck {
@@ -563,8 +643,10 @@ cache_read_per_mtok = "0.3"
         }
     }
 
+    type Stored = Vec<(u32, Vec<(String, String)>)>;
+
     /// An issued-looking invoice of `states` (one period) with its manifest.
-    fn issued(states: &[EventState], book: &PriceBook) -> (Document, Vec<(u32, Vec<(String, String)>)>) {
+    fn issued(states: &[EventState], book: &PriceBook) -> (Document, Stored) {
         let p: Period = "2026-10".parse().unwrap();
         let (groups, _) = usage_of(states);
         let (q, w) = priced(p, &groups, book, Decimal::ZERO).unwrap();
@@ -572,15 +654,28 @@ cache_read_per_mtok = "0.3"
         doc.contract_percent = dec!(-12.5);
         doc.lines = due_lines(&q, &w, &BilledLines::new(), p, multiplier(doc.contract_percent));
         doc.totals();
-        let mut snap = BTreeMap::new();
-        snap.insert(p, states.to_vec());
-        let (m, stored) = manifest(&doc, &snap, book, Decimal::ZERO).unwrap();
+        let mut ke = KeyEvents::default();
+        for e in states {
+            ke.add(p, e, book, Decimal::ZERO).unwrap();
+        }
+        let (m, stored) = manifest(&doc, &ke);
+        let stored = stored
+            .into_iter()
+            .map(|(i, v)| (i, v.into_iter().map(|(id, l)| (id.to_owned(), hex::encode(l))).collect()))
+            .collect();
         doc.manifest = m;
         doc.sha256 = doc.content_hash();
         (doc, stored)
     }
 
-    fn checks(doc: &Document, stored: &[(u32, Vec<(String, String)>)], now: &[EventState], book: &PriceBook) -> Vec<LineCheck> {
+    fn checks(doc: &Document, stored: &Stored, now: &[EventState], book: &PriceBook) -> Vec<LineCheck> {
+        let p: Period = "2026-10".parse().unwrap();
+        let keys: HashMap<LineKey, u32> =
+            doc.lines.iter().enumerate().map(|(i, l)| (l.key(), i as u32)).collect();
+        let current: HashMap<String, Facts> = now
+            .iter()
+            .map(|e| (e.event_id.clone(), facts(p, e, book, Decimal::ZERO, &keys)))
+            .collect();
         (0..doc.lines.len())
             .map(|i| {
                 check_line(
@@ -588,11 +683,9 @@ cache_read_per_mtok = "0.3"
                     i,
                     &LineInputs {
                         recorded: &stored[i].1,
-                        current: now,
+                        current: &current,
                         billed_before: Decimal::ZERO,
                     },
-                    book,
-                    Decimal::ZERO,
                 )
             })
             .collect()
@@ -600,12 +693,12 @@ cache_read_per_mtok = "0.3"
 
     #[test]
     fn merkle_root_is_order_sensitive_and_covers_every_leaf() {
-        let l: Vec<String> = ["a", "b", "c"].iter().map(|s| hex::encode(Sha256::digest(s.as_bytes()))).collect();
+        let l: Vec<[u8; 32]> = ["a", "b", "c"].iter().map(|s| Sha256::digest(s.as_bytes()).into()).collect();
         let r = merkle_root(&l);
         assert_ne!(r, merkle_root(&l[..2]));
-        assert_ne!(r, merkle_root(&[l[1].clone(), l[0].clone(), l[2].clone()]));
+        assert_ne!(r, merkle_root(&[l[1], l[0], l[2]]));
         assert_eq!(r.len(), 64);
-        assert_eq!(merkle_root(&l[..1]), l[0]);
+        assert_eq!(merkle_root(&l[..1]), hex::encode(l[0]));
     }
 
     #[test]

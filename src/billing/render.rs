@@ -25,7 +25,9 @@ pub fn json(doc: &Document) -> String {
     s
 }
 
-pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,unit_price,unit,exact_amount,contract_percent,amount,currency";
+/// `unit_price` is the list price; `billed_unit_price` the price with the contract, so
+/// quantity × billed_unit_price is the amount before rounding.
+pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,unit_price,unit,exact_amount,contract_percent,amount,currency,billed_unit_price,price_applies_from,price_applies_until,now_amount,billed_before";
 
 /// One row per line; the amounts sum to the document's total.
 pub fn lines_csv(doc: &Document) -> String {
@@ -59,6 +61,11 @@ pub fn lines_csv(doc: &Document) -> String {
             doc.contract_percent.to_string(),
             l.amount.to_string(),
             doc.currency.clone(),
+            l.billed_unit_price(doc.contract_percent).to_string(),
+            l.applies.map(|r| r.from.to_string()).unwrap_or_default(),
+            l.applies.map(|r| r.until.to_string()).unwrap_or_default(),
+            l.now_amount.map(|d| d.to_string()).unwrap_or_default(),
+            l.billed_before.map(|d| d.to_string()).unwrap_or_default(),
         ];
         let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
         let _ = writeln!(out, "{}", cells.join(","));

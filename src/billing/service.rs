@@ -1,6 +1,6 @@
 //! Drafting, issuing, voiding and reconciling, over the store and the ledger.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{Datelike, Duration, Utc};
 use rust_decimal::Decimal;
@@ -169,8 +169,9 @@ impl<'a> Billing<'a> {
     }
 
     /// The document to request for `period`, computed from one snapshot of the stored
-    /// events (one row per event), with each line's evidence; the evidence and the frozen
-    /// usage export are stored under a new snapshot id the document names.
+    /// events (one row per event, streamed once), with each line's evidence; the evidence
+    /// and the frozen usage export are stored under a new snapshot id the document names.
+    /// Memory: an event id and a 32-byte leaf per priced event, not the events.
     async fn draft_with_evidence(
         &self,
         ledger: &Ledger,
@@ -178,21 +179,34 @@ impl<'a> Billing<'a> {
         period: Period,
     ) -> Result<Document, BillingError> {
         let c = Customer::resolve(self.cfg, institution);
-        let mut snapshot = BTreeMap::new();
         let mut usage = BTreeMap::new();
+        let mut events = evidence::KeyEvents::default();
+        let mut details = evidence::DetailsAcc::default();
         for p in Self::periods(ledger, institution, period) {
             let (start, end) = p.bounds(c.tz);
-            let states = self
-                .store
-                .event_states(institution, c.tz.name(), start.timestamp(), end.timestamp())
-                .await?;
-            usage.insert(p, evidence::usage_of(&states));
-            snapshot.insert(p, states);
+            let mut cursor = self.store.event_states(
+                institution,
+                c.tz.name(),
+                start.timestamp(),
+                end.timestamp(),
+            )?;
+            let mut acc = evidence::UsageAcc::default();
+            while let Some(e) = cursor
+                .next()
+                .await
+                .map_err(crate::store::StoreError::from)?
+            {
+                acc.add(&e);
+                events.add(p, &e, self.book, c.byok_fee)?;
+                if p == period {
+                    details.add(&e);
+                }
+            }
+            usage.insert(p, acc.finish());
         }
         let mut doc = self.compose(ledger, &c, period, &usage)?;
-        let (manifest, stored) = evidence::manifest(&doc, &snapshot, self.book, c.byok_fee)?;
-        let details = evidence::details_of(snapshot.get(&period).map_or(&[][..], Vec::as_slice))?;
-        let csv = super::render::usage_csv(period, &details, self.book, c.byok_fee)?;
+        let (manifest, stored) = evidence::manifest(&doc, &events);
+        let csv = super::render::usage_csv(period, &details.finish()?, self.book, c.byok_fee)?;
         let id = uuid::Uuid::new_v4().to_string();
         self.store
             .insert_snapshot(&id, institution, &stored, &csv)
@@ -685,27 +699,53 @@ impl Billing<'_> {
                 }
             }
             Kind::Invoice => {
-                let mut current: BTreeMap<Period, Vec<crate::store::billing::EventState>> =
-                    BTreeMap::new();
-                for (i, l) in doc.lines.iter().enumerate() {
-                    if !current.contains_key(&l.period) {
-                        let (start, end) = l.period.bounds(c.tz);
-                        let states = self
-                            .store
-                            .event_states(
-                                &doc.customer.id,
-                                c.tz.name(),
-                                start.timestamp(),
-                                end.timestamp(),
-                            )
-                            .await?;
-                        current.insert(l.period, states);
-                    }
-                    let recorded = if doc.snapshot.is_empty() {
+                let keys: HashMap<super::LineKey, u32> = doc
+                    .lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (l.key(), i as u32))
+                    .collect();
+                let mut recorded = Vec::new();
+                let mut recorded_ids = HashSet::new();
+                for i in 0..doc.lines.len() {
+                    let r = if doc.snapshot.is_empty() {
                         Vec::new()
                     } else {
                         self.store.snapshot_line_events(&doc.snapshot, i as u32).await?
                     };
+                    recorded_ids.extend(r.iter().map(|(id, _)| id.clone()));
+                    recorded.push(r);
+                }
+                // One pass over each period's stored events, keeping the facts of those
+                // recorded or on some line.
+                let mut current: BTreeMap<Period, HashMap<String, evidence::Facts>> =
+                    BTreeMap::new();
+                let periods: BTreeSet<Period> = doc.lines.iter().map(|l| l.period).collect();
+                for p in periods {
+                    let (start, end) = p.bounds(c.tz);
+                    let mut cursor = self.store.event_states(
+                        &doc.customer.id,
+                        c.tz.name(),
+                        start.timestamp(),
+                        end.timestamp(),
+                    )?;
+                    let mut facts = HashMap::new();
+                    while let Some(e) = cursor
+                        .next()
+                        .await
+                        .map_err(crate::store::StoreError::from)?
+                    {
+                        let f = evidence::facts(p, &e, self.book, c.byok_fee, &keys);
+                        if !f.lines.is_empty()
+                            || f.problem.is_some()
+                            || recorded_ids.contains(&e.event_id)
+                        {
+                            facts.insert(e.event_id, f);
+                        }
+                    }
+                    current.insert(p, facts);
+                }
+                for (i, l) in doc.lines.iter().enumerate() {
                     let key = l.key();
                     let billed_before: Decimal = ledger
                         .of(&doc.customer.id)
@@ -718,12 +758,10 @@ impl Billing<'_> {
                         &doc,
                         i,
                         &evidence::LineInputs {
-                            recorded: &recorded,
+                            recorded: &recorded[i],
                             current: &current[&l.period],
                             billed_before,
                         },
-                        self.book,
-                        c.byok_fee,
                     ));
                 }
             }
@@ -769,22 +807,33 @@ impl Billing<'_> {
             .snapshot_line_events(&doc.snapshot, (line - 1) as u32)
             .await?;
         let (start, end) = l.period.bounds(c.tz);
-        let states = self
-            .store
-            .event_states(&doc.customer.id, c.tz.name(), start.timestamp(), end.timestamp())
-            .await?;
-        // Each event on its own, so that one changed event does not hide the others.
+        let recorded_ids: HashSet<&str> = recorded.iter().map(|(id, _)| id.as_str()).collect();
+        // Each event on its own, so that one changed event does not hide the others; only
+        // the events of this line (recorded, or on its key now) are kept.
         let key = l.key();
-        let now: BTreeMap<&str, i64> = states
-            .iter()
-            .filter_map(|e| {
-                evidence::event_quantities(l.period, e, self.book, c.byok_fee)
-                    .and_then(|q| q.get(&key).copied())
-                    .map(|q| (e.event_id.as_str(), q))
-            })
-            .collect();
-        let state: BTreeMap<&str, &crate::store::billing::EventState> =
-            states.iter().map(|e| (e.event_id.as_str(), e)).collect();
+        let mut cursor = self.store.event_states(
+            &doc.customer.id,
+            c.tz.name(),
+            start.timestamp(),
+            end.timestamp(),
+        )?;
+        let mut now: BTreeMap<String, i64> = BTreeMap::new();
+        let mut state: BTreeMap<String, crate::store::billing::EventState> = BTreeMap::new();
+        while let Some(e) = cursor
+            .next()
+            .await
+            .map_err(crate::store::StoreError::from)?
+        {
+            let q = evidence::event_quantities(l.period, &e, self.book, c.byok_fee)
+                .and_then(|q| q.get(&key).copied());
+            if q.is_none() && !recorded_ids.contains(e.event_id.as_str()) {
+                continue;
+            }
+            if let Some(q) = q {
+                now.insert(e.event_id.clone(), q);
+            }
+            state.insert(e.event_id.clone(), e);
+        }
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -813,12 +862,12 @@ impl Billing<'_> {
             seen.insert(id.as_str());
             let status = match state.get(id.as_str()) {
                 None => "no longer stored",
-                Some(e) if &evidence::leaf(e) != leaf => "changed since issue",
+                Some(e) if &hex::encode(evidence::leaf(e)) != leaf => "changed since issue",
                 Some(_) => "as issued",
             };
             row(id, status);
         }
-        for id in now.keys().filter(|id| !seen.contains(*id)) {
+        for id in now.keys().filter(|id| !seen.contains(id.as_str())) {
             row(id, "stored after issue");
         }
         Ok(out)

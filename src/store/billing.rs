@@ -237,15 +237,15 @@ impl Store {
     }
 
     /// The current state of every stored event of `institution` in `[start, end)`, one
-    /// row per event id (sorted by id): what an issued invoice is computed from, so that
-    /// its sums and its manifest describe the same events.
-    pub async fn event_states(
+    /// row per event id (sorted by id), streamed: what an issued invoice is computed
+    /// from, so that its sums and its manifest describe the same events.
+    pub fn event_states(
         &self,
         institution: &str,
         tz: &str,
         start: i64,
         end: i64,
-    ) -> Result<Vec<EventState>, StoreError> {
+    ) -> Result<clickhouse::query::RowCursor<EventState>, StoreError> {
         Ok(self
             .client
             .query(&format!(
@@ -272,51 +272,7 @@ impl Store {
             .bind(institution)
             .bind(start)
             .bind(end)
-            .fetch_all()
-            .await?)
-    }
-
-    /// The current state of the events of `institution` among `ids` (any time).
-    pub async fn event_states_by_id(
-        &self,
-        institution: &str,
-        tz: &str,
-        ids: &[String],
-    ) -> Result<Vec<EventState>, StoreError> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(5_000) {
-            let rows: Vec<EventState> = self
-                .client
-                .query(
-                    "SELECT event_id, toString(toDate(min(occurred_at), ?)) AS day, \
-                     any(user_id) AS user_, any(api_key_id) AS key_, any(model) AS model_, \
-                     argMaxIf(priced, version, sign = 1) AS priced_, \
-                     argMaxIf(status, version, sign = 1) AS status_, \
-                     argMaxIf(price_id, version, sign = 1) AS price_id_, \
-                     argMaxIf(price_model, version, sign = 1) AS price_model_, \
-                     argMaxIf(price_tier, version, sign = 1) AS price_tier_, \
-                     argMaxIf(billing, version, sign = 1) AS billing_, \
-                     argMaxIf(usage_estimated, version, sign = 1) AS estimated_, \
-                     sum(toInt64(sign)) AS events, \
-                     sum(toInt64(input_tokens) * sign) AS input, \
-                     sum(toInt64(cache_read_tokens) * sign) AS cache_read, \
-                     sum(toInt64(cache_write_tokens) * sign) AS cache_write, \
-                     sum(toInt64(output_tokens) * sign) AS output, \
-                     sum(toInt64(least(reasoning_tokens, output_tokens)) * sign) AS reasoning, \
-                     sum(cost * sign) AS cost_sum \
-                     FROM usage_events WHERE institution_id = ? \
-                     AND event_id IN (SELECT arrayJoin(?)) GROUP BY event_id HAVING events > 0 \
-                     ORDER BY event_id",
-                )
-                .with_setting("max_query_size", "104857600")
-                .bind(tz)
-                .bind(institution)
-                .bind(chunk)
-                .fetch_all()
-                .await?;
-            out.extend(rows);
-        }
-        Ok(out)
+            .fetch::<EventState>()?)
     }
 
     /// Stores the evidence behind an invoice about to be requested: per line, the ids of
@@ -325,7 +281,7 @@ impl Store {
         &self,
         snapshot: &str,
         institution: &str,
-        line_events: &[(u32, Vec<(String, String)>)],
+        line_events: &[(u32, Vec<(&str, [u8; 32])>)],
         usage_csv: &str,
     ) -> Result<(), StoreError> {
         let mut insert = self
@@ -339,8 +295,8 @@ impl Store {
                         snapshot: snapshot.to_owned(),
                         institution_id: institution.to_owned(),
                         line: *line,
-                        event_id: id.clone(),
-                        leaf: leaf.clone(),
+                        event_id: (*id).to_owned(),
+                        leaf: hex::encode(leaf),
                     })
                     .await?;
             }
