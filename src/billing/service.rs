@@ -706,16 +706,17 @@ impl Billing<'_> {
                     .map(|(i, l)| (l.key(), i as u32))
                     .collect();
                 let mut recorded = Vec::new();
-                let mut recorded_ids = HashSet::new();
                 for i in 0..doc.lines.len() {
-                    let r = if doc.snapshot.is_empty() {
+                    recorded.push(if doc.snapshot.is_empty() {
                         Vec::new()
                     } else {
                         self.store.snapshot_line_events(&doc.snapshot, i as u32).await?
-                    };
-                    recorded_ids.extend(r.iter().map(|(id, _)| id.clone()));
-                    recorded.push(r);
+                    });
                 }
+                let recorded_ids: HashSet<&str> = recorded
+                    .iter()
+                    .flat_map(|r| r.iter().map(|(id, _)| id.as_str()))
+                    .collect();
                 // One pass over each period's stored events, keeping the facts of those
                 // recorded or on some line.
                 let mut current: BTreeMap<Period, HashMap<String, evidence::Facts>> =
@@ -738,7 +739,7 @@ impl Billing<'_> {
                         let f = evidence::facts(p, &e, self.book, c.byok_fee, &keys);
                         if !f.lines.is_empty()
                             || f.problem.is_some()
-                            || recorded_ids.contains(&e.event_id)
+                            || recorded_ids.contains(e.event_id.as_str())
                         {
                             facts.insert(e.event_id, f);
                         }
@@ -807,68 +808,65 @@ impl Billing<'_> {
             .snapshot_line_events(&doc.snapshot, (line - 1) as u32)
             .await?;
         let (start, end) = l.period.bounds(c.tz);
-        let recorded_ids: HashSet<&str> = recorded.iter().map(|(id, _)| id.as_str()).collect();
-        // Each event on its own, so that one changed event does not hide the others; only
-        // the events of this line (recorded, or on its key now) are kept.
         let key = l.key();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status"
+        );
+        let description = l.description();
+        let mut row = |id: &str, e: Option<&crate::store::billing::EventState>, q: Option<i64>, status: &str| {
+            let cells = [
+                doc.number.as_str(),
+                &line.to_string(),
+                &description,
+                id,
+                e.map_or("", |e| &e.day),
+                e.map_or("", |e| &e.user_id),
+                e.map_or("", |e| &e.api_key_id),
+                e.map_or("", |e| &e.model),
+                l.class.as_str(),
+                &q.map(|q| q.to_string()).unwrap_or_default(),
+                status,
+            ];
+            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+            let _ = writeln!(out, "{}", cells.join(","));
+        };
+        // Both sides come sorted by event id: a merge, written as it goes, so that a line
+        // of a million events needs no more than its recorded ids in memory. Each event is
+        // priced on its own, so one changed event does not hide the others.
+        let mut rec = recorded.iter().peekable();
         let mut cursor = self.store.event_states(
             &doc.customer.id,
             c.tz.name(),
             start.timestamp(),
             end.timestamp(),
         )?;
-        let mut now: BTreeMap<String, i64> = BTreeMap::new();
-        let mut state: BTreeMap<String, crate::store::billing::EventState> = BTreeMap::new();
         while let Some(e) = cursor
             .next()
             .await
             .map_err(crate::store::StoreError::from)?
         {
+            while let Some((id, _)) = rec.next_if(|(id, _)| id.as_str() < e.event_id.as_str()) {
+                row(id, None, None, "no longer stored");
+            }
             let q = evidence::event_quantities(l.period, &e, self.book, c.byok_fee)
                 .and_then(|q| q.get(&key).copied());
-            if q.is_none() && !recorded_ids.contains(e.event_id.as_str()) {
-                continue;
+            match rec.next_if(|(id, _)| *id == e.event_id) {
+                Some((_, leaf)) => {
+                    let status = if &hex::encode(evidence::leaf(&e)) == leaf {
+                        "as issued"
+                    } else {
+                        "changed since issue"
+                    };
+                    row(&e.event_id, Some(&e), q, status);
+                }
+                None if q.is_some() => row(&e.event_id, Some(&e), q, "stored after issue"),
+                None => {}
             }
-            if let Some(q) = q {
-                now.insert(e.event_id.clone(), q);
-            }
-            state.insert(e.event_id.clone(), e);
         }
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status"
-        );
-        let mut row = |id: &str, status: &str| {
-            let e = state.get(id);
-            let cells = [
-                doc.number.clone(),
-                line.to_string(),
-                l.description(),
-                id.to_owned(),
-                e.map(|e| e.day.clone()).unwrap_or_default(),
-                e.map(|e| e.user_id.clone()).unwrap_or_default(),
-                e.map(|e| e.api_key_id.clone()).unwrap_or_default(),
-                e.map(|e| e.model.clone()).unwrap_or_default(),
-                l.class.as_str().to_owned(),
-                now.get(id).map(|q| q.to_string()).unwrap_or_default(),
-                status.to_owned(),
-            ];
-            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
-            let _ = writeln!(out, "{}", cells.join(","));
-        };
-        let mut seen = BTreeSet::new();
-        for (id, leaf) in &recorded {
-            seen.insert(id.as_str());
-            let status = match state.get(id.as_str()) {
-                None => "no longer stored",
-                Some(e) if &hex::encode(evidence::leaf(e)) != leaf => "changed since issue",
-                Some(_) => "as issued",
-            };
-            row(id, status);
-        }
-        for id in now.keys().filter(|id| !seen.contains(id.as_str())) {
-            row(id, "stored after issue");
+        for (id, _) in rec {
+            row(id, None, None, "no longer stored");
         }
         Ok(out)
     }
