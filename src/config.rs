@@ -237,15 +237,29 @@ pub struct SpikeConfig {
     /// Never alert below this spend in the window (USD).
     #[serde(with = "rust_decimal::serde::str")]
     pub min_spend_usd: rust_decimal::Decimal,
-    /// Fire above this multiple of the baseline mean…
+    /// Fire above this multiple of the baseline (the median of earlier weeks)…
     #[serde(with = "rust_decimal::serde::str")]
     pub factor: rust_decimal::Decimal,
-    /// …and above mean + this many standard deviations.
+    /// …and above the median + this many robust standard deviations (1.4826 × the
+    /// median absolute deviation).
     #[serde(with = "rust_decimal::serde::str")]
     pub deviations: rust_decimal::Decimal,
-    /// Resolve at or below this multiple of the baseline mean.
+    /// Recovered at or below this multiple of the baseline (or the baseline plus a
+    /// fifth of `min_spend_usd`, whichever is higher).
     #[serde(with = "rust_decimal::serde::str")]
     pub resolve_factor: rust_decimal::Decimal,
+    /// An open incident resolves once it has stayed recovered this long (Grafana's "keep
+    /// firing for"): a dip of an hour does not end it.
+    pub recover_hours: u32,
+    /// A spike of the same entity within this long after its incident resolved reopens
+    /// that incident (same id, announced as firing again) instead of starting a new one:
+    /// one incident per episode, e.g. a level change across a quiet night.
+    pub renotify_hours: u32,
+    /// An entity with no history yet (its first day) is compared with its peers (the
+    /// institution's other keys) and never fires below this (USD in the window): a new
+    /// project key with ordinary use stays quiet, a new leaked key does not.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub new_entity_min_usd: rust_decimal::Decimal,
 }
 
 impl Default for SpikeConfig {
@@ -257,6 +271,9 @@ impl Default for SpikeConfig {
             factor: rust_decimal::Decimal::from(3),
             deviations: rust_decimal::Decimal::from(4),
             resolve_factor: rust_decimal::Decimal::new(15, 1),
+            recover_hours: 2,
+            renotify_hours: 18,
+            new_entity_min_usd: rust_decimal::Decimal::from(20),
         }
     }
 }

@@ -157,20 +157,25 @@ pub fn spend_readings(
     end: DateTime<Utc>,
     tracker: &Tracker,
 ) -> Vec<Reading> {
-    let open = |kind: Kind| move |e: &str| tracker.open.contains_key(&(kind, e.to_owned()));
+    let tz = |inst: &str| {
+        cfg.institution(inst)
+            .and_then(|i| i.time_zone.parse::<chrono_tz::Tz>().ok())
+    };
     let mut r = spike_readings(
         Kind::InstitutionSpike,
         &series.institutions,
         end,
         &cfg.alerts.spike,
-        open(Kind::InstitutionSpike),
+        tz,
+        tracker,
     );
     r.extend(spike_readings(
         Kind::KeySpike,
         &series.keys,
         end,
         &cfg.alerts.spike,
-        open(Kind::KeySpike),
+        tz,
+        tracker,
     ));
     r.extend(budget_readings(cfg, series, end - Duration::seconds(1)));
     r
@@ -376,31 +381,34 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
             tracker.restore_once(i.entity);
             continue;
         }
+        let reading = Reading {
+            kind,
+            entity: i.entity,
+            institution: i.institution_id,
+            firing: i.state == "firing",
+            severity: match i.severity.as_str() {
+                "critical" => Severity::Critical,
+                "info" => Severity::Info,
+                _ => Severity::Warning,
+            },
+            observed: i.observed,
+            baseline: i.baseline,
+            threshold: Decimal::ZERO,
+            message: i.message,
+        };
+        let fired_at = Utc
+            .timestamp_opt(i64::from(i.fired_at), 0)
+            .single()
+            .unwrap_or_default();
         if i.state == "firing" {
             tracker.restore_open(Open {
                 alert_id: i.alert_id,
-                fired_at: Utc
-                    .timestamp_opt(i64::from(i.fired_at), 0)
-                    .single()
-                    .unwrap_or_default(),
-                reading: Reading {
-                    kind,
-                    entity: i.entity,
-                    institution: i.institution_id,
-                    firing: true,
-                    severity: match i.severity.as_str() {
-                        "critical" => Severity::Critical,
-                        "info" => Severity::Info,
-                        _ => Severity::Warning,
-                    },
-                    observed: i.observed,
-                    baseline: i.baseline,
-                    threshold: Decimal::ZERO,
-                    message: i.message,
-                },
+                fired_at,
+                reading,
+                recovering_since: None,
             });
         } else {
-            tracker.restore_resolved(kind, i.entity, at);
+            tracker.restore_closed(i.alert_id, fired_at, at, reading);
         }
     }
     Ok(())
@@ -409,7 +417,7 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
 /// Runs until `shutdown`: evaluate, record, deliver, sleep.
 pub async fn run(cfg: Config, store: Store, mut shutdown: Shutdown) {
     let notifier = Notifier::start(&cfg);
-    let mut tracker = Tracker::new(Duration::seconds(cfg.alerts.cooldown_secs));
+    let mut tracker = Tracker::from_config(&cfg.alerts);
     loop {
         match restore(&store, &mut tracker).await {
             Ok(()) => break,
@@ -470,6 +478,7 @@ pub async fn evaluate_once(
                     alert_id: c.alert_id.clone(),
                     fired_at: c.at,
                     reading: c.reading.clone(),
+                    recovering_since: None,
                 });
             } else {
                 tracker.open.remove(&key);

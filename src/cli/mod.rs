@@ -147,6 +147,12 @@ pub enum AlertsCommand {
         /// Hours between evaluations.
         #[arg(long, default_value_t = 1)]
         step_hours: u32,
+        /// Score the spike alerts against labelled incidents: a JSON list of
+        /// {"institution", "key" ("institution/key", optional), "start", "end", "what"};
+        /// prints precision, recall, detection delay, false pages per institution-week and
+        /// resolution time instead of the alerts.
+        #[arg(long)]
+        labels: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: invoice::ReportFormat,
     },
@@ -297,12 +303,33 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     from,
                     to,
                     step_hours,
+                    labels,
                     format,
                 },
         } => {
             let store = Store::new(&cfg.clickhouse);
-            let incidents =
+            let (incidents, institutions) =
                 crate::alerts::backtest::backtest(&cfg, &store, from, to, step_hours).await?;
+            if let Some(path) = labels {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let labels: Vec<crate::alerts::score::Label> = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a JSON list of labels", path.display()))?;
+                let (start, end) = crate::alerts::backtest::range(from, to);
+                let s = crate::alerts::score::score(
+                    &incidents,
+                    &labels,
+                    institutions,
+                    start,
+                    end,
+                    chrono::Duration::hours(i64::from(cfg.alerts.spike.window_hours.max(1))),
+                );
+                match format {
+                    invoice::ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                    invoice::ReportFormat::Table => print!("{}", crate::alerts::score::table(&s)),
+                }
+                return Ok(());
+            }
             match format {
                 invoice::ReportFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&incidents)?)
