@@ -462,6 +462,9 @@ async fn alerts_are_signed_delivered_once_retried_and_resolved_across_restarts()
 interval_secs = 1
 rejected_per_hour = 3
 dashboard_url = "http://dashboard.example"
+[alerts.spike]
+# Resolve at the first recovered reading: the test cannot wait the default two hours.
+recover_hours = 0
 [alerts.webhook]
 url = "http://127.0.0.1:{hook_port}/hook"
 retry_initial_ms = 200
@@ -628,5 +631,56 @@ monthly_budget_usd = "{budget}"
         401
     );
     assert!(terminate(&mut server.proc).success());
+    env.drop_database().await;
+}
+
+/// Issue 15: the labelled set, loaded into ClickHouse as events, scored by the command
+/// ops use (`alerts backtest --labels`) with the default detector settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_labelled_set_scores_within_the_goals_through_the_cli() {
+    let env = TestEnv::new("alerts_labelled", 1).await;
+    let set = tokentally::alerts::labelled::generate();
+    let rows: Vec<EventRow> = set
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(n, (t, inst, key, micros))| EventRow {
+            api_key_id: key.clone(),
+            cost: Decimal::new(*micros, 6),
+            price_id: "p".into(),
+            ..event_row(format!("l{n}"), inst, *t, "m")
+        })
+        .collect();
+    for chunk in rows.chunks(20_000) {
+        env.store.insert_events(chunk).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.json");
+    std::fs::write(&labels, serde_json::to_vec_pretty(&set.labels).unwrap()).unwrap();
+    let config = dir.path().join("config.toml");
+    let institutions: String = set
+        .institutions
+        .iter()
+        .map(|(id, tz)| format!("[[institutions]]\nid = \"{id}\"\ntime_zone = \"{tz}\"\n"))
+        .collect();
+    std::fs::write(&config, institutions).unwrap();
+    let mut vars = env.cli_vars();
+    vars.push(("TOKENTALLY_LOG", "warn".into()));
+    vars.push(("TOKENTALLY_CONFIG", config.display().to_string()));
+    let from = set.from.date_naive().to_string();
+    let to = (set.to - Span::days(1)).date_naive().to_string();
+    let args = ["alerts", "backtest", "--from", &from, "--to", &to, "--labels", labels.to_str().unwrap()];
+    let table = tokentally(&args, &vars, None);
+    println!("{table}");
+    let mut json_args = args.to_vec();
+    json_args.extend(["--format", "json"]);
+    let s: Value = serde_json::from_str(&tokentally(&json_args, &vars, None)).unwrap();
+    assert_eq!(s["labels"], 15, "{table}");
+    assert!(s["precision"].as_f64().unwrap() >= 0.95, "{table}");
+    assert!(s["recall"].as_f64().unwrap() >= 0.95, "{table}");
+    assert!(s["median_delay_hours"].as_f64().unwrap() <= 1.0, "{table}");
+    assert!(s["false_pages_per_institution_week"].as_f64().unwrap() <= 0.05, "{table}");
+    assert_eq!(s["resolved_within_6h"], s["detected"], "{table}");
+    assert!(table.contains("precision") && table.contains("false pages per institution-week"));
     env.drop_database().await;
 }
