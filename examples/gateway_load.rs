@@ -104,7 +104,12 @@ async fn main() {
     let mut tasks = Vec::new();
     if args.concurrent > 0 {
         for _ in 0..args.concurrent {
-            tasks.push(tokio::spawn(one(http.clone(), args.clone(), Instant::now(), out.clone())));
+            tasks.push(tokio::spawn(one(
+                http.clone(),
+                args.clone(),
+                Instant::now(),
+                out.clone(),
+            )));
         }
     } else {
         let n = (args.rate * args.secs).round() as u64;
@@ -112,7 +117,12 @@ async fn main() {
         for i in 0..n {
             let due = start + every * i as u32;
             tokio::time::sleep_until(due.into()).await;
-            tasks.push(tokio::spawn(one(http.clone(), args.clone(), due, out.clone())));
+            tasks.push(tokio::spawn(one(
+                http.clone(),
+                args.clone(),
+                due,
+                out.clone(),
+            )));
         }
     }
     for t in tasks {

@@ -148,12 +148,11 @@ impl UpstreamConfig {
         if self.api_key_file.as_os_str().is_empty() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&self.api_key_file).map_err(|source| {
-            ConfigError::Read {
+        let text =
+            std::fs::read_to_string(&self.api_key_file).map_err(|source| ConfigError::Read {
                 path: self.api_key_file.clone(),
                 source,
-            }
-        })?;
+            })?;
         let key = text.lines().next().unwrap_or("").trim().to_owned();
         Ok((!key.is_empty()).then(|| Secret::new(key)))
     }
@@ -178,7 +177,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 

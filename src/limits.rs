@@ -57,12 +57,19 @@ pub async fn set(store: &Store, limit: &Limit, actor: &str) -> anyhow::Result<()
 }
 
 /// Removes a limit (also one from the config file, until it is set again).
-pub async fn remove(store: &Store, cfg: &Config, limit_id: &str, actor: &str) -> anyhow::Result<Limit> {
+pub async fn remove(
+    store: &Store,
+    cfg: &Config,
+    limit_id: &str,
+    actor: &str,
+) -> anyhow::Result<Limit> {
     let limit = current(store, &cfg.limits)
         .await?
         .into_iter()
         .find(|l| l.id() == limit_id)
-        .ok_or_else(|| anyhow::anyhow!("no limit {limit_id}; `tokentally limits list` shows them"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!("no limit {limit_id}; `tokentally limits list` shows them")
+        })?;
     let at = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
     store
         .write_limit(&LimitRow::of(&limit, version_now(), true, at, actor))
@@ -117,9 +124,17 @@ pub async fn standings(
         let key = (l.institution_id.clone(), start.timestamp(), end.timestamp());
         if !cache.contains_key(&key) {
             let rows = store
-                .limit_usage(&l.institution_id, start.timestamp(), end.timestamp(), vec![String::new()])
+                .limit_usage(
+                    &l.institution_id,
+                    start.timestamp(),
+                    end.timestamp(),
+                    vec![String::new()],
+                )
                 .await?;
-            let ix = UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts())));
+            let ix = UsageIndex::of_rows(
+                rows.iter()
+                    .map(|r| (&r.user_id, &r.api_key_id, r.amounts())),
+            );
             cache.insert(key.clone(), ix);
         }
         let mut used = cache[&key].of(&l);

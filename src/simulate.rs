@@ -45,8 +45,8 @@ pub struct SimulateArgs {
 }
 
 const WORDS: [&str; 16] = [
-    "the", "model", "answers", "with", "plain", "words", "so", "that", "tokens", "are",
-    "easy", "to", "count", "and", "check", "exactly",
+    "the", "model", "answers", "with", "plain", "words", "so", "that", "tokens", "are", "easy",
+    "to", "count", "and", "check", "exactly",
 ];
 
 /// What one request asked of the simulator.
@@ -278,13 +278,20 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .or_else(|| parts.headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            parts
+                .headers
+                .get("x-goog-api-key")
+                .and_then(|v| v.to_str().ok())
+        })
         .unwrap_or("")
         .to_owned();
     if key.is_empty() || (!sim.keys.is_empty() && !sim.keys.contains(&key)) {
         return unauthorized(&path);
     }
-    let bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let b = behaviour(&parts.headers);
     let gemini = path.contains("/models/") && path.contains(':');
@@ -318,7 +325,11 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
             include_usage: body["stream_options"]["include_usage"].as_bool() == Some(true),
             end_user,
             key_sha256: digest(key.as_bytes()),
-            headers: parts.headers.keys().map(|k| k.as_str().to_owned()).collect(),
+            headers: parts
+                .headers
+                .keys()
+                .map(|k| k.as_str().to_owned())
+                .collect(),
         });
     }
     sim.started.fetch_add(1, Ordering::Relaxed);
@@ -332,8 +343,15 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
     let prompt = prompt_tokens(&body);
     // Seeded by what the model is asked, not by framing a gateway may add (end-user
     // fields, stream options): the same question gets the same answer either way.
-    let seed = json!([model, body["messages"], body["input"], body["contents"], body["system"], body["instructions"]])
-        .to_string();
+    let seed = json!([
+        model,
+        body["messages"],
+        body["input"],
+        body["contents"],
+        body["system"],
+        body["instructions"]
+    ])
+    .to_string();
     let call = Call {
         id: digest(seed.as_bytes()),
         words: if b.echo {
@@ -396,16 +414,26 @@ fn chat(c: &Call, stream: bool, body: &Value, sim: Arc<Sim>) -> Response {
         }
         format!("data: {}\n\n", serde_json::to_string(&v).expect("json"))
     };
-    let mut chunks = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)];
+    let mut chunks = vec![chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        Value::Null,
+    )];
     for (i, w) in c.words.iter().enumerate() {
-        let text = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
+        let text = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
         chunks.push(chunk(json!({"content": text}), Value::Null));
     }
     chunks.push(chunk(json!({}), json!("stop")));
     if include_usage {
         let v = json!({"id": id, "object": "chat.completion.chunk", "created": CREATED, "model": c.model,
                        "service_tier": "default", "system_fingerprint": "fp_sim", "choices": [], "usage": chat_usage(c)});
-        chunks.push(format!("data: {}\n\n", serde_json::to_string(&v).expect("json")));
+        chunks.push(format!(
+            "data: {}\n\n",
+            serde_json::to_string(&v).expect("json")
+        ));
     }
     chunks.push("data: [DONE]\n\n".into());
     sse_response(chunks, &c.b, sim)
@@ -433,7 +461,10 @@ fn responses(c: &Call, stream: bool, sim: Arc<Sim>) -> Response {
     let ev = |seq: usize, kind: &str, mut data: Value| {
         data["type"] = json!(kind);
         data["sequence_number"] = json!(seq);
-        format!("event: {kind}\ndata: {}\n\n", serde_json::to_string(&data).expect("json"))
+        format!(
+            "event: {kind}\ndata: {}\n\n",
+            serde_json::to_string(&data).expect("json")
+        )
     };
     let mut seq = 0;
     let mut next = || {
@@ -441,17 +472,41 @@ fn responses(c: &Call, stream: bool, sim: Arc<Sim>) -> Response {
         seq - 1
     };
     let mut chunks = vec![
-        ev(next(), "response.created", json!({"response": response("in_progress", json!([]), Value::Null)})),
-        ev(next(), "response.output_item.added", json!({"output_index": 0,
-            "item": {"id": format!("msg_{}", c.id), "type": "message", "status": "in_progress", "role": "assistant", "content": []}})),
+        ev(
+            next(),
+            "response.created",
+            json!({"response": response("in_progress", json!([]), Value::Null)}),
+        ),
+        ev(
+            next(),
+            "response.output_item.added",
+            json!({"output_index": 0,
+            "item": {"id": format!("msg_{}", c.id), "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+        ),
     ];
     for (i, w) in c.words.iter().enumerate() {
-        let delta = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
-        chunks.push(ev(next(), "response.output_text.delta", json!({"item_id": format!("msg_{}", c.id),
-            "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []})));
+        let delta = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
+        chunks.push(ev(
+            next(),
+            "response.output_text.delta",
+            json!({"item_id": format!("msg_{}", c.id),
+            "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
+        ));
     }
-    chunks.push(ev(next(), "response.output_item.done", json!({"output_index": 0, "item": message})));
-    chunks.push(ev(next(), "response.completed", json!({"response": response("completed", json!([message]), usage)})));
+    chunks.push(ev(
+        next(),
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message}),
+    ));
+    chunks.push(ev(
+        next(),
+        "response.completed",
+        json!({"response": response("completed", json!([message]), usage)}),
+    ));
     sse_response(chunks, &c.b, sim)
 }
 
@@ -493,24 +548,46 @@ fn messages(c: &Call, stream: bool, sim: Arc<Sim>) -> Response {
         return json_response(v, &c.b, sim);
     }
     let ev = |kind: &str, data: Value| {
-        format!("event: {kind}\ndata: {}\n\n", serde_json::to_string(&data).expect("json"))
+        format!(
+            "event: {kind}\ndata: {}\n\n",
+            serde_json::to_string(&data).expect("json")
+        )
     };
     let mut chunks = vec![
-        ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
             "model": c.model, "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": c.cached,
-                      "output_tokens": 1, "service_tier": "standard"}}})),
-        ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+                      "output_tokens": 1, "service_tier": "standard"}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
         ev("ping", json!({"type": "ping"})),
     ];
     for (i, w) in c.words.iter().enumerate() {
-        let t = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
-        chunks.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": 0,
-            "delta": {"type": "text_delta", "text": t}})));
+        let t = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
+        chunks.push(ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": t}}),
+        ));
     }
-    chunks.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
-    chunks.push(ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-        "usage": {"output_tokens": c.completion()}})));
+    chunks.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    chunks.push(ev(
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": c.completion()}}),
+    ));
     chunks.push(ev("message_stop", json!({"type": "message_stop"})));
     sse_response(chunks, &c.b, sim)
 }
@@ -543,7 +620,11 @@ fn generate(c: &Call, stream: bool, query: &str, sim: Arc<Sim>) -> Response {
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            let t = if i == 0 { (*w).to_owned() } else { format!(" {w}") };
+            let t = if i == 0 {
+                (*w).to_owned()
+            } else {
+                format!(" {w}")
+            };
             let last = i + 1 == c.words.len();
             piece(t, last.then_some("STOP"), (i + 1) as u64)
         })
@@ -578,8 +659,14 @@ async fn models(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response {
         return unauthorized("/v1/models");
     }
     let ids = [
-        "gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-5", "gpt-5-mini", "o4-mini",
-        "text-embedding-3-small", "omni-moderation-latest",
+        "gpt-4o-mini",
+        "gpt-4o",
+        "gpt-4.1-mini",
+        "gpt-5",
+        "gpt-5-mini",
+        "o4-mini",
+        "text-embedding-3-small",
+        "omni-moderation-latest",
     ];
     let data: Vec<Value> = ids
         .iter()
@@ -615,7 +702,10 @@ pub fn router(keys: Vec<String>) -> Router {
 }
 
 /// Serves until `shutdown`.
-pub async fn run(args: SimulateArgs, mut shutdown: crate::shutdown::Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    args: SimulateArgs,
+    mut shutdown: crate::shutdown::Shutdown,
+) -> anyhow::Result<()> {
     let keys: Vec<String> = args
         .keys
         .split(',')

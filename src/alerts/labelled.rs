@@ -61,7 +61,9 @@ fn profile(local: chrono::NaiveDateTime) -> i64 {
 
 /// Deterministic noise in per-mille, 800–1200.
 fn noise(seed: u64) -> i64 {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     x ^= x >> 29;
     x = x.wrapping_mul(0xbf58476d1ce4e5b9);
     x ^= x >> 32;
@@ -69,7 +71,9 @@ fn noise(seed: u64) -> i64 {
 }
 
 fn hash(s: &str) -> u64 {
-    s.bytes().fold(1469598103934665603u64, |h, b| (h ^ u64::from(b)).wrapping_mul(1099511628211))
+    s.bytes().fold(1469598103934665603u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(1099511628211)
+    })
 }
 
 /// The UTC hour that starts the local time `date` `hour`:00 in `tz`.
@@ -92,14 +96,85 @@ fn day(w: i64, wd: i64) -> NaiveDate {
 pub fn generate() -> LabelledSet {
     use chrono_tz::{America, Asia, Australia, Europe, UTC};
     let institutions = vec![
-        Inst { id: "berlin-uni", tz: Europe::Berlin, keys: vec![("k1", 8_000_000, None), ("k2", 3_000_000, None), ("k3", 1_000_000, None), ("k4", 500_000, None), ("k5", 4_000_000, Some(local(Europe::Berlin, day(7, 2), 9)))], growth: 0, holidays: vec![(7, 400)] },
-        Inst { id: "ny-college", tz: America::New_York, keys: vec![("k1", 6_000_000, None), ("k2", 2_500_000, None), ("k3", 1_200_000, None)], growth: 0, holidays: vec![(5, 300)] },
-        Inst { id: "delhi-inst", tz: Asia::Kolkata, keys: vec![("k1", 5_000_000, None), ("k2", 2_000_000, None), ("k3", 800_000, None)], growth: 60, holidays: vec![] },
-        Inst { id: "sydney-uni", tz: Australia::Sydney, keys: vec![("k1", 7_000_000, None), ("k2", 2_000_000, None), ("k3", 1_000_000, None)], growth: 0, holidays: vec![] },
-        Inst { id: "utc-lab", tz: UTC, keys: vec![("k1", 8_000_000, None), ("k2", 3_000_000, None), ("k3", 6_500_000, Some(local(UTC, day(5, 2), 9))), ("k4", 0, Some(local(UTC, day(6, 3), 13)))], growth: 0, holidays: vec![] },
-        Inst { id: "tiny-school", tz: Europe::Berlin, keys: vec![("k1", 150_000, None), ("k2", 60_000, None)], growth: 0, holidays: vec![] },
-        Inst { id: "oslo-uni", tz: Europe::Oslo, keys: vec![("k1", 5_000_000, None), ("k2", 2_000_000, None)], growth: 0, holidays: vec![] },
-        Inst { id: "la-corp", tz: America::Los_Angeles, keys: vec![("k1", 6_000_000, None), ("k2", 2_000_000, None)], growth: 0, holidays: vec![] },
+        Inst {
+            id: "berlin-uni",
+            tz: Europe::Berlin,
+            keys: vec![
+                ("k1", 8_000_000, None),
+                ("k2", 3_000_000, None),
+                ("k3", 1_000_000, None),
+                ("k4", 500_000, None),
+                ("k5", 4_000_000, Some(local(Europe::Berlin, day(7, 2), 9))),
+            ],
+            growth: 0,
+            holidays: vec![(7, 400)],
+        },
+        Inst {
+            id: "ny-college",
+            tz: America::New_York,
+            keys: vec![
+                ("k1", 6_000_000, None),
+                ("k2", 2_500_000, None),
+                ("k3", 1_200_000, None),
+            ],
+            growth: 0,
+            holidays: vec![(5, 300)],
+        },
+        Inst {
+            id: "delhi-inst",
+            tz: Asia::Kolkata,
+            keys: vec![
+                ("k1", 5_000_000, None),
+                ("k2", 2_000_000, None),
+                ("k3", 800_000, None),
+            ],
+            growth: 60,
+            holidays: vec![],
+        },
+        Inst {
+            id: "sydney-uni",
+            tz: Australia::Sydney,
+            keys: vec![
+                ("k1", 7_000_000, None),
+                ("k2", 2_000_000, None),
+                ("k3", 1_000_000, None),
+            ],
+            growth: 0,
+            holidays: vec![],
+        },
+        Inst {
+            id: "utc-lab",
+            tz: UTC,
+            keys: vec![
+                ("k1", 8_000_000, None),
+                ("k2", 3_000_000, None),
+                ("k3", 6_500_000, Some(local(UTC, day(5, 2), 9))),
+                ("k4", 0, Some(local(UTC, day(6, 3), 13))),
+            ],
+            growth: 0,
+            holidays: vec![],
+        },
+        Inst {
+            id: "tiny-school",
+            tz: Europe::Berlin,
+            keys: vec![("k1", 150_000, None), ("k2", 60_000, None)],
+            growth: 0,
+            holidays: vec![],
+        },
+        Inst {
+            id: "oslo-uni",
+            tz: Europe::Oslo,
+            keys: vec![("k1", 5_000_000, None), ("k2", 2_000_000, None)],
+            growth: 0,
+            holidays: vec![],
+        },
+        Inst {
+            id: "la-corp",
+            tz: America::Los_Angeles,
+            keys: vec![("k1", 6_000_000, None), ("k2", 2_000_000, None)],
+            growth: 0,
+            holidays: vec![],
+        },
     ];
     // Extra spend: (institution, key, first hour, hours, micro-dollars per hour or a
     // multiple of the usual level, label text). Weeks are 0-based; 4–9 are scored.
@@ -107,22 +182,135 @@ pub fn generate() -> LabelledSet {
         Add(i64),
         Times(i64),
     }
-    let incidents: Vec<(&str, &str, DateTime<Utc>, i64, Extra, &str)> = vec![
-        ("berlin-uni", "k1", local(Europe::Berlin, day(4, 5), 3), 2, Extra::Add(40_000_000), "runaway script, Saturday night"),
-        ("oslo-uni", "k2", local(Europe::Oslo, day(4, 1), 14), 3, Extra::Add(16_000_000), "abuse, Tuesday afternoon"),
-        ("oslo-uni", "k2", local(Europe::Oslo, day(5, 1), 14), 3, Extra::Add(16_000_000), "the same abuse a week later"),
-        ("sydney-uni", "k3", local(Australia::Sydney, day(4, 5), 1), 6, Extra::Add(35_000_000), "leaked key, weekend night"),
-        ("utc-lab", "k1", local(UTC, day(4, 2), 10), 2, Extra::Add(45_000_000), "batch gone wrong"),
-        ("la-corp", "k1", local(America::Los_Angeles, day(5, 0), 9), 84, Extra::Times(5), "level change ×5 for 3.5 days"),
-        ("la-corp", "k2", local(America::Los_Angeles, day(7, 3), 15), 1, Extra::Add(70_000_000), "one-hour burst"),
-        ("tiny-school", "k1", local(Europe::Berlin, day(5, 2), 20), 3, Extra::Add(25_000_000), "abuse at a tiny institution"),
-        ("ny-college", "k2", local(America::New_York, day(6, 1), 11), 4, Extra::Add(30_000_000), "spike on a working day"),
-        ("delhi-inst", "k1", local(Asia::Kolkata, day(7, 4), 16), 3, Extra::Add(50_000_000), "spike in a growing institution"),
-        ("utc-lab", "k4", local(UTC, day(6, 3), 13), 5, Extra::Add(60_000_000), "new key, leaked on its first day"),
-        ("berlin-uni", "k2", local(Europe::Berlin, day(7, 0), 10), 2, Extra::Add(45_000_000), "Monday after the DST change"),
-        ("ny-college", "k3", local(America::New_York, day(7, 6), 2), 3, Extra::Add(20_000_000), "night, just after the US DST change"),
-        ("sydney-uni", "k1", local(Australia::Sydney, day(8, 2), 12), 2, Extra::Add(60_000_000), "midday spike"),
-        ("delhi-inst", "k2", local(Asia::Kolkata, day(8, 0), 10), 3, Extra::Add(25_000_000), "spike in a half-hour zone"),
+    type Incident = (
+        &'static str,
+        &'static str,
+        DateTime<Utc>,
+        i64,
+        Extra,
+        &'static str,
+    );
+    let incidents: Vec<Incident> = vec![
+        (
+            "berlin-uni",
+            "k1",
+            local(Europe::Berlin, day(4, 5), 3),
+            2,
+            Extra::Add(40_000_000),
+            "runaway script, Saturday night",
+        ),
+        (
+            "oslo-uni",
+            "k2",
+            local(Europe::Oslo, day(4, 1), 14),
+            3,
+            Extra::Add(16_000_000),
+            "abuse, Tuesday afternoon",
+        ),
+        (
+            "oslo-uni",
+            "k2",
+            local(Europe::Oslo, day(5, 1), 14),
+            3,
+            Extra::Add(16_000_000),
+            "the same abuse a week later",
+        ),
+        (
+            "sydney-uni",
+            "k3",
+            local(Australia::Sydney, day(4, 5), 1),
+            6,
+            Extra::Add(35_000_000),
+            "leaked key, weekend night",
+        ),
+        (
+            "utc-lab",
+            "k1",
+            local(UTC, day(4, 2), 10),
+            2,
+            Extra::Add(45_000_000),
+            "batch gone wrong",
+        ),
+        (
+            "la-corp",
+            "k1",
+            local(America::Los_Angeles, day(5, 0), 9),
+            84,
+            Extra::Times(5),
+            "level change ×5 for 3.5 days",
+        ),
+        (
+            "la-corp",
+            "k2",
+            local(America::Los_Angeles, day(7, 3), 15),
+            1,
+            Extra::Add(70_000_000),
+            "one-hour burst",
+        ),
+        (
+            "tiny-school",
+            "k1",
+            local(Europe::Berlin, day(5, 2), 20),
+            3,
+            Extra::Add(25_000_000),
+            "abuse at a tiny institution",
+        ),
+        (
+            "ny-college",
+            "k2",
+            local(America::New_York, day(6, 1), 11),
+            4,
+            Extra::Add(30_000_000),
+            "spike on a working day",
+        ),
+        (
+            "delhi-inst",
+            "k1",
+            local(Asia::Kolkata, day(7, 4), 16),
+            3,
+            Extra::Add(50_000_000),
+            "spike in a growing institution",
+        ),
+        (
+            "utc-lab",
+            "k4",
+            local(UTC, day(6, 3), 13),
+            5,
+            Extra::Add(60_000_000),
+            "new key, leaked on its first day",
+        ),
+        (
+            "berlin-uni",
+            "k2",
+            local(Europe::Berlin, day(7, 0), 10),
+            2,
+            Extra::Add(45_000_000),
+            "Monday after the DST change",
+        ),
+        (
+            "ny-college",
+            "k3",
+            local(America::New_York, day(7, 6), 2),
+            3,
+            Extra::Add(20_000_000),
+            "night, just after the US DST change",
+        ),
+        (
+            "sydney-uni",
+            "k1",
+            local(Australia::Sydney, day(8, 2), 12),
+            2,
+            Extra::Add(60_000_000),
+            "midday spike",
+        ),
+        (
+            "delhi-inst",
+            "k2",
+            local(Asia::Kolkata, day(8, 0), 10),
+            3,
+            Extra::Add(25_000_000),
+            "spike in a half-hour zone",
+        ),
     ];
     let mut rows = Vec::new();
     let mut series = SpendSeries {
@@ -146,7 +334,11 @@ pub fn generate() -> LabelledSet {
                     v = v * share / 1000;
                 }
                 // Berlin's weekly batch job: Mondays 06:00 local, whatever the UTC hour.
-                if inst.id == "berlin-uni" && *key == "k3" && lt.weekday().number_from_monday() == 1 && lt.hour() == 6 {
+                if inst.id == "berlin-uni"
+                    && *key == "k3"
+                    && lt.weekday().number_from_monday() == 1
+                    && lt.hour() == 6
+                {
                     v += 25_000_000;
                 }
                 for (i, k, at, n, extra, _) in &incidents {
@@ -207,23 +399,24 @@ mod tests {
     use crate::config::{Config, InstitutionConfig};
 
     fn config(set: &LabelledSet) -> Config {
-        let mut cfg = Config::default();
-        cfg.institutions = set
-            .institutions
-            .iter()
-            .map(|(id, tz)| InstitutionConfig {
-                id: id.clone(),
-                name: String::new(),
-                monthly_budget_usd: None,
-                time_zone: tz.clone(),
-                contract_percent: Decimal::ZERO,
-                billing: Default::default(),
-                reference: String::new(),
-                moderation: false,
-                byok_fee_per_request_usd: Decimal::ZERO,
-            })
-            .collect();
-        cfg
+        Config {
+            institutions: set
+                .institutions
+                .iter()
+                .map(|(id, tz)| InstitutionConfig {
+                    id: id.clone(),
+                    name: String::new(),
+                    monthly_budget_usd: None,
+                    time_zone: tz.clone(),
+                    contract_percent: Decimal::ZERO,
+                    billing: Default::default(),
+                    reference: String::new(),
+                    moderation: false,
+                    byok_fee_per_request_usd: Decimal::ZERO,
+                })
+                .collect(),
+            ..Default::default()
+        }
     }
 
     /// The goal of issue 15, with the default settings, on this set.

@@ -3,10 +3,10 @@
 //! "resolved" per incident, delivery by webhook and e-mail, and a backtest.
 
 pub mod backtest;
-pub mod labelled;
-pub mod score;
 pub mod deliver;
 pub mod evaluator;
+pub mod labelled;
+pub mod score;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -189,13 +189,15 @@ pub fn median(v: &[Decimal]) -> Decimal {
 /// pages. An open spike counts as recovered at or below `resolve_factor` × the baseline
 /// (or the baseline plus a fifth of `min_spend`): a level change that persists through a
 /// quiet night stays one incident.
-pub fn spike(s: &Series, end: DateTime<Utc>, cfg: &SpikeConfig, ctx: &SpikeContext<'_>) -> SpikeCheck {
+pub fn spike(
+    s: &Series,
+    end: DateTime<Utc>,
+    cfg: &SpikeConfig,
+    ctx: &SpikeContext<'_>,
+) -> SpikeCheck {
     let window = i64::from(cfg.window_hours.max(1));
     let observed = window_sum(s, end, window);
-    let first = s
-        .iter()
-        .find(|(_, v)| !v.is_zero())
-        .map(|(t, _)| *t);
+    let first = s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t);
     let tz = ctx.tz.unwrap_or(chrono_tz::UTC);
     let inside_incident = |e: DateTime<Utc>| {
         let start = e - Duration::hours(window);
@@ -345,7 +347,10 @@ impl Tracker {
         resolved_at: DateTime<Utc>,
         reading: Reading,
     ) {
-        let list = self.closed.entry((reading.kind, reading.entity)).or_default();
+        let list = self
+            .closed
+            .entry((reading.kind, reading.entity))
+            .or_default();
         list.push(Closed {
             alert_id,
             fired_at,
@@ -365,7 +370,12 @@ impl Tracker {
 
     /// The spans of an entity's incidents (resolved ones, and the open one up to `now`),
     /// for keeping them out of its baseline.
-    pub fn spans(&self, kind: Kind, entity: &str, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    pub fn spans(
+        &self,
+        kind: Kind,
+        entity: &str,
+        now: DateTime<Utc>,
+    ) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
         let key = (kind, entity.to_owned());
         let mut out: Vec<_> = self
             .closed
@@ -526,7 +536,12 @@ pub fn spike_readings(
     for (inst, entity, c) in &mut checks {
         if c.basis == Basis::New {
             if let Some(p) = peers.get(inst.as_str()) {
-                *c = check(inst, entity, &series[&((*inst).clone(), (*entity).clone())], Some(*p));
+                *c = check(
+                    inst,
+                    entity,
+                    &series[&((*inst).clone(), (*entity).clone())],
+                    Some(*p),
+                );
             }
         }
     }
@@ -606,12 +621,22 @@ mod tests {
                 if h >= 8 { dec!(10) } else { dec!(1) },
             );
         }
-        let c = spike(&s, monday_10 + Duration::hours(1), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            monday_10 + Duration::hours(1),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert_eq!(c.baseline, dec!(10));
         assert!(c.observed <= c.fire_above, "{c:?}");
         // A runaway script at Monday 03:00: $40 against a usual $1.
         s.insert(next_monday + Duration::hours(3), dec!(40));
-        let c = spike(&s, next_monday + Duration::hours(4), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            next_monday + Duration::hours(4),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert!(c.observed > c.fire_above, "{c:?}");
     }
 
@@ -622,7 +647,12 @@ mod tests {
             *v /= dec!(100);
         }
         s.insert(next, dec!(1)); // 10x-100x the usual, but only $1
-        let c = spike(&s, next + Duration::hours(1), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            next + Duration::hours(1),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert!(c.observed <= c.fire_above);
     }
 
@@ -681,14 +711,25 @@ mod tests {
         // (the mean + 4σ of the old detector was $30.9).
         let again = abuse + Duration::weeks(1);
         s.insert(again, dec!(15.9));
-        let c = spike(&s, again + Duration::hours(1), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            again + Duration::hours(1),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert_eq!(c.baseline, dec!(0.6));
         assert!(c.observed > c.fire_above, "{c:?}");
         // Even two incidents in four weeks: the weeks inside an earlier incident are out.
         let two_before = abuse - Duration::weeks(2);
         s.insert(two_before, dec!(15.9));
-        let spans = [(two_before, two_before + Duration::hours(1)), (abuse, abuse + Duration::hours(1))];
-        let ctx = SpikeContext { excluded: &spans, ..Default::default() };
+        let spans = [
+            (two_before, two_before + Duration::hours(1)),
+            (abuse, abuse + Duration::hours(1)),
+        ];
+        let ctx = SpikeContext {
+            excluded: &spans,
+            ..Default::default()
+        };
         let c = spike(&s, again + Duration::hours(1), &cfg(), &ctx);
         assert_eq!(c.baseline, dec!(0.6));
         assert!(c.observed > c.fire_above, "{c:?}");
@@ -700,7 +741,10 @@ mod tests {
         // First day of a new key: $7/h is ordinary (peers spend $8/h), $60/h is not.
         let mut s = Series::new();
         s.insert(start, dec!(7));
-        let peers = SpikeContext { peers: Some(dec!(8)), ..Default::default() };
+        let peers = SpikeContext {
+            peers: Some(dec!(8)),
+            ..Default::default()
+        };
         let c = spike(&s, start + Duration::hours(1), &cfg(), &peers);
         assert_eq!(c.basis, Basis::New);
         assert!(c.observed <= c.fire_above, "{c:?}");
@@ -711,7 +755,12 @@ mod tests {
         s.insert(start, dec!(7));
         let next = start + Duration::days(1);
         s.insert(next, dec!(7.5));
-        let c = spike(&s, next + Duration::hours(1), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            next + Duration::hours(1),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert_eq!((c.basis, c.baseline), (Basis::Daily, dec!(7)));
         assert!(c.observed <= c.fire_above, "{c:?}");
     }
@@ -727,21 +776,41 @@ mod tests {
         }
         let mut monday = chrono::NaiveDate::from_ymd_opt(2026, 9, 28).unwrap();
         for _ in 0..6 {
-            let t = local_shift(berlin.from_local_datetime(&monday.and_hms_opt(6, 0, 0).unwrap()).unwrap().with_timezone(&Utc), 0, berlin);
+            let t = local_shift(
+                berlin
+                    .from_local_datetime(&monday.and_hms_opt(6, 0, 0).unwrap())
+                    .unwrap()
+                    .with_timezone(&Utc),
+                0,
+                berlin,
+            );
             s.insert(t, dec!(25));
             monday += Duration::days(7);
         }
         let after_dst = berlin
-            .from_local_datetime(&chrono::NaiveDate::from_ymd_opt(2026, 11, 2).unwrap().and_hms_opt(6, 0, 0).unwrap())
+            .from_local_datetime(
+                &chrono::NaiveDate::from_ymd_opt(2026, 11, 2)
+                    .unwrap()
+                    .and_hms_opt(6, 0, 0)
+                    .unwrap(),
+            )
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(after_dst.hour(), 5);
-        let ctx = SpikeContext { tz: Some(berlin), ..Default::default() };
+        let ctx = SpikeContext {
+            tz: Some(berlin),
+            ..Default::default()
+        };
         let c = spike(&s, after_dst + Duration::hours(1), &cfg(), &ctx);
         assert_eq!(c.baseline, dec!(25));
         assert!(c.observed <= c.fire_above, "{c:?}");
         // In UTC, the week before had the job an hour earlier: a false spike.
-        let c = spike(&s, after_dst + Duration::hours(1), &cfg(), &SpikeContext::default());
+        let c = spike(
+            &s,
+            after_dst + Duration::hours(1),
+            &cfg(),
+            &SpikeContext::default(),
+        );
         assert!(c.observed > c.fire_above, "{c:?}");
     }
 
@@ -791,5 +860,4 @@ mod tests {
         t2.restore_once("uni-a/2026-10/80".into());
         assert!(t2.step(now, vec![r]).is_empty());
     }
-
 }

@@ -176,11 +176,18 @@ pub fn table(s: &Score) -> String {
     let _ = writeln!(out, "{:<40} {:>10}", "spike alerts", s.alerts);
     let _ = writeln!(out, "{:<40} {:>10}", "false alerts", s.false_alerts);
     let _ = writeln!(out, "{:<40} {:>10.3}", "precision", s.precision);
-    let _ = writeln!(out, "{:<40} {:>10.2}", "median detection delay (h)", s.median_delay_hours);
+    let _ = writeln!(
+        out,
+        "{:<40} {:>10.2}",
+        "median detection delay (h)", s.median_delay_hours
+    );
     let _ = writeln!(
         out,
         "{:<40} {:>10.3}",
-        format!("false pages per institution-week ({} × {:.1})", s.institutions, s.weeks),
+        format!(
+            "false pages per institution-week ({} × {:.1})",
+            s.institutions, s.weeks
+        ),
         s.false_pages_per_institution_week
     );
     let _ = writeln!(
@@ -189,17 +196,27 @@ pub fn table(s: &Score) -> String {
         "resolved within 6 h of the end",
         format!("{}/{}", s.resolved_within_6h, s.detected)
     );
-    let _ = writeln!(out, "{:<40} {:>10.2}", "pages per detected incident", s.pages_per_incident);
+    let _ = writeln!(
+        out,
+        "{:<40} {:>10.2}",
+        "pages per detected incident", s.pages_per_incident
+    );
     let _ = writeln!(out);
     for r in &s.per_label {
         let _ = writeln!(
             out,
             "{:<9} {:<28} {} .. {}  delay {:<6} resolved {}  {}",
             if r.detected { "detected" } else { "MISSED" },
-            if r.label.key.is_empty() { &r.label.institution } else { &r.label.key },
+            if r.label.key.is_empty() {
+                &r.label.institution
+            } else {
+                &r.label.key
+            },
             r.label.start.format("%Y-%m-%d %H:%M"),
             r.label.end.format("%m-%d %H:%M"),
-            r.delay_hours.map(|d| format!("{d:.1}h")).unwrap_or_else(|| "-".into()),
+            r.delay_hours
+                .map(|d| format!("{d:.1}h"))
+                .unwrap_or_else(|| "-".into()),
             r.resolved_at
                 .map(|t| t.format("%m-%d %H:%M").to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::usage::Detail;
 use super::{
-    exact_amount, multiplier, quantities, round_cents, BillingError, Document, GroupSums,
-    LineKey, LineManifest, Period, Quantities, Unpriced,
+    exact_amount, multiplier, quantities, round_cents, BillingError, Document, GroupSums, LineKey,
+    LineManifest, Period, Quantities, Unpriced,
 };
 use crate::price::PriceBook;
 use crate::store::billing::EventState;
@@ -175,7 +175,8 @@ pub fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
 #[derive(Default)]
 pub struct DetailsAcc {
     #[allow(clippy::type_complexity)]
-    rows: BTreeMap<(String, String, String, String, String, u64, String, u8, u8), (GroupSums, bool)>,
+    rows:
+        BTreeMap<(String, String, String, String, String, u64, String, u8, u8), (GroupSums, bool)>,
 }
 
 impl DetailsAcc {
@@ -210,19 +211,21 @@ impl DetailsAcc {
     pub fn finish(self) -> Result<Vec<Detail>, BillingError> {
         self.rows
             .into_iter()
-            .map(|((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
-                sums.cost = sums.cost.normalize();
-                Ok(Detail {
-                    day: day.parse().map_err(|_| {
-                        BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
-                    })?,
-                    user_id,
-                    api_key_id,
-                    model,
-                    priced,
-                    sums,
-                })
-            })
+            .map(
+                |((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
+                    sums.cost = sums.cost.normalize();
+                    Ok(Detail {
+                        day: day.parse().map_err(|_| {
+                            BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
+                        })?,
+                        user_id,
+                        api_key_id,
+                        model,
+                        priced,
+                        sums,
+                    })
+                },
+            )
             .collect()
     }
 }
@@ -279,7 +282,10 @@ impl KeyEvents {
 }
 
 /// Per line of a document: its manifest, and the (event id, leaf) pairs to store.
-pub type Evidence<'a> = (Vec<LineManifest>, Vec<(u32, Vec<(&'a str, [u8; 32])>)>);
+pub type Evidence<'a> = (
+    Vec<LineManifest>,
+    Vec<crate::store::billing::LineEvents<'a>>,
+);
 
 /// The manifest of every line of `doc`, from the events its lines were computed from.
 pub fn manifest<'a>(doc: &Document, events: &'a KeyEvents) -> Evidence<'a> {
@@ -437,7 +443,9 @@ pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck
     match (l.now_amount, l.billed_before) {
         (Some(n), Some(b)) => {
             if n != now_amount {
-                problems.push(format!("its events come to {now_amount}, the document says {n}"));
+                problems.push(format!(
+                    "its events come to {now_amount}, the document says {n}"
+                ));
             }
             if b != input.billed_before {
                 problems.push(format!(
@@ -521,7 +529,10 @@ pub fn check_document(
         ));
     }
     match ledger.iter().find(|d| d.number == doc.number) {
-        None => problems.push(format!("the ledger has no document numbered {}", doc.number)),
+        None => problems.push(format!(
+            "the ledger has no document numbered {}",
+            doc.number
+        )),
         Some(orig) => {
             if orig != &doc {
                 problems.extend(differences(orig, &doc));
@@ -652,7 +663,13 @@ cache_read_per_mtok = "0.3"
         let (q, w) = priced(p, &groups, book, Decimal::ZERO).unwrap();
         let mut doc = crate::billing::render::tests::sample(0);
         doc.contract_percent = dec!(-12.5);
-        doc.lines = due_lines(&q, &w, &BilledLines::new(), p, multiplier(doc.contract_percent));
+        doc.lines = due_lines(
+            &q,
+            &w,
+            &BilledLines::new(),
+            p,
+            multiplier(doc.contract_percent),
+        );
         doc.totals();
         let mut ke = KeyEvents::default();
         for e in states {
@@ -661,17 +678,33 @@ cache_read_per_mtok = "0.3"
         let (m, stored) = manifest(&doc, &ke);
         let stored = stored
             .into_iter()
-            .map(|(i, v)| (i, v.into_iter().map(|(id, l)| (id.to_owned(), hex::encode(l))).collect()))
+            .map(|(i, v)| {
+                (
+                    i,
+                    v.into_iter()
+                        .map(|(id, l)| (id.to_owned(), hex::encode(l)))
+                        .collect(),
+                )
+            })
             .collect();
         doc.manifest = m;
         doc.sha256 = doc.content_hash();
         (doc, stored)
     }
 
-    fn checks(doc: &Document, stored: &Stored, now: &[EventState], book: &PriceBook) -> Vec<LineCheck> {
+    fn checks(
+        doc: &Document,
+        stored: &Stored,
+        now: &[EventState],
+        book: &PriceBook,
+    ) -> Vec<LineCheck> {
         let p: Period = "2026-10".parse().unwrap();
-        let keys: HashMap<LineKey, u32> =
-            doc.lines.iter().enumerate().map(|(i, l)| (l.key(), i as u32)).collect();
+        let keys: HashMap<LineKey, u32> = doc
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.key(), i as u32))
+            .collect();
         let current: HashMap<String, Facts> = now
             .iter()
             .map(|e| (e.event_id.clone(), facts(p, e, book, Decimal::ZERO, &keys)))
@@ -693,7 +726,10 @@ cache_read_per_mtok = "0.3"
 
     #[test]
     fn merkle_root_is_order_sensitive_and_covers_every_leaf() {
-        let l: Vec<[u8; 32]> = ["a", "b", "c"].iter().map(|s| Sha256::digest(s.as_bytes()).into()).collect();
+        let l: Vec<[u8; 32]> = ["a", "b", "c"]
+            .iter()
+            .map(|s| Sha256::digest(s.as_bytes()).into())
+            .collect();
         let r = merkle_root(&l);
         assert_ne!(r, merkle_root(&l[..2]));
         assert_ne!(r, merkle_root(&[l[1], l[0], l[2]]));
@@ -706,7 +742,10 @@ cache_read_per_mtok = "0.3"
         let states = vec![event("a", 100, 0, 10), event("b", 50, 20, 0)];
         let (g, u) = usage_of(&states);
         assert_eq!(g.len(), 1);
-        assert_eq!((g[0].events, g[0].input, g[0].cache_read, g[0].output), (2, 150, 20, 10));
+        assert_eq!(
+            (g[0].events, g[0].input, g[0].cache_read, g[0].output),
+            (2, 150, 20, 10)
+        );
         assert_eq!(g[0].cost, (states[0].cost + states[1].cost).normalize());
         assert_eq!(u.events, 0);
     }
@@ -768,7 +807,7 @@ cache_read_per_mtok = "0.3"
             let rate = ["input_per_mtok", "output_per_mtok", "cache_read_per_mtok"][which];
             let old = ["3", "15", "0.3"][which];
             let new = (old.parse::<Decimal>().unwrap() + Decimal::new(cents, 2)).to_string();
-            let src = format!(r#"
+            let src = r#"
 [[price]]
 provider = "openai"
 model = "m"
@@ -778,7 +817,7 @@ effective_from = "2024-01-01"
 input_per_mtok = "3"
 output_per_mtok = "15"
 cache_read_per_mtok = "0.3"
-"#).replace(&format!("{rate} = \"{old}\""), &format!("{rate} = \"{new}\""));
+"#.replace(&format!("{rate} = \"{old}\""), &format!("{rate} = \"{new}\""));
             let changed = PriceBook::from_sources(&[("t.toml".into(), src)]).unwrap();
             prop_assert_ne!(changed.version(), b.version());
             let c = checks(&doc, &stored, &states, &changed);

@@ -173,7 +173,11 @@ pub fn ends_at(end: &DateTime<Utc>, tz: &chrono_tz::Tz) -> String {
     if *tz == chrono_tz::UTC {
         return utc;
     }
-    format!("{} {} ({utc})", end.with_timezone(tz).format("%Y-%m-%d %H:%M"), tz.name())
+    format!(
+        "{} {} ({utc})",
+        end.with_timezone(tz).format("%Y-%m-%d %H:%M"),
+        tz.name()
+    )
 }
 
 fn rates_for(book: &PriceBook, g: &GroupSums) -> Result<(String, Rates, Decimal), BillingError> {
@@ -283,7 +287,11 @@ pub fn priced(
                 model: g.price_model.clone(),
                 variant: variant.clone(),
                 class,
-                unit_price: if g.byok { Decimal::ZERO } else { unit.normalize() },
+                unit_price: if g.byok {
+                    Decimal::ZERO
+                } else {
+                    unit.normalize()
+                },
             };
             computed += exact_amount(class, qty, unit);
             if let Some(w) = window {
@@ -418,7 +426,13 @@ pub fn due_lines(
 
 /// Turns quantities into priced, rounded lines (nothing billed before).
 pub fn lines(q: &Quantities, invoice_period: Period, mult: Decimal) -> Vec<Line> {
-    due_lines(q, &Windows::new(), &BilledLines::new(), invoice_period, mult)
+    due_lines(
+        q,
+        &Windows::new(),
+        &BilledLines::new(),
+        invoice_period,
+        mult,
+    )
 }
 
 /// One invoice line.
@@ -777,7 +791,10 @@ mod tests {
             tz,
         };
         let m = e.to_string();
-        assert!(m.contains("2026-12-01 00:00 Europe/Berlin (2026-11-30 23:00 UTC)"), "{m}");
+        assert!(
+            m.contains("2026-12-01 00:00 Europe/Berlin (2026-11-30 23:00 UTC)"),
+            "{m}"
+        );
         assert_eq!(m.matches("UTC").count(), 1, "{m}");
         let e = BillingError::PeriodNotEnded {
             institution: "uni-a".into(),
@@ -785,7 +802,10 @@ mod tests {
             end: p.bounds(chrono_tz::UTC).1,
             tz: chrono_tz::UTC,
         };
-        assert!(e.to_string().contains("(it ends 2026-12-01 00:00 UTC)"), "{e}");
+        assert!(
+            e.to_string().contains("(it ends 2026-12-01 00:00 UTC)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -897,7 +917,10 @@ per_request = "0.001"
         // Own-key usage is listed with its quantities and charged nothing, except the
         // platform fee per request.
         let own = find(BYOK_VARIANT, Class::Input);
-        assert_eq!((own.quantity, own.unit_price, own.amount), (2_000_000, Decimal::ZERO, dec!(0.00)));
+        assert_eq!(
+            (own.quantity, own.unit_price, own.amount),
+            (2_000_000, Decimal::ZERO, dec!(0.00))
+        );
         assert_eq!(find(BYOK_VARIANT, Class::Requests).amount, dec!(0.00));
         let fee = find(BYOK_FEE_VARIANT, Class::Requests);
         assert_eq!((fee.quantity, fee.amount), (5, dec!(0.01)));
@@ -907,7 +930,9 @@ per_request = "0.001"
         assert_eq!(total, dec!(6.02));
         // Without a fee in the contract, own-key usage costs nothing at all.
         let q = quantities(p, &groups[2..], &book, Decimal::ZERO).unwrap();
-        assert!(lines(&q, p, Decimal::ONE).iter().all(|l| l.amount.is_zero()));
+        assert!(lines(&q, p, Decimal::ONE)
+            .iter()
+            .all(|l| l.amount.is_zero()));
     }
 
     #[test]

@@ -415,7 +415,11 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         }
         let p = pages.last().expect("page");
         for (i, r) in rows.iter().enumerate() {
-            let size = if i > 0 && r.starts_with("its events") { 7.5 } else { 8.5 };
+            let size = if i > 0 && r.starts_with("its events") {
+                7.5
+            } else {
+                8.5
+            };
             p.text(r, size, LEFT, y - 4.0 * i as f32);
         }
         p.text(&l.period.to_string(), 8.5, 112.0, y);
@@ -508,7 +512,10 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
     if !doc.sha256.is_empty() {
         notes.push(format!("Document SHA-256: {}", doc.sha256));
         if !doc.previous_sha256.is_empty() {
-            notes.push(format!("Previous document's SHA-256: {}", doc.previous_sha256));
+            notes.push(format!(
+                "Previous document's SHA-256: {}",
+                doc.previous_sha256
+            ));
         }
     }
     if !doc.manifest.is_empty() {
@@ -517,7 +524,12 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
                 .to_owned(),
         );
         for (i, m) in doc.manifest.iter().enumerate() {
-            notes.push(format!("line {}: {} requests, {}", i + 1, m.events, m.merkle_root));
+            notes.push(format!(
+                "line {}: {} requests, {}",
+                i + 1,
+                m.events,
+                m.merkle_root
+            ));
         }
     }
     for n in notes {
@@ -643,7 +655,8 @@ pub(crate) mod tests {
     #[test]
     fn pdf_embeds_a_font_subset_and_wraps_long_descriptions() {
         let mut d = sample(3);
-        d.lines[0].variant = "batch, prompts > 200000 tokens, own provider key, not charged, estimated usage".into();
+        d.lines[0].variant =
+            "batch, prompts > 200000 tokens, own provider key, not charged, estimated usage".into();
         let bytes = pdf(&d).unwrap();
         eprintln!("PDF with a subset font: {} bytes", bytes.len());
         assert!(bytes.len() < 100 * 1024, "{} bytes", bytes.len());

@@ -113,9 +113,10 @@ impl<'a> Billing<'a> {
         let mut unpriced_earlier = Vec::new();
         for (p, (_, now)) in usage.range(..period) {
             let (mut events, mut tokens) = (0, 0);
-            for d in ledger.of(institution).filter(|d| {
-                d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none()
-            }) {
+            for d in ledger
+                .of(institution)
+                .filter(|d| d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none())
+            {
                 if d.period == *p {
                     events += d.unpriced.events;
                     tokens += d.unpriced.tokens;
@@ -235,7 +236,10 @@ impl<'a> Billing<'a> {
     /// The usage CSV frozen when the document was issued: the rows its lines were
     /// computed from (adds up to the invoice's own-period lines). `None` for documents
     /// without a snapshot (drafts, credit notes, documents issued before snapshots).
-    pub async fn usage_csv_as_issued(&self, doc: &Document) -> Result<Option<String>, BillingError> {
+    pub async fn usage_csv_as_issued(
+        &self,
+        doc: &Document,
+    ) -> Result<Option<String>, BillingError> {
         if doc.snapshot.is_empty() {
             return Ok(None);
         }
@@ -710,7 +714,9 @@ impl Billing<'_> {
                     recorded.push(if doc.snapshot.is_empty() {
                         Vec::new()
                     } else {
-                        self.store.snapshot_line_events(&doc.snapshot, i as u32).await?
+                        self.store
+                            .snapshot_line_events(&doc.snapshot, i as u32)
+                            .await?
                     });
                 }
                 let recorded_ids: HashSet<&str> = recorded
@@ -815,7 +821,10 @@ impl Billing<'_> {
             "number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status"
         );
         let description = l.description();
-        let mut row = |id: &str, e: Option<&crate::store::billing::EventState>, q: Option<i64>, status: &str| {
+        let mut row = |id: &str,
+                       e: Option<&crate::store::billing::EventState>,
+                       q: Option<i64>,
+                       status: &str| {
             let cells = [
                 doc.number.as_str(),
                 &line.to_string(),

@@ -190,7 +190,11 @@ pub fn table(d: &Document) -> String {
             desc,
             l.period.to_string(),
             l.quantity,
-            format!("${}{}", l.billed_unit_price(d.contract_percent), per(l.class)),
+            format!(
+                "${}{}",
+                l.billed_unit_price(d.contract_percent),
+                per(l.class)
+            ),
             money(l.amount)
         );
         if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
@@ -384,7 +388,9 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                 store
                     .frozen_invoice(&document)
                     .await?
-                    .with_context(|| format!("{document} is neither a file nor a stored document number"))?
+                    .with_context(|| {
+                        format!("{document} is neither a file nor a stored document number")
+                    })?
                     .document
                     .into_bytes()
             };
@@ -423,7 +429,11 @@ fn verification_table(v: &crate::billing::service::InvoiceVerification) -> Strin
         s,
         "{} {}",
         d.number,
-        if d.ok { "document: as issued, hash chain holds" } else { "document: ALTERED" }
+        if d.ok {
+            "document: as issued, hash chain holds"
+        } else {
+            "document: ALTERED"
+        }
     );
     for p in &d.problems {
         let _ = writeln!(s, "  - {p}");
@@ -433,7 +443,10 @@ fn verification_table(v: &crate::billing::service::InvoiceVerification) -> Strin
     }
     for l in &v.lines {
         let later = if l.arrived_later > 0 {
-            format!(" ({} event(s) stored since: later adjustments)", l.arrived_later)
+            format!(
+                " ({} event(s) stored since: later adjustments)",
+                l.arrived_later
+            )
         } else {
             String::new()
         };
@@ -540,7 +553,11 @@ pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> an
 fn reconcile_table(r: &Reconciliation) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let _ = writeln!(s, "period {} (each institution's billing month, in its time zone)", r.period);
+    let _ = writeln!(
+        s,
+        "period {} (each institution's billing month, in its time zone)",
+        r.period
+    );
     let _ = writeln!(
         s,
         "{:<20} {:<16} {:>13} {:>13} {:>13} {:>11} {:>13} {:>15} {:>15} {:>13}  status",

@@ -126,8 +126,16 @@ fn print_created(row: &KeyRow, secret: &str, format: CreatedFormat) -> anyhow::R
             eprintln!(
                 "key {} for {} / {} (shown once; only its hash is stored):",
                 row.key_id,
-                if row.institution_id.is_empty() { "any institution" } else { &row.institution_id },
-                if row.user_id.is_empty() { "-" } else { &row.user_id }
+                if row.institution_id.is_empty() {
+                    "any institution"
+                } else {
+                    &row.institution_id
+                },
+                if row.user_id.is_empty() {
+                    "-"
+                } else {
+                    &row.user_id
+                }
             );
             println!("{secret}");
         }
@@ -217,13 +225,15 @@ pub async fn run(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 ReportFormat::Json => {
                     let out: Vec<serde_json::Value> = rows
                         .iter()
-                        .map(|r| serde_json::json!({
-                            "key_id": r.key_id, "kind": r.kind, "state": state(r, now),
-                            "institution": r.institution_id, "user": r.user_id, "name": r.name,
-                            "models": r.models, "rpm": r.rpm, "tpm": r.tpm,
-                            "expires": expires_text(r.expires_at),
-                            "created_by": r.created_by,
-                        }))
+                        .map(|r| {
+                            serde_json::json!({
+                                "key_id": r.key_id, "kind": r.kind, "state": state(r, now),
+                                "institution": r.institution_id, "user": r.user_id, "name": r.name,
+                                "models": r.models, "rpm": r.rpm, "tpm": r.tpm,
+                                "expires": expires_text(r.expires_at),
+                                "created_by": r.created_by,
+                            })
+                        })
                         .collect();
                     println!("{}", serde_json::to_string_pretty(&out)?);
                 }
@@ -243,7 +253,11 @@ pub async fn run(cfg: &Config, command: KeysCommand) -> anyhow::Result<()> {
                             expires_text(r.expires_at),
                             r.rpm,
                             r.tpm,
-                            if r.models.is_empty() { "any".into() } else { r.models.join(",") }
+                            if r.models.is_empty() {
+                                "any".into()
+                            } else {
+                                r.models.join(",")
+                            }
                         );
                     }
                 }
@@ -355,8 +369,15 @@ async fn upstream(
                     set_by: actor.into(),
                 })
                 .await?;
-            keys::audit_upstream(store, actor, "upstream_set", &institution, provider, &fingerprint)
-                .await?;
+            keys::audit_upstream(
+                store,
+                actor,
+                "upstream_set",
+                &institution,
+                provider,
+                &fingerprint,
+            )
+            .await?;
             eprintln!("{provider} key of {institution} stored encrypted (fingerprint {fingerprint}); gateways use it within {} ms", cfg.gateway.keys_refresh_ms);
             Ok(())
         }
@@ -369,7 +390,9 @@ async fn upstream(
                 .current_upstream_keys()
                 .await?
                 .into_iter()
-                .find(|u| u.institution_id == institution && u.provider == provider && u.removed == 0)
+                .find(|u| {
+                    u.institution_id == institution && u.provider == provider && u.removed == 0
+                })
                 .with_context(|| format!("{institution} has no {provider} key stored"))?;
             store
                 .write_upstream_key(&UpstreamKeyRow {
@@ -382,9 +405,18 @@ async fn upstream(
                     ..current.clone()
                 })
                 .await?;
-            keys::audit_upstream(store, actor, "upstream_remove", &institution, provider, &current.fingerprint)
-                .await?;
-            eprintln!("{provider} key of {institution} removed; its requests use the platform key again");
+            keys::audit_upstream(
+                store,
+                actor,
+                "upstream_remove",
+                &institution,
+                provider,
+                &current.fingerprint,
+            )
+            .await?;
+            eprintln!(
+                "{provider} key of {institution} removed; its requests use the platform key again"
+            );
             Ok(())
         }
         UpstreamCommand::List => {

@@ -80,7 +80,9 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
                 _ => (LimitScope::Institution, String::new()),
             };
             if cfg.institution(&institution).is_none() {
-                eprintln!("note: institution {institution} is not in the config; its periods use UTC");
+                eprintln!(
+                    "note: institution {institution} is not in the config; its periods use UTC"
+                );
             }
             let limit = Limit {
                 institution_id: institution,

@@ -325,7 +325,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     chrono::Duration::hours(i64::from(cfg.alerts.spike.window_hours.max(1))),
                 );
                 match format {
-                    invoice::ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                    invoice::ReportFormat::Json => {
+                        println!("{}", serde_json::to_string_pretty(&s)?)
+                    }
                     invoice::ReportFormat::Table => print!("{}", crate::alerts::score::table(&s)),
                 }
                 return Ok(());

@@ -169,7 +169,10 @@ pub struct Limit {
     pub metric: Metric,
     pub period: LimitPeriod,
     /// USD for `usd` (exact decimal), a whole number for `requests` and `tokens`.
-    #[serde(deserialize_with = "amount", serialize_with = "rust_decimal::serde::str::serialize")]
+    #[serde(
+        deserialize_with = "amount",
+        serialize_with = "rust_decimal::serde::str::serialize"
+    )]
     pub amount: Decimal,
     pub mode: LimitMode,
 }
@@ -201,7 +204,9 @@ impl Limit {
             _ => {}
         }
         if self.subject.len() > MAX_ID_LEN || self.subject.contains('\n') {
-            return Err(format!("user or key id must be at most {MAX_ID_LEN} bytes, one line"));
+            return Err(format!(
+                "user or key id must be at most {MAX_ID_LEN} bytes, one line"
+            ));
         }
         if self.amount.is_sign_negative() {
             return Err("a limit cannot be negative".into());
@@ -327,10 +332,16 @@ mod tests {
         );
         // The day of the DST change in Oslo (2026-10-25) has 25 hours.
         let (s, e) = LimitPeriod::Day.bounds(utc("2026-10-25T12:00:00Z"), oslo);
-        assert_eq!((s, e), (utc("2026-10-24T22:00:00Z"), utc("2026-10-25T23:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (utc("2026-10-24T22:00:00Z"), utc("2026-10-25T23:00:00Z"))
+        );
         // Weeks start on Monday: 2026-12-03 is a Thursday.
         let (s, e) = LimitPeriod::Week.bounds(utc("2026-12-03T10:00:00Z"), oslo);
-        assert_eq!((s, e), (utc("2026-11-29T23:00:00Z"), utc("2026-12-06T23:00:00Z")));
+        assert_eq!(
+            (s, e),
+            (utc("2026-11-29T23:00:00Z"), utc("2026-12-06T23:00:00Z"))
+        );
         // A half-hour zone.
         let adelaide: chrono_tz::Tz = "Australia/Adelaide".parse().unwrap();
         let (s, _) = LimitPeriod::Day.bounds(utc("2026-07-01T00:00:00Z"), adelaide);
@@ -357,7 +368,10 @@ mod tests {
         assert_eq!(l.validate(), Ok(()));
         l.subject.clear();
         assert!(l.validate().is_err());
-        assert_eq!("weekly".parse::<LimitPeriod>().unwrap_err(), "weekly is not a limit period; use one of: day, week, month");
+        assert_eq!(
+            "weekly".parse::<LimitPeriod>().unwrap_err(),
+            "weekly is not a limit period; use one of: day, week, month"
+        );
     }
 
     #[test]
@@ -369,8 +383,14 @@ mod tests {
         };
         assert_eq!(parse("\"12.50\"").unwrap().amount, Decimal::new(1250, 2));
         assert_eq!(parse("15").unwrap().amount, Decimal::from(15));
-        assert!(parse("12.5").unwrap_err().to_string().contains("never a float"));
-        assert!(parse("\"lots\"").unwrap_err().to_string().contains("not a number"));
+        assert!(parse("12.5")
+            .unwrap_err()
+            .to_string()
+            .contains("never a float"));
+        assert!(parse("\"lots\"")
+            .unwrap_err()
+            .to_string()
+            .contains("not a number"));
     }
 
     proptest! {

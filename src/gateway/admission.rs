@@ -80,7 +80,12 @@ pub fn worst_case(
         .iter()
         .map(|e| crate::price::worst_case(e, prompt, output))
         .max()
-        .ok_or_else(|| format!("the model {} has no price", crate::format::log_safe(model, 100)));
+        .ok_or_else(|| {
+            format!(
+                "the model {} has no price",
+                crate::format::log_safe(model, 100)
+            )
+        });
     Ask {
         usd,
         tokens: prompt.saturating_add(output),
@@ -122,7 +127,12 @@ pub async fn refresh(
         let mut pending = r.pending.clone();
         pending.push(String::new());
         let rows = store
-            .limit_usage(&r.institution, r.start.timestamp(), r.end.timestamp(), pending)
+            .limit_usage(
+                &r.institution,
+                r.start.timestamp(),
+                r.end.timestamp(),
+                pending,
+            )
             .await?;
         results.push((r, rows));
     }
@@ -182,7 +192,16 @@ pub async fn keep_fresh(
                 *b = book.current();
             }
         }
-        match refresh(&budgets, &store, &configured, &instance, &mut cache, Utc::now()).await {
+        match refresh(
+            &budgets,
+            &store,
+            &configured,
+            &instance,
+            &mut cache,
+            Utc::now(),
+        )
+        .await
+        {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!("limits and usage read again");
@@ -233,10 +252,23 @@ output_per_mtok = "17"
     #[test]
     fn the_worst_case_takes_the_dearest_tier_and_the_cap() {
         let book = PriceBook::from_sources(&[("b.toml".into(), BOOK.into())]).unwrap();
-        let bounds = Bounds { overhead_tokens: 500, image_tokens: 3000, default_output_tokens: 1000 };
+        let bounds = Bounds {
+            overhead_tokens: 500,
+            image_tokens: 3000,
+            default_output_tokens: 1000,
+        };
         let now = "2026-12-03T12:00:00Z".parse().unwrap();
         let body = br#"{"model":"gpt-4o","max_tokens":100,"n":2,"messages":[{"role":"user","content":"hi"}]}"#;
-        let ask = worst_case(&book, &bounds, Provider::OpenAi, Api::ChatCompletions, "gpt-4o", body, &prepared(body), now);
+        let ask = worst_case(
+            &book,
+            &bounds,
+            Provider::OpenAi,
+            Api::ChatCompletions,
+            "gpt-4o",
+            body,
+            &prepared(body),
+            now,
+        );
         let prompt = body.len() as u64 + 500;
         assert_eq!(ask.tokens, prompt + 200);
         // Priority rates: 4.25 and 17 per million.
@@ -244,10 +276,28 @@ output_per_mtok = "17"
         assert_eq!(ask.usd, Ok(expected.normalize()));
         // No cap: the book's maximum output.
         let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#;
-        let ask = worst_case(&book, &bounds, Provider::OpenAi, Api::ChatCompletions, "gpt-4o", body, &prepared(body), now);
+        let ask = worst_case(
+            &book,
+            &bounds,
+            Provider::OpenAi,
+            Api::ChatCompletions,
+            "gpt-4o",
+            body,
+            &prepared(body),
+            now,
+        );
         assert_eq!(ask.tokens, body.len() as u64 + 500 + 2 * 3000 + 16384);
         // A model without a price.
-        let ask = worst_case(&book, &bounds, Provider::OpenAi, Api::ChatCompletions, "gpt-9", body, &prepared(body), now);
+        let ask = worst_case(
+            &book,
+            &bounds,
+            Provider::OpenAi,
+            Api::ChatCompletions,
+            "gpt-9",
+            body,
+            &prepared(body),
+            now,
+        );
         assert!(ask.usd.unwrap_err().contains("gpt-9"));
         assert_eq!(ask.tokens, body.len() as u64 + 500 + 2 * 3000 + 1000);
     }

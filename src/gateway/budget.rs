@@ -61,7 +61,13 @@ impl Blocked {
     /// it renews (in the institution's time zone).
     pub fn message(&self, tz: chrono_tz::Tz) -> String {
         let l = &self.limit;
-        let money = |d: Decimal| format!("${}", d.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero).normalize());
+        let money = |d: Decimal| {
+            format!(
+                "${}",
+                d.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero)
+                    .normalize()
+            )
+        };
         let amount = |d: Decimal| match l.metric {
             Metric::Usd => money(d),
             m => format!("{} {m}", d.normalize()),
@@ -74,7 +80,10 @@ impl Blocked {
         let renews = self.renews.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z");
         let need = match &self.need {
             Some(n) => format!("this request needs up to {}", amount(*n)),
-            None => "this model has no price in the price book, so its cost cannot be held to a budget".into(),
+            None => {
+                "this model has no price in the price book, so its cost cannot be held to a budget"
+                    .into()
+            }
         };
         format!(
             "Limit reached: {who} may use {} (limit {}). Left this period: {}; {need}. It renews at {renews}.",
@@ -176,11 +185,22 @@ impl LimitSet {
         for l in limits {
             let id = l.id();
             periods.insert((l.institution_id.clone(), l.period));
-            let s = set.by_institution.entry(l.institution_id.clone()).or_default();
+            let s = set
+                .by_institution
+                .entry(l.institution_id.clone())
+                .or_default();
             match l.scope {
                 LimitScope::Institution => s.institution.push(id.clone()),
-                LimitScope::User => s.users.entry(l.subject.clone()).or_default().push(id.clone()),
-                LimitScope::Key => s.keys.entry(l.subject.clone()).or_default().push(id.clone()),
+                LimitScope::User => s
+                    .users
+                    .entry(l.subject.clone())
+                    .or_default()
+                    .push(id.clone()),
+                LimitScope::Key => s
+                    .keys
+                    .entry(l.subject.clone())
+                    .or_default()
+                    .push(id.clone()),
             }
             set.limits.insert(id, Arc::new(l));
         }
@@ -279,7 +299,10 @@ impl Budgets {
     }
 
     pub fn zone(&self, institution: &str) -> chrono_tz::Tz {
-        self.zones.get(institution).copied().unwrap_or(chrono_tz::UTC)
+        self.zones
+            .get(institution)
+            .copied()
+            .unwrap_or(chrono_tz::UTC)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -330,7 +353,9 @@ impl Budgets {
                 usd_left = Some(usd_left.map_or(left, |u| u.min(left)));
             }
             let fits = need.is_some_and(|n| {
-                n <= left && c.share.is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
+                n <= left
+                    && c.share
+                        .is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
             });
             if !fits && refused.is_none() {
                 c.refused += 1;
@@ -483,13 +508,20 @@ impl Budgets {
             ..Snapshot::default()
         };
         for (read, rows) in reads {
-            let ix = UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts())));
+            let ix = UsageIndex::of_rows(
+                rows.iter()
+                    .map(|r| (&r.user_id, &r.api_key_id, r.amounts())),
+            );
             snap.stored_ids.insert(
                 (read.institution.clone(), read.start.timestamp()),
                 rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),
             );
             snap.usage.insert(
-                (read.institution.clone(), read.start.timestamp(), read.end.timestamp()),
+                (
+                    read.institution.clone(),
+                    read.start.timestamp(),
+                    read.end.timestamp(),
+                ),
                 ix,
             );
         }
@@ -500,7 +532,10 @@ impl Budgets {
         inner.counters.retain(|key, c| {
             let limit = snap.set.limits.get(&key.0);
             if let Some(l) = limit {
-                if snap.usage.contains_key(&(l.institution_id.clone(), key.1, c.end)) {
+                if snap
+                    .usage
+                    .contains_key(&(l.institution_id.clone(), key.1, c.end))
+                {
                     c.refresh(l, key, &snap);
                 }
             }
@@ -548,7 +583,9 @@ impl Budgets {
         inner
             .counters
             .values()
-            .fold((0, Decimal::ZERO), |(n, usd), c| (n + c.open, usd + c.reserved.usd))
+            .fold((0, Decimal::ZERO), |(n, usd), c| {
+                (n + c.open, usd + c.reserved.usd)
+            })
     }
 
     /// The used amount of a limit in the period holding `now` (tests, dashboard).
@@ -585,8 +622,12 @@ impl Reservation {
     /// event `event_id`).
     pub fn settle(mut self, event_id: &str, actual: Amounts) {
         self.done = true;
-        self.budgets
-            .finish(&self.keys, &self.epochs, &self.amounts, Some((event_id, actual)));
+        self.budgets.finish(
+            &self.keys,
+            &self.epochs,
+            &self.amounts,
+            Some((event_id, actual)),
+        );
     }
 
     pub fn reserved(&self) -> Amounts {
@@ -597,7 +638,8 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.budgets.finish(&self.keys, &self.epochs, &self.amounts, None);
+            self.budgets
+                .finish(&self.keys, &self.epochs, &self.amounts, None);
         }
     }
 }
@@ -652,21 +694,49 @@ mod tests {
     #[test]
     fn reserve_settle_release() {
         let b = Budgets::new(HashMap::new());
-        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1.00))]);
-        let Admission::Admitted(r1) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        install(
+            &b,
+            vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1.00))],
+        );
+        let Admission::Admitted(r1) = b.admit(&who(), &usd(dec!(0.40)), now()) else {
+            panic!()
+        };
         assert_eq!(r1.remaining_usd, Some(dec!(0.60)));
-        let Admission::Admitted(r2) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        let Admission::Admitted(r2) = b.admit(&who(), &usd(dec!(0.40)), now()) else {
+            panic!()
+        };
         // 0.80 reserved: a third 0.40 does not fit, 0.20 does.
-        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0.40)), now()) else { panic!() };
+        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0.40)), now()) else {
+            panic!()
+        };
         assert_eq!((x.remaining, x.need), (dec!(0.20), Some(dec!(0.40))));
-        assert!(x.message(chrono_tz::UTC).contains("Left this period: $0.2;"), "{}", x.message(chrono_tz::UTC));
+        assert!(
+            x.message(chrono_tz::UTC)
+                .contains("Left this period: $0.2;"),
+            "{}",
+            x.message(chrono_tz::UTC)
+        );
         // Settled below the reservation: the difference is free again.
-        r1.settle("e1", Amounts { usd: dec!(0.10), requests: 1, tokens: 50 });
+        r1.settle(
+            "e1",
+            Amounts {
+                usd: dec!(0.10),
+                requests: 1,
+                tokens: 50,
+            },
+        );
         drop(r2); // released: an error or a cancel
         assert_eq!(b.open(), (0, Decimal::ZERO));
-        assert_eq!(b.used("uni-a:key:k1:usd:month", now()).unwrap().usd, dec!(0.10));
-        let Admission::Admitted(_held) = b.admit(&who(), &usd(dec!(0.90)), now()) else { panic!() };
-        let Admission::Refused(_) = b.admit(&who(), &usd(dec!(0.000001)), now()) else { panic!() };
+        assert_eq!(
+            b.used("uni-a:key:k1:usd:month", now()).unwrap().usd,
+            dec!(0.10)
+        );
+        let Admission::Admitted(_held) = b.admit(&who(), &usd(dec!(0.90)), now()) else {
+            panic!()
+        };
+        let Admission::Refused(_) = b.admit(&who(), &usd(dec!(0.000001)), now()) else {
+            panic!()
+        };
     }
 
     #[test]
@@ -674,8 +744,17 @@ mod tests {
         let b = Budgets::new(HashMap::new());
         let mut alert = limit(LimitScope::Institution, "", Metric::Usd, dec!(0));
         alert.mode = LimitMode::Alert;
-        install(&b, vec![limit(LimitScope::User, "bob", Metric::Requests, dec!(0)), alert]);
-        assert!(matches!(b.admit(&who(), &usd(dec!(5)), now()), Admission::Free));
+        install(
+            &b,
+            vec![
+                limit(LimitScope::User, "bob", Metric::Requests, dec!(0)),
+                alert,
+            ],
+        );
+        assert!(matches!(
+            b.admit(&who(), &usd(dec!(5)), now()),
+            Admission::Free
+        ));
         assert!(!b.applies(&who()));
     }
 
@@ -684,24 +763,73 @@ mod tests {
         let b = Budgets::new(HashMap::new());
         let limits = vec![limit(LimitScope::User, "alice", Metric::Usd, dec!(1))];
         install(&b, limits.clone());
-        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.5)), now()) else { panic!() };
-        r.settle("e1", Amounts { usd: dec!(0.3), requests: 1, tokens: 10 });
+        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.5)), now()) else {
+            panic!()
+        };
+        r.settle(
+            "e1",
+            Amounts {
+                usd: dec!(0.3),
+                requests: 1,
+                tokens: 10,
+            },
+        );
         let id = "uni-a:user:alice:usd:month";
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.3));
         let reads = b.plan(&limits, now());
         assert_eq!(reads[0].pending, vec!["e1".to_string()]);
         // ClickHouse now has e1 and another instance's 0.2.
         let rows = vec![
-            SubjectUsage { user_id: "alice".into(), api_key_id: "k1".into(), usd: dec!(0.3), requests: 1, tokens: 10, stored: vec!["e1".into()] },
-            SubjectUsage { user_id: "alice".into(), api_key_id: "k9".into(), usd: dec!(0.2), requests: 1, tokens: 10, stored: vec![] },
-            SubjectUsage { user_id: "bob".into(), api_key_id: "k2".into(), usd: dec!(7), requests: 1, tokens: 10, stored: vec![] },
+            SubjectUsage {
+                user_id: "alice".into(),
+                api_key_id: "k1".into(),
+                usd: dec!(0.3),
+                requests: 1,
+                tokens: 10,
+                stored: vec!["e1".into()],
+            },
+            SubjectUsage {
+                user_id: "alice".into(),
+                api_key_id: "k9".into(),
+                usd: dec!(0.2),
+                requests: 1,
+                tokens: 10,
+                stored: vec![],
+            },
+            SubjectUsage {
+                user_id: "bob".into(),
+                api_key_id: "k2".into(),
+                usd: dec!(7),
+                requests: 1,
+                tokens: 10,
+                stored: vec![],
+            },
         ];
-        b.apply(limits.clone(), &[(reads[0].clone(), rows)], &HashMap::new(), 1, now());
+        b.apply(
+            limits.clone(),
+            &[(reads[0].clone(), rows)],
+            &HashMap::new(),
+            1,
+            now(),
+        );
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.5));
         // Another instance holds 0.25: counted too.
         let start = reads[0].start.timestamp();
-        let others = HashMap::from([((id.to_string(), start), Amounts { usd: dec!(0.25), requests: 1, tokens: 0 })]);
-        b.apply(limits.clone(), &[(b.plan(&limits, now())[0].clone(), vec![])], &others, 1, now());
+        let others = HashMap::from([(
+            (id.to_string(), start),
+            Amounts {
+                usd: dec!(0.25),
+                requests: 1,
+                tokens: 0,
+            },
+        )]);
+        b.apply(
+            limits.clone(),
+            &[(b.plan(&limits, now())[0].clone(), vec![])],
+            &others,
+            1,
+            now(),
+        );
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.25));
         // A limit removed: its counter goes.
         b.apply(vec![], &[], &HashMap::new(), 1, now());
@@ -712,34 +840,74 @@ mod tests {
     fn with_two_instances_each_spends_half_the_headroom_between_refreshes() {
         let b = Budgets::new(HashMap::new());
         let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1))];
-        let reads: Vec<_> = b.plan(&limits, now()).into_iter().map(|r| (r, vec![])).collect();
+        let reads: Vec<_> = b
+            .plan(&limits, now())
+            .into_iter()
+            .map(|r| (r, vec![]))
+            .collect();
         b.apply(limits.clone(), &reads, &HashMap::new(), 2, now());
         let mut held = Vec::new();
         for _ in 0..5 {
-            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.1)), now()) else { panic!() };
+            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.1)), now()) else {
+                panic!()
+            };
             held.push(r);
         }
         // 0.5 admitted since the refresh: the other half is the other instance's.
-        assert!(matches!(b.admit(&who(), &usd(dec!(0.1)), now()), Admission::Refused(_)));
+        assert!(matches!(
+            b.admit(&who(), &usd(dec!(0.1)), now()),
+            Admission::Refused(_)
+        ));
         // One settles at 0.02: the other instances will see 0.02, not 0.1, so 0.08 of
         // this instance's share is free again.
-        held.pop().unwrap().settle("e-small", Amounts { usd: dec!(0.02), requests: 1, tokens: 0 });
-        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.08)), now()) else { panic!() };
+        held.pop().unwrap().settle(
+            "e-small",
+            Amounts {
+                usd: dec!(0.02),
+                requests: 1,
+                tokens: 0,
+            },
+        );
+        let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.08)), now()) else {
+            panic!()
+        };
         held.push(r);
-        assert!(matches!(b.admit(&who(), &usd(dec!(0.01)), now()), Admission::Refused(_)));
+        assert!(matches!(
+            b.admit(&who(), &usd(dec!(0.01)), now()),
+            Admission::Refused(_)
+        ));
         // Next refresh: the other instance reported 0.3; headroom 0.2, share 0.1.
         let id = "uni-a:key:k1:usd:month".to_string();
         let start = reads[0].0.start.timestamp();
-        let others = HashMap::from([((id, start), Amounts { usd: dec!(0.3), requests: 3, tokens: 0 })]);
-        let reads: Vec<_> = b.plan(&limits, now()).into_iter().map(|r| (r, vec![])).collect();
+        let others = HashMap::from([(
+            (id, start),
+            Amounts {
+                usd: dec!(0.3),
+                requests: 3,
+                tokens: 0,
+            },
+        )]);
+        let reads: Vec<_> = b
+            .plan(&limits, now())
+            .into_iter()
+            .map(|r| (r, vec![]))
+            .collect();
         b.apply(limits, &reads, &others, 2, now());
-        let Admission::Admitted(_r) = b.admit(&who(), &usd(dec!(0.1)), now()) else { panic!() };
-        assert!(matches!(b.admit(&who(), &usd(dec!(0.01)), now()), Admission::Refused(_)));
+        let Admission::Admitted(_r) = b.admit(&who(), &usd(dec!(0.1)), now()) else {
+            panic!()
+        };
+        assert!(matches!(
+            b.admit(&who(), &usd(dec!(0.01)), now()),
+            Admission::Refused(_)
+        ));
     }
 
     #[test]
     fn periods_roll_over() {
-        let b = Budgets::new(HashMap::from([("uni-a".to_string(), "Europe/Oslo".parse().unwrap())]));
+        let b = Budgets::new(HashMap::from([(
+            "uni-a".to_string(),
+            "Europe/Oslo".parse().unwrap(),
+        )]));
         let mut l = limit(LimitScope::User, "alice", Metric::Requests, dec!(2));
         l.period = LimitPeriod::Day;
         install(&b, vec![l]);
@@ -747,24 +915,54 @@ mod tests {
         let late: DateTime<Utc> = "2026-12-03T22:30:00Z".parse().unwrap();
         let next: DateTime<Utc> = "2026-12-03T23:30:00Z".parse().unwrap();
         for _ in 0..2 {
-            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0)), late) else { panic!() };
-            r.settle(&uuid::Uuid::now_v7().to_string(), Amounts { usd: dec!(0), requests: 1, tokens: 1 });
+            let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0)), late) else {
+                panic!()
+            };
+            r.settle(
+                &uuid::Uuid::now_v7().to_string(),
+                Amounts {
+                    usd: dec!(0),
+                    requests: 1,
+                    tokens: 1,
+                },
+            );
         }
-        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0)), late) else { panic!() };
+        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0)), late) else {
+            panic!()
+        };
         assert_eq!(x.renews, next - chrono::Duration::minutes(30));
-        assert!(x.message("Europe/Oslo".parse().unwrap()).contains("renews at 2026-12-04 00:00 CET"));
-        assert!(matches!(b.admit(&who(), &usd(dec!(0)), next), Admission::Admitted(_)));
+        assert!(x
+            .message("Europe/Oslo".parse().unwrap())
+            .contains("renews at 2026-12-04 00:00 CET"));
+        assert!(matches!(
+            b.admit(&who(), &usd(dec!(0)), next),
+            Admission::Admitted(_)
+        ));
     }
 
     #[test]
     fn an_unpriced_model_is_refused_only_by_usd_limits() {
         let b = Budgets::new(HashMap::new());
-        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(100))]);
-        let ask = Ask { usd: Err("no price".into()), tokens: 10 };
-        let Admission::Refused(x) = b.admit(&who(), &ask, now()) else { panic!() };
+        install(
+            &b,
+            vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(100))],
+        );
+        let ask = Ask {
+            usd: Err("no price".into()),
+            tokens: 10,
+        };
+        let Admission::Refused(x) = b.admit(&who(), &ask, now()) else {
+            panic!()
+        };
         assert!(x.message(chrono_tz::UTC).contains("no price"));
-        install(&b, vec![limit(LimitScope::Key, "k1", Metric::Tokens, dec!(100))]);
-        assert!(matches!(b.admit(&who(), &ask, now()), Admission::Admitted(_)));
+        install(
+            &b,
+            vec![limit(LimitScope::Key, "k1", Metric::Tokens, dec!(100))],
+        );
+        assert!(matches!(
+            b.admit(&who(), &ask, now()),
+            Admission::Admitted(_)
+        ));
     }
 
     proptest! {

@@ -14,7 +14,12 @@ use crate::domain::TokenCounts;
 const PER_PART: u64 = 3;
 
 fn tokenizer(model: &str) -> &'static CoreBPE {
-    let legacy = ["gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada"];
+    let legacy = [
+        "gpt-4-",
+        "gpt-3.5",
+        "text-embedding-3",
+        "text-embedding-ada",
+    ];
     if model == "gpt-4" || legacy.iter().any(|p| model.starts_with(p)) {
         tiktoken_rs::cl100k_base_singleton()
     } else {
@@ -60,7 +65,13 @@ mod tests {
         // "hello world\n" (the joiner) + 3 per message.
         assert_eq!(u.input, count("gpt-4o-mini", "hello world\n") + 3);
         assert_eq!(u.output, 2);
-        let e = usage(Api::Embeddings, "text-embedding-3-small", br#"{"input":"a b c"}"#, "", 0);
+        let e = usage(
+            Api::Embeddings,
+            "text-embedding-3-small",
+            br#"{"input":"a b c"}"#,
+            "",
+            0,
+        );
         assert_eq!(e.output, 0);
         assert!(e.input > 0);
     }

@@ -213,8 +213,10 @@ mod tests {
             Some("default"),
             Status::Ok,
             12,
-            Usage::Provider(serde_json::json!({"prompt_tokens": 10, "completion_tokens": 3,
-                "prompt_tokens_details": {"cached_tokens": 4}})),
+            Usage::Provider(
+                serde_json::json!({"prompt_tokens": 10, "completion_tokens": 3,
+                "prompt_tokens_details": {"cached_tokens": 4}}),
+            ),
             200,
         );
         let d = decode(&e.to_json(), &opts).unwrap();

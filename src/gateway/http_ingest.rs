@@ -221,9 +221,9 @@ pub fn from_litellm(v: &Value) -> Result<Value, String> {
     if let Some(u) = str_at(v, &["metadata", "user_api_key_user_id"]).or(str_at(v, &["end_user"])) {
         e.insert("user_id".into(), json!(u));
     }
-    if let Some(k) = str_at(v, &["metadata", "user_api_key_alias"]).or_else(|| {
-        str_at(v, &["metadata", "user_api_key_hash"]).map(|h| &h[..h.len().min(16)])
-    }) {
+    if let Some(k) = str_at(v, &["metadata", "user_api_key_alias"])
+        .or_else(|| str_at(v, &["metadata", "user_api_key_hash"]).map(|h| &h[..h.len().min(16)]))
+    {
         e.insert("api_key_id".into(), json!(k));
     }
     e.insert("provider".into(), json!(provider));
@@ -251,7 +251,10 @@ pub fn from_litellm(v: &Value) -> Result<Value, String> {
         v.get("endTime").and_then(Value::as_f64),
     ) {
         if t >= s && t - s < 86_400.0 {
-            e.insert("latency_ms".into(), json!(((t - s) * 1000.0).round() as u64));
+            e.insert(
+                "latency_ms".into(),
+                json!(((t - s) * 1000.0).round() as u64),
+            );
         }
     }
     e.insert("usage".into(), litellm_usage(v)?);
@@ -295,8 +298,8 @@ fn litellm_usage(v: &Value) -> Result<Value, String> {
         .unwrap_or(v);
     let prompt = n(u, &["prompt_tokens"])?;
     let completion = n(u, &["completion_tokens"])?;
-    let cached = n(u, &["prompt_tokens_details", "cached_tokens"])?
-        .max(n(u, &["cache_read_input_tokens"])?);
+    let cached =
+        n(u, &["prompt_tokens_details", "cached_tokens"])?.max(n(u, &["cache_read_input_tokens"])?);
     let created = n(u, &["cache_creation_input_tokens"])?;
     let reasoning = n(u, &["completion_tokens_details", "reasoning_tokens"])?;
     let input = prompt
@@ -324,7 +327,10 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return error(StatusCode::UNAUTHORIZED, "an ingest token is required (Authorization: Bearer …)");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "an ingest token is required (Authorization: Bearer …)",
+        );
     };
     let key = match gw.keys.authenticate(token, KeyKind::Ingest, Utc::now()) {
         Ok(k) => k,
@@ -359,7 +365,9 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         });
         match checked {
             Ok((event, bytes)) => {
-                results.push(json!({"index": i, "status": "accepted", "event_id": event.event_id.as_str()}));
+                results.push(
+                    json!({"index": i, "status": "accepted", "event_id": event.event_id.as_str()}),
+                );
                 valid.push((
                     i,
                     event.institution_id.as_str().to_owned(),
@@ -369,17 +377,16 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             }
             Err(m) => {
                 let (code, detail) = m.split_once(": ").unwrap_or(("invalid_field", &m));
-                results.push(json!({"index": i, "status": "rejected", "error": code, "detail": detail}));
+                results.push(
+                    json!({"index": i, "status": "rejected", "error": code, "detail": detail}),
+                );
             }
         }
     }
     let mut deliveries = Vec::with_capacity(valid.len());
     for (i, inst, _, bytes) in &valid {
         let record = FutureRecord::to(&gw.ingest.topic).key(inst).payload(bytes);
-        deliveries.push((
-            *i,
-            gw.ingest.producer.send(record, Duration::from_secs(10)),
-        ));
+        deliveries.push((*i, gw.ingest.producer.send(record, Duration::from_secs(10))));
     }
     let mut failed = 0;
     for (i, d) in deliveries {
@@ -452,21 +459,31 @@ mod tests {
         let mut v = litellm();
         v.as_object_mut().unwrap().remove("custom_llm_provider");
         v["model"] = json!("openai/gpt-4o-mini");
-        v["metadata"].as_object_mut().unwrap().remove("usage_object");
+        v["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("usage_object");
         let e = from_litellm(&v).unwrap();
-        assert_eq!((e["provider"].as_str(), e["model"].as_str()), (Some("openai"), Some("gpt-4o-mini")));
+        assert_eq!(
+            (e["provider"].as_str(), e["model"].as_str()),
+            (Some("openai"), Some("gpt-4o-mini"))
+        );
         assert_eq!(e["usage"]["input_tokens"], 100);
     }
 
     #[test]
     fn bodies_are_recognised_by_type_and_shape() {
-        let body = serde_json::to_vec(&json!([litellm(), {"event_id": "e", "model": "m"}])).unwrap();
+        let body =
+            serde_json::to_vec(&json!([litellm(), {"event_id": "e", "model": "m"}])).unwrap();
         let it = items("application/json", &body).unwrap();
         assert!(matches!(it[0], Item::LiteLlm(_)));
         assert!(matches!(it[1], Item::Contract(_)));
         let nd = format!("{}\n{}\n", litellm(), litellm());
         assert_eq!(items("application/json", nd.as_bytes()).unwrap().len(), 2);
-        assert_eq!(items("application/x-ndjson", nd.as_bytes()).unwrap().len(), 2);
+        assert_eq!(
+            items("application/x-ndjson", nd.as_bytes()).unwrap().len(),
+            2
+        );
         let ce = serde_json::to_vec(&json!([{"specversion": "1.0", "id": "c1", "source": "/gw", "type": "io.tokentally.usage.v1",
             "time": "2026-11-01T00:00:00Z", "data": {"institution_id": "i", "provider": "openai", "model": "gpt-4o-mini",
             "usage": {"input_tokens": 1}}}])).unwrap();
@@ -480,9 +497,15 @@ mod tests {
     #[test]
     fn a_bound_token_fills_in_and_enforces_its_institution() {
         let v = json!({"event_id": "e", "model": "m"});
-        assert_eq!(to_contract(Item::Contract(v.clone()), Some("uni")).unwrap()["institution_id"], "uni");
+        assert_eq!(
+            to_contract(Item::Contract(v.clone()), Some("uni")).unwrap()["institution_id"],
+            "uni"
+        );
         let other = json!({"event_id": "e", "institution_id": "other"});
         assert!(to_contract(Item::Contract(other.clone()), Some("uni")).is_err());
-        assert_eq!(to_contract(Item::Contract(other), None).unwrap()["institution_id"], "other");
+        assert_eq!(
+            to_contract(Item::Contract(other), None).unwrap()["institution_id"],
+            "other"
+        );
     }
 }

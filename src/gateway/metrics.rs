@@ -45,9 +45,9 @@ impl Metrics {
             events_sent: Gauge::default(),
             limits: Gauge::default(),
             reservations_open: Gauge::default(),
-            admission_seconds: prometheus_client::metrics::histogram::Histogram::new(
-                [0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01],
-            ),
+            admission_seconds: prometheus_client::metrics::histogram::Histogram::new([
+                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01,
+            ]),
         };
         m.registry.register(
             "limits",

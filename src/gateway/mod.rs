@@ -19,10 +19,10 @@ pub mod estimate;
 pub mod event;
 pub mod http_ingest;
 pub mod keyring;
-pub mod rate;
 pub mod metrics;
 pub mod moderation;
 pub mod proxy;
+pub mod rate;
 pub mod spool;
 pub mod wire;
 
@@ -85,7 +85,12 @@ impl Upstreams {
     }
 
     pub fn base(&self, p: Provider) -> &str {
-        &self.bases.iter().find(|(q, _)| *q == p).expect("all providers").1
+        &self
+            .bases
+            .iter()
+            .find(|(q, _)| *q == p)
+            .expect("all providers")
+            .1
     }
 
     pub fn platform_key(&self, p: Provider) -> Option<&Secret> {
@@ -247,7 +252,11 @@ async fn models(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|m| m["id"].as_str().is_some_and(|id| model_allowed(&key.models, id)))
+                .filter(|m| {
+                    m["id"]
+                        .as_str()
+                        .is_some_and(|id| model_allowed(&key.models, id))
+                })
                 .cloned()
                 .collect()
         })
@@ -336,7 +345,16 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    if let Err(e) = admission::refresh(&budgets, &store, &cfg.limits, &instance, &mut admission::LimitsCache::default(), chrono::Utc::now()).await {
+    if let Err(e) = admission::refresh(
+        &budgets,
+        &store,
+        &cfg.limits,
+        &instance,
+        &mut admission::LimitsCache::default(),
+        chrono::Utc::now(),
+    )
+    .await
+    {
         tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
     }
     tokio::spawn(admission::keep_fresh(

@@ -14,13 +14,13 @@ use axum::response::Response;
 use chrono::Utc;
 use futures::StreamExt as _;
 
+use super::budget::{Admission, Amounts, Reservation, Who};
 use super::event::{GatewayEvent, Origin, Status, Usage};
 use super::rate::{openai_duration, Exceeded, Standing};
 use super::wire::body::{self, Prepared};
 use super::wire::sse::{Piece, Splitter};
 use super::wire::usage::{Seen, Tracker, Verdict};
 use super::wire::{self, Api, Provider, Refusal};
-use super::budget::{Admission, Amounts, Reservation, Who};
 use super::Gateway;
 use crate::domain::Billing;
 use crate::keys::{model_allowed, Key, KeyKind, KeyRefusal};
@@ -29,16 +29,19 @@ use crate::keys::{model_allowed, Key, KeyKind, KeyRefusal};
 pub fn presented_key(provider: Provider, parts: &Parts) -> Option<&str> {
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     match provider {
         Provider::OpenAi => bearer,
         Provider::Anthropic => header("x-api-key").or(bearer),
         Provider::Gemini => header("x-goog-api-key").or_else(|| {
-            parts.uri.query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("key="))
-            })
+            parts
+                .uri
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
         }),
     }
     .filter(|k| !k.is_empty())
@@ -53,9 +56,12 @@ pub fn parse_tags(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Strin
             .to_str()
             .map_err(|_| "x-tokentally-tags must be ASCII text".to_string())?;
         for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, val) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("x-tokentally-tags: `{}` is not name=value", crate::format::log_safe(pair, 40)))?;
+            let (k, val) = pair.split_once('=').ok_or_else(|| {
+                format!(
+                    "x-tokentally-tags: `{}` is not name=value",
+                    crate::format::log_safe(pair, 40)
+                )
+            })?;
             let (k, val) = (k.trim(), val.trim());
             if k.is_empty() || k.len() > MAX_TAG_KEY_LEN || val.len() > crate::domain::MAX_ID_LEN {
                 return Err(format!(
@@ -80,8 +86,14 @@ fn rate_headers(s: &Standing, h: &mut HeaderMap) {
     };
     if s.rpm > 0 {
         put("x-ratelimit-limit-requests", s.rpm.to_string());
-        put("x-ratelimit-remaining-requests", s.requests_left.to_string());
-        put("x-ratelimit-reset-requests", openai_duration(s.requests_reset));
+        put(
+            "x-ratelimit-remaining-requests",
+            s.requests_left.to_string(),
+        );
+        put(
+            "x-ratelimit-reset-requests",
+            openai_duration(s.requests_reset),
+        );
     }
     if s.tpm > 0 {
         put("x-ratelimit-limit-tokens", s.tpm.to_string());
@@ -173,7 +185,8 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         (None, Api::Gemini { .. }) => match wire::gemini_model(parts.uri.path()) {
             Some((m, _)) => m.to_owned(),
             None => {
-                return Refusal::BadRequest("no model in the path".into()).respond(provider, headers)
+                return Refusal::BadRequest("no model in the path".into())
+                    .respond(provider, headers)
             }
         },
         (None, _) => unreachable!("prepare requires a model for every other API"),
@@ -206,10 +219,12 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         gw.record(&req.event(&req.model, None, Status::RejectedModel, Usage::None, 0));
         return Refusal::ModelNotAllowed(req.model.clone()).respond(provider, headers);
     }
-    match gw
-        .limiter
-        .admit(&req.key.key_id, req.key.rpm, req.key.tpm, now.timestamp().max(0) as u64)
-    {
+    match gw.limiter.admit(
+        &req.key.key_id,
+        req.key.rpm,
+        req.key.tpm,
+        now.timestamp().max(0) as u64,
+    ) {
         Ok(Some(standing)) => rate_headers(&standing, &mut headers),
         Ok(None) => {}
         Err(e) => {
@@ -221,7 +236,11 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
                 e.limit,
                 e.retry_after.as_secs().max(1)
             );
-            let kind = if e.what == "requests" { "requests" } else { "tokens" };
+            let kind = if e.what == "requests" {
+                "requests"
+            } else {
+                "tokens"
+            };
             return Refusal::RateLimited { message, kind }.respond(provider, headers);
         }
     }
@@ -348,7 +367,16 @@ async fn forward(
 ) -> Response {
     let provider = req.api.provider();
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Response>();
-    tokio::spawn(call(gw, req, parts, original, prepared, upstream_key, headers, head_tx));
+    tokio::spawn(call(
+        gw,
+        req,
+        parts,
+        original,
+        prepared,
+        upstream_key,
+        headers,
+        head_tx,
+    ));
     head_rx.await.unwrap_or_else(|_| {
         Refusal::Upstream("the gateway failed while calling the provider".into())
             .respond(provider, HeaderMap::new())
@@ -395,7 +423,13 @@ async fn call(
                 }
                 _ => "the model provider did not answer in time",
             };
-            gw.record(&req.event(&req.model, None, Status::UpstreamUnreachable, Usage::None, 0));
+            gw.record(&req.event(
+                &req.model,
+                None,
+                Status::UpstreamUnreachable,
+                Usage::None,
+                0,
+            ));
             let _ = head.send(Refusal::Upstream(message.into()).respond(provider, headers));
             return;
         }
@@ -542,7 +576,9 @@ impl Relay {
             // The provider's answer broke off: break the client's too, rather than end it
             // as if it were complete.
             let _ = tx
-                .send(Err(std::io::Error::other("the provider's answer broke off")))
+                .send(Err(std::io::Error::other(
+                    "the provider's answer broke off",
+                )))
                 .await;
         }
     }

@@ -33,9 +33,9 @@ impl Default for Window {
 
 impl Window {
     fn live(&self, now: u64) -> impl Iterator<Item = &Bucket> {
-        self.buckets
-            .iter()
-            .filter(move |b| b.second + (BUCKETS as u64) > now && b.second <= now && (b.requests > 0 || b.tokens > 0))
+        self.buckets.iter().filter(move |b| {
+            b.second + (BUCKETS as u64) > now && b.second <= now && (b.requests > 0 || b.tokens > 0)
+        })
     }
 
     fn bucket(&mut self, now: u64) -> &mut Bucket {
@@ -104,15 +104,21 @@ impl Default for Limiter {
 
 impl Limiter {
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Window>> {
-        let h = key
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
 
     /// Admits one request of `key` at `now` (unix seconds) and counts it, or refuses it.
     /// A key without limits (0, 0) is always admitted and nothing is kept for it.
-    pub fn admit(&self, key: &str, rpm: u32, tpm: u64, now: u64) -> Result<Option<Standing>, Exceeded> {
+    pub fn admit(
+        &self,
+        key: &str,
+        rpm: u32,
+        tpm: u64,
+        now: u64,
+    ) -> Result<Option<Standing>, Exceeded> {
         if rpm == 0 && tpm == 0 {
             return Ok(None);
         }
@@ -125,14 +131,24 @@ impl Limiter {
             tpm,
             requests_left: u64::from(rpm).saturating_sub(requests),
             tokens_left: tpm.saturating_sub(tokens),
-            requests_reset: Duration::from_secs(if requests > 0 { w.wait(now, 1, |b| u64::from(b.requests)) } else { 0 }),
-            tokens_reset: Duration::from_secs(if tokens > 0 { w.wait(now, 1, |b| b.tokens) } else { 0 }),
+            requests_reset: Duration::from_secs(if requests > 0 {
+                w.wait(now, 1, |b| u64::from(b.requests))
+            } else {
+                0
+            }),
+            tokens_reset: Duration::from_secs(if tokens > 0 {
+                w.wait(now, 1, |b| b.tokens)
+            } else {
+                0
+            }),
         };
         if rpm > 0 && requests >= u64::from(rpm) {
             return Err(Exceeded {
                 what: "requests",
                 limit: u64::from(rpm),
-                retry_after: Duration::from_secs(w.wait(now, u64::from(rpm), |b| u64::from(b.requests))),
+                retry_after: Duration::from_secs(
+                    w.wait(now, u64::from(rpm), |b| u64::from(b.requests)),
+                ),
                 standing: standing(requests),
             });
         }

@@ -65,7 +65,10 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 fn segment_number(name: &str) -> Option<u64> {
-    name.strip_prefix("seg-")?.strip_suffix(".spool")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".spool")?
+        .parse()
+        .ok()
 }
 
 /// The segments in `dir`, oldest first.
@@ -111,7 +114,9 @@ fn decode(buf: &[u8]) -> Option<Record> {
         return None;
     }
     let klen = u16::from_le_bytes(payload.get(..2)?.try_into().ok()?) as usize;
-    let key = std::str::from_utf8(payload.get(2..2 + klen)?).ok()?.to_owned();
+    let key = std::str::from_utf8(payload.get(2..2 + klen)?)
+        .ok()?
+        .to_owned();
     Some(Record {
         key,
         event: payload[2 + klen..].to_vec(),
@@ -403,7 +408,8 @@ impl Sender {
             return Ok(Some((seg, Vec::new(), sealed)));
         }
         let mut f = File::open(&path).map_err(io_err(&path))?;
-        f.seek(SeekFrom::Start(self.offset)).map_err(io_err(&path))?;
+        f.seek(SeekFrom::Start(self.offset))
+            .map_err(io_err(&path))?;
         let want = (end - self.offset).min(BATCH_BYTES as u64 + MAX_RECORD as u64 + 64) as usize;
         let mut buf = vec![0u8; want];
         f.read_exact(&mut buf).map_err(io_err(&path))?;
@@ -458,7 +464,10 @@ impl Sender {
                     tracing::error!(error = %e, segment = %path.display(), "cannot delete a sent spool segment");
                     return Step::Failed;
                 }
-                self.spool.inner.on_disk.fetch_sub(size.min(self.spool.inner.on_disk.load(Ordering::Relaxed)), Ordering::Relaxed);
+                self.spool.inner.on_disk.fetch_sub(
+                    size.min(self.spool.inner.on_disk.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
                 self.segment = None;
                 self.offset = 0;
                 return Step::Sent;

@@ -240,7 +240,10 @@ fn flag(obj: &Map<String, Value>, field: &str) -> Result<bool, Rejection> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(field, format!("must be true or false, got {other}"))),
+        Some(other) => Err(invalid(
+            field,
+            format!("must be true or false, got {other}"),
+        )),
     }
 }
 
@@ -442,7 +445,10 @@ mod tests {
         assert_eq!(rejected_about(p, b"other"), ("uni-a".into(), 1_793_489_400));
         // Unreadable payloads fall back to the key, and to no time.
         assert_eq!(rejected_about(b"not json", b"uni-b"), ("uni-b".into(), 0));
-        assert_eq!(rejected_about(br#"{"occurred_at":"yesterday"}"#, b""), (String::new(), 0));
+        assert_eq!(
+            rejected_about(br#"{"occurred_at":"yesterday"}"#, b""),
+            (String::new(), 0)
+        );
     }
 
     #[test]

@@ -23,9 +23,7 @@ use crate::config::GatewayConfig;
 pub enum CryptoError {
     #[error("the master key must be 64 hex characters (32 bytes)")]
     BadMasterKey,
-    #[error(
-        "master key file {0} is readable by others (mode {1:o}); run `chmod 600 {0}`"
-    )]
+    #[error("master key file {0} is readable by others (mode {1:o}); run `chmod 600 {0}`")]
     OpenFile(String, u32),
     #[error("master key file {path}: {source}")]
     Io {
@@ -36,7 +34,9 @@ pub enum CryptoError {
         "no master key: set TOKENTALLY_GATEWAY_MASTER_KEY or create {0} (64 hex characters, mode 600)"
     )]
     Missing(String),
-    #[error("a stored provider key could not be decrypted (wrong master key, or the row was altered)")]
+    #[error(
+        "a stored provider key could not be decrypted (wrong master key, or the row was altered)"
+    )]
     Decrypt,
 }
 
@@ -81,12 +81,11 @@ impl MasterKey {
                 })?;
                 parse_hex_key(&text).map(Self)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                Self::create_file(path).map_err(|source| CryptoError::Io {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => Self::create_file(path)
+                .map_err(|source| CryptoError::Io {
                     path: shown,
                     source,
-                })
-            }
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CryptoError::Missing(shown)),
             Err(source) => Err(CryptoError::Io {
                 path: shown,
@@ -216,14 +215,22 @@ mod tests {
         let k = key(7);
         let (nonce, ct) = k.seal("uni", "openai", "sk-very-secret");
         assert!(!ct.contains(&hex::encode("sk-very-secret")));
-        assert_eq!(k.open("uni", "openai", &nonce, &ct).unwrap(), "sk-very-secret");
+        assert_eq!(
+            k.open("uni", "openai", &nonce, &ct).unwrap(),
+            "sk-very-secret"
+        );
         assert!(k.open("other", "openai", &nonce, &ct).is_err());
         assert!(k.open("uni", "anthropic", &nonce, &ct).is_err());
         assert!(key(8).open("uni", "openai", &nonce, &ct).is_err());
         let mut tampered = ct.clone().into_bytes();
         tampered[0] = if tampered[0] == b'0' { b'1' } else { b'0' };
         assert!(k
-            .open("uni", "openai", &nonce, std::str::from_utf8(&tampered).unwrap())
+            .open(
+                "uni",
+                "openai",
+                &nonce,
+                std::str::from_utf8(&tampered).unwrap()
+            )
             .is_err());
         // A fresh nonce every time.
         assert_ne!(k.seal("uni", "openai", "sk-very-secret").0, nonce);

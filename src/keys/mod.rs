@@ -296,7 +296,9 @@ pub async fn create(
         expires_at: spec
             .expires
             .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .map_or(0, |t| u32::try_from(t.and_utc().timestamp()).unwrap_or(u32::MAX)),
+            .map_or(0, |t| {
+                u32::try_from(t.and_utc().timestamp()).unwrap_or(u32::MAX)
+            }),
         rpm: spec.rpm,
         tpm: spec.tpm,
         revoked: 0,
@@ -372,7 +374,15 @@ pub async fn revoke(
     row.updated_at = now_secs();
     row.updated_by = actor.into();
     store.write_key(&row).await?;
-    audit(store, actor, "revoke", key_id, &row.institution_id, String::new()).await?;
+    audit(
+        store,
+        actor,
+        "revoke",
+        key_id,
+        &row.institution_id,
+        String::new(),
+    )
+    .await?;
     Ok(row)
 }
 
@@ -394,7 +404,15 @@ pub async fn rotate(
     row.updated_at = now_secs();
     row.updated_by = actor.into();
     store.write_key(&row).await?;
-    audit(store, actor, "rotate", key_id, &row.institution_id, String::new()).await?;
+    audit(
+        store,
+        actor,
+        "rotate",
+        key_id,
+        &row.institution_id,
+        String::new(),
+    )
+    .await?;
     Ok((
         row,
         NewSecret {
@@ -412,7 +430,11 @@ pub async fn list(store: &Store, institution: Option<&str>) -> Result<Vec<KeyRow
         .into_iter()
         .filter(|k| institution.is_none_or(|i| k.institution_id == i))
         .collect();
-    rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.key_id.cmp(&b.key_id)));
+    rows.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(a.key_id.cmp(&b.key_id))
+    });
     Ok(rows)
 }
 

@@ -348,8 +348,20 @@ mod tests {
                 continue;
             }
             assert_eq!(
-                (&e.rates, &e.tiers, e.per_request, e.effective_from, e.max_output_tokens),
-                (&s.rates, &s.tiers, s.per_request, s.effective_from, s.max_output_tokens),
+                (
+                    &e.rates,
+                    &e.tiers,
+                    e.per_request,
+                    e.effective_from,
+                    e.max_output_tokens
+                ),
+                (
+                    &s.rates,
+                    &s.tiers,
+                    s.per_request,
+                    s.effective_from,
+                    s.max_output_tokens
+                ),
                 "{}",
                 e.model
             );

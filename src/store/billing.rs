@@ -84,6 +84,9 @@ impl EventState {
     }
 }
 
+/// One line's events: its index and (event id, leaf hash) pairs.
+pub type LineEvents<'a> = (u32, Vec<(&'a str, [u8; 32])>);
+
 #[derive(Debug, Clone, Row, Serialize)]
 struct LineEventRow {
     snapshot: String,
@@ -281,7 +284,7 @@ impl Store {
         &self,
         snapshot: &str,
         institution: &str,
-        line_events: &[(u32, Vec<(&str, [u8; 32])>)],
+        line_events: &[LineEvents<'_>],
         usage_csv: &str,
     ) -> Result<(), StoreError> {
         let mut insert = self

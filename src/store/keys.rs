@@ -75,9 +75,7 @@ impl Store {
     pub async fn current_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         Ok(self
             .client
-            .query(
-                "SELECT ?fields FROM proxy_keys ORDER BY key_id, version DESC LIMIT 1 BY key_id",
-            )
+            .query("SELECT ?fields FROM proxy_keys ORDER BY key_id, version DESC LIMIT 1 BY key_id")
             .fetch_all()
             .await?)
     }
@@ -138,7 +136,10 @@ impl Store {
     }
 
     pub async fn write_upstream_key(&self, row: &UpstreamKeyRow) -> Result<(), StoreError> {
-        let mut insert = self.client.insert::<UpstreamKeyRow>("upstream_keys").await?;
+        let mut insert = self
+            .client
+            .insert::<UpstreamKeyRow>("upstream_keys")
+            .await?;
         insert.write(row).await?;
         insert.end().await?;
         Ok(())

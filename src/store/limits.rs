@@ -143,7 +143,8 @@ impl SubjectUsage {
 }
 
 /// Requests that count against a `requests` limit: those the provider served.
-pub const SERVED: &str = "(substring(status, 1, 9) != 'rejected_' AND substring(status, 1, 8) != 'blocked_' \
+pub const SERVED: &str =
+    "(substring(status, 1, 9) != 'rejected_' AND substring(status, 1, 8) != 'blocked_' \
     AND status != 'upstream_unreachable')";
 
 impl Store {
@@ -192,7 +193,12 @@ impl Store {
              FROM usage_events WHERE institution_id = ? \
              AND occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
              GROUP BY user_id, api_key_id",
-            [Arg::Strs(pending), s(institution), Arg::Int(from), Arg::Int(to)],
+            [
+                Arg::Strs(pending),
+                s(institution),
+                Arg::Int(from),
+                Arg::Int(to),
+            ],
         );
         Ok(q.query(&self.client).fetch_all().await?)
     }
@@ -263,7 +269,10 @@ impl Store {
         }
         q.bind(
             " AND occurred_at >= toDateTime(?) ORDER BY occurred_at DESC LIMIT ?",
-            [Arg::Int(from), Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX))],
+            [
+                Arg::Int(from),
+                Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)),
+            ],
         );
         Ok(q.query(&self.client).fetch_all().await?)
     }

@@ -688,10 +688,7 @@ pub struct CanManageKeys;
 impl Policy for CanManageKeys {
     const WHAT: &'static str = "manage API keys";
     fn allows(p: &Principal) -> bool {
-        matches!(
-            p.role,
-            Role::Admin | Role::Finance | Role::InstitutionAdmin
-        )
+        matches!(p.role, Role::Admin | Role::Finance | Role::InstitutionAdmin)
     }
 }
 

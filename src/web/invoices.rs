@@ -131,11 +131,10 @@ pub async fn list(
         let items: Vec<_> = rows
             .iter()
             .map(|r| {
-                let downloads: std::collections::BTreeMap<String, String> =
-                    DOWNLOADS
-                        .iter()
-                        .map(|f| (f.to_string(), href(&r.institution_id, &r.number, f)))
-                        .collect();
+                let downloads: std::collections::BTreeMap<String, String> = DOWNLOADS
+                    .iter()
+                    .map(|f| (f.to_string(), href(&r.institution_id, &r.number, f)))
+                    .collect();
                 json!({
                     "number": r.number,
                     "seq": r.seq,

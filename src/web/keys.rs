@@ -13,7 +13,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped, SeesKeyLog};
+use super::auth::{
+    confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped, SeesKeyLog,
+};
 use super::error::AppError;
 use super::AppState;
 use crate::keys::{self, KeyError, KeyKind, KeySpec};
@@ -204,7 +206,16 @@ pub async fn list(
             .collect();
         return Ok(axum::Json(json!({ "keys": items })).into_response());
     }
-    page(&state, &scoped.principal, &scoped.csrf, institution, String::new(), false, None).await
+    page(
+        &state,
+        &scoped.principal,
+        &scoped.csrf,
+        institution,
+        String::new(),
+        false,
+        None,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -241,8 +252,12 @@ fn number<T: std::str::FromStr>(field: &str, v: &str) -> Result<T, AppError> {
             .parse()
             .map_err(|_| AppError::BadRequest(format!("{field}: not a number")));
     }
-    v.parse()
-        .map_err(|_| AppError::BadRequest(format!("{field} must be a whole number, got `{}`", crate::format::log_safe(v, 40))))
+    v.parse().map_err(|_| {
+        AppError::BadRequest(format!(
+            "{field} must be a whole number, got `{}`",
+            crate::format::log_safe(v, 40)
+        ))
+    })
 }
 
 /// Who did it, for the audit log.
@@ -262,9 +277,10 @@ pub async fn create(
         .ok_or_else(|| AppError::BadRequest("institution is required".into()))?;
     let expires = match form.expires.trim() {
         "" => None,
-        d => Some(d.parse::<NaiveDate>().map_err(|_| {
-            AppError::BadRequest("expires must be a date (YYYY-MM-DD)".into())
-        })?),
+        d => Some(
+            d.parse::<NaiveDate>()
+                .map_err(|_| AppError::BadRequest("expires must be a date (YYYY-MM-DD)".into()))?,
+        ),
     };
     let spec = KeySpec {
         institution_id: institution.clone(),
@@ -282,27 +298,48 @@ pub async fn create(
         tpm: number("tpm", &form.tpm)?,
     };
     let api = uri.path().starts_with("/api/");
-    let result = keys::create(&state.writer, KeyKind::Proxy, &spec, &actor(&allowed.principal)).await;
+    let result = keys::create(
+        &state.writer,
+        KeyKind::Proxy,
+        &spec,
+        &actor(&allowed.principal),
+    )
+    .await;
     let scope = allowed.principal.institution.as_deref();
     match result {
         Ok((row, new)) => {
             tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), key_id = %row.key_id, institution = %crate::format::log_safe(&institution, 64), "key created from the dashboard");
             if api {
-                return Ok(axum::Json(json!({"key_id": row.key_id, "key": new.secret, "institution": institution})).into_response());
+                return Ok(axum::Json(
+                    json!({"key_id": row.key_id, "key": new.secret, "institution": institution}),
+                )
+                .into_response());
             }
             page(
                 &state,
                 &allowed.principal,
                 &allowed.csrf,
                 scope,
-                format!("Created key {} for {} at {institution}.", row.key_id, row.user_id),
+                format!(
+                    "Created key {} for {} at {institution}.",
+                    row.key_id, row.user_id
+                ),
                 false,
                 Some((row.key_id, new.secret)),
             )
             .await
         }
         Err(KeyError::Invalid(m)) if !api => {
-            page(&state, &allowed.principal, &allowed.csrf, scope, format!("Not created: {m}"), true, None).await
+            page(
+                &state,
+                &allowed.principal,
+                &allowed.csrf,
+                scope,
+                format!("Not created: {m}"),
+                true,
+                None,
+            )
+            .await
         }
         Err(e) => Err(e.into()),
     }
@@ -331,7 +368,13 @@ pub async fn revoke(
     CheckedForm(_form): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
     let own = confine(&allowed.principal, None)?;
-    let row = keys::revoke(&state.writer, &key_id, own.as_deref(), &actor(&allowed.principal)).await?;
+    let row = keys::revoke(
+        &state.writer,
+        &key_id,
+        own.as_deref(),
+        &actor(&allowed.principal),
+    )
+    .await?;
     tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), key_id = %row.key_id, "key revoked from the dashboard");
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(json!({"key_id": row.key_id, "state": "revoked"})).into_response());
@@ -341,7 +384,10 @@ pub async fn revoke(
         &allowed.principal,
         &allowed.csrf,
         own.as_deref(),
-        format!("Revoked key {}; every gateway refuses it within seconds.", row.key_id),
+        format!(
+            "Revoked key {}; every gateway refuses it within seconds.",
+            row.key_id
+        ),
         false,
         None,
     )

@@ -15,7 +15,9 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped};
+use super::auth::{
+    confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped,
+};
 use super::error::AppError;
 use super::AppState;
 use crate::domain::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
@@ -124,7 +126,9 @@ async fn page(
         .await?
         .into_iter()
         .map(|r| RefusalView {
-            at: DateTime::from_timestamp(i64::from(r.at), 0).map(at).unwrap_or_default(),
+            at: DateTime::from_timestamp(i64::from(r.at), 0)
+                .map(at)
+                .unwrap_or_default(),
             institution: r.institution_id,
             user: r.user_id,
             key: r.api_key_id,
@@ -164,11 +168,23 @@ pub async fn list(
             .map_err(AppError::Internal)?;
         let refusals = state
             .store
-            .limit_refusals(institution, (now - chrono::Duration::days(31)).timestamp(), 1000)
+            .limit_refusals(
+                institution,
+                (now - chrono::Duration::days(31)).timestamp(),
+                1000,
+            )
             .await?;
         return Ok(axum::Json(json!({ "limits": standings, "refused": refusals })).into_response());
     }
-    page(&state, &scoped.principal, &scoped.csrf, institution, String::new(), false).await
+    page(
+        &state,
+        &scoped.principal,
+        &scoped.csrf,
+        institution,
+        String::new(),
+        false,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -220,12 +236,24 @@ pub async fn set(
     let limit = Limit {
         institution_id: institution,
         scope,
-        subject: if scope == LimitScope::Institution { String::new() } else { form.subject.trim().into() },
+        subject: if scope == LimitScope::Institution {
+            String::new()
+        } else {
+            form.subject.trim().into()
+        },
         metric: form.metric.trim().parse::<Metric>().map_err(bad)?,
         period: form.period.trim().parse::<LimitPeriod>().map_err(bad)?,
-        amount: form.amount.trim().trim_start_matches('$').parse().map_err(|_| {
-            bad(format!("amount `{}` is not a number", crate::format::log_safe(&form.amount, 40)))
-        })?,
+        amount: form
+            .amount
+            .trim()
+            .trim_start_matches('$')
+            .parse()
+            .map_err(|_| {
+                bad(format!(
+                    "amount `{}` is not a number",
+                    crate::format::log_safe(&form.amount, 40)
+                ))
+            })?,
         mode: form.mode.trim().parse::<LimitMode>().map_err(bad)?,
     };
     limit.validate().map_err(bad)?;
@@ -238,8 +266,19 @@ pub async fn set(
         return Ok(axum::Json(json!({"limit_id": limit.id()})).into_response());
     }
     let own = allowed.principal.institution.as_deref();
-    page(&state, &allowed.principal, &allowed.csrf, own,
-        format!("Set {}: {}. Gateways apply it within seconds.", limit.subject_label(), limit.amount_label()), false).await
+    page(
+        &state,
+        &allowed.principal,
+        &allowed.csrf,
+        own,
+        format!(
+            "Set {}: {}. Gateways apply it within seconds.",
+            limit.subject_label(),
+            limit.amount_label()
+        ),
+        false,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -280,6 +319,13 @@ pub async fn remove(
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(json!({"limit_id": limit.id(), "state": "removed"})).into_response());
     }
-    page(&state, &allowed.principal, &allowed.csrf, own.as_deref(),
-        format!("Removed {}.", limit.id()), false).await
+    page(
+        &state,
+        &allowed.principal,
+        &allowed.csrf,
+        own.as_deref(),
+        format!("Removed {}.", limit.id()),
+        false,
+    )
+    .await
 }

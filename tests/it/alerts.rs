@@ -669,7 +669,16 @@ async fn the_labelled_set_scores_within_the_goals_through_the_cli() {
     vars.push(("TOKENTALLY_CONFIG", config.display().to_string()));
     let from = set.from.date_naive().to_string();
     let to = (set.to - Span::days(1)).date_naive().to_string();
-    let args = ["alerts", "backtest", "--from", &from, "--to", &to, "--labels", labels.to_str().unwrap()];
+    let args = [
+        "alerts",
+        "backtest",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--labels",
+        labels.to_str().unwrap(),
+    ];
     let table = tokentally(&args, &vars, None);
     println!("{table}");
     let mut json_args = args.to_vec();
@@ -679,7 +688,10 @@ async fn the_labelled_set_scores_within_the_goals_through_the_cli() {
     assert!(s["precision"].as_f64().unwrap() >= 0.95, "{table}");
     assert!(s["recall"].as_f64().unwrap() >= 0.95, "{table}");
     assert!(s["median_delay_hours"].as_f64().unwrap() <= 1.0, "{table}");
-    assert!(s["false_pages_per_institution_week"].as_f64().unwrap() <= 0.05, "{table}");
+    assert!(
+        s["false_pages_per_institution_week"].as_f64().unwrap() <= 0.05,
+        "{table}"
+    );
     assert_eq!(s["resolved_within_6h"], s["detected"], "{table}");
     assert!(table.contains("precision") && table.contains("false pages per institution-week"));
     env.drop_database().await;

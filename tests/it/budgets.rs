@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::gateway::{create_key, dec};
 use crate::harness::{
-    event_row, repo, sdk_calls, spawn_gateway, spawn_serve, spawn_simulator, tokentally,
-    Gateway, TestEnv,
+    event_row, repo, sdk_calls, spawn_gateway, spawn_serve, spawn_simulator, tokentally, Gateway,
+    TestEnv,
 };
 
 /// The dearest prompt and output rates (per Mtok) of every entry of `model` in the price
@@ -25,7 +25,12 @@ fn worst_rates(model: &str) -> (Decimal, Decimal) {
             continue;
         }
         let doc: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for e in doc.get("price").and_then(|p| p.as_array()).into_iter().flatten() {
+        for e in doc
+            .get("price")
+            .and_then(|p| p.as_array())
+            .into_iter()
+            .flatten()
+        {
             let listed = match e.get("match") {
                 Some(toml::Value::Array(m)) => m.iter().any(|v| v.as_str() == Some(model)),
                 Some(toml::Value::String(m)) => m == model,
@@ -34,9 +39,19 @@ fn worst_rates(model: &str) -> (Decimal, Decimal) {
             if !listed {
                 continue;
             }
-            let rate = |k: &str| e.get(k).and_then(|v| v.as_str()).map(|s| s.parse::<Decimal>().unwrap()).unwrap_or_default();
-            input = input.max(rate("input_per_mtok")).max(rate("cache_read_per_mtok")).max(rate("cache_write_per_mtok"));
-            output = output.max(rate("output_per_mtok")).max(rate("reasoning_per_mtok"));
+            let rate = |k: &str| {
+                e.get(k)
+                    .and_then(|v| v.as_str())
+                    .map(|s| s.parse::<Decimal>().unwrap())
+                    .unwrap_or_default()
+            };
+            input = input
+                .max(rate("input_per_mtok"))
+                .max(rate("cache_read_per_mtok"))
+                .max(rate("cache_write_per_mtok"));
+            output = output
+                .max(rate("output_per_mtok"))
+                .max(rate("reasoning_per_mtok"));
         }
     }
     (input, output)
@@ -65,7 +80,14 @@ struct Outcome {
 }
 
 /// Sends `n` streaming chat completions at once (all in flight together).
-async fn wave(base: &str, key: &str, n: usize, first: usize, max_tokens: u64, sim: &str) -> Vec<Outcome> {
+async fn wave(
+    base: &str,
+    key: &str,
+    n: usize,
+    first: usize,
+    max_tokens: u64,
+    sim: &str,
+) -> Vec<Outcome> {
     let http = crate::web::client();
     let calls = (0..n).map(|i| {
         let http = http.clone();
@@ -85,8 +107,18 @@ async fn wave(base: &str, key: &str, n: usize, first: usize, max_tokens: u64, si
             let remaining = h("x-tokentally-budget-remaining").map(|v| v.parse().unwrap());
             let text = res.text().await.unwrap_or_default();
             let complete = status == 200 && text.contains("data: [DONE]");
-            let body = if status == 200 { Value::Null } else { serde_json::from_str(&text).unwrap() };
-            Outcome { status, remaining, body, reserved, complete }
+            let body = if status == 200 {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap()
+            };
+            Outcome {
+                status,
+                remaining,
+                body,
+                reserved,
+                complete,
+            }
         }
     });
     futures::future::join_all(calls).await
@@ -121,7 +153,10 @@ async fn wait_stored(env: &TestEnv, key: &str, n: u64) -> BTreeMap<String, (u64,
             assert_eq!(total, n, "more events stored than requests sent: {s:?}");
             return s;
         }
-        assert!(start.elapsed() < Duration::from_secs(90), "{total} of {n} stored: {s:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{total} of {n} stored: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -136,8 +171,10 @@ struct Hold {
 /// The latest holds every gateway reported for `limit_id`.
 async fn holds(env: &TestEnv, limit_id: &str) -> Vec<Hold> {
     env.ch()
-        .query("SELECT instance, open_reservations, reserved_usd FROM limit_holds WHERE limit_id = ? \
-                ORDER BY instance, reported_at DESC LIMIT 1 BY instance")
+        .query(
+            "SELECT instance, open_reservations, reserved_usd FROM limit_holds WHERE limit_id = ? \
+                ORDER BY instance, reported_at DESC LIMIT 1 BY instance",
+        )
         .bind(limit_id)
         .fetch_all::<Hold>()
         .await
@@ -169,7 +206,10 @@ async fn until_limited(gw: &Gateway, key: &str) -> (Duration, u64) {
         if r.headers().contains_key("x-tokentally-budget-remaining") || r.status() == 429 {
             return (start.elapsed(), sent);
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "limit not applied");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "limit not applied"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -187,7 +227,19 @@ async fn one_gateway_never_passes_a_key_budget_under_200_concurrent_streams() {
     let gw = spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
     let _ingest = env.spawn_ingest();
     let (key_id, key) = create_key(&env, "uni-a", "ulla", &[]);
-    let limit_id = set_limit(&env, &["--institution", "uni-a", "--key", &key_id, "--usd", "1.00", "--per", "month"]);
+    let limit_id = set_limit(
+        &env,
+        &[
+            "--institution",
+            "uni-a",
+            "--key",
+            &key_id,
+            "--usd",
+            "1.00",
+            "--per",
+            "month",
+        ],
+    );
     assert_eq!(limit_id, format!("uni-a:key:{key_id}:usd:month"));
     crate::gateway::until_accepted(&gw, &key).await;
     let (applied, mut sent) = until_limited(&gw, &key).await;
@@ -210,9 +262,18 @@ async fn one_gateway_never_passes_a_key_budget_under_200_concurrent_streams() {
                     assert_eq!(o.body["error"]["code"], "insufficient_quota", "{o:?}");
                     assert_eq!(o.body["error"]["type"], "insufficient_quota");
                     let msg = o.body["error"]["message"].as_str().unwrap();
-                    assert!(msg.contains(&limit_id) && msg.contains("$1.00 per month"), "{msg}");
-                    let left = o.remaining.expect("x-tokentally-budget-remaining on a refusal");
-                    assert!(left < o.reserved, "refused with ${left} left for a ${} reservation", o.reserved);
+                    assert!(
+                        msg.contains(&limit_id) && msg.contains("$1.00 per month"),
+                        "{msg}"
+                    );
+                    let left = o
+                        .remaining
+                        .expect("x-tokentally-budget-remaining on a refusal");
+                    assert!(
+                        left < o.reserved,
+                        "refused with ${left} left for a ${} reservation",
+                        o.reserved
+                    );
                     refused += 1;
                 }
                 s => panic!("status {s}: {o:?}"),
@@ -223,32 +284,69 @@ async fn one_gateway_never_passes_a_key_budget_under_200_concurrent_streams() {
             break;
         }
     }
-    assert!(refused > 0 && admitted > 0, "admitted {admitted}, refused {refused}");
+    assert!(
+        refused > 0 && admitted > 0,
+        "admitted {admitted}, refused {refused}"
+    );
 
     // The official SDK, with retries on as by default: one 429 it does not retry.
-    let r = sdk_calls(&gw.base, &key, &json!([{"sdk": "openai", "api": "chat", "model": "gpt-4o", "max_tokens": 1000,
-        "max_retries": 2, "messages": [{"role": "user", "content": "one more"}]}]));
+    let r = sdk_calls(
+        &gw.base,
+        &key,
+        &json!([{"sdk": "openai", "api": "chat", "model": "gpt-4o", "max_tokens": 1000,
+        "max_retries": 2, "messages": [{"role": "user", "content": "one more"}]}]),
+    );
     sent += 1;
-    assert_eq!((r[0]["status"].as_u64(), r[0]["error_type"].as_str()), (Some(429), Some("RateLimitError")), "{r:?}");
+    assert_eq!(
+        (r[0]["status"].as_u64(), r[0]["error_type"].as_str()),
+        (Some(429), Some("RateLimitError")),
+        "{r:?}"
+    );
     assert_eq!(r[0]["body"]["error"]["code"], "insufficient_quota");
     assert!(r[0]["headers"]["x-tokentally-budget-remaining"].is_string());
 
     // Everything stored: exactly one event per request; the cost of what was served
     // never passes the budget and uses it up to within one reservation.
     let stored = wait_stored(&env, &key_id, sent).await;
-    let served: Decimal = stored.iter().filter(|(s, _)| *s == "ok").map(|(_, (_, c))| *c).sum();
+    let served: Decimal = stored
+        .iter()
+        .filter(|(s, _)| *s == "ok")
+        .map(|(_, (_, c))| *c)
+        .sum();
     let rejected = stored.get("rejected_budget").map_or(0, |(n, _)| *n);
     assert_eq!(rejected, refused as u64 + 1, "{stored:?}");
     assert!(served <= limit, "served ${served} > $1.00");
-    assert!(served > limit - max_reserved, "budget left unused: ${served} of $1.00 (one reservation is ${max_reserved})");
+    assert!(
+        served > limit - max_reserved,
+        "budget left unused: ${served} of $1.00 (one reservation is ${max_reserved})"
+    );
     // No reservation stays open (the gateway reports every second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let h = holds(&env, &limit_id).await;
-    assert_eq!(h.len(), 1, "one instance reported: {:?}", h.iter().map(|h| &h.instance).collect::<Vec<_>>());
-    assert_eq!((h[0].open_reservations, dec(&h[0].reserved_usd)), (0, Decimal::ZERO), "{h:?}");
+    assert_eq!(
+        h.len(),
+        1,
+        "one instance reported: {:?}",
+        h.iter().map(|h| &h.instance).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (h[0].open_reservations, dec(&h[0].reserved_usd)),
+        (0, Decimal::ZERO),
+        "{h:?}"
+    );
     // The standing (CLI, dashboard): used is what was spent; every refusal counted.
-    let list: Value = serde_json::from_str(&tokentally(&["limits", "list", "--format", "json"], &env.cli_vars(), None)).unwrap();
-    let row = list.as_array().unwrap().iter().find(|l| l["limit_id"] == limit_id.as_str()).unwrap();
+    let list: Value = serde_json::from_str(&tokentally(
+        &["limits", "list", "--format", "json"],
+        &env.cli_vars(),
+        None,
+    ))
+    .unwrap();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit_id"] == limit_id.as_str())
+        .unwrap();
     assert_eq!(dec(row["used"].as_str().unwrap()), served, "{row}");
     assert_eq!(row["blocked"].as_u64(), Some(refused as u64 + 1), "{row}");
     println!(
@@ -272,7 +370,10 @@ async fn two_gateways_on_one_budget_overshoot_within_the_bound_and_changes_apply
     let b = spawn_gateway(&env, "b", env.gateway_vars(&sim, db.path())).await;
     let _ingest = env.spawn_ingest();
     let (key_id, key) = create_key(&env, "uni-a", "ola", &[]);
-    let limit_id = set_limit(&env, &["--institution", "uni-a", "--key", &key_id, "--usd", "1.00"]);
+    let limit_id = set_limit(
+        &env,
+        &["--institution", "uni-a", "--key", &key_id, "--usd", "1.00"],
+    );
     let mut sent = 0;
     for gw in [&a, &b] {
         crate::gateway::until_accepted(gw, &key).await;
@@ -303,35 +404,57 @@ async fn two_gateways_on_one_budget_overshoot_within_the_bound_and_changes_apply
         }
     }
     let stored = wait_stored(&env, &key_id, sent).await;
-    let served: Decimal = stored.iter().filter(|(s, _)| *s == "ok").map(|(_, (_, c))| *c).sum();
+    let served: Decimal = stored
+        .iter()
+        .filter(|(s, _)| *s == "ok")
+        .map(|(_, (_, c))| *c)
+        .sum();
     // The README's bound for two instances: half the budget (each spends at most half
     // the headroom it sees between refreshes).
     let over = (served - Decimal::ONE).max(Decimal::ZERO);
     assert!(over <= dec("0.50"), "overshoot ${over}");
-    println!("two gateways, budget $1.00: {admitted} admitted, served ${served}, overshoot ${over}");
+    println!(
+        "two gateways, budget $1.00: {admitted} admitted, served ${served}, overshoot ${over}"
+    );
 
     // Raised while traffic runs: both admit again within 5 s; lowered: both refuse.
     let raised = Instant::now();
-    set_limit(&env, &["--institution", "uni-a", "--key", &key_id, "--usd", "3.00"]);
+    set_limit(
+        &env,
+        &["--institution", "uni-a", "--key", &key_id, "--usd", "3.00"],
+    );
     let mut on = [None, None];
     while on.iter().any(Option::is_none) {
         for (i, gw) in [&a, &b].into_iter().enumerate() {
-            if on[i].is_none() && wave(&gw.base, &key, 1, 90_000 + i, 10, "words=5").await[0].status == 200 {
+            if on[i].is_none()
+                && wave(&gw.base, &key, 1, 90_000 + i, 10, "words=5").await[0].status == 200
+            {
                 on[i] = Some(raised.elapsed());
             }
         }
-        assert!(raised.elapsed() < Duration::from_secs(5), "raise not applied on both within 5 s: {on:?}");
+        assert!(
+            raised.elapsed() < Duration::from_secs(5),
+            "raise not applied on both within 5 s: {on:?}"
+        );
     }
     let lowered = Instant::now();
-    set_limit(&env, &["--institution", "uni-a", "--key", &key_id, "--usd", "0.10"]);
+    set_limit(
+        &env,
+        &["--institution", "uni-a", "--key", &key_id, "--usd", "0.10"],
+    );
     let mut off = [None, None];
     while off.iter().any(Option::is_none) {
         for (i, gw) in [&a, &b].into_iter().enumerate() {
-            if off[i].is_none() && wave(&gw.base, &key, 1, 91_000 + i, 10, "words=5").await[0].status == 429 {
+            if off[i].is_none()
+                && wave(&gw.base, &key, 1, 91_000 + i, 10, "words=5").await[0].status == 429
+            {
                 off[i] = Some(lowered.elapsed());
             }
         }
-        assert!(lowered.elapsed() < Duration::from_secs(5), "lowering not applied on both within 5 s: {off:?}");
+        assert!(
+            lowered.elapsed() < Duration::from_secs(5),
+            "lowering not applied on both within 5 s: {off:?}"
+        );
     }
     println!("limit changes: raised on both after {on:?}, lowered on both after {off:?}");
     let _ = limit_id;
@@ -376,21 +499,32 @@ mode = "block"
     crate::gateway::until_accepted(&gw, &kari2).await;
 
     // 15 requests per day for kari, over both of her keys.
-    let chat = |t: &str| json!({"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "max_retries": 2,
-        "messages": [{"role": "user", "content": t}], "headers": {"x-simulator": "words=3"}});
+    let chat = |t: &str| {
+        json!({"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "max_retries": 2,
+        "messages": [{"role": "user", "content": t}], "headers": {"x-simulator": "words=3"}})
+    };
     let calls: Vec<Value> = (0..10).map(|i| chat(&format!("a{i}"))).collect();
     let r = sdk_calls(&gw.base, &kari, &json!(calls));
     assert!(r.iter().all(|x| x["ok"] == true), "{r:?}");
     let calls: Vec<Value> = (0..6).map(|i| chat(&format!("b{i}"))).collect();
     let r = sdk_calls(&gw.base, &kari2, &json!(calls));
     assert!(r[..5].iter().all(|x| x["ok"] == true), "{r:?}");
-    assert_eq!((r[5]["status"].as_u64(), r[5]["error_type"].as_str()), (Some(429), Some("RateLimitError")));
+    assert_eq!(
+        (r[5]["status"].as_u64(), r[5]["error_type"].as_str()),
+        (Some(429), Some("RateLimitError"))
+    );
     let msg = r[5]["body"]["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("15 requests per day") && msg.contains("user kari of uni-oslo"), "{msg}");
+    assert!(
+        msg.contains("15 requests per day") && msg.contains("user kari of uni-oslo"),
+        "{msg}"
+    );
     // It renews at the next local midnight in Oslo.
     let oslo: chrono_tz::Tz = "Europe/Oslo".parse().unwrap();
     let tomorrow = Utc::now().with_timezone(&oslo).date_naive() + chrono::Duration::days(1);
-    assert!(msg.contains(&format!("renews at {tomorrow} 00:00")), "{msg}");
+    assert!(
+        msg.contains(&format!("renews at {tomorrow} 00:00")),
+        "{msg}"
+    );
     let r = sdk_calls(&gw.base, &nils, &json!([chat("nils is not kari")]));
     assert_eq!(r[0]["ok"], true);
 
@@ -398,21 +532,64 @@ mode = "block"
     // midnight of the 1st ($0.60) counts, half an hour before it ($5) does not.
     let today = Utc::now().with_timezone(&oslo).date_naive();
     let first = today.with_day0(0).unwrap().and_hms_opt(0, 0, 0).unwrap();
-    let start = oslo.from_local_datetime(&first).earliest().unwrap().with_timezone(&Utc);
-    let mut inside = event_row("oslo-inside", "uni-oslo", start + chrono::Duration::minutes(30), "gpt-4o");
+    let start = oslo
+        .from_local_datetime(&first)
+        .earliest()
+        .unwrap()
+        .with_timezone(&Utc);
+    let mut inside = event_row(
+        "oslo-inside",
+        "uni-oslo",
+        start + chrono::Duration::minutes(30),
+        "gpt-4o",
+    );
     inside.user_id = "nils".into();
     inside.cost = dec("0.60");
-    let mut before = event_row("oslo-before", "uni-oslo", start - chrono::Duration::minutes(30), "gpt-4o");
+    let mut before = event_row(
+        "oslo-before",
+        "uni-oslo",
+        start - chrono::Duration::minutes(30),
+        "gpt-4o",
+    );
     before.user_id = "nils".into();
     before.cost = dec("5");
     env.store.insert_events(&[inside, before]).await.unwrap();
-    let id = set_limit(&env, &["--institution", "uni-oslo", "--user", "nils", "--usd", "1", "--per", "month"]);
+    let id = set_limit(
+        &env,
+        &[
+            "--institution",
+            "uni-oslo",
+            "--user",
+            "nils",
+            "--usd",
+            "1",
+            "--per",
+            "month",
+        ],
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The CLI reads the same config as the gateway (the institution's time zone).
     let mut cli = env.cli_vars();
     cli.push(("TOKENTALLY_CONFIG", config.display().to_string()));
-    let list: Value = serde_json::from_str(&tokentally(&["limits", "list", "--institution", "uni-oslo", "--format", "json"], &cli, None)).unwrap();
-    let row = list.as_array().unwrap().iter().find(|l| l["limit_id"] == id.as_str()).unwrap();
+    let list: Value = serde_json::from_str(&tokentally(
+        &[
+            "limits",
+            "list",
+            "--institution",
+            "uni-oslo",
+            "--format",
+            "json",
+        ],
+        &cli,
+        None,
+    ))
+    .unwrap();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit_id"] == id.as_str())
+        .unwrap();
     // nils's one request above is stored by now or pending: $0.60 plus a fraction of a cent.
     let used = dec(row["used"].as_str().unwrap());
     assert!(used >= dec("0.60") && used < dec("0.61"), "{row}");
@@ -439,18 +616,56 @@ async fn alert_mode_never_blocks_and_alerts_once() {
     let _ingest = env.spawn_ingest();
     let (key_id, key) = create_key(&env, "uni-a", "alf", &[]);
     let (blocked_id, blocked) = create_key(&env, "uni-a", "bo", &[]);
-    set_limit(&env, &["--institution", "uni-a", "--key", &key_id, "--usd", "0.001", "--mode", "alert"]);
-    set_limit(&env, &["--institution", "uni-a", "--key", &blocked_id, "--requests", "1", "--per", "day"]);
+    set_limit(
+        &env,
+        &[
+            "--institution",
+            "uni-a",
+            "--key",
+            &key_id,
+            "--usd",
+            "0.001",
+            "--mode",
+            "alert",
+        ],
+    );
+    set_limit(
+        &env,
+        &[
+            "--institution",
+            "uni-a",
+            "--key",
+            &blocked_id,
+            "--requests",
+            "1",
+            "--per",
+            "day",
+        ],
+    );
     crate::gateway::until_accepted(&gw, &blocked).await;
     until_limited(&gw, &blocked).await; // uses bo's one request
 
     let outcomes = wave(&gw.base, &key, 40, 0, 1000, "words=300").await;
-    assert!(outcomes.iter().all(|o| o.status == 200 && o.remaining.is_none()), "alert mode refused or reserved");
-    assert_eq!(wave(&gw.base, &blocked, 1, 0, 10, "words=3").await[0].status, 429);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.status == 200 && o.remaining.is_none()),
+        "alert mode refused or reserved"
+    );
+    assert_eq!(
+        wave(&gw.base, &blocked, 1, 0, 10, "words=3").await[0].status,
+        429
+    );
     wait_stored(&env, &key_id, 40).await;
     let start = Instant::now();
-    while !by_status(&env, &blocked_id).await.contains_key("rejected_budget") {
-        assert!(start.elapsed() < Duration::from_secs(60), "the refusal was not stored");
+    while !by_status(&env, &blocked_id)
+        .await
+        .contains_key("rejected_budget")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the refusal was not stored"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -471,13 +686,30 @@ async fn alert_mode_never_blocks_and_alerts_once() {
         if a.len() >= 2 || start.elapsed() > Duration::from_secs(30) {
             // Several evaluation rounds more: nothing is announced again.
             tokio::time::sleep(Duration::from_secs(4)).await;
-            break env.ch().query("SELECT entity, state FROM alerts WHERE kind = 'limit' ORDER BY entity").fetch_all::<A>().await.unwrap();
+            break env
+                .ch()
+                .query("SELECT entity, state FROM alerts WHERE kind = 'limit' ORDER BY entity")
+                .fetch_all::<A>()
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(alerts.len(), 2, "{alerts:?}");
     assert!(alerts.iter().all(|a| a.state == "firing"));
-    assert!(alerts.iter().any(|a| a.entity.starts_with(&format!("uni-a:key:{key_id}:usd:month/")) && a.entity.ends_with("/reached")), "{alerts:?}");
-    assert!(alerts.iter().any(|a| a.entity.starts_with(&format!("uni-a:key:{blocked_id}:requests:day/")) && a.entity.ends_with("/blocked")), "{alerts:?}");
+    assert!(
+        alerts.iter().any(|a| a
+            .entity
+            .starts_with(&format!("uni-a:key:{key_id}:usd:month/"))
+            && a.entity.ends_with("/reached")),
+        "{alerts:?}"
+    );
+    assert!(
+        alerts.iter().any(|a| a
+            .entity
+            .starts_with(&format!("uni-a:key:{blocked_id}:requests:day/"))
+            && a.entity.ends_with("/blocked")),
+        "{alerts:?}"
+    );
     env.drop_database().await;
 }

@@ -13,13 +13,29 @@ use crate::harness::{
 };
 
 fn platform_key(provider: &str) -> &'static str {
-    PLATFORM_KEYS.iter().find(|(p, _)| *p == provider).unwrap().1
+    PLATFORM_KEYS
+        .iter()
+        .find(|(p, _)| *p == provider)
+        .unwrap()
+        .1
 }
 
 /// Creates a proxy key with the CLI; returns (key id, secret).
-pub(crate) fn create_key(env: &TestEnv, institution: &str, user: &str, extra: &[&str]) -> (String, String) {
+pub(crate) fn create_key(
+    env: &TestEnv,
+    institution: &str,
+    user: &str,
+    extra: &[&str],
+) -> (String, String) {
     let mut args = vec![
-        "keys", "create", "--institution", institution, "--user", user, "--format", "json",
+        "keys",
+        "create",
+        "--institution",
+        institution,
+        "--user",
+        user,
+        "--format",
+        "json",
     ];
     args.extend_from_slice(extra);
     let out: Value = serde_json::from_str(&tokentally(&args, &env.cli_vars(), None)).unwrap();
@@ -44,7 +60,10 @@ pub(crate) async fn until_accepted(gw: &Gateway, key: &str) -> Duration {
         if s == 200 {
             return start.elapsed();
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "key not accepted: {s}");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "key not accepted: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -185,7 +204,11 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
         .collect();
     let direct: Vec<Value> = sdk_calls(&sim.base, platform_key("OPENAI"), &openai_calls)
         .into_iter()
-        .chain(sdk_calls(&sim.base, platform_key("ANTHROPIC"), &anthropic_calls))
+        .chain(sdk_calls(
+            &sim.base,
+            platform_key("ANTHROPIC"),
+            &anthropic_calls,
+        ))
         .collect();
     let calls: Vec<Value> = openai_calls
         .as_array()
@@ -211,14 +234,21 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
     };
     let usage: Vec<Value> = sdk_calls(&sim.base, platform_key("OPENAI"), &twins(&openai_calls))
         .into_iter()
-        .chain(sdk_calls(&sim.base, platform_key("ANTHROPIC"), &twins(&anthropic_calls)))
+        .chain(sdk_calls(
+            &sim.base,
+            platform_key("ANTHROPIC"),
+            &twins(&anthropic_calls),
+        ))
         .map(|r| r["response"]["usage"].clone())
         .collect();
 
     for (i, (v, d)) in via.iter().zip(&direct).enumerate() {
         assert_eq!(v["ok"], true, "call {i} through the gateway: {v}");
         assert_eq!(d["ok"], true, "call {i} direct: {d}");
-        assert_eq!(v["response"], d["response"], "call {i}: the client got something else");
+        assert_eq!(
+            v["response"], d["response"],
+            "call {i}: the client got something else"
+        );
         assert_eq!(v["chunks"], d["chunks"], "call {i}: the stream differs");
         assert!(v["request_id"].is_string(), "call {i} has no request id");
     }
@@ -229,7 +259,9 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
     assert!(with_usage.last().unwrap()["usage"]["prompt_tokens"].is_u64());
 
     // The provider saw a pseudonymous end user, the platform's key, no client key.
-    let seen: Vec<Value> = crate::web::client().get(format!("{}/_sim/requests", sim.base)).send()
+    let seen: Vec<Value> = crate::web::client()
+        .get(format!("{}/_sim/requests", sim.base))
+        .send()
         .await
         .unwrap()
         .json()
@@ -243,11 +275,18 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
     let pseudonym = via_gateway[0]["end_user"].as_str().unwrap();
     assert!(via_gateway.iter().all(|r| r["end_user"] == pseudonym));
     assert!(!pseudonym.contains("alice"));
-    let who = tokentally(&["keys", "whois", pseudonym], &{
-        let mut v = env.cli_vars();
-        v.push(("TOKENTALLY_GATEWAY_MASTER_KEY", crate::harness::TEST_MASTER_KEY.into()));
-        v
-    }, None);
+    let who = tokentally(
+        &["keys", "whois", pseudonym],
+        &{
+            let mut v = env.cli_vars();
+            v.push((
+                "TOKENTALLY_GATEWAY_MASTER_KEY",
+                crate::harness::TEST_MASTER_KEY.into(),
+            ));
+            v
+        },
+        None,
+    );
     assert_eq!(who, "institution uni-oslo, user alice@uni-oslo.no");
     let sha = |k: &str| {
         use sha2::Digest;
@@ -260,50 +299,85 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
             sha(platform_key("OPENAI"))
         };
         assert_eq!(r["key_sha256"], expected);
-        let headers: Vec<&str> = r["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+        let headers: Vec<&str> = r["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap())
+            .collect();
         assert!(!headers.contains(&"x-tokentally-tags"), "{headers:?}");
     }
-    assert!(via_gateway[1]["include_usage"] == true, "the gateway asks for stream usage");
+    assert!(
+        via_gateway[1]["include_usage"] == true,
+        "the gateway asks for stream usage"
+    );
 
     // One event per request, priced as computed here.
     let events = wait_events(&env, 8, Duration::from_secs(60)).await;
     assert_eq!(events.len(), 8);
     for (i, call) in calls.iter().enumerate() {
         let id = via[i]["request_id"].as_str().unwrap();
-        let e = events.get(id).unwrap_or_else(|| panic!("no event for call {i} ({id})"));
+        let e = events
+            .get(id)
+            .unwrap_or_else(|| panic!("no event for call {i} ({id})"));
         let api = call["api"].as_str().unwrap();
         let (input, cache_read, cache_write, output, reasoning) = canonical(api, &usage[i]);
         assert_eq!(
-            (e.input_tokens, e.cache_read_tokens, e.cache_write_tokens, e.output_tokens, e.reasoning_tokens),
+            (
+                e.input_tokens,
+                e.cache_read_tokens,
+                e.cache_write_tokens,
+                e.output_tokens,
+                e.reasoning_tokens
+            ),
             (input, cache_read, cache_write, output, reasoning),
             "call {i} ({api})"
         );
         let price = list_price(&env.prices, call["model"].as_str().unwrap());
         assert_eq!(
             dec(&e.cost),
-            price.cost(input, cache_read, cache_write, output).normalize(),
+            price
+                .cost(input, cache_read, cache_write, output)
+                .normalize(),
             "call {i} ({api}) cost"
         );
         assert_eq!(e.status, "ok", "call {i}");
         assert_eq!(e.usage_estimated, 0);
         assert_eq!(e.billing, "");
-        assert_eq!((e.institution_id.as_str(), e.user_id.as_str()), ("uni-oslo", "alice@uni-oslo.no"));
+        assert_eq!(
+            (e.institution_id.as_str(), e.user_id.as_str()),
+            ("uni-oslo", "alice@uni-oslo.no")
+        );
         assert_eq!(e.api_key_id, key_id);
         assert_eq!(e.model, call["model"].as_str().unwrap());
-        let provider = if api == "messages" { "anthropic" } else { "openai" };
+        let provider = if api == "messages" {
+            "anthropic"
+        } else {
+            "openai"
+        };
         assert_eq!(e.provider, provider);
     }
     let first = &events[via[0]["request_id"].as_str().unwrap()];
-    assert_eq!((first.tag_keys.clone(), first.tag_values.clone()), (vec!["course".to_string()], vec!["inf100".to_string()]));
-    assert_eq!(events[via[3]["request_id"].as_str().unwrap()].endpoint, "responses");
+    assert_eq!(
+        (first.tag_keys.clone(), first.tag_values.clone()),
+        (vec!["course".to_string()], vec!["inf100".to_string()])
+    );
+    assert_eq!(
+        events[via[3]["request_id"].as_str().unwrap()].endpoint,
+        "responses"
+    );
 
     // Gemini (no official SDK here): generateContent, and a stream with and without SSE.
     let http = crate::web::client();
-    let gem_body = json!({"contents": [{"role": "user", "parts": [{"text": "hello gemini friend"}]}]});
+    let gem_body =
+        json!({"contents": [{"role": "user", "parts": [{"text": "hello gemini friend"}]}]});
     let mut gem_ids = Vec::new();
     for (path, sse) in [
         ("models/gemini-2.0-flash:generateContent", false),
-        ("models/gemini-2.0-flash:streamGenerateContent?alt=sse", true),
+        (
+            "models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            true,
+        ),
         ("models/gemini-2.0-flash:streamGenerateContent", false),
     ] {
         let via = http
@@ -315,7 +389,12 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
             .await
             .unwrap();
         assert_eq!(via.status(), 200, "{path}");
-        gem_ids.push(via.headers()["x-tokentally-request-id"].to_str().unwrap().to_owned());
+        gem_ids.push(
+            via.headers()["x-tokentally-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
         let via_text = via.text().await.unwrap();
         let direct = http
             .post(format!("{}/v1beta/{path}", sim.base))
@@ -336,7 +415,10 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
     for id in &gem_ids {
         let e = &events[id];
         // 3 words + 3 for the one content; 4 answer words.
-        assert_eq!((e.input_tokens, e.output_tokens, e.provider.as_str()), (6, 4, "google"));
+        assert_eq!(
+            (e.input_tokens, e.output_tokens, e.provider.as_str()),
+            (6, 4, "google")
+        );
         assert_eq!(dec(&e.cost), gemini.cost(6, 0, 0, 4).normalize());
     }
     env.drop_database().await;
@@ -365,7 +447,10 @@ async fn until_status_on_both(a: &Gateway, b: &Gateway, key: &str, status: u16) 
                 slowest = start.elapsed();
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "not {status} on both");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not {status} on both"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     slowest
@@ -397,15 +482,31 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
     }
     tokentally(&["keys", "revoke", &key_id], &env.cli_vars(), None);
     let revoked = until_status_on_both(&a, &b, &key, 401).await;
-    assert!(revoked < Duration::from_secs(5), "revocation took {revoked:?}");
+    assert!(
+        revoked < Duration::from_secs(5),
+        "revocation took {revoked:?}"
+    );
     for gw in [&a, &b] {
         let r = sdk_calls(&gw.base, &key, &json!([chat("after revocation")]));
-        assert_eq!((r[0]["status"].as_u64(), r[0]["error_type"].as_str()), (Some(401), Some("AuthenticationError")));
+        assert_eq!(
+            (r[0]["status"].as_u64(), r[0]["error_type"].as_str()),
+            (Some(401), Some("AuthenticationError"))
+        );
         assert_eq!(r[0]["body"]["error"]["code"], "invalid_api_key");
-        assert!(r[0]["body"]["error"]["message"].as_str().unwrap().contains("revoked"));
-        let m = sdk_calls(&gw.base, &key, &json!([{"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5",
-            "messages": [{"role": "user", "content": "hi"}]}]));
-        assert_eq!((m[0]["status"].as_u64(), m[0]["error_type"].as_str()), (Some(401), Some("AuthenticationError")));
+        assert!(r[0]["body"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"));
+        let m = sdk_calls(
+            &gw.base,
+            &key,
+            &json!([{"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5",
+            "messages": [{"role": "user", "content": "hi"}]}]),
+        );
+        assert_eq!(
+            (m[0]["status"].as_u64(), m[0]["error_type"].as_str()),
+            (Some(401), Some("AuthenticationError"))
+        );
         assert_eq!(m[0]["body"]["error"]["type"], "authentication_error");
     }
     // The key stays revoked across a restart (the state is in ClickHouse).
@@ -446,23 +547,36 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
     assert_eq!(r[0]["ok"], true);
     let expired_after = until_status_on_both(&a, &b, &fresh.secret, 401).await;
     let late = chrono::Utc::now().timestamp() - i64::from(expires_at);
-    assert!(late <= 5, "refused on both only {late} s after the key expired");
+    assert!(
+        late <= 5,
+        "refused on both only {late} s after the key expired"
+    );
     let r = sdk_calls(&b.base, &fresh.secret, &json!([chat("after expiry")]));
     assert_eq!(r[0]["status"], 401);
-    assert!(r[0]["body"]["error"]["message"].as_str().unwrap().contains("expired"));
+    assert!(r[0]["body"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
     assert!(late >= 0, "refused before its expiry");
 
     // Models: only those on the key's list; /v1/models shows only them.
     let (_, limited) = create_key(&env, "uni-a", "erin", &["--models", "gpt-4o-mini,claude-*"]);
     until_status_on_both(&a, &b, &limited, 200).await;
-    let r = sdk_calls(&a.base, &limited, &json!([
-        chat("allowed"),
-        {"sdk": "openai", "api": "chat", "model": "gpt-5", "messages": [{"role": "user", "content": "no"}]},
-        {"sdk": "openai", "api": "models"},
-        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "yes"}]},
-    ]));
+    let r = sdk_calls(
+        &a.base,
+        &limited,
+        &json!([
+            chat("allowed"),
+            {"sdk": "openai", "api": "chat", "model": "gpt-5", "messages": [{"role": "user", "content": "no"}]},
+            {"sdk": "openai", "api": "models"},
+            {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "yes"}]},
+        ]),
+    );
     assert_eq!(r[0]["ok"], true);
-    assert_eq!((r[1]["status"].as_u64(), r[1]["error_type"].as_str()), (Some(403), Some("PermissionDeniedError")));
+    assert_eq!(
+        (r[1]["status"].as_u64(), r[1]["error_type"].as_str()),
+        (Some(403), Some("PermissionDeniedError"))
+    );
     assert_eq!(r[1]["body"]["error"]["code"], "model_not_allowed");
     assert_eq!(r[2]["response"], json!(["gpt-4o-mini"]));
     assert_eq!(r[3]["ok"], true, "{:?}", r[3]);
@@ -471,22 +585,44 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
     let (_, slow) = create_key(&env, "uni-a", "frank", &["--rpm", "3"]);
     until_status_on_both(&a, &b, &slow, 200).await;
     // (/v1/models is not rate limited; the model calls are.)
-    let r = sdk_calls(&a.base, &slow, &json!([chat("1"), chat("2"), chat("3"), chat("4")]));
+    let r = sdk_calls(
+        &a.base,
+        &slow,
+        &json!([chat("1"), chat("2"), chat("3"), chat("4")]),
+    );
     let remaining: Vec<&str> = r[..3]
         .iter()
-        .map(|x| x["headers"]["x-ratelimit-remaining-requests"].as_str().unwrap())
+        .map(|x| {
+            x["headers"]["x-ratelimit-remaining-requests"]
+                .as_str()
+                .unwrap()
+        })
         .collect();
     assert_eq!(remaining, ["2", "1", "0"]);
-    assert_eq!((r[3]["status"].as_u64(), r[3]["error_type"].as_str()), (Some(429), Some("RateLimitError")));
+    assert_eq!(
+        (r[3]["status"].as_u64(), r[3]["error_type"].as_str()),
+        (Some(429), Some("RateLimitError"))
+    );
     assert_eq!(r[3]["body"]["error"]["code"], "rate_limit_exceeded");
     assert_eq!(r[3]["headers"]["x-ratelimit-limit-requests"], "3");
-    let retry: u64 = r[3]["headers"]["retry-after"].as_str().unwrap().parse().unwrap();
+    let retry: u64 = r[3]["headers"]["retry-after"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry), "retry-after {retry}");
     // Tokens per minute: counted from finished requests (each here is 6 + 12 tokens).
     let (_, tokens) = create_key(&env, "uni-a", "gina", &["--tpm", "30"]);
     until_status_on_both(&a, &b, &tokens, 200).await;
-    let r = sdk_calls(&a.base, &tokens, &json!([chat("one"), chat("two"), chat("three")]));
-    assert_eq!((r[0]["ok"].as_bool(), r[1]["ok"].as_bool()), (Some(true), Some(true)));
+    let r = sdk_calls(
+        &a.base,
+        &tokens,
+        &json!([chat("one"), chat("two"), chat("three")]),
+    );
+    assert_eq!(
+        (r[0]["ok"].as_bool(), r[1]["ok"].as_bool()),
+        (Some(true), Some(true))
+    );
     assert_eq!(r[2]["status"], 429);
     assert_eq!(r[2]["body"]["error"]["type"], "tokens");
 
@@ -495,8 +631,14 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
     let count = |status: &str| events.values().filter(|e| e.status == status).count();
     assert_eq!(count("rejected_model"), 1);
     assert_eq!(count("rejected_rate_limit"), 2);
-    for e in events.values().filter(|e| e.status.starts_with("rejected_")) {
-        assert_eq!((e.input_tokens, e.output_tokens, dec(&e.cost)), (0, 0, Decimal::ZERO));
+    for e in events
+        .values()
+        .filter(|e| e.status.starts_with("rejected_"))
+    {
+        assert_eq!(
+            (e.input_tokens, e.output_tokens, dec(&e.cost)),
+            (0, 0, Decimal::ZERO)
+        );
     }
     println!(
         "keys: accepted on both after {accepted:?}, revoked on both after {revoked:?}, expired on both {expired_after:?} after the first check"
@@ -506,7 +648,13 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
 
 /// Sends `n` chat completions to `base` with `key`, `concurrency` at a time; returns each
 /// answer's (HTTP status, request id, whether the body arrived whole).
-async fn fire(base: &str, key: &str, n: usize, concurrency: usize, sim: &str) -> Vec<(u16, String, bool)> {
+async fn fire(
+    base: &str,
+    key: &str,
+    n: usize,
+    concurrency: usize,
+    sim: &str,
+) -> Vec<(u16, String, bool)> {
     use futures::StreamExt;
     let http = crate::web::client();
     futures::stream::iter(0..n)
@@ -584,7 +732,11 @@ async fn broker_down_and_a_kill_lose_no_answered_request_and_count_none_twice() 
     for round in 0..2 {
         let results = fire(&gw.base, &key, 500, 8, "words=5").await;
         for (status, id, whole) in &results {
-            assert_eq!((*status, *whole), (200, true), "round {round}: every request is served while the broker is down");
+            assert_eq!(
+                (*status, *whole),
+                (200, true),
+                "round {round}: every request is served while the broker is down"
+            );
             answered.push(id.clone());
         }
         if round == 0 {
@@ -627,7 +779,11 @@ async fn broker_down_and_a_kill_lose_no_answered_request_and_count_none_twice() 
         .filter(|(s, _, whole)| *s == 200 && *whole)
         .map(|(_, id, _)| id.as_str())
         .collect();
-    assert!(!served.is_empty() && served.len() < 400, "the kill came mid-load: {} served", served.len());
+    assert!(
+        !served.is_empty() && served.len() < 400,
+        "the kill came mid-load: {} served",
+        served.len()
+    );
     let vars = gw.vars.clone();
     let _gw = spawn_gateway(&env, "a-after-crash", vars).await;
     let events = wait_events(&env, 1000 + served.len(), Duration::from_secs(60)).await;
@@ -635,10 +791,16 @@ async fn broker_down_and_a_kill_lose_no_answered_request_and_count_none_twice() 
     let events_now = stored(&env).await;
     assert_eq!(events_now.len(), events.len().max(events_now.len()));
     for id in &served {
-        assert!(events_now.contains_key(*id), "answered request {id} was lost");
+        assert!(
+            events_now.contains_key(*id),
+            "answered request {id} was lost"
+        );
     }
     let extra = events_now.len() - 1000 - served.len();
-    assert!(extra <= 16, "{extra} events of unanswered requests (at most 16 were in flight)");
+    assert!(
+        extra <= 16,
+        "{extra} events of unanswered requests (at most 16 were in flight)"
+    );
     println!(
         "spool: 1000 of 1000 answered requests stored once; crash under load: {} answered, all stored, {extra} in-flight requests also recorded",
         served.len()
@@ -692,10 +854,21 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
     vars.push(("TOKENTALLY_CONFIG", config.display().to_string()));
     vars.push(("TOKENTALLY_LOG", "trace".to_owned()));
     let mut cli = env.cli_vars();
-    cli.push(("TOKENTALLY_GATEWAY_MASTER_KEY", crate::harness::TEST_MASTER_KEY.into()));
+    cli.push((
+        "TOKENTALLY_GATEWAY_MASTER_KEY",
+        crate::harness::TEST_MASTER_KEY.into(),
+    ));
     cli.push(("TOKENTALLY_LOG", "trace".into()));
     let set = tokentally(
-        &["keys", "upstream", "set", "--institution", "uni-b", "--provider", "openai"],
+        &[
+            "keys",
+            "upstream",
+            "set",
+            "--institution",
+            "uni-b",
+            "--provider",
+            "openai",
+        ],
         &cli,
         Some(&format!("{BYOK}\n")),
     );
@@ -713,32 +886,69 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
     let echo = |sdk: &str, api: &str, stream: bool| {
         let mut c = json!({"sdk": sdk, "api": api, "stream": stream, "headers": {"x-simulator": "echo"},
                            "messages": [{"role": "user", "content": prompt}], "input": prompt});
-        c["model"] = json!(if sdk == "anthropic" { "claude-haiku-4-5" } else if api == "responses" { "gpt-5-mini" } else { "gpt-4o-mini" });
+        c["model"] = json!(if sdk == "anthropic" {
+            "claude-haiku-4-5"
+        } else if api == "responses" {
+            "gpt-5-mini"
+        } else {
+            "gpt-4o-mini"
+        });
         c
     };
-    let a = sdk_calls(&gw.base, &key_a, &json!([
-        echo("openai", "chat", false), echo("openai", "chat", true), echo("openai", "responses", false),
-        echo("anthropic", "messages", false), echo("anthropic", "messages", true),
-    ]));
-    let b = sdk_calls(&gw.base, &key_b, &json!([echo("openai", "chat", false), echo("openai", "chat", true)]));
-    let m = sdk_calls(&gw.base, &key_m, &json!([
-        chat("a harmless question"),
-        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "FLAG-ME please"}]},
-        {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "FLAG-ME too"}]},
-    ]));
+    let a = sdk_calls(
+        &gw.base,
+        &key_a,
+        &json!([
+            echo("openai", "chat", false),
+            echo("openai", "chat", true),
+            echo("openai", "responses", false),
+            echo("anthropic", "messages", false),
+            echo("anthropic", "messages", true),
+        ]),
+    );
+    let b = sdk_calls(
+        &gw.base,
+        &key_b,
+        &json!([echo("openai", "chat", false), echo("openai", "chat", true)]),
+    );
+    let m = sdk_calls(
+        &gw.base,
+        &key_m,
+        &json!([
+            chat("a harmless question"),
+            {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "FLAG-ME please"}]},
+            {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "FLAG-ME too"}]},
+        ]),
+    );
     let answers = serde_json::to_string(&(&a, &b, &m)).unwrap();
     for (i, r) in a.iter().chain(&b).enumerate() {
         assert_eq!(r["ok"], true, "call {i}: {r}");
-        assert!(r.to_string().contains(MARKER), "call {i}: the provider did not get the prompt: {r}");
+        assert!(
+            r.to_string().contains(MARKER),
+            "call {i}: the provider did not get the prompt: {r}"
+        );
     }
     assert_eq!(m[0]["ok"], true);
-    assert_eq!((m[1]["status"].as_u64(), m[1]["error_type"].as_str()), (Some(400), Some("BadRequestError")));
+    assert_eq!(
+        (m[1]["status"].as_u64(), m[1]["error_type"].as_str()),
+        (Some(400), Some("BadRequestError"))
+    );
     assert_eq!(m[1]["body"]["error"]["code"], "content_policy_violation");
-    assert_eq!((m[2]["status"].as_u64(), m[2]["error_type"].as_str()), (Some(400), Some("BadRequestError")));
+    assert_eq!(
+        (m[2]["status"].as_u64(), m[2]["error_type"].as_str()),
+        (Some(400), Some("BadRequestError"))
+    );
     assert_eq!(m[2]["body"]["error"]["type"], "invalid_request_error");
 
     // BYOK: uni-b's requests went upstream with uni-b's key, the others with the platform's.
-    let seen: Vec<Value> = crate::web::client().get(format!("{}/_sim/requests", sim.base)).send().await.unwrap().json().await.unwrap();
+    let seen: Vec<Value> = crate::web::client()
+        .get(format!("{}/_sim/requests", sim.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let sha = |k: &str| {
         use sha2::Digest;
         hex::encode(&sha2::Sha256::digest(k.as_bytes())[..8])
@@ -746,35 +956,79 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
     let with_byok = seen.iter().filter(|r| r["key_sha256"] == sha(BYOK)).count();
     assert_eq!(with_byok, 2, "{seen:?}");
     // The flagged input never reached the model (only the moderation endpoint).
-    assert_eq!(seen.iter().filter(|r| r["path"] != "/v1/moderations").count(), 5 + 2 + 1, "{seen:?}");
+    assert_eq!(
+        seen.iter()
+            .filter(|r| r["path"] != "/v1/moderations")
+            .count(),
+        5 + 2 + 1,
+        "{seen:?}"
+    );
 
     let events = wait_events(&env, 5 + 2 + 3, Duration::from_secs(60)).await;
-    let of = |inst: &str| events.values().filter(|e| e.institution_id == inst).collect::<Vec<_>>();
-    assert!(of("uni-b").iter().all(|e| e.billing == "byok" && e.status == "ok"));
+    let of = |inst: &str| {
+        events
+            .values()
+            .filter(|e| e.institution_id == inst)
+            .collect::<Vec<_>>()
+    };
+    assert!(of("uni-b")
+        .iter()
+        .all(|e| e.billing == "byok" && e.status == "ok"));
     assert!(of("uni-a").iter().all(|e| e.billing.is_empty()));
-    let blocked: Vec<_> = of("uni-mod").into_iter().filter(|e| e.status == "blocked_moderation").collect();
+    let blocked: Vec<_> = of("uni-mod")
+        .into_iter()
+        .filter(|e| e.status == "blocked_moderation")
+        .collect();
     assert_eq!(blocked.len(), 2);
-    assert!(blocked.iter().all(|e| e.input_tokens + e.output_tokens == 0 && dec(&e.cost).is_zero()));
+    assert!(blocked
+        .iter()
+        .all(|e| e.input_tokens + e.output_tokens == 0 && dec(&e.cost).is_zero()));
 
     // uni-b's invoice lists its own-key usage, charges only the contract's fee per request.
     let mut with_config = env.cli_vars();
     with_config.push(("TOKENTALLY_CONFIG", config.display().to_string()));
     let period = chrono::Utc::now().format("%Y-%m").to_string();
     let draft: Value = serde_json::from_str(&tokentally(
-        &["invoice", "draft", "--institution", "uni-b", "--period", &period, "--format", "json"],
+        &[
+            "invoice",
+            "draft",
+            "--institution",
+            "uni-b",
+            "--period",
+            &period,
+            "--format",
+            "json",
+        ],
         &with_config,
         None,
     ))
     .unwrap();
     let lines = draft["lines"].as_array().unwrap();
-    let own: Vec<&Value> = lines.iter().filter(|l| l["variant"] == "own provider key, not charged").collect();
+    let own: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["variant"] == "own provider key, not charged")
+        .collect();
     assert!(!own.is_empty(), "{draft}");
-    assert!(own.iter().all(|l| dec(l["amount"].as_str().unwrap()).is_zero()), "{draft}");
+    assert!(
+        own.iter()
+            .all(|l| dec(l["amount"].as_str().unwrap()).is_zero()),
+        "{draft}"
+    );
     let tokens: i64 = own.iter().map(|l| l["quantity"].as_i64().unwrap()).sum();
-    let stored: u64 = of("uni-b").iter().map(|e| e.input_tokens + e.cache_read_tokens + e.output_tokens).sum();
+    let stored: u64 = of("uni-b")
+        .iter()
+        .map(|e| e.input_tokens + e.cache_read_tokens + e.output_tokens)
+        .sum();
     assert_eq!(tokens as u64, stored, "every own-key token is listed");
-    let fee: Vec<&Value> = lines.iter().filter(|l| l["variant"] == "own provider key, platform fee").collect();
-    assert_eq!((fee.len(), fee[0]["quantity"].as_i64()), (1, Some(2)), "{draft}");
+    let fee: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["variant"] == "own provider key, platform fee")
+        .collect();
+    assert_eq!(
+        (fee.len(), fee[0]["quantity"].as_i64()),
+        (1, Some(2)),
+        "{draft}"
+    );
     assert_eq!(dec(draft["total"].as_str().unwrap()), dec("0.02"));
 
     // Now look everywhere.
@@ -787,13 +1041,19 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
         ("uni-mod's proxy key", key_m.clone()),
     ];
     // A proxy key's secret part alone (after its id) must not appear either.
-    secrets.push(("a proxy key's secret part", key_a.rsplit('-').next().unwrap().to_owned()));
+    secrets.push((
+        "a proxy key's secret part",
+        key_a.rsplit('-').next().unwrap().to_owned(),
+    ));
     for (p, k) in PLATFORM_KEYS {
         secrets.push((p, k.to_owned()));
     }
     let mut places: Vec<(String, Vec<u8>)> = Vec::new();
     places.push(("gateway log".into(), std::fs::read(&gw.log).unwrap()));
-    places.push(("ingest log".into(), std::fs::read(env.log_path("ingest")).unwrap_or_default()));
+    places.push((
+        "ingest log".into(),
+        std::fs::read(env.log_path("ingest")).unwrap_or_default(),
+    ));
     for (p, b) in files_under(dir.path()) {
         if p != config {
             places.push((p.display().to_string(), b));
@@ -819,13 +1079,21 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
             .await
             .unwrap();
         assert!(dump.status().is_success(), "{t}");
-        places.push((format!("ClickHouse table {t}"), dump.bytes().await.unwrap().to_vec()));
+        places.push((
+            format!("ClickHouse table {t}"),
+            dump.bytes().await.unwrap().to_vec(),
+        ));
     }
-    let data_dir = crate::harness::repo().join(".data/clickhouse/data/data").join(&env.cfg.clickhouse.database);
+    let data_dir = crate::harness::repo()
+        .join(".data/clickhouse/data/data")
+        .join(&env.cfg.clickhouse.database);
     for (p, b) in files_under(&data_dir) {
         places.push((p.display().to_string(), b));
     }
-    for (payload, _) in env.consume_all(&env.cfg.kafka.topic, 10, Duration::from_secs(30)).await {
+    for (payload, _) in env
+        .consume_all(&env.cfg.kafka.topic, 10, Duration::from_secs(30))
+        .await
+    {
         places.push(("Kafka usage topic".into(), payload));
     }
     places.push(("responses".into(), {
@@ -840,7 +1108,11 @@ async fn secrets_and_content_never_leave_the_request_byok_and_moderation() {
         }
     }
     let log = std::fs::read_to_string(&gw.log).unwrap();
-    assert!(log.lines().count() > 50, "trace logging was on: {} lines", log.lines().count());
+    assert!(
+        log.lines().count() > 50,
+        "trace logging was on: {} lines",
+        log.lines().count()
+    );
     println!(
         "secrets: {} places checked ({} ClickHouse tables, {} data files), {} log lines at trace",
         places.len(),
@@ -875,33 +1147,75 @@ async fn a_client_that_leaves_mid_stream_is_billed_for_what_the_provider_did() {
     let r = sdk_calls(&gw.base, &key, &calls);
     for (i, x) in r.iter().enumerate() {
         assert_eq!(x["ok"], true, "call {i}: {x}");
-        assert!(x["chunks"].as_array().unwrap().len() <= 4, "call {i} left early");
+        assert!(
+            x["chunks"].as_array().unwrap().len() <= 4,
+            "call {i} left early"
+        );
     }
     // What the provider reports for these requests when nobody leaves.
-    let twins = sdk_calls(&sim.base, platform_key("OPENAI"), &json!([
-        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": msg, "headers": {"x-simulator": "words=40"}}]));
-    let twin_a = sdk_calls(&sim.base, platform_key("ANTHROPIC"), &json!([
+    let twins = sdk_calls(
+        &sim.base,
+        platform_key("OPENAI"),
+        &json!([
+        {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": msg, "headers": {"x-simulator": "words=40"}}]),
+    );
+    let twin_a = sdk_calls(
+        &sim.base,
+        platform_key("ANTHROPIC"),
+        &json!([
         {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "messages": msg, "max_tokens": 200,
-         "headers": {"x-simulator": "words=40"}}]));
+         "headers": {"x-simulator": "words=40"}}]),
+    );
     let events = wait_events(&env, 3, Duration::from_secs(60)).await;
-    let e: Vec<&Stored> = r.iter().map(|x| &events[x["request_id"].as_str().unwrap()]).collect();
+    let e: Vec<&Stored> = r
+        .iter()
+        .map(|x| &events[x["request_id"].as_str().unwrap()])
+        .collect();
     let (i, cr, cw, o, re) = canonical("chat", &twins[0]["response"]["usage"]);
     assert_eq!(
-        (e[0].status.as_str(), e[0].usage_estimated, e[0].input_tokens, e[0].cache_read_tokens, e[0].cache_write_tokens, e[0].output_tokens, e[0].reasoning_tokens),
+        (
+            e[0].status.as_str(),
+            e[0].usage_estimated,
+            e[0].input_tokens,
+            e[0].cache_read_tokens,
+            e[0].cache_write_tokens,
+            e[0].output_tokens,
+            e[0].reasoning_tokens
+        ),
         ("client_cancelled", 0, i, cr, cw, o, re)
     );
     let (i, cr, cw, o, _) = canonical("messages", &twin_a[0]["response"]["usage"]);
     assert_eq!(
-        (e[1].status.as_str(), e[1].usage_estimated, e[1].input_tokens, e[1].cache_read_tokens, e[1].cache_write_tokens, e[1].output_tokens),
+        (
+            e[1].status.as_str(),
+            e[1].usage_estimated,
+            e[1].input_tokens,
+            e[1].cache_read_tokens,
+            e[1].cache_write_tokens,
+            e[1].output_tokens
+        ),
         ("client_cancelled", 0, i, cr, cw, o)
     );
-    assert_eq!(o, 40, "the whole answer was billed, not the 3 chunks the client read");
+    assert_eq!(
+        o, 40,
+        "the whole answer was billed, not the 3 chunks the client read"
+    );
     // Broken off after 8 chunks (7 words after the role chunk), no usage: estimated.
-    assert_eq!((e[2].status.as_str(), e[2].usage_estimated), ("client_cancelled", 1), "{:?}", e[2]);
+    assert_eq!(
+        (e[2].status.as_str(), e[2].usage_estimated),
+        ("client_cancelled", 1),
+        "{:?}",
+        e[2]
+    );
     assert!((5..=12).contains(&e[2].output_tokens), "{:?}", e[2]);
     assert!(e[2].input_tokens > 0);
     let price = list_price(&env.prices, "gpt-4o-mini");
-    assert_eq!(dec(&e[2].cost), price.cost(e[2].input_tokens, 0, 0, e[2].output_tokens).normalize());
+    assert_eq!(
+        dec(&e[2].cost),
+        price
+            .cost(e[2].input_tokens, 0, 0, e[2].output_tokens)
+            .normalize()
+    );
     env.drop_database().await;
 }
 
@@ -918,10 +1232,27 @@ async fn http_ingest_takes_contract_cloudevents_and_litellm_batches_with_per_ite
     let _ingest = env.spawn_ingest();
     let created = |args: &[&str]| -> (String, String) {
         let out: Value = serde_json::from_str(&tokentally(args, &env.cli_vars(), None)).unwrap();
-        (out["key_id"].as_str().unwrap().to_owned(), out["key"].as_str().unwrap().to_owned())
+        (
+            out["key_id"].as_str().unwrap().to_owned(),
+            out["key"].as_str().unwrap().to_owned(),
+        )
     };
-    let (_, bound) = created(&["keys", "create-ingest", "--institution", "uni-h", "--format", "json"]);
-    let (any_id, any) = created(&["keys", "create-ingest", "--name", "litellm", "--format", "json"]);
+    let (_, bound) = created(&[
+        "keys",
+        "create-ingest",
+        "--institution",
+        "uni-h",
+        "--format",
+        "json",
+    ]);
+    let (any_id, any) = created(&[
+        "keys",
+        "create-ingest",
+        "--name",
+        "litellm",
+        "--format",
+        "json",
+    ]);
     let (_, proxy) = create_key(&env, "uni-h", "hal", &[]);
     until_accepted(&gw, &proxy).await;
     let url = format!("{}/v1/usage-events", gw.base);
@@ -947,22 +1278,70 @@ async fn http_ingest_takes_contract_cloudevents_and_litellm_batches_with_per_ite
          "model": "claude-haiku-4-5", "provider_usage": {"input_tokens": 50, "output_tokens": 20, "cache_read_input_tokens": 10}}
     ]);
     // Who may post.
-    assert_eq!(post(None, "application/json", batch.to_string()).await.0, 401);
-    assert_eq!(post(Some(&proxy), "application/json", batch.to_string()).await.0, 401);
-    assert_eq!(post(Some("tt-knotakey00000-00"), "application/json", batch.to_string()).await.0, 401);
+    assert_eq!(
+        post(None, "application/json", batch.to_string()).await.0,
+        401
+    );
+    assert_eq!(
+        post(Some(&proxy), "application/json", batch.to_string())
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        post(
+            Some("tt-knotakey00000-00"),
+            "application/json",
+            batch.to_string()
+        )
+        .await
+        .0,
+        401
+    );
     // A contract batch with a bound token: per-item results.
     let (s, r) = post(Some(&bound), "application/json", batch.to_string()).await;
     assert_eq!(s, 202, "{r}");
-    assert_eq!((r["accepted"].as_u64(), r["rejected"].as_u64()), (Some(2), Some(2)), "{r}");
-    let st: Vec<&str> = r["results"].as_array().unwrap().iter().map(|x| x["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        (r["accepted"].as_u64(), r["rejected"].as_u64()),
+        (Some(2), Some(2)),
+        "{r}"
+    );
+    let st: Vec<&str> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_str().unwrap())
+        .collect();
     assert_eq!(st, ["accepted", "rejected", "rejected", "accepted"]);
-    assert!(r["results"][1]["detail"].as_str().unwrap().contains("uni-h"), "{r}");
+    assert!(
+        r["results"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("uni-h"),
+        "{r}"
+    );
     assert_eq!(r["results"][2]["error"], "missing_field");
-    assert!(r["results"][2]["detail"].as_str().unwrap().contains("model"), "{r}");
+    assert!(
+        r["results"][2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("model"),
+        "{r}"
+    );
     // Nothing valid at all: 400; not JSON: 400.
-    let (s, _) = post(Some(&bound), "application/json", json!([batch[2]]).to_string()).await;
+    let (s, _) = post(
+        Some(&bound),
+        "application/json",
+        json!([batch[2]]).to_string(),
+    )
+    .await;
     assert_eq!(s, 400);
-    assert_eq!(post(Some(&bound), "application/json", "{nope".into()).await.0, 400);
+    assert_eq!(
+        post(Some(&bound), "application/json", "{nope".into())
+            .await
+            .0,
+        400
+    );
     // A CloudEvents batch with an any-institution token.
     let ce = json!([
         {"specversion": "1.0", "id": "ce-1", "source": "/other-gateway", "type": "io.tokentally.usage.v1", "time": now,
@@ -971,47 +1350,99 @@ async fn http_ingest_takes_contract_cloudevents_and_litellm_batches_with_per_ite
          "data": {"institution_id": "uni-c", "provider": "openai", "model": "gpt-4o", "usage": {"input_tokens": 10, "output_tokens": 5}}},
         {"specversion": "0.3", "id": "ce-3", "data": {}}
     ]);
-    let (s, r) = post(Some(&any), "application/cloudevents-batch+json", ce.to_string()).await;
-    assert_eq!((s, r["accepted"].as_u64(), r["rejected"].as_u64()), (202, Some(2), Some(1)), "{r}");
+    let (s, r) = post(
+        Some(&any),
+        "application/cloudevents-batch+json",
+        ce.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (s, r["accepted"].as_u64(), r["rejected"].as_u64()),
+        (202, Some(2), Some(1)),
+        "{r}"
+    );
     // LiteLLM's generic logger (StandardLoggingPayload), as a JSON array and as NDJSON.
     let start = chrono::Utc::now().timestamp() as f64;
-    let litellm = |id: &str, team: &str| json!({
-        "id": id, "trace_id": "t", "call_type": "acompletion", "stream": false, "response_cost": 0.0001,
-        "status": "success", "custom_llm_provider": "openai", "total_tokens": 130, "prompt_tokens": 100,
-        "completion_tokens": 30, "startTime": start, "endTime": start + 1.25, "model": "gpt-4o-mini",
-        "metadata": {"user_api_key_alias": "course-key", "user_api_key_team_id": team, "user_api_key_user_id": "lisa",
-                     "usage_object": {"prompt_tokens": 100, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 20}}},
-        "request_tags": ["course:inf100"], "messages": [{"role": "user", "content": "secret prompt text"}],
-        "response": {"choices": [{"message": {"content": "secret answer"}}]}
-    });
-    let (s, r) = post(Some(&any), "application/json", json!([litellm("ll-1", "uni-l"), litellm("ll-2", "uni-l")]).to_string()).await;
+    let litellm = |id: &str, team: &str| {
+        json!({
+            "id": id, "trace_id": "t", "call_type": "acompletion", "stream": false, "response_cost": 0.0001,
+            "status": "success", "custom_llm_provider": "openai", "total_tokens": 130, "prompt_tokens": 100,
+            "completion_tokens": 30, "startTime": start, "endTime": start + 1.25, "model": "gpt-4o-mini",
+            "metadata": {"user_api_key_alias": "course-key", "user_api_key_team_id": team, "user_api_key_user_id": "lisa",
+                         "usage_object": {"prompt_tokens": 100, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 20}}},
+            "request_tags": ["course:inf100"], "messages": [{"role": "user", "content": "secret prompt text"}],
+            "response": {"choices": [{"message": {"content": "secret answer"}}]}
+        })
+    };
+    let (s, r) = post(
+        Some(&any),
+        "application/json",
+        json!([litellm("ll-1", "uni-l"), litellm("ll-2", "uni-l")]).to_string(),
+    )
+    .await;
     assert_eq!((s, r["accepted"].as_u64()), (202, Some(2)), "{r}");
-    let nd = format!("{}\n{}\n", litellm("ll-3", "uni-l"), litellm("ll-4", "uni-l"));
+    let nd = format!(
+        "{}\n{}\n",
+        litellm("ll-3", "uni-l"),
+        litellm("ll-4", "uni-l")
+    );
     let (s, r) = post(Some(&any), "application/x-ndjson", nd).await;
     assert_eq!((s, r["accepted"].as_u64()), (202, Some(2)), "{r}");
     // A revoked ingest token is refused (within the keyring's refresh).
     tokentally(&["keys", "revoke", &any_id], &env.cli_vars(), None);
     let started = Instant::now();
     while post(Some(&any), "application/json", "[]".into()).await.0 != 401 {
-        assert!(started.elapsed() < Duration::from_secs(5), "revoked ingest token still accepted");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "revoked ingest token still accepted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let events = wait_events(&env, 8, Duration::from_secs(60)).await;
     let mini = list_price(&env.prices, "gpt-4o-mini");
     let check = |id: &str, inst: &str, t: (u64, u64, u64, u64), cost: Decimal| {
-        let e = events.get(id).unwrap_or_else(|| panic!("{id} not stored: {events:?}"));
+        let e = events
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} not stored: {events:?}"));
         assert_eq!(e.institution_id, inst, "{id}");
-        assert_eq!((e.input_tokens, e.cache_read_tokens, e.cache_write_tokens, e.output_tokens), t, "{id}");
+        assert_eq!(
+            (
+                e.input_tokens,
+                e.cache_read_tokens,
+                e.cache_write_tokens,
+                e.output_tokens
+            ),
+            t,
+            "{id}"
+        );
         assert_eq!(dec(&e.cost), cost.normalize(), "{id}");
     };
-    check("h-1", "uni-h", (1000, 200, 0, 300), mini.cost(1000, 200, 0, 300));
-    check("h-4", "uni-h", (50, 10, 0, 20), list_price(&env.prices, "claude-haiku-4-5").cost(50, 10, 0, 20));
+    check(
+        "h-1",
+        "uni-h",
+        (1000, 200, 0, 300),
+        mini.cost(1000, 200, 0, 300),
+    );
+    check(
+        "h-4",
+        "uni-h",
+        (50, 10, 0, 20),
+        list_price(&env.prices, "claude-haiku-4-5").cost(50, 10, 0, 20),
+    );
     check("ce-1", "uni-c", (400, 0, 0, 100), mini.cost(400, 0, 0, 100));
-    check("ce-2", "uni-c", (10, 0, 0, 5), list_price(&env.prices, "gpt-4o").cost(10, 0, 0, 5));
+    check(
+        "ce-2",
+        "uni-c",
+        (10, 0, 0, 5),
+        list_price(&env.prices, "gpt-4o").cost(10, 0, 0, 5),
+    );
     for id in ["ll-1", "ll-2", "ll-3", "ll-4"] {
         check(id, "uni-l", (80, 20, 0, 30), mini.cost(80, 20, 0, 30));
-        assert_eq!((events[id].user_id.as_str(), events[id].tag_keys.clone()), ("lisa", vec!["course".to_string()]));
+        assert_eq!(
+            (events[id].user_id.as_str(), events[id].tag_keys.clone()),
+            ("lisa", vec!["course".to_string()])
+        );
     }
     assert_eq!(events.len(), 8, "{:?}", events.keys().collect::<Vec<_>>());
     env.drop_database().await;

@@ -707,7 +707,8 @@ pub async fn spawn_simulator(env: &TestEnv, extra_keys: &[&str]) -> Simulator {
 }
 
 /// A master key for the gateways of one test (every instance needs the same).
-pub const TEST_MASTER_KEY: &str = "5e1f0c0ffee0ddba11ab1e5eedcafe0badc0de0123456789abcdef0123456789";
+pub const TEST_MASTER_KEY: &str =
+    "5e1f0c0ffee0ddba11ab1e5eedcafe0badc0de0123456789abcdef0123456789";
 
 /// A running gateway.
 pub struct Gateway {
@@ -724,9 +725,18 @@ impl TestEnv {
         let mut vars = self.cli_vars();
         for (p, k) in PLATFORM_KEYS {
             let (key_var, base_var) = match p {
-                "OPENAI" => ("TOKENTALLY_GATEWAY_OPENAI_API_KEY", "TOKENTALLY_GATEWAY_OPENAI_BASE_URL"),
-                "ANTHROPIC" => ("TOKENTALLY_GATEWAY_ANTHROPIC_API_KEY", "TOKENTALLY_GATEWAY_ANTHROPIC_BASE_URL"),
-                _ => ("TOKENTALLY_GATEWAY_GEMINI_API_KEY", "TOKENTALLY_GATEWAY_GEMINI_BASE_URL"),
+                "OPENAI" => (
+                    "TOKENTALLY_GATEWAY_OPENAI_API_KEY",
+                    "TOKENTALLY_GATEWAY_OPENAI_BASE_URL",
+                ),
+                "ANTHROPIC" => (
+                    "TOKENTALLY_GATEWAY_ANTHROPIC_API_KEY",
+                    "TOKENTALLY_GATEWAY_ANTHROPIC_BASE_URL",
+                ),
+                _ => (
+                    "TOKENTALLY_GATEWAY_GEMINI_API_KEY",
+                    "TOKENTALLY_GATEWAY_GEMINI_BASE_URL",
+                ),
             };
             vars.push((key_var, k.to_owned()));
             vars.push((base_var, sim.base.clone()));
@@ -746,7 +756,11 @@ impl TestEnv {
 }
 
 /// Starts a gateway with `vars` (from `gateway_vars`, plus overrides appended).
-pub async fn spawn_gateway(env: &TestEnv, name: &str, vars: Vec<(&'static str, String)>) -> Gateway {
+pub async fn spawn_gateway(
+    env: &TestEnv,
+    name: &str,
+    vars: Vec<(&'static str, String)>,
+) -> Gateway {
     let log = env.log_path(&format!("gateway-{name}"));
     let (proc, port) = spawn_listening(&["gateway"], &vars, &log, "gateway listening").await;
     let base = format!("http://127.0.0.1:{port}");

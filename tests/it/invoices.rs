@@ -1081,30 +1081,46 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     // "Explain this line": the lines with their evidence, each line's events as CSV, the
     // usage as issued, and the verification, for the institution's own invoice only.
     let mine = &numbers["uni-c"];
-    let lines: Value = get(format!("/institutions/uni-c/invoices/{mine}/lines"), Some(alice.clone()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines: Value = get(
+        format!("/institutions/uni-c/invoices/{mine}/lines"),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     let first = &lines["lines"][0];
     assert_eq!(first["events"], 1, "{lines:#}");
-    let explain = get(first["explain"].as_str().unwrap().to_owned(), Some(alice.clone()))
-        .await
-        .unwrap();
+    let explain = get(
+        first["explain"].as_str().unwrap().to_owned(),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap();
     assert_eq!(explain.status(), 200);
     let csv = explain.text().await.unwrap();
-    assert!(csv.lines().any(|l| l.contains(",uni-c-7,") && l.ends_with(",as issued")), "{csv}");
-    let verified: Value = get(format!("/institutions/uni-c/invoices/{mine}/verify"), Some(alice.clone()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert!(
+        csv.lines()
+            .any(|l| l.contains(",uni-c-7,") && l.ends_with(",as issued")),
+        "{csv}"
+    );
+    let verified: Value = get(
+        format!("/institutions/uni-c/invoices/{mine}/verify"),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(verified["ok"], true, "{verified:#}");
-    let as_issued = get(format!("/institutions/uni-c/invoices/{mine}/usage-csv-as-issued"), Some(alice.clone()))
-        .await
-        .unwrap();
+    let as_issued = get(
+        format!("/institutions/uni-c/invoices/{mine}/usage-csv-as-issued"),
+        Some(alice.clone()),
+    )
+    .await
+    .unwrap();
     assert_eq!(as_issued.status(), 200);
     assert!(as_issued.text().await.unwrap().contains(",input,77777,"));
     // Another institution's invoice: forbidden by path, and not found under its own path.
@@ -1113,13 +1129,23 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         format!("/institutions/uni-b/invoices/{other}/lines/1"),
         format!("/institutions/uni-b/invoices/{other}/verify"),
     ] {
-        assert_eq!(get(path.clone(), Some(alice.clone())).await.unwrap().status(), 403, "{path}");
+        assert_eq!(
+            get(path.clone(), Some(alice.clone()))
+                .await
+                .unwrap()
+                .status(),
+            403,
+            "{path}"
+        );
     }
     assert_eq!(
-        get(format!("/institutions/uni-c/invoices/{other}/lines/1"), Some(alice.clone()))
-            .await
-            .unwrap()
-            .status(),
+        get(
+            format!("/institutions/uni-c/invoices/{other}/lines/1"),
+            Some(alice.clone())
+        )
+        .await
+        .unwrap()
+        .status(),
         404
     );
     for path in [
@@ -1184,7 +1210,13 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     env.drop_database().await;
 }
 
-fn ev(id: &str, inst: &'static str, when: DateTime<Utc>, model: &'static str, t: (u64, u64, u64, u64)) -> Ev {
+fn ev(
+    id: &str,
+    inst: &'static str,
+    when: DateTime<Utc>,
+    model: &'static str,
+    t: (u64, u64, u64, u64),
+) -> Ev {
     Ev {
         id: id.into(),
         inst,
@@ -1218,18 +1250,54 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     env.prices = prices.path().to_owned();
     let cli = Cli::new(&env, prices.path());
     let aug = |d, h| at(2026, 8, d, h, 0);
-    let first = vec![
+    let first = [
         // uni-c (UTC, list prices): acme-chat before and after the price change of 08-16.
-        ev("c1", "uni-c", aug(5, 12), "acme-chat", (1_804_169, 0, 2_000, 0)),
-        ev("c2", "uni-c", aug(20, 12), "acme-chat", (500_000, 10_000, 1_000, 0)),
+        ev(
+            "c1",
+            "uni-c",
+            aug(5, 12),
+            "acme-chat",
+            (1_804_169, 0, 2_000, 0),
+        ),
+        ev(
+            "c2",
+            "uni-c",
+            aug(20, 12),
+            "acme-chat",
+            (500_000, 10_000, 1_000, 0),
+        ),
         ev("c3", "uni-c", aug(7, 12), "acme-long", (250_000, 0, 100, 0)),
-        ev("c4", "uni-c", aug(9, 12), "acme-reason", (1_000, 0, 500, 100)),
+        ev(
+            "c4",
+            "uni-c",
+            aug(9, 12),
+            "acme-reason",
+            (1_000, 0, 500, 100),
+        ),
         // uni-a (Europe/Berlin, 12.5% discount).
-        ev("a1", "uni-a", aug(5, 12), "acme-chat", (1_804_169, 0, 3_000, 0)),
-        ev("a2", "uni-a", aug(6, 12), "acme-reason", (7_777, 0, 900, 300)),
+        ev(
+            "a1",
+            "uni-a",
+            aug(5, 12),
+            "acme-chat",
+            (1_804_169, 0, 3_000, 0),
+        ),
+        ev(
+            "a2",
+            "uni-a",
+            aug(6, 12),
+            "acme-reason",
+            (7_777, 0, 900, 300),
+        ),
         // uni-b: one event of a model without a price.
         ev("b1", "uni-b", aug(3, 12), "acme-chat", (10_000, 0, 100, 0)),
-        ev("b2", "uni-b", aug(4, 12), "mystery-model", (5_000, 0, 50, 0)),
+        ev(
+            "b2",
+            "uni-b",
+            aug(4, 12),
+            "mystery-model",
+            (5_000, 0, 50, 0),
+        ),
     ];
     let messages: Vec<_> = first.iter().map(Ev::payload).collect();
     env.produce(&messages).await;
@@ -1238,7 +1306,14 @@ async fn invoices_explain_themselves_and_can_be_verified() {
         .await;
     let doc = |inst: &str, period: &str, verb: &str| {
         cli.json(&[
-            "invoice", verb, "--institution", inst, "--period", period, "--format", "json",
+            "invoice",
+            verb,
+            "--institution",
+            inst,
+            "--period",
+            period,
+            "--format",
+            "json",
         ])
     };
 
@@ -1251,20 +1326,60 @@ async fn invoices_explain_themselves_and_can_be_verified() {
         .filter(|l| l["model"] == "acme-chat" && l["class"] == "input")
         .collect();
     assert_eq!(inputs.len(), 2, "{c_draft:#}");
-    assert_eq!(inputs[0]["applies"], json!({"from": "2026-08-16", "until": "2026-08-31"}));
-    assert_eq!(inputs[1]["applies"], json!({"from": "2026-08-01", "until": "2026-08-15"}));
-    let table = cli.ok(&["invoice", "draft", "--institution", "uni-c", "--period", "2026-08"]);
-    assert!(table.contains("acme-chat input (price of 2026-08-01 – 2026-08-15)"), "{table}");
-    assert!(table.contains("acme-chat input (price of 2026-08-16 – 2026-08-31)"), "{table}");
+    assert_eq!(
+        inputs[0]["applies"],
+        json!({"from": "2026-08-16", "until": "2026-08-31"})
+    );
+    assert_eq!(
+        inputs[1]["applies"],
+        json!({"from": "2026-08-01", "until": "2026-08-15"})
+    );
+    let table = cli.ok(&[
+        "invoice",
+        "draft",
+        "--institution",
+        "uni-c",
+        "--period",
+        "2026-08",
+    ]);
+    assert!(
+        table.contains("acme-chat input (price of 2026-08-01 – 2026-08-15)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("acme-chat input (price of 2026-08-16 – 2026-08-31)"),
+        "{table}"
+    );
     // 8. Unit prices say per what; an empty draft's money has two decimals.
-    assert!(table.contains("/1M tokens") && table.contains("/request"), "{table}");
+    assert!(
+        table.contains("/1M tokens") && table.contains("/request"),
+        "{table}"
+    );
     let empty = doc("uni-c", "2026-06", "draft");
-    assert_eq!((empty["total"].as_str(), empty["subtotal"].as_str()), (Some("0.00"), Some("0.00")));
+    assert_eq!(
+        (empty["total"].as_str(), empty["subtotal"].as_str()),
+        (Some("0.00"), Some("0.00"))
+    );
 
     for inst in ["uni-a", "uni-c"] {
-        cli.ok(&["invoice", "issue", "--institution", inst, "--period", "2026-08"]);
+        cli.ok(&[
+            "invoice",
+            "issue",
+            "--institution",
+            inst,
+            "--period",
+            "2026-08",
+        ]);
     }
-    cli.ok(&["invoice", "issue", "--institution", "uni-b", "--period", "2026-08", "--allow-unpriced"]);
+    cli.ok(&[
+        "invoice",
+        "issue",
+        "--institution",
+        "uni-b",
+        "--period",
+        "2026-08",
+        "--allow-unpriced",
+    ]);
     let a = doc("uni-a", "2026-08", "show");
     let c = doc("uni-c", "2026-08", "show");
 
@@ -1274,7 +1389,11 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     for l in a["lines"].as_array().unwrap() {
         let unit = dec(&l["contract_unit_price"]);
         assert_eq!(unit, dec(&l["unit_price"]) * mult, "{l}");
-        let per = if l["class"] == "requests" { Decimal::ONE } else { Decimal::new(1, 6) };
+        let per = if l["class"] == "requests" {
+            Decimal::ONE
+        } else {
+            Decimal::new(1, 6)
+        };
         let shown = (Decimal::from(l["quantity"].as_i64().unwrap()) * unit * per)
             .round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
         assert_eq!(shown, dec(&l["amount"]), "{l}");
@@ -1284,16 +1403,25 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     assert!(a_table.contains("contract discount of 12.5%"), "{a_table}");
     // 1,804,169 tokens × $0.9625/1M = $1.7365 → $1.74 (list price $1.10 × 0.875).
     assert!(
-        a_table.lines().any(|l| l.contains("1804169") && l.contains("$0.9625/1M tokens") && l.contains("$1.74")),
+        a_table.lines().any(|l| l.contains("1804169")
+            && l.contains("$0.9625/1M tokens")
+            && l.contains("$1.74")),
         "{a_table}"
     );
 
     // Every issued document is hash-chained and carries a manifest per line.
     let c_number = c["number"].as_str().unwrap().to_owned();
     assert_eq!(c["sha256"].as_str().unwrap().len(), 64);
-    assert_eq!(c["manifest"].as_array().unwrap().len(), c["lines"].as_array().unwrap().len());
+    assert_eq!(
+        c["manifest"].as_array().unwrap().len(),
+        c["lines"].as_array().unwrap().len()
+    );
     let list_docs = |n: &str| cli.json(&["invoice", "show", "--number", n, "--format", "json"]);
-    assert_eq!(list_docs(&c_number)["previous_sha256"], a["sha256"], "uni-c was issued right after uni-a");
+    assert_eq!(
+        list_docs(&c_number)["previous_sha256"],
+        a["sha256"],
+        "uni-c was issued right after uni-a"
+    );
 
     // 6. The PDF: wrapped, not cut; the font subset (< 100 KB); the text extractable.
     let dir = tempfile::tempdir().unwrap();
@@ -1307,16 +1435,26 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     assert!(flat.contains("(prompts > 200000 tokens)"), "{text}");
     assert!(flat.contains("price of 2026-08-16 – 2026-08-31"), "{text}");
     assert!(flat.contains(c["sha256"].as_str().unwrap()), "{text}");
-    assert!(tool("pdffonts", &[pdf_path.to_str().unwrap()]).lines().skip(2).all(|l| l.contains(" yes ")));
+    assert!(tool("pdffonts", &[pdf_path.to_str().unwrap()])
+        .lines()
+        .skip(2)
+        .all(|l| l.contains(" yes ")));
 
     // Verification of the untouched invoice: every line matches.
     let c_file = dir.path().join("c.json");
-    std::fs::write(&c_file, cli.bytes(&["invoice", "show", "--number", &c_number, "--format", "json"])).unwrap();
+    std::fs::write(
+        &c_file,
+        cli.bytes(&["invoice", "show", "--number", &c_number, "--format", "json"]),
+    )
+    .unwrap();
     let verified = cli.ok(&["invoice", "verify", c_file.to_str().unwrap()]);
-    assert!(verified.trim_end().ends_with("verified") && !verified.contains("DIFFERS"), "{verified}");
+    assert!(
+        verified.trim_end().ends_with("verified") && !verified.contains("DIFFERS"),
+        "{verified}"
+    );
 
     // Late arrivals for August, after it was invoiced.
-    let late = vec![
+    let late = [
         // 12,000 cache-read tokens at $0.45/1M come to $0.0054 → $0.01, where the invoice
         // billed 10,000 → $0.0045 → $0.00: the adjustment is $0.01 (rounding the late
         // 2,000 alone would give $0.00 and lose the cent).
@@ -1324,8 +1462,20 @@ async fn invoices_explain_themselves_and_can_be_verified() {
         // One more output token: $0.0036036 → still $0.00: no $0.00 adjustment line.
         ev("l2", "uni-c", aug(23, 12), "acme-chat", (0, 0, 1, 0)),
         // 3. A late event without a price.
-        ev("l3", "uni-c", aug(24, 12), "mystery-model", (4_000, 0, 40, 0)),
-        ev("s1", "uni-c", at(2026, 9, 3, 12, 0), "acme-chat", (100_000, 0, 0, 0)),
+        ev(
+            "l3",
+            "uni-c",
+            aug(24, 12),
+            "mystery-model",
+            (4_000, 0, 40, 0),
+        ),
+        ev(
+            "s1",
+            "uni-c",
+            at(2026, 9, 3, 12, 0),
+            "acme-chat",
+            (100_000, 0, 0, 0),
+        ),
     ];
     let mut more: Vec<_> = late.iter().map(Ev::payload).collect();
     // 4. A rejected message about uni-c's August (negative tokens) with an empty key, and
@@ -1339,19 +1489,35 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     more.push((String::new(), b"not json at all".to_vec()));
     env.produce(&more).await;
     let total = messages.len() + more.len();
-    env.wait_accounted(total as i64, Duration::from_secs(60)).await;
+    env.wait_accounted(total as i64, Duration::from_secs(60))
+        .await;
 
     // 7. The usage behind the issued invoice, frozen, still adds up to it; the live one
     // includes the late events and is named so.
     let frozen_usage = String::from_utf8(cli.bytes(&[
-        "invoice", "show", "--number", &c_number, "--format", "usage-csv-as-issued",
+        "invoice",
+        "show",
+        "--number",
+        &c_number,
+        "--format",
+        "usage-csv-as-issued",
     ]))
     .unwrap();
     let live_usage = String::from_utf8(cli.bytes(&[
-        "invoice", "show", "--number", &c_number, "--format", "usage-csv",
+        "invoice",
+        "show",
+        "--number",
+        &c_number,
+        "--format",
+        "usage-csv",
     ]))
     .unwrap();
-    let exact_lines: Decimal = c["lines"].as_array().unwrap().iter().map(|l| dec(&l["exact"])).sum();
+    let exact_lines: Decimal = c["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| dec(&l["exact"]))
+        .sum();
     assert_eq!(csv_sum(&frozen_usage, "exact_amount"), exact_lines);
     assert_ne!(csv_sum(&live_usage, "exact_amount"), exact_lines);
     assert!(live_usage.contains("mystery-model") && !frozen_usage.contains("mystery-model"));
@@ -1359,60 +1525,153 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     // 2, 3, 4. Reconcile flags the cent, the late unpriced event, and counts what its
     // columns say.
     let reconcile = |period: &str| {
-        let out = tokentally_output(&["reconcile", "--period", period, "--format", "json"], &cli.vars, None);
-        (out.status.code(), serde_json::from_slice::<Value>(&out.stdout).unwrap())
+        let out = tokentally_output(
+            &["reconcile", "--period", period, "--format", "json"],
+            &cli.vars,
+            None,
+        );
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        )
     };
     let row = |r: &Value, inst: &str| {
-        r["institutions"].as_array().unwrap().iter().find(|x| x["institution"] == inst).unwrap().clone()
+        r["institutions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["institution"] == inst)
+            .unwrap()
+            .clone()
     };
     let (code, r) = reconcile("2026-08");
     assert_eq!(code, Some(1), "{r:#}");
     let rc = row(&r, "uni-c");
-    assert_eq!(dec(&rc["difference"]), "0.01".parse::<Decimal>().unwrap(), "{rc:#}");
+    assert_eq!(
+        dec(&rc["difference"]),
+        "0.01".parse::<Decimal>().unwrap(),
+        "{rc:#}"
+    );
     let status = rc["status"].as_str().unwrap();
-    assert!(status.contains("MISMATCH") && status.contains("UNPRICED: 1"), "{status}");
+    assert!(
+        status.contains("MISMATCH") && status.contains("UNPRICED: 1"),
+        "{status}"
+    );
     // c1-c4 and the late l1, l2: six priced events; l3 unpriced; r1 rejected (its payload
     // names uni-c and August 31st, though it was received in another month, without a key).
-    assert_eq!((rc["priced_events"].as_i64(), rc["unpriced_events"].as_i64(), rc["unpriced_listed"].as_i64()), (Some(6), Some(1), Some(0)));
+    assert_eq!(
+        (
+            rc["priced_events"].as_i64(),
+            rc["unpriced_events"].as_i64(),
+            rc["unpriced_listed"].as_i64()
+        ),
+        (Some(6), Some(1), Some(0))
+    );
     assert_eq!(rc["rejected_events"], 1, "{rc:#}");
-    assert!(row(&r, "uni-b")["status"].as_str().unwrap().starts_with("ok (1 unpriced"), "{r:#}");
+    assert!(
+        row(&r, "uni-b")["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("ok (1 unpriced"),
+        "{r:#}"
+    );
     let this_month = Utc::now().format("%Y-%m").to_string();
     let (_, now_r) = reconcile(&this_month);
-    assert!(now_r["rejected_unattributed"].as_u64().unwrap() >= 1, "{now_r:#}");
+    assert!(
+        now_r["rejected_unattributed"].as_u64().unwrap() >= 1,
+        "{now_r:#}"
+    );
 
     // The invoice still verifies (late events are not its fault), and says they came.
-    let v: Value = serde_json::from_str(&cli.ok(&["invoice", "verify", c_file.to_str().unwrap(), "--format", "json"])).unwrap();
+    let v: Value = serde_json::from_str(&cli.ok(&[
+        "invoice",
+        "verify",
+        c_file.to_str().unwrap(),
+        "--format",
+        "json",
+    ]))
+    .unwrap();
     assert_eq!(v["ok"], true, "{v:#}");
-    assert!(v["lines"].as_array().unwrap().iter().any(|l| l["arrived_later"].as_u64() > Some(0)), "{v:#}");
+    assert!(
+        v["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["arrived_later"].as_u64() > Some(0)),
+        "{v:#}"
+    );
 
     // September: its usage, the $0.01 adjustment explained, no $0.00 adjustment, and the
     // late unpriced event listed with the adjustments.
     let sep = doc("uni-c", "2026-09", "issue");
-    let adj: Vec<&Value> = sep["lines"].as_array().unwrap().iter().filter(|l| l["adjustment"] == true).collect();
+    let adj: Vec<&Value> = sep["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["adjustment"] == true)
+        .collect();
     assert_eq!(adj.len(), 1, "{sep:#}");
-    assert_eq!((adj[0]["class"].as_str(), dec(&adj[0]["amount"])), (Some("cache_read"), "0.01".parse().unwrap()));
-    assert_eq!((dec(&adj[0]["now_amount"]), dec(&adj[0]["billed_before"])), ("0.01".parse().unwrap(), Decimal::ZERO));
-    assert_eq!(sep["unpriced_earlier"], json!([{"period": "2026-08", "events": 1, "tokens": 4040, "models": ["mystery-model"]}]));
-    let sep_table = cli.ok(&["invoice", "show", "--number", sep["number"].as_str().unwrap()]);
-    assert!(sep_table.contains("UNPRICED (adjustment, 2026-08): 1 events"), "{sep_table}");
+    assert_eq!(
+        (adj[0]["class"].as_str(), dec(&adj[0]["amount"])),
+        (Some("cache_read"), "0.01".parse().unwrap())
+    );
+    assert_eq!(
+        (dec(&adj[0]["now_amount"]), dec(&adj[0]["billed_before"])),
+        ("0.01".parse().unwrap(), Decimal::ZERO)
+    );
+    assert_eq!(
+        sep["unpriced_earlier"],
+        json!([{"period": "2026-08", "events": 1, "tokens": 4040, "models": ["mystery-model"]}])
+    );
+    let sep_table = cli.ok(&[
+        "invoice",
+        "show",
+        "--number",
+        sep["number"].as_str().unwrap(),
+    ]);
+    assert!(
+        sep_table.contains("UNPRICED (adjustment, 2026-08): 1 events"),
+        "{sep_table}"
+    );
     // Now every cent of August is billed and the late unpriced event listed: reconcile ok.
     let (code, r) = reconcile("2026-08");
     assert_eq!(code, Some(0), "{r:#}");
     assert_eq!(dec(&row(&r, "uni-c")["difference"]), Decimal::ZERO);
 
     // 6. A credit note does not repeat the invoice's "Not billed" note.
-    let b_number = doc("uni-b", "2026-08", "show")["number"].as_str().unwrap().to_owned();
-    let credit = cli.json(&["invoice", "void", "--number", &b_number, "--reason", "test", "--format", "json"]);
+    let b_number = doc("uni-b", "2026-08", "show")["number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let credit = cli.json(&[
+        "invoice", "void", "--number", &b_number, "--reason", "test", "--format", "json",
+    ]);
     assert_eq!(credit["unpriced"]["events"], 0);
     let cn_path = dir.path().join("cn.pdf");
-    std::fs::write(&cn_path, cli.bytes(&["invoice", "show", "--number", credit["number"].as_str().unwrap(), "--format", "pdf"])).unwrap();
+    std::fs::write(
+        &cn_path,
+        cli.bytes(&[
+            "invoice",
+            "show",
+            "--number",
+            credit["number"].as_str().unwrap(),
+            "--format",
+            "pdf",
+        ]),
+    )
+    .unwrap();
     let cn_text = tool("pdftotext", &[cn_path.to_str().unwrap(), "-"]);
-    assert!(cn_text.contains("CREDIT NOTE") && !cn_text.contains("Not billed"), "{cn_text}");
+    assert!(
+        cn_text.contains("CREDIT NOTE") && !cn_text.contains("Not billed"),
+        "{cn_text}"
+    );
 
     // Tampering, named. One stored event altered: the line it is on, and the event.
-    env.exec("ALTER TABLE usage_events UPDATE output_tokens = output_tokens + 7 WHERE event_id = 'c1'")
-        .await
-        .unwrap();
+    env.exec(
+        "ALTER TABLE usage_events UPDATE output_tokens = output_tokens + 7 WHERE event_id = 'c1'",
+    )
+    .await
+    .unwrap();
     let mut done = false;
     for _ in 0..100 {
         if env.scalar("SELECT toInt64(count()) FROM usage_events WHERE event_id = 'c1' AND output_tokens = 2007").await == 1 {
@@ -1422,18 +1681,53 @@ async fn invoices_explain_themselves_and_can_be_verified() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(done, "mutation did not finish");
-    let out = tokentally_output(&["invoice", "verify", c_file.to_str().unwrap()], &cli.vars, None);
+    let out = tokentally_output(
+        &["invoice", "verify", c_file.to_str().unwrap()],
+        &cli.vars,
+        None,
+    );
     let report = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{report}");
     // c1 is on two lines (its input and its output): both, and only they, differ.
     let differs: Vec<&str> = report.lines().filter(|l| l.contains("DIFFERS")).collect();
     assert_eq!(differs.len(), 2, "{report}");
-    assert!(differs[0].contains("acme-chat input (price of 2026-08-01 – 2026-08-15)"), "{report}");
-    assert!(differs[1].contains("acme-chat output (price of 2026-08-01 – 2026-08-15)"), "{report}");
-    assert!(report.contains("event c1 changed since the document was issued"), "{report}");
-    let line_no = c["lines"].as_array().unwrap().iter().position(|l| l["model"] == "acme-chat" && l["class"] == "output" && l["applies"]["from"] == "2026-08-01").unwrap() + 1;
-    let explained = cli.ok(&["invoice", "explain", "--number", &c_number, "--line", &line_no.to_string()]);
-    assert!(explained.lines().any(|l| l.contains(",c1,") && l.ends_with(",changed since issue")), "{explained}");
+    assert!(
+        differs[0].contains("acme-chat input (price of 2026-08-01 – 2026-08-15)"),
+        "{report}"
+    );
+    assert!(
+        differs[1].contains("acme-chat output (price of 2026-08-01 – 2026-08-15)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("event c1 changed since the document was issued"),
+        "{report}"
+    );
+    let line_no = c["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|l| {
+            l["model"] == "acme-chat"
+                && l["class"] == "output"
+                && l["applies"]["from"] == "2026-08-01"
+        })
+        .unwrap()
+        + 1;
+    let explained = cli.ok(&[
+        "invoice",
+        "explain",
+        "--number",
+        &c_number,
+        "--line",
+        &line_no.to_string(),
+    ]);
+    assert!(
+        explained
+            .lines()
+            .any(|l| l.contains(",c1,") && l.ends_with(",changed since issue")),
+        "{explained}"
+    );
 
     // One byte of the stored copy altered: verify of that number names the document and
     // the line.
@@ -1456,7 +1750,10 @@ async fn invoices_explain_themselves_and_can_be_verified() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(report.contains("document: ALTERED"), "{report}");
-    assert!(report.contains("line 1 (") && report.contains("differs from the ledger's copy"), "{report}");
+    assert!(
+        report.contains("line 1 (") && report.contains("differs from the ledger's copy"),
+        "{report}"
+    );
 
     assert!(terminate(&mut ingest).success());
     env.drop_database().await;

@@ -1200,7 +1200,10 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     let mut s = start_server_users(
         &env,
         "",
-        &[("anna", "institution_admin", Some("inst-a")), ("bert", "institution_admin", Some("inst-b"))],
+        &[
+            ("anna", "institution_admin", Some("inst-a")),
+            ("bert", "institution_admin", Some("inst-b")),
+        ],
     )
     .await;
     let sim = crate::harness::spawn_simulator(&env, &[]).await;
@@ -1208,7 +1211,16 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     let gw = crate::harness::spawn_gateway(&env, "a", env.gateway_vars(&sim, gdir.path())).await;
     // A key of inst-b, made with the CLI.
     let other: Value = serde_json::from_str(&tokentally(
-        &["keys", "create", "--institution", "inst-b", "--user", "zed", "--format", "json"],
+        &[
+            "keys",
+            "create",
+            "--institution",
+            "inst-b",
+            "--user",
+            "zed",
+            "--format",
+            "json",
+        ],
         &env.cli_vars(),
         None,
     ))
@@ -1241,32 +1253,98 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         let http = http.clone();
         let base = gw.base.clone();
         async move {
-            http.get(format!("{base}/v1/models")).bearer_auth(key).send().await.unwrap().status().as_u16()
+            http.get(format!("{base}/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
     };
     let result: Result<(String, String), fantoccini::error::CmdError> = async {
         browser.goto(&format!("{}/login", s.base)).await?;
-        browser.find(Locator::Css("input[name=username]")).await?.send_keys("anna").await?;
-        browser.find(Locator::Css("input[name=password]")).await?.send_keys("anna-password").await?;
-        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser
+            .find(Locator::Css("input[name=username]"))
+            .await?
+            .send_keys("anna")
+            .await?;
+        browser
+            .find(Locator::Css("input[name=password]"))
+            .await?
+            .send_keys("anna-password")
+            .await?;
+        browser
+            .find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
         browser.wait().for_element(Locator::Css("h1")).await?;
-        browser.find(Locator::LinkText("Keys")).await?.click().await?;
-        browser.wait().for_element(Locator::Css("form#create")).await?;
+        browser
+            .find(Locator::LinkText("Keys"))
+            .await?
+            .click()
+            .await?;
+        browser
+            .wait()
+            .for_element(Locator::Css("form#create"))
+            .await?;
         // Anna's form has no institution field: her keys are inst-a's.
-        assert!(browser.find_all(Locator::Css("form#create input[name=institution]")).await?.is_empty());
+        assert!(browser
+            .find_all(Locator::Css("form#create input[name=institution]"))
+            .await?
+            .is_empty());
         // inst-b's key is not on her page.
         let page = browser.source().await?;
-        assert!(!page.contains(&other_id), "another institution's key is listed");
-        browser.find(Locator::Css("form#create input[name=user]")).await?.send_keys("student1@inst-a").await?;
-        browser.find(Locator::Css("form#create input[name=name]")).await?.send_keys("thesis").await?;
-        browser.find(Locator::Css("form#create input[name=models]")).await?.send_keys("gpt-4o-mini").await?;
-        browser.find(Locator::Css("form#create input[name=rpm]")).await?.send_keys("10").await?;
-        browser.find(Locator::Css("form#create button[type=submit]")).await?.click().await?;
-        let secret = browser.wait().for_element(Locator::Css("#secret")).await?.text().await?;
+        assert!(
+            !page.contains(&other_id),
+            "another institution's key is listed"
+        );
+        browser
+            .find(Locator::Css("form#create input[name=user]"))
+            .await?
+            .send_keys("student1@inst-a")
+            .await?;
+        browser
+            .find(Locator::Css("form#create input[name=name]"))
+            .await?
+            .send_keys("thesis")
+            .await?;
+        browser
+            .find(Locator::Css("form#create input[name=models]"))
+            .await?
+            .send_keys("gpt-4o-mini")
+            .await?;
+        browser
+            .find(Locator::Css("form#create input[name=rpm]"))
+            .await?
+            .send_keys("10")
+            .await?;
+        browser
+            .find(Locator::Css("form#create button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let secret = browser
+            .wait()
+            .for_element(Locator::Css("#secret"))
+            .await?
+            .text()
+            .await?;
         let message = browser.find(Locator::Css("#message")).await?.text().await?;
         let key_id = message.split_whitespace().nth(2).unwrap().to_owned();
-        let row = browser.find(Locator::Css(&format!("tr[data-key='{key_id}']"))).await?.text().await?;
-        assert!(row.contains("inst-a") && row.contains("student1@inst-a") && row.contains("10 requests/min") && row.contains("active"), "{row}");
+        let row = browser
+            .find(Locator::Css(&format!("tr[data-key='{key_id}']")))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            row.contains("inst-a")
+                && row.contains("student1@inst-a")
+                && row.contains("10 requests/min")
+                && row.contains("active"),
+            "{row}"
+        );
         Ok((key_id, secret))
     }
     .await;
@@ -1275,13 +1353,20 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     // The gateway accepts it within its refresh interval.
     let started = Instant::now();
     while models(secret.clone()).await != 200 {
-        assert!(started.elapsed() < Duration::from_secs(10), "the new key is not accepted");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new key is not accepted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The secret is never shown again, to anyone.
     let admin = login(&s, "admin", "admin-password").await;
     for who in [&admin, &login(&s, "alice", "alice-password").await] {
-        let page = get(&format!("{}/keys", s.base), &Auth::Cookie(who)).await.text().await.unwrap();
+        let page = get(&format!("{}/keys", s.base), &Auth::Cookie(who))
+            .await
+            .text()
+            .await
+            .unwrap();
         assert!(page.contains(&key_id) && !page.contains(&secret[secret.len() - 20..]));
     }
 
@@ -1291,66 +1376,202 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         let http = http.clone();
         let base = s.base.clone();
         async move {
-            let page = http.get(format!("{base}/keys")).header("cookie", &who).send().await.unwrap().text().await.unwrap();
+            let page = http
+                .get(format!("{base}/keys"))
+                .header("cookie", &who)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
             let mut fields = fields;
             if page.contains("name=\"csrf\"") {
                 fields.push(("csrf", csrf_of(&page)));
             }
-            http.post(format!("{base}{path}")).header("cookie", &who).form(&fields).send().await.unwrap().status().as_u16()
+            http.post(format!("{base}{path}"))
+                .header("cookie", &who)
+                .form(&fields)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
     };
     let anna = login(&s, "anna", "anna-password").await;
     let bert = login(&s, "bert", "bert-password").await;
     let alice = login(&s, "alice", "alice-password").await;
-    assert_eq!(form_post(anna.clone(), "/keys/create".into(), vec![("institution", "inst-b".into()), ("user", "x".into())]).await, 403);
-    assert_eq!(form_post(anna.clone(), format!("/keys/{other_id}/revoke"), vec![]).await, 404);
-    assert_eq!(form_post(bert.clone(), format!("/keys/{key_id}/revoke"), vec![]).await, 404);
-    assert_eq!(form_post(alice.clone(), "/keys/create".into(), vec![("user", "x".into())]).await, 403);
-    assert_eq!(form_post(alice.clone(), format!("/keys/{key_id}/revoke"), vec![]).await, 403);
-    assert_eq!(get(&format!("{}/keys?institution=inst-b", s.base), &Auth::Cookie(&anna)).await.status(), 403);
+    assert_eq!(
+        form_post(
+            anna.clone(),
+            "/keys/create".into(),
+            vec![("institution", "inst-b".into()), ("user", "x".into())]
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        form_post(anna.clone(), format!("/keys/{other_id}/revoke"), vec![]).await,
+        404
+    );
+    assert_eq!(
+        form_post(bert.clone(), format!("/keys/{key_id}/revoke"), vec![]).await,
+        404
+    );
+    assert_eq!(
+        form_post(
+            alice.clone(),
+            "/keys/create".into(),
+            vec![("user", "x".into())]
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        form_post(alice.clone(), format!("/keys/{key_id}/revoke"), vec![]).await,
+        403
+    );
+    assert_eq!(
+        get(
+            &format!("{}/keys?institution=inst-b", s.base),
+            &Auth::Cookie(&anna)
+        )
+        .await
+        .status(),
+        403
+    );
     // Without the session's CSRF token nothing happens.
-    let no_csrf = http.post(format!("{}/keys/{key_id}/revoke", s.base)).header("cookie", &anna).form(&[("csrf", "x")]).send().await.unwrap();
+    let no_csrf = http
+        .post(format!("{}/keys/{key_id}/revoke", s.base))
+        .header("cookie", &anna)
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_csrf.status(), 403);
     // Alice's page lists the key without a revoke button or a create form.
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&alice)).await.text().await.unwrap();
-    assert!(page.contains(&key_id) && !page.contains("Revoke") && !page.contains("form#create") && !page.contains("id=\"create\""));
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&alice))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&key_id)
+            && !page.contains("Revoke")
+            && !page.contains("form#create")
+            && !page.contains("id=\"create\"")
+    );
     assert!(!page.contains(&other_id));
     // Finance sees every institution's keys (JSON too), never a hash or secret.
-    let all: Value = get(&format!("{}/api/v1/keys", s.base), &Auth::Bearer(&s.tokens["fin"])).await.json().await.unwrap();
-    let ids: Vec<&str> = all["keys"].as_array().unwrap().iter().map(|k| k["key_id"].as_str().unwrap()).collect();
+    let all: Value = get(
+        &format!("{}/api/v1/keys", s.base),
+        &Auth::Bearer(&s.tokens["fin"]),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let ids: Vec<&str> = all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&key_id.as_str()) && ids.contains(&other_id.as_str()));
     assert!(!all.to_string().contains("secret") && !all.to_string().contains(&secret));
 
     // Limits (issue 13): anna sets a quota for one of her users, but not her
     // institution's own budget nor anything of inst-b's; alice cannot set any; each sees
     // only inst-a's limits, finance sees all.
-    let quota = vec![("scope", "user".to_string()), ("subject", "student1@inst-a".into()), ("metric", "requests".into()),
-        ("amount", "15".into()), ("period", "day".into())];
-    assert_eq!(form_post(anna.clone(), "/limits/set".into(), quota.clone()).await, 200);
+    let quota = vec![
+        ("scope", "user".to_string()),
+        ("subject", "student1@inst-a".into()),
+        ("metric", "requests".into()),
+        ("amount", "15".into()),
+        ("period", "day".into()),
+    ];
+    assert_eq!(
+        form_post(anna.clone(), "/limits/set".into(), quota.clone()).await,
+        200
+    );
     let mut own = quota.clone();
     own[0].1 = "institution".into();
-    assert_eq!(form_post(anna.clone(), "/limits/set".into(), own).await, 403);
+    assert_eq!(
+        form_post(anna.clone(), "/limits/set".into(), own).await,
+        403
+    );
     let mut other = quota.clone();
     other.push(("institution", "inst-b".into()));
-    assert_eq!(form_post(anna.clone(), "/limits/set".into(), other).await, 403);
-    assert_eq!(form_post(alice.clone(), "/limits/set".into(), quota.clone()).await, 403);
-    tokentally(&["limits", "set", "--institution", "inst-b", "--usd", "100"], &env.cli_vars(), None);
-    let page = get(&format!("{}/limits", s.base), &Auth::Cookie(&anna)).await.text().await.unwrap();
-    assert!(page.contains("inst-a:user:student1@inst-a:requests:day") && page.contains("15 requests per day"), "{page}");
+    assert_eq!(
+        form_post(anna.clone(), "/limits/set".into(), other).await,
+        403
+    );
+    assert_eq!(
+        form_post(alice.clone(), "/limits/set".into(), quota.clone()).await,
+        403
+    );
+    tokentally(
+        &["limits", "set", "--institution", "inst-b", "--usd", "100"],
+        &env.cli_vars(),
+        None,
+    );
+    let page = get(&format!("{}/limits", s.base), &Auth::Cookie(&anna))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("inst-a:user:student1@inst-a:requests:day")
+            && page.contains("15 requests per day"),
+        "{page}"
+    );
     assert!(!page.contains("inst-b"));
-    let mine: Value = get(&format!("{}/api/v1/limits", s.base), &Auth::Cookie(&alice)).await.json().await.unwrap();
-    let ids: Vec<&str> = mine["limits"].as_array().unwrap().iter().map(|l| l["limit_id"].as_str().unwrap()).collect();
+    let mine: Value = get(&format!("{}/api/v1/limits", s.base), &Auth::Cookie(&alice))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = mine["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["limit_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["inst-a:user:student1@inst-a:requests:day"]);
-    assert_eq!(get(&format!("{}/limits?institution=inst-b", s.base), &Auth::Cookie(&alice)).await.status(), 403);
-    let all: Value = get(&format!("{}/api/v1/limits", s.base), &Auth::Bearer(&s.tokens["fin"])).await.json().await.unwrap();
+    assert_eq!(
+        get(
+            &format!("{}/limits?institution=inst-b", s.base),
+            &Auth::Cookie(&alice)
+        )
+        .await
+        .status(),
+        403
+    );
+    let all: Value = get(
+        &format!("{}/api/v1/limits", s.base),
+        &Auth::Bearer(&s.tokens["fin"]),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(all["limits"].as_array().unwrap().len(), 2, "{all}");
 
     // Anna revokes it in the browser: every gateway refuses it within seconds.
     let revoked: Result<String, fantoccini::error::CmdError> = async {
         browser.goto(&format!("{}/keys", s.base)).await?;
-        browser.find(Locator::Css(&format!("tr[data-key='{key_id}'] button"))).await?.click().await?;
+        browser
+            .find(Locator::Css(&format!("tr[data-key='{key_id}'] button")))
+            .await?
+            .click()
+            .await?;
         browser.wait().for_element(Locator::Css("#message")).await?;
-        browser.find(Locator::Css(&format!("tr[data-key='{key_id}'] td.state"))).await?.text().await
+        browser
+            .find(Locator::Css(&format!("tr[data-key='{key_id}'] td.state")))
+            .await?
+            .text()
+            .await
     }
     .await;
     let _ = browser.close().await;
@@ -1359,21 +1580,47 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     assert_eq!(revoked.expect("revoking in the browser"), "revoked");
     let started = Instant::now();
     while models(secret.clone()).await != 401 {
-        assert!(started.elapsed() < Duration::from_secs(5), "the revoked key still works");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the revoked key still works"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The admin's key log: who did what, when.
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&admin)).await.text().await.unwrap();
-    let log = page.split("id=\"log\"").nth(1).expect("the admin sees the key log");
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let log = page
+        .split("id=\"log\"")
+        .nth(1)
+        .expect("the admin sees the key log");
     for action in ["create", "revoke"] {
-        assert!(log.contains(&format!("<td>web:anna</td><td>{action}</td><td>{key_id}</td>")), "{action} missing: {log}");
+        assert!(
+            log.contains(&format!(
+                "<td>web:anna</td><td>{action}</td><td>{key_id}</td>"
+            )),
+            "{action} missing: {log}"
+        );
     }
-    assert!(log.contains(&format!("<td>{other_id}</td>")), "the CLI's create is logged too");
+    assert!(
+        log.contains(&format!("<td>{other_id}</td>")),
+        "the CLI's create is logged too"
+    );
     // Finance manages but does not see the log; Anna's log is her institution's only.
     let fin = login(&s, "fin", "fin-password").await;
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&fin)).await.text().await.unwrap();
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&fin))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(!page.contains("id=\"log\"") && page.contains("id=\"create\""));
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&anna)).await.text().await.unwrap();
+    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&anna))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("id=\"log\"") && !page.contains(&other_id));
     terminate(&mut s.serve.proc);
     env.drop_database().await;

@@ -371,7 +371,9 @@ mod tests {
         assert_eq!(l.apply(1, &r), Outcome::Accepted("TT-2026-000002".into()));
         // Records from before the zone existed read as UTC.
         let old: Record = serde_json::from_str(
-            &serde_json::to_string(&r).unwrap().replace(",\"zone\":\"UTC\"", ""),
+            &serde_json::to_string(&r)
+                .unwrap()
+                .replace(",\"zone\":\"UTC\"", ""),
         )
         .unwrap();
         assert_eq!(old.zone, "UTC");

@@ -48,16 +48,22 @@ impl Serialize for RawObject {
 
 impl RawObject {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("the request body is not a JSON object: {e}"))
+        serde_json::from_slice(bytes)
+            .map_err(|e| format!("the request body is not a JSON object: {e}"))
     }
 
     pub fn get(&self, key: &str) -> Option<&RawValue> {
         // The last duplicate wins, as in most JSON parsers (and the providers').
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| &**v)
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| &**v)
     }
 
     pub fn get_value(&self, key: &str) -> Option<Value> {
-        self.get(key).and_then(|v| serde_json::from_str(v.get()).ok())
+        self.get(key)
+            .and_then(|v| serde_json::from_str(v.get()).ok())
     }
 
     /// Sets `key` (replacing every earlier occurrence in place, or appending).
@@ -182,7 +188,11 @@ pub fn prepare(api: Api, bytes: &[u8], end_user: &str) -> Result<Prepared, Strin
         client_wants_usage,
         max_output_tokens,
         choices,
-        body: if rewritten { obj.to_bytes() } else { bytes.to_vec() },
+        body: if rewritten {
+            obj.to_bytes()
+        } else {
+            bytes.to_vec()
+        },
         rewritten,
     })
 }
@@ -225,7 +235,12 @@ fn collect_strings(v: &Value, out: &mut String) {
         Value::Object(o) => o
             .iter()
             // Roles, types and ids are framing, not input.
-            .filter(|(k, _)| !matches!(k.as_str(), "role" | "type" | "id" | "tool_call_id" | "mime_type" | "mimeType"))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "role" | "type" | "id" | "tool_call_id" | "mime_type" | "mimeType"
+                )
+            })
             .for_each(|(_, x)| collect_strings(x, out)),
         _ => {}
     }
@@ -276,7 +291,12 @@ mod tests {
         assert_eq!(v["metadata"], json!({"user_id": "tt_me", "x": 1}));
         assert_eq!(p.max_output_tokens, Some(10));
         // Duplicate keys collapse to one, ours.
-        let p = prepare(Api::Embeddings, br#"{"model":"e","user":"a","input":"x","user":"b"}"#, "tt").unwrap();
+        let p = prepare(
+            Api::Embeddings,
+            br#"{"model":"e","user":"a","input":"x","user":"b"}"#,
+            "tt",
+        )
+        .unwrap();
         let s = String::from_utf8(p.body).unwrap();
         assert_eq!(s.matches("\"user\"").count(), 1, "{s}");
         assert!(s.contains(r#""user":"tt""#));
@@ -294,7 +314,9 @@ mod tests {
     #[test]
     fn bad_bodies_are_refused_with_a_reason() {
         assert!(prepare(Api::ChatCompletions, b"[1]", "u").is_err());
-        assert!(prepare(Api::ChatCompletions, b"{}", "u").unwrap_err().contains("model"));
+        assert!(prepare(Api::ChatCompletions, b"{}", "u")
+            .unwrap_err()
+            .contains("model"));
         assert!(prepare(Api::ChatCompletions, br#"{"model":3}"#, "u").is_err());
         assert!(prepare(Api::ChatCompletions, b"{", "u").is_err());
     }

@@ -57,7 +57,9 @@ pub enum Api {
     Embeddings,
     Messages,
     /// `models/{model}:generateContent` (`stream: false`) or `:streamGenerateContent`.
-    Gemini { stream: bool },
+    Gemini {
+        stream: bool,
+    },
 }
 
 impl Api {
@@ -145,8 +147,7 @@ impl Refusal {
             ),
             Refusal::RateLimited { message, .. } => message.clone(),
             Refusal::Flagged => {
-                "the input was flagged by the moderation check and was not sent to the model"
-                    .into()
+                "the input was flagged by the moderation check and was not sent to the model".into()
             }
             Refusal::TooLarge(max) => format!("the request body is larger than {max} bytes"),
         }
@@ -188,9 +189,7 @@ impl Refusal {
             Refusal::Unauthenticated(_) => "UNAUTHENTICATED",
             Refusal::ModelNotAllowed(_) => "PERMISSION_DENIED",
             Refusal::RateLimited { .. } | Refusal::OverLimit(_) => "RESOURCE_EXHAUSTED",
-            Refusal::BadRequest(_) | Refusal::Flagged | Refusal::TooLarge(_) => {
-                "INVALID_ARGUMENT"
-            }
+            Refusal::BadRequest(_) | Refusal::Flagged | Refusal::TooLarge(_) => "INVALID_ARGUMENT",
             Refusal::Unavailable(_) | Refusal::Upstream(_) => "UNAVAILABLE",
         };
         json!({"error": {"code": self.status().as_u16(), "message": self.message(), "status": status}})
@@ -282,7 +281,9 @@ mod tests {
     fn refusals_speak_each_sdks_format() {
         let r = Refusal::Unauthenticated("unknown API key".into());
         let body = |res: Response| async move {
-            let b = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+            let b = axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap();
             serde_json::from_slice::<serde_json::Value>(&b).unwrap()
         };
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -319,7 +320,12 @@ mod tests {
         ] {
             assert!(is_request_header_dropped(h), "{h}");
         }
-        for h in ["anthropic-version", "openai-beta", "content-type", "user-agent"] {
+        for h in [
+            "anthropic-version",
+            "openai-beta",
+            "content-type",
+            "user-agent",
+        ] {
             assert!(!is_request_header_dropped(h), "{h}");
         }
     }

@@ -106,7 +106,10 @@ mod tests {
     fn splits_on_blank_lines_of_every_kind() {
         let mut s = Splitter::default();
         let got = events(s.push(b"data: a\n\ndata: b\r\n\r\nevent: x\ndata: c\n"));
-        assert_eq!(got, vec![b"data: a\n\n".to_vec(), b"data: b\r\n\r\n".to_vec()]);
+        assert_eq!(
+            got,
+            vec![b"data: a\n\n".to_vec(), b"data: b\r\n\r\n".to_vec()]
+        );
         let got = events(s.push(b"\n"));
         assert_eq!(got, vec![b"event: x\ndata: c\n\n".to_vec()]);
         assert_eq!(s.finish(), None);

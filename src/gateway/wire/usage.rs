@@ -332,7 +332,12 @@ fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The event without the `"usage":null` member the gateway's request for usage added.
 fn strip_null_usage(event: &[u8]) -> Option<Vec<u8>> {
-    for pat in [&b",\"usage\":null"[..], b"\"usage\":null,", b", \"usage\": null", b"\"usage\": null, "] {
+    for pat in [
+        &b",\"usage\":null"[..],
+        b"\"usage\":null,",
+        b", \"usage\": null",
+        b"\"usage\": null, ",
+    ] {
         if let Some(at) = hay_find(event, pat) {
             let mut out = Vec::with_capacity(event.len());
             out.extend_from_slice(&event[..at]);
@@ -421,7 +426,10 @@ mod tests {
         }
         assert!(t.body.len() <= MAX_BODY + 65536);
         let seen = t.finish();
-        assert_eq!(seen.usage, Some(json!({"prompt_tokens":8,"total_tokens":8})));
+        assert_eq!(
+            seen.usage,
+            Some(json!({"prompt_tokens":8,"total_tokens":8}))
+        );
     }
 
     #[test]
@@ -430,13 +438,19 @@ mod tests {
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1},"modelVersion":"gemini-2.5-flash"})));
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2}})));
         let seen = t.finish();
-        assert_eq!(seen.usage, Some(json!({"promptTokenCount":3,"candidatesTokenCount":2})));
+        assert_eq!(
+            seen.usage,
+            Some(json!({"promptTokenCount":3,"candidatesTokenCount":2}))
+        );
         assert_eq!(seen.text, "ab");
         let mut t = Tracker::new(Api::Gemini { stream: true }, false);
         t.body(br#"[{"candidates":[{"content":{"parts":[{"text":"x"}]}}]},"#);
         t.body(br#"{"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":1}}]"#);
         let seen = t.finish();
-        assert_eq!(seen.usage, Some(json!({"promptTokenCount":4,"candidatesTokenCount":1})));
+        assert_eq!(
+            seen.usage,
+            Some(json!({"promptTokenCount":4,"candidatesTokenCount":1}))
+        );
         assert!(seen.complete);
     }
 
@@ -447,7 +461,10 @@ mod tests {
         assert!(!t.seen.complete);
         t.event(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-5\",\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\n\n");
         let seen = t.finish();
-        assert_eq!(seen.usage, Some(json!({"input_tokens":5,"output_tokens":2})));
+        assert_eq!(
+            seen.usage,
+            Some(json!({"input_tokens":5,"output_tokens":2}))
+        );
         assert_eq!(seen.model.as_deref(), Some("gpt-5"));
         assert!(seen.complete);
     }
