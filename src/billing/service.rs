@@ -481,7 +481,82 @@ pub struct Reconciliation {
     pub problems: usize,
 }
 
+/// One institution-month as the stored events and the documents have it.
+pub struct Standing {
+    /// What the stored events come to now, by the billing rule.
+    pub events_amount: Decimal,
+    pub events_exact: Decimal,
+    pub priced_events: i64,
+    pub unpriced: Unpriced,
+    /// Unpriced events some live invoice has listed.
+    pub unpriced_listed: i64,
+    /// Everything documents billed for the period.
+    pub billed: Decimal,
+    pub billed_quantities: Quantities,
+    pub live: Quantities,
+    /// Whether any document covers the period.
+    pub has_documents: bool,
+}
+
+impl Standing {
+    /// Still to bill (or credit) on the next invoice's adjustments.
+    pub fn difference(&self) -> Decimal {
+        self.events_amount - self.billed
+    }
+
+    /// Unpriced events no document has listed yet.
+    pub fn late_unpriced(&self) -> i64 {
+        (self.unpriced.events - self.unpriced_listed).max(0)
+    }
+}
+
 impl Billing<'_> {
+    /// How `institution`'s `period` stands: its stored events against its documents.
+    pub async fn standing(
+        &self,
+        ledger: &Ledger,
+        institution: &str,
+        period: Period,
+    ) -> Result<Standing, BillingError> {
+        let c = Customer::resolve(self.cfg, institution);
+        let (start, end) = period.bounds(c.tz);
+        let groups = usage::groups(self.store, institution, start, end).await?;
+        let live = quantities(period, &groups, self.book, c.byok_fee)?;
+        let now = lines(&live, period, multiplier(c.contract_percent));
+        let unpriced = usage::unpriced(self.store, institution, start, end).await?;
+        let mut billed_quantities = Quantities::new();
+        let mut billed = Decimal::ZERO;
+        let mut unpriced_listed = 0;
+        for d in ledger.of(institution) {
+            for l in d.lines.iter().filter(|l| l.period == period) {
+                *billed_quantities.entry(l.key()).or_default() += l.quantity;
+                billed += l.amount;
+            }
+            if d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none() {
+                if d.period == period {
+                    unpriced_listed += d.unpriced.events;
+                }
+                unpriced_listed += d
+                    .unpriced_earlier
+                    .iter()
+                    .filter(|e| e.period == period)
+                    .map(|e| e.events)
+                    .sum::<i64>();
+            }
+        }
+        Ok(Standing {
+            events_amount: now.iter().map(|l| l.amount).sum(),
+            events_exact: now.iter().map(|l| l.exact).sum(),
+            priced_events: groups.iter().map(|g| g.events).sum(),
+            unpriced,
+            unpriced_listed,
+            billed,
+            billed_quantities,
+            live,
+            has_documents: ledger.of(institution).any(|d| d.period == period),
+        })
+    }
+
     pub async fn reconcile(&self, period: Period) -> Result<Reconciliation, BillingError> {
         let ledger = self.sync().await?;
         // Institutions: configured, with documents, or with events near the period.
@@ -502,42 +577,24 @@ impl Billing<'_> {
         let mut rows = Vec::new();
         let mut problems = 0;
         for inst in institutions {
+            let st = self.standing(&ledger, &inst, period).await?;
+            let Standing {
+                events_amount,
+                events_exact,
+                priced_events,
+                unpriced,
+                unpriced_listed,
+                billed,
+                billed_quantities: billed_q,
+                live,
+                ..
+            } = st;
             let c = Customer::resolve(self.cfg, &inst);
             let (start, end) = period.bounds(c.tz);
-            let groups = usage::groups(self.store, &inst, start, end).await?;
-            let live = quantities(period, &groups, self.book, c.byok_fee)?;
-            let mult = multiplier(c.contract_percent);
-            let now = lines(&live, period, mult);
-            let events_amount: Decimal = now.iter().map(|l| l.amount).sum();
-            // What is charged before the contract: the stored costs, except usage on the
-            // institution's own provider key (its platform fee instead).
-            let events_exact: Decimal = now.iter().map(|l| l.exact).sum();
-            let priced_events: i64 = groups.iter().map(|g| g.events).sum();
-            let unpriced = usage::unpriced(self.store, &inst, start, end).await?;
             let rejected = self
                 .store
                 .rejected_about(&inst, start.timestamp(), end.timestamp())
                 .await?;
-            let mut billed_q = Quantities::new();
-            let mut billed = Decimal::ZERO;
-            let mut unpriced_listed = 0;
-            for d in ledger.of(&inst) {
-                for l in d.lines.iter().filter(|l| l.period == period) {
-                    *billed_q.entry(l.key()).or_default() += l.quantity;
-                    billed += l.amount;
-                }
-                if d.kind == Kind::Invoice && ledger.voided_by(&d.number).is_none() {
-                    if d.period == period {
-                        unpriced_listed += d.unpriced.events;
-                    }
-                    unpriced_listed += d
-                        .unpriced_earlier
-                        .iter()
-                        .filter(|e| e.period == period)
-                        .map(|e| e.events)
-                        .sum::<i64>();
-                }
-            }
             let invoice = ledger.live_invoice(&inst, period);
             let diff = outstanding(&live, &billed_q);
             let unbilled: i64 = diff.values().sum();

@@ -41,6 +41,8 @@ struct InvoicesTemplate<'a> {
     message: String,
     failed: bool,
     api_href: String,
+    /// (id, name) for the institution pickers.
+    institutions: Vec<(String, String)>,
 }
 
 /// What each issued document offers: its frozen renderings, the usage behind it as
@@ -107,6 +109,26 @@ async fn listing(
         can_issue: CanIssue::allows(&scoped.principal) && !scoped.csrf.is_empty(),
         message,
         failed,
+        institutions: {
+            let mut ids: std::collections::BTreeSet<String> = state
+                .cfg
+                .institutions
+                .iter()
+                .map(|i| i.id.clone())
+                .collect();
+            ids.extend(rows.iter().map(|r| r.institution_id.clone()));
+            ids.into_iter()
+                .map(|id| {
+                    let name = state
+                        .cfg
+                        .institution(&id)
+                        .map(|i| i.name.clone())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| id.clone());
+                    (id, name)
+                })
+                .collect()
+        },
         api_href: match scoped.scope.institution() {
             Some(i) => format!("/api/v1/invoices?institution={}", urlencode(i)),
             None => "/api/v1/invoices".into(),

@@ -5,6 +5,7 @@
 mod alerts;
 pub mod auth;
 pub mod chart;
+mod close;
 pub mod error;
 mod invoices;
 mod keys;
@@ -55,7 +56,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(8 * 1024)),
         )
         .route("/logout", post(login::logout))
-        .route("/api/v1/openapi.json", get(openapi::openapi));
+        .route("/api/v1/openapi.json", get(openapi::openapi))
+        // The one script (sorting tables): a constant, no data; served from here because
+        // the content security policy allows scripts from this origin only.
+        .route(
+            "/assets/sort.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    include_str!("../../assets/web/sort.js"),
+                )
+            }),
+        );
     for prefix in ["", "/api/v1"] {
         r = r
             .route(&format!("{prefix}/"), get(pages::overview::overview))
@@ -77,6 +89,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 &format!("{prefix}/alerts/{{id}}/ack"),
                 post(alerts::acknowledge),
             )
+            .route(&format!("{prefix}/close"), get(close::show))
+            .route(&format!("{prefix}/close/issue"), post(close::issue))
             .route(&format!("{prefix}/invoices"), get(invoices::list))
             .route(&format!("{prefix}/invoices/draft"), get(invoices::draft))
             .route(&format!("{prefix}/invoices/issue"), post(invoices::issue))

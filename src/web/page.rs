@@ -52,6 +52,23 @@ impl Cell {
         }
     }
 
+    /// HTML for a cell of an institution column: the name, the id as secondary text.
+    fn html_institution(&self, names: &dyn Fn(&str) -> Option<String>) -> String {
+        let (id, href) = match self {
+            Cell::Text(s) => (s.as_str(), None),
+            Cell::Link { text, href } => (text.as_str(), Some(href.as_str())),
+            _ => return self.html(),
+        };
+        let Some(name) = names(id).filter(|n| n != id) else {
+            return self.html();
+        };
+        let label = format!(r#"{} <small class="id">{}</small>"#, esc(&name), esc(id));
+        match href {
+            Some(h) => format!(r#"<a href="{}">{label}</a>"#, esc(h)),
+            None => label,
+        }
+    }
+
     fn numeric(&self) -> bool {
         matches!(self, Cell::Int(_) | Cell::Money(_))
     }
@@ -148,10 +165,59 @@ impl PageData {
 struct HtmlTable {
     title: String,
     csv_href: String,
-    /// (name, numeric)
-    columns: Vec<(&'static str, bool)>,
-    /// (html, numeric)
-    rows: Vec<Vec<(String, bool)>>,
+    /// (human label, numeric)
+    columns: Vec<(String, bool)>,
+    /// (html, numeric, sort key)
+    rows: Vec<Vec<(String, bool, String)>>,
+}
+
+/// The label a person reads for a column (CSV keeps the machine name as its header, JSON
+/// its keys).
+pub fn column_label(c: &str) -> String {
+    let known = match c {
+        "institution" | "institution_id" => "Institution",
+        "model" => "Model",
+        "price_model" => "Model (price book)",
+        "api_key" | "api_key_id" | "key" => "API key",
+        "user" | "user_id" => "User",
+        "events" => "Requests",
+        "unpriced_events" => "Unpriced requests",
+        "input_tokens" => "Input tokens",
+        "cache_read_tokens" => "Cached input tokens",
+        "cache_write_tokens" => "Cache-write tokens",
+        "output_tokens" => "Output tokens",
+        "reasoning_tokens" => "Reasoning tokens",
+        "cost_usd" => "Cost (USD)",
+        "day" => "Day",
+        "hour" => "Hour",
+        "tag" => "Tag",
+        "price_id" => "Price entry",
+        "effective_from" => "Effective from",
+        "received_at" => "Received",
+        "committed_offset" => "Committed offset",
+        "end_offset" => "End offset",
+        _ => "",
+    };
+    if !known.is_empty() {
+        return known.to_owned();
+    }
+    let mut out = c.replace('_', " ");
+    if let Some(f) = out.get_mut(0..1) {
+        f.make_ascii_uppercase();
+    }
+    out
+}
+
+/// The order columns are shown in: the label first, then the money, then the rest.
+fn display_order(columns: &[&str]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..columns.len()).collect();
+    if let Some(pos) = columns.iter().position(|c| c.starts_with("cost")) {
+        if pos > 1 {
+            order.remove(pos);
+            order.insert(1, pos);
+        }
+    }
+    order
 }
 
 struct HtmlFigure {
@@ -174,6 +240,43 @@ struct PageTemplate<'a> {
     notes: &'a [String],
     api_href: String,
     show_institution_filter: bool,
+    /// (id, name) for the institution picker.
+    institutions: Vec<(String, String)>,
+    /// (label, href, active) date-range shortcuts.
+    presets: Vec<(&'static str, String, bool)>,
+}
+
+/// "This month", "Last month", "This quarter", "Last 30 days": the same page and
+/// filters with another range (UTC days, as the filters are).
+pub fn range_presets(
+    filters: &Filters,
+    path: &str,
+    today: chrono::NaiveDate,
+) -> Vec<(&'static str, String, bool)> {
+    use chrono::{Datelike, Duration, NaiveDate};
+    let month = NaiveDate::from_ymd_opt(today.year(), today.month(), 1).expect("a month");
+    let last_month_end = month - Duration::days(1);
+    let last_month =
+        NaiveDate::from_ymd_opt(last_month_end.year(), last_month_end.month(), 1).expect("a month");
+    let q_month = (today.month0() / 3) * 3 + 1;
+    let quarter = NaiveDate::from_ymd_opt(today.year(), q_month, 1).expect("a quarter");
+    [
+        ("This month", month, today),
+        ("Last month", last_month, last_month_end),
+        ("This quarter", quarter, today),
+        ("Last 30 days", today - Duration::days(29), today),
+    ]
+    .into_iter()
+    .map(|(label, from, to)| {
+        let f = Filters {
+            from: from.to_string(),
+            to: to.to_string(),
+            ..filters.clone()
+        };
+        let active = filters.from == f.from && filters.to == f.to;
+        (label, format!("{path}?{}", query_string(&f, &[])), active)
+    })
+    .collect()
 }
 
 /// Query string of the current filters plus extra pairs.
@@ -210,6 +313,7 @@ pub fn respond(
     path: &str,
     principal: &Principal,
     csrf: &str,
+    cfg: &crate::config::Config,
 ) -> Result<Response, AppError> {
     if path.starts_with("/api/") {
         return Ok(axum::Json(page.to_json(filters)).into_response());
@@ -233,36 +337,80 @@ pub fn respond(
         )
             .into_response());
     }
+    let names = |id: &str| {
+        cfg.institution(id)
+            .map(|i| i.name.clone())
+            .filter(|n| !n.is_empty())
+    };
     let tables = page
         .tables
         .iter()
-        .map(|t| HtmlTable {
-            title: t.title.clone(),
-            csv_href: format!(
-                "{path}?{}",
-                query_string(filters, &[("format", "csv"), ("table", t.name)])
-            ),
-            columns: t
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    (
-                        *c,
-                        t.rows
-                            .first()
-                            .and_then(|r| r.get(i))
-                            .is_some_and(Cell::numeric),
-                    )
-                })
-                .collect(),
-            rows: t
-                .rows
-                .iter()
-                .map(|r| r.iter().map(|c| (c.html(), c.numeric())).collect())
-                .collect(),
+        .map(|t| {
+            let order = display_order(&t.columns);
+            let institution_col = |i: usize| {
+                matches!(
+                    t.columns.get(i),
+                    Some(&"institution") | Some(&"institution_id")
+                )
+            };
+            HtmlTable {
+                title: t.title.clone(),
+                csv_href: format!(
+                    "{path}?{}",
+                    query_string(filters, &[("format", "csv"), ("table", t.name)])
+                ),
+                columns: order
+                    .iter()
+                    .map(|&i| {
+                        (
+                            column_label(t.columns[i]),
+                            t.rows
+                                .first()
+                                .and_then(|r| r.get(i))
+                                .is_some_and(Cell::numeric),
+                        )
+                    })
+                    .collect(),
+                rows: t
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        order
+                            .iter()
+                            .filter_map(|&i| r.get(i).map(|c| (i, c)))
+                            .map(|(i, c)| {
+                                let html = if institution_col(i) {
+                                    c.html_institution(&names)
+                                } else {
+                                    c.html()
+                                };
+                                (html, c.numeric(), c.plain())
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            }
         })
         .collect();
+    let institutions: Vec<(String, String)> = {
+        let mut v: Vec<(String, String)> = cfg
+            .institutions
+            .iter()
+            .map(|i| {
+                let name = if i.name.is_empty() {
+                    i.id.clone()
+                } else {
+                    i.name.clone()
+                };
+                (i.id.clone(), name)
+            })
+            .collect();
+        if !filters.institution.is_empty() && !v.iter().any(|(id, _)| *id == filters.institution) {
+            v.push((filters.institution.clone(), filters.institution.clone()));
+        }
+        v
+    };
+    let presets = range_presets(filters, path, chrono::Utc::now().date_naive());
     let role = principal.role.as_str().to_owned();
     let t = PageTemplate {
         title: &page.title,
@@ -288,6 +436,8 @@ pub fn respond(
         notes: &page.notes,
         api_href: format!("/api/v1{path}?{}", query_string(filters, &[])),
         show_institution_filter: principal.institution.is_none(),
+        institutions,
+        presets,
     };
     Ok(Html(t.render()?).into_response())
 }
@@ -311,6 +461,21 @@ mod tests {
         });
         assert_eq!(p.csv("x").unwrap(), "k,cost_usd\n\"'=cmd,1\",0.000375\n");
         assert!(p.csv("y").is_none());
+        // People read labels, with the money next to the label; CSV keeps machine names.
+        assert_eq!(column_label("cache_read_tokens"), "Cached input tokens");
+        assert_eq!(column_label("institution_id"), "Institution");
+        assert_eq!(column_label("some_new_column"), "Some new column");
+        assert_eq!(
+            display_order(&["model", "events", "input_tokens", "cost_usd"]),
+            vec![0, 3, 1, 2]
+        );
+        let presets = range_presets(
+            &Filters::default(),
+            "/models",
+            chrono::NaiveDate::from_ymd_opt(2026, 12, 3).unwrap(),
+        );
+        assert_eq!(presets[1].1, "/models?from=2026-11-01&to=2026-11-30");
+        assert_eq!(presets[2].1, "/models?from=2026-10-01&to=2026-12-03");
         let j = p.to_json(&Filters::default());
         assert_eq!(j["tables"]["x"][0]["cost_usd"], "0.000375");
     }

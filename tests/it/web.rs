@@ -1625,3 +1625,257 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     terminate(&mut s.serve.proc);
     env.drop_database().await;
 }
+
+/// A priced gpt-4o-mini event (repo price book: $0.15 in, $0.60 out per 1M tokens).
+fn mini(
+    id: &str,
+    inst: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    input: u64,
+    output: u64,
+) -> EventRow {
+    let cost = (Decimal::from(input) * Decimal::new(15, 2)
+        + Decimal::from(output) * Decimal::new(60, 2))
+        / Decimal::from(1_000_000);
+    EventRow {
+        input_tokens: input,
+        output_tokens: output,
+        cost: cost.normalize(),
+        price_id: "openai:gpt-4o-mini:2024-01-01".into(),
+        price_model: "gpt-4o-mini".into(),
+        api_key_id: format!("pk_{inst}"),
+        ..crate::harness::event_row(id, inst, at, "gpt-4o-mini")
+    }
+}
+
+/// Issue 17: the month-end close page shows each institution-month's status and issues
+/// from it; an institution user's "as billed" figure is the invoice's total (contract, in
+/// its time zone); the money column is in view at 1280 px. Screenshots at 1280 and 390 px.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
+    use chrono::{Datelike, TimeZone, Utc};
+    use fantoccini::{ClientBuilder, Locator};
+    let env = TestEnv::new("close", 1).await;
+    // The last three UTC months, as the close page shows them.
+    let now = Utc::now();
+    let this = chrono::NaiveDate::from_ymd_opt(now.year(), now.month(), 1).unwrap();
+    let prev = (this - chrono::Duration::days(1)).with_day(1).unwrap();
+    let older = (prev - chrono::Duration::days(1)).with_day(1).unwrap();
+    let mid = |d: chrono::NaiveDate| {
+        Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap()) + chrono::Duration::days(10)
+    };
+    let ym = |d: chrono::NaiveDate| d.format("%Y-%m").to_string();
+    // inst-a: the older month invoiced, then a late event (adjustments pending); last
+    // month ended and clean; this month open. inst-b (Berlin, 12.5% discount): last month
+    // ended and clean. inst-c: last month blocked by a model without a price.
+    let mut rows = vec![
+        mini("a-old", "inst-a", mid(older), 2_000_000, 100_000),
+        mini("a-prev", "inst-a", mid(prev), 1_000_000, 50_000),
+        mini("a-this", "inst-a", mid(this), 10_000, 1_000),
+        mini("b-prev-1", "inst-b", mid(prev), 3_333_333, 444_444),
+        mini(
+            "b-prev-2",
+            "inst-b",
+            mid(prev) + chrono::Duration::hours(5),
+            1_234_567,
+            7_654,
+        ),
+        mini("c-prev", "inst-c", mid(prev), 500_000, 1_000),
+    ];
+    let mut unpriced = crate::harness::event_row("c-mystery", "inst-c", mid(prev), "mystery-model");
+    unpriced.priced = 0;
+    unpriced.input_tokens = 1_000;
+    rows.push(unpriced);
+    env.store.insert_events(&rows).await.unwrap();
+    let extra = "[[institutions]]\nid = \"inst-b\"\nname = \"Institution B\"\ntime_zone = \"Europe/Berlin\"\ncontract_percent = \"-12.5\"\n";
+    let mut s = start_server_users(&env, extra, &[("bob", "institution", Some("inst-b"))]).await;
+    // The CLI with serve's configuration (its config file is in serve's directory).
+    let vars =
+        crate::harness::serve_vars(&env, &s.serve.dir, "", &[("TOKENTALLY_LOG", "warn".into())]);
+    let cli = |args: &[&str]| tokentally(args, &vars, None);
+    cli(&[
+        "invoice",
+        "issue",
+        "--institution",
+        "inst-a",
+        "--period",
+        &ym(older),
+    ]);
+    env.store
+        .insert_events(&[mini(
+            "a-old-late",
+            "inst-a",
+            mid(older) + chrono::Duration::days(1),
+            400_000,
+            0,
+        )])
+        .await
+        .unwrap();
+    // inst-b's last month as its invoice will bill it, computed here: each line's exact
+    // amount × 0.875, rounded once.
+    let line = |tokens: i64, per_m: Decimal| {
+        (Decimal::from(tokens) * per_m / Decimal::from(1_000_000) * Decimal::new(875, 3))
+            .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+    };
+    let b_expected = line(3_333_333 + 1_234_567, Decimal::new(15, 2))
+        + line(444_444 + 7_654, Decimal::new(60, 2));
+
+    let port = free_port();
+    let mut driver = crate::harness::Proc(Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
+    wait_for_port(port).await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), serde_json::json!({
+        "binary": "/usr/bin/chromium",
+        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1000", format!("--user-data-dir={}", profile.path().display())]
+    }));
+    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("WebDriver session");
+    let shots = crate::harness::repo().join("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let base = s.base.clone();
+    let login = |user: &'static str| {
+        let browser = browser.clone();
+        let base = base.clone();
+        async move {
+            browser.goto(&format!("{base}/login")).await?;
+            browser
+                .find(Locator::Css("input[name=username]"))
+                .await?
+                .send_keys(user)
+                .await?;
+            browser
+                .find(Locator::Css("input[name=password]"))
+                .await?
+                .send_keys(&format!("{user}-password"))
+                .await?;
+            browser
+                .find(Locator::Css("button[type=submit]"))
+                .await?
+                .click()
+                .await?;
+            browser.wait().for_element(Locator::Css("h1")).await?;
+            Ok::<(), fantoccini::error::CmdError>(())
+        }
+    };
+    let cell =
+        |inst: &str, period: &str| format!("td[data-institution='{inst}'][data-period='{period}']");
+    let result: Result<(), fantoccini::error::CmdError> = async {
+        // bob (inst-b) before anything is issued: last month as billed, from the draft.
+        login("bob").await?;
+        let figure = |label: &'static str| {
+            let browser = browser.clone();
+            async move {
+                let v = browser
+                    .execute(
+                        "const f = Array.from(document.querySelectorAll('.figure')).find(f => f.querySelector('.label').textContent.startsWith(arguments[0])); return f ? [f.querySelector('.label').textContent, f.querySelector('.value span').title] : null;",
+                        vec![serde_json::json!(label)],
+                    )
+                    .await?;
+                Ok::<(String, Decimal), fantoccini::error::CmdError>((
+                    v[0].as_str().unwrap_or_default().to_owned(),
+                    v[1].as_str().unwrap_or("0").parse().unwrap(),
+                ))
+            }
+        };
+        let (label, draft_value) = figure("Last month as billed").await?;
+        assert!(label.contains("Europe/Berlin") && label.contains("-12.5%") && label.contains("draft"), "{label}");
+        assert_eq!(draft_value, b_expected, "{label}");
+        browser.find(Locator::Css("form[action='/logout'] button")).await?.click().await?;
+
+        // Finance: the close page.
+        login("fin").await?;
+        browser.goto(&format!("{base}/close")).await?;
+        let class = |sel: String| {
+            let browser = browser.clone();
+            async move { Ok::<String, fantoccini::error::CmdError>(browser.find(Locator::Css(&sel)).await?.attr("class").await?.unwrap_or_default()) }
+        };
+        assert_eq!(class(cell("inst-a", &ym(older))).await?, "status-pending");
+        assert_eq!(class(cell("inst-a", &ym(prev))).await?, "status-ready");
+        assert_eq!(class(cell("inst-a", &ym(this))).await?, "status-open");
+        assert_eq!(class(cell("inst-b", &ym(prev))).await?, "status-ready");
+        assert_eq!(class(cell("inst-c", &ym(prev))).await?, "status-blocked");
+        let blocked = browser.find(Locator::Css(&cell("inst-c", &ym(prev)))).await?.text().await?;
+        assert!(blocked.contains("mystery-model") && blocked.contains("reprice"), "{blocked}");
+        let pending = browser.find(Locator::Css(&cell("inst-a", &ym(older)))).await?.text().await?;
+        assert!(pending.contains("adjustments pending $0.06"), "{pending}");
+        std::fs::write(shots.join("close-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("close-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1000).await?;
+        // Issue one (inst-b), then all that are ended and clean (inst-a's last month).
+        browser.find(Locator::Css(&format!("{} button", cell("inst-b", &ym(prev))))).await?.click().await?;
+        browser.wait().for_element(Locator::Css("#close-message")).await?;
+        let msg = browser.find(Locator::Css("#close-message")).await?.text().await?;
+        assert!(msg.starts_with("Issued TT-") && msg.contains("inst-b"), "{msg}");
+        assert_eq!(class(cell("inst-b", &ym(prev))).await?, "status-issued");
+        browser.find(Locator::Css("#issue-all")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("#close-message")).await?;
+        let msg = browser.find(Locator::Css("#close-message")).await?.text().await?;
+        assert!(msg.contains("inst-a") && !msg.contains("inst-c"), "{msg}");
+        assert_eq!(class(cell("inst-a", &ym(prev))).await?, "status-issued");
+        assert_eq!(class(cell("inst-c", &ym(prev))).await?, "status-blocked");
+        // The money column is next to the label and in view at 1280 px.
+        browser
+            .goto(&format!("{base}/models?from={older}&to={}", now.date_naive()))
+            .await?;
+        let rows = browser.find_all(Locator::Css("table.sortable tbody tr")).await?;
+        assert!(!rows.is_empty(), "the models page has rows for these months");
+        let visible = browser
+            .execute(
+                "const th = Array.from(document.querySelectorAll('th')).find(t => t.textContent.startsWith('Cost (USD)')); if (!th) return 'no cost column'; const r = th.getBoundingClientRect(); return r.right <= document.documentElement.clientWidth && th.cellIndex === 1;",
+                vec![],
+            )
+            .await?;
+        assert_eq!(visible, serde_json::json!(true));
+        std::fs::write(shots.join("models-1280.png"), browser.screenshot().await?).unwrap();
+        browser.find(Locator::Css("form[action='/logout'] button")).await?.click().await?;
+
+        // bob again: as billed is now the invoice, to the cent.
+        login("bob").await?;
+        let (label, value) = figure("Last month as billed").await?;
+        assert!(label.contains("invoice TT-"), "{label}");
+        assert_eq!(value, b_expected, "{label}");
+        Ok(())
+    }
+    .await;
+    let _ = browser.close().await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    result.unwrap();
+    let invoice: serde_json::Value = serde_json::from_str(&tokentally(
+        &[
+            "invoice",
+            "show",
+            "--institution",
+            "inst-b",
+            "--period",
+            &ym(prev),
+            "--format",
+            "json",
+        ],
+        &vars,
+        None,
+    ))
+    .unwrap();
+    assert_eq!(
+        invoice["total"]
+            .as_str()
+            .unwrap()
+            .parse::<Decimal>()
+            .unwrap(),
+        b_expected
+    );
+    terminate(&mut s.serve.proc);
+    env.drop_database().await;
+}

@@ -85,6 +85,12 @@ impl LedgerCache {
         }
     }
 
+    /// Forgets the kept fold: the next `current` reads the ledger again (after this
+    /// process issued documents that its next page must show).
+    pub async fn invalidate(&self) {
+        *self.state.lock().await = None;
+    }
+
     pub async fn current(&self, store: &Store) -> Result<Ledger, LedgerError> {
         let mut state = self.state.lock().await;
         match state.as_mut() {

@@ -47,7 +47,14 @@ pub async fn list(
         &rows,
         |a| Some(institution_link(&filters, &a.key)),
     ));
-    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &scoped.principal,
+        &scoped.csrf,
+        &state.cfg,
+    )
 }
 
 pub async fn one(
@@ -172,5 +179,12 @@ pub async fn one(
             })
             .collect(),
     });
-    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &scoped.principal,
+        &scoped.csrf,
+        &state.cfg,
+    )
 }

@@ -117,5 +117,12 @@ pub async fn models(
         ],
         rows: prices,
     });
-    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &scoped.principal,
+        &scoped.csrf,
+        &state.cfg,
+    )
 }

@@ -56,6 +56,13 @@ pub async fn overview(
         let rejected = store.rejected_since(ts(today)).await?;
         page.figure("Rejected events today", Cell::Int(rejected as i64));
     }
+    if let Scope::One(inst) = &sel.scope {
+        as_billed(&state, inst, &mut page).await?;
+    }
+    page.notes.push(
+        "Spend figures are list prices, by UTC day. \"As billed\" applies the institution's contract in its billing month (its time zone), exactly as its invoice does."
+            .into(),
+    );
     let (labels, values) = daily(&sel, &by_day);
     page.charts.push(Chart {
         title: "Spend by day (USD)".into(),
@@ -93,5 +100,45 @@ pub async fn overview(
     ));
     page.tables
         .push(agg_table("days", "Spend by day", "day", &by_day, |_| None));
-    respond(&page, &filters, uri.path(), &scoped.principal, &scoped.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &scoped.principal,
+        &scoped.csrf,
+        &state.cfg,
+    )
+}
+
+/// "As billed": last billing month and this one, with the contract, in the institution's
+/// time zone — the issued invoice's total where there is one, else the live draft's.
+async fn as_billed(state: &AppState, inst: &str, page: &mut PageData) -> Result<(), AppError> {
+    use crate::billing::service::Billing;
+    use crate::billing::{Customer, Period};
+    let c = Customer::resolve(&state.cfg, inst);
+    let this = Period::of(Utc::now().with_timezone(&c.tz).date_naive());
+    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let ledger = state.ledger.current(&state.writer).await?;
+    let contract = if c.contract_percent.is_zero() {
+        "list prices".to_owned()
+    } else {
+        format!("contract {:+}%", c.contract_percent.normalize())
+    };
+    for (label, period) in [
+        ("Last month as billed", this.prev()),
+        ("This month so far as billed", this),
+    ] {
+        let (total, source) = match ledger.live_invoice(inst, period) {
+            Some(d) => (d.total, format!("invoice {}", d.number)),
+            None => {
+                let d = billing.draft(&ledger, inst, period).await?;
+                (d.total, "draft".to_owned())
+            }
+        };
+        page.figure(
+            format!("{label} ({period}, {}, {contract}; {source})", c.tz.name()),
+            Cell::Money(total),
+        );
+    }
+    Ok(())
 }

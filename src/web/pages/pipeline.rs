@@ -189,7 +189,14 @@ pub async fn pipeline(
             })
             .collect(),
     });
-    respond(&page, &filters, uri.path(), &authed.principal, &authed.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &authed.principal,
+        &authed.csrf,
+        &state.cfg,
+    )
 }
 
 pub async fn rejected(
@@ -215,5 +222,12 @@ pub async fn rejected(
             Cell::Text(String::from_utf8_lossy(&r.payload).into_owned()),
         ]],
     });
-    respond(&page, &filters, uri.path(), &authed.principal, &authed.csrf)
+    respond(
+        &page,
+        &filters,
+        uri.path(),
+        &authed.principal,
+        &authed.csrf,
+        &state.cfg,
+    )
 }
