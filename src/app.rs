@@ -13,8 +13,51 @@ use crate::store::Store;
 use crate::web::auth::{self, Auth, UsersFile};
 use crate::web::{router, AppState};
 
+/// Creates the first admin `name` when the users file has no users at all (a fresh
+/// install, e.g. `docker compose up`): with `password` if given (8 characters or more),
+/// else a generated one, which is returned to be shown once. Does nothing otherwise.
+pub fn first_admin(
+    path: &std::path::Path,
+    name: &str,
+    password: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    use crate::web::auth::{hash_password, random_hex, Role, UserEntry};
+    let mut file = UsersFile::load(path)?;
+    if !file.users.is_empty() || name.trim().is_empty() {
+        return Ok(None);
+    }
+    let given = password.filter(|p| !p.is_empty());
+    if let Some(p) = &given {
+        anyhow::ensure!(
+            p.len() >= 8,
+            "TOKENTALLY_FIRST_ADMIN_PASSWORD needs at least 8 characters"
+        );
+    }
+    let generated = given.is_none().then(|| random_hex(10));
+    let password = given.or_else(|| generated.clone()).expect("one of them");
+    file.users.push(UserEntry {
+        name: name.trim().to_owned(),
+        role: Role::Admin,
+        institution: None,
+        password_hash: hash_password(&password)?,
+    });
+    file.save(path)?;
+    Ok(generated)
+}
+
 /// Serves the dashboard until `shutdown`.
 pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    if let Ok(name) = std::env::var("TOKENTALLY_FIRST_ADMIN") {
+        let password = std::env::var("TOKENTALLY_FIRST_ADMIN_PASSWORD").ok();
+        if let Some(generated) = first_admin(&cfg.web.users_file, &name, password)? {
+            // Shown once, on the terminal (not through the log), so the first person can
+            // log in; it is stored only as a hash.
+            eprintln!(
+                "tokentally: first admin `{name}` created with the one-time password {generated}\n\
+                 tokentally: log in and set your own with `tokentally users add {name} --role admin --password-stdin`"
+            );
+        }
+    }
     let users = UsersFile::load(&cfg.web.users_file)?;
     if users.users.is_empty() && users.tokens.is_empty() {
         tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
@@ -110,4 +153,35 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
         serve(cfg, shutdown)
     )
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_admin_is_created_once_on_an_empty_users_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.toml");
+        let generated = first_admin(&path, "admin", None)
+            .unwrap()
+            .expect("a password");
+        assert_eq!(generated.len(), 20);
+        let file = UsersFile::load(&path).unwrap();
+        assert_eq!(file.users.len(), 1);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains(&generated));
+        // Users exist: nothing happens, whatever the environment says.
+        assert_eq!(
+            first_admin(&path, "other", Some("a-long-password".into())).unwrap(),
+            None
+        );
+        assert_eq!(UsersFile::load(&path).unwrap().users.len(), 1);
+        // A given password is used (and must be long enough).
+        let other = dir.path().join("u2.toml");
+        assert_eq!(
+            first_admin(&other, "root", Some("a-long-password".into())).unwrap(),
+            None
+        );
+        assert!(first_admin(&dir.path().join("u3.toml"), "root", Some("short".into())).is_err());
+    }
 }

@@ -3,6 +3,7 @@
 
 mod alerts;
 mod budgets;
+mod compose;
 mod gateway;
 mod guarantees;
 mod harness;

@@ -1876,6 +1876,28 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
             .unwrap(),
         b_expected
     );
+    // The close page is finance's: an institution's token is refused, finance's reads it.
+    let http = client();
+    let get = |token: &str| {
+        http.get(format!("{}/api/v1/close", s.base))
+            .bearer_auth(token.to_owned())
+            .send()
+    };
+    assert_eq!(get(&s.tokens["inst-a"]).await.unwrap().status(), 403);
+    let close: serde_json::Value = get(&s.tokens["fin"]).await.unwrap().json().await.unwrap();
+    assert!(close["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["status"] == "blocked" && c["institution"] == "inst-c"));
+    let post = http
+        .post(format!("{}/api/v1/close/issue", s.base))
+        .bearer_auth(s.tokens["inst-a"].clone())
+        .form(&[("institution", "inst-c"), ("period", ym(prev).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 403);
     terminate(&mut s.serve.proc);
     env.drop_database().await;
 }

@@ -38,7 +38,15 @@ pub async fn overview(
 
     let mut page = PageData::new(match &sel.scope {
         Scope::All => "Overview".to_owned(),
-        Scope::One(i) => format!("Overview — {i}"),
+        Scope::One(i) => match state
+            .cfg
+            .institution(i)
+            .map(|c| c.name.as_str())
+            .filter(|n| !n.is_empty())
+        {
+            Some(name) => format!("Overview — {name} ({i})"),
+            None => format!("Overview — {i}"),
+        },
     });
     let total: Decimal = by_day.iter().map(Agg::cost).sum();
     page.figure(
