@@ -382,21 +382,120 @@ pub struct LineCheck {
     pub arrived_later: u64,
 }
 
-/// Everything a line check needs from the store.
-pub struct LineInputs<'a> {
-    /// The (event id, hex leaf) pairs stored with the document for this line.
-    pub recorded: &'a [(String, String)],
-    /// Facts of the stored events of the line's period (at least those recorded and
-    /// those on some line of the document).
-    pub current: &'a HashMap<String, Facts>,
-    /// What earlier documents billed for the line's key (per the ledger).
-    pub billed_before: Decimal,
+/// A Merkle root computed one leaf at a time (the same root as `merkle_root`), in
+/// O(log n) memory.
+#[derive(Debug, Default, Clone)]
+pub struct MerkleStream {
+    stack: Vec<(u32, [u8; 32])>,
 }
 
-/// Recomputes line `i` of `doc` from the stored events and the price book.
-pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck {
+impl MerkleStream {
+    fn parent(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update([1u8]);
+        h.update(l);
+        h.update(r);
+        h.finalize().into()
+    }
+
+    pub fn push(&mut self, leaf: [u8; 32]) {
+        let mut node = (0u32, leaf);
+        while let Some(top) = self.stack.last().filter(|t| t.0 == node.0) {
+            node = (node.0 + 1, Self::parent(&top.1, &node.1));
+            self.stack.pop();
+        }
+        self.stack.push(node);
+    }
+
+    pub fn root(&self) -> String {
+        let mut it = self.stack.iter().rev();
+        let Some(last) = it.next() else {
+            return hex::encode(Sha256::digest(b""));
+        };
+        let mut right = last.1;
+        for (_, left) in it {
+            right = Self::parent(left, &right);
+        }
+        hex::encode(right)
+    }
+}
+
+/// Most events a line check names; the rest are counted.
+const NAMED: usize = 20;
+
+/// One line's check, built while the recorded events and the stored ones are merged in
+/// event-id order (both sorted), so that a line of a million events needs no more than
+/// this.
+#[derive(Debug, Default, Clone)]
+pub struct LineAcc {
+    merkle: MerkleStream,
+    recorded: u64,
+    qty: i64,
+    problems: Vec<String>,
+    unnamed: u64,
+    arrived_later: u64,
+}
+
+impl LineAcc {
+    fn problem(&mut self, p: String) {
+        if self.problems.len() < NAMED {
+            self.problems.push(p);
+        } else {
+            self.unnamed += 1;
+        }
+    }
+
+    /// A recorded event that is no longer stored in the period.
+    pub fn missing(&mut self, id: &str, hex_leaf: &str) {
+        self.merkle.push(leaf_bytes(hex_leaf));
+        self.recorded += 1;
+        self.problem(format!("event {id} is no longer stored in the period"));
+    }
+
+    /// A recorded event, as stored now, on line `line`.
+    pub fn recorded(&mut self, id: &str, hex_leaf: &str, f: &Facts, line: u32) {
+        self.merkle.push(leaf_bytes(hex_leaf));
+        self.recorded += 1;
+        if f.leaf != leaf_bytes(hex_leaf) {
+            self.problem(format!("event {id} changed since the document was issued"));
+        }
+        if let Some(p) = &f.problem {
+            self.problem(p.clone());
+        }
+        self.qty += f
+            .lines
+            .iter()
+            .filter(|(j, _)| *j == line)
+            .map(|(_, n)| n)
+            .sum::<i64>();
+    }
+}
+
+/// Feeds one stored event and the lines that recorded it (`recorded`: (line, hex leaf))
+/// into the checks; lines it is on now without having been recorded count it as stored
+/// since.
+pub fn merge_event(accs: &mut [LineAcc], id: &str, f: &Facts, recorded: &[(u32, String)]) {
+    for (line, leaf) in recorded {
+        if let Some(a) = accs.get_mut(*line as usize) {
+            a.recorded(id, leaf, f, *line);
+        }
+    }
+    for (line, _) in &f.lines {
+        if !recorded.iter().any(|(l, _)| l == line) {
+            if let Some(a) = accs.get_mut(*line as usize) {
+                a.arrived_later += 1;
+            }
+        }
+    }
+}
+
+/// Line `i` of `doc` against what its recorded events come to now.
+pub fn check_line(doc: &Document, i: usize, acc: &LineAcc, billed_before: Decimal) -> LineCheck {
     let l = &doc.lines[i];
-    let mut problems = Vec::new();
+    let mut problems = acc.problems.clone();
+    if acc.unnamed > 0 {
+        problems.push(format!("and {} more event(s) like these", acc.unnamed));
+    }
     let Some(m) = doc.manifest.get(i) else {
         return LineCheck {
             line: i + 1,
@@ -406,40 +505,18 @@ pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck
             arrived_later: 0,
         };
     };
-    let leaves: Vec<[u8; 32]> = input.recorded.iter().map(|(_, l)| leaf_bytes(l)).collect();
-    if input.recorded.len() as u64 != m.events || merkle_root(&leaves) != m.merkle_root {
-        problems.push(format!(
-            "the stored event list does not match the document's Merkle root ({} events stored, {} on the document)",
-            input.recorded.len(),
-            m.events
-        ));
+    if acc.recorded != m.events || acc.merkle.root() != m.merkle_root {
+        problems.insert(
+            0,
+            format!(
+                "the stored event list does not match the document's Merkle root ({} events stored, {} on the document)",
+                acc.recorded, m.events
+            ),
+        );
     }
-    let line = i as u32;
-    let mut qty = 0i64;
-    let recorded_ids: BTreeSet<&str> = input.recorded.iter().map(|(id, _)| id.as_str()).collect();
-    for (id, recorded_leaf) in input.recorded {
-        match input.current.get(id) {
-            None => problems.push(format!("event {id} is no longer stored in the period")),
-            Some(f) => {
-                if f.leaf != leaf_bytes(recorded_leaf) {
-                    problems.push(format!("event {id} changed since the document was issued"));
-                }
-                if let Some(p) = &f.problem {
-                    problems.push(p.clone());
-                }
-                qty += f
-                    .lines
-                    .iter()
-                    .filter(|(j, _)| *j == line)
-                    .map(|(_, n)| n)
-                    .sum::<i64>();
-            }
-        }
-    }
-    // Recompute the line from the events recorded for it, as they are stored now.
     let key = l.key();
     let mult = multiplier(doc.contract_percent);
-    let now_amount = round_cents(exact_amount(key.class, qty, key.unit_price) * mult);
+    let now_amount = round_cents(exact_amount(key.class, acc.qty, key.unit_price) * mult);
     match (l.now_amount, l.billed_before) {
         (Some(n), Some(b)) => {
             if n != now_amount {
@@ -447,10 +524,9 @@ pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck
                     "its events come to {now_amount}, the document says {n}"
                 ));
             }
-            if b != input.billed_before {
+            if b != billed_before {
                 problems.push(format!(
-                    "earlier documents billed {}, the document says {b}",
-                    input.billed_before
+                    "earlier documents billed {billed_before}, the document says {b}"
                 ));
             }
             if l.amount != n - b {
@@ -458,10 +534,10 @@ pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck
             }
         }
         _ => {
-            if qty != l.quantity {
+            if acc.qty != l.quantity {
                 problems.push(format!(
-                    "its events come to {qty} units, the document says {}",
-                    l.quantity
+                    "its events come to {} units, the document says {}",
+                    acc.qty, l.quantity
                 ));
             }
             if now_amount != l.amount {
@@ -472,20 +548,12 @@ pub fn check_line(doc: &Document, i: usize, input: &LineInputs<'_>) -> LineCheck
             }
         }
     }
-    // Events of the key stored since: listed, not a fault of this document.
-    let later = input
-        .current
-        .iter()
-        .filter(|(id, f)| {
-            !recorded_ids.contains(id.as_str()) && f.lines.iter().any(|(j, _)| *j == line)
-        })
-        .count() as u64;
     LineCheck {
         line: i + 1,
         description: l.description(),
         ok: problems.is_empty(),
         problems,
-        arrived_later: later,
+        arrived_later: acc.arrived_later,
     }
 }
 
@@ -705,23 +773,47 @@ cache_read_per_mtok = "0.3"
             .enumerate()
             .map(|(i, l)| (l.key(), i as u32))
             .collect();
-        let current: HashMap<String, Facts> = now
+        // The merge the service does over its two sorted streams, here over vectors.
+        let mut recorded: Vec<(String, u32, String)> = stored
             .iter()
-            .map(|e| (e.event_id.clone(), facts(p, e, book, Decimal::ZERO, &keys)))
+            .flat_map(|(i, v)| v.iter().map(move |(id, l)| (id.clone(), *i, l.clone())))
             .collect();
+        recorded.sort();
+        let mut events: Vec<&EventState> = now.iter().collect();
+        events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        let mut accs = vec![LineAcc::default(); doc.lines.len()];
+        let mut r = recorded.iter().peekable();
+        for e in events {
+            while let Some((id, line, leaf)) =
+                r.next_if(|(id, _, _)| id.as_str() < e.event_id.as_str())
+            {
+                accs[*line as usize].missing(id, leaf);
+            }
+            let mut mine = Vec::new();
+            while let Some((_, line, leaf)) = r.next_if(|(id, _, _)| *id == e.event_id) {
+                mine.push((*line, leaf.clone()));
+            }
+            let f = facts(p, e, book, Decimal::ZERO, &keys);
+            merge_event(&mut accs, &e.event_id, &f, &mine);
+        }
+        for (id, line, leaf) in r {
+            accs[*line as usize].missing(id, leaf);
+        }
         (0..doc.lines.len())
-            .map(|i| {
-                check_line(
-                    doc,
-                    i,
-                    &LineInputs {
-                        recorded: &stored[i].1,
-                        current: &current,
-                        billed_before: Decimal::ZERO,
-                    },
-                )
-            })
+            .map(|i| check_line(doc, i, &accs[i], Decimal::ZERO))
             .collect()
+    }
+
+    proptest! {
+        // The streamed root is the root.
+        #[test]
+        fn the_streamed_merkle_root_equals_the_root(n in 0usize..70) {
+            let leaves: Vec<[u8; 32]> =
+                (0..n).map(|i| Sha256::digest(i.to_string().as_bytes()).into()).collect();
+            let mut m = MerkleStream::default();
+            leaves.iter().for_each(|l| m.push(*l));
+            prop_assert_eq!(m.root(), merkle_root(&leaves));
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Drafting, issuing, voiding and reconciling, over the store and the ledger.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{Datelike, Duration, Utc};
 use rust_decimal::Decimal;
@@ -766,26 +766,27 @@ impl Billing<'_> {
                     .enumerate()
                     .map(|(i, l)| (l.key(), i as u32))
                     .collect();
-                let mut recorded = Vec::new();
-                for i in 0..doc.lines.len() {
-                    recorded.push(if doc.snapshot.is_empty() {
-                        Vec::new()
-                    } else {
-                        self.store
-                            .snapshot_line_events(&doc.snapshot, i as u32)
-                            .await?
-                    });
-                }
-                let recorded_ids: HashSet<&str> = recorded
-                    .iter()
-                    .flat_map(|r| r.iter().map(|(id, _)| id.as_str()))
-                    .collect();
-                // One pass over each period's stored events, keeping the facts of those
-                // recorded or on some line.
-                let mut current: BTreeMap<Period, HashMap<String, evidence::Facts>> =
-                    BTreeMap::new();
+                let mut accs = vec![evidence::LineAcc::default(); doc.lines.len()];
+                // Per period: the recorded events of its lines and the stored events,
+                // both streamed in event-id order and merged (memory: one event at a time).
                 let periods: BTreeSet<Period> = doc.lines.iter().map(|l| l.period).collect();
                 for p in periods {
+                    let line_ids: Vec<u32> = doc
+                        .lines
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.period == p)
+                        .map(|(i, _)| i as u32)
+                        .collect();
+                    let mut rec = if doc.snapshot.is_empty() {
+                        None
+                    } else {
+                        Some(self.store.snapshot_events(&doc.snapshot, &line_ids)?)
+                    };
+                    let mut next_rec = match rec.as_mut() {
+                        Some(c) => c.next().await.map_err(crate::store::StoreError::from)?,
+                        None => None,
+                    };
                     let (start, end) = p.bounds(c.tz);
                     let mut cursor = self.store.event_states(
                         &doc.customer.id,
@@ -793,21 +794,41 @@ impl Billing<'_> {
                         start.timestamp(),
                         end.timestamp(),
                     )?;
-                    let mut facts = HashMap::new();
                     while let Some(e) = cursor
                         .next()
                         .await
                         .map_err(crate::store::StoreError::from)?
                     {
-                        let f = evidence::facts(p, &e, self.book, c.byok_fee, &keys);
-                        if !f.lines.is_empty()
-                            || f.problem.is_some()
-                            || recorded_ids.contains(e.event_id.as_str())
-                        {
-                            facts.insert(e.event_id, f);
+                        let mut mine = Vec::new();
+                        while let Some(r) = next_rec.take() {
+                            if r.event_id.as_str() > e.event_id.as_str() {
+                                next_rec = Some(r);
+                                break;
+                            }
+                            if r.event_id == e.event_id {
+                                mine.push((r.line, r.leaf));
+                            } else if let Some(a) = accs.get_mut(r.line as usize) {
+                                a.missing(&r.event_id, &r.leaf);
+                            }
+                            next_rec = match rec.as_mut() {
+                                Some(c) => {
+                                    c.next().await.map_err(crate::store::StoreError::from)?
+                                }
+                                None => None,
+                            };
                         }
+                        let f = evidence::facts(p, &e, self.book, c.byok_fee, &keys);
+                        evidence::merge_event(&mut accs, &e.event_id, &f, &mine);
                     }
-                    current.insert(p, facts);
+                    while let Some(r) = next_rec.take() {
+                        if let Some(a) = accs.get_mut(r.line as usize) {
+                            a.missing(&r.event_id, &r.leaf);
+                        }
+                        next_rec = match rec.as_mut() {
+                            Some(c) => c.next().await.map_err(crate::store::StoreError::from)?,
+                            None => None,
+                        };
+                    }
                 }
                 for (i, l) in doc.lines.iter().enumerate() {
                     let key = l.key();
@@ -818,15 +839,7 @@ impl Billing<'_> {
                         .filter(|x| x.key() == key)
                         .map(|x| x.amount)
                         .sum();
-                    lines.push(evidence::check_line(
-                        &doc,
-                        i,
-                        &evidence::LineInputs {
-                            recorded: &recorded[i],
-                            current: &current[&l.period],
-                            billed_before,
-                        },
-                    ));
+                    lines.push(evidence::check_line(&doc, i, &accs[i], billed_before));
                 }
             }
         }

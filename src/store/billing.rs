@@ -84,6 +84,15 @@ impl EventState {
     }
 }
 
+/// An event a snapshot recorded for one line.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct RecordedEvent {
+    pub event_id: String,
+    pub line: u32,
+    /// Hex SHA-256.
+    pub leaf: String,
+}
+
 /// One line's events: its index and (event id, leaf hash) pairs.
 pub type LineEvents<'a> = (u32, Vec<(&'a str, [u8; 32])>);
 
@@ -337,6 +346,23 @@ impl Store {
             .bind(line)
             .fetch_all()
             .await?)
+    }
+
+    /// The recorded events of some lines of a snapshot, streamed in event-id order.
+    pub fn snapshot_events(
+        &self,
+        snapshot: &str,
+        lines: &[u32],
+    ) -> Result<clickhouse::query::RowCursor<RecordedEvent>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT DISTINCT event_id, line, leaf FROM invoice_line_events \
+                 WHERE snapshot = ? AND line IN (SELECT toUInt32(arrayJoin(?))) ORDER BY event_id, line",
+            )
+            .bind(snapshot)
+            .bind(lines)
+            .fetch::<RecordedEvent>()?)
     }
 
     /// The frozen usage export of a snapshot.
