@@ -251,7 +251,7 @@ pub struct SpikeConfig {
     /// fifth of `min_spend_usd`, whichever is higher).
     #[serde(with = "rust_decimal::serde::str")]
     pub resolve_factor: rust_decimal::Decimal,
-    /// An open incident resolves once it has stayed recovered this long (Grafana's "keep
+    /// An open spike incident resolves once it has stayed recovered this long (Grafana's "keep
     /// firing for"): a dip of an hour does not end it.
     pub recover_hours: u32,
     /// A spike of the same entity within this long after its incident resolved reopens

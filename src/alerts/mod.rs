@@ -58,6 +58,11 @@ impl Kind {
         matches!(self, Kind::Budget | Kind::Limit)
     }
 
+    /// Spend spikes: the kinds the recovery hold-off and reopening apply to.
+    pub fn is_spike(self) -> bool {
+        matches!(self, Kind::InstitutionSpike | Kind::KeySpike)
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         [
             Kind::InstitutionSpike,
@@ -298,9 +303,10 @@ struct Closed {
     resolved_at: DateTime<Utc>,
 }
 
-/// Incidents: one per (kind, entity) while it fires. An incident resolves once its
-/// readings have said "recovered" for `recover` (a short dip does not end it); a spike
-/// within `renotify` of the resolution reopens the same incident; after that, no new
+/// Incidents: one per (kind, entity) while it fires. A spike incident resolves once its
+/// readings have said "recovered" for `recover` (a short dip does not end it), and a
+/// spike within `renotify` of the resolution reopens the same incident; pipeline
+/// incidents resolve at the first reading that says so; after that, no new
 /// incident within `cooldown` of the last resolution. Budget and limit readings are
 /// one-shot: once fired for a key (which names the period and the threshold) they never
 /// fire again and never resolve.
@@ -409,7 +415,9 @@ impl Tracker {
             match (self.open.get_mut(&key), r.firing) {
                 (None, true) => {
                     let last = self.closed.get(&key).and_then(|v| v.last());
-                    if last.is_some_and(|c| now - c.resolved_at < self.renotify) {
+                    if r.kind.is_spike()
+                        && last.is_some_and(|c| now - c.resolved_at < self.renotify)
+                    {
                         // The same episode: reopen it.
                         let c = self
                             .closed
@@ -457,8 +465,9 @@ impl Tracker {
                 }
                 (Some(open), true) => open.recovering_since = None,
                 (Some(open), false) => {
+                    // Spikes wait out a dip; pipeline alerts resolve when the reading does.
                     let since = *open.recovering_since.get_or_insert(now);
-                    if now - since < self.recover {
+                    if r.kind.is_spike() && now - since < self.recover {
                         continue;
                     }
                     let open = self.open.remove(&key).expect("present");
