@@ -163,13 +163,6 @@ impl UsageAcc {
     }
 }
 
-/// `UsageAcc` over a slice.
-pub fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
-    let mut acc = UsageAcc::default();
-    states.iter().for_each(|e| acc.add(e));
-    acc.finish()
-}
-
 /// The detailed usage export's rows (day × user × key × model × entry), one event at a
 /// time, as `store::usage_details` gives them for the same rows.
 #[derive(Default)]
@@ -671,14 +664,19 @@ fn differences(orig: &Document, doc: &Document) -> Vec<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// `UsageAcc` over a slice.
+    fn usage_of(states: &[EventState]) -> (Vec<GroupSums>, Unpriced) {
+        let mut acc = UsageAcc::default();
+        states.iter().for_each(|e| acc.add(e));
+        acc.finish()
+    }
     use crate::billing::{due_lines, priced, BilledLines};
     use proptest::prelude::*;
     use rust_decimal_macros::dec;
 
-    pub(crate) fn book() -> PriceBook {
-        PriceBook::from_sources(&[(
-            "t.toml".into(),
-            r#"
+    /// One entry: $3 input, $15 output, $0.30 cached input per 1M tokens.
+    const BOOK: &str = r#"
 [[price]]
 provider = "openai"
 model = "m"
@@ -688,10 +686,10 @@ effective_from = "2024-01-01"
 input_per_mtok = "3"
 output_per_mtok = "15"
 cache_read_per_mtok = "0.3"
-"#
-            .into(),
-        )])
-        .unwrap()
+"#;
+
+    pub(crate) fn book() -> PriceBook {
+        PriceBook::from_sources(&[("t.toml".into(), BOOK.into())]).unwrap()
     }
 
     pub(crate) fn event(id: &str, input: i64, cache_read: i64, output: i64) -> EventState {
@@ -899,17 +897,7 @@ cache_read_per_mtok = "0.3"
             let rate = ["input_per_mtok", "output_per_mtok", "cache_read_per_mtok"][which];
             let old = ["3", "15", "0.3"][which];
             let new = (old.parse::<Decimal>().unwrap() + Decimal::new(cents, 2)).to_string();
-            let src = r#"
-[[price]]
-provider = "openai"
-model = "m"
-id = "m-1"
-match = "m"
-effective_from = "2024-01-01"
-input_per_mtok = "3"
-output_per_mtok = "15"
-cache_read_per_mtok = "0.3"
-"#.replace(&format!("{rate} = \"{old}\""), &format!("{rate} = \"{new}\""));
+            let src = BOOK.replace(&format!("{rate} = \"{old}\""), &format!("{rate} = \"{new}\""));
             let changed = PriceBook::from_sources(&[("t.toml".into(), src)]).unwrap();
             prop_assert_ne!(changed.version(), b.version());
             let c = checks(&doc, &stored, &states, &changed);

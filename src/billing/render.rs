@@ -244,19 +244,6 @@ fn wrap(m: &Metrics, s: &str, size: f32, max_mm: f32) -> Vec<String> {
     lines
 }
 
-/// Shortens `s` to fit `max_mm` at `size` points.
-#[allow(dead_code)]
-fn fit(m: &Metrics, s: &str, size: f32, max_mm: f32) -> String {
-    if m.width(s, size) <= max_mm {
-        return s.to_owned();
-    }
-    let mut out: String = s.to_owned();
-    while !out.is_empty() && m.width(&format!("{out}…"), size) > max_mm {
-        out.pop();
-    }
-    format!("{out}…")
-}
-
 fn qty(q: i64) -> String {
     let s = q.unsigned_abs().to_string();
     let mut out = String::new();

@@ -67,6 +67,20 @@ impl<'a> Billing<'a> {
         self.compose(ledger, &c, period, &usage)
     }
 
+    /// The current state of `institution`'s events of its billing month `p`, streamed in
+    /// event-id order.
+    fn events_of(
+        &self,
+        institution: &str,
+        c: &Customer,
+        p: Period,
+    ) -> Result<crate::store::billing::Rows<crate::store::billing::EventState>, BillingError> {
+        let (start, end) = p.bounds(c.tz);
+        Ok(self
+            .store
+            .event_states(institution, c.tz.name(), start.timestamp(), end.timestamp())?)
+    }
+
     /// The document for `period` from the usage of every period it covers. Pure.
     pub fn compose(
         &self,
@@ -184,19 +198,9 @@ impl<'a> Billing<'a> {
         let mut events = evidence::KeyEvents::default();
         let mut details = evidence::DetailsAcc::default();
         for p in Self::periods(ledger, institution, period) {
-            let (start, end) = p.bounds(c.tz);
-            let mut cursor = self.store.event_states(
-                institution,
-                c.tz.name(),
-                start.timestamp(),
-                end.timestamp(),
-            )?;
+            let mut cursor = self.events_of(institution, &c, p)?;
             let mut acc = evidence::UsageAcc::default();
-            while let Some(e) = cursor
-                .next()
-                .await
-                .map_err(crate::store::StoreError::from)?
-            {
+            while let Some(e) = cursor.next().await? {
                 acc.add(&e);
                 events.add(p, &e, self.book, c.byok_fee)?;
                 if p == period {
@@ -578,6 +582,7 @@ impl Billing<'_> {
         let mut problems = 0;
         for inst in institutions {
             let st = self.standing(&ledger, &inst, period).await?;
+            let (difference, has_docs) = (st.difference(), st.has_documents);
             let Standing {
                 events_amount,
                 events_exact,
@@ -598,8 +603,6 @@ impl Billing<'_> {
             let invoice = ledger.live_invoice(&inst, period);
             let diff = outstanding(&live, &billed_q);
             let unbilled: i64 = diff.values().sum();
-            let difference = events_amount - billed;
-            let has_docs = ledger.of(&inst).any(|d| d.period == period);
             let mut findings = Vec::new();
             if has_docs {
                 if !difference.is_zero() {
@@ -778,56 +781,28 @@ impl Billing<'_> {
                         .filter(|(_, l)| l.period == p)
                         .map(|(i, _)| i as u32)
                         .collect();
-                    let mut rec = if doc.snapshot.is_empty() {
-                        None
-                    } else {
-                        Some(self.store.snapshot_events(&doc.snapshot, &line_ids)?)
-                    };
-                    let mut next_rec = match rec.as_mut() {
-                        Some(c) => c.next().await.map_err(crate::store::StoreError::from)?,
-                        None => None,
-                    };
-                    let (start, end) = p.bounds(c.tz);
-                    let mut cursor = self.store.event_states(
-                        &doc.customer.id,
-                        c.tz.name(),
-                        start.timestamp(),
-                        end.timestamp(),
-                    )?;
-                    while let Some(e) = cursor
-                        .next()
-                        .await
-                        .map_err(crate::store::StoreError::from)?
-                    {
+                    // (A document without a snapshot records nothing: no rows.)
+                    let mut rec = self.store.snapshot_events(&doc.snapshot, &line_ids)?;
+                    let mut next_rec = rec.next().await?;
+                    let mut cursor = self.events_of(&doc.customer.id, &c, p)?;
+                    while let Some(e) = cursor.next().await? {
                         let mut mine = Vec::new();
-                        while let Some(r) = next_rec.take() {
-                            if r.event_id.as_str() > e.event_id.as_str() {
-                                next_rec = Some(r);
-                                break;
-                            }
+                        while let Some(r) = next_rec.take_if(|r| r.event_id <= e.event_id) {
                             if r.event_id == e.event_id {
                                 mine.push((r.line, r.leaf));
                             } else if let Some(a) = accs.get_mut(r.line as usize) {
                                 a.missing(&r.event_id, &r.leaf);
                             }
-                            next_rec = match rec.as_mut() {
-                                Some(c) => {
-                                    c.next().await.map_err(crate::store::StoreError::from)?
-                                }
-                                None => None,
-                            };
+                            next_rec = rec.next().await?;
                         }
                         let f = evidence::facts(p, &e, self.book, c.byok_fee, &keys);
                         evidence::merge_event(&mut accs, &e.event_id, &f, &mine);
                     }
-                    while let Some(r) = next_rec.take() {
+                    while let Some(r) = next_rec {
                         if let Some(a) = accs.get_mut(r.line as usize) {
                             a.missing(&r.event_id, &r.leaf);
                         }
-                        next_rec = match rec.as_mut() {
-                            Some(c) => c.next().await.map_err(crate::store::StoreError::from)?,
-                            None => None,
-                        };
+                        next_rec = rec.next().await?;
                     }
                 }
                 for (i, l) in doc.lines.iter().enumerate() {
@@ -883,7 +858,6 @@ impl Billing<'_> {
             .store
             .snapshot_line_events(&doc.snapshot, (line - 1) as u32)
             .await?;
-        let (start, end) = l.period.bounds(c.tz);
         let key = l.key();
         let mut out = String::new();
         let _ = writeln!(
@@ -915,17 +889,8 @@ impl Billing<'_> {
         // of a million events needs no more than its recorded ids in memory. Each event is
         // priced on its own, so one changed event does not hide the others.
         let mut rec = recorded.iter().peekable();
-        let mut cursor = self.store.event_states(
-            &doc.customer.id,
-            c.tz.name(),
-            start.timestamp(),
-            end.timestamp(),
-        )?;
-        while let Some(e) = cursor
-            .next()
-            .await
-            .map_err(crate::store::StoreError::from)?
-        {
+        let mut cursor = self.events_of(&doc.customer.id, &c, l.period)?;
+        while let Some(e) = cursor.next().await? {
             while let Some((id, _)) = rec.next_if(|(id, _)| id.as_str() < e.event_id.as_str()) {
                 row(id, None, None, "no longer stored");
             }

@@ -84,6 +84,15 @@ impl EventState {
     }
 }
 
+/// Rows streamed from ClickHouse, one at a time, with the store's errors.
+pub struct Rows<T>(clickhouse::query::RowCursor<T>);
+
+impl<T: clickhouse::RowOwned + clickhouse::RowRead> Rows<T> {
+    pub async fn next(&mut self) -> Result<Option<T>, StoreError> {
+        Ok(self.0.next().await?)
+    }
+}
+
 /// An event a snapshot recorded for one line.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
 pub struct RecordedEvent {
@@ -257,7 +266,7 @@ impl Store {
         tz: &str,
         start: i64,
         end: i64,
-    ) -> Result<clickhouse::query::RowCursor<EventState>, StoreError> {
+    ) -> Result<Rows<EventState>, StoreError> {
         Ok(self
             .client
             .query(&format!(
@@ -284,7 +293,8 @@ impl Store {
             .bind(institution)
             .bind(start)
             .bind(end)
-            .fetch::<EventState>()?)
+            .fetch::<EventState>()
+            .map(Rows)?)
     }
 
     /// Stores the evidence behind an invoice about to be requested: per line, the ids of
@@ -353,7 +363,7 @@ impl Store {
         &self,
         snapshot: &str,
         lines: &[u32],
-    ) -> Result<clickhouse::query::RowCursor<RecordedEvent>, StoreError> {
+    ) -> Result<Rows<RecordedEvent>, StoreError> {
         Ok(self
             .client
             .query(
@@ -362,7 +372,8 @@ impl Store {
             )
             .bind(snapshot)
             .bind(lines)
-            .fetch::<RecordedEvent>()?)
+            .fetch::<RecordedEvent>()
+            .map(Rows)?)
     }
 
     /// The frozen usage export of a snapshot.

@@ -128,15 +128,17 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 urlencode(&inst)
             );
             let invoice = ledger.live_invoice(&inst, p).cloned();
-            let st = billing.standing(&ledger, &inst, p).await?;
-            let (status, amount, pending) = match &invoice {
+            // An invoiced month: its events against its documents; otherwise its draft.
+            let (status, amount, pending, unpriced, late) = match &invoice {
                 Some(d) => {
-                    let pending = st.difference();
-                    if pending.is_zero() && st.late_unpriced() == 0 {
-                        (Status::Issued, d.total, Decimal::ZERO)
+                    let st = billing.standing(&ledger, &inst, p).await?;
+                    let (pending, late) = (st.difference(), st.late_unpriced());
+                    let status = if pending.is_zero() && late == 0 {
+                        Status::Issued
                     } else {
-                        (Status::AdjustmentsPending, d.total, pending)
-                    }
+                        Status::AdjustmentsPending
+                    };
+                    (status, d.total, pending, st.unpriced, late)
                 }
                 None => {
                     let draft = billing.draft(&ledger, &inst, p).await?;
@@ -149,7 +151,7 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                     } else {
                         Status::Ready
                     };
-                    (status, draft.total, Decimal::ZERO)
+                    (status, draft.total, Decimal::ZERO, draft.unpriced, 0)
                 }
             };
             let text = match status {
@@ -158,8 +160,8 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 Status::NoUsage => "no usage".to_owned(),
                 Status::Blocked => format!(
                     "blocked: {} unpriced request(s) of {} — add prices, run `tokentally reprice`",
-                    st.unpriced.events,
-                    st.unpriced.models.join(", ")
+                    unpriced.events,
+                    unpriced.models.join(", ")
                 ),
                 Status::Issued => format!(
                     "issued {} · {}",
@@ -171,8 +173,8 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                     invoice.as_ref().map_or("", |d| d.number.as_str()),
                     money(amount),
                     money(pending),
-                    if st.late_unpriced() > 0 {
-                        format!(" and {} late unpriced request(s)", st.late_unpriced())
+                    if late > 0 {
+                        format!(" and {late} late unpriced request(s)")
                     } else {
                         String::new()
                     }
@@ -185,8 +187,8 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 amount,
                 invoice: invoice.map(|d| d.number),
                 pending,
-                unpriced_events: st.unpriced.events,
-                unpriced_models: st.unpriced.models,
+                unpriced_events: unpriced.events,
+                unpriced_models: unpriced.models,
                 text,
                 draft_href,
             });

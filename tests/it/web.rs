@@ -198,6 +198,37 @@ async fn start_server_users(
     Server { serve, tokens }
 }
 
+/// chromedriver (killed when the test ends, failing or not) and a headless Chromium
+/// session with a window of `width` × `height` and a fresh profile.
+async fn headless_chromium(
+    width: u32,
+    height: u32,
+) -> (crate::harness::Proc, fantoccini::Client, tempfile::TempDir) {
+    let port = free_port();
+    let driver = crate::harness::Proc(Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
+    wait_for_port(port).await;
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), serde_json::json!({
+        "binary": "/usr/bin/chromium",
+        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 format!("--window-size={width},{height}"), format!("--user-data-dir={}", profile.path().display())]
+    }));
+    let browser =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("WebDriver session");
+    (driver, browser, profile)
+}
+
 pub(crate) fn client() -> reqwest::Client {
     // reqwest is built with rustls but no default provider (as in the product's main).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -758,31 +789,11 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
 /// Debian's chromium and chromium-driver (installed by scripts/services).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_logs_in_and_sees_charts_with_data() {
-    use fantoccini::{ClientBuilder, Locator};
+    use fantoccini::Locator;
     let env = TestEnv::new("browser", 1).await;
     load_known(&env).await;
     let mut s = start_server(&env).await;
-    let port = free_port();
-    let mut driver = crate::harness::Proc(Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
-    wait_for_port(port).await;
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert("goog:chromeOptions".into(), serde_json::json!({
-        "binary": "/usr/bin/chromium",
-        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1600", format!("--user-data-dir={}", profile.path().display())]
-    }));
-    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session");
+    let (mut driver, browser, _profile) = headless_chromium(1280, 1600).await;
     let shots = crate::harness::repo().join("target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
 
@@ -1195,7 +1206,7 @@ async fn webhook_failures_log_no_secret_and_drafts_are_cached_and_limited() {
 /// manage them; finance sees all; every operation is in the admin's key log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
-    use fantoccini::{ClientBuilder, Locator};
+    use fantoccini::Locator;
     let env = TestEnv::new("keyspage", 1).await;
     let mut s = start_server_users(
         &env,
@@ -1227,27 +1238,7 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     .unwrap();
     let other_id = other["key_id"].as_str().unwrap().to_owned();
 
-    let port = free_port();
-    let mut driver = crate::harness::Proc(Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
-    wait_for_port(port).await;
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert("goog:chromeOptions".into(), serde_json::json!({
-        "binary": "/usr/bin/chromium",
-        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1200", format!("--user-data-dir={}", profile.path().display())]
-    }));
-    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session");
+    let (mut driver, browser, _profile) = headless_chromium(1280, 1200).await;
     let http = client();
     let models = |key: String| {
         let http = http.clone();
@@ -1654,7 +1645,7 @@ fn mini(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
     use chrono::{Datelike, TimeZone, Utc};
-    use fantoccini::{ClientBuilder, Locator};
+    use fantoccini::Locator;
     let env = TestEnv::new("close", 1).await;
     // The last three UTC months, as the close page shows them.
     let now = Utc::now();
@@ -1720,27 +1711,7 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
     let b_expected = line(3_333_333 + 1_234_567, Decimal::new(15, 2))
         + line(444_444 + 7_654, Decimal::new(60, 2));
 
-    let port = free_port();
-    let mut driver = crate::harness::Proc(Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver (Debian package chromium-driver) must be installed: scripts/services installs it"));
-    wait_for_port(port).await;
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert("goog:chromeOptions".into(), serde_json::json!({
-        "binary": "/usr/bin/chromium",
-        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1000", format!("--user-data-dir={}", profile.path().display())]
-    }));
-    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("WebDriver session");
+    let (mut driver, browser, _profile) = headless_chromium(1280, 1000).await;
     let shots = crate::harness::repo().join("target/screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let base = s.base.clone();
