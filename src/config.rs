@@ -676,6 +676,11 @@ pub struct IngestConfig {
     /// long: it reports itself stalled (metric, log, pipeline alert) and, if it holds no
     /// partitions, rejoins the group. Env: `TOKENTALLY_INGEST_STALL_SECS`.
     pub stall_secs: u64,
+    /// Stored batches' offsets are committed to Kafka asynchronously, at most this often
+    /// (milliseconds; 0: after every batch). A commit costs the broker a write; committing
+    /// less often only means a crash replays a little more, which the idempotent writes
+    /// absorb. Env: `TOKENTALLY_INGEST_COMMIT_INTERVAL_MS`.
+    pub commit_interval_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -689,6 +694,7 @@ impl Default for IngestConfig {
             max_backoff_ms: 10_000,
             batch_max_bytes: 8 * 1024 * 1024,
             stall_secs: 60,
+            commit_interval_ms: 1000,
         }
     }
 }
@@ -910,7 +916,11 @@ impl Config {
         if let Some(v) = env("TOKENTALLY_PRICES") {
             self.prices.path = PathBuf::from(v);
         }
-        let numbers: [(&'static str, &mut u64); 4] = [
+        let numbers: [(&'static str, &mut u64); 5] = [
+            (
+                "TOKENTALLY_INGEST_COMMIT_INTERVAL_MS",
+                &mut self.ingest.commit_interval_ms,
+            ),
             (
                 "TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS",
                 &mut self.ingest.batch_max_wait_ms,

@@ -65,6 +65,13 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Stored rows are the truth; a lost commit only means a harmless replay.
+            warn!(error = %e, "offset commit failed; those messages may be re-read and skipped");
+        }
+    }
+
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Any change of assignment invalidates the batch being collected: with the
         // eager protocol every partition restarts from its committed offset.
@@ -178,7 +185,9 @@ impl Writer {
                 now: chrono::Utc::now(),
                 max_future_skew: self.max_future_skew,
             };
+            let clock = Instant::now();
             let decoded = decode_batch(part, &opts);
+            self.metrics.stage("decode", clock.elapsed());
             match store_batch(
                 &self.store,
                 &job.book,
@@ -189,7 +198,12 @@ impl Writer {
             .await
             {
                 Ok(o) => {
+                    let clock = Instant::now();
                     self.dead_letter(&decoded, &o).await;
+                    self.metrics.stage("dead_letter", clock.elapsed());
+                    self.metrics.stage("lookup", o.stages.lookup);
+                    self.metrics.stage("price", o.stages.price);
+                    self.metrics.stage("insert", o.stages.insert);
                     outcome.merge(o);
                     pos += part.len();
                     backoff = Duration::from_millis(100);
@@ -260,6 +274,87 @@ impl Writer {
     }
 }
 
+/// How many batches the consumer reads ahead while one is written, before it pauses.
+const BUFFERED_BATCHES: usize = 4;
+
+/// Messages read but not yet handed to the writer. Reading goes on while a batch is
+/// written, up to `BUFFERED_BATCHES` batches: a pause would make librdkafka discard the
+/// messages it prefetched and fetch them again, which costs the broker as much as the
+/// fetch itself.
+struct Buffer {
+    messages: std::collections::VecDeque<Message>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+    /// When the oldest message still buffered was read (at most; see `take_batch`).
+    started: Instant,
+}
+
+impl Buffer {
+    fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Self {
+            messages: Default::default(),
+            bytes: 0,
+            max_messages: max_messages.max(1),
+            max_bytes: max_bytes.max(1),
+            started: Instant::now(),
+        }
+    }
+
+    fn size(m: &Message) -> usize {
+        m.key.len() + m.payload.len() + 64
+    }
+
+    fn push(&mut self, m: Message) {
+        if self.messages.is_empty() {
+            self.started = Instant::now();
+        }
+        self.bytes += Self::size(&m);
+        self.messages.push_back(m);
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.bytes = 0;
+    }
+
+    /// A whole batch is waiting.
+    fn has_batch(&self) -> bool {
+        self.messages.len() >= self.max_messages || self.bytes >= self.max_bytes
+    }
+
+    /// The writer is `BUFFERED_BATCHES` batches behind.
+    fn is_full(&self) -> bool {
+        self.messages.len() >= BUFFERED_BATCHES * self.max_messages
+            || self.bytes >= BUFFERED_BATCHES * self.max_bytes
+    }
+
+    /// The oldest messages, up to one batch's limits (at least one message). What is left
+    /// keeps the older `started`, so it is written no later than its own deadline.
+    fn take_batch(&mut self) -> Vec<Message> {
+        let mut out = Vec::with_capacity(self.max_messages.min(self.messages.len()));
+        let mut bytes = 0;
+        while let Some(m) = self.messages.front() {
+            let size = Self::size(m);
+            if !out.is_empty() && (out.len() >= self.max_messages || bytes + size > self.max_bytes) {
+                break;
+            }
+            bytes += size;
+            out.push(self.messages.pop_front().expect("front exists"));
+        }
+        self.bytes -= bytes;
+        out
+    }
+}
+
 /// Runs the consumer until `shutdown` resolves; then writes the batch in hand and returns.
 pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let mut books = BookWatcher::load(&cfg.prices.path)?;
@@ -303,20 +398,21 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let max_messages = cfg.ingest.batch_max_messages;
     let max_bytes = cfg.ingest.batch_max_bytes;
     let stall_after = Duration::from_secs(cfg.ingest.stall_secs);
-    let mut batch: Vec<Message> = Vec::with_capacity(max_messages.min(100_000));
-    let mut batch_bytes = 0usize;
-    let mut batch_started = Instant::now();
+    let mut batch = Buffer::new(max_messages, max_bytes);
+    let mut commits = Commits::new(Duration::from_millis(cfg.ingest.commit_interval_ms));
     let mut batch_generation = generation.load(Ordering::SeqCst);
     let mut in_flight: Option<tokio::task::JoinHandle<Done>> = None;
-    let mut paused: Option<TopicPartitionList> = None;
+    let mut paused: Option<(TopicPartitionList, Instant)> = None;
+    // Since when no batch is being written (for the `writer_idle` stage).
+    let mut writer_idle_since = Some(Instant::now());
     let mut stopping = false;
     let mut last_progress = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        let full = batch.len() >= max_messages || batch_bytes >= max_bytes;
-        let due = !batch.is_empty() && (full || stopping || batch_started.elapsed() >= max_wait);
+        let due = !batch.is_empty()
+            && (batch.has_batch() || stopping || batch.started.elapsed() >= max_wait);
         if in_flight.is_none() && due {
             if generation.load(Ordering::SeqCst) != batch_generation {
                 debug!(
@@ -324,28 +420,30 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                     "assignment changed: batch will be re-read"
                 );
                 batch.clear();
-                batch_bytes = 0;
             } else {
                 let job = Job {
-                    messages: std::mem::take(&mut batch),
+                    messages: batch.take_batch(),
                     generation: batch_generation,
                     book: books.current(),
                 };
-                batch_bytes = 0;
                 in_flight = Some(tokio::spawn(writer.clone().write(
                     job,
                     generation.clone(),
                     shutdown.clone(),
                 )));
-                if let Some(tpl) = paused.take() {
+                if let Some(idle) = writer_idle_since.take() {
+                    metrics.stage("writer_idle", idle.elapsed());
+                }
+                if let Some((tpl, since)) = paused.take() {
                     let _ = consumer.resume(&tpl);
+                    metrics.stage("fetch_paused", since.elapsed());
                 }
             }
         }
         if stopping && in_flight.is_none() && batch.is_empty() {
             break;
         }
-        let deadline = tokio::time::Instant::from_std(batch_started + max_wait);
+        let deadline = tokio::time::Instant::from_std(batch.started + max_wait);
         tokio::select! {
             biased;
             () = shutdown.wait(), if !stopping => {
@@ -354,18 +452,21 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             }
             done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
+                writer_idle_since = Some(Instant::now());
                 match done {
                     Ok(done) => {
-                        if finish(&consumer, cfg, &metrics, &generation, done) {
+                        if finish(&mut commits, &metrics, &generation, done) {
                             last_progress = Instant::now();
                             heartbeat.committed();
                         }
+                        commits.flush(&consumer, &cfg.kafka.topic, generation.load(Ordering::SeqCst), CommitMode::Async, &metrics);
                     }
                     Err(e) => return Err(anyhow::anyhow!("the batch writer failed: {e}")),
                 }
             }
             () = tokio::time::sleep_until(deadline), if !batch.is_empty() && in_flight.is_none() => {}
             _ = tick.tick() => {
+                commits.flush(&consumer, &cfg.kafka.topic, generation.load(Ordering::SeqCst), CommitMode::Async, &metrics);
                 books.maybe_reload();
                 metrics.price_book_reloads.set(books.reloads() as i64);
                 let assigned = consumer.assignment().map(|t| t.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
@@ -386,7 +487,6 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                     warn!(group_stuck_for_s = heartbeat.group_stuck_for().as_secs(),
                           "no partitions while the group makes no progress: rejoining the consumer group");
                     batch.clear();
-                    batch_bytes = 0;
                     paused = None;
                     drop(consumer);
                     consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
@@ -401,24 +501,20 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                             debug!(dropped = batch.len(), "assignment changed: batch will be re-read");
                         }
                         batch.clear();
-                        batch_bytes = 0;
                         batch_generation = g;
                         paused = None;
                     }
-                    if batch.is_empty() {
-                        batch_started = Instant::now();
-                    }
                     let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
                     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                    batch_bytes += key.len() + payload.len() + 64;
                     batch.push(Message { partition: m.partition(), offset: m.offset(), key, payload });
-                    let full = batch.len() >= max_messages || batch_bytes >= max_bytes;
-                    if full && in_flight.is_some() && paused.is_none() {
-                        // The previous batch is still being written: stop fetching (the
-                        // queue would grow without bound) but keep polling.
+                    if batch.is_full() && in_flight.is_some() && paused.is_none() {
+                        // The writer is behind by several batches: stop fetching (the
+                        // buffer would grow without bound) but keep polling. Pausing makes
+                        // librdkafka drop what it prefetched, so it is the last resort,
+                        // not the normal rhythm of a busy writer.
                         if let Ok(tpl) = consumer.assignment() {
                             if consumer.pause(&tpl).is_ok() {
-                                paused = Some(tpl);
+                                paused = Some((tpl, Instant::now()));
                             }
                         }
                     }
@@ -431,20 +527,93 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             },
         }
     }
+    commits.flush(
+        &consumer,
+        &cfg.kafka.topic,
+        generation.load(Ordering::SeqCst),
+        CommitMode::Sync,
+        &metrics,
+    );
     heartbeat.stopped().await;
-    info!("ingest stopped");
+    let stages: Vec<String> = metrics
+        .stage_totals()
+        .iter()
+        .map(|(stage, secs)| format!("{stage}={secs:.3}"))
+        .collect();
+    info!(stage_seconds = %stages.join(" "), "ingest stopped");
     Ok(())
 }
 
-/// Commits a written batch's offsets (unless the assignment changed meanwhile: then the
-/// new owner re-reads it and finds it stored) and records its metrics. True if committed.
-fn finish(
-    consumer: &Kafka,
-    cfg: &Config,
-    metrics: &Metrics,
-    generation: &AtomicU64,
-    done: Done,
-) -> bool {
+/// Offsets of stored batches, committed to Kafka asynchronously and at most once per
+/// `interval`. An offset commit is a write on the broker (the local one took 0.8 s per
+/// commit under load, blocking the loop while it ran); a commit left pending only means
+/// a crash replays those messages, which the idempotent writes store once.
+struct Commits {
+    next: BTreeMap<i32, i64>,
+    generation: u64,
+    last: Instant,
+    interval: Duration,
+}
+
+impl Commits {
+    fn new(interval: Duration) -> Self {
+        Self {
+            next: BTreeMap::new(),
+            generation: 0,
+            last: Instant::now(),
+            interval,
+        }
+    }
+
+    /// Offsets of a batch stored under assignment `generation`; offsets of an earlier
+    /// assignment are forgotten (their partitions' new owner re-reads and skips them).
+    fn add(&mut self, generation: u64, messages: &[Message]) {
+        if generation != self.generation {
+            self.next.clear();
+            self.generation = generation;
+        }
+        for m in messages {
+            let e = self.next.entry(m.partition).or_insert(m.offset + 1);
+            *e = (*e).max(m.offset + 1);
+        }
+    }
+
+    /// Commits what is pending if the interval has passed (`Async`) or at once (`Sync`,
+    /// when stopping). Nothing is committed for an assignment that has since changed.
+    fn flush(&mut self, consumer: &Kafka, topic: &str, current: u64, mode: CommitMode, metrics: &Metrics) {
+        if self.next.is_empty() {
+            return;
+        }
+        if current != self.generation {
+            debug!("assignment changed since the batch was stored: not committing its offsets");
+            self.next.clear();
+            return;
+        }
+        if matches!(mode, CommitMode::Async) && self.last.elapsed() < self.interval {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.next {
+            if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*o)) {
+                warn!(error = %e, "cannot build the offset commit");
+                return;
+            }
+        }
+        let clock = Instant::now();
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // Stored rows are the truth; a lost commit only means a harmless replay.
+            warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
+        }
+        metrics.stage("commit", clock.elapsed());
+        self.next.clear();
+        self.last = Instant::now();
+    }
+}
+
+/// Takes a written batch's offsets for committing (unless the assignment changed
+/// meanwhile: then the new owner re-reads it and finds it stored) and records its
+/// metrics. True if the batch was stored under the current assignment.
+fn finish(commits: &mut Commits, metrics: &Metrics, generation: &AtomicU64, done: Done) -> bool {
     let Some(outcome) = done.outcome else {
         return false;
     };
@@ -455,24 +624,7 @@ fn finish(
         );
         return false;
     }
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    for m in &done.messages {
-        let e = next.entry(m.partition).or_insert(m.offset + 1);
-        *e = (*e).max(m.offset + 1);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in &next {
-        if tpl
-            .add_partition_offset(&cfg.kafka.topic, *p, Offset::Offset(*o))
-            .is_err()
-        {
-            return false;
-        }
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-        // Stored rows are the truth; a lost commit only means a harmless replay.
-        warn!(error = %e, "offset commit failed; the batch may be re-read and skipped");
-    }
+    commits.add(done.generation, &done.messages);
     metrics.consumed.inc_by(done.messages.len() as u64);
     metrics.priced.inc_by(outcome.priced);
     metrics.unpriced.inc_by(outcome.unpriced);

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the ingest pipeline, updated per batch (not per event).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::{routing::get, Router};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,6 +16,25 @@ use prometheus_client::registry::Registry;
 pub struct ReasonLabel {
     pub reason: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+/// The stages `stage_seconds` reports, in pipeline order. The last two are the consumer
+/// loop's: fetching paused because the writer still held the previous batch (the store
+/// is the bottleneck), and the writer idle with no batch ready (the broker is).
+pub const STAGES: [&str; 8] = [
+    "decode",
+    "lookup",
+    "price",
+    "insert",
+    "dead_letter",
+    "commit",
+    "fetch_paused",
+    "writer_idle",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabel {
@@ -31,6 +52,7 @@ pub struct Metrics {
     pub batches: Counter,
     pub store_errors: Counter,
     pub batch_seconds: Histogram,
+    stage_seconds: Family<StageLabel, Counter<f64, AtomicU64>>,
     pub lag: Family<PartitionLabel, Gauge>,
     /// 1 while the instance considers itself stalled (see `ingest::watch`).
     pub stalled: Gauge,
@@ -50,6 +72,7 @@ impl Metrics {
             batches: Counter::default(),
             store_errors: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            stage_seconds: Family::default(),
             lag: Family::default(),
             stalled: Gauge::default(),
             price_book_reloads: Gauge::default(),
@@ -97,6 +120,11 @@ impl Metrics {
             m.batch_seconds.clone(),
         );
         registry.register(
+            "stage_seconds",
+            "Time spent per pipeline stage (decode, lookup, price, insert, dead_letter, commit; fetch_paused, writer_idle)",
+            m.stage_seconds.clone(),
+        );
+        registry.register(
             "consumer_lag",
             "Messages behind the partition's end",
             m.lag.clone(),
@@ -111,12 +139,42 @@ impl Metrics {
             "Times the price book was reloaded after a change on disk",
             m.price_book_reloads.clone(),
         );
+        for stage in STAGES {
+            let _ = m.stage_seconds.get_or_create(&StageLabel {
+                stage: stage.into(),
+            });
+        }
         for reason in super::decode::RejectReason::ALL {
             let _ = m.rejected.get_or_create(&ReasonLabel {
                 reason: reason.as_str().into(),
             });
         }
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Adds time to a stage (one of `STAGES`).
+    pub fn stage(&self, stage: &str, d: Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.into(),
+            })
+            .inc_by(d.as_secs_f64());
+    }
+
+    /// Seconds per stage so far, in `STAGES` order.
+    pub fn stage_totals(&self) -> Vec<(&'static str, f64)> {
+        STAGES
+            .iter()
+            .map(|s| {
+                let v = self
+                    .stage_seconds
+                    .get_or_create(&StageLabel {
+                        stage: (*s).into(),
+                    })
+                    .get();
+                (*s, v)
+            })
+            .collect()
     }
 
     pub fn encode(&self) -> String {

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::time::{Duration, Instant};
+
 use chrono::Utc;
 
 use super::decode::{decode, excerpt, DecodeOptions, RejectReason, Rejection};
@@ -102,6 +104,31 @@ pub struct Outcome {
     pub already_stored: u64,
     /// Newly stored rejections, for the dead-letter topic.
     pub new_rejections: Vec<(RejectReason, usize)>,
+    /// Where the write's time went.
+    pub stages: Stages,
+}
+
+/// Time spent per stage of the pipeline (summed over batches): what `scripts/bench`
+/// prints as the breakdown and `/metrics` exports as `stage_seconds`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stages {
+    /// JSON → validated event, in-batch copies.
+    pub decode: Duration,
+    /// Looking up what is already stored (events, copies, rejections).
+    pub lookup: Duration,
+    /// Pricing and building rows.
+    pub price: Duration,
+    /// The inserts into ClickHouse.
+    pub insert: Duration,
+}
+
+impl Stages {
+    pub fn add(&mut self, other: Stages) {
+        self.decode += other.decode;
+        self.lookup += other.lookup;
+        self.price += other.price;
+        self.insert += other.insert;
+    }
 }
 
 impl Outcome {
@@ -116,6 +143,7 @@ impl Outcome {
         self.unpriced += other.unpriced;
         self.duplicates += other.duplicates;
         self.already_stored += other.already_stored;
+        self.stages.add(other.stages);
         for (reason, n) in other.rejected {
             *self.rejected.entry(reason).or_default() += n;
         }
@@ -199,7 +227,10 @@ pub async fn store_batch(
             occurred_at: e.occurred_at.timestamp() as u32,
         })
         .collect();
+    let clock = Instant::now();
     let stored = store.stored_events(topic, &all, dedupe_window_secs).await?;
+    outcome.stages.lookup += clock.elapsed();
+    let clock = Instant::now();
 
     let mut new_events = Vec::new();
     let mut dup_candidates: Vec<(&UsageEvent, Position, Position)> = Vec::new();
@@ -222,6 +253,9 @@ pub async fn store_batch(
         dup_candidates.push((e, *pos, original));
     }
 
+    outcome.stages.price += clock.elapsed();
+
+    let clock = Instant::now();
     let dup_positions: Vec<Position> = dup_candidates.iter().map(|(_, p, _)| *p).collect();
     let stored_dups = store
         .stored_positions("duplicate_events", topic, &dup_positions)
@@ -250,6 +284,7 @@ pub async fn store_batch(
     let stored_rej = store
         .stored_positions("rejected_events", topic, &rej_positions)
         .await?;
+    outcome.stages.lookup += clock.elapsed();
     let mut rejected = Vec::new();
     for (i, (r, m)) in decoded.rejected.iter().enumerate() {
         if stored_rej.contains(&m.position()) {
@@ -274,8 +309,10 @@ pub async fn store_batch(
     }
 
     // Each insert is one atomic block; the order does not matter for correctness.
+    let clock = Instant::now();
     store.insert_rejected(&rejected).await?;
     store.insert_duplicates(&duplicates).await?;
     store.insert_events(&new_events).await?;
+    outcome.stages.insert += clock.elapsed();
     Ok(outcome)
 }
