@@ -49,6 +49,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0010_invoice_evidence.sql",
         include_str!("../../schema/0010_invoice_evidence.sql"),
     ),
+    (
+        "0011_rollup_views_aggregate.sql",
+        include_str!("../../schema/0011_rollup_views_aggregate.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so
