@@ -654,3 +654,82 @@ fn finish(commits: &mut Commits, metrics: &Metrics, generation: &AtomicU64, done
     );
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(partition: i32, offset: i64, payload_len: usize) -> Message {
+        Message {
+            partition,
+            offset,
+            key: b"uni".to_vec(),
+            payload: vec![b'x'; payload_len],
+        }
+    }
+
+    #[test]
+    fn a_batch_is_taken_oldest_first_within_both_limits() {
+        let mut b = Buffer::new(3, 10_000);
+        for o in 0..7 {
+            b.push(msg(0, o, 100));
+        }
+        assert!(b.has_batch());
+        let first: Vec<i64> = b.take_batch().iter().map(|m| m.offset).collect();
+        assert_eq!(first, [0, 1, 2]);
+        assert_eq!(b.len(), 4);
+        assert_eq!(b.bytes, 4 * (3 + 100 + 64));
+        // By bytes: 167 bytes per message, at most 400 per batch → two.
+        let mut b = Buffer::new(100, 400);
+        for o in 0..5 {
+            b.push(msg(1, o, 100));
+        }
+        assert_eq!(b.take_batch().len(), 2);
+        assert_eq!(b.take_batch().len(), 2);
+        assert_eq!(b.take_batch().len(), 1);
+        assert!(b.is_empty());
+        assert_eq!(b.bytes, 0);
+    }
+
+    #[test]
+    fn a_message_larger_than_a_batch_still_goes_alone() {
+        let mut b = Buffer::new(10, 100);
+        b.push(msg(0, 0, 1_000));
+        b.push(msg(0, 1, 10));
+        assert_eq!(b.take_batch().len(), 1);
+        assert_eq!(b.take_batch().len(), 1);
+    }
+
+    #[test]
+    fn the_buffer_is_full_at_several_batches_not_at_one() {
+        let mut b = Buffer::new(2, 1 << 20);
+        for o in 0..(2 * BUFFERED_BATCHES as i64 - 1) {
+            b.push(msg(0, o, 10));
+            assert!(!b.is_full(), "full after {} messages", o + 1);
+        }
+        b.push(msg(0, 99, 10));
+        assert!(b.is_full());
+    }
+
+    #[test]
+    fn the_remainder_keeps_its_deadline() {
+        let mut b = Buffer::new(1, 1 << 20);
+        b.push(msg(0, 0, 10));
+        let started = b.started;
+        std::thread::sleep(Duration::from_millis(5));
+        b.push(msg(0, 1, 10));
+        b.take_batch();
+        assert_eq!(b.started, started, "what is left is not made to wait longer");
+    }
+
+    #[test]
+    fn commits_keep_the_highest_offset_per_partition_of_the_current_assignment() {
+        let mut c = Commits::new(Duration::from_secs(1));
+        c.add(1, &[msg(0, 5, 1), msg(1, 9, 1), msg(0, 7, 1)]);
+        c.add(1, &[msg(0, 6, 1)]);
+        assert_eq!(c.next, BTreeMap::from([(0, 8), (1, 10)]));
+        // A batch of a newer assignment: the older offsets are not committed.
+        c.add(2, &[msg(1, 20, 1)]);
+        assert_eq!(c.next, BTreeMap::from([(1, 21)]));
+    }
+}

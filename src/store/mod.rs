@@ -88,8 +88,6 @@ impl Store {
             .with_user(&cfg.user)
             .with_password(&cfg.password)
             .with_validation(false);
-        let server = if std::env::var("TT_EXP_NOCOMP").is_ok() { server.with_compression(clickhouse::Compression::None) } else { server };
-        let server = if std::env::var("TT_EXP_LOG_QUERIES").is_ok() { server.with_setting("log_queries", "1") } else { server };
         let client = server.clone().with_database(&cfg.database);
         Self {
             client,
