@@ -20,20 +20,22 @@ INSTITUTIONS = [
     "initech", "uni-bergen", "epfl", "dtu", "uni-vienna", "umbrella-labs", "hooli",
     "tu-munich", "uni-lund",
 ]
-# provider, model, weight, input / cached input / output USD per 1M tokens
+# provider, model, weight, input / cached input / output USD per 1M tokens, and the
+# entry of the shipped price book (prices/) that prices the model: drafts and invoices
+# refuse events priced by an entry the book does not have.
 MODELS = [
-    ("openai", "gpt-4o-mini", 25, "0.15", "0.075", "0.6"),
-    ("openai", "gpt-4.1-mini", 10, "0.4", "0.1", "1.6"),
-    ("openai", "gpt-4o-2024-08-06", 8, "2.5", "1.25", "10"),
-    ("openai", "gpt-5-mini", 10, "0.25", "0.025", "2"),
-    ("openai", "gpt-5", 5, "1.25", "0.125", "10"),
-    ("openai", "o4-mini", 4, "1.1", "0.275", "4.4"),
-    ("anthropic", "claude-sonnet-4-5-20250929", 12, "3", "0.3", "15"),
-    ("anthropic", "claude-haiku-4-5", 8, "1", "0.1", "5"),
-    ("anthropic", "claude-opus-4-1", 2, "15", "1.5", "75"),
-    ("gemini", "gemini-2.5-flash", 10, "0.3", "0.075", "2.5"),
-    ("gemini", "gemini-2.5-pro", 5, "1.25", "0.31", "10"),
-    ("gemini", "gemini-2.0-flash", 4, "0.1", "0.025", "0.4"),
+    ("openai", "gpt-4o-mini", 25, "0.15", "0.075", "0.6", "openai:gpt-4o-mini:2024-01-01", "gpt-4o-mini"),
+    ("openai", "gpt-4.1-mini", 10, "0.4", "0.1", "1.6", "openai:gpt-4.1-mini:2024-01-01", "gpt-4.1-mini"),
+    ("openai", "gpt-4o-2024-08-06", 8, "2.5", "1.25", "10", "openai:gpt-4o:2024-01-01", "gpt-4o"),
+    ("openai", "gpt-5-mini", 10, "0.25", "0.025", "2", "openai:gpt-5-mini:2024-01-01", "gpt-5-mini"),
+    ("openai", "gpt-5", 5, "1.25", "0.125", "10", "openai:gpt-5:2024-01-01", "gpt-5"),
+    ("openai", "o4-mini", 4, "1.1", "0.275", "4.4", "openai:o4-mini:2024-01-01", "o4-mini"),
+    ("anthropic", "claude-sonnet-4-5-20250929", 12, "3", "0.3", "15", "anthropic:claude-sonnet-4-5:2024-01-01", "claude-sonnet-4-5"),
+    ("anthropic", "claude-haiku-4-5", 8, "1", "0.1", "5", "anthropic:claude-haiku-4-5:2024-01-01", "claude-haiku-4-5"),
+    ("anthropic", "claude-opus-4-1", 2, "15", "1.5", "75", "anthropic:claude-opus-4-1:2024-01-01", "claude-opus-4-1"),
+    ("gemini", "gemini-2.5-flash", 10, "0.3", "0.075", "2.5", "google:gemini-2.5-flash:2024-01-01", "gemini-2.5-flash"),
+    ("gemini", "gemini-2.5-pro", 5, "1.25", "0.31", "10", "google:gemini-2.5-pro:2024-01-01", "gemini-2.5-pro"),
+    ("gemini", "gemini-2.0-flash", 4, "0.1", "0.025", "0.4", "google:gemini-2.0-flash:2024-01-01", "gemini-2.0-flash"),
 ]
 
 
@@ -97,8 +99,8 @@ SELECT
     + cache_read_tokens * arrayElement({n(milli(m[4]) for m in MODELS)}, model_i)
     + output_tokens * arrayElement({n(milli(m[5]) for m in MODELS)}, model_i), 18)
     / toDecimal128(1000000000, 0) AS cost,
-  concat('bench:', model) AS price_id,
-  model AS price_model,
+  arrayElement({q(m[6] for m in MODELS)}, model_i) AS price_id,
+  arrayElement({q(m[7] for m in MODELS)}, model_i) AS price_model,
   toUInt64(0) AS price_tier,
   'bench' AS kafka_topic,
   toInt32(0) AS kafka_partition,
