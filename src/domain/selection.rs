@@ -68,9 +68,4 @@ impl Selection {
             .take_while(|d| *d <= self.to)
             .collect()
     }
-
-    /// Whether a filter needs the rollups with user, key or tier (or raw events).
-    pub fn needs_fine_rollup(&self) -> bool {
-        self.key.is_some() || self.user.is_some()
-    }
 }

@@ -22,16 +22,18 @@ pub struct StageLabel {
     pub stage: String,
 }
 
-/// The stages `stage_seconds` reports, in pipeline order. The last two are the consumer
-/// loop's: fetching paused because the writer still held the previous batch (the store
-/// is the bottleneck), and the writer idle with no batch ready (the broker is).
-pub const STAGES: [&str; 8] = [
+/// The stages `stage_seconds` reports, in pipeline order. The last three are the consumer
+/// loop's: not reading because the writer is several batches behind (held, then paused
+/// after a quarter of `max.poll.interval.ms`: the store is the bottleneck), and the writer
+/// idle with no batch ready (the broker is).
+pub const STAGES: [&str; 9] = [
     "decode",
     "lookup",
     "price",
     "insert",
     "dead_letter",
     "commit",
+    "fetch_held",
     "fetch_paused",
     "writer_idle",
 ];
@@ -121,7 +123,7 @@ impl Metrics {
         );
         registry.register(
             "stage_seconds",
-            "Time spent per pipeline stage (decode, lookup, price, insert, dead_letter, commit; fetch_paused, writer_idle)",
+            "Time spent per pipeline stage (decode, lookup, price, insert, dead_letter, commit; fetch_held, fetch_paused, writer_idle)",
             m.stage_seconds.clone(),
         );
         registry.register(

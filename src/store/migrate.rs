@@ -53,6 +53,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0011_rollup_views_aggregate.sql",
         include_str!("../../schema/0011_rollup_views_aggregate.sql"),
     ),
+    (
+        "0012_daily_rollups.sql",
+        include_str!("../../schema/0012_daily_rollups.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -36,23 +36,123 @@ pub enum GroupKey {
 }
 
 impl GroupKey {
-    fn expr(self) -> &'static str {
+    /// The expression, over a source whose time column is `time`.
+    fn expr(self, time: &str) -> String {
         match self {
-            GroupKey::None => "''",
-            GroupKey::Hour => "toString(hour, 'UTC')",
-            GroupKey::Day => "toString(toDate(hour, 'UTC'))",
-            GroupKey::Institution => "institution_id",
-            GroupKey::Provider => "provider",
-            GroupKey::Model => "model",
-            GroupKey::ApiKey => "api_key_id",
-            GroupKey::User => "user_id",
+            GroupKey::None => "''".into(),
+            GroupKey::Hour => format!("toString({time}, 'UTC')"),
+            GroupKey::Day => format!("toString(toDate({time}, 'UTC'))"),
+            GroupKey::Institution => "institution_id".into(),
+            GroupKey::Provider => "provider".into(),
+            GroupKey::Model => "model".into(),
+            GroupKey::ApiKey => "api_key_id".into(),
+            GroupKey::User => "user_id".into(),
         }
     }
 
-    /// Keys that only the fine rollups (and raw events) have.
-    fn fine(self) -> bool {
-        matches!(self, GroupKey::ApiKey | GroupKey::User)
+    /// The column the key needs besides time (None for no key and the time keys).
+    fn column(self) -> Option<&'static str> {
+        match self {
+            GroupKey::None | GroupKey::Hour | GroupKey::Day => None,
+            GroupKey::Institution => Some("institution_id"),
+            GroupKey::Provider => Some("provider"),
+            GroupKey::Model => Some("model"),
+            GroupKey::ApiKey => Some("api_key_id"),
+            GroupKey::User => Some("user_id"),
+        }
     }
+}
+
+/// A rollup table: the columns it keeps besides time and the sums, and its step.
+struct Rollup {
+    table: &'static str,
+    /// Its time column: the start of the UTC hour or day.
+    time: &'static str,
+    hourly: bool,
+    columns: &'static [&'static str],
+    /// Sorted institution first: only read for one institution (the hour-first twin
+    /// serves all institutions).
+    one_institution: bool,
+}
+
+const MODEL_COLUMNS: &[&str] = &["institution_id", "provider", "model", "price_model"];
+const ALL_COLUMNS: &[&str] = &[
+    "institution_id",
+    "provider",
+    "model",
+    "price_model",
+    "api_key_id",
+    "user_id",
+    "service_tier",
+];
+
+/// Every rollup (`schema/`), smallest first: a selection reads the first that answers.
+const ROLLUPS: [Rollup; 6] = [
+    Rollup {
+        table: "usage_daily_model",
+        time: "day",
+        hourly: false,
+        columns: MODEL_COLUMNS,
+        one_institution: false,
+    },
+    Rollup {
+        table: "usage_hourly_model",
+        time: "hour",
+        hourly: true,
+        columns: MODEL_COLUMNS,
+        one_institution: false,
+    },
+    Rollup {
+        table: "usage_daily_user",
+        time: "day",
+        hourly: false,
+        columns: &["institution_id", "user_id"],
+        one_institution: false,
+    },
+    Rollup {
+        table: "usage_daily_key",
+        time: "day",
+        hourly: false,
+        columns: &["institution_id", "api_key_id"],
+        one_institution: false,
+    },
+    Rollup {
+        table: "usage_hourly_institution",
+        time: "hour",
+        hourly: true,
+        columns: ALL_COLUMNS,
+        one_institution: true,
+    },
+    Rollup {
+        table: "usage_hourly",
+        time: "hour",
+        hourly: true,
+        columns: ALL_COLUMNS,
+        one_institution: false,
+    },
+];
+
+/// The smallest rollup with `columns` (and hours, if `hourly`) for `sel`.
+fn rollup_for(sel: &Selection, columns: &[&str], hourly: bool) -> &'static Rollup {
+    let mut needed: Vec<&str> = columns.to_vec();
+    for (col, filter) in [
+        ("model", &sel.model),
+        ("api_key_id", &sel.key),
+        ("user_id", &sel.user),
+    ] {
+        if filter.is_some() {
+            needed.push(col);
+        }
+    }
+    let one = sel.scope.institution().is_some();
+    ROLLUPS
+        .iter()
+        .find(|r| {
+            (r.hourly || !hourly)
+                && (one || !r.one_institution)
+                && needed.iter().all(|c| r.columns.contains(c))
+        })
+        .expect("usage_hourly has every column")
 }
 
 /// Row order of an aggregate.
@@ -99,21 +199,16 @@ impl Agg {
     }
 }
 
-/// The table a selection reads, and its WHERE clause: the coarse model rollup when
-/// neither the keys nor the filters need user, key or tier; the fine rollup otherwise
-/// (institution-first when one institution is selected); raw events with a tag filter.
-fn source_and_conditions(sel: &Selection, fine_key: bool) -> Sql {
-    let fine = fine_key || sel.needs_fine_rollup();
+/// The table a selection reads (the smallest rollup with `columns`, and hours if
+/// `hourly`; raw events shaped like a rollup with a tag filter) with its WHERE clause,
+/// and the name of its time column.
+fn source_and_conditions(sel: &Selection, columns: &[&str], hourly: bool) -> (Sql, &'static str) {
     let mut q = Sql::default();
-    match &sel.tag {
-        None if fine && sel.scope.institution().is_some() => {
-            q.push("usage_hourly_institution");
-        }
-        None if fine => {
-            q.push("usage_hourly");
-        }
+    let time = match &sel.tag {
         None => {
-            q.push("usage_hourly_model");
+            let rollup = rollup_for(sel, columns, hourly);
+            q.push(rollup.table);
+            rollup.time
         }
         Some(_) => {
             q.push(&format!(
@@ -122,17 +217,18 @@ fn source_and_conditions(sel: &Selection, fine_key: bool) -> Sql {
             .append(raw_conditions(sel))
             .append(tag_condition(sel))
             .push(")");
+            "hour"
         }
-    }
+    };
     q.bind(
-        " WHERE hour >= toDateTime(?) AND hour < toDateTime(?)",
+        &format!(" WHERE {time} >= toDateTime(?) AND {time} < toDateTime(?)"),
         [i(sel.start_ts()), i(sel.end_ts())],
     );
     if let Some(inst) = sel.scope.institution() {
         q.bind(" AND institution_id = ?", [s(inst)]);
     }
     q.append(dimension_conditions(sel));
-    q
+    (q, time)
 }
 
 /// Institution and time conditions on raw events.
@@ -182,16 +278,19 @@ pub fn aggregate_sql(
     order: Order,
     limit: usize,
 ) -> Sql {
+    let columns: Vec<&str> = [key, key2].iter().filter_map(|k| k.column()).collect();
+    let hourly = key == GroupKey::Hour || key2 == GroupKey::Hour;
+    let (source, time) = source_and_conditions(sel, &columns, hourly);
     let mut q = Sql::new(&format!(
         "SELECT ?fields FROM (SELECT {} AS key, toString({}) AS key2, sum(events) AS events, \
          sum(unpriced_events) AS unpriced_events, sum(input_tokens) AS input_tokens, \
          sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens, \
          sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, \
          sum(cost) AS cost_usd FROM ",
-        to_string(key.expr()),
-        key2.expr()
+        to_string(&key.expr(time)),
+        key2.expr(time)
     ));
-    q.append(source_and_conditions(sel, key.fine() || key2.fine()));
+    q.append(source);
     q.push(match order {
         Order::Key => " GROUP BY key, key2 HAVING events != 0 ORDER BY key",
         Order::CostDesc => " GROUP BY key, key2 HAVING events != 0 ORDER BY sum(cost) DESC",
@@ -201,7 +300,7 @@ pub fn aggregate_sql(
 }
 
 fn to_string(expr: &str) -> String {
-    if expr.starts_with("toString(") {
+    if expr.starts_with("toString(") || expr == "''" {
         expr.to_owned()
     } else {
         format!("toString({expr})")
@@ -323,7 +422,7 @@ impl Store {
         let mut q = Sql::new(
             "SELECT ?fields FROM (SELECT provider, model, sum(unpriced_events) AS events FROM ",
         );
-        q.append(source_and_conditions(sel, false));
+        q.append(source_and_conditions(sel, &["provider", "model"], false).0);
         q.push(" GROUP BY provider, model HAVING events != 0 ORDER BY events DESC)");
         Ok(q.query(&self.client).fetch_all().await?)
     }
@@ -378,19 +477,47 @@ mod tests {
 
     #[test]
     fn the_smallest_rollup_that_answers_is_chosen() {
-        let all = sel(Scope::All);
-        let text = |s: &Selection, k| {
-            aggregate_sql(s, k, GroupKey::None, Order::Key, 10)
-                .text()
-                .to_owned()
+        let text = |s: &Selection, k, k2| {
+            aggregate_sql(s, k, k2, Order::Key, 10).text().to_owned()
         };
-        assert!(text(&all, GroupKey::Model).contains("FROM usage_hourly_model"));
-        assert!(text(&all, GroupKey::ApiKey).contains("FROM usage_hourly "));
+        let from = |s: &Selection, k, k2| {
+            let t = text(s, k, k2);
+            let table = t.split(" FROM ").nth(2).expect("inner FROM");
+            table.split_whitespace().next().unwrap().to_owned()
+        };
+        let all = sel(Scope::All);
         let one = sel(Scope::One("u".into()));
-        assert!(text(&one, GroupKey::User).contains("FROM usage_hourly_institution"));
+        use GroupKey::*;
+        // Whole days: daily rollups, per dimension.
+        assert_eq!(from(&all, Day, Model), "usage_daily_model");
+        assert_eq!(from(&all, Institution, None), "usage_daily_model");
+        assert_eq!(from(&one, User, None), "usage_daily_user");
+        assert_eq!(from(&all, ApiKey, None), "usage_daily_key");
+        // Hours: hourly rollups.
+        assert_eq!(from(&all, Hour, Model), "usage_hourly_model");
+        assert_eq!(from(&one, Hour, None), "usage_hourly_model");
+        // Two fine dimensions, or a fine filter on another dimension: the fine rollup,
+        // institution first for one institution.
+        assert_eq!(from(&all, User, ApiKey), "usage_hourly");
+        assert_eq!(from(&one, User, ApiKey), "usage_hourly_institution");
+        let mut by_user = one.clone();
+        by_user.user = Some("x".into());
+        assert_eq!(from(&by_user, User, None), "usage_daily_user");
+        assert_eq!(from(&by_user, Day, None), "usage_daily_user");
+        assert_eq!(from(&by_user, Model, None), "usage_hourly_institution");
+        assert_eq!(from(&by_user, Hour, None), "usage_hourly_institution");
+        let mut by_model = all.clone();
+        by_model.model = Some("m".into());
+        assert_eq!(from(&by_model, Day, None), "usage_daily_model");
+        assert_eq!(from(&by_model, User, None), "usage_hourly");
+        // A daily rollup is filtered and grouped by its own time column.
+        let t = text(&one, Day, None);
+        assert!(t.contains("WHERE day >= toDateTime(?) AND day < toDateTime(?)"), "{t}");
+        assert!(t.contains("toDate(day, 'UTC')"), "{t}");
+        // A tag filter: raw events.
         let mut tagged = sel(Scope::All);
         tagged.tag = Some(("project".into(), "x".into()));
-        let t = text(&tagged, GroupKey::Model);
+        let t = text(&tagged, Model, None);
         assert!(t.contains("FROM usage_events") && t.contains("arrayExists"));
         assert_eq!(
             RAW_AS_ROLLUP.matches("sign").count(),

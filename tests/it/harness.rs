@@ -335,12 +335,50 @@ impl TestEnv {
         (out.pop().unwrap(), rollup)
     }
 
+    /// Events and exact cost per institution: from raw events (`None`) or one rollup.
+    pub async fn totals(&self, rollup: Option<&str>) -> BTreeMap<String, (i64, Decimal)> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct R {
+            institution_id: String,
+            events: i64,
+            cost: String,
+        }
+        let query = match rollup {
+            None => "SELECT institution_id, toInt64(sum(sign)) AS events, toString(sum(cost * sign)) AS cost FROM usage_events GROUP BY institution_id".to_owned(),
+            Some(t) => format!("SELECT institution_id, toInt64(sum(events)) AS events, toString(sum(cost)) AS cost FROM {t} GROUP BY institution_id"),
+        };
+        let rows: Vec<R> = self.ch().query(&query).fetch_all().await.unwrap();
+        rows.into_iter()
+            .filter(|r| r.events != 0)
+            .map(|r| (r.institution_id, (r.events, r.cost.parse::<Decimal>().unwrap().normalize())))
+            .collect()
+    }
+
+    /// Asserts that every rollup holds the raw events' events and cost per institution.
+    pub async fn assert_rollups_match_events(&self) {
+        let raw = self.totals(None).await;
+        assert!(!raw.is_empty(), "no events stored");
+        for table in ROLLUPS {
+            assert_eq!(self.totals(Some(table)).await, raw, "{table} vs usage_events");
+        }
+    }
+
     pub async fn drop_database(&self) {
         let _ = self
             .exec(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
             .await;
     }
 }
+
+/// Every rollup that sums all events (schema/; the tag rollup sums tagged ones only).
+pub const ROLLUPS: [&str; 6] = [
+    "usage_hourly",
+    "usage_hourly_model",
+    "usage_hourly_institution",
+    "usage_daily_model",
+    "usage_daily_user",
+    "usage_daily_key",
+];
 
 /// A stored event with neutral values (priced, no tokens, cost 0, sign +1), for tests
 /// that write rows around the pipeline; set what matters with `..event_row(...)`.
