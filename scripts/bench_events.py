@@ -8,35 +8,57 @@ broker would take hours on this machine. The shape follows `tokentally emit`: th
 16 institutions with Zipf-like sizes (1/rank^1.1), users per institution falling with rank
 (1,500 at the largest; about 5,100 in all), one or two keys per user, the 12 models with
 emit's weights, office-hours seasonality, token counts of a few hundred to a few thousand,
-costs exact from integer rates (USD per 1M tokens). Deterministic: a function of the
+token classes disjoint as in the event contract (a third of the events read half their
+prompt from the cache), costs exact from integer rates (USD per 1M tokens). Deterministic: a function of the
 event number only (cityHash64), so a rerun writes the same rows.
 
 usage: bench_events.py TOTAL LO HI START END
 """
+import os
 import sys
+import tomllib
 
 INSTITUTIONS = [
     "uni-oslo", "eth-zurich", "tu-delft", "kth", "uni-helsinki", "acme-corp", "globex",
     "initech", "uni-bergen", "epfl", "dtu", "uni-vienna", "umbrella-labs", "hooli",
     "tu-munich", "uni-lund",
 ]
-# provider, model, weight, input / cached input / output USD per 1M tokens, and the
-# entry of the shipped price book (prices/) that prices the model: drafts and invoices
-# refuse events priced by an entry the book does not have.
+# provider, model as the gateway names it, weight, and the entry of the shipped price
+# book (prices/) that prices it: its rates are read from the book, so stored costs are
+# what ingest would compute (drafts and invoices refuse events whose stored cost differs
+# from the book's).
 MODELS = [
-    ("openai", "gpt-4o-mini", 25, "0.15", "0.075", "0.6", "openai:gpt-4o-mini:2024-01-01", "gpt-4o-mini"),
-    ("openai", "gpt-4.1-mini", 10, "0.4", "0.1", "1.6", "openai:gpt-4.1-mini:2024-01-01", "gpt-4.1-mini"),
-    ("openai", "gpt-4o-2024-08-06", 8, "2.5", "1.25", "10", "openai:gpt-4o:2024-01-01", "gpt-4o"),
-    ("openai", "gpt-5-mini", 10, "0.25", "0.025", "2", "openai:gpt-5-mini:2024-01-01", "gpt-5-mini"),
-    ("openai", "gpt-5", 5, "1.25", "0.125", "10", "openai:gpt-5:2024-01-01", "gpt-5"),
-    ("openai", "o4-mini", 4, "1.1", "0.275", "4.4", "openai:o4-mini:2024-01-01", "o4-mini"),
-    ("anthropic", "claude-sonnet-4-5-20250929", 12, "3", "0.3", "15", "anthropic:claude-sonnet-4-5:2024-01-01", "claude-sonnet-4-5"),
-    ("anthropic", "claude-haiku-4-5", 8, "1", "0.1", "5", "anthropic:claude-haiku-4-5:2024-01-01", "claude-haiku-4-5"),
-    ("anthropic", "claude-opus-4-1", 2, "15", "1.5", "75", "anthropic:claude-opus-4-1:2024-01-01", "claude-opus-4-1"),
-    ("gemini", "gemini-2.5-flash", 10, "0.3", "0.075", "2.5", "google:gemini-2.5-flash:2024-01-01", "gemini-2.5-flash"),
-    ("gemini", "gemini-2.5-pro", 5, "1.25", "0.31", "10", "google:gemini-2.5-pro:2024-01-01", "gemini-2.5-pro"),
-    ("gemini", "gemini-2.0-flash", 4, "0.1", "0.025", "0.4", "google:gemini-2.0-flash:2024-01-01", "gemini-2.0-flash"),
+    ("openai", "gpt-4o-mini", 25, "openai:gpt-4o-mini:2024-01-01"),
+    ("openai", "gpt-4.1-mini", 10, "openai:gpt-4.1-mini:2024-01-01"),
+    ("openai", "gpt-4o-2024-08-06", 8, "openai:gpt-4o:2024-01-01"),
+    ("openai", "gpt-5-mini", 10, "openai:gpt-5-mini:2024-01-01"),
+    ("openai", "gpt-5", 5, "openai:gpt-5:2024-01-01"),
+    ("openai", "o4-mini", 4, "openai:o4-mini:2024-01-01"),
+    ("anthropic", "claude-sonnet-4-5-20250929", 12, "anthropic:claude-sonnet-4-5:2024-01-01"),
+    ("anthropic", "claude-haiku-4-5", 8, "anthropic:claude-haiku-4-5:2024-01-01"),
+    ("anthropic", "claude-opus-4-1", 2, "anthropic:claude-opus-4-1:2024-01-01"),
+    ("gemini", "gemini-2.5-flash", 10, "google:gemini-2.5-flash:2024-01-01"),
+    ("gemini", "gemini-2.5-pro", 5, "google:gemini-2.5-pro:2024-01-01"),
+    ("gemini", "gemini-2.0-flash", 4, "google:gemini-2.0-flash:2024-01-01"),
 ]
+BOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "prices")
+
+
+def book_rates():
+    """Price id -> (price model, input, cache read, output USD per 1M tokens) of the
+    standard tier (no `service_tier`) of every entry in the shipped book."""
+    out = {}
+    for name in sorted(os.listdir(BOOK)):
+        if name.endswith(".toml"):
+            with open(os.path.join(BOOK, name), "rb") as f:
+                for e in tomllib.load(f).get("price", []):
+                    if "service_tier" in e:
+                        continue
+                    pid = f"{e['provider']}:{e['model']}:{e['effective_from']}"
+                    out[pid] = (e["model"], e["input_per_mtok"],
+                                e.get("cache_read_per_mtok", e["input_per_mtok"]),
+                                e["output_per_mtok"])
+    return out
 
 
 def table(weights, size=1000):
@@ -48,14 +70,17 @@ def table(weights, size=1000):
     return out
 
 
-def milli(rate):
-    """USD per 1M tokens -> thousandths of that (an integer for every rate above)."""
+def micro(rate):
+    """USD per 1M tokens -> millionths of that (an integer for every rate in the book)."""
     whole, _, frac = rate.partition(".")
-    return int(whole) * 1000 + int((frac + "000")[:3])
+    assert len(frac) <= 6, rate
+    return int(whole) * 1000000 + int((frac + "000000")[:6])
 
 
 def main():
     total, lo, hi, start, end = (int(a) for a in sys.argv[1:6])
+    book = book_rates()
+    rates = [book[m[3]] for m in MODELS]
     inst_pick = table([1 / (r + 1) ** 1.1 for r in range(len(INSTITUTIONS))])
     users = [-(-1500 // (r + 1)) + 3 for r in range(len(INSTITUTIONS))]
     model_pick = table([m[2] for m in MODELS])
@@ -89,18 +114,18 @@ SELECT
   toUInt32(200 + h4 % 3000) AS latency_ms,
   arrayFilter(x -> h5 % 4 = 0, ['project']) AS tag_keys,
   arrayFilter(x -> h5 % 4 = 0, [concat('p', toString(h5 % 40))]) AS tag_values,
-  toUInt64(100 + h1 % 4000) AS input_tokens,
+  toUInt64(100 + h1 % 4000) - cache_read_tokens AS input_tokens,
   toUInt64(if(h5 % 3 = 0, (100 + h1 % 4000) / 2, 0)) AS cache_read_tokens,
   toUInt64(0) AS cache_write_tokens,
   toUInt64(20 + h2 % 1000) AS output_tokens,
   toUInt64(0) AS reasoning_tokens,
   toUInt8(1) AS priced,
-  toDecimal128((input_tokens - cache_read_tokens) * arrayElement({n(milli(m[3]) for m in MODELS)}, model_i)
-    + cache_read_tokens * arrayElement({n(milli(m[4]) for m in MODELS)}, model_i)
-    + output_tokens * arrayElement({n(milli(m[5]) for m in MODELS)}, model_i), 18)
-    / toDecimal128(1000000000, 0) AS cost,
-  arrayElement({q(m[6] for m in MODELS)}, model_i) AS price_id,
-  arrayElement({q(m[7] for m in MODELS)}, model_i) AS price_model,
+  toDecimal128(input_tokens * arrayElement({n(micro(r[1]) for r in rates)}, model_i)
+    + cache_read_tokens * arrayElement({n(micro(r[2]) for r in rates)}, model_i)
+    + output_tokens * arrayElement({n(micro(r[3]) for r in rates)}, model_i), 18)
+    / toDecimal128(1000000000000, 0) AS cost,
+  arrayElement({q(m[3] for m in MODELS)}, model_i) AS price_id,
+  arrayElement({q(r[0] for r in rates)}, model_i) AS price_model,
   toUInt64(0) AS price_tier,
   'bench' AS kafka_topic,
   toInt32(0) AS kafka_partition,
