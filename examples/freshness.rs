@@ -99,8 +99,7 @@ async fn main() -> anyhow::Result<()> {
         let now = Instant::now();
         let (key, payload) = if now >= next_probe {
             next_probe += PROBE_EVERY;
-            let mut v: serde_json::Value =
-                serde_json::from_slice(&traffic.next_message().payload)?;
+            let mut v: serde_json::Value = serde_json::from_slice(&traffic.next_message().payload)?;
             v["institution_id"] = PROBE_INSTITUTION.into();
             v["event_id"] = format!("probe-{run}-{}", probes.len()).into();
             v["user_id"] = "probe@fresh-probe.example".into();
@@ -154,7 +153,9 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("no probe became visible within 60 s");
     }
     latencies.sort_by(f64::total_cmp);
-    let q = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
+    let q = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
     println!(
         "freshness published={published} seconds={produce_secs:.1} rate={:.0} probes={} missing={missing} p50={:.3} p90={:.3} p99={:.3} max={:.3}",
         published as f64 / produce_secs,

@@ -348,7 +348,8 @@ impl Buffer {
         let mut bytes = 0;
         while let Some(m) = self.messages.front() {
             let size = Self::size(m);
-            if !out.is_empty() && (out.len() >= self.max_messages || bytes + size > self.max_bytes) {
+            if !out.is_empty() && (out.len() >= self.max_messages || bytes + size > self.max_bytes)
+            {
                 break;
             }
             bytes += size;
@@ -594,7 +595,14 @@ impl Commits {
 
     /// Commits what is pending if the interval has passed (`Async`) or at once (`Sync`,
     /// when stopping). Nothing is committed for an assignment that has since changed.
-    fn flush(&mut self, consumer: &Kafka, topic: &str, current: u64, mode: CommitMode, metrics: &Metrics) {
+    fn flush(
+        &mut self,
+        consumer: &Kafka,
+        topic: &str,
+        current: u64,
+        mode: CommitMode,
+        metrics: &Metrics,
+    ) {
         if self.next.is_empty() {
             return;
         }
@@ -733,7 +741,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         b.push(msg(0, 1, 10));
         b.take_batch();
-        assert_eq!(b.started, started, "what is left is not made to wait longer");
+        assert_eq!(
+            b.started, started,
+            "what is left is not made to wait longer"
+        );
     }
 
     #[test]

@@ -170,9 +170,7 @@ impl Metrics {
             .map(|s| {
                 let v = self
                     .stage_seconds
-                    .get_or_create(&StageLabel {
-                        stage: (*s).into(),
-                    })
+                    .get_or_create(&StageLabel { stage: (*s).into() })
                     .get();
                 (*s, v)
             })

@@ -143,6 +143,38 @@ pub struct UsageDetail {
     pub group: PriceGroup,
 }
 
+/// The billing rollup's slot (`schema/0013_billing_rollup.sql`): a range whose bounds
+/// are whole slots is summed from it, any other from raw events.
+const SLOT_SECS: i64 = 900;
+
+/// The `PriceGroup` sums over the billing rollup.
+const ROLLUP_SUMS: &str =
+    "price_id, price_model, price_tier, billing, usage_estimated AS estimated, \
+    sum(events) AS events, sum(served) AS served, sum(input) AS input, \
+    sum(cache_read) AS cache_read, sum(cache_write) AS cache_write, \
+    sum(output) AS output, sum(reasoning) AS reasoning, sum(cost) AS cost_sum";
+
+const ROLLUP_RANGE: &str = "institution_id = ? AND slot >= toDateTime(?) AND slot < toDateTime(?)";
+
+/// Where the sums of `[start, end)` come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The billing rollup (bounds on whole quarter hours: every zone's month).
+    Rollup,
+    /// Raw events (any other bounds; and tests that compare the two).
+    Events,
+}
+
+impl Source {
+    pub fn for_range(start: i64, end: i64) -> Self {
+        if start % SLOT_SECS == 0 && end % SLOT_SECS == 0 {
+            Source::Rollup
+        } else {
+            Source::Events
+        }
+    }
+}
+
 impl Store {
     /// Priced usage of `institution` in `[start, end)` (unix seconds), per entry and tier.
     pub async fn price_groups(
@@ -151,10 +183,26 @@ impl Store {
         start: i64,
         end: i64,
     ) -> Result<Vec<PriceGroup>, StoreError> {
+        self.price_groups_from(Source::for_range(start, end), institution, start, end)
+            .await
+    }
+
+    /// `price_groups` from a given source.
+    pub async fn price_groups_from(
+        &self,
+        source: Source,
+        institution: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<PriceGroup>, StoreError> {
+        let (sums, table, range) = match source {
+            Source::Rollup => (ROLLUP_SUMS, "usage_billing_15m", ROLLUP_RANGE),
+            Source::Events => (SUMS, "usage_events", RANGE),
+        };
         Ok(self
             .client
             .query(&format!(
-                "SELECT {SUMS} FROM usage_events WHERE {RANGE} AND priced = 1 \
+                "SELECT {sums} FROM {table} WHERE {range} AND priced = 1 \
                  GROUP BY price_id, price_model, price_tier, billing, usage_estimated HAVING events != 0 \
                  ORDER BY price_id, price_tier, billing, estimated"
             ))
@@ -172,23 +220,43 @@ impl Store {
         start: i64,
         end: i64,
     ) -> Result<UnpricedUsage, StoreError> {
+        self.unpriced_usage_from(Source::for_range(start, end), institution, start, end)
+            .await
+    }
+
+    /// `unpriced_usage` from a given source: events and tokens, and the models (as the
+    /// gateway named them) with unpriced events left.
+    pub async fn unpriced_usage_from(
+        &self,
+        source: Source,
+        institution: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<UnpricedUsage, StoreError> {
+        let per_model = match source {
+            Source::Rollup => format!(
+                "SELECT model, sum(events) AS e, \
+                 sum(input + cache_read + cache_write + output) AS t \
+                 FROM usage_billing_15m WHERE {ROLLUP_RANGE} AND priced = 0 GROUP BY model"
+            ),
+            Source::Events => format!(
+                "SELECT model, sum(toInt64(sign)) AS e, \
+                 sum(toInt64(input_tokens + cache_read_tokens + cache_write_tokens + output_tokens) * sign) AS t \
+                 FROM usage_events WHERE {RANGE} AND priced = 0 GROUP BY model"
+            ),
+        };
         let r: UnpricedUsage = self
             .client
             .query(&format!(
-                "SELECT sum(toInt64(sign)) AS events, \
-                 sum(toInt64(input_tokens + cache_read_tokens + cache_write_tokens + output_tokens) * sign) AS tokens, \
-                 arraySort(groupUniqArray(model)) AS models \
-                 FROM usage_events WHERE {RANGE} AND priced = 0"
+                "SELECT sum(e) AS events, sum(t) AS tokens, arraySort(groupArrayIf(model, e != 0)) AS models \
+                 FROM ({per_model})"
             ))
             .bind(institution)
             .bind(start)
             .bind(end)
             .fetch_one()
             .await?;
-        Ok(UnpricedUsage {
-            models: if r.events == 0 { Vec::new() } else { r.models },
-            ..r
-        })
+        Ok(r)
     }
 
     /// Usage of `institution` in `[start, end)` per local day (in `tz`) × user × key ×
@@ -407,5 +475,36 @@ impl Store {
             q = q.bind(topic).bind(partition).bind(low).bind(below);
         }
         Ok(q.fetch_one().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_of_every_zone_read_the_rollup_other_bounds_raw_events() {
+        use chrono::TimeZone;
+        for tz in [
+            "UTC",
+            "Europe/Berlin",
+            "Asia/Kolkata",
+            "Asia/Kathmandu",
+            "Pacific/Chatham",
+            "America/St_Johns",
+        ] {
+            let tz: chrono_tz::Tz = tz.parse().unwrap();
+            let start = tz
+                .with_ymd_and_hms(2026, 3, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp();
+            let end = tz
+                .with_ymd_and_hms(2026, 4, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp();
+            assert_eq!(Source::for_range(start, end), Source::Rollup, "{tz}");
+        }
+        assert_eq!(Source::for_range(0, 901), Source::Events);
+        assert_eq!(Source::for_range(450, 900), Source::Events);
     }
 }

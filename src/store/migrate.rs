@@ -57,6 +57,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0012_daily_rollups.sql",
         include_str!("../../schema/0012_daily_rollups.sql"),
     ),
+    (
+        "0013_billing_rollup.sql",
+        include_str!("../../schema/0013_billing_rollup.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -477,9 +477,7 @@ mod tests {
 
     #[test]
     fn the_smallest_rollup_that_answers_is_chosen() {
-        let text = |s: &Selection, k, k2| {
-            aggregate_sql(s, k, k2, Order::Key, 10).text().to_owned()
-        };
+        let text = |s: &Selection, k, k2| aggregate_sql(s, k, k2, Order::Key, 10).text().to_owned();
         let from = |s: &Selection, k, k2| {
             let t = text(s, k, k2);
             let table = t.split(" FROM ").nth(2).expect("inner FROM");
@@ -512,7 +510,10 @@ mod tests {
         assert_eq!(from(&by_model, User, None), "usage_hourly");
         // A daily rollup is filtered and grouped by its own time column.
         let t = text(&one, Day, None);
-        assert!(t.contains("WHERE day >= toDateTime(?) AND day < toDateTime(?)"), "{t}");
+        assert!(
+            t.contains("WHERE day >= toDateTime(?) AND day < toDateTime(?)"),
+            "{t}"
+        );
         assert!(t.contains("toDate(day, 'UTC')"), "{t}");
         // A tag filter: raw events.
         let mut tagged = sel(Scope::All);

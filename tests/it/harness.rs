@@ -350,7 +350,12 @@ impl TestEnv {
         let rows: Vec<R> = self.ch().query(&query).fetch_all().await.unwrap();
         rows.into_iter()
             .filter(|r| r.events != 0)
-            .map(|r| (r.institution_id, (r.events, r.cost.parse::<Decimal>().unwrap().normalize())))
+            .map(|r| {
+                (
+                    r.institution_id,
+                    (r.events, r.cost.parse::<Decimal>().unwrap().normalize()),
+                )
+            })
             .collect()
     }
 
@@ -359,7 +364,11 @@ impl TestEnv {
         let raw = self.totals(None).await;
         assert!(!raw.is_empty(), "no events stored");
         for table in ROLLUPS {
-            assert_eq!(self.totals(Some(table)).await, raw, "{table} vs usage_events");
+            assert_eq!(
+                self.totals(Some(table)).await,
+                raw,
+                "{table} vs usage_events"
+            );
         }
     }
 
@@ -371,13 +380,14 @@ impl TestEnv {
 }
 
 /// Every rollup that sums all events (schema/; the tag rollup sums tagged ones only).
-pub const ROLLUPS: [&str; 6] = [
+pub const ROLLUPS: [&str; 7] = [
     "usage_hourly",
     "usage_hourly_model",
     "usage_hourly_institution",
     "usage_daily_model",
     "usage_daily_user",
     "usage_daily_key",
+    "usage_billing_15m",
 ];
 
 /// A stored event with neutral values (priced, no tokens, cost 0, sign +1), for tests

@@ -747,6 +747,59 @@ async fn invoices_are_exact_frozen_adjusted_and_reconciled() {
             .any(|l| l.starts_with("uni-c") && l.contains("MISMATCH")),
         "{table}"
     );
+    // The billing rollup that drafts and invoices read sums exactly what the raw events
+    // do, after re-rating, late events and a row written around ingest, for the months
+    // of a zone an hour off UTC and of UTC.
+    use tokentally::store::billing::Source;
+    let berlin_aug = (
+        berlin
+            .with_ymd_and_hms(2026, 8, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+        berlin
+            .with_ymd_and_hms(2026, 9, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+    );
+    let utc_aug = (
+        Utc.with_ymd_and_hms(2026, 8, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+        Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0)
+            .unwrap()
+            .timestamp(),
+    );
+    for inst in ["uni-a", "uni-b", "uni-c"] {
+        for (start, end) in [berlin_aug, utc_aug, (0, 4_000_000_500)] {
+            assert_eq!(Source::for_range(start, end), Source::Rollup);
+            let store = &env.store;
+            let rollup = store
+                .price_groups_from(Source::Rollup, inst, start, end)
+                .await
+                .unwrap();
+            assert!(!rollup.is_empty(), "{inst} has priced usage in August");
+            assert_eq!(
+                rollup,
+                store
+                    .price_groups_from(Source::Events, inst, start, end)
+                    .await
+                    .unwrap(),
+                "{inst} {start}..{end}"
+            );
+            assert_eq!(
+                store
+                    .unpriced_usage_from(Source::Rollup, inst, start, end)
+                    .await
+                    .unwrap(),
+                store
+                    .unpriced_usage_from(Source::Events, inst, start, end)
+                    .await
+                    .unwrap(),
+                "{inst} {start}..{end}"
+            );
+        }
+    }
+
     env.exec("ALTER TABLE usage_events DELETE WHERE event_id = 'aug-0'")
         .await
         .unwrap();
