@@ -57,6 +57,67 @@ pub async fn load_series(
     Ok(out)
 }
 
+/// What the live evaluator reads at `end`: every hour of every institution since `from`
+/// (budgets sum the month), but for keys only the hours the spike windows look at (the
+/// window before `end` and the same window 1–6 days and 1–`baseline_weeks` weeks
+/// earlier, in every configured zone) plus each key's first hour with spend (a key's
+/// weeks before it do not count). At 100M events the whole month of every key was
+/// 5M rows and held serve at 600 MiB–1 GiB; these are a few thousand per window.
+pub async fn load_live_series(
+    cfg: &Config,
+    store: &Store,
+    from: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<SpendSeries, StoreError> {
+    let window = Duration::hours(i64::from(cfg.alerts.spike.window_hours.max(1)));
+    let mut zones: Vec<chrono_tz::Tz> = cfg
+        .institutions
+        .iter()
+        .filter_map(|i| i.time_zone.parse().ok())
+        .collect();
+    zones.push(chrono_tz::UTC);
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    let weeks = i64::from(cfg.alerts.spike.baseline_weeks.max(1));
+    for tz in zones {
+        for days in (0..=6).chain((1..=weeks).map(|w| 7 * w)) {
+            let e = super::local_shift(end, -days, tz);
+            ranges.push(((e - window).timestamp(), e.timestamp()));
+        }
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    let (institutions, keys, firsts) = tokio::try_join!(
+        store.hourly_spend_by_institution(from.timestamp(), end.timestamp()),
+        store.key_spend_in(&ranges),
+        store.key_first_spend(from.timestamp(), end.timestamp()),
+    )?;
+    let mut out = SpendSeries {
+        institutions: BTreeMap::new(),
+        keys: BTreeMap::new(),
+    };
+    let at = |hour: u32| {
+        Utc.timestamp_opt(i64::from(hour), 0)
+            .single()
+            .unwrap_or_default()
+    };
+    for r in institutions {
+        *out.institutions
+            .entry((r.institution_id.clone(), r.institution_id))
+            .or_default()
+            .entry(at(r.hour))
+            .or_default() += r.cost;
+    }
+    // Each row is the whole spend of its (key, hour): an hour in both lists is one hour.
+    for r in firsts.into_iter().chain(keys) {
+        let entity = format!("{}/{}", r.institution_id, r.api_key_id);
+        out.keys
+            .entry((r.institution_id, entity))
+            .or_default()
+            .insert(at(r.hour), r.cost);
+    }
+    Ok(out)
+}
+
 /// Budget readings at `now`: month-to-date spend (in the institution's time zone) against
 /// each configured threshold. The entity names the month and the threshold, so each
 /// fires once per period.
@@ -455,7 +516,7 @@ pub async fn evaluate_once(
     let window = i64::from(cfg.alerts.spike.window_hours.max(1));
     let from =
         (end - Duration::weeks(weeks) - Duration::hours(window)).min(end - Duration::days(32));
-    let series = load_series(store, from, end).await?;
+    let series = load_live_series(cfg, store, from, end).await?;
     let mut readings = spend_readings(cfg, &series, end, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
     match crate::limits::standings(store, cfg, None, now).await {

@@ -142,6 +142,64 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Spend per hour × institution in `[from, to)` (unix seconds); `api_key_id` empty.
+    pub async fn hourly_spend_by_institution(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HourSpend>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT hour_ AS hour, institution_id, '' AS api_key_id, cost_ AS cost FROM \
+                 (SELECT toUInt32(hour) AS hour_, institution_id, sum(cost) AS cost_ \
+                 FROM usage_hourly_model WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
+                 GROUP BY hour_, institution_id)",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all()
+            .await?)
+    }
+
+    /// Spend per hour × institution × key (keys only) in the hours of `ranges`
+    /// (`[from, to)` unix seconds each).
+    pub async fn key_spend_in(&self, ranges: &[(i64, i64)]) -> Result<Vec<HourSpend>, StoreError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = super::sql::Sql::new(
+            "SELECT ?fields FROM (SELECT h AS hour, institution_id, api_key_id, c AS cost FROM \
+             (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
+             FROM usage_hourly_institution WHERE api_key_id != '' AND (0",
+        );
+        for (from, to) in ranges {
+            q.bind(
+                " OR (hour >= toDateTime(?) AND hour < toDateTime(?))",
+                [super::sql::i(*from), super::sql::i(*to)],
+            );
+        }
+        q.push(") GROUP BY h, institution_id, api_key_id))");
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Per key, its first hour in `[from, to)` with spend other than zero, and that spend.
+    pub async fn key_first_spend(&self, from: i64, to: i64) -> Result<Vec<HourSpend>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT min(h) AS hour, institution_id, api_key_id, argMin(c, h) AS cost FROM \
+                 (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
+                 FROM usage_hourly_institution WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
+                 AND api_key_id != '' GROUP BY h, institution_id, api_key_id HAVING c != 0) \
+                 GROUP BY institution_id, api_key_id",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all()
+            .await?)
+    }
+
     /// Spend per hour × institution × key in `[from, to)` (unix seconds).
     pub async fn hourly_spend(&self, from: i64, to: i64) -> Result<Vec<HourSpend>, StoreError> {
         Ok(self

@@ -197,6 +197,36 @@ async fn backtest_fires_for_injected_spikes_not_for_weekly_seasonality() {
     for chunk in rows.chunks(20_000) {
         env.store.insert_events(chunk).await.unwrap();
     }
+    // The live evaluator reads keys only in the hours its windows look at; its readings
+    // equal those from every hour, every 5 hours of the month, with institutions in a
+    // zone +05:30 and one -05:00 (DST) as well as UTC.
+    {
+        use tokentally::alerts::evaluator::{load_live_series, load_series, spend_readings};
+        let mut cfg = env.cfg.clone();
+        for (id, tz) in [("mid-uni", "Asia/Kolkata"), ("lab", "America/New_York")] {
+            cfg.institutions
+                .push(toml::from_str(&format!("id = \"{id}\"\ntime_zone = \"{tz}\"")).unwrap());
+        }
+        let tracker = tokentally::alerts::Tracker::default();
+        let mut at = month + Span::hours(1);
+        let mut compared = 0;
+        while at < end {
+            let from = at - Span::weeks(4) - Span::hours(1);
+            let from = from.min(at - Span::days(32));
+            let full = load_series(&env.store, from, at).await.unwrap();
+            let live = load_live_series(&cfg, &env.store, from, at).await.unwrap();
+            assert!(
+                live.keys.values().map(|s| s.len()).sum::<usize>() * 4
+                    < full.keys.values().map(|s| s.len()).sum::<usize>()
+            );
+            let a = spend_readings(&cfg, &full, at, &tracker);
+            let b = spend_readings(&cfg, &live, at, &tracker);
+            assert_eq!(a, b, "readings at {at}");
+            compared += a.len();
+            at += Span::hours(5);
+        }
+        assert!(compared > 1000, "{compared} readings compared");
+    }
     let mut vars = env.cli_vars();
     vars.push(("TOKENTALLY_LOG", "warn".into()));
     let out = tokentally(

@@ -29,11 +29,34 @@ pub async fn overview(
     let store = &state.store;
     let today = Utc::now().date_naive();
     let last = month_start(today) - Duration::days(1);
-    let (by_day, by_model, this_month, last_month) = tokio::try_join!(
-        store.aggregate(&sel, GroupKey::Day, GroupKey::None, Order::Key, 100_000),
-        store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 20),
-        store.spend_between(&sel.scope, ts(month_start(today)), ts(next_month(today))),
-        store.spend_between(&sel.scope, ts(month_start(last)), ts(month_start(today))),
+    let billed = async {
+        match &sel.scope {
+            Scope::One(inst) => as_billed(&state, inst).await.map(Some),
+            Scope::All => Ok(None),
+        }
+    };
+    let (by_day, by_model, this_month, last_month, billed) = tokio::try_join!(
+        async {
+            Ok(store
+                .aggregate(&sel, GroupKey::Day, GroupKey::None, Order::Key, 100_000)
+                .await?)
+        },
+        async {
+            Ok(store
+                .aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 20)
+                .await?)
+        },
+        async {
+            Ok(store
+                .spend_between(&sel.scope, ts(month_start(today)), ts(next_month(today)))
+                .await?)
+        },
+        async {
+            Ok(store
+                .spend_between(&sel.scope, ts(month_start(last)), ts(month_start(today)))
+                .await?)
+        },
+        billed,
     )?;
 
     let mut page = PageData::new(match &sel.scope {
@@ -64,8 +87,8 @@ pub async fn overview(
         let rejected = store.rejected_since(ts(today)).await?;
         page.figure("Rejected events today", Cell::Int(rejected as i64));
     }
-    if let Scope::One(inst) = &sel.scope {
-        as_billed(&state, inst, &mut page).await?;
+    for (label, amount) in billed.unwrap_or_default() {
+        page.figure(label, Cell::Money(amount));
     }
     page.notes.push(
         "Spend figures are list prices, by UTC day. \"As billed\" applies the institution's contract in its billing month (its time zone), exactly as its invoice does."
@@ -120,7 +143,9 @@ pub async fn overview(
 
 /// "As billed": last billing month and this one, with the contract, in the institution's
 /// time zone — the issued invoice's total where there is one, else the live draft's.
-async fn as_billed(state: &AppState, inst: &str, page: &mut PageData) -> Result<(), AppError> {
+/// "As billed" figures of one institution: last month and this month so far, from its
+/// live invoice or a draft, both at once.
+async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)>, AppError> {
     use crate::billing::service::Billing;
     use crate::billing::{Customer, Period};
     let c = Customer::resolve(&state.cfg, inst);
@@ -132,21 +157,25 @@ async fn as_billed(state: &AppState, inst: &str, page: &mut PageData) -> Result<
     } else {
         format!("contract {:+}%", c.contract_percent.normalize())
     };
-    for (label, period) in [
-        ("Last month as billed", this.prev()),
-        ("This month so far as billed", this),
-    ] {
-        let (total, source) = match ledger.live_invoice(inst, period) {
-            Some(d) => (d.total, format!("invoice {}", d.number)),
-            None => {
-                let d = billing.draft(&ledger, inst, period).await?;
-                (d.total, "draft".to_owned())
-            }
-        };
-        page.figure(
-            format!("{label} ({period}, {}, {contract}; {source})", c.tz.name()),
-            Cell::Money(total),
-        );
-    }
-    Ok(())
+    let figure = |label: &'static str, period: Period| {
+        let (billing, ledger, contract, tz) = (&billing, &ledger, &contract, c.tz.name());
+        async move {
+            let (total, source) = match ledger.live_invoice(inst, period) {
+                Some(d) => (d.total, format!("invoice {}", d.number)),
+                None => {
+                    let d = billing.draft(ledger, inst, period).await?;
+                    (d.total, "draft".to_owned())
+                }
+            };
+            Ok::<_, AppError>((
+                format!("{label} ({period}, {tz}, {contract}; {source})"),
+                total,
+            ))
+        }
+    };
+    let (last, now) = tokio::try_join!(
+        figure("Last month as billed", this.prev()),
+        figure("This month so far as billed", this),
+    )?;
+    Ok(vec![last, now])
 }
