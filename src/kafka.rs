@@ -118,14 +118,37 @@ pub async fn consumer_lag(
 }
 
 fn lag_blocking(
-    mut client: ClientConfig,
+    client: ClientConfig,
     topic: &str,
     group: &str,
 ) -> Result<Vec<PartitionLag>, KafkaDoorError> {
-    let consumer: BaseConsumer = client
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
+    LagReader::new(client, group)?.read(topic)
+}
+
+/// A client that reads a group's lag again and again (blocking calls: use it from a
+/// blocking thread). One connection for every read, where `consumer_lag` opens a client
+/// per call.
+pub struct LagReader {
+    consumer: BaseConsumer,
+}
+
+impl LagReader {
+    pub fn new(mut client: ClientConfig, group: &str) -> Result<Self, KafkaDoorError> {
+        Ok(Self {
+            consumer: client
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .create()?,
+        })
+    }
+
+    /// The group's committed offsets on `topic` against the partitions' ends.
+    pub fn read(&self, topic: &str) -> Result<Vec<PartitionLag>, KafkaDoorError> {
+        read_lag(&self.consumer, topic)
+    }
+}
+
+fn read_lag(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionLag>, KafkaDoorError> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     let partitions: Vec<i32> = metadata
         .topics()

@@ -499,7 +499,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                     // Caught up and idle: nothing is waiting for this instance.
                     last_progress = Instant::now();
                 }
-                heartbeat.observe_group(cfg).await;
+                heartbeat.observe_group();
                 // Stalled: this instance has work it does not get done, or nobody in the
                 // group commits while messages wait.
                 let stalled = (own_lag > 0 && last_progress.elapsed() > stall_after)

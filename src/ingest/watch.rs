@@ -101,12 +101,54 @@ impl BookWatcher {
     }
 }
 
+/// The group's committed offsets and lag (each summed over the partitions), read every
+/// `LAG_CHECK` by a task of its own with one long-lived client: reading them on the
+/// consumer loop held it up for the round trips, and a new client per read made the
+/// broker look the group up again every time. Stops when the receiver is dropped.
+fn watch_group(cfg: &Config) -> tokio::sync::watch::Receiver<Option<(i64, i64)>> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (client, topic, group) = (
+        crate::kafka::client_config(&cfg.kafka),
+        cfg.kafka.topic.clone(),
+        cfg.kafka.group.clone(),
+    );
+    tokio::spawn(async move {
+        let mut reader: Option<Arc<crate::kafka::LagReader>> = None;
+        while !tx.is_closed() {
+            let r = match &reader {
+                Some(r) => Ok(r.clone()),
+                None => crate::kafka::LagReader::new(client.clone(), &group).map(Arc::new),
+            };
+            match r {
+                Ok(r) => {
+                    reader = Some(r.clone());
+                    let topic = topic.clone();
+                    match tokio::task::spawn_blocking(move || r.read(&topic)).await {
+                        Ok(Ok(parts)) => {
+                            let committed = parts.iter().map(|p| p.committed).sum();
+                            let lag = parts.iter().map(|p| p.lag).sum();
+                            let _ = tx.send(Some((committed, lag)));
+                        }
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "stall check: cannot read the group's offsets")
+                        }
+                        Err(e) => warn!(error = %e, "stall check failed"),
+                    }
+                }
+                Err(e) => warn!(error = %e, "stall check: cannot create a Kafka client"),
+            }
+            tokio::time::sleep(LAG_CHECK).await;
+        }
+    });
+    rx
+}
+
 /// This instance's reports and its view of whether the group is stuck.
 pub struct Heartbeat {
     store: Store,
     row: InstanceRow,
     beaten: Option<Instant>,
-    lag_checked: Option<Instant>,
+    group: tokio::sync::watch::Receiver<Option<(i64, i64)>>,
     /// The group's committed offsets (summed) at the last check, and since when.
     group_committed: Option<i64>,
     group_changed_at: Instant,
@@ -145,7 +187,7 @@ impl Heartbeat {
                 detail: String::new(),
             },
             beaten: None,
-            lag_checked: None,
+            group: watch_group(cfg),
             group_committed: None,
             group_changed_at: Instant::now(),
             group_lag: 0,
@@ -161,23 +203,16 @@ impl Heartbeat {
         self.row.last_commit_at = now();
     }
 
-    /// Reads the group's committed offsets (every few seconds) and notes when they last
-    /// moved: the group makes progress if any instance commits.
-    pub async fn observe_group(&mut self, cfg: &Config) {
-        if self.lag_checked.is_some_and(|t| t.elapsed() < LAG_CHECK) {
+    /// Takes the group's latest committed offsets and notes when they last moved: the
+    /// group makes progress if any instance commits.
+    pub fn observe_group(&mut self) {
+        let Some((committed, lag)) = *self.group.borrow_and_update() else {
             return;
-        }
-        self.lag_checked = Some(Instant::now());
-        match crate::kafka::consumer_lag(&cfg.kafka, &cfg.kafka.topic, &cfg.kafka.group).await {
-            Ok(parts) => {
-                let committed: i64 = parts.iter().map(|p| p.committed).sum();
-                self.group_lag = parts.iter().map(|p| p.lag).sum();
-                if self.group_committed != Some(committed) {
-                    self.group_committed = Some(committed);
-                    self.group_changed_at = Instant::now();
-                }
-            }
-            Err(e) => warn!(error = %e, "stall check: cannot read the group's offsets"),
+        };
+        self.group_lag = lag;
+        if self.group_committed != Some(committed) {
+            self.group_committed = Some(committed);
+            self.group_changed_at = Instant::now();
         }
     }
 
