@@ -802,7 +802,8 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         browser.find(Locator::Css("input[name=username]")).await?.send_keys("fin").await?;
         browser.find(Locator::Css("input[name=password]")).await?.send_keys("fin-password").await?;
         browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
-        browser.wait().for_element(Locator::Css("h1")).await?;
+        // The overview's figures (the login page has an `h1` too).
+        browser.wait().for_element(Locator::Css(".figure")).await?;
         assert_eq!(browser.current_url().await?.path(), "/", "logged in and sent to the overview");
         browser.goto(&format!("{}/?{RANGE}", s.base)).await?;
         let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
@@ -1270,7 +1271,8 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
             .await?
             .click()
             .await?;
-        browser.wait().for_element(Locator::Css("h1")).await?;
+        // The overview's figures (the login page has an `h1` too).
+        browser.wait().for_element(Locator::Css(".figure")).await?;
         browser
             .find(Locator::LinkText("Keys"))
             .await?
@@ -1735,7 +1737,9 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
                 .await?
                 .click()
                 .await?;
-            browser.wait().for_element(Locator::Css("h1")).await?;
+            // The overview's figures, not an `h1`: the login page has one too, and on a
+            // busy machine the next step ran on the login page before it navigated away.
+            browser.wait().for_element(Locator::Css(".figure")).await?;
             Ok::<(), fantoccini::error::CmdError>(())
         }
     };
