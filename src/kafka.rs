@@ -144,40 +144,37 @@ impl LagReader {
 
     /// The group's committed offsets on `topic` against the partitions' ends.
     pub fn read(&self, topic: &str) -> Result<Vec<PartitionLag>, KafkaDoorError> {
-        read_lag(&self.consumer, topic)
-    }
-}
-
-fn read_lag(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionLag>, KafkaDoorError> {
-    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition(topic, *p);
-    }
-    let committed = consumer.committed_offsets(tpl, REQUEST_TIMEOUT)?;
-    partitions
-        .iter()
-        .map(|&p| {
-            let (low, high) = consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT)?;
-            let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => low,
-            };
-            Ok(PartitionLag {
-                partition: p,
-                low,
-                committed,
-                high,
-                lag: (high - committed).max(0),
+        let consumer = &self.consumer;
+        let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer.committed_offsets(tpl, REQUEST_TIMEOUT)?;
+        partitions
+            .iter()
+            .map(|&p| {
+                let (low, high) = consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT)?;
+                let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                };
+                Ok(PartitionLag {
+                    partition: p,
+                    low,
+                    committed,
+                    high,
+                    lag: (high - committed).max(0),
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// The end offset of every partition of `topic`.

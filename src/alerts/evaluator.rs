@@ -15,7 +15,7 @@ use super::{
 use crate::config::Config;
 use crate::domain::Period;
 use crate::shutdown::Shutdown;
-use crate::store::alerts::{micros, AlertRow, Incident};
+use crate::store::alerts::{micros, AlertRow, HourSpend, Incident};
 use crate::store::{Store, StoreError};
 
 /// Hourly spend per institution and per (institution, key) in `[from, to)`.
@@ -35,26 +35,42 @@ pub async fn load_series(
         keys: BTreeMap::new(),
     };
     for r in rows {
-        let t = Utc
-            .timestamp_opt(i64::from(r.hour), 0)
-            .single()
-            .unwrap_or_default();
-        let cost = r.cost;
-        *out.institutions
-            .entry((r.institution_id.clone(), r.institution_id.clone()))
-            .or_default()
-            .entry(t)
-            .or_default() += cost;
+        out.add_institution(&r);
         if !r.api_key_id.is_empty() {
-            let entity = format!("{}/{}", r.institution_id, r.api_key_id);
             *out.keys
-                .entry((r.institution_id, entity))
+                .entry(key_entity(&r))
                 .or_default()
-                .entry(t)
-                .or_default() += cost;
+                .entry(hour_at(r.hour))
+                .or_default() += r.cost;
         }
     }
     Ok(out)
+}
+
+impl SpendSeries {
+    /// Adds a row's spend to its institution's hour.
+    fn add_institution(&mut self, r: &HourSpend) {
+        *self
+            .institutions
+            .entry((r.institution_id.clone(), r.institution_id.clone()))
+            .or_default()
+            .entry(hour_at(r.hour))
+            .or_default() += r.cost;
+    }
+}
+
+/// (institution, `institution/key`): how key series are named.
+fn key_entity(r: &HourSpend) -> (String, String) {
+    (
+        r.institution_id.clone(),
+        format!("{}/{}", r.institution_id, r.api_key_id),
+    )
+}
+
+fn hour_at(hour: u32) -> DateTime<Utc> {
+    Utc.timestamp_opt(i64::from(hour), 0)
+        .single()
+        .unwrap_or_default()
 }
 
 /// What the live evaluator reads at `end`: every hour of every institution since `from`
@@ -95,25 +111,15 @@ pub async fn load_live_series(
         institutions: BTreeMap::new(),
         keys: BTreeMap::new(),
     };
-    let at = |hour: u32| {
-        Utc.timestamp_opt(i64::from(hour), 0)
-            .single()
-            .unwrap_or_default()
-    };
-    for r in institutions {
-        *out.institutions
-            .entry((r.institution_id.clone(), r.institution_id))
-            .or_default()
-            .entry(at(r.hour))
-            .or_default() += r.cost;
+    for r in &institutions {
+        out.add_institution(r);
     }
     // Each row is the whole spend of its (key, hour): an hour in both lists is one hour.
     for r in firsts.into_iter().chain(keys) {
-        let entity = format!("{}/{}", r.institution_id, r.api_key_id);
         out.keys
-            .entry((r.institution_id, entity))
+            .entry(key_entity(&r))
             .or_default()
-            .insert(at(r.hour), r.cost);
+            .insert(hour_at(r.hour), r.cost);
     }
     Ok(out)
 }

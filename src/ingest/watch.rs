@@ -115,27 +115,23 @@ fn watch_group(cfg: &Config) -> tokio::sync::watch::Receiver<Option<(i64, i64)>>
     tokio::spawn(async move {
         let mut reader: Option<Arc<crate::kafka::LagReader>> = None;
         while !tx.is_closed() {
-            let r = match &reader {
-                Some(r) => Ok(r.clone()),
-                None => crate::kafka::LagReader::new(client.clone(), &group).map(Arc::new),
-            };
-            match r {
-                Ok(r) => {
-                    reader = Some(r.clone());
-                    let topic = topic.clone();
-                    match tokio::task::spawn_blocking(move || r.read(&topic)).await {
-                        Ok(Ok(parts)) => {
-                            let committed = parts.iter().map(|p| p.committed).sum();
-                            let lag = parts.iter().map(|p| p.lag).sum();
-                            let _ = tx.send(Some((committed, lag)));
-                        }
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "stall check: cannot read the group's offsets")
-                        }
-                        Err(e) => warn!(error = %e, "stall check failed"),
-                    }
+            if reader.is_none() {
+                match crate::kafka::LagReader::new(client.clone(), &group) {
+                    Ok(r) => reader = Some(Arc::new(r)),
+                    Err(e) => warn!(error = %e, "stall check: cannot create a Kafka client"),
                 }
-                Err(e) => warn!(error = %e, "stall check: cannot create a Kafka client"),
+            }
+            if let Some(r) = reader.clone() {
+                let topic = topic.clone();
+                match tokio::task::spawn_blocking(move || r.read(&topic)).await {
+                    Ok(Ok(parts)) => {
+                        let committed = parts.iter().map(|p| p.committed).sum();
+                        let lag = parts.iter().map(|p| p.lag).sum();
+                        let _ = tx.send(Some((committed, lag)));
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "stall check: cannot read the group's offsets"),
+                    Err(e) => warn!(error = %e, "stall check failed"),
+                }
             }
             tokio::time::sleep(LAG_CHECK).await;
         }

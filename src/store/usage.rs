@@ -38,15 +38,11 @@ pub enum GroupKey {
 impl GroupKey {
     /// The expression, over a source whose time column is `time`.
     fn expr(self, time: &str) -> String {
-        match self {
-            GroupKey::None => "''".into(),
-            GroupKey::Hour => format!("toString({time}, 'UTC')"),
-            GroupKey::Day => format!("toString(toDate({time}, 'UTC'))"),
-            GroupKey::Institution => "institution_id".into(),
-            GroupKey::Provider => "provider".into(),
-            GroupKey::Model => "model".into(),
-            GroupKey::ApiKey => "api_key_id".into(),
-            GroupKey::User => "user_id".into(),
+        match (self, self.column()) {
+            (GroupKey::Hour, _) => format!("toString({time}, 'UTC')"),
+            (GroupKey::Day, _) => format!("toString(toDate({time}, 'UTC'))"),
+            (_, Some(column)) => column.into(),
+            (_, None) => "''".into(),
         }
     }
 
@@ -66,9 +62,8 @@ impl GroupKey {
 /// A rollup table: the columns it keeps besides time and the sums, and its step.
 struct Rollup {
     table: &'static str,
-    /// Its time column: the start of the UTC hour or day.
+    /// Its time column: `hour` (start of the UTC hour) or `day` (of the UTC day).
     time: &'static str,
-    hourly: bool,
     columns: &'static [&'static str],
     /// Sorted institution first: only read for one institution (the hour-first twin
     /// serves all institutions).
@@ -91,64 +86,70 @@ const ROLLUPS: [Rollup; 6] = [
     Rollup {
         table: "usage_daily_model",
         time: "day",
-        hourly: false,
         columns: MODEL_COLUMNS,
         one_institution: false,
     },
     Rollup {
         table: "usage_hourly_model",
         time: "hour",
-        hourly: true,
         columns: MODEL_COLUMNS,
         one_institution: false,
     },
     Rollup {
         table: "usage_daily_user",
         time: "day",
-        hourly: false,
         columns: &["institution_id", "user_id"],
         one_institution: false,
     },
     Rollup {
         table: "usage_daily_key",
         time: "day",
-        hourly: false,
         columns: &["institution_id", "api_key_id"],
         one_institution: false,
     },
     Rollup {
         table: "usage_hourly_institution",
         time: "hour",
-        hourly: true,
         columns: ALL_COLUMNS,
         one_institution: true,
     },
     Rollup {
         table: "usage_hourly",
         time: "hour",
-        hourly: true,
         columns: ALL_COLUMNS,
         one_institution: false,
     },
 ];
 
-/// The smallest rollup with `columns` (and hours, if `hourly`) for `sel`.
-fn rollup_for(sel: &Selection, columns: &[&str], hourly: bool) -> &'static Rollup {
-    let mut needed: Vec<&str> = columns.to_vec();
-    for (col, filter) in [
+impl Rollup {
+    fn hourly(&self) -> bool {
+        self.time == "hour"
+    }
+}
+
+/// The model, key and user filters of `sel`, by the column each one constrains.
+fn filters(sel: &Selection) -> [(&'static str, &Option<String>); 3] {
+    [
         ("model", &sel.model),
         ("api_key_id", &sel.key),
         ("user_id", &sel.user),
-    ] {
-        if filter.is_some() {
-            needed.push(col);
-        }
-    }
+    ]
+}
+
+/// The smallest rollup with `columns` (and hours, if `hourly`) for `sel`.
+fn rollup_for(sel: &Selection, columns: &[&str], hourly: bool) -> &'static Rollup {
+    let mut needed: Vec<&str> = columns.to_vec();
+    needed.extend(
+        filters(sel)
+            .into_iter()
+            .filter(|(_, f)| f.is_some())
+            .map(|(col, _)| col),
+    );
     let one = sel.scope.institution().is_some();
     ROLLUPS
         .iter()
         .find(|r| {
-            (r.hourly || !hourly)
+            (r.hourly() || !hourly)
                 && (one || !r.one_institution)
                 && needed.iter().all(|c| r.columns.contains(c))
         })
@@ -247,11 +248,7 @@ fn raw_conditions(sel: &Selection) -> Sql {
 /// Model, key and user conditions (columns the rollups and raw events share).
 fn dimension_conditions(sel: &Selection) -> Sql {
     let mut q = Sql::default();
-    for (col, v) in [
-        ("model", &sel.model),
-        ("api_key_id", &sel.key),
-        ("user_id", &sel.user),
-    ] {
+    for (col, v) in filters(sel) {
         if let Some(v) = v {
             q.bind(&format!(" AND {col} = ?"), [s(v)]);
         }
@@ -300,7 +297,7 @@ pub fn aggregate_sql(
 }
 
 fn to_string(expr: &str) -> String {
-    if expr.starts_with("toString(") || expr == "''" {
+    if expr.starts_with("toString(") {
         expr.to_owned()
     } else {
         format!("toString({expr})")

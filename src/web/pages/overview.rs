@@ -35,29 +35,19 @@ pub async fn overview(
             Scope::All => Ok(None),
         }
     };
-    let (by_day, by_model, this_month, last_month, billed) = tokio::try_join!(
+    let (sums, billed) = tokio::join!(
         async {
-            Ok(store
-                .aggregate(&sel, GroupKey::Day, GroupKey::None, Order::Key, 100_000)
-                .await?)
-        },
-        async {
-            Ok(store
-                .aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 20)
-                .await?)
-        },
-        async {
-            Ok(store
-                .spend_between(&sel.scope, ts(month_start(today)), ts(next_month(today)))
-                .await?)
-        },
-        async {
-            Ok(store
-                .spend_between(&sel.scope, ts(month_start(last)), ts(month_start(today)))
-                .await?)
+            tokio::try_join!(
+                store.aggregate(&sel, GroupKey::Day, GroupKey::None, Order::Key, 100_000),
+                store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 20),
+                store.spend_between(&sel.scope, ts(month_start(today)), ts(next_month(today))),
+                store.spend_between(&sel.scope, ts(month_start(last)), ts(month_start(today))),
+            )
         },
         billed,
-    )?;
+    );
+    let (by_day, by_model, this_month, last_month) = sums?;
+    let billed = billed?;
 
     let mut page = PageData::new(match &sel.scope {
         Scope::All => "Overview".to_owned(),
@@ -142,9 +132,8 @@ pub async fn overview(
 }
 
 /// "As billed": last billing month and this one, with the contract, in the institution's
-/// time zone — the issued invoice's total where there is one, else the live draft's.
-/// "As billed" figures of one institution: last month and this month so far, from its
-/// live invoice or a draft, both at once.
+/// time zone — the issued invoice's total where there is one, else the live draft's (both
+/// at once).
 async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)>, AppError> {
     use crate::billing::service::Billing;
     use crate::billing::{Customer, Period};
