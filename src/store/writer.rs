@@ -51,9 +51,10 @@ struct StoredPosition {
     kafka_offset: i64,
 }
 
-/// Events per look-up query. Ids travel as one array literal (a single AST node), so
-/// the limit is about query size, not ClickHouse's `max_ast_elements`; a batch touching
-/// thousands of institutions is split, never refused.
+/// Events per look-up query. Ids travel as one array literal (a single AST node); each
+/// range is one term of an OR (about ten AST nodes), so a chunk of scattered keys stays
+/// far below ClickHouse's `max_ast_elements` (50,000); a batch touching thousands of
+/// institutions is split, never refused.
 pub const LOOKUP_CHUNK: usize = 2000;
 
 /// Ids in a look-up are one array literal; lift the parser's default 256 KiB cap.
@@ -63,6 +64,44 @@ const MAX_QUERY_SIZE: &str = "67108864";
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Least time between a failed insert and the look-ups of its retry.
 pub const SETTLE_GRACE: Duration = Duration::from_secs(5);
+
+/// Part of what a look-up reads: one institution's events in `[from, to]` (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LookupRange<'a> {
+    institution_id: &'a str,
+    from: i64,
+    to: i64,
+}
+
+/// Ranges closer than this are read as one: a few extra hours of one institution cost
+/// less than another term in the query.
+const RANGE_MERGE_GAP_SECS: i64 = 3600;
+
+/// Where the stored copies of `keys` (sorted by institution, then time) can be: each
+/// key's `occurred_at ± window`, merged per institution where they overlap or nearly
+/// do. One rectangle (all institutions × earliest to latest) would read a month of every
+/// institution as soon as one republished copy is a month old.
+fn lookup_ranges<'a>(keys: &[&EventKey<'a>], window_secs: i64) -> Vec<LookupRange<'a>> {
+    let mut ranges: Vec<LookupRange<'a>> = Vec::new();
+    for k in keys {
+        let at = i64::from(k.occurred_at);
+        let from = (at - window_secs).max(0);
+        let to = (at + window_secs).min(i64::from(u32::MAX));
+        match ranges.last_mut() {
+            Some(r)
+                if r.institution_id == k.institution_id && from <= r.to + RANGE_MERGE_GAP_SECS =>
+            {
+                r.to = r.to.max(to);
+            }
+            _ => ranges.push(LookupRange {
+                institution_id: k.institution_id,
+                from,
+                to,
+            }),
+        }
+    }
+    ranges
+}
 
 impl Store {
     /// Events among `keys` that are already stored, by (institution, event id), with the
@@ -75,34 +114,26 @@ impl Store {
     ) -> Result<HashMap<(String, String), Position>, StoreError> {
         self.settle_pending().await?;
         let mut sorted: Vec<&EventKey<'_>> = keys.iter().collect();
-        // Institution first, then time: a chunk covers few institutions and a short time
-        // range, which is what the sorting key (institution, hour, event_id) reads fast.
+        // Institution first, then time: a chunk covers few institutions, and its ranges
+        // are what the sorting key (institution, hour, event_id) reads fast.
         sorted.sort_by_key(|k| (k.institution_id, k.occurred_at));
         let mut out = HashMap::new();
         for chunk in sorted.chunks(LOOKUP_CHUNK) {
-            let institutions: BTreeSet<&str> = chunk.iter().map(|k| k.institution_id).collect();
+            let ranges = lookup_ranges(chunk, window_secs);
             let ids: BTreeSet<&str> = chunk.iter().map(|k| k.event_id).collect();
-            let lo = chunk
-                .iter()
-                .map(|k| i64::from(k.occurred_at))
-                .min()
-                .unwrap_or(0);
-            let hi = chunk
-                .iter()
-                .map(|k| i64::from(k.occurred_at))
-                .max()
-                .unwrap_or(0);
-            let rows: Vec<StoredEvent> = self
-                .client
-                .query(
-                    "SELECT ?fields FROM usage_events \
-                     WHERE institution_id IN (SELECT arrayJoin(?)) \
-                     AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?) \
-                     AND event_id IN (SELECT arrayJoin(?)) AND sign = 1 AND kafka_topic = ?",
-                )
-                .bind(institutions)
-                .bind((lo - window_secs).max(0))
-                .bind((hi + window_secs).min(i64::from(u32::MAX)))
+            let terms = vec![
+                "(institution_id = ? AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?))";
+                ranges.len()
+            ];
+            let mut query = self.client.query(&format!(
+                "SELECT ?fields FROM usage_events WHERE ({}) \
+                 AND event_id IN (SELECT arrayJoin(?)) AND sign = 1 AND kafka_topic = ?",
+                terms.join(" OR ")
+            ));
+            for r in &ranges {
+                query = query.bind(r.institution_id).bind(r.from).bind(r.to);
+            }
+            let rows: Vec<StoredEvent> = query
                 .bind(ids)
                 .bind(topic)
                 .with_setting("max_query_size", MAX_QUERY_SIZE)
@@ -266,5 +297,105 @@ impl Store {
             .expect("pending inserts lock")
             .retain(|q| !pending.contains(q));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key<'a>(institution_id: &'a str, occurred_at: u32) -> EventKey<'a> {
+        EventKey {
+            event_id: "e",
+            institution_id,
+            occurred_at,
+        }
+    }
+
+    fn ranges(keys: &[EventKey<'_>], window: i64) -> Vec<(String, i64, i64)> {
+        let refs: Vec<&EventKey<'_>> = keys.iter().collect();
+        lookup_ranges(&refs, window)
+            .into_iter()
+            .map(|r| (r.institution_id.to_owned(), r.from, r.to))
+            .collect()
+    }
+
+    #[test]
+    fn a_month_old_copy_adds_its_own_range_instead_of_widening_every_institution() {
+        let day: u32 = 86_400;
+        let keys = [
+            key("a", 100 * day),
+            key("a", 100 * day + 60),
+            key("b", 70 * day),
+            key("b", 100 * day),
+            key("b", 100 * day + 30),
+        ];
+        let day = i64::from(day);
+        assert_eq!(
+            ranges(&keys, 3600),
+            vec![
+                ("a".into(), 100 * day - 3600, 100 * day + 60 + 3600),
+                ("b".into(), 70 * day - 3600, 70 * day + 3600),
+                ("b".into(), 100 * day - 3600, 100 * day + 30 + 3600),
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_closer_than_the_merge_gap_are_read_as_one() {
+        // 10,000 ± 3,600 and 20,000 ± 3,600 are 2,800 s apart (merged); 40,000 ± 3,600
+        // starts 12,800 s after them (its own range).
+        let keys = [key("a", 10_000), key("a", 20_000), key("a", 40_000)];
+        assert_eq!(
+            ranges(&keys, 3600),
+            vec![("a".into(), 6_400, 23_600), ("a".into(), 36_400, 43_600)]
+        );
+    }
+
+    #[test]
+    fn ranges_stay_within_what_a_datetime_holds() {
+        let keys = [key("a", 5), key("b", u32::MAX - 5)];
+        assert_eq!(
+            ranges(&keys, 3600),
+            vec![
+                ("a".into(), 0, 3605),
+                ("b".into(), i64::from(u32::MAX) - 3605, i64::from(u32::MAX)),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_key_lies_in_a_range_of_its_institution() {
+        // Property over a pseudo-random spread: each key's whole window is covered.
+        let mut x: u64 = 42;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as u32
+        };
+        let institutions = ["a", "b", "c"];
+        let mut keys: Vec<EventKey<'_>> = (0..500)
+            .map(|_| key(institutions[(next() % 3) as usize], next() % 10_000_000))
+            .collect();
+        keys.sort_by_key(|k| (k.institution_id, k.occurred_at));
+        let found = ranges(&keys, 3600);
+        for k in &keys {
+            let at = i64::from(k.occurred_at);
+            assert!(
+                found.iter().any(|(i, from, to)| i == k.institution_id
+                    && *from <= (at - 3600).max(0)
+                    && at + 3600 <= *to),
+                "key {} {} not covered",
+                k.institution_id,
+                k.occurred_at
+            );
+        }
+        // Ranges of one institution do not overlap (each row is read once).
+        for w in found.windows(2) {
+            if w[0].0 == w[1].0 {
+                assert!(w[0].2 < w[1].1);
+            }
+        }
     }
 }
