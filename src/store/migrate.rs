@@ -61,6 +61,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0013_billing_rollup.sql",
         include_str!("../../schema/0013_billing_rollup.sql"),
     ),
+    (
+        "0014_drop_hour_first_rollup.sql",
+        include_str!("../../schema/0014_drop_hour_first_rollup.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

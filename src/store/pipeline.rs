@@ -192,7 +192,7 @@ impl Store {
             .client
             .query(
                 "SELECT ?fields FROM (SELECT model AS name, toUInt64(sum(unpriced_events)) AS n \
-                 FROM usage_hourly WHERE hour >= toStartOfHour(toDateTime(?), 'UTC') \
+                 FROM usage_hourly_model WHERE hour >= toStartOfHour(toDateTime(?), 'UTC') \
                  GROUP BY model HAVING n > 0)",
             )
             .bind(since)

@@ -65,9 +65,6 @@ struct Rollup {
     /// Its time column: `hour` (start of the UTC hour) or `day` (of the UTC day).
     time: &'static str,
     columns: &'static [&'static str],
-    /// Sorted institution first: only read for one institution (the hour-first twin
-    /// serves all institutions).
-    one_institution: bool,
 }
 
 const MODEL_COLUMNS: &[&str] = &["institution_id", "provider", "model", "price_model"];
@@ -82,42 +79,31 @@ const ALL_COLUMNS: &[&str] = &[
 ];
 
 /// Every rollup (`schema/`), smallest first: a selection reads the first that answers.
-const ROLLUPS: [Rollup; 6] = [
+const ROLLUPS: [Rollup; 5] = [
     Rollup {
         table: "usage_daily_model",
         time: "day",
         columns: MODEL_COLUMNS,
-        one_institution: false,
     },
     Rollup {
         table: "usage_hourly_model",
         time: "hour",
         columns: MODEL_COLUMNS,
-        one_institution: false,
     },
     Rollup {
         table: "usage_daily_user",
         time: "day",
         columns: &["institution_id", "user_id"],
-        one_institution: false,
     },
     Rollup {
         table: "usage_daily_key",
         time: "day",
         columns: &["institution_id", "api_key_id"],
-        one_institution: false,
     },
     Rollup {
         table: "usage_hourly_institution",
         time: "hour",
         columns: ALL_COLUMNS,
-        one_institution: true,
-    },
-    Rollup {
-        table: "usage_hourly",
-        time: "hour",
-        columns: ALL_COLUMNS,
-        one_institution: false,
     },
 ];
 
@@ -145,15 +131,10 @@ fn rollup_for(sel: &Selection, columns: &[&str], hourly: bool) -> &'static Rollu
             .filter(|(_, f)| f.is_some())
             .map(|(col, _)| col),
     );
-    let one = sel.scope.institution().is_some();
     ROLLUPS
         .iter()
-        .find(|r| {
-            (r.hourly() || !hourly)
-                && (one || !r.one_institution)
-                && needed.iter().all(|c| r.columns.contains(c))
-        })
-        .expect("usage_hourly has every column")
+        .find(|r| (r.hourly() || !hourly) && needed.iter().all(|c| r.columns.contains(c)))
+        .expect("usage_hourly_institution has every column")
 }
 
 /// Row order of an aggregate.
@@ -491,9 +472,9 @@ mod tests {
         // Hours: hourly rollups.
         assert_eq!(from(&all, Hour, Model), "usage_hourly_model");
         assert_eq!(from(&one, Hour, None), "usage_hourly_model");
-        // Two fine dimensions, or a fine filter on another dimension: the fine rollup,
-        // institution first for one institution.
-        assert_eq!(from(&all, User, ApiKey), "usage_hourly");
+        // Two fine dimensions, or a fine filter on another dimension: the fine rollup
+        // (institution first, also for all institutions since 0014).
+        assert_eq!(from(&all, User, ApiKey), "usage_hourly_institution");
         assert_eq!(from(&one, User, ApiKey), "usage_hourly_institution");
         let mut by_user = one.clone();
         by_user.user = Some("x".into());
@@ -504,7 +485,7 @@ mod tests {
         let mut by_model = all.clone();
         by_model.model = Some("m".into());
         assert_eq!(from(&by_model, Day, None), "usage_daily_model");
-        assert_eq!(from(&by_model, User, None), "usage_hourly");
+        assert_eq!(from(&by_model, User, None), "usage_hourly_institution");
         // A daily rollup is filtered and grouped by its own time column.
         let t = text(&one, Day, None);
         assert!(

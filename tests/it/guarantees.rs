@@ -107,7 +107,10 @@ async fn two_instances_and_rekeyed_copies_count_each_event_once() {
         .map(|(k, v)| (k, v.normalize()))
         .collect();
     assert_eq!(raw, expected, "cost per institution from usage_events");
-    assert_eq!(rollup, expected, "cost per institution from usage_hourly");
+    assert_eq!(
+        rollup, expected,
+        "cost per institution from usage_hourly_institution"
+    );
     env.assert_rollups_match_events().await;
     let events: i64 = env.totals(None).await.values().map(|t| t.0).sum();
     assert_eq!(events, 3000 + reused as i64);
@@ -172,7 +175,7 @@ async fn a_batch_of_5000_institutions_is_stored_and_its_copies_found() {
     assert_eq!(
         i64_of(
             &env,
-            "SELECT toInt64(uniqExact(institution_id)) FROM usage_hourly"
+            "SELECT toInt64(uniqExact(institution_id)) FROM usage_hourly_institution"
         )
         .await,
         5000
@@ -274,11 +277,7 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
         i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await,
         2
     );
-    for table in [
-        "usage_hourly",
-        "usage_hourly_model",
-        "usage_hourly_institution",
-    ] {
+    for table in ["usage_hourly_model", "usage_hourly_institution"] {
         let off = i64_of(
             &env,
             &format!("SELECT toInt64(countIf(toUnixTimestamp(hour) % 3600 != 0)) FROM {table}"),
@@ -482,7 +481,11 @@ async fn an_insert_whose_response_is_lost_is_not_stored_twice() {
         50
     );
     assert_eq!(
-        i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await,
+        i64_of(
+            &env,
+            "SELECT toInt64(sum(events)) FROM usage_hourly_institution"
+        )
+        .await,
         50
     );
     let log = std::fs::read_to_string(env.log_path("ingest")).unwrap();
@@ -912,7 +915,11 @@ async fn a_stalled_ingest_is_reported_alerted_and_recovers_without_losing_anythi
         100
     );
     assert_eq!(
-        i64_of(&env, "SELECT toInt64(sum(events)) FROM usage_hourly").await,
+        i64_of(
+            &env,
+            "SELECT toInt64(sum(events)) FROM usage_hourly_institution"
+        )
+        .await,
         100
     );
     env.drop_database().await;

@@ -327,7 +327,7 @@ impl TestEnv {
         }
         let mut out = Vec::new();
         for table in ["SELECT institution_id, toString(sum(cost * sign)) AS cost FROM usage_events GROUP BY institution_id",
-                      "SELECT institution_id, toString(sum(cost)) AS cost FROM usage_hourly GROUP BY institution_id"] {
+                      "SELECT institution_id, toString(sum(cost)) AS cost FROM usage_hourly_institution GROUP BY institution_id"] {
             let rows: Vec<R> = self.ch().query(table).fetch_all().await.unwrap();
             out.push(rows.into_iter().map(|r| (r.institution_id, r.cost.parse::<Decimal>().unwrap().normalize())).collect());
         }
@@ -380,8 +380,7 @@ impl TestEnv {
 }
 
 /// Every rollup that sums all events (schema/; the tag rollup sums tagged ones only).
-pub const ROLLUPS: [&str; 7] = [
-    "usage_hourly",
+pub const ROLLUPS: [&str; 6] = [
     "usage_hourly_model",
     "usage_hourly_institution",
     "usage_daily_model",

@@ -11,7 +11,10 @@ async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
     let (raw, rollup) = env.costs().await;
     let expected: std::collections::BTreeMap<String, Decimal> = w.expected_cost.clone();
     assert_eq!(raw, expected, "per-institution cost from usage_events");
-    assert_eq!(rollup, expected, "per-institution cost from usage_hourly");
+    assert_eq!(
+        rollup, expected,
+        "per-institution cost from usage_hourly_institution"
+    );
     let events = env
         .scalar("SELECT toInt64(sum(sign)) FROM usage_events")
         .await;
@@ -347,7 +350,7 @@ async fn unknown_model_is_unpriced_until_priced_and_repriced_once() {
         0
     );
     assert_eq!(
-        env.scalar("SELECT toInt64(sum(events)) FROM usage_hourly")
+        env.scalar("SELECT toInt64(sum(events)) FROM usage_hourly_institution")
             .await,
         w.events
     );
