@@ -51,11 +51,14 @@ struct StoredPosition {
     kafka_offset: i64,
 }
 
-/// Events per look-up query. Ids travel as one array literal (a single AST node); each
-/// range is one term of an OR (about ten AST nodes), so a chunk of scattered keys stays
-/// far below ClickHouse's `max_ast_elements` (50,000); a batch touching thousands of
+/// Events per look-up query: a default batch (5,000) is looked up with one query. Ids
+/// travel as one array literal (a single AST node).
+pub const LOOKUP_CHUNK: usize = 5000;
+
+/// Ranges per look-up query. Each is one term of an OR (about ten AST nodes): 1,000 stay
+/// far below ClickHouse's `max_ast_elements` (50,000), so a batch touching thousands of
 /// institutions is split, never refused.
-pub const LOOKUP_CHUNK: usize = 2000;
+const MAX_RANGES: usize = 1000;
 
 /// Ids in a look-up are one array literal; lift the parser's default 256 KiB cap.
 const MAX_QUERY_SIZE: &str = "67108864";
@@ -81,26 +84,42 @@ const RANGE_MERGE_GAP_SECS: i64 = 3600;
 /// key's `occurred_at ± window`, merged per institution where they overlap or nearly
 /// do. One rectangle (all institutions × earliest to latest) would read a month of every
 /// institution as soon as one republished copy is a month old.
-fn lookup_ranges<'a>(keys: &[&EventKey<'a>], window_secs: i64) -> Vec<LookupRange<'a>> {
-    let mut ranges: Vec<LookupRange<'a>> = Vec::new();
+///
+/// Split into look-ups of at most `LOOKUP_CHUNK` keys and `MAX_RANGES` ranges: each item
+/// is the number of keys (consecutive in `keys`) and the ranges that cover them.
+fn lookup_chunks<'a>(
+    keys: &[&EventKey<'a>],
+    window_secs: i64,
+) -> Vec<(usize, Vec<LookupRange<'a>>)> {
+    let mut chunks: Vec<(usize, Vec<LookupRange<'a>>)> = Vec::new();
     for k in keys {
         let at = i64::from(k.occurred_at);
         let from = (at - window_secs).max(0);
         let to = (at + window_secs).min(i64::from(u32::MAX));
-        match ranges.last_mut() {
-            Some(r)
-                if r.institution_id == k.institution_id && from <= r.to + RANGE_MERGE_GAP_SECS =>
-            {
-                r.to = r.to.max(to);
-            }
-            _ => ranges.push(LookupRange {
-                institution_id: k.institution_id,
-                from,
-                to,
-            }),
+        let full = chunks.last().is_none_or(|(n, _)| *n == LOOKUP_CHUNK);
+        if full {
+            chunks.push((0, Vec::new()));
         }
+        let range = LookupRange {
+            institution_id: k.institution_id,
+            from,
+            to,
+        };
+        let (_, ranges) = chunks.last_mut().expect("pushed");
+        let merges = ranges.last().is_some_and(|r| {
+            r.institution_id == k.institution_id && from <= r.to + RANGE_MERGE_GAP_SECS
+        });
+        if merges {
+            let r = ranges.last_mut().expect("checked");
+            r.to = r.to.max(to);
+        } else if ranges.len() == MAX_RANGES {
+            chunks.push((0, vec![range]));
+        } else {
+            ranges.push(range);
+        }
+        chunks.last_mut().expect("pushed").0 += 1;
     }
-    ranges
+    chunks
 }
 
 impl Store {
@@ -118,8 +137,10 @@ impl Store {
         // are what the sorting key (institution, hour, event_id) reads fast.
         sorted.sort_by_key(|k| (k.institution_id, k.occurred_at));
         let mut out = HashMap::new();
-        for chunk in sorted.chunks(LOOKUP_CHUNK) {
-            let ranges = lookup_ranges(chunk, window_secs);
+        let mut rest: &[&EventKey<'_>] = &sorted;
+        for (n, ranges) in lookup_chunks(&sorted, window_secs) {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
             let ids: BTreeSet<&str> = chunk.iter().map(|k| k.event_id).collect();
             let terms = vec![
                 "(institution_id = ? AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?))";
@@ -314,8 +335,11 @@ mod tests {
 
     fn ranges(keys: &[EventKey<'_>], window: i64) -> Vec<(String, i64, i64)> {
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
-        lookup_ranges(&refs, window)
-            .into_iter()
+        let chunks = lookup_chunks(&refs, window);
+        assert_eq!(chunks.len(), 1);
+        chunks[0]
+            .1
+            .iter()
             .map(|r| (r.institution_id.to_owned(), r.from, r.to))
             .collect()
     }
@@ -362,6 +386,29 @@ mod tests {
                 ("b".into(), i64::from(u32::MAX) - 3605, i64::from(u32::MAX)),
             ]
         );
+    }
+
+    #[test]
+    fn a_default_batch_is_one_look_up_and_a_wide_one_is_split() {
+        // 5,000 keys of one institution within an hour: one look-up, one range.
+        let keys: Vec<EventKey<'_>> = (0..5000).map(|i| key("a", 1_000_000 + i / 2)).collect();
+        let refs: Vec<&EventKey<'_>> = keys.iter().collect();
+        let chunks = lookup_chunks(&refs, 3600);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].0, 5000);
+        assert_eq!(chunks[0].1.len(), 1);
+        // 12,000 keys: split by count.
+        let keys: Vec<EventKey<'_>> = (0..12_000).map(|i| key("a", 1_000_000 + i)).collect();
+        let refs: Vec<&EventKey<'_>> = keys.iter().collect();
+        let sizes: Vec<usize> = lookup_chunks(&refs, 60).iter().map(|c| c.0).collect();
+        assert_eq!(sizes, vec![5000, 5000, 2000]);
+        // 2,500 institutions: split by ranges, every key in exactly one chunk.
+        let names: Vec<String> = (0..2500).map(|i| format!("i{i:05}")).collect();
+        let keys: Vec<EventKey<'_>> = names.iter().map(|n| key(n, 1_000_000)).collect();
+        let refs: Vec<&EventKey<'_>> = keys.iter().collect();
+        let chunks = lookup_chunks(&refs, 3600);
+        let sizes: Vec<(usize, usize)> = chunks.iter().map(|c| (c.0, c.1.len())).collect();
+        assert_eq!(sizes, vec![(1000, 1000), (1000, 1000), (500, 500)]);
     }
 
     #[test]
