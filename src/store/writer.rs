@@ -51,9 +51,9 @@ struct StoredPosition {
     kafka_offset: i64,
 }
 
-/// Events per look-up query: a default batch (5,000) is looked up with one query. Ids
+/// Events per look-up query: a default batch (10,000) is looked up with one query. Ids
 /// travel as one array literal (a single AST node).
-pub const LOOKUP_CHUNK: usize = 5000;
+pub const LOOKUP_CHUNK: usize = 10_000;
 
 /// Ranges per look-up query. Each is one term of an OR (about ten AST nodes): 1,000 stay
 /// far below ClickHouse's `max_ast_elements` (50,000), so a batch touching thousands of
@@ -390,18 +390,18 @@ mod tests {
 
     #[test]
     fn a_default_batch_is_one_look_up_and_a_wide_one_is_split() {
-        // 5,000 keys of one institution within an hour: one look-up, one range.
-        let keys: Vec<EventKey<'_>> = (0..5000).map(|i| key("a", 1_000_000 + i / 2)).collect();
+        // 10,000 keys of one institution within three hours: one look-up, one range.
+        let keys: Vec<EventKey<'_>> = (0..10_000).map(|i| key("a", 1_000_000 + i)).collect();
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
         let chunks = lookup_chunks(&refs, 3600);
         assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].0, 5000);
+        assert_eq!(chunks[0].0, 10_000);
         assert_eq!(chunks[0].1.len(), 1);
-        // 12,000 keys: split by count.
-        let keys: Vec<EventKey<'_>> = (0..12_000).map(|i| key("a", 1_000_000 + i)).collect();
+        // 25,000 keys: split by count.
+        let keys: Vec<EventKey<'_>> = (0..25_000).map(|i| key("a", 1_000_000 + i)).collect();
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
         let sizes: Vec<usize> = lookup_chunks(&refs, 60).iter().map(|c| c.0).collect();
-        assert_eq!(sizes, vec![5000, 5000, 2000]);
+        assert_eq!(sizes, vec![10_000, 10_000, 5000]);
         // 2,500 institutions: split by ranges, every key in exactly one chunk.
         let names: Vec<String> = (0..2500).map(|i| format!("i{i:05}")).collect();
         let keys: Vec<EventKey<'_>> = names.iter().map(|n| key(n, 1_000_000)).collect();
