@@ -80,44 +80,43 @@ struct LookupRange<'a> {
 /// less than another term in the query.
 const RANGE_MERGE_GAP_SECS: i64 = 3600;
 
+/// Keys looked up together (consecutive in the sorted keys) and the ranges covering them.
+type LookupChunk<'k, 'a> = (&'k [&'k EventKey<'a>], Vec<LookupRange<'a>>);
+
 /// Where the stored copies of `keys` (sorted by institution, then time) can be: each
 /// key's `occurred_at ± window`, merged per institution where they overlap or nearly
 /// do. One rectangle (all institutions × earliest to latest) would read a month of every
 /// institution as soon as one republished copy is a month old.
 ///
-/// Split into look-ups of at most `LOOKUP_CHUNK` keys and `MAX_RANGES` ranges: each item
-/// is the number of keys (consecutive in `keys`) and the ranges that cover them.
-fn lookup_chunks<'a>(
-    keys: &[&EventKey<'a>],
+/// Split into look-ups of at most `LOOKUP_CHUNK` keys and `MAX_RANGES` ranges.
+fn lookup_chunks<'k, 'a>(
+    keys: &'k [&'k EventKey<'a>],
     window_secs: i64,
-) -> Vec<(usize, Vec<LookupRange<'a>>)> {
-    let mut chunks: Vec<(usize, Vec<LookupRange<'a>>)> = Vec::new();
-    for k in keys {
+) -> Vec<LookupChunk<'k, 'a>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut ranges): (usize, Vec<LookupRange<'a>>) = (0, Vec::new());
+    for (i, k) in keys.iter().enumerate() {
         let at = i64::from(k.occurred_at);
         let from = (at - window_secs).max(0);
         let to = (at + window_secs).min(i64::from(u32::MAX));
-        let full = chunks.last().is_none_or(|(n, _)| *n == LOOKUP_CHUNK);
-        if full {
-            chunks.push((0, Vec::new()));
-        }
-        let range = LookupRange {
-            institution_id: k.institution_id,
-            from,
-            to,
-        };
-        let (_, ranges) = chunks.last_mut().expect("pushed");
         let merges = ranges.last().is_some_and(|r| {
             r.institution_id == k.institution_id && from <= r.to + RANGE_MERGE_GAP_SECS
         });
-        if merges {
-            let r = ranges.last_mut().expect("checked");
-            r.to = r.to.max(to);
-        } else if ranges.len() == MAX_RANGES {
-            chunks.push((0, vec![range]));
-        } else {
-            ranges.push(range);
+        if i - start == LOOKUP_CHUNK || (!merges && ranges.len() == MAX_RANGES) {
+            chunks.push((&keys[start..i], std::mem::take(&mut ranges)));
+            start = i;
         }
-        chunks.last_mut().expect("pushed").0 += 1;
+        match ranges.last_mut() {
+            Some(r) if merges => r.to = r.to.max(to),
+            _ => ranges.push(LookupRange {
+                institution_id: k.institution_id,
+                from,
+                to,
+            }),
+        }
+    }
+    if start < keys.len() {
+        chunks.push((&keys[start..], ranges));
     }
     chunks
 }
@@ -137,10 +136,7 @@ impl Store {
         // are what the sorting key (institution, hour, event_id) reads fast.
         sorted.sort_by_key(|k| (k.institution_id, k.occurred_at));
         let mut out = HashMap::new();
-        let mut rest: &[&EventKey<'_>] = &sorted;
-        for (n, ranges) in lookup_chunks(&sorted, window_secs) {
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
+        for (chunk, ranges) in lookup_chunks(&sorted, window_secs) {
             let ids: BTreeSet<&str> = chunk.iter().map(|k| k.event_id).collect();
             let terms = vec![
                 "(institution_id = ? AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?))";
@@ -395,53 +391,49 @@ mod tests {
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
         let chunks = lookup_chunks(&refs, 3600);
         assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].0, 10_000);
+        assert_eq!(chunks[0].0.len(), 10_000);
         assert_eq!(chunks[0].1.len(), 1);
         // 25,000 keys: split by count.
         let keys: Vec<EventKey<'_>> = (0..25_000).map(|i| key("a", 1_000_000 + i)).collect();
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
-        let sizes: Vec<usize> = lookup_chunks(&refs, 60).iter().map(|c| c.0).collect();
+        let sizes: Vec<usize> = lookup_chunks(&refs, 60).iter().map(|c| c.0.len()).collect();
         assert_eq!(sizes, vec![10_000, 10_000, 5000]);
         // 2,500 institutions: split by ranges, every key in exactly one chunk.
         let names: Vec<String> = (0..2500).map(|i| format!("i{i:05}")).collect();
         let keys: Vec<EventKey<'_>> = names.iter().map(|n| key(n, 1_000_000)).collect();
         let refs: Vec<&EventKey<'_>> = keys.iter().collect();
         let chunks = lookup_chunks(&refs, 3600);
-        let sizes: Vec<(usize, usize)> = chunks.iter().map(|c| (c.0, c.1.len())).collect();
+        let sizes: Vec<(usize, usize)> = chunks.iter().map(|c| (c.0.len(), c.1.len())).collect();
         assert_eq!(sizes, vec![(1000, 1000), (1000, 1000), (500, 500)]);
     }
 
-    #[test]
-    fn every_key_lies_in_a_range_of_its_institution() {
-        // Property over a pseudo-random spread: each key's whole window is covered.
-        let mut x: u64 = 42;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as u32
-        };
-        let institutions = ["a", "b", "c"];
-        let mut keys: Vec<EventKey<'_>> = (0..500)
-            .map(|_| key(institutions[(next() % 3) as usize], next() % 10_000_000))
-            .collect();
-        keys.sort_by_key(|k| (k.institution_id, k.occurred_at));
-        let found = ranges(&keys, 3600);
-        for k in &keys {
-            let at = i64::from(k.occurred_at);
-            assert!(
-                found.iter().any(|(i, from, to)| i == k.institution_id
-                    && *from <= (at - 3600).max(0)
-                    && at + 3600 <= *to),
-                "key {} {} not covered",
-                k.institution_id,
-                k.occurred_at
-            );
-        }
-        // Ranges of one institution do not overlap (each row is read once).
-        for w in found.windows(2) {
-            if w[0].0 == w[1].0 {
-                assert!(w[0].2 < w[1].1);
+    proptest::proptest! {
+        /// Each key's whole window is covered by a range of its institution, and ranges
+        /// of one institution do not overlap (each row is read once).
+        #[test]
+        fn every_key_lies_in_a_range_of_its_institution(
+            spread in proptest::collection::vec((0usize..3, 0u32..10_000_000), 1..500)
+        ) {
+            let institutions = ["a", "b", "c"];
+            let mut keys: Vec<EventKey<'_>> =
+                spread.iter().map(|&(i, at)| key(institutions[i], at)).collect();
+            keys.sort_by_key(|k| (k.institution_id, k.occurred_at));
+            let found = ranges(&keys, 3600);
+            for k in &keys {
+                let at = i64::from(k.occurred_at);
+                proptest::prop_assert!(
+                    found.iter().any(|(i, from, to)| i == k.institution_id
+                        && *from <= (at - 3600).max(0)
+                        && at + 3600 <= *to),
+                    "key {} {} not covered",
+                    k.institution_id,
+                    k.occurred_at
+                );
+            }
+            for w in found.windows(2) {
+                if w[0].0 == w[1].0 {
+                    proptest::prop_assert!(w[0].2 < w[1].1);
+                }
             }
         }
     }
