@@ -1,4 +1,5 @@
 //! The consumer loop: poll → batch (by count, bytes and time) → write → commit offsets.
+//! The last batch of a backlog does not wait for the timer (see `EndOfBacklog`).
 //!
 //! Offsets are committed only after ClickHouse has the batch, and every write is
 //! idempotent, so a crash anywhere replays at most the uncommitted batches and counts
@@ -22,6 +23,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -106,6 +108,8 @@ fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
+        // Tells the loop when it has read everything there is (see `EndOfBacklog`).
+        .set("enable.partition.eof", "true")
         .set(
             "queued.max.messages.kbytes",
             cfg.kafka.queued_max_kbytes.to_string(),
@@ -414,13 +418,17 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     // Since when no batch is being written (for the `writer_idle` stage).
     let mut writer_idle_since = Some(Instant::now());
     let mut stopping = false;
+    let mut end = EndOfBacklog::default();
     let mut last_progress = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         let due = !batch.is_empty()
-            && (batch.has_batch() || stopping || batch.started.elapsed() >= max_wait);
+            && (batch.has_batch()
+                || stopping
+                || batch.started.elapsed() >= max_wait
+                || end.write_now());
         if in_flight.is_none() && due {
             if generation.load(Ordering::SeqCst) != batch_generation {
                 debug!(
@@ -429,6 +437,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                 );
                 batch.clear();
             } else {
+                end.taking(batch.has_batch());
                 let job = Job {
                     messages: batch.take_batch(),
                     generation: batch_generation,
@@ -529,10 +538,18 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                         batch_generation = g;
                         paused = None;
                         holding = None;
+                        end = EndOfBacklog::default();
                     }
+                    end.read(m.partition());
                     let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
                     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
                     batch.push(Message { partition: m.partition(), offset: m.offset(), key, payload });
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    if generation.load(Ordering::SeqCst) == batch_generation {
+                        let assigned = consumer.assignment().map(|t| t.elements().iter().map(|e| e.partition()).collect::<Vec<_>>()).unwrap_or_default();
+                        end.reached(p, &assigned);
+                    }
                 }
                 Err(e) => {
                     // Broker trouble: librdkafka reconnects by itself; keep polling.
@@ -557,6 +574,49 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .collect();
     info!(stage_seconds = %stages.join(" "), "ingest stopped");
     Ok(())
+}
+
+/// Whether the loop has read every message there is, right after draining a backlog.
+///
+/// The last, partial batch of a backlog would otherwise wait out `batch_max_wait_ms`
+/// although nothing more is coming. It is written at once when every assigned partition
+/// has reported its end (librdkafka's partition EOF) — but only if the batch before it was
+/// full: a trickle of messages reaches the end after every message, and writing at each
+/// would turn it into many small inserts (and parts in ClickHouse). So there is at most
+/// one early write per full batch.
+#[derive(Debug, Default)]
+struct EndOfBacklog {
+    /// Partitions whose end was reached with no message read from them since.
+    at_end: std::collections::BTreeSet<i32>,
+    /// Every assigned partition is in `at_end`.
+    all: bool,
+    /// The last batch handed to the writer was full.
+    after_full_batch: bool,
+}
+
+impl EndOfBacklog {
+    /// A message from `partition` was read: there was more than its end said.
+    fn read(&mut self, partition: i32) {
+        if self.at_end.remove(&partition) {
+            self.all = false;
+        }
+    }
+
+    /// `partition` reported its end; `assigned` are the partitions this instance owns.
+    fn reached(&mut self, partition: i32, assigned: &[i32]) {
+        self.at_end.insert(partition);
+        self.all = !assigned.is_empty() && assigned.iter().all(|p| self.at_end.contains(p));
+    }
+
+    /// A batch is handed to the writer; `full` says whether it met a batch limit.
+    fn taking(&mut self, full: bool) {
+        self.after_full_batch = full;
+    }
+
+    /// Write what is buffered now instead of waiting out the batch timer.
+    fn write_now(&self) -> bool {
+        self.all && self.after_full_batch
+    }
 }
 
 /// Offsets of stored batches, committed to Kafka asynchronously and at most once per
@@ -756,5 +816,36 @@ mod tests {
         // A batch of a newer assignment: the older offsets are not committed.
         c.add(2, &[msg(1, 20, 1)]);
         assert_eq!(c.next, BTreeMap::from([(1, 21)]));
+    }
+
+    #[test]
+    fn the_end_of_a_backlog_writes_at_once_only_after_a_full_batch() {
+        let assigned = [0, 1, 2];
+        let mut e = EndOfBacklog::default();
+        e.taking(true);
+        e.reached(0, &assigned);
+        e.reached(1, &assigned);
+        assert!(!e.write_now(), "partition 2 may still have messages");
+        e.reached(2, &assigned);
+        assert!(e.write_now());
+        // A message from a partition at its end: there is more to read.
+        e.read(1);
+        assert!(!e.write_now());
+        e.reached(1, &assigned);
+        assert!(e.write_now());
+        // The early write took a partial batch: a trickle then waits for the timer.
+        e.taking(false);
+        assert!(!e.write_now());
+        e.read(0);
+        e.reached(0, &assigned);
+        assert!(!e.write_now());
+    }
+
+    #[test]
+    fn no_assignment_is_never_the_end() {
+        let mut e = EndOfBacklog::default();
+        e.taking(true);
+        e.reached(0, &[]);
+        assert!(!e.write_now());
     }
 }

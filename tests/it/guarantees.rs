@@ -534,6 +534,64 @@ async fn large_messages_are_batched_by_bytes_and_memory_stays_bounded() {
     env.drop_database().await;
 }
 
+/// Issue 16: the last, partial batch of a backlog used to wait out `batch_max_wait_ms`
+/// although nothing more was coming. Now it is written once every partition has reported
+/// its end — but a trickle after it still waits for the timer (no flood of small inserts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_backlog_is_written_at_once_and_a_trickle_waits_for_its_batch() {
+    let mut env = TestEnv::new("backlogend", 4).await;
+    // A batch timer far longer than the whole test takes up to the trickle.
+    env.config_toml = "[ingest]\nbatch_max_messages = 100\nbatch_max_wait_ms = 60000\n".into();
+    let messages: Vec<(String, Vec<u8>)> = (0..250)
+        .map(|i| {
+            let inst = format!("uni-{}", i % 5);
+            let body = event(
+                &format!("end-{i}"),
+                &inst,
+                "2026-10-09T12:00:00Z",
+                "gpt-4o-mini",
+                10,
+                1,
+            );
+            (inst, body)
+        })
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    let start = Instant::now();
+    // 100 + 100 by count, the last 50 at the end of the backlog, not after 60 s.
+    env.wait_accounted(250, Duration::from_secs(30)).await;
+    println!(
+        "250 messages in batches of 100 stored in {:?}",
+        start.elapsed()
+    );
+
+    // One more message: the batch before it was not full, so it waits for its timer.
+    let inst = "uni-0".to_string();
+    env.produce(&[(
+        inst.clone(),
+        event(
+            "end-trickle",
+            &inst,
+            "2026-10-09T12:00:00Z",
+            "gpt-4o-mini",
+            10,
+            1,
+        ),
+    )])
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        env.accounted().await,
+        250,
+        "a single message after a partial batch was written at once"
+    );
+    // Shutting down writes the batch in hand.
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(env.accounted().await, 251);
+    env.drop_database().await;
+}
+
 /// Finding 1: the ledger topic disappeared and the next `issue` handed out a used
 /// number. Now issuing is refused with an error that names what is missing,
 /// `ledger verify` says so, `ledger restore` re-appends the documents from ClickHouse,
