@@ -21,11 +21,13 @@ async fn main() {
         brokers: brokers.clone(),
         ..Default::default()
     };
-    let consumer: StreamConsumer = tokentally::kafka::client_config(&kafka)
+    let mut config = tokentally::kafka::client_config(&kafka);
+    // Fetching as ingest does (`fetch.wait.max.ms`, `fetch.max.bytes`, the queue cap).
+    tokentally::kafka::fetch_settings(&mut config, &kafka);
+    let consumer: StreamConsumer = config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.max.bytes", "16777216")
         .create()
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -49,6 +49,15 @@ struct IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// librdkafka reports every partition end (`enable.partition.eof`) here as well as to
+    /// the consumer; only the consumer needs it, so it is not logged as an error.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::Global(RDKafkaErrorCode::PartitionEOF) = error {
+            return;
+        }
+        error!("librdkafka: {error}: {reason}");
+    }
+
     fn stats(&self, stats: Statistics) {
         let mut total = 0;
         if let Some(t) = stats.topics.get(&self.topic) {
@@ -102,7 +111,9 @@ fn create_consumer(
         topic: cfg.kafka.topic.clone(),
         lag: lag.clone(),
     };
-    let consumer: Kafka = crate::kafka::client_config(&cfg.kafka)
+    let mut config = crate::kafka::client_config(&cfg.kafka);
+    crate::kafka::fetch_settings(&mut config, &cfg.kafka);
+    let consumer: Kafka = config
         .set("group.id", &cfg.kafka.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -110,11 +121,6 @@ fn create_consumer(
         .set("statistics.interval.ms", "5000")
         // Tells the loop when it has read everything there is (see `EndOfBacklog`).
         .set("enable.partition.eof", "true")
-        .set(
-            "queued.max.messages.kbytes",
-            cfg.kafka.queued_max_kbytes.to_string(),
-        )
-        .set("fetch.max.bytes", "16777216")
         .set(
             "max.poll.interval.ms",
             cfg.kafka.max_poll_interval_ms.to_string(),
@@ -541,6 +547,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                         end = EndOfBacklog::default();
                     }
                     end.read(m.partition());
+                    metrics.read.inc();
                     let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
                     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
                     batch.push(Message { partition: m.partition(), offset: m.offset(), key, payload });
@@ -732,6 +739,8 @@ fn finish(commits: &mut Commits, metrics: &Metrics, generation: &AtomicU64, done
         duplicates = outcome.duplicates,
         replayed = outcome.already_stored,
         ms = done.started.elapsed().as_millis() as u64,
+        lookup_ms = outcome.stages.lookup.as_millis() as u64,
+        insert_ms = outcome.stages.insert.as_millis() as u64,
         "batch stored"
     );
     true

@@ -46,6 +46,8 @@ pub struct PartitionLabel {
 pub struct Metrics {
     registry: Registry,
     pub consumed: Counter,
+    /// Read from Kafka, whether stored yet or still buffered.
+    pub read: Counter,
     pub priced: Counter,
     pub unpriced: Counter,
     pub duplicates: Counter,
@@ -66,6 +68,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tokentally_ingest");
         let m = Metrics {
             consumed: Counter::default(),
+            read: Counter::default(),
             priced: Counter::default(),
             unpriced: Counter::default(),
             duplicates: Counter::default(),
@@ -84,6 +87,11 @@ impl Metrics {
             "messages_consumed",
             "Kafka messages consumed",
             m.consumed.clone(),
+        );
+        registry.register(
+            "messages_read",
+            "Kafka messages read, stored or not yet (read minus consumed is what is buffered)",
+            m.read.clone(),
         );
         registry.register(
             "events_priced",

@@ -227,8 +227,22 @@ pub async fn store_batch(
             occurred_at: e.occurred_at.timestamp() as u32,
         })
         .collect();
+    // Positions of the batch's valid messages: a copy's position may already be in
+    // `duplicate_events` (a replay). Asking for all of them lets the three look-ups run
+    // at once; only the copies' answers are used.
+    let valid_positions: Vec<Position> = decoded
+        .events
+        .iter()
+        .map(|(_, p)| *p)
+        .chain(decoded.copies.iter().map(|(_, p, _)| *p))
+        .collect();
+    let rej_positions: Vec<Position> = decoded.rejected.iter().map(|(_, m)| m.position()).collect();
     let clock = Instant::now();
-    let stored = store.stored_events(topic, &all, dedupe_window_secs).await?;
+    let (stored, stored_dups, stored_rej) = tokio::try_join!(
+        store.stored_events(topic, &all, dedupe_window_secs),
+        store.stored_positions("duplicate_events", topic, &valid_positions),
+        store.stored_positions("rejected_events", topic, &rej_positions),
+    )?;
     outcome.stages.lookup += clock.elapsed();
     let clock = Instant::now();
 
@@ -253,13 +267,6 @@ pub async fn store_batch(
         dup_candidates.push((e, *pos, original));
     }
 
-    outcome.stages.price += clock.elapsed();
-
-    let clock = Instant::now();
-    let dup_positions: Vec<Position> = dup_candidates.iter().map(|(_, p, _)| *p).collect();
-    let stored_dups = store
-        .stored_positions("duplicate_events", topic, &dup_positions)
-        .await?;
     let duplicates: Vec<DuplicateRow> = dup_candidates
         .into_iter()
         .filter(|(_, p, _)| {
@@ -280,11 +287,6 @@ pub async fn store_batch(
         .collect();
     outcome.duplicates = duplicates.len() as u64;
 
-    let rej_positions: Vec<Position> = decoded.rejected.iter().map(|(_, m)| m.position()).collect();
-    let stored_rej = store
-        .stored_positions("rejected_events", topic, &rej_positions)
-        .await?;
-    outcome.stages.lookup += clock.elapsed();
     let mut rejected = Vec::new();
     for (i, (r, m)) in decoded.rejected.iter().enumerate() {
         if stored_rej.contains(&m.position()) {
@@ -307,12 +309,18 @@ pub async fn store_batch(
             payload: m.payload.clone(),
         });
     }
+    outcome.stages.price += clock.elapsed();
 
-    // Each insert is one atomic block; the order does not matter for correctness.
+    // Each insert is one atomic block; the order does not matter for correctness, so they
+    // run at once. All three are awaited to the end even if one fails: an insert cut off
+    // mid-request would not be remembered as one whose outcome is unknown.
     let clock = Instant::now();
-    store.insert_rejected(&rejected).await?;
-    store.insert_duplicates(&duplicates).await?;
-    store.insert_events(&new_events).await?;
+    let (rejected, duplicates, events) = tokio::join!(
+        store.insert_rejected(&rejected),
+        store.insert_duplicates(&duplicates),
+        store.insert_events(&new_events),
+    );
     outcome.stages.insert += clock.elapsed();
+    rejected.and(duplicates).and(events)?;
     Ok(outcome)
 }

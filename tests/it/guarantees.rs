@@ -534,6 +534,44 @@ async fn large_messages_are_batched_by_bytes_and_memory_stays_bounded() {
     env.drop_database().await;
 }
 
+/// The look-up reads whole hour buckets of the sorting key and keeps what lies within
+/// `dedupe_window_secs` (default 3,600) of a copy's `occurred_at`: a copy re-stamped by
+/// exactly the window is a duplicate, one re-stamped a second further is a new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dedupe_window_is_exact_to_the_second() {
+    let env = TestEnv::new("window", 1).await;
+    let inst = "uni-w".to_string();
+    let mut ingest = env.spawn_ingest();
+    let steps = [
+        ("2026-10-09T12:10:30Z", 1, 0),
+        // 3,600 s earlier: within the window, a duplicate.
+        ("2026-10-09T11:10:30Z", 1, 1),
+        // 3,601 s later: outside it, a new event.
+        ("2026-10-09T13:10:31Z", 2, 1),
+    ];
+    for (n, (at, events, duplicates)) in steps.into_iter().enumerate() {
+        env.produce(&[(
+            inst.clone(),
+            event("same-id", &inst, at, "gpt-4o-mini", 10, 1),
+        )])
+        .await;
+        env.wait_accounted(n as i64 + 1, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+            events,
+            "after the copy at {at}"
+        );
+        assert_eq!(
+            i64_of(&env, "SELECT toInt64(count()) FROM duplicate_events").await,
+            duplicates,
+            "after the copy at {at}"
+        );
+    }
+    assert!(terminate(&mut ingest).success());
+    env.drop_database().await;
+}
+
 /// Issue 16: the last, partial batch of a backlog used to wait out `batch_max_wait_ms`
 /// although nothing more was coming. Now it is written once every partition has reported
 /// its end — but a trickle after it still waits for the timer (no flood of small inserts).
