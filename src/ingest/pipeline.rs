@@ -32,18 +32,6 @@ impl Message {
     }
 }
 
-/// The identity of an event: its id within its institution. With the Kafka key bound to
-/// the institution (`key_mismatch` otherwise), all copies of an event are on one
-/// partition, so deduplication never needs to look beyond the partition's own consumer.
-pub type Identity = (String, String);
-
-fn identity(e: &UsageEvent) -> Identity {
-    (
-        e.institution_id.as_str().to_owned(),
-        e.event_id.as_str().to_owned(),
-    )
-}
-
 /// A decoded batch: valid events (first copy of each identity), in-batch copies, rejections.
 pub struct Decoded<'a> {
     pub events: Vec<(UsageEvent, Position)>,
@@ -52,23 +40,42 @@ pub struct Decoded<'a> {
     pub rejected: Vec<(Rejection, &'a Message)>,
 }
 
+/// Decodes a batch and finds the copies within it. The identity of an event is its id
+/// within its institution. With the Kafka key bound to the institution (`key_mismatch`
+/// otherwise), all copies of an event are on one partition, so deduplication never needs
+/// to look beyond the partition's own consumer.
 pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decoded<'a> {
-    let mut first: HashMap<Identity, Position> = HashMap::new();
+    let results: Vec<(Result<UsageEvent, Rejection>, &Message)> = messages
+        .iter()
+        .map(|m| (decode(&m.payload, opts).and_then(|e| check_key(&m.key, e)), m))
+        .collect();
+    // The first copy of each identity in the batch, found without copying the ids.
+    let mut first: HashMap<(&str, &str), Position> = HashMap::with_capacity(results.len());
+    let originals: Vec<Option<Position>> = results
+        .iter()
+        .map(|(r, m)| {
+            let e = r.as_ref().ok()?;
+            let id = (e.institution_id.as_str(), e.event_id.as_str());
+            match first.get(&id) {
+                Some(&original) => Some(original),
+                None => {
+                    first.insert(id, m.position());
+                    None
+                }
+            }
+        })
+        .collect();
+    drop(first);
     let mut out = Decoded {
-        events: Vec::new(),
+        events: Vec::with_capacity(results.len()),
         copies: Vec::new(),
         rejected: Vec::new(),
     };
-    for m in messages {
-        match decode(&m.payload, opts).and_then(|e| check_key(&m.key, e)) {
-            Ok(event) => match first.get(&identity(&event)) {
-                Some(&original) => out.copies.push((event, m.position(), original)),
-                None => {
-                    first.insert(identity(&event), m.position());
-                    out.events.push((event, m.position()));
-                }
-            },
-            Err(r) => out.rejected.push((r, m)),
+    for ((r, m), original) in results.into_iter().zip(originals) {
+        match (r, original) {
+            (Ok(event), Some(original)) => out.copies.push((event, m.position(), original)),
+            (Ok(event), None) => out.events.push((event, m.position())),
+            (Err(r), _) => out.rejected.push((r, m)),
         }
     }
     out
@@ -246,10 +253,20 @@ pub async fn store_batch(
     outcome.stages.lookup += clock.elapsed();
     let clock = Instant::now();
 
-    let mut new_events = Vec::new();
+    // Looked up by borrowed ids: no copies of the ids per event.
+    let stored: HashMap<(&str, &str), Position> = stored
+        .iter()
+        .map(|((i, e), p)| ((i.as_str(), e.as_str()), *p))
+        .collect();
+    let stored_at = |e: &UsageEvent| {
+        stored
+            .get(&(e.institution_id.as_str(), e.event_id.as_str()))
+            .copied()
+    };
+    let mut new_events = Vec::with_capacity(decoded.events.len());
     let mut dup_candidates: Vec<(&UsageEvent, Position, Position)> = Vec::new();
     for (e, pos) in &decoded.events {
-        match stored.get(&identity(e)) {
+        match stored_at(e).as_ref() {
             Some(p) if p == pos => outcome.already_stored += 1,
             Some(p) => dup_candidates.push((e, *pos, *p)),
             None => {
@@ -263,7 +280,7 @@ pub async fn store_batch(
         }
     }
     for (e, pos, first) in &decoded.copies {
-        let original = stored.get(&identity(e)).copied().unwrap_or(*first);
+        let original = stored_at(e).unwrap_or(*first);
         dup_candidates.push((e, *pos, original));
     }
 
