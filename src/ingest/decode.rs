@@ -278,7 +278,10 @@ impl<'de> serde::Deserialize<'de> for RawFields<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
                 let mut raw = [None; FIELDS.len()];
                 while let Some(Name(i)) = map.next_key()? {
                     match i {

@@ -47,7 +47,12 @@ pub struct Decoded<'a> {
 pub fn decode_batch<'a>(messages: &'a [Message], opts: &DecodeOptions) -> Decoded<'a> {
     let results: Vec<(Result<UsageEvent, Rejection>, &Message)> = messages
         .iter()
-        .map(|m| (decode(&m.payload, opts).and_then(|e| check_key(&m.key, e)), m))
+        .map(|m| {
+            (
+                decode(&m.payload, opts).and_then(|e| check_key(&m.key, e)),
+                m,
+            )
+        })
         .collect();
     // The first copy of each identity in the batch, found without copying the ids.
     let mut first: HashMap<(&str, &str), Position> = HashMap::with_capacity(results.len());

@@ -2,9 +2,10 @@
 //! written again (after a crash, a timeout, a replay) adds nothing twice.
 //!
 //! Two rules keep the look-ups exact:
-//! - they read plain `occurred_at` ranges, never `toStartOfHour` buckets, so the
-//!   server's time zone cannot make a stored copy invisible (a half-hour zone such as
-//!   +05:30 shifts every bucket);
+//! - the hour buckets they read are computed by the server, for the wanted instants as
+//!   for the stored rows, so its time zone cannot make a stored copy invisible (a
+//!   half-hour zone such as +05:30 shifts every bucket); whether a row found lies
+//!   within the dedupe window is decided on its exact `occurred_at`, in Rust;
 //! - an insert whose outcome is unknown (lost response, timeout) is remembered by its
 //!   `query_id`, and no look-up runs until ClickHouse no longer lists that query as
 //!   running *and* `SETTLE_GRACE` has passed since the failure: only then does a look-up
