@@ -162,11 +162,13 @@ fn short_text(field: &str, s: &str, max: usize) -> Result<(), Rejection> {
 /// a copy of every string: decoding took 10.5 of ingest's 18 CPU seconds at a 2M
 /// backlog, most of it in allocations. A field that appears twice counts with its last
 /// value, as it did in a `Value`.
-struct Fields<'a> {
-    /// Fields whose value is a string.
-    strs: [Option<Cow<'a, str>>; FIELDS.len()],
-    /// Fields whose value is anything else (`null` included), parsed.
-    values: [Option<Value>; FIELDS.len()],
+struct Fields<'a>([Option<Field<'a>>; FIELDS.len()]);
+
+/// One field's value: a string (borrowed unless it has escapes), or anything else
+/// (`null` included), parsed.
+enum Field<'a> {
+    Str(Cow<'a, str>),
+    Other(Value),
 }
 
 const FIELDS: [&str; 17] = [
@@ -189,6 +191,11 @@ const FIELDS: [&str; 17] = [
     "billing",
 ];
 
+/// A field name's place in `FIELDS`; `None` for a field the contract does not know.
+fn field_index(name: &str) -> Option<usize> {
+    FIELDS.iter().position(|f| *f == name)
+}
+
 /// What the payload holds at the top level, before the values are read.
 struct RawFields<'a>([Option<&'a RawValue>; FIELDS.len()]);
 
@@ -205,49 +212,43 @@ impl<'a> Fields<'a> {
                 not_json(e)
             }
         })?;
-        let mut fields = Fields {
-            strs: Default::default(),
-            values: Default::default(),
-        };
-        for (i, r) in raw.0.iter().enumerate() {
+        let mut fields = Fields(Default::default());
+        for (slot, r) in fields.0.iter_mut().zip(raw.0) {
             let Some(r) = r else { continue };
             let text = r.get();
-            if text.starts_with('"') {
+            *slot = Some(if text.starts_with('"') {
                 // Borrowed unless the string has escapes.
-                fields.strs[i] = Some(match serde_json::from_str::<&'a str>(text) {
+                Field::Str(match serde_json::from_str::<&'a str>(text) {
                     Ok(s) => Cow::Borrowed(s),
                     Err(_) => Cow::Owned(serde_json::from_str::<String>(text).map_err(not_json)?),
-                });
+                })
             } else {
-                fields.values[i] = Some(serde_json::from_str(text).map_err(not_json)?);
-            }
+                Field::Other(serde_json::from_str(text).map_err(not_json)?)
+            });
         }
         Ok(fields)
     }
 
-    fn index(field: &str) -> usize {
-        FIELDS
-            .iter()
-            .position(|f| *f == field)
-            .expect("a field of contract v1")
+    fn get(&self, field: &str) -> Option<&Field<'a>> {
+        self.0[field_index(field).expect("a field of contract v1")].as_ref()
     }
 
     /// A field's value (`Value::String` for a string).
     fn value(&self, field: &str) -> Option<Cow<'_, Value>> {
-        let i = Self::index(field);
-        match &self.strs[i] {
-            Some(s) => Some(Cow::Owned(Value::String(s.to_string()))),
-            None => self.values[i].as_ref().map(Cow::Borrowed),
+        match self.get(field)? {
+            Field::Str(s) => Some(Cow::Owned(Value::String(s.to_string()))),
+            Field::Other(v) => Some(Cow::Borrowed(v)),
         }
     }
 
     /// A string field: `None` if absent or null; an error naming what it is instead.
     fn str(&self, field: &str) -> Result<Option<Cow<'a, str>>, Rejection> {
-        let i = Self::index(field);
-        match (&self.strs[i], &self.values[i]) {
-            (Some(s), _) => Ok(Some(s.clone())),
-            (None, None | Some(Value::Null)) => Ok(None),
-            (None, Some(other)) => Err(invalid(field, format!("must be a string, got {other}"))),
+        match self.get(field) {
+            Some(Field::Str(s)) => Ok(Some(s.clone())),
+            None | Some(Field::Other(Value::Null)) => Ok(None),
+            Some(Field::Other(other)) => {
+                Err(invalid(field, format!("must be a string, got {other}")))
+            }
         }
     }
 }
@@ -266,7 +267,7 @@ impl<'de> serde::Deserialize<'de> for RawFields<'de> {
                         f.write_str("a field name")
                     }
                     fn visit_str<E>(self, v: &str) -> Result<Name, E> {
-                        Ok(Name(FIELDS.iter().position(|f| *f == v)))
+                        Ok(Name(field_index(v)))
                     }
                 }
                 d.deserialize_str(V)
