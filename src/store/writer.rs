@@ -184,17 +184,22 @@ impl Store {
             let (institutions, index, instants) = hour_points(&ranges);
             let rows: Vec<StoredEvent> = self
                 .client
+                // PREWHERE: only `event_id` is read from every granule the key ranges
+                // select; the other columns only where an id matches (rare: a replay or
+                // a copy). A 10k-id look-up in 300k events spread over 30 days (every
+                // granule selected) read 13 MB in 24 ms this way, 28 MB in 39 ms without.
                 .query(
                     "SELECT ?fields FROM usage_events \
+                     PREWHERE event_id IN (SELECT arrayJoin(?)) \
                      WHERE (institution_id, toStartOfHour(occurred_at)) IN \
                        (SELECT arrayElement(?, i), toStartOfHour(toDateTime(t)) \
                         FROM system.one ARRAY JOIN ? AS i, ? AS t) \
-                     AND event_id IN (SELECT arrayJoin(?)) AND sign = 1 AND kafka_topic = ?",
+                     AND sign = 1 AND kafka_topic = ?",
                 )
+                .bind(ids)
                 .bind(institutions)
                 .bind(index)
                 .bind(instants)
-                .bind(ids)
                 .bind(topic)
                 .with_setting("max_query_size", MAX_QUERY_SIZE)
                 .fetch_all()
