@@ -226,6 +226,32 @@ pub async fn end_offsets(
     .await?
 }
 
+/// The high watermark of `partition` as librdkafka last saw it: a local read of what the
+/// latest fetch response carried, no request to the broker (librdkafka's
+/// `rd_kafka_get_watermark_offsets`; rust-rdkafka only wraps the querying variant, which
+/// costs a round trip). `None` while unknown (nothing fetched yet).
+pub fn cached_high_watermark<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &std::ffi::CStr,
+    partition: i32,
+) -> Option<i64> {
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client handle is alive for the borrow, `topic` is a NUL-terminated
+    // string that outlives the call, and both out-pointers point to owned locals. The
+    // call only reads librdkafka's cached partition state under its own lock.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

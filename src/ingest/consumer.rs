@@ -289,28 +289,54 @@ impl Writer {
 /// How many batches the consumer reads ahead while one is written, before it holds.
 const BUFFERED_BATCHES: usize = 4;
 
+/// How large a batch may grow: messages and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limit {
+    messages: usize,
+    bytes: usize,
+}
+
 /// Messages read but not yet handed to the writer. Reading goes on while a batch is
-/// written, up to `BUFFERED_BATCHES` batches; then the loop holds (stops reading without
-/// pausing). A pause makes librdkafka discard the messages it prefetched and fetch them
-/// again, which costs the broker as much as the fetch itself: at a 2M backlog, pausing
-/// whenever the buffer was full made the broker use 36% more CPU than for a bare
-/// consumer.
+/// written, up to `BUFFERED_BATCHES` batches (or one backlog batch, whichever is more);
+/// then the loop holds (stops reading without pausing). A pause makes librdkafka discard
+/// the messages it prefetched and fetch them again, which costs the broker as much as the
+/// fetch itself: at a 2M backlog, pausing whenever the buffer was full made the broker use
+/// 36% more CPU than for a bare consumer.
 struct Buffer {
     messages: std::collections::VecDeque<Message>,
     bytes: usize,
-    max_messages: usize,
-    max_bytes: usize,
+    /// A batch of live traffic and of the end of a backlog (`batch_max_*`).
+    batch: Limit,
+    /// A batch while a backlog is read (`backlog_batch_max_messages`; `batch` if that is
+    /// not larger).
+    backlog_batch: Limit,
     /// When the oldest message still buffered was read (at most; see `take_batch`).
     started: Instant,
 }
 
 impl Buffer {
-    fn new(max_messages: usize, max_bytes: usize) -> Self {
+    /// Batches of `batch`; while a backlog lasts, of `backlog_messages` messages and
+    /// proportionally more bytes (if that is more than `batch.messages`; else never).
+    fn new(batch: Limit, backlog_messages: usize) -> Self {
+        let batch = Limit {
+            messages: batch.messages.max(1),
+            bytes: batch.bytes.max(1),
+        };
+        let backlog_batch = if backlog_messages > batch.messages {
+            Limit {
+                messages: backlog_messages,
+                bytes: batch
+                    .bytes
+                    .saturating_mul(backlog_messages.div_ceil(batch.messages)),
+            }
+        } else {
+            batch
+        };
         Self {
             messages: Default::default(),
             bytes: 0,
-            max_messages: max_messages.max(1),
-            max_bytes: max_bytes.max(1),
+            batch,
+            backlog_batch,
             started: Instant::now(),
         }
     }
@@ -340,26 +366,43 @@ impl Buffer {
         self.bytes = 0;
     }
 
-    /// A whole batch is waiting.
-    fn has_batch(&self) -> bool {
-        self.messages.len() >= self.max_messages || self.bytes >= self.max_bytes
+    fn reaches(&self, limit: Limit) -> bool {
+        self.messages.len() >= limit.messages || self.bytes >= limit.bytes
     }
 
-    /// The writer is `BUFFERED_BATCHES` batches behind.
+    /// The batch to collect now: a backlog batch while at least one more is buffered or
+    /// still to be read (`unread`: messages after the last one read, in the partitions
+    /// read from; asked only when it matters), else a normal one. So batches are large
+    /// while a backlog lasts and normal again for its last messages, which are then
+    /// stored as soon as with normal batches.
+    fn limit(&self, unread: impl FnOnce() -> u64) -> Limit {
+        if self.backlog_batch == self.batch || !self.reaches(self.batch) {
+            return self.batch;
+        }
+        if self.reaches(self.backlog_batch)
+            || self.messages.len() as u64 + unread() >= self.backlog_batch.messages as u64
+        {
+            self.backlog_batch
+        } else {
+            self.batch
+        }
+    }
+
+    /// The writer is `BUFFERED_BATCHES` batches (or one backlog batch) behind.
     fn is_full(&self) -> bool {
-        self.messages.len() >= BUFFERED_BATCHES * self.max_messages
-            || self.bytes >= BUFFERED_BATCHES * self.max_bytes
+        self.messages.len()
+            >= (BUFFERED_BATCHES * self.batch.messages).max(self.backlog_batch.messages)
+            || self.bytes >= (BUFFERED_BATCHES * self.batch.bytes).max(self.backlog_batch.bytes)
     }
 
-    /// The oldest messages, up to one batch's limits (at least one message). What is left
-    /// keeps the older `started`, so it is written no later than its own deadline.
-    fn take_batch(&mut self) -> Vec<Message> {
-        let mut out = Vec::with_capacity(self.max_messages.min(self.messages.len()));
+    /// The oldest messages, up to `limit` (at least one message). What is left keeps the
+    /// older `started`, so it is written no later than its own deadline.
+    fn take_batch(&mut self, limit: Limit) -> Vec<Message> {
+        let mut out = Vec::with_capacity(limit.messages.min(self.messages.len()));
         let mut bytes = 0;
         while let Some(m) = self.messages.front() {
             let size = Self::size(m);
-            if !out.is_empty() && (out.len() >= self.max_messages || bytes + size > self.max_bytes)
-            {
+            if !out.is_empty() && (out.len() >= limit.messages || bytes + size > limit.bytes) {
                 break;
             }
             bytes += size;
@@ -367,6 +410,31 @@ impl Buffer {
         }
         self.bytes -= bytes;
         out
+    }
+}
+
+/// Where reading stands in each partition read from under the current assignment, for
+/// the size of the backlog still unread (`Buffer::limit`).
+#[derive(Debug, Default)]
+struct ReadPositions {
+    next: BTreeMap<i32, i64>,
+}
+
+impl ReadPositions {
+    fn read(&mut self, partition: i32, offset: i64) {
+        self.next.insert(partition, offset + 1);
+    }
+
+    /// Messages after the last one read, by the high watermarks librdkafka last fetched
+    /// (a partition not read from yet, or without a known watermark, counts none).
+    fn unread(&self, consumer: &Kafka, topic: &std::ffi::CStr) -> u64 {
+        self.next
+            .iter()
+            .filter_map(|(&p, &next)| {
+                let high = crate::kafka::cached_high_watermark(consumer.client(), topic, p)?;
+                u64::try_from(high - next).ok()
+            })
+            .sum()
     }
 }
 
@@ -410,10 +478,17 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
           instance = %heartbeat.instance_id(), "ingest started");
 
     let max_wait = Duration::from_millis(cfg.ingest.batch_max_wait_ms);
-    let max_messages = cfg.ingest.batch_max_messages;
-    let max_bytes = cfg.ingest.batch_max_bytes;
     let stall_after = Duration::from_secs(cfg.ingest.stall_secs);
-    let mut batch = Buffer::new(max_messages, max_bytes);
+    let mut batch = Buffer::new(
+        Limit {
+            messages: cfg.ingest.batch_max_messages,
+            bytes: cfg.ingest.batch_max_bytes,
+        },
+        cfg.ingest.backlog_batch_max_messages,
+    );
+    let topic_c = std::ffi::CString::new(cfg.kafka.topic.as_str())
+        .context("the Kafka topic name contains a NUL byte")?;
+    let mut positions = ReadPositions::default();
     let mut commits = Commits::new(Duration::from_millis(cfg.ingest.commit_interval_ms));
     let mut batch_generation = generation.load(Ordering::SeqCst);
     let mut in_flight: Option<tokio::task::JoinHandle<Done>> = None;
@@ -430,8 +505,14 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        // The limit matters only when a batch can be handed over.
+        let limit = if in_flight.is_none() {
+            batch.limit(|| positions.unread(&consumer, &topic_c))
+        } else {
+            batch.batch
+        };
         let due = !batch.is_empty()
-            && (batch.has_batch()
+            && (batch.reaches(limit)
                 || stopping
                 || batch.started.elapsed() >= max_wait
                 || end.write_now());
@@ -443,9 +524,9 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                 );
                 batch.clear();
             } else {
-                end.taking(batch.has_batch());
+                end.taking(batch.reaches(limit));
                 let job = Job {
-                    messages: batch.take_batch(),
+                    messages: batch.take_batch(limit),
                     generation: batch_generation,
                     book: books.current(),
                 };
@@ -482,6 +563,11 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
                 writer_idle_since = Some(Instant::now());
+                // Holding waits for the writer only: with backlog batches the buffer can
+                // be full before the next batch is (see `Buffer::is_full`).
+                if let Some(since) = holding.take() {
+                    metrics.stage("fetch_held", since.elapsed());
+                }
                 match done {
                     Ok(done) => {
                         if finish(&mut commits, &metrics, &generation, done) {
@@ -526,6 +612,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                     warn!(group_stuck_for_s = heartbeat.group_stuck_for().as_secs(),
                           "no partitions while the group makes no progress: rejoining the consumer group");
                     batch.clear();
+                    positions = ReadPositions::default();
                     paused = None;
                     holding = None;
                     drop(consumer);
@@ -541,12 +628,14 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
                             debug!(dropped = batch.len(), "assignment changed: batch will be re-read");
                         }
                         batch.clear();
+                        positions = ReadPositions::default();
                         batch_generation = g;
                         paused = None;
                         holding = None;
                         end = EndOfBacklog::default();
                     }
                     end.read(m.partition());
+                    positions.read(m.partition(), m.offset());
                     metrics.read.inc();
                     let key = m.key().map(<[u8]>::to_vec).unwrap_or_default();
                     let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
@@ -579,7 +668,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .iter()
         .map(|(stage, secs)| format!("{stage}={secs:.3}"))
         .collect();
-    info!(stage_seconds = %stages.join(" "), "ingest stopped");
+    info!(batches = metrics.batches.get(), stage_seconds = %stages.join(" "), "ingest stopped");
     Ok(())
 }
 
@@ -759,41 +848,53 @@ mod tests {
         }
     }
 
+    fn limit(messages: usize, bytes: usize) -> Limit {
+        Limit { messages, bytes }
+    }
+
+    /// A buffer without backlog batches.
+    fn buffer(messages: usize, bytes: usize) -> Buffer {
+        Buffer::new(limit(messages, bytes), 0)
+    }
+
     #[test]
     fn a_batch_is_taken_oldest_first_within_both_limits() {
-        let mut b = Buffer::new(3, 10_000);
+        let mut b = buffer(3, 10_000);
         for o in 0..7 {
             b.push(msg(0, o, 100));
         }
-        assert!(b.has_batch());
-        let first: Vec<i64> = b.take_batch().iter().map(|m| m.offset).collect();
+        let l = b.limit(|| unreachable!("no backlog batches"));
+        assert!(b.reaches(l));
+        let first: Vec<i64> = b.take_batch(l).iter().map(|m| m.offset).collect();
         assert_eq!(first, [0, 1, 2]);
         assert_eq!(b.len(), 4);
         assert_eq!(b.bytes, 4 * (3 + 100 + 64));
         // By bytes: 167 bytes per message, at most 400 per batch → two.
-        let mut b = Buffer::new(100, 400);
+        let mut b = buffer(100, 400);
         for o in 0..5 {
             b.push(msg(1, o, 100));
         }
-        assert_eq!(b.take_batch().len(), 2);
-        assert_eq!(b.take_batch().len(), 2);
-        assert_eq!(b.take_batch().len(), 1);
+        let l = b.batch;
+        assert_eq!(b.take_batch(l).len(), 2);
+        assert_eq!(b.take_batch(l).len(), 2);
+        assert_eq!(b.take_batch(l).len(), 1);
         assert!(b.is_empty());
         assert_eq!(b.bytes, 0);
     }
 
     #[test]
     fn a_message_larger_than_a_batch_still_goes_alone() {
-        let mut b = Buffer::new(10, 100);
+        let mut b = buffer(10, 100);
         b.push(msg(0, 0, 1_000));
         b.push(msg(0, 1, 10));
-        assert_eq!(b.take_batch().len(), 1);
-        assert_eq!(b.take_batch().len(), 1);
+        let l = b.batch;
+        assert_eq!(b.take_batch(l).len(), 1);
+        assert_eq!(b.take_batch(l).len(), 1);
     }
 
     #[test]
     fn the_buffer_is_full_at_several_batches_not_at_one() {
-        let mut b = Buffer::new(2, 1 << 20);
+        let mut b = buffer(2, 1 << 20);
         for o in 0..(2 * BUFFERED_BATCHES as i64 - 1) {
             b.push(msg(0, o, 10));
             assert!(!b.is_full(), "full after {} messages", o + 1);
@@ -803,17 +904,49 @@ mod tests {
     }
 
     #[test]
-    fn the_remainder_keeps_its_deadline() {
-        let mut b = Buffer::new(1, 1 << 20);
+    fn batches_grow_while_a_backlog_lasts_and_shrink_for_its_end() {
+        // Normal batches of 2, backlog batches of 6.
+        let mut b = Buffer::new(limit(2, 1 << 20), 6);
         b.push(msg(0, 0, 10));
-        let started = b.started;
-        std::thread::sleep(Duration::from_millis(5));
-        b.push(msg(0, 1, 10));
-        b.take_batch();
         assert_eq!(
-            b.started, started,
-            "what is left is not made to wait longer"
+            b.limit(|| panic!("asked before a normal batch is buffered")),
+            b.batch
         );
+        b.push(msg(0, 1, 10));
+        // 2 buffered + 4 unread make a backlog batch: wait for it.
+        assert_eq!(b.limit(|| 4), b.backlog_batch);
+        assert!(!b.reaches(b.backlog_batch));
+        // 2 buffered + 3 unread do not: the normal batch goes now.
+        assert_eq!(b.limit(|| 3), b.batch);
+        for o in 2..6 {
+            b.push(msg(0, o, 10));
+        }
+        // A whole backlog batch buffered: taken whole, whatever is unread.
+        let l = b.limit(|| 0);
+        assert_eq!(l, b.backlog_batch);
+        assert_eq!(b.take_batch(l).len(), 6);
+    }
+
+    #[test]
+    fn the_buffer_holds_a_backlog_batch_before_it_is_full() {
+        // Four normal batches (8) are fewer than one backlog batch (10).
+        let mut b = Buffer::new(limit(2, 1 << 20), 10);
+        for o in 0..9 {
+            b.push(msg(0, o, 10));
+            assert!(!b.is_full(), "full after {} messages", o + 1);
+        }
+        b.push(msg(0, 9, 10));
+        assert!(b.is_full());
+    }
+
+    #[test]
+    fn backlog_batches_are_off_unless_larger_and_grow_bytes_in_proportion() {
+        for off in [0, 2, 5] {
+            let b = Buffer::new(limit(5, 1000), off);
+            assert_eq!(b.backlog_batch, b.batch, "backlog_batch_max_messages {off}");
+        }
+        let b = Buffer::new(limit(5, 1000), 12);
+        assert_eq!(b.backlog_batch, limit(12, 3000));
     }
 
     #[test]

@@ -630,6 +630,56 @@ async fn the_end_of_a_backlog_is_written_at_once_and_a_trickle_waits_for_its_bat
     env.drop_database().await;
 }
 
+/// Issue 16: with `backlog_batch_max_messages`, a backlog is written in large batches
+/// (fewer parts for ClickHouse to write and merge), judged by the high watermarks
+/// librdkafka caches, and its end in normal ones; every event is still stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_in_backlog_batches_and_counted_once() {
+    let mut env = TestEnv::new("backlogbatch", 1).await;
+    env.config_toml = "[ingest]\nbatch_max_messages = 100\nbatch_max_wait_ms = 60000\n\
+                       backlog_batch_max_messages = 1000\n"
+        .into();
+    let messages: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| {
+            let inst = format!("uni-{}", i % 7);
+            let at = format!("2026-10-{:02}T{:02}:00:00Z", 1 + i % 28, i % 24);
+            (
+                inst.clone(),
+                event(&format!("bb-{i}"), &inst, &at, "gpt-4o-mini", 10, 1),
+            )
+        })
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(3000, Duration::from_secs(60)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+        3000
+    );
+    assert_eq!(
+        i64_of(
+            &env,
+            "SELECT toInt64(uniqExact(event_id)) FROM usage_events"
+        )
+        .await,
+        3000
+    );
+    // 3,000 messages in batches of 100 are 30 batches; backlog batches of 1,000 make
+    // three, plus normal ones if a batch was due while less than 1,000 were left.
+    let log = std::fs::read_to_string(env.log_path("ingest")).unwrap();
+    let batches: u64 = log
+        .lines()
+        .filter(|l| l.contains("ingest stopped"))
+        .find_map(|l| l.split("batches=").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no batch count in the ingest log:\n{log}"));
+    assert!(
+        (3..=12).contains(&batches),
+        "{batches} batches for 3,000 messages (30 without backlog batches)"
+    );
+    env.drop_database().await;
+}
+
 /// Finding 1: the ledger topic disappeared and the next `issue` handed out a used
 /// number. Now issuing is refused with an error that names what is missing,
 /// `ledger verify` says so, `ledger restore` re-appends the documents from ClickHouse,
