@@ -973,12 +973,11 @@ impl Config {
                     })?;
         }
         if let Some(v) = env("TOKENTALLY_INGEST_BACKLOG_BATCH_MAX_MESSAGES") {
-            self.ingest.backlog_batch_max_messages =
-                v.parse().ok().ok_or_else(|| ConfigError::Env {
-                    name: "TOKENTALLY_INGEST_BACKLOG_BATCH_MAX_MESSAGES",
-                    value: v.clone(),
-                    reason: "must be a whole number (0: off)".into(),
-                })?;
+            self.ingest.backlog_batch_max_messages = v.parse().map_err(|_| ConfigError::Env {
+                name: "TOKENTALLY_INGEST_BACKLOG_BATCH_MAX_MESSAGES",
+                value: v.clone(),
+                reason: "must be a whole number (0: off)".into(),
+            })?;
         }
         if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES") {
             self.ingest.batch_max_messages =

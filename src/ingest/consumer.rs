@@ -563,8 +563,9 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
                 writer_idle_since = Some(Instant::now());
-                // Holding waits for the writer only: with backlog batches the buffer can
-                // be full before the next batch is (see `Buffer::is_full`).
+                // Holding waits for the writer only. Once it is done, reading resumes
+                // even if no batch is handed over next (the assignment changed and the
+                // buffer is dropped), instead of waiting for the pause fallback.
                 if let Some(since) = holding.take() {
                     metrics.stage("fetch_held", since.elapsed());
                 }
