@@ -680,6 +680,59 @@ async fn a_backlog_is_written_in_backlog_batches_and_counted_once() {
     env.drop_database().await;
 }
 
+/// Issue 16: a crash in the middle of a backlog written in backlog batches — ingest
+/// killed -9 while a large batch may be in flight, then restarted — still stores every
+/// event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_backlog_batches_counts_every_event_once() {
+    let mut env = TestEnv::new("backlogcrash", 2).await;
+    env.config_toml =
+        "[ingest]\nbatch_max_messages = 500\nbacklog_batch_max_messages = 5000\n".into();
+    let messages: Vec<(String, Vec<u8>)> = (0..30_000)
+        .map(|i| {
+            let inst = format!("uni-{}", i % 5);
+            let at = format!("2026-10-{:02}T{:02}:00:00Z", 1 + i % 28, i % 24);
+            (
+                inst.clone(),
+                event(&format!("bc-{i}"), &inst, &at, "gpt-4o-mini", 10, 1),
+            )
+        })
+        .collect();
+    env.produce(&messages).await;
+    let mut ingest = env.spawn_ingest();
+    let started = Instant::now();
+    while env.accounted().await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing stored in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = env.accounted().await;
+    assert!(
+        before < 30_000,
+        "ingest finished before the kill; the test needs more traffic"
+    );
+    crate::harness::kill9(&mut ingest);
+    println!("kill -9 with {before}/30000 messages accounted for");
+    let mut ingest = env.spawn_ingest();
+    env.wait_accounted(30_000, Duration::from_secs(120)).await;
+    assert!(terminate(&mut ingest).success());
+    assert_eq!(
+        i64_of(&env, "SELECT toInt64(sum(sign)) FROM usage_events").await,
+        30_000
+    );
+    assert_eq!(
+        i64_of(
+            &env,
+            "SELECT toInt64(uniqExact(event_id)) FROM usage_events"
+        )
+        .await,
+        30_000
+    );
+    env.drop_database().await;
+}
+
 /// Finding 1: the ledger topic disappeared and the next `issue` handed out a used
 /// number. Now issuing is refused with an error that names what is missing,
 /// `ledger verify` says so, `ledger restore` re-appends the documents from ClickHouse,
