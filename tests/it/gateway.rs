@@ -420,7 +420,62 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
             (6, 4, "google")
         );
         assert_eq!(dec(&e.cost), gemini.cost(6, 0, 0, 4).normalize());
+        // Issue 29: the `alt=sse` stream (the google-genai SDK's only form) is `ok` too.
+        assert_eq!(e.status, "ok", "{id}: {}", e.endpoint);
     }
+
+    // The official google-genai SDK: generate_content, and generate_content_stream
+    // (always `?alt=sse`); what it reads equals what it reads from the simulator direct.
+    let genai_calls = json!([
+        {"sdk": "genai", "api": "generate", "model": "gemini-2.0-flash",
+         "contents": "hello gemini friend", "headers": {"x-simulator": "words=5"}},
+        {"sdk": "genai", "api": "generate", "stream": true, "model": "gemini-2.0-flash",
+         "contents": "stream hello gemini", "headers": {"x-simulator": "words=7"}},
+    ]);
+    let via = sdk_calls(&gw.base, &key, &genai_calls);
+    let direct = sdk_calls(&sim.base, platform_key("GEMINI"), &genai_calls);
+    for (i, (v, d)) in via.iter().zip(&direct).enumerate() {
+        assert_eq!(v["ok"], true, "genai call {i} through the gateway: {v}");
+        assert_eq!(v["response"], d["response"], "genai call {i}");
+        assert_eq!(v["chunks"], d["chunks"], "genai call {i}");
+    }
+    let chunks = via[1]["chunks"].as_array().unwrap();
+    assert!(chunks.len() > 1, "the stream came in pieces: {chunks:?}");
+    assert_eq!(
+        chunks.last().unwrap()["candidates"][0]["finish_reason"],
+        "STOP"
+    );
+    let events = wait_events(&env, 13, Duration::from_secs(30)).await;
+    let sdk_events: Vec<&Stored> = events
+        .iter()
+        .filter(|(id, e)| e.provider == "google" && !gem_ids.contains(id))
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(sdk_events.len(), 2, "{sdk_events:?}");
+    let mut seen: Vec<(&str, &str, u64, u64)> = sdk_events
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                dec(&e.cost),
+                gemini.cost(e.input_tokens, 0, 0, e.output_tokens).normalize()
+            );
+            (
+                e.endpoint.as_str(),
+                e.status.as_str(),
+                e.input_tokens,
+                e.output_tokens,
+            )
+        })
+        .collect();
+    seen.sort();
+    // 3 prompt words + 3 for the one content each; 5 and 7 answer words.
+    assert_eq!(
+        seen,
+        vec![
+            ("generateContent", "ok", 6, 5),
+            ("streamGenerateContent", "ok", 6, 7)
+        ]
+    );
     env.drop_database().await;
 }
 

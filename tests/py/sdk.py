@@ -1,9 +1,10 @@
-"""Drives an endpoint with the official OpenAI and Anthropic Python SDKs (from PyPI).
+"""Drives an endpoint with the official OpenAI, Anthropic and Google Gen AI Python SDKs
+(from PyPI).
 
 usage: sdk.py BASE_URL API_KEY < calls.json > results.json
 
-Each call is an object: {"sdk": "openai"|"anthropic", "api": "chat"|"responses"|
-"embeddings"|"messages"|"models", "stream": bool, "include_usage": bool, "model": str,
+Each call is an object: {"sdk": "openai"|"anthropic"|"genai", "api": "chat"|"responses"|
+"embeddings"|"messages"|"models"|"generate", "stream": bool, "include_usage": bool, "model": str,
 "messages"/"input": ..., "max_tokens": int, "headers": {...}, "leave_after": N}.
 `leave_after` reads N stream items and then closes the connection (a client that goes
 away). Each result: {"ok": true, "request_id": the gateway's x-tokentally-request-id,
@@ -17,6 +18,9 @@ import sys
 
 import anthropic
 import openai
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 
 
 def dump(obj):
@@ -69,6 +73,25 @@ def run_anthropic(client, call):
     return raw, {"response": dump(raw.parse())}
 
 
+def run_genai(client, call):
+    """google-genai: `generate_content` or `generate_content_stream` (which always asks
+    for `?alt=sse`). The SDK gives no raw response for streams: headers are empty there."""
+    config = genai_types.GenerateContentConfig(
+        max_output_tokens=call.get("max_tokens", 64),
+        http_options=genai_types.HttpOptions(headers=call.get("headers", {})),
+    )
+    kwargs = dict(model=call["model"], contents=call["contents"], config=config)
+    if call.get("stream"):
+        out = []
+        for chunk in client.models.generate_content_stream(**kwargs):
+            out.append(chunk.model_dump(mode="json", exclude={"sdk_http_response"}, exclude_none=True))
+        return 200, {}, {"chunks": out}
+    res = client.models.generate_content(**kwargs)
+    raw = getattr(res, "sdk_http_response", None)
+    headers = {k.lower(): v for k, v in (raw.headers or {}).items()} if raw is not None else {}
+    return 200, headers, {"response": res.model_dump(mode="json", exclude={"sdk_http_response"}, exclude_none=True)}
+
+
 def read_stream(stream, call):
     out = []
     leave = call.get("leave_after")
@@ -85,8 +108,19 @@ def main():
     calls = json.load(sys.stdin)
     oa = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
     an = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=60)
+    ga = genai.Client(api_key=key, http_options=genai_types.HttpOptions(
+        base_url=base, timeout=60_000, retry_options=genai_types.HttpRetryOptions(attempts=1)))
     results = []
     for call in calls:
+        if call["sdk"] == "genai":
+            try:
+                status, h, body = run_genai(ga, call)
+                results.append({"ok": True, "status": status, "request_id": h.get("x-tokentally-request-id"),
+                                "headers": h, **body})
+            except genai_errors.APIError as e:
+                results.append({"ok": False, "status": e.code, "error_type": type(e).__name__,
+                                "request_id": None, "headers": {}, "body": e.details})
+            continue
         try:
             # "max_retries": N lets the SDK retry as it would by default.
             retries = call.get("max_retries", 0)

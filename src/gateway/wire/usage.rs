@@ -228,6 +228,15 @@ impl Tracker {
         self.note_model(v, "modelVersion");
         if let Some(Value::Array(cands)) = v.get("candidates") {
             for c in cands {
+                // Gemini's `alt=sse` stream has no end marker: the chunk whose candidate
+                // carries a finish reason (STOP, MAX_TOKENS, SAFETY, ...) is the last one.
+                // A stream that breaks off after it is still caught by the relay.
+                if c["finishReason"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty() && r != "FINISH_REASON_UNSPECIFIED")
+                {
+                    self.seen.complete = true;
+                }
                 if let Some(parts) = c["content"]["parts"].as_array() {
                     for p in parts {
                         if let Some(s) = p["text"].as_str() {
@@ -434,8 +443,11 @@ mod tests {
 
     #[test]
     fn gemini_streams_with_and_without_sse() {
+        // `alt=sse` (what the google-genai SDK always asks for): complete once a
+        // candidate carries its finish reason; there is no `[DONE]`.
         let mut t = Tracker::new(Api::Gemini { stream: true }, false);
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1},"modelVersion":"gemini-2.5-flash"})));
+        assert!(!t.seen.complete, "a stream without its finish reason is not complete");
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2}})));
         let seen = t.finish();
         assert_eq!(
@@ -443,6 +455,15 @@ mod tests {
             Some(json!({"promptTokenCount":3,"candidatesTokenCount":2}))
         );
         assert_eq!(seen.text, "ab");
+        assert!(seen.complete);
+        // Cut off by the length cap: complete too (the provider ended it).
+        let mut t = Tracker::new(Api::Gemini { stream: true }, false);
+        t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"MAX_TOKENS"}]})));
+        assert!(t.finish().complete);
+        // A stream that ends before any finish reason is not.
+        let mut t = Tracker::new(Api::Gemini { stream: true }, false);
+        t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"a"}]},"finishReason":"FINISH_REASON_UNSPECIFIED"}]})));
+        assert!(!t.finish().complete);
         let mut t = Tracker::new(Api::Gemini { stream: true }, false);
         t.body(br#"[{"candidates":[{"content":{"parts":[{"text":"x"}]}}]},"#);
         t.body(br#"{"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":1}}]"#);
