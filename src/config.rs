@@ -21,7 +21,7 @@ pub struct Config {
     pub institutions: Vec<InstitutionConfig>,
     /// Spend, request and token limits the gateway enforces (`[[limits]]`); limits set
     /// with `tokentally limits set` take precedence over one with the same id here.
-    pub limits: Vec<crate::domain::Limit>,
+    pub limits: Vec<crate::limits::Limit>,
 }
 
 impl Config {
@@ -82,6 +82,9 @@ pub struct GatewayConfig {
     pub reserve_default_output_tokens: u64,
     /// Prometheus metrics of the gateway (`/metrics`; empty: off).
     pub metrics_listen: String,
+    /// The store several gateway instances decide their limits through
+    /// (`[gateway.shared_limits]`; off unless `redis_url` is set).
+    pub shared_limits: SharedLimitsConfig,
     pub openai: UpstreamConfig,
     pub anthropic: UpstreamConfig,
     pub gemini: UpstreamConfig,
@@ -106,9 +109,45 @@ impl Default for GatewayConfig {
             reserve_image_tokens: 3000,
             reserve_default_output_tokens: 100_000,
             metrics_listen: "127.0.0.1:9465".into(),
+            shared_limits: SharedLimitsConfig::default(),
             openai: UpstreamConfig::new("https://api.openai.com"),
             anthropic: UpstreamConfig::new("https://api.anthropic.com"),
             gemini: UpstreamConfig::new("https://generativelanguage.googleapis.com"),
+        }
+    }
+}
+
+/// The shared limit store (`[gateway.shared_limits]`): with several gateway instances,
+/// reservations, settlements and rpm/tpm windows go through one Redis or Valkey primary,
+/// so limits are exact across instances. Without it (one instance needs none), each
+/// instance admits its share of a limit's headroom (see the README).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedLimitsConfig {
+    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS); empty: no shared
+    /// store. Env: `TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL`. Never logged (it may
+    /// carry a password).
+    pub redis_url: Secret,
+    /// Prefix of every key; empty: `tokentally:` and the ClickHouse database's name (so
+    /// deployments that share a server do not share counters).
+    pub namespace: String,
+    /// Longest wait for the store on a request; past it the instance decides by shares
+    /// (logged, `gateway_limits_mode` metric, an alert) until the store answers again.
+    pub timeout_ms: u64,
+    /// An open reservation (or priced event not yet stored) that its instance stopped
+    /// renewing (it crashed) is dropped after this long.
+    pub reservation_ttl_secs: u64,
+    pub pending_ttl_secs: u64,
+}
+
+impl Default for SharedLimitsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: Secret::default(),
+            namespace: String::new(),
+            timeout_ms: 250,
+            reservation_ttl_secs: 30,
+            pending_ttl_secs: 900,
         }
     }
 }
@@ -903,6 +942,9 @@ impl Config {
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
             self.gateway.metrics_listen = v;
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL") {
+            self.gateway.shared_limits.redis_url = Secret::new(v);
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_SPOOL_DIR") {
             self.gateway.spool_dir = PathBuf::from(v);

@@ -172,11 +172,11 @@ pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
     let mut out = Vec::new();
     for s in standings {
         let label = match s.scope {
-            crate::domain::LimitScope::Institution => s.institution_id.clone(),
+            crate::limits::LimitScope::Institution => s.institution_id.clone(),
             sc => format!("{sc} {} of {}", s.subject, s.institution_id),
         };
         let amount = |d: Decimal| match s.metric {
-            crate::domain::Metric::Usd => format!("${}", d.round_dp(2)),
+            crate::limits::Metric::Usd => format!("${}", d.round_dp(2)),
             m => format!("{} {m}", d.normalize()),
         };
         let period = s.period_start.format("%Y-%m-%d").to_string();
@@ -525,7 +525,8 @@ pub async fn evaluate_once(
     let series = load_live_series(cfg, store, from, end).await?;
     let mut readings = spend_readings(cfg, &series, end, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
-    match crate::limits::standings(store, cfg, None, now).await {
+    match crate::limits::standings(store, &cfg.limits, &|i| cfg.institution_tz(i), None, now).await
+    {
         Ok(standings) => readings.extend(limit_readings(&standings)),
         Err(e) => tracing::warn!(error = %e, "cannot read limits for alerts"),
     }

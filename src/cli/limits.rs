@@ -6,8 +6,8 @@ use rust_decimal::Decimal;
 
 use super::invoice::ReportFormat;
 use crate::config::Config;
-use crate::domain::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
 use crate::keys::cli_actor;
+use crate::limits::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
 use crate::store::Store;
 
 #[derive(Subcommand, Debug)]
@@ -105,7 +105,7 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LimitsCommand::Remove { limit_id } => {
-            let l = crate::limits::remove(&store, cfg, &limit_id, &cli_actor()).await?;
+            let l = crate::limits::remove(&store, &cfg.limits, &limit_id, &cli_actor()).await?;
             eprintln!("removed: {} ({})", l.id(), l.amount_label());
             Ok(())
         }
@@ -113,8 +113,14 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
             institution,
             format,
         } => {
-            let rows =
-                crate::limits::standings(&store, cfg, institution.as_deref(), Utc::now()).await?;
+            let rows = crate::limits::standings(
+                &store,
+                &cfg.limits,
+                &|i| cfg.institution_tz(i),
+                institution.as_deref(),
+                Utc::now(),
+            )
+            .await?;
             match format {
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 ReportFormat::Table => {

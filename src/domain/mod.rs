@@ -1,11 +1,9 @@
 //! Core types. Past `ingest::decode` every `UsageEvent` is valid: ids are non-empty,
 //! token counts are canonical (disjoint classes) and the timestamp is in range.
 
-pub mod limits;
 mod period;
 mod selection;
 
-pub use limits::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
 pub use period::Period;
 pub use selection::{Scope, Selection};
 

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub events_sent: Gauge,
     pub limits: Gauge,
     pub reservations_open: Gauge,
+    /// 0: shares (no shared store), 1: exact (through the shared store), 2: fallback.
+    pub limits_mode: Gauge,
     pub admission_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -45,8 +47,9 @@ impl Metrics {
             events_sent: Gauge::default(),
             limits: Gauge::default(),
             reservations_open: Gauge::default(),
+            limits_mode: Gauge::default(),
             admission_seconds: prometheus_client::metrics::histogram::Histogram::new([
-                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01,
+                0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.25,
             ]),
         };
         m.registry.register(
@@ -58,6 +61,11 @@ impl Metrics {
             "reservations_open",
             "Requests holding a reservation on a limit right now",
             m.reservations_open.clone(),
+        );
+        m.registry.register(
+            "limits_mode",
+            "How limits are decided: 0 by shares (no shared store configured), 1 exactly through the shared store, 2 by shares because the shared store is unreachable",
+            m.limits_mode.clone(),
         );
         m.registry.register(
             "admission_seconds",

@@ -4,17 +4,13 @@
 //! spool, so that no request it served goes unbilled.
 //!
 //! - `wire`: the providers' formats (paths, bodies, usage, errors);
-//! - `proxy`: one request, end to end; `rate`: requests/tokens per minute per key;
-//! - `budget`: limits that block (reserve, then settle); `admission`: worst cases and
-//!   the refresh that keeps limits and usage current;
+//! - `proxy`: one request, end to end (its limits are decided by `crate::limits::gate`);
 //! - `keyring`: keys as every instance sees them; `spool`: events on their way to Kafka;
 //! - `http_ingest`: `POST /v1/usage-events` for gateways that are not ours.
 //!
 //! What is kept: the event of each request (ids, model, token counts, latency, status,
 //! tags) — never prompt or completion text, never a key. Bodies pass through memory only.
 
-pub mod admission;
-pub mod budget;
 pub mod estimate;
 pub mod event;
 pub mod http_ingest;
@@ -22,7 +18,6 @@ pub mod keyring;
 pub mod metrics;
 pub mod moderation;
 pub mod proxy;
-pub mod rate;
 pub mod spool;
 pub mod wire;
 
@@ -41,11 +36,15 @@ use axum::Router;
 use crate::config::{Config, Secret};
 use crate::keys::crypto::{MasterKey, Pseudonyms};
 use crate::keys::{model_allowed, KeyKind};
+use crate::limits::budget::Budgets;
+use crate::limits::estimate::Bounds;
+use crate::limits::gate::Gate;
+use crate::limits::refresh::Refresher;
+use crate::limits::shared::SharedStore;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use event::GatewayEvent;
 use keyring::Keyring;
-use rate::Limiter;
 use spool::Spool;
 use wire::{Api, Provider, Refusal};
 
@@ -105,7 +104,8 @@ impl Upstreams {
 pub struct Gateway {
     pub settings: Settings,
     pub keys: Arc<Keyring>,
-    pub limiter: Limiter,
+    /// Rate windows and `block` limits: reserve, then settle.
+    pub gate: Gate,
     pub spool: Spool,
     pub upstreams: Upstreams,
     pub client: reqwest::Client,
@@ -115,11 +115,9 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
     /// For `/v1/usage-events`: publishing straight to Kafka.
     pub ingest: http_ingest::Publisher,
-    /// Limits in mode `block`: reservations and what they count.
-    pub budgets: Arc<budget::Budgets>,
     /// The price book (reloaded when its files change): reservations and settlements.
     pub book: Arc<std::sync::RwLock<Arc<crate::price::PriceBook>>>,
-    pub bounds: admission::Bounds,
+    pub bounds: Bounds,
 }
 
 impl Gateway {
@@ -132,7 +130,7 @@ impl Gateway {
 
     /// Keys and limits have been read: requests can be decided.
     pub fn ready(&self) -> bool {
-        self.keys.ready() && self.budgets.ready()
+        self.keys.ready() && self.gate.budgets.ready()
     }
 
     /// Writes an event to the spool (the sender takes it to Kafka).
@@ -332,42 +330,54 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let metrics = metrics::Metrics::new();
-    let book = crate::ingest::watch::BookWatcher::load(&cfg.prices.path)?;
+    let mut book = crate::ingest::watch::BookWatcher::load(&cfg.prices.path)?;
     let current_book = Arc::new(std::sync::RwLock::new(book.current()));
-    let budgets = budget::Budgets::new(
-        cfg.institutions
-            .iter()
-            .map(|i| (i.id.clone(), cfg.institution_tz(&i.id)))
-            .collect(),
-    );
     let instance = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    if let Err(e) = admission::refresh(
-        &budgets,
-        &store,
-        &cfg.limits,
-        &instance,
-        &mut admission::LimitsCache::default(),
-        chrono::Utc::now(),
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
-    }
-    tokio::spawn(admission::keep_fresh(
+    let budgets = Budgets::new(
+        cfg.institutions
+            .iter()
+            .map(|i| (i.id.clone(), cfg.institution_tz(&i.id)))
+            .collect(),
+        instance.clone(),
+    );
+    let shared = shared_store(cfg)?;
+    let mut refresher = Refresher::new(
         budgets.clone(),
         store.clone(),
         cfg.limits.clone(),
-        instance.clone(),
-        book,
-        current_book.clone(),
-        metrics.clone(),
-        Duration::from_millis(g.limits_refresh_ms.max(100)),
-        shutdown.clone(),
-    ));
+        shared.clone(),
+    );
+    if let Err(e) = refresher.refresh(chrono::Utc::now()).await {
+        tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
+    }
+    {
+        let current_book = current_book.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(crate::limits::refresh::keep_fresh(
+            refresher,
+            Duration::from_millis(g.limits_refresh_ms.max(100)),
+            shutdown.clone(),
+            move |r| {
+                book.maybe_reload();
+                if let Ok(mut b) = current_book.write() {
+                    if b.version() != book.current().version() {
+                        *b = book.current();
+                    }
+                }
+                metrics.limits.set(r.budgets.limit_count() as i64);
+                metrics.reservations_open.set(r.budgets.open().0 as i64);
+                metrics.limits_mode.set(match r.mode() {
+                    crate::limits::types::DecisionMode::Shares => 0,
+                    crate::limits::types::DecisionMode::Exact => 1,
+                    crate::limits::types::DecisionMode::Fallback => 2,
+                });
+            },
+        ));
+    }
     let gw = Arc::new(Gateway {
         settings: Settings {
             max_body_bytes: g.max_body_bytes,
@@ -375,7 +385,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             drain: Duration::from_secs(g.drain_secs),
         },
         keys: keys.clone(),
-        limiter: Limiter::default(),
+        gate: Gate::new(budgets, shared),
         spool: spool.clone(),
         upstreams: Upstreams::from_config(g)?,
         client,
@@ -388,9 +398,12 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             .collect(),
         metrics: metrics.clone(),
         ingest: http_ingest::Publisher::new(cfg)?,
-        budgets,
         book: current_book,
-        bounds: admission::Bounds::from_config(g),
+        bounds: Bounds {
+            overhead_tokens: g.reserve_overhead_tokens,
+            image_tokens: g.reserve_image_tokens,
+            default_output_tokens: g.reserve_default_output_tokens,
+        },
     });
     let (stop_spool, spool_stop_rx) = tokio::sync::watch::channel(false);
     let sender = tokio::spawn(spool.clone().run(
@@ -424,7 +437,7 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", g.listen))?;
     let bound = listener.local_addr()?;
-    tracing::info!(listen = %bound, keys = keys.len(), limits = gw.budgets.limit_count(), %instance, "gateway listening");
+    tracing::info!(listen = %bound, keys = keys.len(), limits = gw.gate.budgets.limit_count(), %instance, limits_mode = gw.gate.mode().as_str(), "gateway listening");
     let mut stopping = shutdown.clone();
     // TCP_NODELAY on every client connection: hyper writes a response's head and body
     // separately, and with Nagle's algorithm the second write waited for the client's
@@ -457,10 +470,35 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The shared limit store of `[gateway.shared_limits]`, if one is configured.
+fn shared_store(cfg: &Config) -> anyhow::Result<Option<Arc<SharedStore>>> {
+    let s = &cfg.gateway.shared_limits;
+    if s.redis_url.is_empty() {
+        return Ok(None);
+    }
+    let namespace = if s.namespace.is_empty() {
+        format!("tokentally:{}", cfg.clickhouse.database)
+    } else {
+        s.namespace.clone()
+    };
+    let timeout = Duration::from_millis(s.timeout_ms.max(1));
+    let store = SharedStore::new(crate::limits::shared::Settings {
+        url: s.redis_url.expose().to_owned(),
+        namespace,
+        timeout,
+        reservation_ttl: Duration::from_secs(s.reservation_ttl_secs.max(2)),
+        pending_ttl: Duration::from_secs(s.pending_ttl_secs.max(10)),
+        leader_ttl: Duration::from_millis((cfg.gateway.limits_refresh_ms * 3).max(3000)),
+    })
+    .context("gateway.shared_limits.redis_url")?;
+    Ok(Some(store))
+}
+
 /// Every 10 s: forget idle rate-limit windows, update gauges.
 async fn housekeeping(gw: Arc<Gateway>, mut shutdown: Shutdown) {
     loop {
-        gw.limiter
+        gw.gate
+            .rate
             .sweep(chrono::Utc::now().timestamp().max(0) as u64);
         gw.metrics
             .spool_pending_bytes

@@ -14,9 +14,7 @@ use axum::response::Response;
 use chrono::Utc;
 use futures::StreamExt as _;
 
-use super::budget::{Admission, Amounts, Reservation, Who};
 use super::event::{GatewayEvent, Origin, Status, Usage};
-use super::rate::{openai_duration, Exceeded, Standing};
 use super::wire::body::{self, Prepared};
 use super::wire::sse::{Piece, Splitter};
 use super::wire::usage::{Seen, Tracker, Verdict};
@@ -24,6 +22,10 @@ use super::wire::{self, Api, Provider, Refusal};
 use super::Gateway;
 use crate::domain::Billing;
 use crate::keys::{model_allowed, Key, KeyKind, KeyRefusal};
+use crate::limits::budget::{Reservation, Who};
+use crate::limits::gate::{Decision, Quota, QuotaLine, Subject};
+use crate::limits::rate::{openai_duration, Exceeded};
+use crate::limits::Amounts;
 
 /// The key the client presented, where its SDK puts it.
 pub fn presented_key(provider: Provider, parts: &Parts) -> Option<&str> {
@@ -78,32 +80,61 @@ pub fn parse_tags(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Strin
     Ok(tags)
 }
 
-fn rate_headers(s: &Standing, h: &mut HeaderMap) {
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the tightest limit of
+/// each kind (a key's per-minute limit, or a requests/tokens limit's period), as
+/// OpenAI names them; and `x-tokentally-budget-remaining` for USD.
+fn quota_headers(q: &Quota, h: &mut HeaderMap) {
     let mut put = |name: &'static str, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
             h.insert(HeaderName::from_static(name), v);
         }
     };
-    if s.rpm > 0 {
-        put("x-ratelimit-limit-requests", s.rpm.to_string());
-        put(
-            "x-ratelimit-remaining-requests",
-            s.requests_left.to_string(),
-        );
-        put(
-            "x-ratelimit-reset-requests",
-            openai_duration(s.requests_reset),
-        );
+    let lines: [(Option<QuotaLine>, [&'static str; 3]); 2] = [
+        (
+            q.requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            q.tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ];
+    for (line, [limit, remaining, reset]) in lines {
+        if let Some(l) = line {
+            put(limit, l.limit.to_string());
+            put(remaining, l.remaining.to_string());
+            put(reset, openai_duration(l.reset));
+        }
     }
-    if s.tpm > 0 {
-        put("x-ratelimit-limit-tokens", s.tpm.to_string());
-        put("x-ratelimit-remaining-tokens", s.tokens_left.to_string());
-        put("x-ratelimit-reset-tokens", openai_duration(s.tokens_reset));
-    }
+    budget_header(q.usd, h);
 }
 
 fn retry_headers(e: &Exceeded, h: &mut HeaderMap) {
-    rate_headers(&e.standing, h);
+    let s = &e.standing;
+    let mut q = Quota::default();
+    if s.rpm > 0 {
+        q.requests = Some(QuotaLine {
+            limit: u64::from(s.rpm),
+            remaining: s.requests_left,
+            reset: s.requests_reset,
+        });
+    }
+    if s.tpm > 0 {
+        q.tokens = Some(QuotaLine {
+            limit: s.tpm,
+            remaining: s.tokens_left,
+            reset: s.tokens_reset,
+        });
+    }
+    quota_headers(&q, h);
     let secs = e.retry_after.as_secs().max(1);
     h.insert("retry-after", HeaderValue::from(secs));
     h.insert("retry-after-ms", HeaderValue::from(secs * 1000));
@@ -219,15 +250,12 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         gw.record(&req.event(&req.model, None, Status::RejectedModel, Usage::None, 0));
         return Refusal::ModelNotAllowed(req.model.clone()).respond(provider, headers);
     }
-    match gw.limiter.admit(
-        &req.key.key_id,
-        req.key.rpm,
-        req.key.tpm,
-        now.timestamp().max(0) as u64,
-    ) {
-        Ok(Some(standing)) => rate_headers(&standing, &mut headers),
-        Ok(None) => {}
-        Err(e) => {
+    match admit(&gw, &req, api, &bytes, &prepared, now).await {
+        Decision::Admitted { reservation, quota } => {
+            quota_headers(&quota, &mut headers);
+            req.reservation = reservation;
+        }
+        Decision::RateLimited(e) => {
             retry_headers(&e, &mut headers);
             gw.record(&req.event(&req.model, None, Status::RejectedRateLimit, Usage::None, 0));
             let message = format!(
@@ -243,14 +271,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
             };
             return Refusal::RateLimited { message, kind }.respond(provider, headers);
         }
-    }
-    match admit(&gw, &req, api, &bytes, &prepared, now) {
-        Admission::Free => {}
-        Admission::Admitted(r) => {
-            budget_header(r.remaining_usd, &mut headers);
-            req.reservation = Some(r);
-        }
-        Admission::Refused(b) => {
+        Decision::Refused(b) => {
             budget_header(b.remaining_usd, &mut headers);
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
             if let Ok(v) = HeaderValue::from_str(&b.limit.id()) {
@@ -258,7 +279,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
             }
             gw.metrics.refused("limit");
             gw.record(&req.event(&req.model, None, Status::RejectedBudget, Usage::None, 0));
-            let message = b.message(gw.budgets.zone(&req.key.institution_id));
+            let message = b.message(gw.gate.budgets.zone(&req.key.institution_id));
             return Refusal::OverLimit(message).respond(provider, headers);
         }
     }
@@ -292,35 +313,43 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
     forward(gw, req, parts, bytes, prepared, upstream_key, headers).await
 }
 
-/// Decides `req` against its limits: reserves its worst case, or refuses it.
-fn admit(
+/// Decides `req` against its key's rate limits and its `block` limits: reserves its
+/// worst case, or refuses it.
+async fn admit(
     gw: &Gateway,
     req: &Request,
     api: Api,
     body: &[u8],
     prepared: &Prepared,
     now: chrono::DateTime<Utc>,
-) -> Admission {
-    let who = Who {
-        institution: &req.key.institution_id,
-        user: &req.key.user_id,
-        key: &req.key.key_id,
+) -> Decision {
+    let subject = Subject {
+        who: Who {
+            institution: &req.key.institution_id,
+            user: &req.key.user_id,
+            key: &req.key.key_id,
+        },
+        rpm: req.key.rpm,
+        tpm: req.key.tpm,
     };
-    if !gw.budgets.applies(&who) {
-        return Admission::Free;
-    }
     let started = Instant::now();
-    let ask = super::admission::worst_case(
-        &gw.book(),
-        &gw.bounds,
-        api.provider(),
-        api,
-        &req.model,
-        body,
-        prepared,
-        now,
-    );
-    let decided = gw.budgets.admit(&who, &ask, now);
+    let book = gw.book();
+    let ask = || {
+        crate::limits::estimate::worst_case(
+            &book,
+            &gw.bounds,
+            &crate::limits::estimate::Request {
+                provider: api.provider().event_name(),
+                model: &req.model,
+                body,
+                max_output_tokens: prepared.max_output_tokens,
+                choices: prepared.choices,
+                writes_output: !matches!(api, Api::Embeddings),
+            },
+            now,
+        )
+    };
+    let decided = gw.gate.admit(&subject, ask, now).await;
     gw.metrics
         .admission_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -651,11 +680,9 @@ impl Relay {
         );
         let counts = event.token_counts();
         let tokens = counts.prompt_total() + counts.output;
-        self.gw.limiter.add_tokens(
-            &req.key.key_id,
-            tokens,
-            Utc::now().timestamp().max(0) as u64,
-        );
+        self.gw
+            .gate
+            .add_tokens(&req.key.key_id, req.key.tpm, tokens, Utc::now());
         self.gw.metrics.add_tokens(tokens);
         event
     }

@@ -1,30 +1,35 @@
-//! Hard limits at the gateway: reserve the worst case before a request goes upstream,
-//! settle to its priced cost when it ends, release on error or cancel.
+//! Hard limits on one gateway instance: reserve the worst case before a request goes
+//! upstream, settle to its priced cost when it ends, release on error or cancel.
 //!
-//! For each limit and period a *counter* holds three amounts:
+//! For each limit and period a *counter* holds:
 //! - `stored`: what ClickHouse holds for the period, as of the last refresh;
 //! - `pending`: what this instance priced since, by event id, until ClickHouse has it
 //!   (the refresh reads the sums and which pending ids are in them in one query, so an
 //!   event counts once: in `pending` or in `stored`);
-//! - `reserved`: the worst case of every request still running.
+//! - `reserved`: the worst case of every request still running here;
+//! - `others`: the other instances' reserved and pending, as they last reported.
 //!
 //! A request is admitted only if, for every `block` limit it falls under,
-//! `stored + pending + reserved + its own worst case ≤ limit`. Admission and settlement
-//! take one lock, so concurrent requests on one instance can never pass a limit
-//! together. Other instances' requests show up through ClickHouse: see the README for
-//! the bound on what several instances can overshoot.
+//! `stored + pending + reserved + others + its own worst case ≤ limit`. Admission and
+//! settlement take one lock, so concurrent requests on one instance can never pass a
+//! limit together.
+//!
+//! With a shared store (`shared`), the store decides and these counters only mirror
+//! what this instance holds (to fall back on, and to give back to the store after it
+//! lost its state). Without one, other active instances' admissions since their last
+//! report cannot be seen, so this instance admits at most its share of the headroom
+//! between two refreshes (`share`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use crate::domain::{Limit, LimitMode, LimitScope, Metric};
-use crate::store::limits::{HoldRow, SubjectUsage};
-
-pub use crate::domain::limits::Amounts;
-use crate::domain::limits::UsageIndex;
+pub use super::estimate::Ask;
+use super::types::{
+    Amounts, DecisionMode, Hold, Limit, LimitMode, LimitScope, Metric, SubjectUsage, UsageIndex,
+};
 
 /// Who a request is billed to.
 #[derive(Debug, Clone, Copy)]
@@ -34,42 +39,39 @@ pub struct Who<'a> {
     pub key: &'a str,
 }
 
-/// The worst case of one request, before it is forwarded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ask {
-    /// `Err`: the model has no price, so a USD limit cannot be held.
-    pub usd: Result<Decimal, String>,
-    pub tokens: u64,
-}
+/// A counter: one limit in one period (its id and the period's start, unix seconds).
+pub type CounterKey = (String, i64);
 
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
     pub limit: Arc<Limit>,
-    /// Left of the limit before this request (never below zero).
+    /// Left of the limit before this request, over every instance (never below zero).
     pub remaining: Decimal,
+    /// Set when the share rule allows this instance less than `remaining` until the
+    /// instances next compare their holds: what it may still admit.
+    pub instance_may_admit: Option<Decimal>,
     /// What this request may take at most (`None`: its model has no price).
     pub need: Option<Decimal>,
     /// When the period ends (the limit renews).
     pub renews: DateTime<Utc>,
-    /// Left of the tightest USD limit, for `x-tokentally-budget-remaining`.
+    /// What may still be admitted of the tightest USD limit, for
+    /// `x-tokentally-budget-remaining`.
     pub remaining_usd: Option<Decimal>,
 }
 
 impl Blocked {
-    /// The message the client reads: which limit, what is left, what was asked, when
-    /// it renews (in the institution's time zone).
+    /// The message the client reads: which limit, what is left, what was asked, when it
+    /// renews (in the institution's time zone). It never says more is left than the
+    /// request needs without saying why that is not enough.
     pub fn message(&self, tz: chrono_tz::Tz) -> String {
         let l = &self.limit;
-        let money = |d: Decimal| {
-            format!(
+        let amount = |d: Decimal| match l.metric {
+            Metric::Usd => format!(
                 "${}",
                 d.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero)
                     .normalize()
-            )
-        };
-        let amount = |d: Decimal| match l.metric {
-            Metric::Usd => money(d),
+            ),
             m => format!("{} {m}", d.normalize()),
         };
         let who = match l.scope {
@@ -85,13 +87,36 @@ impl Blocked {
                     .into()
             }
         };
+        let left = match self.instance_may_admit {
+            Some(may) if self.need.is_some_and(|n| n <= self.remaining) => format!(
+                "{}, of which this gateway instance may admit {} until the gateway instances next compare what they hold (about a second; another instance holds the rest)",
+                amount(self.remaining),
+                amount(may)
+            ),
+            _ => amount(self.remaining),
+        };
+        let advice = if self.instance_may_admit.is_some()
+            && self.need.is_some_and(|n| n <= self.remaining)
+        {
+            " Try again in a moment, or ask for less (max_tokens)."
+        } else {
+            ""
+        };
         format!(
-            "Limit reached: {who} may use {} (limit {}). Left this period: {}; {need}. It renews at {renews}.",
+            "Limit reached: {who} may use {} (limit {}). Left this period: {left}; {need}. It renews at {renews}.{advice}",
             l.amount_label(),
             l.id(),
-            amount(self.remaining),
         )
     }
+}
+
+/// What is left of a requests or tokens limit after an admitted request, for the
+/// `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Left {
+    pub limit: u64,
+    pub remaining: u64,
+    pub renews: DateTime<Utc>,
 }
 
 #[derive(Debug, Default)]
@@ -104,10 +129,27 @@ struct Counter {
     open: u64,
     /// Other instances' reservations and not-yet-stored usage, as they last reported.
     others: Amounts,
-    /// With other instances live: the most this instance may admit between two
-    /// refreshes (its share of the headroom it saw), and what it admitted since.
-    share: Option<Decimal>,
+    /// The share rule's view at the last refresh: other active instances (by id), the
+    /// largest worst case they reported, and the caps they reported (what they may
+    /// admit until their next refresh, which this instance cannot see until then).
+    peers: Vec<String>,
+    peers_unit: Amounts,
+    peers_caps: Decimal,
+    /// What this instance may admit under the limit until its next refresh (`None`: no
+    /// other instance is active, so everything left).
+    cap: Option<Decimal>,
+    /// Admitted since the last refresh (what the other instances cannot see yet).
     since_sync: Amounts,
+    /// Admitted something since the last report: this instance takes a share.
+    active: bool,
+    /// The largest worst case asked for this period (reported: the instances converge on
+    /// one unit for the share rule).
+    unit: Amounts,
+    /// The share rule's inputs at the last refresh, to redo it for a request larger
+    /// than any seen: the headroom not given to others, instances, this one's rank.
+    share_headroom: Decimal,
+    share_n: usize,
+    share_rank: usize,
     /// Its last report to `limit_holds` was not all zero.
     reported: bool,
     /// Requests this limit refused in this period on this instance; `dirty`: since the
@@ -123,14 +165,19 @@ impl Counter {
         self.open > 0 || !self.pending.is_empty() || !self.reserved.is_zero()
     }
 
-    /// Takes what a refresh read for this counter's limit and period.
-    fn refresh(&mut self, limit: &Limit, key: &(String, i64), snap: &Snapshot) {
+    /// Takes what a refresh read for this counter's limit and period, and sets this
+    /// instance's cap for the next interval (instance `me`).
+    fn refresh(&mut self, limit: &Limit, key: &CounterKey, snap: &Snapshot, me: &str) {
         self.stored = snap
             .usage
             .get(&(limit.institution_id.clone(), key.1, self.end))
             .map(|ix| ix.of(limit))
             .unwrap_or_default();
-        self.others = snap.others.get(key).copied().unwrap_or_default();
+        let peers = snap.others.get(key);
+        self.others = peers.map(|p| p.holds).unwrap_or_default();
+        self.peers = peers.map(|p| p.active.clone()).unwrap_or_default();
+        self.peers_unit = peers.map(|p| p.unit).unwrap_or_default();
+        self.peers_caps = peers.map(|p| p.caps).unwrap_or_default();
         if let Some(ids) = snap.stored_ids.get(&(limit.institution_id.clone(), key.1)) {
             let gone: Vec<String> = self
                 .pending
@@ -146,10 +193,20 @@ impl Counter {
         }
         self.since_sync = Amounts::default();
         self.epoch += 1;
-        self.share = (snap.instances > 1).then(|| {
-            (limit.amount - self.used().of(limit.metric)).max(Decimal::ZERO)
-                / Decimal::from(snap.instances as u64)
-        });
+        let m = limit.metric;
+        // What the others have not already been given: their caps are spent where this
+        // instance cannot see it until their next report.
+        self.share_headroom =
+            (limit.amount - self.used().of(m) - self.peers_caps).max(Decimal::ZERO);
+        self.share_n = self.peers.len() + 1;
+        self.share_rank = super::share::rank(me, &self.peers);
+        self.cap = (!self.peers.is_empty()).then(|| self.share_cap(m, Decimal::ZERO));
+    }
+
+    /// The share rule for this interval, for requests of up to `need`.
+    fn share_cap(&self, m: Metric, need: Decimal) -> Decimal {
+        let unit = self.peers_unit.of(m).max(self.unit.of(m)).max(need);
+        super::share::cap(self.share_headroom, self.share_n, self.share_rank, unit)
     }
 
     fn used(&self) -> Amounts {
@@ -159,9 +216,26 @@ impl Counter {
         u.add(&self.others);
         u
     }
+
+    /// What this instance may admit of `limit` now, for a request of up to `need`:
+    /// everything left when no other instance is active, else what is left of its cap
+    /// (redone with `need` when it is larger than any request the instances reported).
+    fn may_admit(&self, limit: &Limit, need: Decimal) -> Decimal {
+        let m = limit.metric;
+        let left = (limit.amount - self.used().of(m)).max(Decimal::ZERO);
+        let Some(cap) = self.cap else {
+            return left;
+        };
+        let cap = if need > self.peers_unit.of(m).max(self.unit.of(m)) {
+            self.share_cap(m, need)
+        } else {
+            cap
+        };
+        (cap - self.since_sync.of(m)).max(Decimal::ZERO).min(left)
+    }
 }
 
-/// An institution's limits by subject (ids into `Inner::limits`).
+/// An institution's limits by subject (ids into `LimitSet::limits`).
 #[derive(Debug, Default)]
 struct Subjects {
     institution: Vec<String>,
@@ -175,7 +249,7 @@ pub struct LimitSet {
     limits: HashMap<String, Arc<Limit>>,
     by_institution: HashMap<String, Subjects>,
     /// Each (institution, period kind) some limit uses: what a refresh reads.
-    periods: Vec<(String, crate::domain::LimitPeriod)>,
+    periods: Vec<(String, super::types::LimitPeriod)>,
 }
 
 impl LimitSet {
@@ -215,6 +289,44 @@ impl LimitSet {
     pub fn is_empty(&self) -> bool {
         self.limits.is_empty()
     }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Limit>> {
+        self.limits.get(id)
+    }
+}
+
+/// What other instances hold against one counter, as they last reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Peers {
+    /// Their reserved and pending amounts.
+    pub holds: Amounts,
+    /// Those that admitted requests under the limit in their last interval.
+    pub active: Vec<String>,
+    /// The largest worst case any of them reported.
+    pub unit: Amounts,
+    /// The caps they reported, in the limit's metric.
+    pub caps: Decimal,
+}
+
+impl Peers {
+    /// The others' latest holds, by counter (this instance's own rows left out).
+    pub fn from_holds(holds: &[Hold], me: &str) -> HashMap<CounterKey, Peers> {
+        let mut out: HashMap<CounterKey, Peers> = HashMap::new();
+        for h in holds {
+            if h.instance == me || h.limit_id.is_empty() {
+                continue;
+            }
+            let p = out.entry((h.limit_id.clone(), h.period_start)).or_default();
+            p.holds.add(&h.reserved);
+            p.holds.add(&h.pending);
+            if h.active {
+                p.active.push(h.instance.clone());
+                p.unit.max_each(&h.unit);
+                p.caps += h.cap;
+            }
+        }
+        out
+    }
 }
 
 /// What a refresh read, built outside the lock and swapped in whole.
@@ -223,19 +335,27 @@ struct Snapshot {
     set: Arc<LimitSet>,
     /// Usage per (institution, period start, period end) read.
     usage: HashMap<(String, i64, i64), UsageIndex>,
-    /// Other instances' holds per (limit id, period start).
-    others: HashMap<(String, i64), Amounts>,
+    /// Other instances' holds per counter.
+    others: HashMap<CounterKey, Peers>,
     /// Which pending event ids ClickHouse holds, per (institution, period start).
-    stored_ids: HashMap<(String, i64), std::collections::HashSet<String>>,
-    /// Live gateway instances, this one included.
-    instances: usize,
+    stored_ids: HashMap<(String, i64), HashSet<String>>,
+}
+
+/// A reservation this instance holds, as it would give it back to a shared store.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub id: String,
+    pub counters: Vec<CounterKey>,
+    pub amounts: Amounts,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     snap: Arc<Snapshot>,
-    /// (limit id, period start) → counter; only for limits that requests fell under.
-    counters: HashMap<(String, i64), Counter>,
+    /// Counters of the limits requests fell under on this instance.
+    counters: HashMap<CounterKey, Counter>,
+    /// Open reservations by id.
+    open: HashMap<String, Held>,
 }
 
 impl Inner {
@@ -254,10 +374,33 @@ impl Inner {
             .cloned()
             .collect()
     }
+
+    /// The counter of `l` in the period holding `now`, created (and filled from the last
+    /// refresh) on first use.
+    fn counter(
+        &mut self,
+        l: &Limit,
+        now: DateTime<Utc>,
+        tz: chrono_tz::Tz,
+        me: &str,
+    ) -> (CounterKey, i64) {
+        let (start, end) = l.period.bounds(now, tz);
+        let key = (l.id(), start.timestamp());
+        let snap = self.snap.clone();
+        self.counters.entry(key.clone()).or_insert_with(|| {
+            let mut c = Counter {
+                end: end.timestamp(),
+                ..Counter::default()
+            };
+            c.refresh(l, &key, &snap, me);
+            c
+        });
+        (key, end.timestamp())
+    }
 }
 
 /// One ClickHouse read a refresh needs: an institution's usage in one period, and which
-/// of this instance's pending events of that institution are stored.
+/// of the pending events of that institution are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
     pub institution: String,
@@ -266,11 +409,24 @@ pub struct Read {
     pub pending: Vec<String>,
 }
 
+/// One counter a request falls under, as a shared store needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applying {
+    pub key: CounterKey,
+    pub end: i64,
+    pub limit: Arc<Limit>,
+    /// What this instance's last refresh read as stored (a starting point for a store
+    /// that has not seen the counter yet).
+    pub stored: Amounts,
+}
+
 /// Every limit's counters on this instance.
 #[derive(Debug)]
 pub struct Budgets {
     inner: Mutex<Inner>,
     zones: HashMap<String, chrono_tz::Tz>,
+    /// This instance's id (the share rule ranks instances by it).
+    instance: String,
     /// Limits and usage have been read once: until then nothing is admitted.
     ready: std::sync::atomic::AtomicBool,
 }
@@ -284,14 +440,27 @@ pub enum Admission {
     Refused(Blocked),
 }
 
+fn take_of(ask: &Ask) -> Amounts {
+    Amounts {
+        usd: *ask.usd.as_ref().unwrap_or(&Decimal::ZERO),
+        requests: 1,
+        tokens: ask.tokens,
+    }
+}
+
 impl Budgets {
-    /// `zones`: institutions' time zones (others are UTC).
-    pub fn new(zones: HashMap<String, chrono_tz::Tz>) -> Arc<Self> {
+    /// `zones`: institutions' time zones (others are UTC); `instance`: this instance's id.
+    pub fn new(zones: HashMap<String, chrono_tz::Tz>, instance: impl Into<String>) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             zones,
+            instance: instance.into(),
             ready: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn ready(&self) -> bool {
@@ -315,7 +484,28 @@ impl Budgets {
         !self.lock().applying(who).is_empty()
     }
 
-    /// Reserves `ask` against every `block` limit of `who`, or refuses.
+    /// The counters `who` falls under at `now`, for a shared store's decision.
+    pub fn applying(&self, who: &Who<'_>, now: DateTime<Utc>) -> Vec<Applying> {
+        let tz = self.zone(who.institution);
+        let mut inner = self.lock();
+        let limits = inner.applying(who);
+        limits
+            .into_iter()
+            .map(|l| {
+                let (key, end) = inner.counter(&l, now, tz, &self.instance);
+                let stored = inner.counters[&key].stored;
+                Applying {
+                    key,
+                    end,
+                    limit: l,
+                    stored,
+                }
+            })
+            .collect()
+    }
+
+    /// Decides on this instance alone: reserves `ask` against every `block` limit of
+    /// `who` within this instance's share, or refuses.
     pub fn admit(self: &Arc<Self>, who: &Who<'_>, ask: &Ask, now: DateTime<Utc>) -> Admission {
         let tz = self.zone(who.institution);
         let mut inner = self.lock();
@@ -323,48 +513,34 @@ impl Budgets {
         if limits.is_empty() {
             return Admission::Free;
         }
-        let take = Amounts {
-            usd: *ask.usd.as_ref().unwrap_or(&Decimal::ZERO),
-            requests: 1,
-            tokens: ask.tokens,
-        };
+        let take = take_of(ask);
         let mut keys = Vec::with_capacity(limits.len());
-        // What is left of the tightest USD limit, before this request.
+        // What may still be admitted of the tightest USD limit, before this request.
         let mut usd_left: Option<Decimal> = None;
         let mut refused: Option<Blocked> = None;
-        let snap = inner.snap.clone();
         for l in &limits {
-            let (start, end) = l.period.bounds(now, tz);
-            let key = (l.id(), start.timestamp());
-            let c = inner.counters.entry(key.clone()).or_insert_with(|| {
-                let mut c = Counter {
-                    end: end.timestamp(),
-                    ..Counter::default()
-                };
-                c.refresh(l, &key, &snap);
-                c
-            });
+            let (key, end) = inner.counter(l, now, tz, &self.instance);
+            let c = inner.counters.get_mut(&key).expect("created above");
             let left = (l.amount - c.used().of(l.metric)).max(Decimal::ZERO);
             let need = match (l.metric, &ask.usd) {
                 (Metric::Usd, Err(_)) => None,
                 (m, _) => Some(take.of(m)),
             };
+            let may = c.may_admit(l, need.unwrap_or_default());
+            c.unit.max_each(&take);
             if l.metric == Metric::Usd {
-                usd_left = Some(usd_left.map_or(left, |u| u.min(left)));
+                usd_left = Some(usd_left.map_or(may, |u| u.min(may)));
             }
-            let fits = need.is_some_and(|n| {
-                n <= left
-                    && c.share
-                        .is_none_or(|cap| c.since_sync.of(l.metric) + n <= cap)
-            });
+            let fits = need.is_some_and(|n| n <= may);
             if !fits && refused.is_none() {
                 c.refused += 1;
                 c.dirty = true;
                 refused = Some(Blocked {
                     limit: l.clone(),
                     remaining: left,
+                    instance_may_admit: (may < left).then_some(may),
                     need,
-                    renews: end,
+                    renews: DateTime::from_timestamp(end, 0).unwrap_or(now),
                     remaining_usd: None,
                 });
             }
@@ -374,40 +550,95 @@ impl Budgets {
             b.remaining_usd = usd_left;
             return Admission::Refused(b);
         }
-        let mut epochs = Vec::with_capacity(keys.len());
-        for key in &keys {
-            let c = inner.counters.get_mut(key).expect("entered above");
-            c.reserved.add(&take);
-            c.since_sync.add(&take);
-            c.open += 1;
-            epochs.push(c.epoch);
-        }
+        let held = self.hold(&mut inner, keys, take, new_reservation_id());
         Admission::Admitted(Reservation {
             budgets: self.clone(),
-            keys,
-            epochs,
-            amounts: take,
+            held,
             remaining_usd: usd_left.map(|u| (u - take.usd).max(Decimal::ZERO)),
+            shared: None,
             done: false,
         })
     }
 
-    fn finish(
-        &self,
-        keys: &[(String, i64)],
-        epochs: &[u64],
-        reserved: &Amounts,
-        event: Option<(&str, Amounts)>,
-    ) {
+    /// Mirrors a reservation a shared store made for `applying` (no local check: the
+    /// store decided).
+    pub fn mirror(
+        self: &Arc<Self>,
+        applying: &[Applying],
+        ask: &Ask,
+        id: String,
+        remaining_usd: Option<Decimal>,
+    ) -> Reservation {
+        let take = take_of(ask);
         let mut inner = self.lock();
-        for (key, epoch) in keys.iter().zip(epochs) {
+        for a in applying {
+            if let Some(c) = inner.counters.get_mut(&a.key) {
+                c.unit.max_each(&take);
+            }
+        }
+        let held = self.hold(
+            &mut inner,
+            applying.iter().map(|a| a.key.clone()).collect(),
+            take,
+            id,
+        );
+        Reservation {
+            budgets: self.clone(),
+            held,
+            remaining_usd,
+            shared: None,
+            done: false,
+        }
+    }
+
+    /// Counts a refusal a shared store decided against `key`.
+    pub fn note_refused(&self, key: &CounterKey) {
+        if let Some(c) = self.lock().counters.get_mut(key) {
+            c.refused += 1;
+            c.dirty = true;
+        }
+    }
+
+    fn hold(&self, inner: &mut Inner, keys: Vec<CounterKey>, take: Amounts, id: String) -> HeldRef {
+        let mut epochs = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let c = inner
+                .counters
+                .get_mut(key)
+                .expect("counter of an applying limit");
+            c.reserved.add(&take);
+            c.since_sync.add(&take);
+            c.open += 1;
+            c.active = true;
+            epochs.push(c.epoch);
+        }
+        inner.open.insert(
+            id.clone(),
+            Held {
+                id: id.clone(),
+                counters: keys.clone(),
+                amounts: take,
+            },
+        );
+        HeldRef {
+            id,
+            keys,
+            epochs,
+            amounts: take,
+        }
+    }
+
+    fn finish(&self, held: &HeldRef, event: Option<(&str, Amounts)>) {
+        let mut inner = self.lock();
+        inner.open.remove(&held.id);
+        for (key, epoch) in held.keys.iter().zip(&held.epochs) {
             if let Some(c) = inner.counters.get_mut(key) {
-                c.reserved.sub(reserved);
+                c.reserved.sub(&held.amounts);
                 c.open = c.open.saturating_sub(1);
                 if c.epoch == *epoch {
                     // Admitted since the last refresh: what the other instances cannot
                     // see yet is what the request really used, not its reservation.
-                    c.since_sync.sub(reserved);
+                    c.since_sync.sub(&held.amounts);
                     if let Some((_, actual)) = event {
                         c.since_sync.add(&actual);
                     }
@@ -429,13 +660,20 @@ impl Budgets {
 
     /// The reads the next refresh needs, for `limits` at `now` (tests; see `plan_set`).
     pub fn plan(&self, limits: &[Limit], now: DateTime<Utc>) -> Vec<Read> {
-        self.plan_set(&LimitSet::new(limits.to_vec()), now)
+        self.plan_set(&LimitSet::new(limits.to_vec()), now, &HashMap::new())
     }
 
     /// The reads the next refresh needs for `set` at `now`: one per institution and
-    /// period, with the pending events of that institution's counters in the period.
-    pub fn plan_set(&self, set: &LimitSet, now: DateTime<Utc>) -> Vec<Read> {
-        let mut pending: HashMap<(String, i64), Vec<String>> = HashMap::new();
+    /// period, with the pending events of that institution's counters in the period —
+    /// this instance's, and `extra` ones by (institution, period start) (those a shared
+    /// store holds for every instance).
+    pub fn plan_set(
+        &self,
+        set: &LimitSet,
+        now: DateTime<Utc>,
+        extra: &HashMap<(String, i64), Vec<String>>,
+    ) -> Vec<Read> {
+        let mut pending: HashMap<(String, i64), Vec<String>> = extra.clone();
         {
             let inner = self.lock();
             for ((id, start), c) in &inner.counters {
@@ -450,7 +688,7 @@ impl Budgets {
                 }
             }
         }
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut reads = Vec::new();
         for (institution, period) in &set.periods {
             let (start, end) = period.bounds(now, self.zone(institution));
@@ -458,8 +696,7 @@ impl Budgets {
                 continue;
             }
             let mut ids = pending
-                .get(&(institution.clone(), start.timestamp()))
-                .cloned()
+                .remove(&(institution.clone(), start.timestamp()))
                 .unwrap_or_default();
             ids.sort();
             ids.dedup();
@@ -478,40 +715,32 @@ impl Budgets {
         &self,
         limits: Vec<Limit>,
         reads: &[(Read, Vec<SubjectUsage>)],
-        others: &HashMap<(String, i64), Amounts>,
-        instances: usize,
+        others: &HashMap<CounterKey, Peers>,
         now: DateTime<Utc>,
     ) {
-        self.apply_set(LimitSet::new(limits), reads, others, instances, now)
+        self.apply_set(LimitSet::new(limits), reads, others, now)
     }
 
     /// Installs `set` (every current limit; others are dropped) with the usage read for
     /// `plan_set(set, now)`: stored amounts replaced, stored events no longer pending.
-    /// `others`: the other instances' holds by (limit id, period start); `instances`:
-    /// how many gateway instances are live, this one included. With more than one, each
-    /// may admit at most its share (1/`instances`) of the headroom it sees until the next
-    /// refresh, so that instances that cannot see each other's latest admissions do not
-    /// all spend the same headroom. The usage is indexed before the lock is taken; under
-    /// it, only the counters requests use are updated.
+    /// `others`: the other instances' holds by counter (see `Peers`). The usage is
+    /// indexed before the lock is taken; under it, only the counters requests use are
+    /// updated.
     pub fn apply_set(
         &self,
         set: Arc<LimitSet>,
         reads: &[(Read, Vec<SubjectUsage>)],
-        others: &HashMap<(String, i64), Amounts>,
-        instances: usize,
+        others: &HashMap<CounterKey, Peers>,
         now: DateTime<Utc>,
     ) {
         let mut snap = Snapshot {
             set,
             others: others.clone(),
-            instances: instances.max(1),
             ..Snapshot::default()
         };
         for (read, rows) in reads {
-            let ix = UsageIndex::of_rows(
-                rows.iter()
-                    .map(|r| (&r.user_id, &r.api_key_id, r.amounts())),
-            );
+            let ix =
+                UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)));
             snap.stored_ids.insert(
                 (read.institution.clone(), read.start.timestamp()),
                 rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),
@@ -536,7 +765,7 @@ impl Budgets {
                     .usage
                     .contains_key(&(l.institution_id.clone(), key.1, c.end))
                 {
-                    c.refresh(l, key, &snap);
+                    c.refresh(l, key, &snap, &self.instance);
                 }
             }
             c.open > 0 || (c.end > now_ts && limit.is_some())
@@ -545,34 +774,58 @@ impl Budgets {
         self.ready.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// What the last refresh read as stored for `limit` in the period starting at
+    /// `start`, and which of `pending` it found stored (for a shared store's base).
+    pub fn stored_of(
+        &self,
+        limit: &Limit,
+        start: i64,
+        end: i64,
+    ) -> Option<(Amounts, HashSet<String>)> {
+        let inner = self.lock();
+        let ix = inner
+            .snap
+            .usage
+            .get(&(limit.institution_id.clone(), start, end))?;
+        let ids = inner
+            .snap
+            .stored_ids
+            .get(&(limit.institution_id.clone(), start))
+            .cloned()
+            .unwrap_or_default();
+        Some((ix.of(limit), ids))
+    }
+
     /// What this instance holds beyond ClickHouse, per limit (for the dashboard and the
-    /// other instances): counters that hold something, and once more (as zeros) those
-    /// that just stopped holding anything.
-    pub fn holds(&self, instance: &str, now: DateTime<Utc>) -> Vec<HoldRow> {
+    /// other instances): counters that hold something or admitted since the last report,
+    /// and once more (as zeros) those that just stopped. Resets the "since the last
+    /// report" marks.
+    pub fn holds(&self, now: DateTime<Utc>, mode: DecisionMode) -> Vec<Hold> {
         let mut inner = self.lock();
         let snap = inner.snap.clone();
         let mut out = Vec::new();
         for ((id, start), c) in inner.counters.iter_mut() {
-            let holds = c.holds_something();
+            let holds = c.holds_something() || c.active;
             if !snap.set.limits.contains_key(id) || !(holds || c.reported || c.dirty) {
                 continue;
             }
+            out.push(Hold {
+                instance: self.instance.clone(),
+                limit_id: id.clone(),
+                period_start: *start,
+                reserved: c.reserved,
+                open: c.open,
+                pending: c.pending_sum,
+                refused: c.refused,
+                reported_at: now.timestamp(),
+                active: c.active,
+                unit: c.unit,
+                cap: c.cap.unwrap_or_default(),
+                mode,
+            });
             c.reported = holds;
             c.dirty = false;
-            out.push(HoldRow {
-                instance: instance.to_owned(),
-                limit_id: id.clone(),
-                period_start: u32::try_from(*start).unwrap_or(0),
-                reserved_usd: c.reserved.usd.normalize().to_string(),
-                reserved_requests: c.reserved.requests,
-                reserved_tokens: c.reserved.tokens,
-                open_reservations: c.open,
-                pending_usd: c.pending_sum.usd.normalize().to_string(),
-                pending_requests: c.pending_sum.requests,
-                pending_tokens: c.pending_sum.tokens,
-                refused: c.refused,
-                reported_at: u32::try_from(now.timestamp()).unwrap_or(0),
-            });
+            c.active = c.open > 0;
         }
         out
     }
@@ -588,6 +841,37 @@ impl Budgets {
             })
     }
 
+    /// Everything this instance holds, to give back to a shared store that lost it:
+    /// open reservations, pending usage by counter, and each counter's period end.
+    #[allow(clippy::type_complexity)]
+    pub fn held(
+        &self,
+    ) -> (
+        Vec<Held>,
+        Vec<(CounterKey, Vec<(String, Amounts)>)>,
+        HashMap<CounterKey, i64>,
+    ) {
+        let inner = self.lock();
+        let open = inner.open.values().cloned().collect();
+        let pending = inner
+            .counters
+            .iter()
+            .filter(|(_, c)| !c.pending.is_empty())
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    c.pending.iter().map(|(id, a)| (id.clone(), *a)).collect(),
+                )
+            })
+            .collect();
+        let ends = inner
+            .counters
+            .iter()
+            .map(|(k, c)| (k.clone(), c.end))
+            .collect();
+        (open, pending, ends)
+    }
+
     /// The used amount of a limit in the period holding `now` (tests, dashboard).
     pub fn used(&self, limit_id: &str, now: DateTime<Utc>) -> Option<Amounts> {
         let inner = self.lock();
@@ -599,9 +883,62 @@ impl Budgets {
             .map(Counter::used)
     }
 
+    /// What `who`'s requests and tokens limits leave after the requests just admitted,
+    /// tightest first (for `x-ratelimit-*-requests` / `-tokens`).
+    pub fn left(&self, who: &Who<'_>, now: DateTime<Utc>) -> (Option<Left>, Option<Left>) {
+        let tz = self.zone(who.institution);
+        let mut inner = self.lock();
+        let limits = inner.applying(who);
+        let (mut requests, mut tokens): (Option<Left>, Option<Left>) = (None, None);
+        for l in limits {
+            if l.metric == Metric::Usd {
+                continue;
+            }
+            let (key, end) = inner.counter(&l, now, tz, &self.instance);
+            let c = &inner.counters[&key];
+            let left = Left {
+                limit: l.amount.try_into().unwrap_or(u64::MAX),
+                remaining: (l.amount - c.used().of(l.metric))
+                    .max(Decimal::ZERO)
+                    .try_into()
+                    .unwrap_or(0),
+                renews: DateTime::from_timestamp(end, 0).unwrap_or(now),
+            };
+            let slot = if l.metric == Metric::Requests {
+                &mut requests
+            } else {
+                &mut tokens
+            };
+            if slot.is_none_or(|s| left.remaining < s.remaining) {
+                *slot = Some(left);
+            }
+        }
+        (requests, tokens)
+    }
+
     pub fn limit_count(&self) -> usize {
         self.lock().snap.set.limits.len()
     }
+}
+
+fn new_reservation_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A reservation's place in the counters.
+#[derive(Debug)]
+pub struct HeldRef {
+    pub id: String,
+    pub keys: Vec<CounterKey>,
+    epochs: Vec<u64>,
+    pub amounts: Amounts,
+}
+
+/// Called when a reservation ends: a shared store gives back what it held (its own
+/// bookkeeping runs in the background; the local mirror is already updated).
+pub trait OnSettle: Send + Sync + std::fmt::Debug {
+    /// `event`: the event id and what the request used; `None`: released unused.
+    fn settled(&self, held: &HeldRef, event: Option<(&str, Amounts)>);
 }
 
 /// A request's hold on its limits. Settle it with the request's priced usage; dropped
@@ -609,37 +946,46 @@ impl Budgets {
 #[derive(Debug)]
 pub struct Reservation {
     budgets: Arc<Budgets>,
-    keys: Vec<(String, i64)>,
-    epochs: Vec<u64>,
-    amounts: Amounts,
-    /// Left of the tightest USD limit after this reservation.
+    held: HeldRef,
+    /// What may still be admitted of the tightest USD limit after this reservation.
     pub remaining_usd: Option<Decimal>,
+    shared: Option<Arc<dyn OnSettle>>,
     done: bool,
 }
 
 impl Reservation {
+    /// Tells a shared store when this reservation ends.
+    pub fn with_shared(mut self, shared: Arc<dyn OnSettle>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
     /// Replaces the reservation by what the request used (kept until ClickHouse has
     /// event `event_id`).
     pub fn settle(mut self, event_id: &str, actual: Amounts) {
         self.done = true;
-        self.budgets.finish(
-            &self.keys,
-            &self.epochs,
-            &self.amounts,
-            Some((event_id, actual)),
-        );
+        self.budgets.finish(&self.held, Some((event_id, actual)));
+        if let Some(s) = &self.shared {
+            s.settled(&self.held, Some((event_id, actual)));
+        }
     }
 
     pub fn reserved(&self) -> Amounts {
-        self.amounts
+        self.held.amounts
+    }
+
+    pub fn id(&self) -> &str {
+        &self.held.id
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.budgets
-                .finish(&self.keys, &self.epochs, &self.amounts, None);
+            self.budgets.finish(&self.held, None);
+            if let Some(s) = &self.shared {
+                s.settled(&self.held, None);
+            }
         }
     }
 }
@@ -647,7 +993,7 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::LimitPeriod;
+    use crate::limits::types::LimitPeriod;
     use proptest::prelude::*;
     use rust_decimal_macros::dec;
 
@@ -688,12 +1034,12 @@ mod tests {
             .into_iter()
             .map(|r| (r, vec![]))
             .collect();
-        b.apply(limits, &reads, &HashMap::new(), 1, now());
+        b.apply(limits, &reads, &HashMap::new(), now());
     }
 
     #[test]
     fn reserve_settle_release() {
-        let b = Budgets::new(HashMap::new());
+        let b = Budgets::new(HashMap::new(), "gw-a");
         install(
             &b,
             vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1.00))],
@@ -741,7 +1087,7 @@ mod tests {
 
     #[test]
     fn other_subjects_and_alert_limits_do_not_block() {
-        let b = Budgets::new(HashMap::new());
+        let b = Budgets::new(HashMap::new(), "gw-a");
         let mut alert = limit(LimitScope::Institution, "", Metric::Usd, dec!(0));
         alert.mode = LimitMode::Alert;
         install(
@@ -760,7 +1106,7 @@ mod tests {
 
     #[test]
     fn a_refresh_counts_a_stored_event_once() {
-        let b = Budgets::new(HashMap::new());
+        let b = Budgets::new(HashMap::new(), "gw-a");
         let limits = vec![limit(LimitScope::User, "alice", Metric::Usd, dec!(1))];
         install(&b, limits.clone());
         let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.5)), now()) else {
@@ -783,25 +1129,31 @@ mod tests {
             SubjectUsage {
                 user_id: "alice".into(),
                 api_key_id: "k1".into(),
-                usd: dec!(0.3),
-                requests: 1,
-                tokens: 10,
+                amounts: Amounts {
+                    usd: dec!(0.3),
+                    requests: 1,
+                    tokens: 10,
+                },
                 stored: vec!["e1".into()],
             },
             SubjectUsage {
                 user_id: "alice".into(),
                 api_key_id: "k9".into(),
-                usd: dec!(0.2),
-                requests: 1,
-                tokens: 10,
+                amounts: Amounts {
+                    usd: dec!(0.2),
+                    requests: 1,
+                    tokens: 10,
+                },
                 stored: vec![],
             },
             SubjectUsage {
                 user_id: "bob".into(),
                 api_key_id: "k2".into(),
-                usd: dec!(7),
-                requests: 1,
-                tokens: 10,
+                amounts: Amounts {
+                    usd: dec!(7),
+                    requests: 1,
+                    tokens: 10,
+                },
                 stored: vec![],
             },
         ];
@@ -809,43 +1161,59 @@ mod tests {
             limits.clone(),
             &[(reads[0].clone(), rows)],
             &HashMap::new(),
-            1,
             now(),
         );
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.5));
         // Another instance holds 0.25: counted too.
         let start = reads[0].start.timestamp();
-        let others = HashMap::from([(
-            (id.to_string(), start),
-            Amounts {
-                usd: dec!(0.25),
-                requests: 1,
-                tokens: 0,
-            },
-        )]);
+        let others = HashMap::from([((id.to_string(), start), peers(dec!(0.25), &[]))]);
         b.apply(
             limits.clone(),
             &[(b.plan(&limits, now())[0].clone(), vec![])],
             &others,
-            1,
             now(),
         );
         assert_eq!(b.used(id, now()).unwrap().usd, dec!(0.25));
         // A limit removed: its counter goes.
-        b.apply(vec![], &[], &HashMap::new(), 1, now());
+        b.apply(vec![], &[], &HashMap::new(), now());
         assert_eq!(b.used(id, now()), None);
     }
 
-    #[test]
-    fn with_two_instances_each_spends_half_the_headroom_between_refreshes() {
-        let b = Budgets::new(HashMap::new());
-        let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1))];
+    fn peers(usd: Decimal, active: &[&str]) -> Peers {
+        Peers {
+            holds: Amounts {
+                usd,
+                requests: 0,
+                tokens: 0,
+            },
+            active: active.iter().map(|s| s.to_string()).collect(),
+            unit: Amounts::default(),
+            caps: Decimal::ZERO,
+        }
+    }
+
+    fn refresh_with(b: &Budgets, limits: &[Limit], others: HashMap<CounterKey, Peers>) {
         let reads: Vec<_> = b
-            .plan(&limits, now())
+            .plan(limits, now())
             .into_iter()
             .map(|r| (r, vec![]))
             .collect();
-        b.apply(limits.clone(), &reads, &HashMap::new(), 2, now());
+        b.apply(limits.to_vec(), &reads, &others, now());
+    }
+
+    #[test]
+    fn with_another_active_instance_each_spends_its_share_between_refreshes() {
+        let b = Budgets::new(HashMap::new(), "gw-a");
+        let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1))];
+        let key = (
+            "uni-a:key:k1:usd:month".to_string(),
+            b.plan(&limits, now())[0].start.timestamp(),
+        );
+        refresh_with(
+            &b,
+            &limits,
+            HashMap::from([(key.clone(), peers(dec!(0), &["gw-b"]))]),
+        );
         let mut held = Vec::new();
         for _ in 0..5 {
             let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.1)), now()) else {
@@ -853,11 +1221,23 @@ mod tests {
             };
             held.push(r);
         }
-        // 0.5 admitted since the refresh: the other half is the other instance's.
-        assert!(matches!(
-            b.admit(&who(), &usd(dec!(0.1)), now()),
-            Admission::Refused(_)
-        ));
+        // 0.5 admitted since the refresh: the other half is the other instance's, and
+        // the refusal says so instead of contradicting itself.
+        let Admission::Refused(x) = b.admit(&who(), &usd(dec!(0.1)), now()) else {
+            panic!()
+        };
+        assert_eq!(
+            (x.remaining, x.instance_may_admit),
+            (dec!(0.5), Some(dec!(0)))
+        );
+        let msg = x.message(chrono_tz::UTC);
+        assert!(
+            msg.contains(
+                "Left this period: $0.5, of which this gateway instance may admit $0 until"
+            ),
+            "{msg}"
+        );
+        assert_eq!(x.remaining_usd, Some(dec!(0)));
         // One settles at 0.02: the other instances will see 0.02, not 0.1, so 0.08 of
         // this instance's share is free again.
         held.pop().unwrap().settle(
@@ -877,22 +1257,11 @@ mod tests {
             Admission::Refused(_)
         ));
         // Next refresh: the other instance reported 0.3; headroom 0.2, share 0.1.
-        let id = "uni-a:key:k1:usd:month".to_string();
-        let start = reads[0].0.start.timestamp();
-        let others = HashMap::from([(
-            (id, start),
-            Amounts {
-                usd: dec!(0.3),
-                requests: 3,
-                tokens: 0,
-            },
-        )]);
-        let reads: Vec<_> = b
-            .plan(&limits, now())
-            .into_iter()
-            .map(|r| (r, vec![]))
-            .collect();
-        b.apply(limits, &reads, &others, 2, now());
+        refresh_with(
+            &b,
+            &limits,
+            HashMap::from([(key.clone(), peers(dec!(0.3), &["gw-b"]))]),
+        );
         let Admission::Admitted(_r) = b.admit(&who(), &usd(dec!(0.1)), now()) else {
             panic!()
         };
@@ -903,11 +1272,56 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_instance_does_not_shrink_the_share() {
+        let b = Budgets::new(HashMap::new(), "gw-b");
+        let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(1))];
+        let key = (
+            "uni-a:key:k1:usd:month".to_string(),
+            b.plan(&limits, now())[0].start.timestamp(),
+        );
+        // gw-a is live (it reported a row) but admitted nothing under this limit.
+        refresh_with(&b, &limits, HashMap::from([(key, peers(dec!(0), &[]))]));
+        let mut held = Vec::new();
+        while let Admission::Admitted(r) = b.admit(&who(), &usd(dec!(0.1)), now()) {
+            held.push(r);
+        }
+        assert_eq!(held.len(), 10, "the busy instance admits as if alone");
+    }
+
+    #[test]
+    fn the_end_of_a_budget_can_be_spent_with_two_instances() {
+        // $0.03 left, requests of up to $0.0162: halves ($0.015) would fit none. The
+        // first instance by id gets it all; the other says what it may admit and why.
+        let limits = vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(0.03))];
+        for (me, other, admitted) in [("gw-a", "gw-b", true), ("gw-b", "gw-a", false)] {
+            let b = Budgets::new(HashMap::new(), me);
+            let key = (
+                "uni-a:key:k1:usd:month".to_string(),
+                b.plan(&limits, now())[0].start.timestamp(),
+            );
+            refresh_with(
+                &b,
+                &limits,
+                HashMap::from([(key, peers(dec!(0), &[other]))]),
+            );
+            match b.admit(&who(), &usd(dec!(0.0162)), now()) {
+                Admission::Admitted(_) => assert!(admitted, "{me}"),
+                Admission::Refused(x) => {
+                    assert!(!admitted, "{me}");
+                    assert_eq!(x.instance_may_admit, Some(dec!(0)));
+                    assert_eq!(x.remaining_usd, Some(dec!(0)));
+                }
+                Admission::Free => panic!(),
+            }
+        }
+    }
+
+    #[test]
     fn periods_roll_over() {
-        let b = Budgets::new(HashMap::from([(
-            "uni-a".to_string(),
-            "Europe/Oslo".parse().unwrap(),
-        )]));
+        let b = Budgets::new(
+            HashMap::from([("uni-a".to_string(), "Europe/Oslo".parse().unwrap())]),
+            "gw-a",
+        );
         let mut l = limit(LimitScope::User, "alice", Metric::Requests, dec!(2));
         l.period = LimitPeriod::Day;
         install(&b, vec![l]);
@@ -942,7 +1356,7 @@ mod tests {
 
     #[test]
     fn an_unpriced_model_is_refused_only_by_usd_limits() {
-        let b = Budgets::new(HashMap::new());
+        let b = Budgets::new(HashMap::new(), "gw-a");
         install(
             &b,
             vec![limit(LimitScope::Key, "k1", Metric::Usd, dec!(100))],
@@ -970,7 +1384,7 @@ mod tests {
         /// and releases, used never passes the limit, and at the end nothing is reserved.
         #[test]
         fn never_over_the_limit(ops in proptest::collection::vec((1u32..200, 0u32..=100, 0u8..3), 1..200), cents in 1u32..2000) {
-            let b = Budgets::new(HashMap::new());
+            let b = Budgets::new(HashMap::new(), "gw-a");
             let amount = Decimal::new(i64::from(cents), 2);
             install(&b, vec![limit(LimitScope::Key, "k1", Metric::Usd, amount)]);
             let mut open: Vec<(Reservation, u32)> = Vec::new();

@@ -2,8 +2,9 @@
 //!
 //! A request is admitted while the key's last 60 seconds hold fewer than `rpm` requests
 //! and fewer than `tpm` tokens; tokens are added when a response ends (its real usage).
-//! Each gateway instance counts its own traffic: with N instances behind a balancer a
-//! key gets up to N × its limits (the hard, shared budgets are the next layer).
+//! Each gateway instance counts its own traffic here: with several instances, the shared
+//! store (`shared`) counts them exactly, and these windows are the fallback (where a key
+//! gets up to N × its limits from N instances).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -90,6 +91,7 @@ pub struct Exceeded {
 
 /// All keys' windows. Sharded so that concurrent requests of different keys rarely wait
 /// for one another.
+#[derive(Debug)]
 pub struct Limiter {
     shards: Vec<Mutex<HashMap<String, Window>>>,
 }

@@ -8,9 +8,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::domain::limits::{Amounts, UsageIndex};
-use crate::domain::{Limit, LimitScope, Metric};
+use super::types::{Amounts, Limit, LimitScope, Metric, UsageIndex};
 use crate::store::limits::LimitRow;
 use crate::store::Store;
 
@@ -59,11 +57,11 @@ pub async fn set(store: &Store, limit: &Limit, actor: &str) -> anyhow::Result<()
 /// Removes a limit (also one from the config file, until it is set again).
 pub async fn remove(
     store: &Store,
-    cfg: &Config,
+    configured: &[Limit],
     limit_id: &str,
     actor: &str,
 ) -> anyhow::Result<Limit> {
-    let limit = current(store, &cfg.limits)
+    let limit = current(store, configured)
         .await?
         .into_iter()
         .find(|l| l.id() == limit_id)
@@ -102,13 +100,15 @@ pub struct Standing {
 }
 
 /// The standing of every limit (of `institution`, or all) at `now`.
+/// `zone`: an institution's time zone.
 pub async fn standings(
     store: &Store,
-    cfg: &Config,
+    configured: &[Limit],
+    zone: &(dyn Fn(&str) -> chrono_tz::Tz + Sync),
     institution: Option<&str>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Standing>> {
-    let limits: Vec<Limit> = current(store, &cfg.limits)
+    let limits: Vec<Limit> = current(store, configured)
         .await?
         .into_iter()
         .filter(|l| institution.is_none_or(|i| l.institution_id == i))
@@ -119,7 +119,7 @@ pub async fn standings(
     let refused = store.limit_refused_counts().await?;
     let mut out = Vec::new();
     for l in limits {
-        let tz = cfg.institution_tz(&l.institution_id);
+        let tz = zone(&l.institution_id);
         let (start, end) = l.period.bounds(now, tz);
         let key = (l.institution_id.clone(), start.timestamp(), end.timestamp());
         if !cache.contains_key(&key) {
@@ -131,20 +131,18 @@ pub async fn standings(
                     vec![String::new()],
                 )
                 .await?;
-            let ix = UsageIndex::of_rows(
-                rows.iter()
-                    .map(|r| (&r.user_id, &r.api_key_id, r.amounts())),
-            );
+            let ix =
+                UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)));
             cache.insert(key.clone(), ix);
         }
         let mut used = cache[&key].of(&l);
         let mut reserved = Amounts::default();
         for h in holds
             .iter()
-            .filter(|h| h.limit_id == l.id() && i64::from(h.period_start) == start.timestamp())
+            .filter(|h| h.limit_id == l.id() && h.period_start == start.timestamp())
         {
-            reserved.add(&h.reserved());
-            used.add(&h.pending());
+            reserved.add(&h.reserved);
+            used.add(&h.pending);
         }
         let (used, reserved) = (used.of(l.metric), reserved.of(l.metric));
         let blocked = refused

@@ -9,7 +9,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::Period;
+use crate::domain::Period;
 
 /// Whose usage a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -122,6 +122,13 @@ impl Amounts {
     pub fn is_zero(&self) -> bool {
         self.usd.is_zero() && self.requests == 0 && self.tokens == 0
     }
+
+    /// The larger of each amount.
+    pub fn max_each(&mut self, o: &Amounts) {
+        self.usd = self.usd.max(o.usd);
+        self.requests = self.requests.max(o.requests);
+        self.tokens = self.tokens.max(o.tokens);
+    }
 }
 
 /// An institution's usage in one period: in total, by user and by key, so that every
@@ -155,6 +162,55 @@ impl UsageIndex {
         .copied()
         .unwrap_or_default()
     }
+}
+
+/// Usage of one (user, key) of an institution in a period, as limits count it; with
+/// those of the pending event ids asked about that are stored (read in one query, so an
+/// event is either in the sums and listed, or in neither).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SubjectUsage {
+    pub user_id: String,
+    pub api_key_id: String,
+    pub amounts: Amounts,
+    pub stored: Vec<String>,
+}
+
+/// How a gateway instance decides its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecisionMode {
+    /// No shared store is configured: each instance admits its share of the headroom.
+    #[default]
+    Shares,
+    /// Through the shared store: exact across instances.
+    Exact,
+    /// A shared store is configured but unreachable: shares until it is back.
+    Fallback,
+}
+
+names!(DecisionMode, "decision mode", Shares => "shares", Exact => "exact", Fallback => "fallback");
+
+/// What one gateway instance holds against one limit beyond what ClickHouse has stored,
+/// as it last reported (`limit_id` empty: only that the instance is live).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Hold {
+    pub instance: String,
+    pub limit_id: String,
+    pub period_start: i64,
+    pub reserved: Amounts,
+    pub open: u64,
+    pub pending: Amounts,
+    /// Requests the limit refused on that instance this period (cumulative).
+    pub refused: u64,
+    pub reported_at: i64,
+    /// It admitted requests under this limit since its previous report: it takes a share
+    /// of the headroom (an idle instance does not shrink the others' shares).
+    pub active: bool,
+    /// The largest worst case it was asked for since its previous report.
+    pub unit: Amounts,
+    /// What it may admit under the limit until its next refresh (the share rule), in
+    /// the limit's metric.
+    pub cap: Decimal,
+    pub mode: DecisionMode,
 }
 
 /// One limit.
@@ -191,7 +247,7 @@ impl Limit {
 
     /// Checks the fields; the message names what is wrong.
     pub fn validate(&self) -> Result<(), String> {
-        use super::MAX_ID_LEN;
+        use crate::domain::MAX_ID_LEN;
         if self.institution_id.is_empty() || self.institution_id.len() > MAX_ID_LEN {
             return Err(format!("institution must be 1-{MAX_ID_LEN} bytes"));
         }

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::rows::money18;
 use super::sql::{s, Arg, Sql};
 use super::{Store, StoreError};
-use crate::domain::limits::Amounts;
-use crate::domain::Limit;
+use crate::limits::types::{Amounts, DecisionMode, Hold, SubjectUsage};
+use crate::limits::Limit;
 
 /// One state of a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
@@ -65,81 +65,99 @@ impl LimitRow {
     }
 }
 
-/// One gateway instance's holds on one limit.
+/// One gateway instance's holds on one limit (`Hold` as stored).
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct HoldRow {
-    pub instance: String,
-    pub limit_id: String,
-    pub period_start: u32,
-    pub reserved_usd: String,
-    pub reserved_requests: u64,
-    pub reserved_tokens: u64,
-    pub open_reservations: u64,
-    pub pending_usd: String,
-    pub pending_requests: u64,
-    pub pending_tokens: u64,
+struct HoldRow {
+    instance: String,
+    limit_id: String,
+    period_start: u32,
+    reserved_usd: String,
+    reserved_requests: u64,
+    reserved_tokens: u64,
+    open_reservations: u64,
+    pending_usd: String,
+    pending_requests: u64,
+    pending_tokens: u64,
     /// Requests this limit refused on this instance in this period (cumulative).
-    pub refused: u64,
-    pub reported_at: u32,
+    refused: u64,
+    reported_at: u32,
+    active: u8,
+    unit_usd: String,
+    unit_requests: u64,
+    unit_tokens: u64,
+    cap: String,
+    mode: String,
+}
+
+fn stamp(t: i64) -> u32 {
+    u32::try_from(t.max(0)).unwrap_or(u32::MAX)
 }
 
 impl HoldRow {
-    /// A row that only says `instance` is live (it takes a share of every headroom).
-    pub fn heartbeat(instance: &str, at: u32) -> Self {
+    fn of(h: &Hold) -> Self {
         Self {
-            instance: instance.to_owned(),
-            limit_id: String::new(),
-            period_start: 0,
-            reserved_usd: "0".into(),
-            reserved_requests: 0,
-            reserved_tokens: 0,
-            open_reservations: 0,
-            pending_usd: "0".into(),
-            pending_requests: 0,
-            pending_tokens: 0,
-            refused: 0,
-            reported_at: at,
+            instance: h.instance.clone(),
+            limit_id: h.limit_id.clone(),
+            period_start: stamp(h.period_start),
+            reserved_usd: h.reserved.usd.normalize().to_string(),
+            reserved_requests: h.reserved.requests,
+            reserved_tokens: h.reserved.tokens,
+            open_reservations: h.open,
+            pending_usd: h.pending.usd.normalize().to_string(),
+            pending_requests: h.pending.requests,
+            pending_tokens: h.pending.tokens,
+            refused: h.refused,
+            reported_at: stamp(h.reported_at),
+            active: u8::from(h.active),
+            unit_usd: h.unit.usd.normalize().to_string(),
+            unit_requests: h.unit.requests,
+            unit_tokens: h.unit.tokens,
+            cap: h.cap.normalize().to_string(),
+            mode: h.mode.as_str().to_owned(),
         }
     }
 
-    pub fn reserved(&self) -> Amounts {
-        Amounts {
-            usd: self.reserved_usd.parse().unwrap_or_default(),
-            requests: self.reserved_requests,
-            tokens: self.reserved_tokens,
-        }
-    }
-
-    pub fn pending(&self) -> Amounts {
-        Amounts {
-            usd: self.pending_usd.parse().unwrap_or_default(),
-            requests: self.pending_requests,
-            tokens: self.pending_tokens,
+    fn hold(self) -> Hold {
+        let usd = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+        Hold {
+            reserved: Amounts {
+                usd: usd(&self.reserved_usd),
+                requests: self.reserved_requests,
+                tokens: self.reserved_tokens,
+            },
+            open: self.open_reservations,
+            pending: Amounts {
+                usd: usd(&self.pending_usd),
+                requests: self.pending_requests,
+                tokens: self.pending_tokens,
+            },
+            refused: self.refused,
+            period_start: i64::from(self.period_start),
+            reported_at: i64::from(self.reported_at),
+            active: self.active == 1,
+            unit: Amounts {
+                usd: usd(&self.unit_usd),
+                requests: self.unit_requests,
+                tokens: self.unit_tokens,
+            },
+            cap: usd(&self.cap),
+            mode: self.mode.parse().unwrap_or(DecisionMode::Shares),
+            instance: self.instance,
+            limit_id: self.limit_id,
         }
     }
 }
 
-/// Usage of one (user, key) of an institution in a period, as limits count it; with
-/// those of `pending` (event ids) that are stored.
+/// `SubjectUsage` as read.
 #[derive(Debug, Clone, PartialEq, Row, Deserialize)]
-pub struct SubjectUsage {
-    pub user_id: String,
-    pub api_key_id: String,
+struct SubjectUsageRow {
+    user_id: String,
+    api_key_id: String,
     #[serde(with = "money18")]
-    pub usd: Decimal,
-    pub requests: i64,
-    pub tokens: i64,
-    pub stored: Vec<String>,
-}
-
-impl SubjectUsage {
-    pub fn amounts(&self) -> Amounts {
-        Amounts {
-            usd: self.usd,
-            requests: u64::try_from(self.requests).unwrap_or(0),
-            tokens: u64::try_from(self.tokens).unwrap_or(0),
-        }
-    }
+    usd: Decimal,
+    requests: i64,
+    tokens: i64,
+    stored: Vec<String>,
 }
 
 /// Requests that count against a `requests` limit: those the provider served.
@@ -200,29 +218,43 @@ impl Store {
                 Arg::Int(to),
             ],
         );
-        Ok(q.query(&self.client).fetch_all().await?)
+        let rows: Vec<SubjectUsageRow> = q.query(&self.client).fetch_all().await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SubjectUsage {
+                amounts: Amounts {
+                    usd: r.usd,
+                    requests: u64::try_from(r.requests).unwrap_or(0),
+                    tokens: u64::try_from(r.tokens).unwrap_or(0),
+                },
+                user_id: r.user_id,
+                api_key_id: r.api_key_id,
+                stored: r.stored,
+            })
+            .collect())
     }
 
-    pub async fn write_holds(&self, rows: &[HoldRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
+    pub async fn write_holds(&self, holds: &[Hold]) -> Result<(), StoreError> {
+        if holds.is_empty() {
             return Ok(());
         }
         let mut insert = self.client.insert::<HoldRow>("limit_holds").await?;
-        for r in rows {
-            insert.write(r).await?;
+        for h in holds {
+            insert.write(&HoldRow::of(h)).await?;
         }
         insert.end().await?;
         Ok(())
     }
 
     /// Each instance's latest holds reported since `since` (unix seconds).
-    pub async fn live_holds(&self, since: i64) -> Result<Vec<HoldRow>, StoreError> {
+    pub async fn live_holds(&self, since: i64) -> Result<Vec<Hold>, StoreError> {
         let mut q = Sql::new(
             "SELECT ?fields FROM (SELECT * FROM limit_holds ORDER BY instance, limit_id, reported_at DESC \
              LIMIT 1 BY instance, limit_id)",
         );
         q.bind(" WHERE reported_at >= toDateTime(?)", [Arg::Int(since)]);
-        Ok(q.query(&self.client).fetch_all().await?)
+        let rows: Vec<HoldRow> = q.query(&self.client).fetch_all().await?;
+        Ok(rows.into_iter().map(HoldRow::hold).collect())
     }
 
     /// Requests each limit refused per period, over every instance: (limit id, period

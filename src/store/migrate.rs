@@ -65,6 +65,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0014_drop_hour_first_rollup.sql",
         include_str!("../../schema/0014_drop_hour_first_rollup.sql"),
     ),
+    (
+        "0015_limit_holds_shares.sql",
+        include_str!("../../schema/0015_limit_holds_shares.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -20,7 +20,7 @@ use super::auth::{
 };
 use super::error::AppError;
 use super::AppState;
-use crate::domain::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
+use crate::limits::{Limit, LimitMode, LimitPeriod, LimitScope, Metric};
 
 struct LimitView {
     id: String,
@@ -85,9 +85,15 @@ async fn page(
     failed: bool,
 ) -> Result<Response, AppError> {
     let now = Utc::now();
-    let standings = crate::limits::standings(&state.store, &state.cfg, institution, now)
-        .await
-        .map_err(AppError::Internal)?;
+    let standings = crate::limits::standings(
+        &state.store,
+        &state.cfg.limits,
+        &|i| state.cfg.institution_tz(i),
+        institution,
+        now,
+    )
+    .await
+    .map_err(AppError::Internal)?;
     let can_manage = CanManageKeys::allows(principal) && !csrf.is_empty();
     let limits = standings
         .iter()
@@ -163,9 +169,15 @@ pub async fn list(
     let institution = scoped.scope.institution();
     if uri.path().starts_with("/api/") {
         let now = Utc::now();
-        let standings = crate::limits::standings(&state.store, &state.cfg, institution, now)
-            .await
-            .map_err(AppError::Internal)?;
+        let standings = crate::limits::standings(
+            &state.store,
+            &state.cfg.limits,
+            &|i| state.cfg.institution_tz(i),
+            institution,
+            now,
+        )
+        .await
+        .map_err(AppError::Internal)?;
         let refusals = state
             .store
             .limit_refusals(
@@ -313,7 +325,7 @@ pub async fn remove(
         return Err(AppError::Forbidden);
     }
     let actor = format!("web:{}", allowed.principal.name);
-    crate::limits::remove(&state.writer, &state.cfg, &limit.id(), &actor)
+    crate::limits::remove(&state.writer, &state.cfg.limits, &limit.id(), &actor)
         .await
         .map_err(AppError::Internal)?;
     if uri.path().starts_with("/api/") {

@@ -17,7 +17,7 @@ use crate::harness::{
 
 /// The dearest prompt and output rates (per Mtok) of every entry of `model` in the price
 /// book's TOML, read here without tokentally: the README's worst-case rule.
-fn worst_rates(model: &str) -> (Decimal, Decimal) {
+pub(crate) fn worst_rates(model: &str) -> (Decimal, Decimal) {
     let (mut input, mut output) = (Decimal::ZERO, Decimal::ZERO);
     for file in std::fs::read_dir(repo().join("prices")).unwrap() {
         let path = file.unwrap().path();
@@ -59,28 +59,28 @@ fn worst_rates(model: &str) -> (Decimal, Decimal) {
 
 /// What one streaming request of this test reserves, by the documented rule: one token
 /// per body byte plus 512, plus `max_tokens`, at the dearest rates.
-fn reservation(body: &Value, max_tokens: u64) -> Decimal {
+pub(crate) fn reservation(body: &Value, max_tokens: u64) -> Decimal {
     let (i, o) = worst_rates("gpt-4o");
     let prompt = serde_json::to_vec(body).unwrap().len() as u64 + 512;
     (Decimal::from(prompt) * i + Decimal::from(max_tokens) * o) / Decimal::from(1_000_000)
 }
 
-fn body(i: usize, max_tokens: u64) -> Value {
+pub(crate) fn body(i: usize, max_tokens: u64) -> Value {
     json!({"model": "gpt-4o", "stream": true, "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": format!("request number {i:05}")}]})
 }
 
 #[derive(Debug)]
-struct Outcome {
-    status: u16,
-    remaining: Option<Decimal>,
-    body: Value,
-    reserved: Decimal,
-    complete: bool,
+pub(crate) struct Outcome {
+    pub status: u16,
+    pub remaining: Option<Decimal>,
+    pub body: Value,
+    pub reserved: Decimal,
+    pub complete: bool,
 }
 
 /// Sends `n` streaming chat completions at once (all in flight together).
-async fn wave(
+pub(crate) async fn wave(
     base: &str,
     key: &str,
     n: usize,
@@ -132,7 +132,7 @@ struct Cost {
 }
 
 /// Stored events of `key` by status: (count, cost).
-async fn by_status(env: &TestEnv, key: &str) -> BTreeMap<String, (u64, Decimal)> {
+pub(crate) async fn by_status(env: &TestEnv, key: &str) -> BTreeMap<String, (u64, Decimal)> {
     env.ch()
         .query("SELECT status, toUInt64(sum(sign)) AS n, toString(sum(cost * sign)) AS cost FROM usage_events WHERE api_key_id = ? GROUP BY status")
         .bind(key)
@@ -144,7 +144,11 @@ async fn by_status(env: &TestEnv, key: &str) -> BTreeMap<String, (u64, Decimal)>
         .collect()
 }
 
-async fn wait_stored(env: &TestEnv, key: &str, n: u64) -> BTreeMap<String, (u64, Decimal)> {
+pub(crate) async fn wait_stored(
+    env: &TestEnv,
+    key: &str,
+    n: u64,
+) -> BTreeMap<String, (u64, Decimal)> {
     let start = Instant::now();
     loop {
         let s = by_status(env, key).await;
@@ -162,14 +166,14 @@ async fn wait_stored(env: &TestEnv, key: &str, n: u64) -> BTreeMap<String, (u64,
 }
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
-struct Hold {
-    instance: String,
-    open_reservations: u64,
-    reserved_usd: String,
+pub(crate) struct Hold {
+    pub instance: String,
+    pub open_reservations: u64,
+    pub reserved_usd: String,
 }
 
 /// The latest holds every gateway reported for `limit_id`.
-async fn holds(env: &TestEnv, limit_id: &str) -> Vec<Hold> {
+pub(crate) async fn holds(env: &TestEnv, limit_id: &str) -> Vec<Hold> {
     env.ch()
         .query(
             "SELECT instance, open_reservations, reserved_usd FROM limit_holds WHERE limit_id = ? \
@@ -181,7 +185,7 @@ async fn holds(env: &TestEnv, limit_id: &str) -> Vec<Hold> {
         .unwrap()
 }
 
-fn set_limit(env: &TestEnv, args: &[&str]) -> String {
+pub(crate) fn set_limit(env: &TestEnv, args: &[&str]) -> String {
     let mut a = vec!["limits", "set"];
     a.extend_from_slice(args);
     tokentally(&a, &env.cli_vars(), None).trim().to_owned()
@@ -189,7 +193,7 @@ fn set_limit(env: &TestEnv, args: &[&str]) -> String {
 
 /// Waits until `gw` enforces a limit on `key`: a tiny request carries the budget header
 /// (or is refused). Returns how long it took and how many requests it sent.
-async fn until_limited(gw: &Gateway, key: &str) -> (Duration, u64) {
+pub(crate) async fn until_limited(gw: &Gateway, key: &str) -> (Duration, u64) {
     let http = crate::web::client();
     let start = Instant::now();
     let mut sent = 0;

@@ -457,7 +457,9 @@ async fn official_sdks_get_what_the_provider_sent_and_each_request_is_one_exact_
         .map(|e| {
             assert_eq!(
                 dec(&e.cost),
-                gemini.cost(e.input_tokens, 0, 0, e.output_tokens).normalize()
+                gemini
+                    .cost(e.input_tokens, 0, 0, e.output_tokens)
+                    .normalize()
             );
             (
                 e.endpoint.as_str(),

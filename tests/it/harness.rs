@@ -872,3 +872,70 @@ pub fn services(cmd: &str) {
         .expect("run scripts/services");
     assert!(status.success(), "scripts/services {cmd} failed");
 }
+
+/// A Redis server of one test's own (the shared limit store), on a free port: the test
+/// can kill it and start it again. Killed when dropped.
+pub struct Redis {
+    pub proc: Option<Proc>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again, with empty state: nothing is persisted).
+    pub async fn start(&mut self) {
+        let mut c = Command::new("redis-server");
+        c.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ])
+        .arg(self.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        self.proc = Some(Proc::spawn(&mut c));
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start (scripts/services installs it)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills it with SIGKILL: the gateways lose the store mid-request.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            kill9(&mut p);
+        }
+    }
+}
+
+pub async fn spawn_redis() -> Redis {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut r = Redis {
+        proc: None,
+        port,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    r.start().await;
+    r
+}

@@ -8,6 +8,7 @@ mod gateway;
 mod guarantees;
 mod harness;
 mod invoices;
+mod limits;
 mod pipeline;
 mod web;
 mod workload;

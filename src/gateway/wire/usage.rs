@@ -447,7 +447,10 @@ mod tests {
         // candidate carries its finish reason; there is no `[DONE]`.
         let mut t = Tracker::new(Api::Gemini { stream: true }, false);
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1},"modelVersion":"gemini-2.5-flash"})));
-        assert!(!t.seen.complete, "a stream without its finish reason is not complete");
+        assert!(
+            !t.seen.complete,
+            "a stream without its finish reason is not complete"
+        );
         t.event(&sse(&json!({"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2}})));
         let seen = t.finish();
         assert_eq!(
