@@ -304,6 +304,33 @@ async fn pipeline_readings(
         threshold: Decimal::from(limit),
         message: format!("{rejected} messages rejected in the last hour (alert above {limit})"),
     });
+    // Gateways report how they decide limits every second (`limit_holds`).
+    let fallback: Vec<String> = store
+        .live_holds((now - Duration::seconds(30)).timestamp())
+        .await?
+        .into_iter()
+        .filter(|h| h.limit_id.is_empty() && h.mode == crate::limits::types::DecisionMode::Fallback)
+        .map(|h| h.instance)
+        .collect();
+    out.push(Reading {
+        kind: Kind::LimitsFallback,
+        entity: "gateway.shared_limits".into(),
+        institution: String::new(),
+        firing: !fallback.is_empty(),
+        severity: Severity::Warning,
+        observed: Decimal::from(fallback.len()),
+        baseline: Decimal::ZERO,
+        threshold: Decimal::ZERO,
+        message: if fallback.is_empty() {
+            "every gateway decides limits through the shared store again".into()
+        } else {
+            format!(
+                "{} gateway instance(s) cannot reach the shared limit store ({}): they decide by shares of each limit's headroom, which can leave up to one share unused and, while an instance starts serving a subject, pass a limit by up to one share",
+                fallback.len(),
+                fallback.join(", ")
+            )
+        },
+    });
     // Instances report themselves stalled (see ingest::watch); heard from in 2 minutes.
     let instances = store
         .ingest_instances(

@@ -37,6 +37,8 @@ pub enum Kind {
     ConsumerLag,
     /// Messages wait and no ingest instance commits (reported by the instances).
     IngestStalled,
+    /// A gateway cannot reach its shared limit store and decides by shares.
+    LimitsFallback,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::Rejections => "rejections",
             Kind::ConsumerLag => "consumer_lag",
             Kind::IngestStalled => "ingest_stalled",
+            Kind::LimitsFallback => "limits_fallback",
         }
     }
 
@@ -73,6 +76,7 @@ impl Kind {
             Kind::Rejections,
             Kind::ConsumerLag,
             Kind::IngestStalled,
+            Kind::LimitsFallback,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 
 use super::decode::DecodeOptions;
 use super::metrics::{Metrics, PartitionLabel};
-use super::pipeline::{decode_batch, store_batch, Message, Outcome};
+use super::pipeline::{decode_batch, store_batch, Message, Outcome, Republish, Republished};
 use super::watch::{BookWatcher, Heartbeat};
 use crate::config::Config;
 use crate::price::PriceBook;
@@ -141,10 +141,42 @@ fn create_consumer(
     Ok(consumer)
 }
 
+/// Publishes to the usage topic itself: re-keyed events and re-check copies.
+struct Publisher {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl Republish for Publisher {
+    fn publish<'a>(
+        &'a self,
+        messages: Vec<Republished<'a>>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let sends = messages.iter().map(|m| {
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: m.header.0,
+                    value: Some(m.header.1.as_str()),
+                });
+                let record = FutureRecord::to(&self.topic)
+                    .payload(m.payload.as_ref())
+                    .key(m.key)
+                    .headers(headers);
+                self.producer.send(record, Duration::from_secs(30))
+            });
+            for r in futures::future::join_all(sends).await {
+                r.map_err(|(e, _)| e.to_string())?;
+            }
+            Ok(())
+        })
+    }
+}
+
 /// What a batch write needs; shared with the write task.
 struct Writer {
     store: Store,
     topic: String,
+    publisher: Publisher,
     dead_letter_topic: String,
     dead_letters: Option<FutureProducer>,
     metrics: Arc<Metrics>,
@@ -206,6 +238,7 @@ impl Writer {
                 &self.topic,
                 &decoded,
                 self.dedupe_window_secs,
+                &self.publisher,
             )
             .await
             {
@@ -264,8 +297,14 @@ impl Writer {
         let Some(producer) = &self.dead_letters else {
             return;
         };
-        for (reason, i) in &outcome.new_rejections {
-            let (_, m) = &decoded.rejected[*i];
+        for (reason, pos) in &outcome.new_rejections {
+            let Some(m) = decoded
+                .messages
+                .iter()
+                .find(|m| m.partition == pos.partition && m.offset == pos.offset)
+            else {
+                continue;
+            };
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "tokentally-reason",
@@ -452,12 +491,26 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         });
     }
 
+    // The topic may not exist yet (no gateway has published): created as the gateway
+    // creates it, so that ingest can start first. Checked once; an unreachable broker is
+    // the consumer's to report.
+    match crate::kafka::ensure_topic(&cfg.kafka, &cfg.kafka.topic, 4, &[]).await {
+        Ok(true) => info!(topic = %cfg.kafka.topic, "created the usage topic (4 partitions)"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, topic = %cfg.kafka.topic, "cannot check the usage topic now"),
+    }
     let generation = Arc::new(AtomicU64::new(0));
     let lag = Arc::new(AtomicI64::new(0));
     let mut consumer = create_consumer(cfg, &generation, &metrics, &lag)?;
     let writer = Arc::new(Writer {
         store: store.clone(),
         topic: cfg.kafka.topic.clone(),
+        publisher: Publisher {
+            producer: crate::kafka::client_config(&cfg.kafka)
+                .create()
+                .context("creating the producer for re-keyed events")?,
+            topic: cfg.kafka.topic.clone(),
+        },
         dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
         dead_letters: if cfg.kafka.dead_letter_topic.is_empty() {
             None
@@ -809,6 +862,9 @@ fn finish(commits: &mut Commits, metrics: &Metrics, generation: &AtomicU64, done
     metrics.unpriced.inc_by(outcome.unpriced);
     metrics.duplicates.inc_by(outcome.duplicates);
     metrics.replayed.inc_by(outcome.already_stored);
+    metrics.rekeyed.inc_by(outcome.rekeyed);
+    metrics.cancelled.inc_by(outcome.cancelled);
+    metrics.rechecks.inc_by(outcome.rechecks);
     for (reason, n) in &outcome.rejected {
         metrics
             .rejected
@@ -828,6 +884,8 @@ fn finish(commits: &mut Commits, metrics: &Metrics, generation: &AtomicU64, done
         rejected = outcome.rejected_total(),
         duplicates = outcome.duplicates,
         replayed = outcome.already_stored,
+        rekeyed = outcome.rekeyed,
+        cancelled = outcome.cancelled,
         ms = done.started.elapsed().as_millis() as u64,
         lookup_ms = outcome.stages.lookup.as_millis() as u64,
         insert_ms = outcome.stages.insert.as_millis() as u64,

@@ -21,15 +21,17 @@ pub enum RejectReason {
     UnsupportedSchemaVersion,
     BadTokenCount,
     FutureTimestamp,
-    /// The Kafka key is not the event's `institution_id`. The contract keys every event by
-    /// its institution so that all copies of an event land on one partition, where one
-    /// consumer at a time deduplicates them; a copy under another key could be counted
-    /// twice by two instances, so it is refused instead.
+    /// The Kafka key is not the event's `institution_id`. Since issue 29 such a message
+    /// is re-published with the right key (`rekeyed_events`) rather than rejected; the
+    /// reason remains for rows stored before.
     KeyMismatch,
+    /// The event id is already billed to another institution: an event id bills once,
+    /// whatever institution a copy names.
+    IdConflict,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::InvalidJson,
         RejectReason::MissingField,
         RejectReason::InvalidField,
@@ -37,6 +39,7 @@ impl RejectReason {
         RejectReason::BadTokenCount,
         RejectReason::FutureTimestamp,
         RejectReason::KeyMismatch,
+        RejectReason::IdConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl RejectReason {
             RejectReason::BadTokenCount => "bad_token_count",
             RejectReason::FutureTimestamp => "future_timestamp",
             RejectReason::KeyMismatch => "key_mismatch",
+            RejectReason::IdConflict => "id_conflict",
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub unpriced: Counter,
     pub duplicates: Counter,
     pub replayed: Counter,
+    pub rekeyed: Counter,
+    pub cancelled: Counter,
+    pub rechecks: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
     pub batches: Counter,
     pub store_errors: Counter,
@@ -73,6 +76,9 @@ impl Metrics {
             unpriced: Counter::default(),
             duplicates: Counter::default(),
             replayed: Counter::default(),
+            rekeyed: Counter::default(),
+            cancelled: Counter::default(),
+            rechecks: Counter::default(),
             rejected: Family::default(),
             batches: Counter::default(),
             store_errors: Counter::default(),
@@ -112,6 +118,21 @@ impl Metrics {
             "messages_replayed",
             "Messages whose result was already stored",
             m.replayed.clone(),
+        );
+        registry.register(
+            "messages_rekeyed",
+            "Messages under a wrong or missing Kafka key, published again with key = institution_id",
+            m.rekeyed.clone(),
+        );
+        registry.register(
+            "events_cancelled",
+            "Stored copies cancelled because another institution's copy of the event id was stored first",
+            m.cancelled.clone(),
+        );
+        registry.register(
+            "identity_rechecks",
+            "Copies published to another partition's owner to cancel a later copy of an event id there",
+            m.rechecks.clone(),
         );
         registry.register(
             "events_rejected",

@@ -455,7 +455,7 @@ impl Store {
     }
 
     /// Distinct Kafka positions in `[low, below)` of one partition that left a row
-    /// (event, rejection or duplicate).
+    /// (event, rejection, duplicate or re-keyed message).
     pub async fn positions_with_rows(
         &self,
         topic: &str,
@@ -469,9 +469,10 @@ impl Store {
             "SELECT toUInt64(uniqExact(kafka_offset)) FROM (\
              SELECT kafka_offset FROM usage_events WHERE {cond} \
              UNION ALL SELECT kafka_offset FROM rejected_events WHERE {cond} \
-             UNION ALL SELECT kafka_offset FROM duplicate_events WHERE {cond})"
+             UNION ALL SELECT kafka_offset FROM duplicate_events WHERE {cond} \
+             UNION ALL SELECT kafka_offset FROM rekeyed_events WHERE {cond})"
         ));
-        for _ in 0..3 {
+        for _ in 0..4 {
             q = q.bind(topic).bind(partition).bind(low).bind(below);
         }
         Ok(q.fetch_one().await?)

@@ -69,6 +69,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0015_limit_holds_shares.sql",
         include_str!("../../schema/0015_limit_holds_shares.sql"),
     ),
+    (
+        "0016_event_identity_rekeyed.sql",
+        include_str!("../../schema/0016_event_identity_rekeyed.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -136,6 +136,20 @@ pub struct DuplicateRow {
     pub original_offset: i64,
 }
 
+/// A message published under a wrong or missing key, re-published with key =
+/// institution_id (`rekeyed_events`).
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct RekeyedRow {
+    pub received_at: u32,
+    pub event_id: String,
+    pub institution_id: String,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    #[serde(serialize_with = "as_bytes")]
+    pub kafka_key: Vec<u8>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

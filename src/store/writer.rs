@@ -21,8 +21,34 @@ use clickhouse::sql::Identifier;
 use clickhouse::Row;
 use serde::Deserialize;
 
-use super::rows::{DuplicateRow, EventRow, RejectedRow};
+use super::rows::{DuplicateRow, EventRow, RejectedRow, RekeyedRow};
 use super::{Store, StoreError};
+
+/// One institution's stored copy of an event id (`identity_holders`).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct Holder {
+    pub event_id: String,
+    pub institution_id: String,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub ingested_at: u32,
+    pub live: i64,
+}
+
+impl Holder {
+    /// The order in which copies under different institutions win: the first stored
+    /// (then by position and institution, so every instance picks the same one).
+    pub fn precedence(&self) -> (u32, &str, i32, i64, &str) {
+        (
+            self.ingested_at,
+            &self.kafka_topic,
+            self.kafka_partition,
+            self.kafka_offset,
+            &self.institution_id,
+        )
+    }
+}
 
 /// Where a message was in Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -295,6 +321,109 @@ impl Store {
 
     pub async fn insert_duplicates(&self, rows: &[DuplicateRow]) -> Result<(), StoreError> {
         self.insert_settled("duplicate_events", rows).await
+    }
+
+    pub async fn insert_rekeyed(&self, rows: &[RekeyedRow]) -> Result<(), StoreError> {
+        self.insert_settled("rekeyed_events", rows).await
+    }
+
+    /// Who holds each of `ids` (stored and not cancelled), whatever the institution or
+    /// topic, among events that happened in `[from, to]` (unix seconds): by id, each
+    /// institution's first stored copy.
+    pub async fn identity_holders(
+        &self,
+        ids: &[&str],
+        from: i64,
+        to: i64,
+    ) -> Result<HashMap<String, Vec<Holder>>, StoreError> {
+        let mut out: HashMap<String, Vec<Holder>> = HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        self.settle_pending().await?;
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let unique: BTreeSet<&str> = chunk.iter().copied().collect();
+            let rows: Vec<Holder> = self
+                .client
+                .query(
+                    // 18.16 refuses an aggregate aliased with the name of a column it
+                    // reads ("Cyclic aliases"): the inner names differ.
+                    "SELECT event_id, institution_id, h_topic AS kafka_topic, \
+                       h_partition AS kafka_partition, h_offset AS kafka_offset, \
+                       h_at AS ingested_at, h_live AS live FROM (SELECT event_id, institution_id, \
+                       argMin(kafka_topic, (ingested_at, kafka_partition, kafka_offset)) AS h_topic, \
+                       argMin(kafka_partition, (ingested_at, kafka_partition, kafka_offset)) AS h_partition, \
+                       argMin(kafka_offset, (ingested_at, kafka_partition, kafka_offset)) AS h_offset, \
+                       toUInt32(min(ingested_at)) AS h_at, sum(sign) AS h_live \
+                     FROM event_identity WHERE event_id IN (SELECT arrayJoin(?)) \
+                       AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?) \
+                     GROUP BY event_id, institution_id) WHERE h_live > 0",
+                )
+                .bind(unique)
+                .bind(from.max(0))
+                .bind(to.clamp(0, i64::from(u32::MAX)))
+                .with_setting("max_query_size", MAX_QUERY_SIZE)
+                .fetch_all()
+                .await?;
+            for r in rows {
+                out.entry(r.event_id.clone()).or_default().push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored state (sign 1, latest version) of each (institution, event id) of
+    /// `pairs`, with how many times it counts now (the sum of its signs: 0 once cancelled).
+    pub async fn stored_event_rows(
+        &self,
+        pairs: &[(&str, &str)],
+    ) -> Result<HashMap<(String, String), (EventRow, i64)>, StoreError> {
+        #[derive(Row, Deserialize)]
+        struct Live {
+            institution_id: String,
+            event_id: String,
+            live: i64,
+        }
+        let mut out = HashMap::new();
+        for chunk in pairs.chunks(LOOKUP_CHUNK) {
+            let insts: Vec<&str> = chunk.iter().map(|p| p.0).collect();
+            let ids: Vec<&str> = chunk.iter().map(|p| p.1).collect();
+            let wanted =
+                "(institution_id, event_id) IN (SELECT arrayElement(?, i), arrayElement(?, i) \
+                 FROM system.one ARRAY JOIN arrayEnumerate(?) AS i)";
+            let (rows, lives) = tokio::try_join!(
+                self.client
+                    .query(&format!(
+                        "SELECT ?fields FROM usage_events WHERE {wanted} AND sign = 1 \
+                         ORDER BY version DESC LIMIT 1 BY institution_id, event_id"
+                    ))
+                    .bind(&insts)
+                    .bind(&ids)
+                    .bind(&ids)
+                    .with_setting("max_query_size", MAX_QUERY_SIZE)
+                    .fetch_all::<EventRow>(),
+                self.client
+                    .query(&format!(
+                        "SELECT institution_id, event_id, toInt64(sum(sign)) AS live FROM usage_events \
+                         WHERE {wanted} GROUP BY institution_id, event_id"
+                    ))
+                    .bind(&insts)
+                    .bind(&ids)
+                    .bind(&ids)
+                    .with_setting("max_query_size", MAX_QUERY_SIZE)
+                    .fetch_all::<Live>(),
+            )?;
+            let lives: HashMap<(String, String), i64> = lives
+                .into_iter()
+                .map(|l| ((l.institution_id, l.event_id), l.live))
+                .collect();
+            for r in rows {
+                let key = (r.institution_id.clone(), r.event_id.clone());
+                let live = lives.get(&key).copied().unwrap_or(0);
+                out.insert(key, (r, live));
+            }
+        }
+        Ok(out)
     }
 
     /// One INSERT, one block: ClickHouse writes it atomically, so it is either wholly

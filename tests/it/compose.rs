@@ -25,6 +25,10 @@ assert env["TOKENTALLY_USERS_FILE"].startswith("/var/lib/tokentally/")
 gw = s["gateway"]
 assert gw["environment"]["TOKENTALLY_GATEWAY_LISTEN"] == "0.0.0.0:8090"
 assert "127.0.0.1:8090:8090" in gw["ports"]
+# Several gateways decide limits through the shared store (issue 29).
+assert gw["environment"]["TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL"] == "redis://valkey:6379"
+assert gw["depends_on"]["valkey"]["condition"] == "service_healthy"
+assert "valkey-server" in s["valkey"]["command"]
 init = " ".join(s["kafka-init"]["command"])
 assert "--topic " + env["TOKENTALLY_KAFKA_TOPIC"] in init, init
 assert "--topic " + env["TOKENTALLY_BILLING_LEDGER_TOPIC"] + " --partitions 1" in init, init

@@ -199,12 +199,13 @@ impl TestEnv {
             // Right after a broker restart the topic may be unknown for a moment
             // (UnknownTopicOrPartition): such a message was not written, so send it again.
             for attempt in 0.. {
+                // An empty key is sent as no key at all (a null key).
                 let futures: Vec<_> = todo
                     .iter()
                     .map(|(k, p)| {
-                        producer
-                            .send_result(FutureRecord::to(&self.cfg.kafka.topic).key(k).payload(p))
-                            .expect("enqueue")
+                        let record = FutureRecord::to(&self.cfg.kafka.topic).payload(p);
+                        let record = if k.is_empty() { record } else { record.key(k) };
+                        producer.send_result(record).expect("enqueue")
                     })
                     .collect();
                 let mut failed = Vec::new();
@@ -287,7 +288,8 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Messages whose outcome is stored: events + rejections + duplicates.
+    /// Messages whose outcome is stored: events + rejections + duplicates + re-keyed.
+    /// (A cancelled copy counts as its rejection: its event rows sum to zero.)
     pub async fn accounted(&self) -> i64 {
         self.scalar("SELECT toInt64(sum(sign)) FROM usage_events")
             .await
@@ -297,6 +299,69 @@ impl TestEnv {
             + self
                 .scalar("SELECT toInt64(count()) FROM duplicate_events")
                 .await
+            + self
+                .scalar("SELECT toInt64(count()) FROM rekeyed_events")
+                .await
+    }
+
+    /// Messages in this test's topic: the sum of its partitions' high watermarks
+    /// (what the test published and what ingest published again), read with `client`.
+    pub async fn topic_messages(
+        &self,
+        client: &std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    ) -> i64 {
+        use rdkafka::consumer::Consumer;
+        let (consumer, topic) = (client.clone(), self.cfg.kafka.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(60))
+                .unwrap();
+            md.topics()[0]
+                .partitions()
+                .iter()
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p.id(), Duration::from_secs(60))
+                        .unwrap()
+                        .1
+                })
+                .sum()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until every message in the topic (those published again by ingest too) has
+    /// its outcome stored, and stays so for two seconds.
+    pub async fn wait_all_accounted(&self, timeout: Duration) -> i64 {
+        let start = Instant::now();
+        let mut settled_since: Option<Instant> = None;
+        let client: std::sync::Arc<rdkafka::consumer::BaseConsumer> = std::sync::Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &self.cfg.kafka.brokers)
+                .create()
+                .unwrap(),
+        );
+        loop {
+            let (n, total) = (self.accounted().await, self.topic_messages(&client).await);
+            assert!(
+                n <= total,
+                "{n} messages accounted for, more than the {total} in the topic"
+            );
+            if n == total {
+                let since = *settled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(2) {
+                    return n;
+                }
+            } else {
+                settled_since = None;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "only {n} of {total} messages accounted for after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     pub async fn wait_accounted(&self, expected: i64, timeout: Duration) {

@@ -29,6 +29,7 @@ pub async fn overview(
     let store = &state.store;
     let today = Utc::now().date_naive();
     let last = month_start(today) - Duration::days(1);
+    let mut billed_problem: Option<String> = None;
     let billed = async {
         match &sel.scope {
             Scope::One(inst) => as_billed(&state, inst).await.map(Some),
@@ -47,7 +48,23 @@ pub async fn overview(
         billed,
     );
     let (by_day, by_model, this_month, last_month) = sums?;
-    let billed = billed?;
+    // Billing figures need the invoice ledger; when it cannot be read (a document is
+    // missing, ClickHouse refuses), spend still renders and the page says what is wrong.
+    let billed = match billed {
+        Ok(b) => b,
+        Err(AppError::Conflict(why)) => {
+            billed_problem = Some(why);
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "as-billed figures unavailable on the overview");
+            billed_problem = Some(
+                "the invoice ledger could not be read just now; spend figures are unaffected"
+                    .into(),
+            );
+            None
+        }
+    };
 
     let mut page = PageData::new(match &sel.scope {
         Scope::All => "Overview".to_owned(),
@@ -79,6 +96,11 @@ pub async fn overview(
     }
     for (label, amount) in billed.unwrap_or_default() {
         page.figure(label, Cell::Money(amount));
+    }
+    if let Some(why) = billed_problem {
+        page.notes.push(format!(
+            "\"As billed\" is not shown: {why} (the pipeline page and `tokentally ledger` show the ledger's state and how to restore it)."
+        ));
     }
     page.notes.push(
         "Spend figures are list prices, by UTC day. \"As billed\" applies the institution's contract in its billing month (its time zone), exactly as its invoice does."
