@@ -767,3 +767,94 @@ async fn after_write(
     rows.insert(store).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DecodeOptions {
+        DecodeOptions {
+            now: "2026-12-01T00:00:00Z".parse().unwrap(),
+            max_future_skew: chrono::Duration::minutes(5),
+        }
+    }
+
+    fn msg(offset: i64, key: &str, payload: &str) -> Message {
+        Message {
+            partition: 0,
+            offset,
+            key: key.as_bytes().to_vec(),
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    fn event(id: &str, inst: &str) -> String {
+        format!(
+            r#"{{"schema_version":1,"event_id":"{id}","occurred_at":"2026-11-02T10:00:00.250Z","institution_id":"{inst}","provider":"openai","model":"gpt-4o-mini","usage":{{"input_tokens":10,"output_tokens":2}}}}"#
+        )
+    }
+
+    #[test]
+    fn events_under_another_key_are_set_aside_to_publish_again_not_rejected() {
+        let messages = vec![
+            msg(0, "uni-a", &event("e1", "uni-a")),
+            msg(1, "", &event("e2", "uni-a")),
+            msg(2, "random-17", &event("e3", "uni-b")),
+            msg(3, "uni-a", &event("e1", "uni-a")),
+            msg(4, "", "not json"),
+        ];
+        let d = decode_batch(&messages, &opts());
+        assert_eq!(d.events.len(), 1);
+        assert_eq!(
+            d.copies.len(),
+            1,
+            "the same id and institution again is a copy"
+        );
+        let rekey: Vec<(&str, i64)> = d
+            .rekey
+            .iter()
+            .map(|(e, m)| (e.event_id.as_str(), m.offset))
+            .collect();
+        assert_eq!(rekey, vec![("e2", 1), ("e3", 2)]);
+        assert_eq!(d.rejected.len(), 1);
+        assert_eq!(d.rejected[0].0.reason, RejectReason::InvalidJson);
+    }
+
+    #[test]
+    fn a_stored_row_becomes_the_same_event_again() {
+        let messages = vec![msg(0, "uni-a", &event("e1", "uni-a"))];
+        let d = decode_batch(&messages, &opts());
+        let (e, pos) = &d.events[0];
+        let mut e = e.clone();
+        e.tags.insert("course".into(), "inf100".into());
+        let row = event_row(&e, &Pricing::Unpriced, "t", *pos, 0);
+        let again = decode(&contract_json(&row), &opts()).unwrap();
+        assert_eq!(again, e);
+    }
+
+    #[test]
+    fn the_first_stored_copy_wins() {
+        let h = |inst: &str, at: u32, partition: i32, offset: i64| Holder {
+            event_id: "x".into(),
+            institution_id: inst.into(),
+            kafka_topic: "t".into(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+            ingested_at: at,
+            live: 1,
+        };
+        assert_eq!(
+            winner(&[h("b", 100, 0, 5), h("a", 101, 0, 1)])
+                .unwrap()
+                .institution_id,
+            "b"
+        );
+        // Stored in the same second: the lower partition, then offset.
+        assert_eq!(
+            winner(&[h("b", 100, 2, 0), h("a", 100, 1, 9)])
+                .unwrap()
+                .institution_id,
+            "a"
+        );
+    }
+}
