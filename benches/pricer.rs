@@ -2,8 +2,8 @@
 //! mix of models against the default price book.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tokentally::contract::decode::{decode, DecodeOptions};
 use tokentally::emit::{EmitArgs, Generator};
-use tokentally::ingest::decode::{decode, DecodeOptions};
 use tokentally::price::{price, PriceBook};
 
 fn bench(c: &mut Criterion) {

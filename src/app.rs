@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::price::PriceBook;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::web::auth::{self, Auth, UsersFile};
@@ -62,8 +61,10 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
     if users.users.is_empty() && users.tokens.is_empty() {
         tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
     }
-    let book = PriceBook::load(&cfg.prices.path)
-        .with_context(|| format!("loading price book {}", cfg.prices.path.display()))?;
+    // Reloaded when its files change: drafts and invoices look rates up by id.
+    let watcher = crate::price::watch::BookWatcher::load(&cfg.prices.path)?;
+    let book = crate::price::watch::SharedBook::new(watcher.current());
+    book.keep_fresh(watcher, shutdown.clone());
     let state = Arc::new(AppState {
         auth: Auth::new(
             users,
@@ -119,7 +120,8 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
 /// issuer may have stopped between appending and writing), and on the configured day
 /// issue last month's invoices.
 async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
-    let billing = crate::billing::service::Billing::new(&state.cfg, &state.writer, &state.book);
+    let book = state.book.current();
+    let billing = crate::billing::service::Billing::new(&state.cfg, &state.writer, &book);
     loop {
         match billing.sync().await {
             // At start and every minute: a ledger that lacks issued documents is reported

@@ -549,7 +549,7 @@ fn check_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::{decode, DecodeOptions};
+    use crate::contract::decode::{decode, DecodeOptions};
 
     fn args() -> EmitArgs {
         EmitArgs {

@@ -5,6 +5,7 @@ pub mod app;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod domain;
 pub mod emit;
 pub mod format;

@@ -61,7 +61,7 @@ fn event_of(row: &EventRow) -> Option<UsageEvent> {
         model: row.model.clone(),
         endpoint: String::new(),
         service_tier: row.service_tier.clone(),
-        status: row.status.clone(),
+        status: crate::domain::Status::parse(&row.status),
         latency_ms: 0,
         usage: TokenCounts {
             input: row.input_tokens,

@@ -1,11 +1,13 @@
-//! Core types. Past `ingest::decode` every `UsageEvent` is valid: ids are non-empty,
+//! Core types. Past `contract::decode` every `UsageEvent` is valid: ids are non-empty,
 //! token counts are canonical (disjoint classes) and the timestamp is in range.
 
 mod period;
 mod selection;
+mod status;
 
 pub use period::Period;
 pub use selection::{Scope, Selection};
+pub use status::Status;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -132,7 +134,7 @@ pub struct UsageEvent {
     pub model: String,
     pub endpoint: String,
     pub service_tier: String,
-    pub status: String,
+    pub status: Status,
     pub latency_ms: u32,
     pub usage: TokenCounts,
     pub tags: BTreeMap<String, String>,
@@ -148,9 +150,7 @@ impl UsageEvent {
     /// `blocked_…`, one whose provider could not be reached `upstream_unreachable`: it
     /// is recorded, with zero tokens, but never charged a per-request fee.
     pub fn was_served(&self) -> bool {
-        !(self.status.starts_with("rejected_")
-            || self.status.starts_with("blocked_")
-            || self.status == "upstream_unreachable")
+        self.status.was_served()
     }
 }
 

@@ -7,40 +7,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
+pub use crate::contract::Status;
 use crate::domain::{Billing, TokenCounts};
-
-/// What became of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// The provider answered with success and the answer reached its end.
-    Ok,
-    /// The provider answered with an error status, or its answer broke off.
-    UpstreamError,
-    /// The provider could not be reached or did not answer in time (nothing served).
-    UpstreamUnreachable,
-    /// The client went away before the answer ended.
-    ClientCancelled,
-    RejectedRateLimit,
-    RejectedModel,
-    /// A limit in mode `block` would have been passed.
-    RejectedBudget,
-    BlockedModeration,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::UpstreamError => "upstream_error",
-            Status::UpstreamUnreachable => "upstream_unreachable",
-            Status::ClientCancelled => "client_cancelled",
-            Status::RejectedRateLimit => "rejected_rate_limit",
-            Status::RejectedModel => "rejected_model",
-            Status::RejectedBudget => "rejected_budget",
-            Status::BlockedModeration => "blocked_moderation",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize)]
 struct CanonicalUsage {
@@ -87,7 +55,7 @@ pub struct GatewayEvent {
     endpoint: &'static str,
     #[serde(skip_serializing_if = "String::is_empty")]
     service_tier: String,
-    pub status: &'static str,
+    pub status: Status,
     latency_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<CanonicalUsage>,
@@ -147,7 +115,7 @@ impl GatewayEvent {
             model: model.to_owned(),
             endpoint: origin.endpoint,
             service_tier: service_tier.unwrap_or_default().to_owned(),
-            status: status.as_str(),
+            status,
             latency_ms,
             usage: canonical,
             provider_usage,
@@ -170,7 +138,7 @@ impl GatewayEvent {
                 u.reasoning_tokens,
             ),
             (None, Some(v)) => {
-                crate::ingest::normalize::provider_usage(self.provider, v).unwrap_or_default()
+                crate::contract::normalize::provider_usage(self.provider, v).unwrap_or_default()
             }
             (None, None) => TokenCounts::default(),
         }
@@ -184,7 +152,7 @@ impl GatewayEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::{decode, DecodeOptions};
+    use crate::contract::decode::{decode, DecodeOptions};
 
     fn origin() -> Origin {
         Origin {

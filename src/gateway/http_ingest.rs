@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 
 use super::Gateway;
 use crate::config::Config;
-use crate::ingest::decode::{decode, DecodeOptions};
+use crate::contract::decode::{decode, DecodeOptions};
 use crate::keys::KeyKind;
 
 /// Most items one request may carry.

@@ -116,16 +116,13 @@ pub struct Gateway {
     /// For `/v1/usage-events`: publishing straight to Kafka.
     pub ingest: http_ingest::Publisher,
     /// The price book (reloaded when its files change): reservations and settlements.
-    pub book: Arc<std::sync::RwLock<Arc<crate::price::PriceBook>>>,
+    pub book: crate::price::watch::SharedBook,
     pub bounds: Bounds,
 }
 
 impl Gateway {
     pub fn book(&self) -> Arc<crate::price::PriceBook> {
-        self.book
-            .read()
-            .map(|b| b.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.book.current()
     }
 
     /// Keys and limits have been read: requests can be decided.
@@ -135,7 +132,7 @@ impl Gateway {
 
     /// Writes an event to the spool (the sender takes it to Kafka).
     pub fn record(&self, event: &GatewayEvent) {
-        self.metrics.recorded(event.status);
+        self.metrics.recorded(event.status.as_str());
         if let Err(e) = self.spool.append(&event.institution_id, &event.to_json()) {
             // The disk failed under us: say so loudly; the request itself was served.
             tracing::error!(error = %e, event_id = %event.event_id, "an event could not be spooled");
@@ -330,8 +327,9 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let metrics = metrics::Metrics::new();
-    let mut book = crate::ingest::watch::BookWatcher::load(&cfg.prices.path)?;
-    let current_book = Arc::new(std::sync::RwLock::new(book.current()));
+    let watcher = crate::price::watch::BookWatcher::load(&cfg.prices.path)?;
+    let current_book = crate::price::watch::SharedBook::new(watcher.current());
+    current_book.keep_fresh(watcher, shutdown.clone());
     let instance = format!(
         "{}-{}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".into()),
@@ -355,19 +353,12 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
     }
     {
-        let current_book = current_book.clone();
         let metrics = metrics.clone();
         tokio::spawn(crate::limits::refresh::keep_fresh(
             refresher,
             Duration::from_millis(g.limits_refresh_ms.max(100)),
             shutdown.clone(),
             move |r| {
-                book.maybe_reload();
-                if let Ok(mut b) = current_book.write() {
-                    if b.version() != book.current().version() {
-                        *b = book.current();
-                    }
-                }
                 metrics.limits.set(r.budgets.limit_count() as i64);
                 metrics.reservations_open.set(r.budgets.open().0 as i64);
                 metrics.limits_mode.set(match r.mode() {

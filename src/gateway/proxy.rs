@@ -51,7 +51,7 @@ pub fn presented_key(provider: Provider, parts: &Parts) -> Option<&str> {
 
 /// Tags from `x-tokentally-tags: name=value, name=value` (contract bounds).
 pub fn parse_tags(headers: &HeaderMap) -> Result<BTreeMap<String, String>, String> {
-    use crate::ingest::decode::{MAX_TAGS, MAX_TAG_KEY_LEN};
+    use crate::contract::decode::{MAX_TAGS, MAX_TAG_KEY_LEN};
     let mut tags = BTreeMap::new();
     for v in headers.get_all("x-tokentally-tags") {
         let v = v

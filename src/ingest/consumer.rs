@@ -30,11 +30,12 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use super::decode::DecodeOptions;
 use super::metrics::{Metrics, PartitionLabel};
 use super::pipeline::{decode_batch, store_batch, Message, Outcome, Republish, Republished};
-use super::watch::{BookWatcher, Heartbeat};
+use super::watch::Heartbeat;
 use crate::config::Config;
+use crate::contract::DecodeOptions;
+use crate::price::watch::BookWatcher;
 use crate::price::PriceBook;
 use crate::shutdown::Shutdown;
 use crate::store::Store;

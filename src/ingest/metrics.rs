@@ -175,7 +175,7 @@ impl Metrics {
                 stage: stage.into(),
             });
         }
-        for reason in super::decode::RejectReason::ALL {
+        for reason in crate::contract::RejectReason::ALL {
             let _ = m.rejected.get_or_create(&ReasonLabel {
                 reason: reason.as_str().into(),
             });

@@ -1,9 +1,8 @@
-//! Kafka → ClickHouse: the consumer loop, decoding and validation, dead letters.
+//! Kafka → ClickHouse: the consumer loop, the batch pipeline (decoding by `contract`),
+//! dead letters.
 
 pub mod consumer;
-pub mod decode;
 pub mod metrics;
-pub mod normalize;
 pub mod pipeline;
 pub mod watch;
 

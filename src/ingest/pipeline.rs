@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use super::decode::{decode, excerpt, DecodeOptions, RejectReason, Rejection};
+use crate::contract::decode::{decode, excerpt, DecodeOptions, RejectReason, Rejection};
 use crate::domain::UsageEvent;
 use crate::price::{price, PriceBook, Pricing};
 use crate::store::rows::{DuplicateRow, EventRow, RejectedRow, RekeyedRow};
@@ -235,7 +235,7 @@ pub fn event_row(
         model: e.model.clone(),
         endpoint: e.endpoint.clone(),
         service_tier: e.service_tier.clone(),
-        status: e.status.clone(),
+        status: e.status.as_str().to_owned(),
         latency_ms: e.latency_ms,
         tag_keys: e.tags.keys().cloned().collect(),
         tag_values: e.tags.values().cloned().collect(),
@@ -316,7 +316,7 @@ fn id_conflict(event_id: &str, holder: &str, copy: &str) -> Rejection {
 }
 
 fn rejected_row(r: &Rejection, m: &Message, topic: &str, now: u32) -> RejectedRow {
-    let (institution_id, occurred_at) = super::decode::rejected_about(&m.payload, &m.key);
+    let (institution_id, occurred_at) = crate::contract::decode::rejected_about(&m.payload, &m.key);
     RejectedRow {
         institution_id,
         occurred_at,

@@ -1,105 +1,23 @@
-//! What ingest watches besides messages: the price book on disk (reloaded when it
-//! changes, so a new price applies without a restart) and its own progress (reported to
-//! ClickHouse as a heartbeat; a consumer that stops committing while the topic has lag is
-//! *stalled*: a metric, a log line, the pipeline alert, and a rejoin when it holds nothing).
+//! What ingest watches besides messages: its own progress (reported to ClickHouse as a
+//! heartbeat; a consumer that stops committing while the topic has lag is *stalled*: a
+//! metric, a log line, the pipeline alert, and a rejoin when it holds nothing). The price
+//! book on disk is watched by `price::watch`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::price::PriceBook;
 use crate::store::pipeline::InstanceRow;
 use crate::store::Store;
 
-/// How often the price book's files are compared with what is loaded.
-const BOOK_CHECK: Duration = Duration::from_secs(10);
 /// How often an instance reports.
 const BEAT_EVERY: Duration = Duration::from_secs(5);
 /// How often the group's committed offsets are read for the stall check.
 const LAG_CHECK: Duration = Duration::from_secs(5);
 /// A consumer without partitions rejoins once the group has made no progress this long.
 pub const REJOIN_AFTER: Duration = Duration::from_secs(15);
-
-/// The loaded price book, reloaded when its files change.
-pub struct BookWatcher {
-    path: std::path::PathBuf,
-    book: Arc<PriceBook>,
-    checked: Instant,
-    reloads: u64,
-    /// The version of a changed book that failed to load (reported once).
-    broken: Option<String>,
-}
-
-impl BookWatcher {
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
-        let book = PriceBook::load(path)
-            .with_context(|| format!("loading price book {}", path.display()))?;
-        info!(
-            entries = book.entries().len(),
-            version = book.version(),
-            "price book loaded"
-        );
-        Ok(Self {
-            path: path.to_owned(),
-            book: Arc::new(book),
-            checked: Instant::now(),
-            reloads: 0,
-            broken: None,
-        })
-    }
-
-    pub fn current(&self) -> Arc<PriceBook> {
-        self.book.clone()
-    }
-
-    pub fn version(&self) -> String {
-        self.book.version().to_owned()
-    }
-
-    pub fn reloads(&self) -> u64 {
-        self.reloads
-    }
-
-    /// Reloads if the files changed. A book that fails to load is reported and the
-    /// loaded one stays in force (events keep their prices; `reprice` fixes them later).
-    pub fn maybe_reload(&mut self) {
-        if self.checked.elapsed() < BOOK_CHECK {
-            return;
-        }
-        self.checked = Instant::now();
-        let fingerprint = match crate::price::book::fingerprint(&self.path) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(error = %e, "price book unreadable; keeping the loaded one");
-                return;
-            }
-        };
-        if fingerprint == self.book.version() || self.broken.as_deref() == Some(&fingerprint) {
-            return;
-        }
-        match PriceBook::load(&self.path) {
-            Ok(book) => {
-                info!(
-                    old = self.book.version(),
-                    new = book.version(),
-                    entries = book.entries().len(),
-                    "price book changed on disk: reloaded"
-                );
-                self.book = Arc::new(book);
-                self.reloads += 1;
-                self.broken = None;
-            }
-            Err(e) => {
-                warn!(error = %e, version = %fingerprint, loaded = self.book.version(),
-                      "the changed price book is invalid; still pricing with the loaded one");
-                self.broken = Some(fingerprint);
-            }
-        }
-    }
-}
 
 /// The group's committed offsets and lag (each summed over the partitions), read every
 /// `LAG_CHECK` by a task of its own with one long-lived client: reading them on the

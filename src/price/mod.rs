@@ -2,6 +2,7 @@
 
 pub mod book;
 pub mod litellm;
+pub mod watch;
 
 use rust_decimal::Decimal;
 
@@ -217,7 +218,7 @@ output_per_mtok = "15"
             model: model.into(),
             endpoint: String::new(),
             service_tier: tier.into(),
-            status: String::new(),
+            status: crate::domain::Status::parse(""),
             latency_ms: 0,
             usage,
             tags: Default::default(),

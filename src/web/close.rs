@@ -114,7 +114,8 @@ async fn institutions(state: &AppState) -> Result<Vec<(String, String)>, AppErro
 
 /// Every cell of the matrix.
 pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellView>)>, AppError> {
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.store, &book);
     let ledger = state.ledger.current(&state.writer).await?;
     let now = Utc::now();
     let mut rows = Vec::new();
@@ -271,7 +272,8 @@ pub async fn issue(
     uri: Uri,
     CheckedForm(form): CheckedForm<IssueForm>,
 ) -> Result<Response, AppError> {
-    let billing = Billing::new(&state.cfg, &state.writer, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.writer, &book);
     let targets: Vec<(String, Period)> =
         if form.institution.trim().is_empty() && form.period.trim().is_empty() {
             matrix(&state)

@@ -196,7 +196,8 @@ fn file(bytes: Vec<u8>, name: &str, format: &str) -> Response {
 }
 
 async fn usage_csv(state: &AppState, doc: &Document) -> Result<Vec<u8>, AppError> {
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.store, &book);
     Ok(billing.usage_csv(doc).await?.into_bytes())
 }
 
@@ -230,7 +231,8 @@ pub async fn download(
         "usage-csv-as-issued" => {
             let doc: Document =
                 serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-            let billing = Billing::new(&state.cfg, &state.store, &state.book);
+            let book = state.book.current();
+            let billing = Billing::new(&state.cfg, &state.store, &book);
             let csv = billing
                 .usage_csv_as_issued(&doc)
                 .await?
@@ -238,7 +240,8 @@ pub async fn download(
             (csv.into_bytes(), "usage-as-issued.csv")
         }
         "verify" => {
-            let billing = Billing::new(&state.cfg, &state.store, &state.book);
+            let book = state.book.current();
+            let billing = Billing::new(&state.cfg, &state.store, &book);
             let v = billing.verify(frozen.document.as_bytes()).await?;
             return Ok(axum::Json(v).into_response());
         }
@@ -287,7 +290,8 @@ pub async fn explain(
         .ok_or(AppError::NotFound)?;
     let doc: Document =
         serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.store, &book);
     let csv = billing.explain_line(&doc, line).await?;
     Ok(file(
         csv.into_bytes(),
@@ -328,7 +332,8 @@ pub async fn draft(
         return Err(AppError::TooManyRequests);
     }
     state.drafts.record(&who);
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.store, &book);
     let ledger = state.ledger.current(&state.writer).await?;
     let doc = billing.draft(&ledger, inst, period).await?;
     let name = format!("draft-{inst}-{period}");
@@ -376,7 +381,8 @@ pub async fn issue(
 ) -> Result<Response, AppError> {
     let period: Period = form.period.trim().parse().map_err(AppError::BadRequest)?;
     let inst = form.institution.trim();
-    let billing = Billing::new(&state.cfg, &state.writer, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.writer, &book);
     let result = billing
         .issue(inst, period, form.allow_unpriced.is_some())
         .await;

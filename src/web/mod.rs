@@ -25,7 +25,6 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::config::Config;
-use crate::price::PriceBook;
 use crate::store::Store;
 use auth::Auth;
 use error::AppError;
@@ -36,7 +35,8 @@ pub struct AppState {
     pub store: Store,
     /// Writes: issuing invoices, acknowledging alerts, the upkeep and evaluator tasks.
     pub writer: Store,
-    pub book: PriceBook,
+    /// The price book, reloaded when its files change.
+    pub book: crate::price::watch::SharedBook,
     pub auth: Auth,
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// The invoice ledger as drafts see it (kept, refreshed incrementally).

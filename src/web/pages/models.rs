@@ -65,8 +65,9 @@ pub async fn models(
     // The entries that price these models on the last day of the range.
     let mut seen = BTreeSet::new();
     let mut prices = Vec::new();
+    let book = state.book.current();
     for a in &rows {
-        let Some(e) = state.book.lookup(&a.key2, &a.key, "", sel.to) else {
+        let Some(e) = book.lookup(&a.key2, &a.key, "", sel.to) else {
             continue;
         };
         if !seen.insert(e.id.clone()) {
@@ -101,7 +102,7 @@ pub async fn models(
         title: format!(
             "Price entries in effect on {} (USD per 1M tokens; price book {})",
             sel.to,
-            state.book.version()
+            book.version()
         ),
         columns: vec![
             "price_id",

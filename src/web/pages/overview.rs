@@ -161,7 +161,8 @@ async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)
     use crate::billing::{Customer, Period};
     let c = Customer::resolve(&state.cfg, inst);
     let this = Period::of(Utc::now().with_timezone(&c.tz).date_naive());
-    let billing = Billing::new(&state.cfg, &state.store, &state.book);
+    let book = state.book.current();
+    let billing = Billing::new(&state.cfg, &state.store, &book);
     let ledger = state.ledger.current(&state.writer).await?;
     let contract = if c.contract_percent.is_zero() {
         "list prices".to_owned()

@@ -91,11 +91,12 @@ pub async fn pipeline(
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| "-".into())
     };
+    let book = state.book.current();
     for i in instances.iter().filter(|i| i.state != "stopped") {
-        if i.price_book_version != state.book.version() {
+        if i.price_book_version != book.version() {
             page.notes.push(format!(
                 "Ingest instance {} prices with price book {}, the dashboard reads {}: one of them has not reloaded a change yet (ingest checks every 10 s).",
-                i.instance_id, i.price_book_version, state.book.version()
+                i.instance_id, i.price_book_version, book.version()
             ));
         }
     }

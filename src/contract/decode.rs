@@ -371,7 +371,7 @@ pub fn decode(payload: &[u8], opts: &DecodeOptions) -> Result<UsageEvent, Reject
         model,
         endpoint: optional_str(&obj, "endpoint")?,
         service_tier: optional_str(&obj, "service_tier")?,
-        status: optional_str(&obj, "status")?,
+        status: crate::domain::Status::parse(&optional_str(&obj, "status")?),
         latency_ms: latency(&obj)?,
         usage,
         tags: tags(&obj)?,
