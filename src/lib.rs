@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod keys;
 pub mod limits;
+pub mod people;
 pub mod price;
 pub mod report;
 pub mod reprice;

@@ -189,7 +189,7 @@ pub enum UsersCommand {
     Add {
         name: String,
         #[arg(long, value_enum)]
-        role: crate::web::auth::Role,
+        role: crate::people::Role,
         /// The institution an `institution` user may see.
         #[arg(long)]
         institution: Option<String>,
@@ -207,7 +207,7 @@ pub enum TokensCommand {
     Add {
         name: String,
         #[arg(long, value_enum)]
-        role: crate::web::auth::Role,
+        role: crate::people::Role,
         #[arg(long)]
         institution: Option<String>,
     },
@@ -271,7 +271,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     institution,
                 },
         } => {
-            use crate::web::auth::{check_role, random_hex, token_hash, TokenEntry, UsersFile};
+            use crate::people::{check_role, random_hex, token_hash, TokenEntry, UsersFile};
             check_role(role, institution.as_deref()).map_err(anyhow::Error::msg)?;
             let path = &cfg.web.users_file;
             let mut file = UsersFile::load(path)?;
@@ -373,7 +373,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn users(cfg: &Config, command: UsersCommand) -> anyhow::Result<()> {
-    use crate::web::auth::{check_role, hash_password, random_hex, UserEntry, UsersFile};
+    use crate::people::{check_role, hash_password, random_hex, UserEntry, UsersFile};
     let path = &cfg.web.users_file;
     let mut file = UsersFile::load(path)?;
     match command {
