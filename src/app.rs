@@ -121,7 +121,7 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
 /// issue last month's invoices.
 async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
     let book = state.book.current();
-    let billing = crate::billing::service::Billing::new(&state.cfg, &state.writer, &book);
+    let billing = crate::billing::issue::Billing::new(&state.cfg, &state.writer, &book);
     loop {
         match billing.sync().await {
             // At start and every minute: a ledger that lacks issued documents is reported

@@ -5,10 +5,12 @@
 //! the institution's contract multiplier, rounded once to cents, half away from zero.
 //! The total is the sum of the rounded lines. Nothing else rounds.
 
+pub mod audit;
 pub mod evidence;
+pub mod format;
+pub mod issue;
 pub mod ledger;
 pub mod render;
-pub mod service;
 pub mod usage;
 
 use std::collections::BTreeMap;
@@ -144,6 +146,8 @@ pub enum BillingError {
     Kafka(String),
     #[error("rendering: {0}")]
     Render(String),
+    #[error("{0} has no usage frozen at issue (a draft, a credit note, or issued before snapshots); use the usage-csv format for the live usage")]
+    NoFrozenUsage(String),
 }
 
 impl BillingError {
@@ -157,7 +161,8 @@ impl BillingError {
             | BillingError::UnpricedUsage { .. }
             | BillingError::Refused(_)
             | BillingError::Contended { .. }
-            | BillingError::Undecided => true,
+            | BillingError::Undecided
+            | BillingError::NoFrozenUsage(_) => true,
             BillingError::Ledger(e) => e.is_refusal(),
             BillingError::Store(_)
             | BillingError::Corrupt(_)

@@ -30,6 +30,119 @@ pub fn json(doc: &Document) -> String {
 pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,unit_price,unit,exact_amount,contract_percent,amount,currency,billed_unit_price,price_applies_from,price_applies_until,now_amount,billed_before";
 
 /// One row per line; the amounts sum to the document's total.
+/// "/1M tokens" or "/request".
+fn per(class: super::Class) -> &'static str {
+    if class.per_million() {
+        "/1M tokens"
+    } else {
+        "/request"
+    }
+}
+
+/// A readable summary of a document (the CLI's `--format table`). Unit prices are as
+/// billed (with the contract), so every line multiplies out: quantity × unit price =
+/// amount before rounding.
+pub fn table(d: &Document) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} {}  {} {} ({})",
+        d.title(),
+        d.number,
+        d.customer.id,
+        d.period,
+        d.time_zone
+    );
+    if let Some(r) = &d.references {
+        let _ = writeln!(s, "cancels {r}");
+    }
+    if let (Some(i), Some(due)) = (d.issue_date, d.due_date) {
+        let _ = writeln!(s, "issued {i}, due {due}");
+    }
+    if !d.contract_percent.is_zero() {
+        let what = if d.contract_percent < rust_decimal::Decimal::ZERO {
+            "discount"
+        } else {
+            "markup"
+        };
+        let _ = writeln!(
+            s,
+            "contract {what} of {}%: unit prices below include it (list price × {})",
+            d.contract_percent.abs(),
+            super::multiplier(d.contract_percent).normalize()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<64} {:>8} {:>14} {:>24} {:>12}",
+        "line", "period", "quantity", "unit price", "amount"
+    );
+    for l in &d.lines {
+        let desc = if l.adjustment {
+            format!("adjustment: {}", l.description())
+        } else {
+            l.description()
+        };
+        let _ = writeln!(
+            s,
+            "{:<64} {:>8} {:>14} {:>24} {:>12}",
+            desc,
+            l.period.to_string(),
+            l.quantity,
+            format!(
+                "${}{}",
+                l.billed_unit_price(d.contract_percent),
+                per(l.class)
+            ),
+            money(l.amount)
+        );
+        if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
+            let _ = writeln!(
+                s,
+                "    its events come to {} now; earlier documents billed {}",
+                money(now),
+                money(before)
+            );
+        }
+    }
+    let _ = writeln!(s, "{:>112} {:>12}", "subtotal", money(d.subtotal));
+    let _ = writeln!(s, "{:>112} {:>12}", "adjustments", money(d.adjustments));
+    let _ = writeln!(
+        s,
+        "{:>112} {:>12}",
+        format!("total {}", d.currency),
+        money(d.total)
+    );
+    if d.unpriced.events != 0 {
+        let _ = writeln!(
+            s,
+            "UNPRICED: {} events ({} tokens) of {} are not billed",
+            d.unpriced.events,
+            d.unpriced.tokens,
+            d.unpriced.models.join(", ")
+        );
+    }
+    for u in &d.unpriced_earlier {
+        let _ = writeln!(
+            s,
+            "UNPRICED (adjustment, {}): {} events ({} tokens) of {} arrived after that period was invoiced; not billed",
+            u.period,
+            u.events,
+            u.tokens,
+            u.models.join(", ")
+        );
+    }
+    let _ = writeln!(s, "price book {}", d.price_book_version);
+    if !d.sha256.is_empty() {
+        let _ = writeln!(s, "sha256 {}", d.sha256);
+        if !d.previous_sha256.is_empty() {
+            let _ = writeln!(s, "previous document's sha256 {}", d.previous_sha256);
+        }
+    }
+    s
+}
+
 pub fn lines_csv(doc: &Document) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{LINES_CSV_HEADER}");
@@ -266,6 +379,38 @@ fn date_or_dash(d: Option<chrono::NaiveDate>) -> String {
 
 /// A one- or multi-page A4 PDF with the font embedded. Deterministic: the document id
 /// and dates derive from the document, not the clock.
+/// The pages of one PDF being written, and where the next row goes.
+struct Sheet<'a> {
+    pdf: &'a printpdf::PdfDocumentReference,
+    pages: Vec<Page<'a>>,
+    y: f32,
+}
+
+impl<'a> Sheet<'a> {
+    fn page(&self) -> &Page<'a> {
+        self.pages.last().expect("a sheet has a page")
+    }
+
+    fn metrics(&self) -> &'a Metrics {
+        self.pages[0].metrics
+    }
+
+    /// Starts a new page; the next row goes to its top.
+    fn new_page(&mut self) {
+        let (pi, li) = self.pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
+        let first = &self.pages[0];
+        let page = Page {
+            layer: self.pdf.get_page(pi).get_layer(li),
+            font: first.font,
+            metrics: first.metrics,
+        };
+        self.pages.push(page);
+        self.y = PAGE_H - 22.0;
+    }
+}
+
+/// The document as a PDF (A4, DejaVu Sans subset): the same document always renders to
+/// the same bytes.
 pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
     let render =
         |e: printpdf::Error| super::BillingError::Render(format!("PDF of {}: {e}", doc.number));
@@ -287,25 +432,45 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         .add_external_font(subset_font(doc)?.as_slice())
         .map_err(render)?;
     let metrics = Metrics::new();
-    let mut pages = vec![Page {
-        layer: pdf.get_page(page1).get_layer(layer1),
-        font: &font,
-        metrics: &metrics,
-    }];
-    let new_page = |pages: &mut Vec<Page<'_>>| {
-        let (pi, li) = pdf.add_page(Mm(PAGE_W), Mm(PAGE_H), "content");
-        let first = &pages[0];
-        let page = Page {
-            layer: pdf.get_page(pi).get_layer(li),
-            font: first.font,
-            metrics: first.metrics,
-        };
-        pages.push(page);
+    let mut sheet = Sheet {
+        pdf: &pdf,
+        pages: vec![Page {
+            layer: pdf.get_page(page1).get_layer(layer1),
+            font: &font,
+            metrics: &metrics,
+        }],
+        y: PAGE_H - 22.0,
     };
+    pdf_header(doc, &mut sheet);
+    pdf_lines(doc, &mut sheet);
+    pdf_totals(doc, &mut sheet);
+    for n in pdf_notes(doc) {
+        for row in wrap(&metrics, &n, 8.0, RIGHT - LEFT) {
+            if sheet.y < 18.0 {
+                sheet.new_page();
+            }
+            sheet.page().text(&row, 8.0, LEFT, sheet.y);
+            sheet.y -= 4.5;
+        }
+    }
+    let n = sheet.pages.len();
+    for (i, p) in sheet.pages.iter().enumerate() {
+        p.right(
+            &format!("{} · page {} of {n}", doc.number, i + 1),
+            7.5,
+            RIGHT,
+            12.0,
+        );
+    }
+    drop(sheet);
+    let bytes = pdf.save_to_bytes().map_err(render)?;
+    Ok(with_fixed_id(bytes, &id))
+}
 
-    // Header: issuer left, document facts right.
-    let p = &pages[0];
-    let mut y = PAGE_H - 22.0;
+/// Issuer left, document facts right, then whom it is billed to.
+fn pdf_header(doc: &Document, sheet: &mut Sheet<'_>) {
+    let p = sheet.page();
+    let y = sheet.y;
     p.text(&doc.issuer.name, 15.0, LEFT, y);
     p.right(&doc.title().to_uppercase(), 18.0, RIGHT, y);
     let mut ly = y - 6.0;
@@ -336,7 +501,7 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         p.right(&format!("{k}: {v}"), 9.5, RIGHT, ry);
         ry -= 5.0;
     }
-    y = ly.min(ry) - 8.0;
+    let mut y = ly.min(ry) - 8.0;
     p.text("Bill to", 9.0, LEFT, y);
     y -= 5.5;
     p.text(&doc.customer.name, 11.0, LEFT, y);
@@ -352,38 +517,43 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             y -= 4.5;
         }
     }
-    y -= 6.0;
+    sheet.y = y - 6.0;
+}
 
-    // Lines.
-    const COLS: [(&str, f32, bool); 5] = [
-        ("Description", LEFT, false),
-        ("Period", 112.0, false),
-        ("Quantity", 150.0, true),
-        ("Unit price", 171.0, true),
-        ("Amount", RIGHT, true),
-    ];
-    let header = |p: &Page, y: f32| {
-        for (name, x, right) in COLS {
-            if right {
-                p.right(name, 9.0, x, y);
-            } else {
-                p.text(name, 9.0, x, y);
-            }
+const COLS: [(&str, f32, bool); 5] = [
+    ("Description", LEFT, false),
+    ("Period", 112.0, false),
+    ("Quantity", 150.0, true),
+    ("Unit price", 171.0, true),
+    ("Amount", RIGHT, true),
+];
+
+fn pdf_columns(p: &Page<'_>, y: f32) {
+    for (name, x, right) in COLS {
+        if right {
+            p.right(name, 9.0, x, y);
+        } else {
+            p.text(name, 9.0, x, y);
         }
-        p.rule(y - 2.0);
-    };
-    header(&pages[0], y);
-    y -= 7.0;
+    }
+    p.rule(y - 2.0);
+}
+
+/// One row (or a few, wrapped) per line, pages broken where a row would not fit.
+fn pdf_lines(doc: &Document, sheet: &mut Sheet<'_>) {
+    pdf_columns(sheet.page(), sheet.y);
+    sheet.y -= 7.0;
+    let metrics = sheet.metrics();
     for l in &doc.lines {
         let desc = if l.adjustment {
             format!("Adjustment: {}", l.description())
         } else {
             l.description()
         };
-        let mut rows = wrap(&metrics, &desc, 8.5, 90.0);
+        let mut rows = wrap(metrics, &desc, 8.5, 90.0);
         if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
             rows.extend(wrap(
-                &metrics,
+                metrics,
                 &format!(
                     "its events come to {} now; earlier documents billed {}",
                     money(now),
@@ -394,13 +564,12 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             ));
         }
         let height = 4.0 * rows.len() as f32 + 1.0;
-        if y - height < 36.0 {
-            new_page(&mut pages);
-            y = PAGE_H - 22.0;
-            header(pages.last().expect("page"), y);
-            y -= 7.0;
+        if sheet.y - height < 36.0 {
+            sheet.new_page();
+            pdf_columns(sheet.page(), sheet.y);
+            sheet.y -= 7.0;
         }
-        let p = pages.last().expect("page");
+        let (p, y) = (sheet.page(), sheet.y);
         for (i, r) in rows.iter().enumerate() {
             let size = if i > 0 && r.starts_with("its events") {
                 7.5
@@ -422,24 +591,24 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         };
         p.right(&unit, 8.5, 171.0, y);
         p.right(&money(l.amount), 8.5, RIGHT, y);
-        y -= height;
+        sheet.y -= height;
     }
     if doc.lines.is_empty() {
-        pages
-            .last()
-            .expect("page")
-            .text("No billable usage in this period.", 9.0, LEFT, y);
-        y -= 5.0;
+        sheet
+            .page()
+            .text("No billable usage in this period.", 9.0, LEFT, sheet.y);
+        sheet.y -= 5.0;
     }
+}
 
-    // Totals and notes (on a new page if they would not fit).
-    if y < 70.0 {
-        new_page(&mut pages);
-        y = PAGE_H - 22.0;
+/// Subtotal, adjustments and total (on a new page if they would not fit).
+fn pdf_totals(doc: &Document, sheet: &mut Sheet<'_>) {
+    if sheet.y < 70.0 {
+        sheet.new_page();
     }
-    let p = pages.last().expect("page");
-    p.rule(y + 2.0);
-    y -= 5.0;
+    let p = sheet.page();
+    p.rule(sheet.y + 2.0);
+    let mut y = sheet.y - 5.0;
     let totals = [
         (format!("Subtotal {}", doc.period), doc.subtotal, 9.5),
         (
@@ -454,7 +623,12 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
         p.right(&money(value), size, RIGHT, y);
         y -= 6.5;
     }
-    y -= 4.0;
+    sheet.y = y - 4.0;
+}
+
+/// The notes under the totals: contract, rounding, adjustments, what is not billed,
+/// the price book, the document's hashes and each line's Merkle root.
+fn pdf_notes(doc: &Document) -> Vec<String> {
     let mut notes = Vec::new();
     if !doc.contract_percent.is_zero() {
         let what = if doc.contract_percent < Decimal::ZERO {
@@ -519,30 +693,13 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             ));
         }
     }
-    for n in notes {
-        for row in wrap(&metrics, &n, 8.0, RIGHT - LEFT) {
-            if y < 18.0 {
-                new_page(&mut pages);
-                y = PAGE_H - 22.0;
-            }
-            pages.last().expect("page").text(&row, 8.0, LEFT, y);
-            y -= 4.5;
-        }
-    }
-    let n = pages.len();
-    for (i, p) in pages.iter().enumerate() {
-        p.right(
-            &format!("{} · page {} of {n}", doc.number, i + 1),
-            7.5,
-            RIGHT,
-            12.0,
-        );
-    }
-    drop(pages);
-    let mut bytes = pdf.save_to_bytes().map_err(render)?;
-    // printpdf writes two random strings into the trailer's /ID; replace them (same
-    // length, so no offset moves) with one derived from the number, so that the same
-    // document always renders to the same bytes.
+    notes
+}
+
+/// printpdf writes two random strings into the trailer's /ID; they are replaced (same
+/// length, so no offset moves) with one derived from the number, so that the same
+/// document always renders to the same bytes.
+fn with_fixed_id(mut bytes: Vec<u8>, id: &str) -> Vec<u8> {
     let marker = b"/ID[(";
     if let Some(pos) = find(&bytes, marker) {
         let first = pos + marker.len();
@@ -553,7 +710,7 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             bytes[second..second + 32].copy_from_slice(id.as_bytes());
         }
     }
-    Ok(bytes)
+    bytes
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
 
+use crate::billing::audit::{Audit, Reconciliation};
+use crate::billing::issue::Billing;
 use crate::billing::ledger;
-use crate::billing::render;
-use crate::billing::service::{Billing, Reconciliation};
 use crate::billing::{Document, Period};
 use crate::config::Config;
 use crate::format::money;
@@ -92,20 +92,7 @@ pub struct Target {
     pub output: Option<PathBuf>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DocFormat {
-    /// A readable summary.
-    Table,
-    Json,
-    /// One row per invoice line.
-    Csv,
-    Pdf,
-    /// Day × user × key × model × token class for the period as stored now ("live":
-    /// includes events that arrived after an invoice was issued).
-    UsageCsv,
-    /// The same, frozen when the invoice was issued: adds up to its own-period lines.
-    UsageCsvAsIssued,
-}
+pub use crate::billing::format::Format as DocFormat;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReportFormat {
@@ -131,141 +118,16 @@ fn emit(bytes: &[u8], output: Option<&PathBuf>, binary: bool) -> anyhow::Result<
     Ok(())
 }
 
-/// "/1M tokens" or "/request".
-fn per(class: crate::billing::Class) -> &'static str {
-    if class.per_million() {
-        "/1M tokens"
-    } else {
-        "/request"
-    }
-}
-
-/// A readable summary of a document. Unit prices are as billed (with the contract), so
-/// every line multiplies out: quantity × unit price = amount before rounding.
-pub fn table(d: &Document) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{} {}  {} {} ({})",
-        d.title(),
-        d.number,
-        d.customer.id,
-        d.period,
-        d.time_zone
-    );
-    if let Some(r) = &d.references {
-        let _ = writeln!(s, "cancels {r}");
-    }
-    if let (Some(i), Some(due)) = (d.issue_date, d.due_date) {
-        let _ = writeln!(s, "issued {i}, due {due}");
-    }
-    if !d.contract_percent.is_zero() {
-        let what = if d.contract_percent < rust_decimal::Decimal::ZERO {
-            "discount"
-        } else {
-            "markup"
-        };
-        let _ = writeln!(
-            s,
-            "contract {what} of {}%: unit prices below include it (list price × {})",
-            d.contract_percent.abs(),
-            crate::billing::multiplier(d.contract_percent).normalize()
-        );
-    }
-    let _ = writeln!(
-        s,
-        "{:<64} {:>8} {:>14} {:>24} {:>12}",
-        "line", "period", "quantity", "unit price", "amount"
-    );
-    for l in &d.lines {
-        let desc = if l.adjustment {
-            format!("adjustment: {}", l.description())
-        } else {
-            l.description()
-        };
-        let _ = writeln!(
-            s,
-            "{:<64} {:>8} {:>14} {:>24} {:>12}",
-            desc,
-            l.period.to_string(),
-            l.quantity,
-            format!(
-                "${}{}",
-                l.billed_unit_price(d.contract_percent),
-                per(l.class)
-            ),
-            money(l.amount)
-        );
-        if let (Some(now), Some(before)) = (l.now_amount, l.billed_before) {
-            let _ = writeln!(
-                s,
-                "    its events come to {} now; earlier documents billed {}",
-                money(now),
-                money(before)
-            );
-        }
-    }
-    let _ = writeln!(s, "{:>112} {:>12}", "subtotal", money(d.subtotal));
-    let _ = writeln!(s, "{:>112} {:>12}", "adjustments", money(d.adjustments));
-    let _ = writeln!(
-        s,
-        "{:>112} {:>12}",
-        format!("total {}", d.currency),
-        money(d.total)
-    );
-    if d.unpriced.events != 0 {
-        let _ = writeln!(
-            s,
-            "UNPRICED: {} events ({} tokens) of {} are not billed",
-            d.unpriced.events,
-            d.unpriced.tokens,
-            d.unpriced.models.join(", ")
-        );
-    }
-    for u in &d.unpriced_earlier {
-        let _ = writeln!(
-            s,
-            "UNPRICED (adjustment, {}): {} events ({} tokens) of {} arrived after that period was invoiced; not billed",
-            u.period,
-            u.events,
-            u.tokens,
-            u.models.join(", ")
-        );
-    }
-    let _ = writeln!(s, "price book {}", d.price_book_version);
-    if !d.sha256.is_empty() {
-        let _ = writeln!(s, "sha256 {}", d.sha256);
-        if !d.previous_sha256.is_empty() {
-            let _ = writeln!(s, "previous document's sha256 {}", d.previous_sha256);
-        }
-    }
-    s
-}
-
 async fn render_doc(
     billing: &Billing<'_>,
     d: &Document,
     format: DocFormat,
     frozen: Option<&crate::store::invoices::Frozen>,
 ) -> anyhow::Result<(Vec<u8>, bool)> {
-    Ok(match (format, frozen) {
-        (DocFormat::Json, Some(f)) => (f.document.clone().into_bytes(), false),
-        (DocFormat::Csv, Some(f)) => (f.csv.clone().into_bytes(), false),
-        (DocFormat::Pdf, Some(f)) => (f.pdf.clone(), true),
-        (DocFormat::Json, None) => (render::json(d).into_bytes(), false),
-        (DocFormat::Csv, None) => (render::lines_csv(d).into_bytes(), false),
-        (DocFormat::Pdf, None) => (render::pdf(d)?, true),
-        (DocFormat::Table, _) => (table(d).into_bytes(), false),
-        (DocFormat::UsageCsv, _) => (billing.usage_csv(d).await?.into_bytes(), false),
-        (DocFormat::UsageCsvAsIssued, _) => match billing.usage_csv_as_issued(d).await? {
-            Some(csv) => (csv.into_bytes(), false),
-            None => bail!(
-                "{} has no usage frozen at issue (a draft, a credit note, or issued before snapshots); use --format usage-csv for the live usage",
-                d.number
-            ),
-        },
-    })
+    Ok((
+        format.render(billing, d, frozen).await?.bytes,
+        format.is_binary(),
+    ))
 }
 
 pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()> {
@@ -394,7 +256,7 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                     .document
                     .into_bytes()
             };
-            let v = billing.verify(&bytes).await?;
+            let v = Audit::new(cfg, &store, &book).verify(&bytes).await?;
             match format {
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 ReportFormat::Table => print!("{}", verification_table(&v)),
@@ -415,13 +277,15 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                 .iter()
                 .find(|d| d.number == number)
                 .with_context(|| format!("no document numbered {number}"))?;
-            let csv = billing.explain_line(doc, line).await?;
+            let csv = Audit::new(cfg, &store, &book)
+                .explain_line(doc, line)
+                .await?;
             emit(csv.as_bytes(), output.as_ref(), false)
         }
     }
 }
 
-fn verification_table(v: &crate::billing::service::InvoiceVerification) -> String {
+fn verification_table(v: &crate::billing::audit::InvoiceVerification) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let d = &v.document;
@@ -537,8 +401,7 @@ pub async fn ledger(cfg: &Config, command: super::LedgerCommand) -> anyhow::Resu
 pub async fn reconcile(cfg: &Config, period: Period, format: ReportFormat) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     let book = super::load_book(cfg)?;
-    let billing = Billing::new(cfg, &store, &book);
-    let r = billing.reconcile(period).await?;
+    let r = Audit::new(cfg, &store, &book).reconcile(period).await?;
     match format {
         ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         ReportFormat::Table => print!("{}", reconcile_table(&r)),

@@ -210,7 +210,6 @@ pub fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
-
 /// Longest user name and password a login form may carry; longer fields are refused
 /// before anything else looks at them.
 pub const MAX_USER_NAME: usize = 128;

@@ -17,11 +17,11 @@ use serde::Deserialize;
 
 use super::error::AppError;
 use super::AppState;
+use crate::people::verify_password_with;
 pub use crate::people::{
     check_role, hash_password, random_hex, token_hash, Principal, Role, TokenEntry, UserEntry,
     UsersFile, MAX_PASSWORD, MAX_USER_NAME,
 };
-use crate::people::verify_password_with;
 
 /// The one place an institution's principal is confined: the institution a request names
 /// (`None`: none named) must be the principal's own; returns the institution the request
@@ -39,7 +39,6 @@ struct Session {
     csrf: String,
     expires: DateTime<Utc>,
 }
-
 
 /// Events (failed logins, drafts) counted per key in one-minute windows, in a table of
 /// bounded size: when it is full the oldest entry goes, so no stream of new names or

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField};
 use super::error::AppError;
 use super::AppState;
-use crate::billing::service::Billing;
+use crate::billing::issue::Billing;
 use crate::billing::{Customer, Period};
 use crate::format::{money, urlencode};
 
@@ -116,6 +116,7 @@ async fn institutions(state: &AppState) -> Result<Vec<(String, String)>, AppErro
 pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellView>)>, AppError> {
     let book = state.book.current();
     let billing = Billing::new(&state.cfg, &state.store, &book);
+    let audit = crate::billing::audit::Audit::new(&state.cfg, &state.store, &book);
     let ledger = state.ledger.current(&state.writer).await?;
     let now = Utc::now();
     let mut rows = Vec::new();
@@ -132,7 +133,7 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
             // An invoiced month: its events against its documents; otherwise its draft.
             let (status, amount, pending, unpriced, late) = match &invoice {
                 Some(d) => {
-                    let st = billing.standing(&ledger, &inst, p).await?;
+                    let st = audit.standing(&ledger, &inst, p).await?;
                     let (pending, late) = (st.difference(), st.late_unpriced());
                     let status = if pending.is_zero() && late == 0 {
                         Status::Issued

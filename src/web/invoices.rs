@@ -1,6 +1,7 @@
 //! The invoice portal: institutions list and download their own invoices (frozen bytes),
 //! finance sees and issues all. Reads go through `Scoped`, like every dashboard page.
 
+use crate::billing::format::Format;
 use std::sync::Arc;
 
 use askama::Template;
@@ -13,8 +14,8 @@ use serde_json::json;
 use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField, Policy, Scoped};
 use super::error::AppError;
 use super::AppState;
-use crate::billing::service::Billing;
-use crate::billing::{ledger, render, Document, Period};
+use crate::billing::issue::Billing;
+use crate::billing::{ledger, Document, Period};
 use crate::format::{money, urlencode};
 
 struct Row {
@@ -45,14 +46,15 @@ struct InvoicesTemplate<'a> {
     institutions: Vec<(String, String)>,
 }
 
-/// What each issued document offers: its frozen renderings, the usage behind it as
-/// frozen at issue and as stored now, and a verification against the stored events.
+/// What each issued document offers: its frozen renderings and the usage behind it as
+/// frozen at issue and as stored now (`Format::DOWNLOADS`), a verification against the
+/// stored events, and its lines with the events behind each.
 const DOWNLOADS: [&str; 7] = [
-    "pdf",
-    "csv",
-    "json",
-    "usage-csv-as-issued",
-    "usage-csv",
+    Format::DOWNLOADS[0].name(),
+    Format::DOWNLOADS[1].name(),
+    Format::DOWNLOADS[2].name(),
+    Format::DOWNLOADS[3].name(),
+    Format::DOWNLOADS[4].name(),
     "verify",
     "lines",
 ];
@@ -176,15 +178,10 @@ pub async fn list(
     listing(&state, &scoped, String::new(), false).await
 }
 
-fn file(bytes: Vec<u8>, name: &str, format: &str) -> Response {
-    let ctype = match format {
-        "pdf" => "application/pdf",
-        "json" => "application/json",
-        _ => "text/csv; charset=utf-8",
-    };
+fn file(bytes: Vec<u8>, name: &str, content_type: &str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, ctype.to_owned()),
+            (header::CONTENT_TYPE, content_type.to_owned()),
             (
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{}\"", name.replace('"', "")),
@@ -193,12 +190,6 @@ fn file(bytes: Vec<u8>, name: &str, format: &str) -> Response {
         bytes,
     )
         .into_response()
-}
-
-async fn usage_csv(state: &AppState, doc: &Document) -> Result<Vec<u8>, AppError> {
-    let book = state.book.current();
-    let billing = Billing::new(&state.cfg, &state.store, &book);
-    Ok(billing.usage_csv(doc).await?.into_bytes())
 }
 
 /// `GET /institutions/{institution}/invoices/{number}/{format}`: the frozen bytes.
@@ -219,31 +210,27 @@ pub async fn download(
         .frozen_invoice(&row.number)
         .await?
         .ok_or(AppError::NotFound)?;
-    let (bytes, ext) = match format.as_str() {
-        "pdf" => (frozen.pdf, "pdf"),
-        "csv" => (frozen.csv.into_bytes(), "csv"),
-        "json" => (frozen.document.into_bytes(), "json"),
-        "usage-csv" => {
-            let doc: Document =
-                serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-            (usage_csv(&state, &doc).await?, "usage-live.csv")
-        }
-        "usage-csv-as-issued" => {
-            let doc: Document =
-                serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-            let book = state.book.current();
-            let billing = Billing::new(&state.cfg, &state.store, &book);
-            let csv = billing
-                .usage_csv_as_issued(&doc)
-                .await?
-                .ok_or(AppError::NotFound)?;
-            (csv.into_bytes(), "usage-as-issued.csv")
-        }
+    if let Some(f) = Format::parse(&format).filter(|f| Format::DOWNLOADS.contains(f)) {
+        let doc: Document =
+            serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
+        let book = state.book.current();
+        let billing = Billing::new(&state.cfg, &state.store, &book);
+        let r = match f.render(&billing, &doc, Some(&frozen)).await {
+            Err(crate::billing::BillingError::NoFrozenUsage(_)) => return Err(AppError::NotFound),
+            other => other?,
+        };
+        return Ok(file(
+            r.bytes,
+            &format!("{number}.{}", r.extension),
+            r.content_type,
+        ));
+    }
+    match format.as_str() {
         "verify" => {
             let book = state.book.current();
-            let billing = Billing::new(&state.cfg, &state.store, &book);
-            let v = billing.verify(frozen.document.as_bytes()).await?;
-            return Ok(axum::Json(v).into_response());
+            let audit = crate::billing::audit::Audit::new(&state.cfg, &state.store, &book);
+            let v = audit.verify(frozen.document.as_bytes()).await?;
+            Ok(axum::Json(v).into_response())
         }
         "lines" => {
             // The lines with a link to the events behind each ("explain this line").
@@ -267,11 +254,10 @@ pub async fn download(
                     })
                 })
                 .collect();
-            return Ok(axum::Json(json!({"number": number, "lines": lines})).into_response());
+            Ok(axum::Json(json!({"number": number, "lines": lines})).into_response())
         }
-        _ => return Err(AppError::NotFound),
-    };
-    Ok(file(bytes, &format!("{number}.{ext}"), &format))
+        _ => Err(AppError::NotFound),
+    }
 }
 
 /// `GET /institutions/{institution}/invoices/{number}/lines/{line}`: the events behind
@@ -291,12 +277,12 @@ pub async fn explain(
     let doc: Document =
         serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
     let book = state.book.current();
-    let billing = Billing::new(&state.cfg, &state.store, &book);
-    let csv = billing.explain_line(&doc, line).await?;
+    let audit = crate::billing::audit::Audit::new(&state.cfg, &state.store, &book);
+    let csv = audit.explain_line(&doc, line).await?;
     Ok(file(
         csv.into_bytes(),
         &format!("{number}-line-{line}.csv"),
-        "csv",
+        Format::Csv.content_type(),
     ))
 }
 
@@ -337,23 +323,15 @@ pub async fn draft(
     let ledger = state.ledger.current(&state.writer).await?;
     let doc = billing.draft(&ledger, inst, period).await?;
     let name = format!("draft-{inst}-{period}");
-    let bytes = match q.format.as_str() {
-        "pdf" => render::pdf(&doc)?,
-        "csv" => render::lines_csv(&doc).into_bytes(),
-        "json" => render::json(&doc).into_bytes(),
-        "usage-csv" => usage_csv(&state, &doc).await?,
-        _ => {
-            return Err(AppError::BadRequest(
-                "format: pdf, csv, json or usage-csv".into(),
-            ))
-        }
-    };
-    let ext = if q.format == "usage-csv" {
-        "usage.csv"
-    } else {
-        &q.format
-    };
-    Ok(file(bytes, &format!("{name}.{ext}"), &q.format))
+    let format = Format::parse(&q.format)
+        .filter(|f| [Format::Pdf, Format::Csv, Format::Json, Format::UsageCsv].contains(f))
+        .ok_or_else(|| AppError::BadRequest("format: pdf, csv, json or usage-csv".into()))?;
+    let r = format.render(&billing, &doc, None).await?;
+    Ok(file(
+        r.bytes,
+        &format!("{name}.{}", r.extension),
+        r.content_type,
+    ))
 }
 
 #[derive(Deserialize)]

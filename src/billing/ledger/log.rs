@@ -1,6 +1,7 @@
 //! The ledger's log: the Kafka topic the requests are appended to and folded from, the
 //! cache the dashboard drafts against, and ClickHouse's copy of the accepted documents.
 
+use crate::billing::format::Format;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -417,10 +418,13 @@ pub async fn materialize(store: &Store, ledger: &Ledger) -> Result<usize, Ledger
             references_number: d.references.clone().unwrap_or_default(),
             document: crate::billing::render::json(d),
             csv: crate::billing::render::lines_csv(d),
-            pdf: crate::billing::render::pdf(d).map_err(|e| LedgerError::Render {
-                number: d.number.clone(),
-                message: e.to_string(),
-            })?,
+            pdf: Format::Pdf
+                .render_document(d)
+                .expect("a document format")
+                .map_err(|e| LedgerError::Render {
+                    number: d.number.clone(),
+                    message: e.to_string(),
+                })?,
         });
     }
     store.insert_invoices(&rows).await?;

@@ -157,7 +157,7 @@ pub async fn overview(
 /// time zone — the issued invoice's total where there is one, else the live draft's (both
 /// at once).
 async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)>, AppError> {
-    use crate::billing::service::Billing;
+    use crate::billing::issue::Billing;
     use crate::billing::{Customer, Period};
     let c = Customer::resolve(&state.cfg, inst);
     let this = Period::of(Utc::now().with_timezone(&c.tz).date_naive());
