@@ -79,6 +79,20 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             cfg,
         )),
         drafts: auth::WindowCounter::new(10_000),
+        limits: crate::limits::configured(&cfg.limits)?,
+        roster: crate::people::directory::Roster::new(
+            Store::new(&cfg.clickhouse),
+            crate::people::groups::configured(&cfg.groups)?,
+        ),
+        sso: {
+            let providers = crate::people::sso::configured(&cfg.sso)?;
+            if providers.is_empty() {
+                None
+            } else {
+                Some(Arc::new(crate::web::sso::Sso::new(providers)?))
+            }
+        },
+        base_url: std::sync::OnceLock::new(),
         trusted_proxies: cfg
             .web
             .trusted_proxies
@@ -100,6 +114,11 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.web.listen))?;
     // The bound address (with port 0 the system picks one; tests read it from here).
     let bound = listener.local_addr()?;
+    let _ = state.base_url.set(if cfg.web.public_url.is_empty() {
+        format!("http://{bound}")
+    } else {
+        cfg.web.public_url.trim_end_matches('/').to_owned()
+    });
     tracing::info!(listen = %bound, "dashboard listening");
     // TCP_NODELAY: hyper writes head and body separately; with Nagle the body waited
     // for the browser's delayed ACK (the gateway measured +43 ms per response).

@@ -19,9 +19,16 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
-    /// Spend, request and token limits the gateway enforces (`[[limits]]`); limits set
-    /// with `tokentally limits set` take precedence over one with the same id here.
-    pub limits: Vec<crate::limits::Limit>,
+    /// Spend, request and token limits the gateway enforces (`[[limits]]`, read by
+    /// `limits::configured`); limits set with `tokentally limits set` take precedence
+    /// over one with the same id here.
+    pub limits: Vec<toml::Value>,
+    /// Groups inside institutions and their policies (`[[groups]]`, read by
+    /// `people::groups::configured`).
+    pub groups: Vec<toml::Value>,
+    /// OpenID Connect providers people sign in with (`[[sso]]`, read by
+    /// `people::sso::configured`).
+    pub sso: Vec<toml::Value>,
 }
 
 impl Config {
@@ -197,32 +204,7 @@ impl UpstreamConfig {
     }
 }
 
-/// A secret string: shown as `<redacted>` by `Debug`, so no log line can carry it.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "\"\""
-        } else {
-            "<redacted>"
-        })
-    }
-}
+pub use crate::secret::Secret;
 
 /// Alert detectors, delivery and routing (`[alerts]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -497,6 +479,11 @@ pub struct PartyConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
+    /// Where browsers reach the dashboard (`https://spend.example.org`): sign-in
+    /// providers send people back to `{public_url}/sso/{provider}/callback`, which must
+    /// be registered with them. Empty: `http://` and the address it listens on. Env:
+    /// `TOKENTALLY_WEB_PUBLIC_URL`.
+    pub public_url: String,
     /// Dashboard listen address. Env: `TOKENTALLY_WEB_LISTEN`.
     pub listen: String,
     /// Users and API tokens (argon2 / SHA-256 hashes), written by `tokentally users add`
@@ -531,6 +518,7 @@ pub struct WebConfig {
 impl Default for WebConfig {
     fn default() -> Self {
         Self {
+            public_url: String::new(),
             listen: "127.0.0.1:8080".into(),
             users_file: PathBuf::from("users.toml"),
             secure_cookies: false,
@@ -840,17 +828,6 @@ impl Config {
                 self.billing.time_zone
             )));
         }
-        let mut limit_ids = std::collections::BTreeSet::new();
-        for l in &self.limits {
-            l.validate()
-                .map_err(|e| ConfigError::Invalid(format!("limit {}: {e}", l.id())))?;
-            if !limit_ids.insert(l.id()) {
-                return Err(ConfigError::Invalid(format!(
-                    "limit {} is configured twice",
-                    l.id()
-                )));
-            }
-        }
         if !["none", "starttls", "tls"].contains(&self.alerts.email.security.as_str()) {
             return Err(ConfigError::Invalid(
                 "alerts.email.security must be none, starttls or tls".into(),
@@ -942,6 +919,9 @@ impl Config {
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
             self.gateway.metrics_listen = v;
+        }
+        if let Some(v) = env("TOKENTALLY_WEB_PUBLIC_URL") {
+            self.web.public_url = v;
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL") {
             self.gateway.shared_limits.redis_url = Secret::new(v);

@@ -69,12 +69,21 @@ pub fn fetch_settings(c: &mut ClientConfig, cfg: &KafkaConfig) {
 
 /// Creates `topic` if it does not exist (extra topic settings in `settings`).
 /// Returns true if it was created now.
+///
+/// The topic is looked up first and created only if the broker does not know it: tansu
+/// 0.6.0 leaves its storage transaction open when a create fails because the topic
+/// exists, and every write of the broker (group heartbeats, produce) then waits —
+/// measured: a consumer group stuck for minutes after `ingest` started on an existing
+/// topic.
 pub async fn ensure_topic(
     cfg: &KafkaConfig,
     topic: &str,
     partitions: i32,
     settings: &[(&str, &str)],
 ) -> Result<bool, KafkaDoorError> {
+    if self::partitions(cfg, topic).await?.is_some() {
+        return Ok(false);
+    }
     let admin: AdminClient<_> = client_config(cfg).create()?;
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for (k, v) in settings {

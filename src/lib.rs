@@ -18,6 +18,7 @@ pub mod people;
 pub mod price;
 pub mod report;
 pub mod reprice;
+pub mod secret;
 pub mod shutdown;
 pub mod simulate;
 pub mod store;

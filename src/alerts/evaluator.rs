@@ -309,7 +309,7 @@ async fn pipeline_readings(
         .live_holds((now - Duration::seconds(30)).timestamp())
         .await?
         .into_iter()
-        .filter(|h| h.limit_id.is_empty() && h.mode == crate::limits::types::DecisionMode::Fallback)
+        .filter(|h| h.limit_id.is_empty() && h.mode == "fallback")
         .map(|h| h.instance)
         .collect();
     out.push(Reading {
@@ -552,8 +552,23 @@ pub async fn evaluate_once(
     let series = load_live_series(cfg, store, from, end).await?;
     let mut readings = spend_readings(cfg, &series, end, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
-    match crate::limits::standings(store, &cfg.limits, &|i| cfg.institution_tz(i), None, now).await
-    {
+    let standings = async {
+        let configured = crate::limits::configured(&cfg.limits)?;
+        let groups = crate::people::groups::configured(&cfg.groups)?;
+        let derived = crate::people::directory::Directory::load(store, &groups)
+            .await?
+            .derived();
+        crate::limits::standings(
+            store,
+            &configured,
+            &derived,
+            &|i| cfg.institution_tz(i),
+            None,
+            now,
+        )
+        .await
+    };
+    match standings.await {
         Ok(standings) => readings.extend(limit_readings(&standings)),
         Err(e) => tracing::warn!(error = %e, "cannot read limits for alerts"),
     }

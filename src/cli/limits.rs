@@ -105,7 +105,10 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LimitsCommand::Remove { limit_id } => {
-            let l = crate::limits::remove(&store, &cfg.limits, &limit_id, &cli_actor()).await?;
+            let configured = crate::limits::configured(&cfg.limits)?;
+            let derived = people_limits(cfg, &store).await?;
+            let l = crate::limits::remove(&store, &configured, &derived, &limit_id, &cli_actor())
+                .await?;
             eprintln!("removed: {} ({})", l.id(), l.amount_label());
             Ok(())
         }
@@ -113,9 +116,12 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
             institution,
             format,
         } => {
+            let configured = crate::limits::configured(&cfg.limits)?;
+            let derived = people_limits(cfg, &store).await?;
             let rows = crate::limits::standings(
                 &store,
-                &cfg.limits,
+                &configured,
+                &derived,
                 &|i| cfg.institution_tz(i),
                 institution.as_deref(),
                 Utc::now(),
@@ -147,4 +153,12 @@ pub async fn run(cfg: &Config, command: LimitsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The limits people imply (group defaults and budgets), as the gateways apply them.
+async fn people_limits(cfg: &Config, store: &Store) -> anyhow::Result<crate::limits::Derived> {
+    let groups = crate::people::groups::configured(&cfg.groups)?;
+    Ok(crate::people::directory::Directory::load(store, &groups)
+        .await?
+        .derived())
 }

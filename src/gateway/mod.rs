@@ -343,12 +343,17 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         instance.clone(),
     );
     let shared = shared_store(cfg)?;
+    let roster = crate::people::directory::Roster::new(
+        store.clone(),
+        crate::people::groups::configured(&cfg.groups)?,
+    );
     let mut refresher = Refresher::new(
         budgets.clone(),
         store.clone(),
-        cfg.limits.clone(),
+        crate::limits::configured(&cfg.limits)?,
         shared.clone(),
-    );
+    )
+    .with_derived(roster.clone());
     if let Err(e) = refresher.refresh(chrono::Utc::now()).await {
         tracing::warn!(error = %e, "cannot read limits yet; answering 503 until they are read");
     }

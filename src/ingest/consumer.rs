@@ -142,10 +142,22 @@ fn create_consumer(
     Ok(consumer)
 }
 
-/// Publishes to the usage topic itself: re-keyed events and re-check copies.
+/// Publishes to the usage topic itself: re-keyed events and re-check copies. The
+/// producer is created on first use (most deployments key correctly and never need it).
 struct Publisher {
-    producer: FutureProducer,
+    config: rdkafka::ClientConfig,
+    producer: std::sync::OnceLock<FutureProducer>,
     topic: String,
+}
+
+impl Publisher {
+    fn producer(&self) -> Result<&FutureProducer, String> {
+        if let Some(p) = self.producer.get() {
+            return Ok(p);
+        }
+        let p: FutureProducer = self.config.create().map_err(|e| e.to_string())?;
+        Ok(self.producer.get_or_init(|| p))
+    }
 }
 
 impl Republish for Publisher {
@@ -154,16 +166,18 @@ impl Republish for Publisher {
         messages: Vec<Republished<'a>>,
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
+            if messages.is_empty() {
+                return Ok(());
+            }
+            let producer = self.producer()?;
+            // No headers: the local broker (tansu 0.6.0) looks a record's headers up
+            // without an index, so every header it holds slows every fetch of every
+            // topic (README). Where a copy came from is in `rekeyed_events`.
             let sends = messages.iter().map(|m| {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: m.header.0,
-                    value: Some(m.header.1.as_str()),
-                });
                 let record = FutureRecord::to(&self.topic)
                     .payload(m.payload.as_ref())
-                    .key(m.key)
-                    .headers(headers);
-                self.producer.send(record, Duration::from_secs(30))
+                    .key(m.key);
+                producer.send(record, Duration::from_secs(30))
             });
             for r in futures::future::join_all(sends).await {
                 r.map_err(|(e, _)| e.to_string())?;
@@ -507,9 +521,8 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         store: store.clone(),
         topic: cfg.kafka.topic.clone(),
         publisher: Publisher {
-            producer: crate::kafka::client_config(&cfg.kafka)
-                .create()
-                .context("creating the producer for re-keyed events")?,
+            config: crate::kafka::client_config(&cfg.kafka),
+            producer: std::sync::OnceLock::new(),
             topic: cfg.kafka.topic.clone(),
         },
         dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),

@@ -43,13 +43,12 @@ impl WriteError {
     }
 }
 
-/// A message ingest publishes to its own topic.
+/// A message ingest publishes to its own topic (where it came from is recorded in
+/// `rekeyed_events`, or is the stored row it copies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Republished<'a> {
     pub key: &'a str,
     pub payload: Cow<'a, [u8]>,
-    /// Where it comes from (`tokentally-rekeyed-from` / `tokentally-recheck-of`).
-    pub header: (&'static str, String),
 }
 
 /// Publishes messages to the usage topic and waits until Kafka has them all.
@@ -454,10 +453,6 @@ pub async fn store_batch(
                 .map(|(e, m)| Republished {
                     key: e.institution_id.as_str(),
                     payload: Cow::Borrowed(&m.payload),
-                    header: (
-                        "tokentally-rekeyed-from",
-                        format!("{topic}/{}/{}", m.partition, m.offset),
-                    ),
                 })
                 .collect(),
         )
@@ -730,7 +725,7 @@ async fn after_write(
     // The other copies lost: their owner cancels them on a copy of each, published to
     // their partition (where the owner may have cancelled them already; then the copy
     // is a duplicate).
-    let rechecks: Vec<(String, Vec<u8>, String)> = if others.is_empty() {
+    let rechecks: Vec<(String, Vec<u8>)> = if others.is_empty() {
         Vec::new()
     } else {
         store
@@ -739,14 +734,7 @@ async fn after_write(
             .into_values()
             .filter(|(_, live)| *live > 0)
             .map(|(row, _)| {
-                (
-                    row.institution_id.clone(),
-                    contract_json(&row),
-                    format!(
-                        "{}/{}/{}",
-                        row.kafka_topic, row.kafka_partition, row.kafka_offset
-                    ),
-                )
+(row.institution_id.clone(), contract_json(&row))
             })
             .collect()
     };
@@ -754,10 +742,9 @@ async fn after_write(
         .publish(
             rechecks
                 .iter()
-                .map(|(inst, payload, at)| Republished {
+                .map(|(inst, payload)| Republished {
                     key: inst,
                     payload: Cow::Borrowed(payload),
-                    header: ("tokentally-recheck-of", at.clone()),
                 })
                 .collect(),
         )

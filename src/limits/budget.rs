@@ -78,6 +78,7 @@ impl Blocked {
             LimitScope::Institution => format!("institution {}", l.institution_id),
             LimitScope::User => format!("user {} of {}", l.subject, l.institution_id),
             LimitScope::Key => format!("API key {} of {}", l.subject, l.institution_id),
+            LimitScope::Group => format!("group {} of {}", l.subject, l.institution_id),
         };
         let renews = self.renews.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z");
         let need = match &self.need {
@@ -241,6 +242,7 @@ struct Subjects {
     institution: Vec<String>,
     users: HashMap<String, Vec<String>>,
     keys: HashMap<String, Vec<String>>,
+    groups: HashMap<String, Vec<String>>,
 }
 
 /// The limits in force, indexed by subject; rebuilt only when they change.
@@ -250,11 +252,21 @@ pub struct LimitSet {
     by_institution: HashMap<String, Subjects>,
     /// Each (institution, period kind) some limit uses: what a refresh reads.
     periods: Vec<(String, super::types::LimitPeriod)>,
+    /// Who belongs to which group ((institution, user) → group).
+    membership: HashMap<(String, String), String>,
 }
 
 impl LimitSet {
     pub fn new(limits: Vec<Limit>) -> Arc<Self> {
-        let mut set = LimitSet::default();
+        Self::with_groups(limits, HashMap::new())
+    }
+
+    /// Limits and who belongs to which group (for group budgets).
+    pub fn with_groups(limits: Vec<Limit>, membership: HashMap<(String, String), String>) -> Arc<Self> {
+        let mut set = LimitSet {
+            membership,
+            ..LimitSet::default()
+        };
         let mut periods = std::collections::BTreeSet::new();
         for l in limits {
             let id = l.id();
@@ -275,6 +287,11 @@ impl LimitSet {
                     .entry(l.subject.clone())
                     .or_default()
                     .push(id.clone()),
+                LimitScope::Group => s
+                    .groups
+                    .entry(l.subject.clone())
+                    .or_default()
+                    .push(id.clone()),
             }
             set.limits.insert(id, Arc::new(l));
         }
@@ -292,6 +309,13 @@ impl LimitSet {
 
     pub fn get(&self, id: &str) -> Option<&Arc<Limit>> {
         self.limits.get(id)
+    }
+
+    /// The group `user` of `institution` belongs to.
+    pub fn group_of(&self, institution: &str, user: &str) -> Option<&str> {
+        self.membership
+            .get(&(institution.to_owned(), user.to_owned()))
+            .map(String::as_str)
     }
 }
 
@@ -365,10 +389,14 @@ impl Inner {
         let Some(s) = snap.by_institution.get(who.institution) else {
             return Vec::new();
         };
+        let group = snap
+            .group_of(who.institution, who.user)
+            .and_then(|g| s.groups.get(g));
         s.institution
             .iter()
             .chain(s.users.get(who.user).into_iter().flatten())
             .chain(s.keys.get(who.key).into_iter().flatten())
+            .chain(group.into_iter().flatten())
             .filter_map(|id| snap.limits.get(id))
             .filter(|l| l.mode == LimitMode::Block)
             .cloned()

@@ -23,10 +23,14 @@ pub mod estimate;
 pub mod gate;
 pub mod rate;
 pub mod refresh;
+pub mod rows;
 pub mod service;
 pub mod share;
 pub mod shared;
 pub mod types;
 
-pub use service::{current, remove, set, standings, Standing};
-pub use types::{Amounts, Hold, Limit, LimitMode, LimitPeriod, LimitScope, Metric, SubjectUsage};
+pub use service::{configured, current, remove, set, standings, Standing};
+pub use types::{
+    Amounts, Derived, DerivedSource, Hold, Limit, LimitMode, LimitPeriod, LimitScope, Metric,
+    SubjectUsage,
+};

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::budget::{Budgets, CounterKey, LimitSet, Peers};
 use super::shared::SharedStore;
-use super::types::{DecisionMode, Hold, Limit};
+use super::types::{DecisionMode, Derived, DerivedSource, Hold, Limit};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -29,9 +29,12 @@ pub struct Refresher {
     /// The config's `[[limits]]` (overridden by those set with the CLI or dashboard).
     pub configured: Vec<Limit>,
     pub shared: Option<Arc<SharedStore>>,
-    /// The limits table's fingerprint (row count, highest version) when last read: the
-    /// limits are read again only when it changes.
+    /// The limits people imply (group defaults, group budgets), if the process has people.
+    pub derived: Option<Arc<dyn DerivedSource>>,
+    /// The limits table's fingerprint (row count, highest version) and the derived
+    /// limits when last read: the limits are read again only when one changes.
     fingerprint: Option<(u64, u64)>,
+    last_derived: Option<Arc<Derived>>,
     failing: bool,
 }
 
@@ -47,9 +50,17 @@ impl Refresher {
             store,
             configured,
             shared,
+            derived: None,
             fingerprint: None,
+            last_derived: None,
             failing: false,
         }
+    }
+
+    /// Adds the limits people imply.
+    pub fn with_derived(mut self, source: Arc<dyn DerivedSource>) -> Self {
+        self.derived = Some(source);
+        self
     }
 
     /// How this instance decides now.
@@ -62,11 +73,23 @@ impl Refresher {
     /// One refresh.
     pub async fn refresh(&mut self, now: DateTime<Utc>) -> anyhow::Result<()> {
         let fingerprint = self.store.limits_fingerprint().await?;
-        let set = if self.fingerprint == Some(fingerprint) {
+        let derived = match &self.derived {
+            Some(d) => d.derived().await?,
+            None => Arc::new(Derived::default()),
+        };
+        let same_derived = self
+            .last_derived
+            .as_ref()
+            .is_some_and(|d| Arc::ptr_eq(d, &derived));
+        let set = if self.fingerprint == Some(fingerprint) && same_derived {
             self.budgets.limit_set()
         } else {
-            LimitSet::new(super::current(&self.store, &self.configured).await?)
+            LimitSet::with_groups(
+                super::current(&self.store, &self.configured, &derived).await?,
+                derived.groups.clone(),
+            )
         };
+        self.last_derived = Some(derived);
         // The leader stamps its read before it starts and lists the pending ids of every
         // counter in use first, so that the read tells which of them it holds.
         let lead = self.lead(&set).await;
@@ -95,13 +118,21 @@ impl Refresher {
                     r.end.timestamp(),
                     pending,
                 )
-                .await?;
+                .await?
+                .into_iter()
+                .map(super::rows::usage_of)
+                .collect();
             results.push((r, rows));
         }
-        let holds = if set.is_empty() {
+        let holds: Vec<Hold> = if set.is_empty() {
             Vec::new()
         } else {
-            self.store.live_holds(now.timestamp() - LIVE_SECS).await?
+            self.store
+                .live_holds(now.timestamp() - LIVE_SECS)
+                .await?
+                .into_iter()
+                .map(super::rows::hold_of)
+                .collect()
         };
         let others = Peers::from_holds(&holds, self.budgets.instance());
         let limits_empty = set.is_empty();
@@ -127,6 +158,7 @@ impl Refresher {
                 ..Hold::default()
             });
         }
+        let rows: Vec<_> = rows.iter().map(super::rows::hold_row).collect();
         self.store.write_holds(&rows).await?;
         Ok(())
     }

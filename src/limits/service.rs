@@ -8,22 +8,49 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use super::types::{Amounts, Limit, LimitScope, Metric, UsageIndex};
-use crate::store::limits::LimitRow;
+use super::rows::{hold_of, limit_of, limit_row, usage_of};
+use super::types::{Amounts, Derived, Limit, LimitScope, Metric, UsageIndex};
 use crate::store::Store;
 
+/// The config's `[[limits]]`, checked: each valid, none twice.
+pub fn configured(values: &[toml::Value]) -> anyhow::Result<Vec<Limit>> {
+    let mut out: Vec<Limit> = Vec::with_capacity(values.len());
+    let mut ids = std::collections::BTreeSet::new();
+    for v in values {
+        let l: Limit = v
+            .clone()
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("[[limits]]: {e}"))?;
+        l.validate()
+            .map_err(|e| anyhow::anyhow!("limit {}: {e}", l.id()))?;
+        if !ids.insert(l.id()) {
+            anyhow::bail!("limit {} is configured twice", l.id());
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
 /// The limits in force: the config's `[[limits]]`, overridden (or removed) by those set
-/// with the CLI or dashboard (same id).
-pub async fn current(store: &Store, configured: &[Limit]) -> anyhow::Result<Vec<Limit>> {
+/// with the CLI or dashboard (same id); then those people imply (`derived`: a member's
+/// group defaults, a group's shared budget) where no limit with the same id is set (an
+/// administrator changed that one member's limit, or removed it).
+pub async fn current(
+    store: &Store,
+    configured: &[Limit],
+    derived: &Derived,
+) -> anyhow::Result<Vec<Limit>> {
     let rows = store.current_limits().await?;
     let mut by_id: HashMap<String, Limit> =
         configured.iter().map(|l| (l.id(), l.clone())).collect();
+    let mut removed = std::collections::HashSet::new();
     for r in rows {
         if r.removed == 1 {
             by_id.remove(&r.limit_id);
+            removed.insert(r.limit_id.clone());
             continue;
         }
-        match r.limit() {
+        match limit_of(&r) {
             Ok(l) => {
                 by_id.insert(l.id(), l);
             }
@@ -32,6 +59,12 @@ pub async fn current(store: &Store, configured: &[Limit]) -> anyhow::Result<Vec<
                 error = %e,
                 "ignoring an unreadable limit"
             ),
+        }
+    }
+    for l in &derived.limits {
+        let id = l.id();
+        if !by_id.contains_key(&id) && !removed.contains(&id) {
+            by_id.insert(id, l.clone());
         }
     }
     let mut out: Vec<Limit> = by_id.into_values().collect();
@@ -49,7 +82,7 @@ pub async fn set(store: &Store, limit: &Limit, actor: &str) -> anyhow::Result<()
     limit.validate().map_err(anyhow::Error::msg)?;
     let at = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
     store
-        .write_limit(&LimitRow::of(limit, version_now(), false, at, actor))
+        .write_limit(&limit_row(limit, version_now(), false, at, actor))
         .await?;
     Ok(())
 }
@@ -58,10 +91,11 @@ pub async fn set(store: &Store, limit: &Limit, actor: &str) -> anyhow::Result<()
 pub async fn remove(
     store: &Store,
     configured: &[Limit],
+    derived: &Derived,
     limit_id: &str,
     actor: &str,
 ) -> anyhow::Result<Limit> {
-    let limit = current(store, configured)
+    let limit = current(store, configured, derived)
         .await?
         .into_iter()
         .find(|l| l.id() == limit_id)
@@ -70,7 +104,7 @@ pub async fn remove(
         })?;
     let at = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
     store
-        .write_limit(&LimitRow::of(&limit, version_now(), true, at, actor))
+        .write_limit(&limit_row(&limit, version_now(), true, at, actor))
         .await?;
     Ok(limit)
 }
@@ -104,16 +138,22 @@ pub struct Standing {
 pub async fn standings(
     store: &Store,
     configured: &[Limit],
+    derived: &Derived,
     zone: &(dyn Fn(&str) -> chrono_tz::Tz + Sync),
     institution: Option<&str>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Standing>> {
-    let limits: Vec<Limit> = current(store, configured)
+    let limits: Vec<Limit> = current(store, configured, derived)
         .await?
         .into_iter()
         .filter(|l| institution.is_none_or(|i| l.institution_id == i))
         .collect();
-    let holds = store.live_holds(now.timestamp() - 10).await?;
+    let holds: Vec<_> = store
+        .live_holds(now.timestamp() - 10)
+        .await?
+        .into_iter()
+        .map(hold_of)
+        .collect();
     // Per (institution, period): one query, indexed by user and key.
     let mut cache: HashMap<(String, i64, i64), UsageIndex> = HashMap::new();
     let refused = store.limit_refused_counts().await?;
@@ -123,16 +163,22 @@ pub async fn standings(
         let (start, end) = l.period.bounds(now, tz);
         let key = (l.institution_id.clone(), start.timestamp(), end.timestamp());
         if !cache.contains_key(&key) {
-            let rows = store
+            let rows: Vec<_> = store
                 .limit_usage(
                     &l.institution_id,
                     start.timestamp(),
                     end.timestamp(),
                     vec![String::new()],
                 )
-                .await?;
-            let ix =
-                UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)));
+                .await?
+                .into_iter()
+                .map(usage_of)
+                .collect();
+            let inst = l.institution_id.clone();
+            let ix = UsageIndex::of_rows_in_groups(
+                rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)),
+                |user| derived.group_of(&inst, user),
+            );
             cache.insert(key.clone(), ix);
         }
         let mut used = cache[&key].of(&l);

@@ -20,6 +20,8 @@ pub enum LimitScope {
     User,
     /// One API key.
     Key,
+    /// Every member of a group together (a budget the group shares).
+    Group,
 }
 
 /// What a limit counts.
@@ -85,7 +87,7 @@ macro_rules! names {
     };
 }
 
-names!(LimitScope, "limit scope", Institution => "institution", User => "user", Key => "key");
+names!(LimitScope, "limit scope", Institution => "institution", User => "user", Key => "key", Group => "group");
 names!(Metric, "limit metric", Usd => "usd", Requests => "requests", Tokens => "tokens");
 names!(LimitPeriod, "limit period", Day => "day", Week => "week", Month => "month");
 names!(LimitMode, "limit mode", Block => "block", Alert => "alert");
@@ -138,16 +140,29 @@ pub struct UsageIndex {
     total: Amounts,
     users: std::collections::HashMap<String, Amounts>,
     keys: std::collections::HashMap<String, Amounts>,
+    groups: std::collections::HashMap<String, Amounts>,
 }
 
 impl UsageIndex {
     /// From (user, key, usage) rows.
     pub fn of_rows<'a>(rows: impl IntoIterator<Item = (&'a String, &'a String, Amounts)>) -> Self {
+        Self::of_rows_in_groups(rows, |_| None)
+    }
+
+    /// From (user, key, usage) rows, with each user's group (`group_of`): a group's usage
+    /// is its current members' (a member who moves takes their usage of the period along).
+    pub fn of_rows_in_groups<'a, 'g>(
+        rows: impl IntoIterator<Item = (&'a String, &'a String, Amounts)>,
+        group_of: impl Fn(&str) -> Option<&'g str>,
+    ) -> Self {
         let mut ix = Self::default();
         for (user, key, a) in rows {
             ix.total.add(&a);
             ix.users.entry(user.clone()).or_default().add(&a);
             ix.keys.entry(key.clone()).or_default().add(&a);
+            if let Some(g) = group_of(user) {
+                ix.groups.entry(g.to_owned()).or_default().add(&a);
+            }
         }
         ix
     }
@@ -158,10 +173,34 @@ impl UsageIndex {
             LimitScope::Institution => Some(&self.total),
             LimitScope::User => self.users.get(&l.subject),
             LimitScope::Key => self.keys.get(&l.subject),
+            LimitScope::Group => self.groups.get(&l.subject),
         }
         .copied()
         .unwrap_or_default()
     }
+}
+
+/// Limits that come with people rather than from the limits table or the config: each
+/// member's group defaults and each group's shared budget (`people::directory`), and who
+/// belongs to which group ((institution, user) → group).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Derived {
+    pub limits: Vec<Limit>,
+    pub groups: std::collections::HashMap<(String, String), String>,
+}
+
+impl Derived {
+    pub fn group_of(&self, institution: &str, user: &str) -> Option<&str> {
+        self.groups
+            .get(&(institution.to_owned(), user.to_owned()))
+            .map(String::as_str)
+    }
+}
+
+/// Where `Derived` comes from (people, read from the store): asked at every refresh,
+/// answering the same `Arc` while nothing changed.
+pub trait DerivedSource: Send + Sync {
+    fn derived(&self) -> futures::future::BoxFuture<'_, anyhow::Result<std::sync::Arc<Derived>>>;
 }
 
 /// Usage of one (user, key) of an institution in a period, as limits count it; with
@@ -257,6 +296,7 @@ impl Limit {
             }
             (LimitScope::User, true) => return Err("a user's limit needs the user id".into()),
             (LimitScope::Key, true) => return Err("a key's limit needs the key id".into()),
+            (LimitScope::Group, true) => return Err("a group's limit needs the group id".into()),
             _ => {}
         }
         if self.subject.len() > MAX_ID_LEN || self.subject.contains('\n') {

@@ -1,6 +1,13 @@
 //! People and what they may do: dashboard users and API tokens (the users file, with
 //! argon2 password hashes and SHA-256 token hashes), their roles, and the principal a
-//! request acts as. Used by the dashboard (`web::auth`) and the CLI alike.
+//! request acts as; the people who sign in with their institution's account (`sso`,
+//! `members`), the groups they belong to (`groups`) and all of them as read from the
+//! store (`directory`). Used by the dashboard (`web`), the gateway and the CLI alike.
+
+pub mod directory;
+pub mod groups;
+pub mod members;
+pub mod sso;
 
 use std::path::Path;
 
@@ -22,6 +29,9 @@ pub enum Role {
     #[serde(rename = "institution_admin")]
     #[value(name = "institution_admin")]
     InstitutionAdmin,
+    /// A person who signed in with their institution's account: their own keys, usage
+    /// and quota, nothing of anyone else's.
+    Member,
 }
 
 impl Role {
@@ -32,12 +42,13 @@ impl Role {
             Role::Ops => "ops",
             Role::Institution => "institution",
             Role::InstitutionAdmin => "institution_admin",
+            Role::Member => "member",
         }
     }
 
     /// Roles confined to one institution.
     pub fn is_institution(self) -> bool {
-        matches!(self, Role::Institution | Role::InstitutionAdmin)
+        matches!(self, Role::Institution | Role::InstitutionAdmin | Role::Member)
     }
 }
 
@@ -139,7 +150,7 @@ pub fn check_role(role: Role, institution: Option<&str>) -> Result<(), String> {
         (true, Some(i)) if !i.is_empty() => Ok(()),
         (true, _) => Err(format!("role {} needs an institution", role.as_str())),
         (false, Some(_)) => {
-            Err("only roles institution and institution_admin take an institution".into())
+            Err("only roles institution, institution_admin and member take an institution".into())
         }
         (false, None) => Ok(()),
     }

@@ -8,8 +8,6 @@ use serde::{Deserialize, Serialize};
 use super::rows::money18;
 use super::sql::{s, Arg, Sql};
 use super::{Store, StoreError};
-use crate::limits::types::{Amounts, DecisionMode, Hold, SubjectUsage};
-use crate::limits::Limit;
 
 /// One state of a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
@@ -28,136 +26,40 @@ pub struct LimitRow {
     pub updated_by: String,
 }
 
-impl LimitRow {
-    /// The limit this row sets, or why it cannot be read (a row written by hand).
-    pub fn limit(&self) -> Result<Limit, String> {
-        let l = Limit {
-            institution_id: self.institution_id.clone(),
-            scope: self.scope.parse()?,
-            subject: self.subject.clone(),
-            metric: self.metric.parse()?,
-            period: self.period.parse()?,
-            amount: self
-                .amount
-                .parse()
-                .map_err(|_| format!("amount {:?} is not a number", self.amount))?,
-            mode: self.mode.parse()?,
-        };
-        l.validate()?;
-        Ok(l)
-    }
-
-    pub fn of(limit: &Limit, version: u64, removed: bool, at: u32, by: &str) -> Self {
-        Self {
-            limit_id: limit.id(),
-            version,
-            institution_id: limit.institution_id.clone(),
-            scope: limit.scope.as_str().into(),
-            subject: limit.subject.clone(),
-            metric: limit.metric.as_str().into(),
-            period: limit.period.as_str().into(),
-            amount: limit.amount.normalize().to_string(),
-            mode: limit.mode.as_str().into(),
-            removed: u8::from(removed),
-            updated_at: at,
-            updated_by: by.into(),
-        }
-    }
-}
-
-/// One gateway instance's holds on one limit (`Hold` as stored).
+/// One gateway instance's holds on one limit, as stored (what it means: `limits::Hold`).
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-struct HoldRow {
-    instance: String,
-    limit_id: String,
-    period_start: u32,
-    reserved_usd: String,
-    reserved_requests: u64,
-    reserved_tokens: u64,
-    open_reservations: u64,
-    pending_usd: String,
-    pending_requests: u64,
-    pending_tokens: u64,
+pub struct HoldRow {
+    pub instance: String,
+    pub limit_id: String,
+    pub period_start: u32,
+    pub reserved_usd: String,
+    pub reserved_requests: u64,
+    pub reserved_tokens: u64,
+    pub open_reservations: u64,
+    pub pending_usd: String,
+    pub pending_requests: u64,
+    pub pending_tokens: u64,
     /// Requests this limit refused on this instance in this period (cumulative).
-    refused: u64,
-    reported_at: u32,
-    active: u8,
-    unit_usd: String,
-    unit_requests: u64,
-    unit_tokens: u64,
-    cap: String,
-    mode: String,
+    pub refused: u64,
+    pub reported_at: u32,
+    pub active: u8,
+    pub unit_usd: String,
+    pub unit_requests: u64,
+    pub unit_tokens: u64,
+    pub cap: String,
+    pub mode: String,
 }
 
-fn stamp(t: i64) -> u32 {
-    u32::try_from(t.max(0)).unwrap_or(u32::MAX)
-}
-
-impl HoldRow {
-    fn of(h: &Hold) -> Self {
-        Self {
-            instance: h.instance.clone(),
-            limit_id: h.limit_id.clone(),
-            period_start: stamp(h.period_start),
-            reserved_usd: h.reserved.usd.normalize().to_string(),
-            reserved_requests: h.reserved.requests,
-            reserved_tokens: h.reserved.tokens,
-            open_reservations: h.open,
-            pending_usd: h.pending.usd.normalize().to_string(),
-            pending_requests: h.pending.requests,
-            pending_tokens: h.pending.tokens,
-            refused: h.refused,
-            reported_at: stamp(h.reported_at),
-            active: u8::from(h.active),
-            unit_usd: h.unit.usd.normalize().to_string(),
-            unit_requests: h.unit.requests,
-            unit_tokens: h.unit.tokens,
-            cap: h.cap.normalize().to_string(),
-            mode: h.mode.as_str().to_owned(),
-        }
-    }
-
-    fn hold(self) -> Hold {
-        let usd = |s: &str| s.parse::<Decimal>().unwrap_or_default();
-        Hold {
-            reserved: Amounts {
-                usd: usd(&self.reserved_usd),
-                requests: self.reserved_requests,
-                tokens: self.reserved_tokens,
-            },
-            open: self.open_reservations,
-            pending: Amounts {
-                usd: usd(&self.pending_usd),
-                requests: self.pending_requests,
-                tokens: self.pending_tokens,
-            },
-            refused: self.refused,
-            period_start: i64::from(self.period_start),
-            reported_at: i64::from(self.reported_at),
-            active: self.active == 1,
-            unit: Amounts {
-                usd: usd(&self.unit_usd),
-                requests: self.unit_requests,
-                tokens: self.unit_tokens,
-            },
-            cap: usd(&self.cap),
-            mode: self.mode.parse().unwrap_or(DecisionMode::Shares),
-            instance: self.instance,
-            limit_id: self.limit_id,
-        }
-    }
-}
-
-/// `SubjectUsage` as read.
+/// One (user, key)'s usage in a period, as read (`limits::SubjectUsage`).
 #[derive(Debug, Clone, PartialEq, Row, Deserialize)]
-struct SubjectUsageRow {
-    user_id: String,
-    api_key_id: String,
+pub struct SubjectUsageRow {
+    pub user_id: String,
+    pub api_key_id: String,
     #[serde(with = "money18")]
-    usd: Decimal,
-    requests: i64,
-    tokens: i64,
-    stored: Vec<String>,
+    pub usd: Decimal,
+    pub requests: i64,
+    pub tokens: i64,
+    pub stored: Vec<String>,
 }
 
 /// Requests that count against a `requests` limit: those the provider served.
@@ -200,7 +102,7 @@ impl Store {
         from: i64,
         to: i64,
         pending: Vec<String>,
-    ) -> Result<Vec<SubjectUsage>, StoreError> {
+    ) -> Result<Vec<SubjectUsageRow>, StoreError> {
         let mut q = Sql::new("SELECT user_id, api_key_id, sum(cost * sign) AS usd, ");
         q.push(&format!("sum(toInt64(sign) * {SERVED}) AS requests, "));
         q.push(
@@ -218,43 +120,29 @@ impl Store {
                 Arg::Int(to),
             ],
         );
-        let rows: Vec<SubjectUsageRow> = q.query(&self.client).fetch_all().await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| SubjectUsage {
-                amounts: Amounts {
-                    usd: r.usd,
-                    requests: u64::try_from(r.requests).unwrap_or(0),
-                    tokens: u64::try_from(r.tokens).unwrap_or(0),
-                },
-                user_id: r.user_id,
-                api_key_id: r.api_key_id,
-                stored: r.stored,
-            })
-            .collect())
+        Ok(q.query(&self.client).fetch_all().await?)
     }
 
-    pub async fn write_holds(&self, holds: &[Hold]) -> Result<(), StoreError> {
-        if holds.is_empty() {
+    pub async fn write_holds(&self, rows: &[HoldRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
             return Ok(());
         }
         let mut insert = self.client.insert::<HoldRow>("limit_holds").await?;
-        for h in holds {
-            insert.write(&HoldRow::of(h)).await?;
+        for r in rows {
+            insert.write(r).await?;
         }
         insert.end().await?;
         Ok(())
     }
 
     /// Each instance's latest holds reported since `since` (unix seconds).
-    pub async fn live_holds(&self, since: i64) -> Result<Vec<Hold>, StoreError> {
+    pub async fn live_holds(&self, since: i64) -> Result<Vec<HoldRow>, StoreError> {
         let mut q = Sql::new(
             "SELECT ?fields FROM (SELECT * FROM limit_holds ORDER BY instance, limit_id, reported_at DESC \
              LIMIT 1 BY instance, limit_id)",
         );
         q.bind(" WHERE reported_at >= toDateTime(?)", [Arg::Int(since)]);
-        let rows: Vec<HoldRow> = q.query(&self.client).fetch_all().await?;
-        Ok(rows.into_iter().map(HoldRow::hold).collect())
+        Ok(q.query(&self.client).fetch_all().await?)
     }
 
     /// Requests each limit refused per period, over every instance: (limit id, period

@@ -73,6 +73,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0016_event_identity_rekeyed.sql",
         include_str!("../../schema/0016_event_identity_rekeyed.sql"),
     ),
+    (
+        "0017_people.sql",
+        include_str!("../../schema/0017_people.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

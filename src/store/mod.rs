@@ -7,6 +7,7 @@ pub mod keys;
 pub mod leases;
 pub mod limits;
 pub mod migrate;
+pub mod people;
 pub mod pipeline;
 pub mod rows;
 pub mod sql;

@@ -38,6 +38,15 @@ struct Session {
     principal: Principal,
     csrf: String,
     expires: DateTime<Utc>,
+    sso: Option<SsoSession>,
+}
+
+/// What a session signed in through a provider keeps, to sign out there too.
+#[derive(Debug, Clone)]
+pub struct SsoSession {
+    pub provider: String,
+    /// The ID token (the end-session endpoint's `id_token_hint`).
+    pub id_token: String,
 }
 
 /// Events (failed logins, drafts) counted per key in one-minute windows, in a table of
@@ -244,6 +253,17 @@ impl Auth {
     }
 
     pub fn create_session(&self, principal: Principal) -> (String, String) {
+        self.create_session_until(principal, Utc::now() + self.session_length, None)
+    }
+
+    /// A session that ends at `until` or after `web.session_hours`, whichever is first
+    /// (a provider's ID token says until when it vouches for the person).
+    pub fn create_session_until(
+        &self,
+        principal: Principal,
+        until: DateTime<Utc>,
+        sso: Option<SsoSession>,
+    ) -> (String, String) {
         let id = random_hex(32);
         let csrf = random_hex(32);
         let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -254,14 +274,20 @@ impl Auth {
             Session {
                 principal,
                 csrf: csrf.clone(),
-                expires: now + self.session_length,
+                expires: until.min(now + self.session_length),
+                sso,
             },
         );
         (id, csrf)
     }
 
-    pub fn end_session(&self, id: &str) {
-        self.sessions.lock().expect("sessions lock").remove(id);
+    /// Ends a session; what it kept of a provider sign-in, to sign out there too.
+    pub fn end_session(&self, id: &str) -> Option<SsoSession> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .remove(id)
+            .and_then(|s| s.sso)
     }
 
     fn session(&self, id: &str) -> Option<(Principal, String)> {
@@ -356,6 +382,19 @@ impl FromRequestParts<Arc<AppState>> for Authed {
         state: &Arc<AppState>,
     ) -> Result<Self, AppError> {
         let api = parts.uri.path().starts_with("/api/");
+        let next = if parts.method == axum::http::Method::GET {
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let unauthenticated = || AppError::Unauthenticated {
+            api,
+            next: next.clone(),
+        };
         if let Some(v) = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -363,21 +402,21 @@ impl FromRequestParts<Arc<AppState>> for Authed {
         {
             let token = v
                 .strip_prefix("Bearer ")
-                .ok_or(AppError::Unauthenticated { api })?;
+                .ok_or_else(unauthenticated)?;
             let principal = state
                 .auth
                 .token(token.trim())
-                .ok_or(AppError::Unauthenticated { api })?;
+                .ok_or_else(unauthenticated)?;
             return Ok(Authed {
                 principal,
                 csrf: String::new(),
             });
         }
-        let id = cookie(&parts.headers, SESSION_COOKIE).ok_or(AppError::Unauthenticated { api })?;
+        let id = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(unauthenticated)?;
         let (principal, csrf) = state
             .auth
             .session(&id)
-            .ok_or(AppError::Unauthenticated { api })?;
+            .ok_or_else(unauthenticated)?;
         Ok(Authed { principal, csrf })
     }
 }

@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("authentication required")]
-    Unauthenticated { api: bool },
+    /// `next`: the page asked for (path and query), where signing in leads back to.
+    Unauthenticated { api: bool, next: String },
     #[error("forbidden")]
     Forbidden,
     #[error("not found")]
@@ -64,10 +65,18 @@ impl From<askama::Error> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = match &self {
-            AppError::Unauthenticated { api: false } => {
-                return Redirect::to("/login").into_response()
+            AppError::Unauthenticated { api: false, next } => {
+                let to = if next.is_empty() || next == "/" {
+                    "/login".to_owned()
+                } else {
+                    let q: String = form_urlencoded::Serializer::new(String::new())
+                        .append_pair("next", next)
+                        .finish();
+                    format!("/login?{q}")
+                };
+                return Redirect::to(&to).into_response();
             }
-            AppError::Unauthenticated { api: true } => {
+            AppError::Unauthenticated { api: true, .. } => {
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -87,7 +87,8 @@ async fn page(
     let now = Utc::now();
     let standings = crate::limits::standings(
         &state.store,
-        &state.cfg.limits,
+        &state.limits,
+        &state.roster.current().await.map_err(|e| AppError::Internal(e.into()))?.1,
         &|i| state.cfg.institution_tz(i),
         institution,
         now,
@@ -171,7 +172,8 @@ pub async fn list(
         let now = Utc::now();
         let standings = crate::limits::standings(
             &state.store,
-            &state.cfg.limits,
+            &state.limits,
+        &state.roster.current().await.map_err(|e| AppError::Internal(e.into()))?.1,
             &|i| state.cfg.institution_tz(i),
             institution,
             now,
@@ -314,7 +316,12 @@ pub async fn remove(
     CheckedForm(form): CheckedForm<RemoveForm>,
 ) -> Result<Response, AppError> {
     let own = confine(&allowed.principal, None)?;
-    let current = crate::limits::current(&state.store, &state.cfg.limits)
+    let (_, derived) = state
+        .roster
+        .current()
+        .await
+        .map_err(|e| AppError::Internal(e.into()))?;
+    let current = crate::limits::current(&state.store, &state.limits, &derived)
         .await
         .map_err(AppError::Internal)?;
     let limit = current
@@ -325,7 +332,7 @@ pub async fn remove(
         return Err(AppError::Forbidden);
     }
     let actor = format!("web:{}", allowed.principal.name);
-    crate::limits::remove(&state.writer, &state.cfg.limits, &limit.id(), &actor)
+    crate::limits::remove(&state.writer, &state.limits, &derived, &limit.id(), &actor)
         .await
         .map_err(AppError::Internal)?;
     if uri.path().starts_with("/api/") {

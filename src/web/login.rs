@@ -22,12 +22,41 @@ use super::AppState;
 struct LoginTemplate<'a> {
     csrf: &'a str,
     error: &'a str,
+    /// Where to go after signing in (a local path).
+    next: &'a str,
+    /// (sign-in link, label) of every provider.
+    providers: Vec<(String, String)>,
 }
 
-fn login_page(state: &AppState, status: StatusCode, error: &str) -> Result<Response, AppError> {
+/// The sign-in page: the institutions' providers, and the password form (administrators,
+/// break-glass). `next` is where signing in leads.
+pub(crate) fn login_page(
+    state: &AppState,
+    status: StatusCode,
+    error: &str,
+    next: &str,
+) -> Result<Response, AppError> {
     // Double-submit token: the form field must equal the cookie (SameSite=Strict).
     let csrf = random_hex(16);
-    let page = LoginTemplate { csrf: &csrf, error }.render()?;
+    let next = super::sso::safe_next(Some(next));
+    let q: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("next", &next)
+        .finish();
+    let providers = state
+        .sso
+        .as_ref()
+        .map(|s| s.buttons())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, label)| (format!("/sso/{id}/login?{q}"), label))
+        .collect();
+    let page = LoginTemplate {
+        csrf: &csrf,
+        error,
+        next: &next,
+        providers,
+    }
+    .render()?;
     Ok((
         status,
         [(
@@ -44,8 +73,16 @@ fn login_page(state: &AppState, status: StatusCode, error: &str) -> Result<Respo
         .into_response())
 }
 
-pub async fn login_form(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
-    login_page(&state, StatusCode::OK, "")
+#[derive(Deserialize)]
+pub struct NextQuery {
+    next: Option<String>,
+}
+
+pub async fn login_form(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<NextQuery>,
+) -> Result<Response, AppError> {
+    login_page(&state, StatusCode::OK, "", q.next.as_deref().unwrap_or("/"))
 }
 
 #[derive(Deserialize)]
@@ -53,6 +90,8 @@ pub struct LoginForm {
     username: String,
     password: String,
     csrf: String,
+    #[serde(default)]
+    next: String,
 }
 
 pub async fn login(
@@ -67,6 +106,7 @@ pub async fn login(
             &state,
             StatusCode::BAD_REQUEST,
             "User name or password too long.",
+            &form.next,
         );
     }
     if form.csrf.is_empty()
@@ -87,6 +127,7 @@ pub async fn login(
                 &state,
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many attempts from here; try again in a minute.",
+                &form.next,
             )
         }
         auth::LoginOutcome::Failed => {
@@ -95,6 +136,7 @@ pub async fn login(
                 &state,
                 StatusCode::UNAUTHORIZED,
                 "Wrong user name or password.",
+                &form.next,
             )
         }
         auth::LoginOutcome::Ok(principal) => {
@@ -111,7 +153,7 @@ pub async fn login(
                         set_cookie(LOGIN_CSRF_COOKIE, "", state.auth.secure_cookies, Some(0)),
                     ),
                 ]),
-                Redirect::to("/"),
+                Redirect::to(&super::sso::safe_next(Some(&form.next))),
             )
                 .into_response())
         }
@@ -140,15 +182,18 @@ pub async fn logout(
         // Bearer tokens have no session to end.
         return Err(AppError::Forbidden);
     }
-    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
-        state.auth.end_session(&id);
-    }
+    let sso = cookie(&headers, SESSION_COOKIE).and_then(|id| state.auth.end_session(&id));
+    // Signed in through a provider: signed out there too.
+    let target = match &sso {
+        Some(s) => super::sso::logout_target(&state, s).await,
+        None => "/login".to_owned(),
+    };
     Ok((
         [(
             header::SET_COOKIE,
             set_cookie(SESSION_COOKIE, "", state.auth.secure_cookies, Some(0)),
         )],
-        Redirect::to("/login"),
+        Redirect::to(&target),
     )
         .into_response())
 }

@@ -15,6 +15,7 @@ mod openapi;
 pub mod page;
 mod pages;
 pub mod query;
+pub mod sso;
 pub mod views;
 
 use std::sync::Arc;
@@ -43,6 +44,24 @@ pub struct AppState {
     pub ledger: crate::billing::ledger::LedgerCache,
     /// Drafts per person per minute.
     pub drafts: auth::WindowCounter,
+    /// The config's `[[limits]]`, checked.
+    pub limits: Vec<crate::limits::Limit>,
+    /// Groups and members, kept current.
+    pub roster: Arc<crate::people::directory::Roster>,
+    /// The institutions' sign-in providers (`[[sso]]`), if any.
+    pub sso: Option<Arc<sso::Sso>>,
+    /// Where browsers reach the dashboard (`web.public_url`, else the address it listens
+    /// on): the providers send people back here.
+    pub base_url: std::sync::OnceLock<String>,
+}
+
+impl AppState {
+    pub fn base_url(&self) -> String {
+        self.base_url
+            .get()
+            .cloned()
+            .unwrap_or_else(|| format!("http://{}", self.cfg.web.listen))
+    }
 }
 
 /// The routes. Pages and their `/api/v1` twins share handlers.
@@ -56,6 +75,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(8 * 1024)),
         )
         .route("/logout", post(login::logout))
+        .route("/sso/{provider}/login", get(sso::login))
+        .route("/sso/{provider}/callback", get(sso::callback))
         .route("/api/v1/openapi.json", get(openapi::openapi))
         // The one script (sorting tables): a constant, no data; served from here because
         // the content security policy allows scripts from this origin only.
