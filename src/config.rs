@@ -51,6 +51,10 @@ impl Config {
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub listen: String,
+    /// Where clients reach the gateway (`https://llm.example.org`): the base URL "My
+    /// usage" puts in its SDK snippets. Empty: `http://` and `listen`. Env:
+    /// `TOKENTALLY_GATEWAY_PUBLIC_URL`.
+    pub public_url: String,
     /// 32 bytes as 64 hex characters: encrypts institutions' own provider keys and keys
     /// the pseudonymous end-user ids. Env: `TOKENTALLY_GATEWAY_MASTER_KEY`. If empty,
     /// read from `master_key_file` (which must be readable by its owner only), and
@@ -101,6 +105,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8090".into(),
+            public_url: String::new(),
             master_key: Secret::default(),
             master_key_file: PathBuf::from("gateway-master.key"),
             spool_dir: PathBuf::from("spool"),
@@ -919,6 +924,9 @@ impl Config {
         }
         if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
             self.gateway.metrics_listen = v;
+        }
+        if let Some(v) = env("TOKENTALLY_GATEWAY_PUBLIC_URL") {
+            self.gateway.public_url = v;
         }
         if let Some(v) = env("TOKENTALLY_WEB_PUBLIC_URL") {
             self.web.public_url = v;

@@ -3,6 +3,11 @@
 //! every `gateway.keys_refresh_ms`. A revocation or expiry therefore applies on every
 //! instance within one refresh (2 s by default) plus one query; if ClickHouse cannot be
 //! reached the last state read stays in force (and the failure is logged).
+//!
+//! A key whose user is a member (someone who signs in through `[[sso]]`) also carries
+//! what their membership says (`keys::Owner`): suspended, idle past their group's
+//! `max_idle_days`, their group's models, and the group's default rpm/tpm where the key
+//! sets none. A suspension therefore reaches every instance within the same refresh.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -13,7 +18,8 @@ use chrono::{DateTime, Utc};
 use super::wire::Provider;
 use crate::config::Secret;
 use crate::keys::crypto::MasterKey;
-use crate::keys::{key_id_of, Key, KeyKind, KeyRefusal};
+use crate::keys::{key_id_of, Key, KeyKind, KeyRefusal, Owner};
+use crate::people::directory::{Directory, Roster};
 use crate::store::{Store, StoreError};
 
 #[derive(Default)]
@@ -85,13 +91,20 @@ impl Keyring {
     /// master key, altered row) is logged and kept as unusable: that institution's
     /// requests to that provider are refused rather than sent with, and billed to, the
     /// platform's key.
-    pub async fn refresh(&self, store: &Store, master: &MasterKey) -> Result<(), StoreError> {
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        master: &MasterKey,
+        people: &Roster,
+    ) -> Result<(), StoreError> {
         let rows = store.current_keys().await?;
         let upstream = store.current_upstream_keys().await?;
+        let (directory, _) = people.current().await?;
         let mut keys = HashMap::with_capacity(rows.len());
         for row in &rows {
             match Key::from_row(row) {
-                Some(k) => {
+                Some(mut k) => {
+                    with_owner(&mut k, &directory);
                     keys.insert(k.key_id.clone(), Arc::new(k));
                 }
                 None => tracing::warn!(key_id = %row.key_id, "a stored key is malformed; ignored"),
@@ -126,12 +139,13 @@ impl Keyring {
         self: Arc<Self>,
         store: Store,
         master: MasterKey,
+        people: Arc<Roster>,
         every: std::time::Duration,
         mut stop: crate::shutdown::Shutdown,
     ) {
         let mut last_warned: Option<std::time::Instant> = None;
         loop {
-            if let Err(e) = self.refresh(&store, &master).await {
+            if let Err(e) = self.refresh(&store, &master, &people).await {
                 if last_warned.is_none_or(|t| t.elapsed().as_secs() >= 60) {
                     tracing::warn!(error = %e, "cannot re-read keys; the last keys read stay in force");
                     last_warned = Some(std::time::Instant::now());
@@ -143,4 +157,27 @@ impl Keyring {
             }
         }
     }
+}
+
+/// Adds what the key's user's membership says, if they are a member: their standing,
+/// their group's models, and the group's default rates where the key sets none.
+fn with_owner(key: &mut Key, directory: &Directory) {
+    let Some(m) = directory.member(&key.institution_id, &key.user_id) else {
+        return;
+    };
+    let policy = directory.policy_of(m);
+    if key.rpm == 0 {
+        key.rpm = policy.default_rpm;
+    }
+    if key.tpm == 0 {
+        key.tpm = policy.default_tpm;
+    }
+    key.owner = Some(Owner {
+        group: m.group_id.clone(),
+        models: policy.models.clone(),
+        suspended: m.suspended,
+        idle_after: (policy.max_idle_days > 0)
+            .then(|| m.last_sign_in + chrono::Duration::days(i64::from(policy.max_idle_days))),
+        idle_days: policy.max_idle_days,
+    });
 }

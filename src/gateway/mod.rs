@@ -35,7 +35,7 @@ use axum::Router;
 
 use crate::config::{Config, Secret};
 use crate::keys::crypto::{MasterKey, Pseudonyms};
-use crate::keys::{model_allowed, KeyKind};
+use crate::keys::KeyKind;
 use crate::limits::budget::Budgets;
 use crate::limits::estimate::Bounds;
 use crate::limits::gate::Gate;
@@ -250,7 +250,7 @@ async fn models(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 .filter(|m| {
                     m["id"]
                         .as_str()
-                        .is_some_and(|id| model_allowed(&key.models, id))
+                        .is_some_and(|id| key.allows(id))
                 })
                 .cloned()
                 .collect()
@@ -316,13 +316,18 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .build()
         .context("building the upstream HTTP client")?;
+    let roster = crate::people::directory::Roster::new(
+        store.clone(),
+        crate::people::groups::configured(&cfg.groups)?,
+    );
     let keys = Arc::new(Keyring::default());
-    if let Err(e) = keys.refresh(&store, &master).await {
+    if let Err(e) = keys.refresh(&store, &master, &roster).await {
         tracing::warn!(error = %e, "cannot read keys yet; answering 503 until they are read");
     }
     tokio::spawn(keys.clone().keep_fresh(
         store.clone(),
         master.clone(),
+        roster.clone(),
         Duration::from_millis(g.keys_refresh_ms.max(100)),
         shutdown.clone(),
     ));
@@ -343,10 +348,6 @@ pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         instance.clone(),
     );
     let shared = shared_store(cfg)?;
-    let roster = crate::people::directory::Roster::new(
-        store.clone(),
-        crate::people::groups::configured(&cfg.groups)?,
-    );
     let mut refresher = Refresher::new(
         budgets.clone(),
         store.clone(),

@@ -21,7 +21,7 @@ use super::wire::usage::{Seen, Tracker, Verdict};
 use super::wire::{self, Api, Provider, Refusal};
 use super::Gateway;
 use crate::domain::Billing;
-use crate::keys::{model_allowed, Key, KeyKind, KeyRefusal};
+use crate::keys::{Key, KeyKind, KeyRefusal};
 use crate::limits::budget::{Reservation, Who};
 use crate::limits::gate::{Decision, Quota, QuotaLine, Subject};
 use crate::limits::rate::{openai_duration, Exceeded};
@@ -246,7 +246,7 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         reservation: None,
     };
 
-    if !model_allowed(&req.key.models, &req.model) {
+    if !req.key.allows(&req.model) {
         gw.record(&req.event(&req.model, None, Status::RejectedModel, Usage::None, 0));
         return Refusal::ModelNotAllowed(req.model.clone()).respond(provider, headers);
     }
@@ -694,6 +694,8 @@ impl KeyRefusal {
             KeyRefusal::Unknown => "unknown_key",
             KeyRefusal::Revoked => "revoked_key",
             KeyRefusal::Expired => "expired_key",
+            KeyRefusal::Suspended => "suspended_owner",
+            KeyRefusal::Idle { .. } => "idle_owner",
         }
     }
 }

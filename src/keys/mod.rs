@@ -121,6 +121,27 @@ pub enum KeyRefusal {
     Revoked,
     #[error("this API key has expired")]
     Expired,
+    #[error("the owner of this API key has been suspended by their institution")]
+    Suspended,
+    #[error(
+        "the owner of this API key has not signed in for more than {days} days; \
+         signing in to the dashboard makes their keys work again"
+    )]
+    Idle { days: u32 },
+}
+
+/// What a key owner's membership adds to a key (a person who signs in with their
+/// institution's account): their group's models, and whether they may use keys at all.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Owner {
+    pub group: String,
+    /// The group's models (empty: every model).
+    pub models: Vec<String>,
+    pub suspended: bool,
+    /// Keys stop working after this instant (the last sign-in plus the group's
+    /// `max_idle_days`), until the owner signs in again.
+    pub idle_after: Option<DateTime<Utc>>,
+    pub idle_days: u32,
 }
 
 /// A key's current state as the gateway uses it.
@@ -137,6 +158,8 @@ pub struct Key {
     pub rpm: u32,
     pub tpm: u64,
     pub revoked: bool,
+    /// Set when the key's user is a member (someone who signs in through `[[sso]]`).
+    pub owner: Option<Owner>,
 }
 
 impl Key {
@@ -157,7 +180,17 @@ impl Key {
             rpm: row.rpm,
             tpm: row.tpm,
             revoked: row.revoked != 0,
+            owner: None,
         })
+    }
+
+    /// Whether the key may call `model`: its own list and its owner's group's.
+    pub fn allows(&self, model: &str) -> bool {
+        model_allowed(&self.models, model)
+            && self
+                .owner
+                .as_ref()
+                .is_none_or(|o| model_allowed(&o.models, model))
     }
 
     /// Checks a presented secret against this key (constant time) and its state at `now`.
@@ -176,6 +209,14 @@ impl Key {
         }
         if self.expires_at.is_some_and(|t| t <= now) {
             return Err(KeyRefusal::Expired);
+        }
+        if let Some(o) = &self.owner {
+            if o.suspended {
+                return Err(KeyRefusal::Suspended);
+            }
+            if o.idle_after.is_some_and(|t| t <= now) {
+                return Err(KeyRefusal::Idle { days: o.idle_days });
+            }
         }
         Ok(())
     }
@@ -365,7 +406,29 @@ pub async fn revoke(
     institution: Option<&str>,
     actor: &str,
 ) -> Result<KeyRow, KeyError> {
-    let mut row = owned(store, key_id, institution).await?;
+    let row = owned(store, key_id, institution).await?;
+    revoke_row(store, row, actor).await
+}
+
+/// Revokes one of `user`'s own keys: another person's key is "not found", as an unknown
+/// id is (their ids are not for others to probe).
+pub async fn revoke_own(
+    store: &Store,
+    key_id: &str,
+    institution: &str,
+    user: &str,
+    actor: &str,
+) -> Result<KeyRow, KeyError> {
+    let row = owned(store, key_id, Some(institution)).await?;
+    if row.user_id != user || row.kind != KeyKind::Proxy.as_str() {
+        return Err(KeyError::NotFound(key_id.into()));
+    }
+    revoke_row(store, row, actor).await
+}
+
+async fn revoke_row(store: &Store, mut row: KeyRow, actor: &str) -> Result<KeyRow, KeyError> {
+    let key_id = row.key_id.clone();
+    let key_id = key_id.as_str();
     if row.revoked != 0 {
         return Err(KeyError::AlreadyRevoked(key_id.into()));
     }
@@ -531,6 +594,50 @@ mod tests {
         assert_eq!(revoked.admit(&k.secret, now), Err(KeyRefusal::Revoked));
         // A revoked key with a wrong secret says nothing about the key.
         assert_eq!(revoked.admit(&other.secret, now), Err(KeyRefusal::Unknown));
+    }
+
+    #[test]
+    fn an_owners_suspension_idleness_and_group_models_apply_to_their_keys() {
+        let k = generate();
+        let now: DateTime<Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
+        let mut key = Key {
+            key_id: k.key_id.clone(),
+            kind: KeyKind::Proxy,
+            secret_hash: [0; 32],
+            institution_id: "uni".into(),
+            user_id: "kari".into(),
+            name: String::new(),
+            models: vec!["gpt-4o*".into()],
+            expires_at: None,
+            rpm: 0,
+            tpm: 0,
+            revoked: false,
+            owner: None,
+        };
+        hex::decode_to_slice(secret_hash(&k.secret), &mut key.secret_hash).unwrap();
+        assert!(key.allows("gpt-4o") && key.allows("gpt-4o-mini"));
+        let owner = Owner {
+            group: "students".into(),
+            models: vec!["gpt-4o-mini".into(), "claude-haiku*".into()],
+            suspended: false,
+            idle_after: Some("2026-12-08T00:00:00Z".parse().unwrap()),
+            idle_days: 30,
+        };
+        key.owner = Some(owner.clone());
+        // Both lists must allow a model.
+        assert!(key.allows("gpt-4o-mini"));
+        assert!(!key.allows("gpt-4o"), "the key allows it, the group does not");
+        assert!(!key.allows("claude-haiku-4-5"), "the group allows it, the key does not");
+        assert_eq!(key.admit(&k.secret, now), Ok(()));
+        let later: DateTime<Utc> = "2026-12-08T00:00:00Z".parse().unwrap();
+        assert_eq!(key.admit(&k.secret, later), Err(KeyRefusal::Idle { days: 30 }));
+        key.owner = Some(Owner {
+            suspended: true,
+            ..owner
+        });
+        assert_eq!(key.admit(&k.secret, now), Err(KeyRefusal::Suspended));
+        // A wrong secret still says nothing about the owner.
+        assert_eq!(key.admit(&generate().secret, now), Err(KeyRefusal::Unknown));
     }
 
     #[test]

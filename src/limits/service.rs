@@ -143,10 +143,24 @@ pub async fn standings(
     institution: Option<&str>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Standing>> {
+    standings_of(store, configured, derived, zone, institution, now, &|_| true).await
+}
+
+/// The standing of the limits of `institution` (or all) that `keep` keeps: one person's
+/// ("My usage") without computing everyone's.
+pub async fn standings_of(
+    store: &Store,
+    configured: &[Limit],
+    derived: &Derived,
+    zone: &(dyn Fn(&str) -> chrono_tz::Tz + Sync),
+    institution: Option<&str>,
+    now: DateTime<Utc>,
+    keep: &(dyn Fn(&Limit) -> bool + Sync),
+) -> anyhow::Result<Vec<Standing>> {
     let limits: Vec<Limit> = current(store, configured, derived)
         .await?
         .into_iter()
-        .filter(|l| institution.is_none_or(|i| l.institution_id == i))
+        .filter(|l| institution.is_none_or(|i| l.institution_id == i) && keep(l))
         .collect();
     let holds: Vec<_> = store
         .live_holds(now.timestamp() - 10)

@@ -335,6 +335,11 @@ pub async fn sign_in(store: &Store, mapped: &Mapped, now: DateTime<Utc>) -> Resu
     Ok(member)
 }
 
+/// A member as stored in `r`.
+pub fn member_of_row(r: &MemberRow) -> Member {
+    Member::from_row(r)
+}
+
 async fn current_member(store: &Store, institution: &str, person: &str) -> Result<Member, PeopleError> {
     store
         .member(institution, person)

@@ -74,6 +74,50 @@ pub fn configured(values: &[toml::Value]) -> anyhow::Result<Vec<Group>> {
     Ok(out)
 }
 
+impl MemberLimit {
+    /// Reads `15 requests per day`, `$5 per month`, `5 usd per month`, `100000 tokens
+    /// per week` (what the People page's form takes, one per line).
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let bad = || {
+            format!(
+                "`{}`: write a limit as `15 requests per day`, `$5 per month` or \
+                 `100000 tokens per week`",
+                crate::format::log_safe(line, 60)
+            )
+        };
+        let (amount, metric, period) = match words.as_slice() {
+            [a, "per", p] if a.starts_with('$') => (&a[1..], Metric::Usd, *p),
+            [a, m, "per", p] => {
+                let metric = match m.to_ascii_lowercase().as_str() {
+                    "usd" | "$" => Metric::Usd,
+                    "request" | "requests" => Metric::Requests,
+                    "token" | "tokens" => Metric::Tokens,
+                    _ => return Err(bad()),
+                };
+                (a.trim_start_matches('$'), metric, *p)
+            }
+            _ => return Err(bad()),
+        };
+        let amount: Decimal = amount.replace(',', "").parse().map_err(|_| bad())?;
+        let period: LimitPeriod = period.to_ascii_lowercase().parse().map_err(|_| bad())?;
+        Ok(MemberLimit {
+            metric,
+            period,
+            amount,
+        })
+    }
+
+    /// The form `parse` reads.
+    pub fn label(&self) -> String {
+        match self.metric {
+            Metric::Usd => format!("${} per {}", self.amount.normalize(), self.period.as_str()),
+            Metric::Requests => format!("{} requests per {}", self.amount.normalize(), self.period.as_str()),
+            Metric::Tokens => format!("{} tokens per {}", self.amount.normalize(), self.period.as_str()),
+        }
+    }
+}
+
 fn month() -> LimitPeriod {
     LimitPeriod::Month
 }
@@ -194,5 +238,22 @@ max_idle_days = 120
         let mut bad = g.clone();
         bad.id = "a b".into();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn member_limits_read_as_written_on_the_page() {
+        for (line, metric, period, amount) in [
+            ("15 requests per day", Metric::Requests, LimitPeriod::Day, dec!(15)),
+            ("$5 per month", Metric::Usd, LimitPeriod::Month, dec!(5)),
+            ("2.50 USD per week", Metric::Usd, LimitPeriod::Week, dec!(2.50)),
+            ("100,000 tokens per Week", Metric::Tokens, LimitPeriod::Week, dec!(100000)),
+        ] {
+            let l = MemberLimit::parse(line).unwrap();
+            assert_eq!((l.metric, l.period, l.amount), (metric, period, amount), "{line}");
+            assert_eq!(MemberLimit::parse(&l.label()).unwrap(), l, "{line} round trip");
+        }
+        for bad in ["", "15 per day", "15 requests a day", "x requests per day", "5 requests per fortnight"] {
+            assert!(MemberLimit::parse(bad).is_err(), "{bad}");
+        }
     }
 }

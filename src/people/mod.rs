@@ -7,6 +7,7 @@
 pub mod directory;
 pub mod groups;
 pub mod members;
+pub mod own_keys;
 pub mod sso;
 
 use std::path::Path;
@@ -57,8 +58,12 @@ impl Role {
 pub struct Principal {
     pub name: String,
     pub role: Role,
-    /// Set exactly when `role` is `Institution` or `InstitutionAdmin`.
+    /// Set exactly when `role` is confined to one institution (`is_institution`).
     pub institution: Option<String>,
+    /// The person, when they signed in with their institution's account (`[[sso]]`) or
+    /// presented their own proxy key to `/api/v1/me`: whose usage, keys and limits
+    /// "My usage" shows. `None` for users of the users file and API tokens.
+    pub person: Option<String>,
 }
 
 impl Principal {
@@ -146,6 +151,13 @@ impl UsersFile {
 }
 
 pub fn check_role(role: Role, institution: Option<&str>) -> Result<(), String> {
+    if role == Role::Member {
+        return Err(
+            "role member is for people who sign in with their institution's account ([[sso]]); \
+             a user or token of the users file cannot have it"
+                .into(),
+        );
+    }
     match (role.is_institution(), institution) {
         (true, Some(i)) if !i.is_empty() => Ok(()),
         (true, _) => Err(format!("role {} needs an institution", role.as_str())),

@@ -80,6 +80,24 @@ impl Store {
             .await?)
     }
 
+    /// The current state of every key of one user of one institution.
+    pub async fn keys_of_user(
+        &self,
+        institution: &str,
+        user: &str,
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT ?fields FROM proxy_keys WHERE institution_id = ? AND user_id = ? \
+                 ORDER BY key_id, version DESC LIMIT 1 BY key_id",
+            )
+            .bind(institution)
+            .bind(user)
+            .fetch_all()
+            .await?)
+    }
+
     /// One key's current state.
     pub async fn key(&self, key_id: &str) -> Result<Option<KeyRow>, StoreError> {
         Ok(self

@@ -236,6 +236,7 @@ impl Auth {
                     name: u.name.clone(),
                     role: u.role,
                     institution: u.institution.clone(),
+                    person: None,
                 })
             }
             None => {
@@ -308,6 +309,7 @@ impl Auth {
                 name: t.name.clone(),
                 role: t.role,
                 institution: t.institution.clone(),
+                person: None,
             })
     }
 }
@@ -431,7 +433,7 @@ struct InstitutionParam {
 /// An authenticated request plus the institutions it may see: the institution named in
 /// the path (`/institutions/{institution}`) or the `institution` query parameter, checked
 /// against the principal. An institution user asking for another one gets 403; asking
-/// for none gets their own.
+/// for none gets their own. A member gets 403 everywhere (their pages take `Me`).
 pub struct Scoped {
     pub principal: Principal,
     pub csrf: String,
@@ -446,6 +448,16 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
         state: &Arc<AppState>,
     ) -> Result<Self, AppError> {
         let Authed { principal, csrf } = Authed::from_request_parts(parts, state).await?;
+        // A member sees their own usage ("My usage", `me`) and nothing of their
+        // institution's: no institution-wide page or API answers them.
+        if principal.role == Role::Member {
+            let path = parts.uri.path();
+            return Err(if path == "/" || path == "/overview" {
+                AppError::Redirect("/me".into())
+            } else {
+                AppError::Forbidden
+            });
+        }
         let from_path = UrlPath::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
             .ok()

@@ -10,6 +10,12 @@ pub enum AppError {
     Unauthenticated { api: bool, next: String },
     #[error("forbidden")]
     Forbidden,
+    /// 403 with the reason, said to the person.
+    #[error("{0}")]
+    Refused(String),
+    /// 303 to a page of this site (a member asking for the overview goes to "My usage").
+    #[error("see {0}")]
+    Redirect(String),
     #[error("not found")]
     NotFound,
     #[error("{0}")]
@@ -84,7 +90,8 @@ impl IntoResponse for AppError {
                 )
                     .into_response()
             }
-            AppError::Forbidden => StatusCode::FORBIDDEN,
+            AppError::Redirect(to) => return Redirect::to(to).into_response(),
+            AppError::Forbidden | AppError::Refused(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Conflict(_) => StatusCode::CONFLICT,

@@ -11,7 +11,9 @@ mod invoices;
 mod keys;
 mod limits;
 mod login;
+mod me;
 mod openapi;
+mod people;
 pub mod page;
 mod pages;
 pub mod query;
@@ -78,6 +80,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sso/{provider}/login", get(sso::login))
         .route("/sso/{provider}/callback", get(sso::callback))
         .route("/api/v1/openapi.json", get(openapi::openapi))
+        .route("/me/keys/create", post(me::create))
+        .route("/me/keys/{key_id}/revoke", post(me::revoke))
+        .route(
+            "/assets/copy.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    include_str!("../../assets/web/copy.js"),
+                )
+            }),
+        )
         // The one script (sorting tables): a constant, no data; served from here because
         // the content security policy allows scripts from this origin only.
         .route(
@@ -125,6 +138,26 @@ pub fn router(state: Arc<AppState>) -> Router {
                 ),
                 get(invoices::explain),
             )
+            .route(&format!("{prefix}/me"), get(me::show))
+            .route(&format!("{prefix}/me/keys"), get(me::keys))
+            .route(&format!("{prefix}/me/limits"), get(me::limits))
+            .route(&format!("{prefix}/people"), get(people::list))
+            .route(
+                &format!("{prefix}/institutions/{{institution}}/people/{{person}}/suspend"),
+                post(people::suspend),
+            )
+            .route(
+                &format!("{prefix}/institutions/{{institution}}/people/{{person}}/group"),
+                post(people::move_member),
+            )
+            .route(
+                &format!("{prefix}/institutions/{{institution}}/groups"),
+                post(people::add_group),
+            )
+            .route(
+                &format!("{prefix}/institutions/{{institution}}/groups/{{group}}/policy"),
+                post(people::set_policy),
+            )
             .route(&format!("{prefix}/keys"), get(keys::list))
             .route(&format!("{prefix}/limits"), get(limits::list))
             .route(&format!("{prefix}/limits/set"), post(limits::set))
@@ -145,6 +178,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     r.fallback(|| async { AppError::NotFound })
         .layer(axum::middleware::from_fn(reject_repeated_parameters))
+        .layer(axum::middleware::from_fn(html_errors))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
@@ -169,6 +203,60 @@ async fn reject_repeated_parameters(
         }
     }
     next.run(req).await
+}
+
+#[derive(askama::Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    title: &'a str,
+    message: &'a str,
+}
+
+/// A page (not `/api/…`) that fails says why on a page of the dashboard, not as JSON.
+async fn html_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let page = !req.uri().path().starts_with("/api/");
+    let res = next.run(req).await;
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !page || !json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let message = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "the request failed".into()),
+        Err(_) => "the request failed".into(),
+    };
+    let title = match status.as_u16() {
+        400 => "This request cannot be answered",
+        401 => "Sign-in needed",
+        403 => "Not allowed",
+        404 => "Not found",
+        409 => "Not possible now",
+        422 => "Too much to show",
+        429 => "Too many attempts",
+        _ => "Something went wrong",
+    };
+    let mut message = message;
+    if status.as_u16() == 403 && message == "forbidden" {
+        message = "You are signed in, but this page is not for your role or institution.".into();
+    }
+    let html = askama::Template::render(&ErrorPage {
+        title,
+        message: &message,
+    })
+    .unwrap_or_else(|_| crate::format::html(&message));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(html))
 }
 
 async fn security_headers(mut res: Response) -> Response {

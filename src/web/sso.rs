@@ -393,6 +393,35 @@ pub async fn callback(
     }
 }
 
+/// Why an ID token was refused, in words a person (and the log) can act on.
+fn explain(e: &openidconnect::ClaimsVerificationError) -> String {
+    use openidconnect::{ClaimsVerificationError as C, SignatureVerificationError as S};
+    match e {
+        C::Expired(_) => "the ID token has expired.".into(),
+        C::InvalidAudience(_) => {
+            "the ID token was issued for another application (wrong audience).".into()
+        }
+        C::InvalidIssuer(_) => "the ID token comes from another issuer than the configured one.".into(),
+        C::InvalidNonce(_) => {
+            "the ID token's nonce is not this sign-in's (a replayed token); start again.".into()
+        }
+        C::SignatureVerification(S::NoSignature) => {
+            "the ID token is not signed (signature algorithm `none` is not accepted).".into()
+        }
+        C::SignatureVerification(S::DisallowedAlg(a) | S::UnsupportedAlg(a)) => format!(
+            "the ID token's signature algorithm `{}` is not accepted.",
+            crate::format::log_safe(a, 20)
+        ),
+        C::SignatureVerification(S::NoMatchingKey) => {
+            "the ID token is signed with a key the provider's key set (JWKS) does not hold.".into()
+        }
+        C::SignatureVerification(S::CryptoError(_) | S::InvalidKey(_)) => {
+            "the ID token's signature is not valid.".into()
+        }
+        other => format!("the ID token is not valid ({}).", chain(other)),
+    }
+}
+
 fn html_attr(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('"', "&quot;")
@@ -431,7 +460,8 @@ async fn verify(
             if matches!(e, openidconnect::ClaimsVerificationError::SignatureVerification(_)) {
                 sso.forget(p).await;
             }
-            return Err(format!("the ID token is not valid ({})", chain(&e)));
+            tracing::warn!(provider = %p.cfg.id, error = %chain(&e), "ID token refused");
+            return Err(explain(&e));
         }
     };
     // Verified: its payload may be read for the claims the rules look at.
@@ -458,6 +488,7 @@ async fn verify(
             name: member.person_id.clone(),
             role: member.role.as_role(),
             institution: Some(member.institution_id.clone()),
+            person: Some(member.person_id.clone()),
         },
         claims.expiration(),
         raw,

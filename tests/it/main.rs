@@ -9,6 +9,7 @@ mod guarantees;
 mod harness;
 mod invoices;
 mod limits;
+mod people;
 mod pipeline;
 mod web;
 mod workload;

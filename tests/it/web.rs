@@ -200,7 +200,7 @@ async fn start_server_users(
 
 /// chromedriver (killed when the test ends, failing or not) and a headless Chromium
 /// session with a window of `width` × `height` and a fresh profile.
-async fn headless_chromium(
+pub(crate) async fn headless_chromium(
     width: u32,
     height: u32,
 ) -> (crate::harness::Proc, fantoccini::Client, tempfile::TempDir) {
@@ -239,7 +239,7 @@ pub(crate) fn client() -> reqwest::Client {
 }
 
 /// The CSRF token a page's form carries.
-fn csrf_of(html: &str) -> String {
+pub(crate) fn csrf_of(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")
         .nth(1)
         .expect("a form with a csrf field")
