@@ -5,7 +5,7 @@
 use std::fmt;
 
 use secrecy::{ExposeSecret as _, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub struct Secret(SecretString);
 
@@ -46,6 +46,14 @@ impl Eq for Secret {}
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.is_empty() { "\"\"" } else { "<redacted>" })
+    }
+}
+
+/// A secret serializes as an empty string: it never leaves the process that way (the
+/// configuration is serialized only to learn its shape, `config::env`).
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("")
     }
 }
 

@@ -205,7 +205,7 @@ async fn send_webhook(http: reqwest::Client, cfg: AlertsConfig, t: Transition) {
         if !cfg.webhook.secret.is_empty() {
             req = req.header(
                 "x-tokentally-signature",
-                signature(&cfg.webhook.secret, ts, &body),
+                signature(cfg.webhook.secret.expose(), ts, &body),
             );
         }
         match req.send().await {
@@ -239,7 +239,7 @@ fn transport(cfg: &AlertsConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Exec
         .port(e.smtp_port)
         .timeout(Some(Duration::from_secs(30)));
     if !e.username.is_empty() {
-        builder = builder.credentials(Credentials::new(e.username.clone(), e.password.clone()));
+        builder = builder.credentials(Credentials::new(e.username.clone(), e.password.expose().to_owned()));
     }
     Ok(builder.build())
 }

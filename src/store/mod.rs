@@ -87,7 +87,7 @@ impl Store {
         let server = clickhouse::Client::default()
             .with_url(&cfg.url)
             .with_user(&cfg.user)
-            .with_password(&cfg.password)
+            .with_password(cfg.password.expose())
             .with_validation(false);
         let client = server.clone().with_database(&cfg.database);
         Self {

@@ -1,12 +1,14 @@
 //! Typed settings: a TOML file (`--config` / `TOKENTALLY_CONFIG`) with environment
 //! overrides. Every field has a default, so no file at all is a valid configuration.
 
+pub mod env;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -47,7 +49,7 @@ impl Config {
 
 /// The gateway (`[gateway]`): where it listens, the providers it forwards to, the
 /// spool that holds events while Kafka is away, and its limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub listen: String,
@@ -133,7 +135,7 @@ impl Default for GatewayConfig {
 /// reservations, settlements and rpm/tpm windows go through one Redis or Valkey primary,
 /// so limits are exact across instances. Without it (one instance needs none), each
 /// instance admits its share of a limit's headroom (see the README).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharedLimitsConfig {
     /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS); empty: no shared
@@ -165,7 +167,7 @@ impl Default for SharedLimitsConfig {
 }
 
 /// One provider the gateway forwards to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Scheme, host and port (paths such as `/v1/...` are the client's).
@@ -212,7 +214,7 @@ impl UpstreamConfig {
 pub use crate::secret::Secret;
 
 /// Alert detectors, delivery and routing (`[alerts]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
     /// Run the evaluator inside `serve`/`run` (enable it on one instance only).
@@ -256,7 +258,7 @@ impl Default for AlertsConfig {
 }
 
 /// See `alerts::spike` for how these combine.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpikeConfig {
     /// Length of the window compared, in hours.
@@ -307,14 +309,14 @@ impl Default for SpikeConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     /// Slack-compatible incoming webhook URL (empty: no webhook).
     pub url: String,
     /// HMAC-SHA256 key for the `X-Tokentally-Signature` header. Env:
     /// `TOKENTALLY_ALERTS_WEBHOOK_SECRET`. Never logged.
-    pub secret: String,
+    pub secret: Secret,
     /// Attempts per message (exponential backoff between them).
     pub max_attempts: u32,
     /// First retry delay in milliseconds (doubles each time, capped at 5 minutes).
@@ -326,7 +328,7 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
-            secret: String::new(),
+            secret: Secret::default(),
             max_attempts: 10,
             retry_initial_ms: 1000,
             timeout_secs: 10,
@@ -345,20 +347,13 @@ impl fmt::Debug for WebhookConfig {
             .unwrap_or("");
         f.debug_struct("WebhookConfig")
             .field("url_host", &host)
-            .field(
-                "secret",
-                &if self.secret.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
+            .field("secret", &self.secret)
             .field("max_attempts", &self.max_attempts)
             .finish()
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmailConfig {
     /// SMTP server (empty: no e-mail).
@@ -368,7 +363,7 @@ pub struct EmailConfig {
     pub security: String,
     pub username: String,
     /// Env: `TOKENTALLY_ALERTS_SMTP_PASSWORD`. Never logged.
-    pub password: String,
+    pub password: Secret,
     pub from: String,
     /// Default recipients.
     pub to: Vec<String>,
@@ -383,7 +378,7 @@ impl Default for EmailConfig {
             smtp_port: 587,
             security: "starttls".into(),
             username: String::new(),
-            password: String::new(),
+            password: Secret::default(),
             from: "tokentally <alerts@localhost>".into(),
             to: Vec::new(),
             max_attempts: 10,
@@ -392,28 +387,8 @@ impl Default for EmailConfig {
     }
 }
 
-impl fmt::Debug for EmailConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EmailConfig")
-            .field("smtp_host", &self.smtp_host)
-            .field("smtp_port", &self.smtp_port)
-            .field("security", &self.security)
-            .field("username", &self.username)
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
-            .field("to", &self.to)
-            .finish()
-    }
-}
-
 /// One routing rule: alerts matching it go to its destinations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// `info`, `warning` or `critical`: this and above.
@@ -431,7 +406,7 @@ pub struct RouteConfig {
 }
 
 /// Invoicing: who issues, how documents are numbered, and where the ledger lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BillingConfig {
     /// Kafka topic (one partition, never expiring) that orders every issued document;
@@ -470,7 +445,7 @@ impl Default for BillingConfig {
 }
 
 /// Name, postal address and contact details as printed on an invoice.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct PartyConfig {
     pub name: String,
@@ -481,7 +456,7 @@ pub struct PartyConfig {
     pub tax_id: String,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
     /// Where browsers reach the dashboard (`https://spend.example.org`): sign-in
@@ -515,7 +490,7 @@ pub struct WebConfig {
     /// read-only profile (`readonly = 2`); writes (invoices, alerts) keep the main user.
     /// Env: `TOKENTALLY_WEB_CLICKHOUSE_USER` / `_PASSWORD` (never logged).
     pub clickhouse_user: String,
-    pub clickhouse_password: String,
+    pub clickhouse_password: Secret,
     /// Invoice drafts one person may request per minute (each computes an invoice).
     pub drafts_per_minute: u32,
 }
@@ -534,32 +509,13 @@ impl Default for WebConfig {
             query_timeout_secs: 20,
             max_rows_to_read: 0,
             clickhouse_user: String::new(),
-            clickhouse_password: String::new(),
+            clickhouse_password: Secret::default(),
             drafts_per_minute: 20,
         }
     }
 }
 
-impl fmt::Debug for WebConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WebConfig")
-            .field("listen", &self.listen)
-            .field("users_file", &self.users_file)
-            .field("trusted_proxies", &self.trusted_proxies)
-            .field("clickhouse_user", &self.clickhouse_user)
-            .field(
-                "clickhouse_password",
-                &if self.clickhouse_password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstitutionConfig {
     pub id: String,
@@ -596,7 +552,7 @@ fn utc() -> String {
     "UTC".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated. Env: `TOKENTALLY_KAFKA_BROKERS`.
@@ -640,7 +596,7 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// HTTP endpoint. Env: `TOKENTALLY_CLICKHOUSE_URL`.
@@ -650,7 +606,7 @@ pub struct ClickHouseConfig {
     /// Env: `TOKENTALLY_CLICKHOUSE_USER`.
     pub user: String,
     /// Never printed. Env: `TOKENTALLY_CLICKHOUSE_PASSWORD`.
-    pub password: String,
+    pub password: Secret,
 }
 
 impl Default for ClickHouseConfig {
@@ -659,30 +615,12 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:8123".into(),
             database: "tokentally".into(),
             user: "default".into(),
-            password: String::new(),
+            password: Secret::default(),
         }
     }
 }
 
-impl fmt::Debug for ClickHouseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClickHouseConfig")
-            .field("url", &self.url)
-            .field("database", &self.database)
-            .field("user", &self.user)
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// A batch is written when it holds this many messages… (Every batch writes a part
@@ -746,7 +684,7 @@ impl Default for IngestConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricesConfig {
     /// Price book: one TOML file or a folder of them. Env: `TOKENTALLY_PRICES`.
@@ -777,7 +715,7 @@ pub enum ConfigError {
     Invalid(String),
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
     Env {
-        name: &'static str,
+        name: String,
         value: String,
         reason: String,
     },
@@ -786,26 +724,55 @@ pub enum ConfigError {
 impl Config {
     /// Reads the file (if any), then applies `TOKENTALLY_*` environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut config = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: p.to_owned(),
-                    source,
-                })?
-            }
-            None => Config::default(),
+        let text = match path {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?),
+            None => None,
         };
-        config.apply_env(|name| std::env::var(name).ok())?;
+        let config = Self::from_sources(
+            text.as_deref(),
+            path.unwrap_or(Path::new("(environment)")),
+            |name| std::env::var(name).ok(),
+        )?;
         config.validate()?;
         Ok(config)
     }
 
+    /// The configuration of a file's `text` (none: defaults) with the variables `env`
+    /// has laid over it (`config::env`: a function, so tests need not touch the process
+    /// environment). Not validated.
+    pub fn from_sources(
+        text: Option<&str>,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let parse_error = |source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        };
+        let mut table: toml::Table = match text {
+            Some(t) => toml::from_str(t).map_err(parse_error)?,
+            None => toml::Table::new(),
+        };
+        env::overlay(&mut table, env)?;
+        toml::Value::Table(table).try_into().map_err(parse_error)
+    }
+
     /// Checks what serde cannot: time zones, ids, ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (value, setting) in [
+            (self.ingest.batch_max_messages, "ingest.batch_max_messages"),
+            (self.ingest.batch_max_bytes, "ingest.batch_max_bytes"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{setting} (env TOKENTALLY_{}) must be a positive integer",
+                    setting.replace('.', "_").to_uppercase()
+                )));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for i in &self.institutions {
             if !seen.insert(i.id.as_str()) {
@@ -874,203 +841,57 @@ impl Config {
         }
         Ok(())
     }
-
-    /// Applies overrides from `env` (a function so tests need not touch the process env).
-    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let strings: [(&str, &mut String); 11] = [
-            (
-                "TOKENTALLY_BILLING_LEDGER_TOPIC",
-                &mut self.billing.ledger_topic,
-            ),
-            ("TOKENTALLY_WEB_LISTEN", &mut self.web.listen),
-            ("TOKENTALLY_KAFKA_BROKERS", &mut self.kafka.brokers),
-            ("TOKENTALLY_KAFKA_TOPIC", &mut self.kafka.topic),
-            ("TOKENTALLY_KAFKA_GROUP", &mut self.kafka.group),
-            (
-                "TOKENTALLY_KAFKA_DEAD_LETTER_TOPIC",
-                &mut self.kafka.dead_letter_topic,
-            ),
-            ("TOKENTALLY_CLICKHOUSE_URL", &mut self.clickhouse.url),
-            (
-                "TOKENTALLY_CLICKHOUSE_DATABASE",
-                &mut self.clickhouse.database,
-            ),
-            ("TOKENTALLY_CLICKHOUSE_USER", &mut self.clickhouse.user),
-            (
-                "TOKENTALLY_CLICKHOUSE_PASSWORD",
-                &mut self.clickhouse.password,
-            ),
-            ("TOKENTALLY_METRICS_LISTEN", &mut self.ingest.metrics_listen),
-        ];
-        for (name, slot) in strings {
-            if let Some(v) = env(name) {
-                *slot = v;
-            }
-        }
-        if let Some(v) = env("TOKENTALLY_WEB_CLICKHOUSE_USER") {
-            self.web.clickhouse_user = v;
-        }
-        if let Some(v) = env("TOKENTALLY_WEB_CLICKHOUSE_PASSWORD") {
-            self.web.clickhouse_password = v;
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_LISTEN") {
-            self.gateway.listen = v;
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY") {
-            self.gateway.master_key = Secret::new(v);
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_MASTER_KEY_FILE") {
-            self.gateway.master_key_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_METRICS_LISTEN") {
-            self.gateway.metrics_listen = v;
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_PUBLIC_URL") {
-            self.gateway.public_url = v;
-        }
-        if let Some(v) = env("TOKENTALLY_WEB_PUBLIC_URL") {
-            self.web.public_url = v;
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL") {
-            self.gateway.shared_limits.redis_url = Secret::new(v);
-        }
-        if let Some(v) = env("TOKENTALLY_GATEWAY_SPOOL_DIR") {
-            self.gateway.spool_dir = PathBuf::from(v);
-        }
-        for (name, upstream) in [
-            ("OPENAI", &mut self.gateway.openai),
-            ("ANTHROPIC", &mut self.gateway.anthropic),
-            ("GEMINI", &mut self.gateway.gemini),
-        ] {
-            if let Some(v) = env(&format!("TOKENTALLY_GATEWAY_{name}_API_KEY")) {
-                upstream.api_key = Secret::new(v);
-            }
-            if let Some(v) = env(&format!("TOKENTALLY_GATEWAY_{name}_BASE_URL")) {
-                upstream.base_url = v;
-            }
-        }
-        if let Some(v) = env("TOKENTALLY_ALERTS_WEBHOOK_SECRET") {
-            self.alerts.webhook.secret = v;
-        }
-        if let Some(v) = env("TOKENTALLY_ALERTS_SMTP_PASSWORD") {
-            self.alerts.email.password = v;
-        }
-        if let Some(v) = env("TOKENTALLY_USERS_FILE") {
-            self.web.users_file = PathBuf::from(v);
-        }
-        if let Some(v) = env("TOKENTALLY_PRICES") {
-            self.prices.path = PathBuf::from(v);
-        }
-        let numbers: [(&'static str, &mut u64); 5] = [
-            (
-                "TOKENTALLY_INGEST_COMMIT_INTERVAL_MS",
-                &mut self.ingest.commit_interval_ms,
-            ),
-            (
-                "TOKENTALLY_INGEST_BATCH_MAX_WAIT_MS",
-                &mut self.ingest.batch_max_wait_ms,
-            ),
-            (
-                "TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS",
-                &mut self.kafka.session_timeout_ms,
-            ),
-            (
-                "TOKENTALLY_KAFKA_MAX_POLL_INTERVAL_MS",
-                &mut self.kafka.max_poll_interval_ms,
-            ),
-            ("TOKENTALLY_INGEST_STALL_SECS", &mut self.ingest.stall_secs),
-        ];
-        for (name, slot) in numbers {
-            if let Some(v) = env(name) {
-                *slot = v
-                    .parse()
-                    .map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                        name,
-                        value: v.clone(),
-                        reason: e.to_string(),
-                    })?;
-            }
-        }
-        if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_BYTES") {
-            self.ingest.batch_max_bytes =
-                v.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| ConfigError::Env {
-                        name: "TOKENTALLY_INGEST_BATCH_MAX_BYTES",
-                        value: v.clone(),
-                        reason: "must be a positive integer".into(),
-                    })?;
-        }
-        if let Some(v) = env("TOKENTALLY_INGEST_BACKLOG_BATCH_MAX_MESSAGES") {
-            self.ingest.backlog_batch_max_messages = v.parse().map_err(|_| ConfigError::Env {
-                name: "TOKENTALLY_INGEST_BACKLOG_BATCH_MAX_MESSAGES",
-                value: v.clone(),
-                reason: "must be a whole number (0: off)".into(),
-            })?;
-        }
-        if let Some(v) = env("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES") {
-            self.ingest.batch_max_messages =
-                v.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| ConfigError::Env {
-                        name: "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES",
-                        value: v.clone(),
-                        reason: "must be a positive integer".into(),
-                    })?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn from(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_sources(Some(text), Path::new("t.toml"), |n| {
+            env.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned())
+        })
+    }
+
     #[test]
     fn env_overrides_file_values() {
-        let mut c: Config =
-            toml::from_str("[kafka]\nbrokers = \"file:9092\"\ntopic = \"t\"\n").unwrap();
-        c.apply_env(|n| match n {
-            "TOKENTALLY_KAFKA_BROKERS" => Some("env:9092".into()),
-            "TOKENTALLY_PRICES" => Some("/p".into()),
-            _ => None,
-        })
+        let c = from(
+            "[kafka]\nbrokers = \"file:9092\"\ntopic = \"t\"\n[clickhouse]\npassword = \"from-file\"\n",
+            &[("TOKENTALLY_KAFKA_BROKERS", "env:9092"), ("TOKENTALLY_PRICES", "/p")],
+        )
         .unwrap();
         assert_eq!(c.kafka.brokers, "env:9092");
         assert_eq!(c.kafka.topic, "t");
         assert_eq!(c.kafka.group, "tokentally");
         assert_eq!(c.prices.path, PathBuf::from("/p"));
+        assert_eq!(c.clickhouse.password.expose(), "from-file", "a secret in the file stays");
+        let c = from("[prices]\npath = \"/f\"\n", &[("TOKENTALLY_PRICES", "/alias"), ("TOKENTALLY_PRICES_PATH", "/own")])
+            .unwrap();
+        assert_eq!(c.prices.path, PathBuf::from("/own"), "a setting's own name wins over its alias");
     }
 
     #[test]
     fn unknown_fields_and_bad_env_are_errors() {
-        assert!(toml::from_str::<Config>("[kafka]\nbroker = \"x\"\n").is_err());
-        let mut c = Config::default();
-        let err =
-            c.apply_env(|n| (n == "TOKENTALLY_INGEST_BATCH_MAX_MESSAGES").then(|| "0".into()));
-        assert!(err
-            .unwrap_err()
-            .to_string()
-            .contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"));
+        assert!(from("[kafka]\nbroker = \"x\"\n", &[]).is_err());
+        let c = from("", &[("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", "0")]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"), "{err}");
+        let err = from("", &[("TOKENTALLY_INGEST_BATCH_MAX_BYTES", "lots")]).unwrap_err().to_string();
+        assert!(err.contains("TOKENTALLY_INGEST_BATCH_MAX_BYTES"), "{err}");
     }
 
     #[test]
     fn password_is_never_printed() {
         let mut c = Config::default();
-        c.clickhouse.password = "hunter2".into();
-        c.alerts.webhook.secret = "hunter3".into();
-        c.alerts.email.password = "hunter4".into();
+        c.clickhouse.password = Secret::new("hunter2");
+        c.alerts.webhook.secret = Secret::new("hunter3");
+        c.alerts.email.password = Secret::new("hunter4");
         c.alerts.webhook.url = "https://hooks.slack.com/services/T0/B0/hunter5".into();
+        c.web.clickhouse_password = Secret::new("hunter6");
         let shown = format!("{c:?}");
-        assert!(
-            !shown.contains("hunter2")
-                && !shown.contains("hunter3")
-                && !shown.contains("hunter4")
-                && !shown.contains("hunter5"),
-            "{shown}"
-        );
+        for s in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
+            assert!(!shown.contains(s), "{s} in {shown}");
+        }
         assert!(shown.contains("hooks.slack.com"));
     }
 }
