@@ -137,12 +137,19 @@ async fn world(name: &str) -> World {
     );
     let admin_token = tokentally(&["tokens", "add", "admin-api", "--role", "admin"], &vars, None);
     let config_path = dir.path().join("config.toml");
-    let serve = spawn_serve_in(&env, dir, &cfg, &[]).await;
     let sim = spawn_simulator(&env, &[]).await;
     let gw_dir = tempfile::tempdir().unwrap();
     let mut gw_vars = env.gateway_vars(&sim, gw_dir.path());
     gw_vars.push(("TOKENTALLY_CONFIG", config_path.display().to_string()));
     let gateway = spawn_gateway(&env, "people", gw_vars).await;
+    // The dashboard tells members where the gateway is (in its SDK snippets).
+    let serve = spawn_serve_in(
+        &env,
+        dir,
+        &cfg,
+        &[("TOKENTALLY_GATEWAY_PUBLIC_URL", gateway.base.clone())],
+    )
+    .await;
     let ingest = env.spawn_ingest();
     World {
         env,
@@ -373,8 +380,9 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
         let started = Instant::now();
         loop {
             browser.goto(&format!("{}/me", w.serve.base)).await?;
+            // Five calls: three served, one refused for its model, one for the quota.
             let n = browser.find(Locator::Css("#requests")).await?.text().await?;
-            if n == "3" {
+            if n == "5" {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(60), "usage never appeared ({n})");
@@ -382,6 +390,8 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
         }
         let remaining = browser.find(Locator::Css("#limit-table .remaining")).await?.text().await?;
         assert_eq!(remaining, "0");
+        let used = browser.find(Locator::Css("#limit-table .used")).await?.text().await?;
+        assert!(used.starts_with("3 "), "three served requests count: {used}");
         let limits = browser.find(Locator::Css("#limit-table")).await?.text().await?;
         assert!(limits.contains("Europe/Oslo") || limits.contains("CET"), "renews in the institution's zone: {limits}");
         std::fs::write(shots.join("me-quota-used.png"), browser.screenshot().await?).unwrap();
@@ -434,12 +444,12 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
 async fn groups_suspension_overrides_claims_and_isolation() {
     let w = world("people_admin").await;
     let p = &w.provider;
-    p.set_claims("ola", json!({"email": "ola@uni.example", "name": "Ola", "groups": ["students"]})).await;
-    p.set_claims("kari", json!({"email": "kari@uni.example", "name": "Kari", "groups": ["students"]})).await;
-    p.set_claims("per", json!({"email": "per@other.example", "name": "Per", "groups": []})).await;
-    let ola = sign_in(&w, "ola").await;
-    let kari = sign_in(&w, "kari").await;
-    let per = sign_in(&w, "per").await;
+    p.set_claims("ola4711", json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["students"]})).await;
+    p.set_claims("kari2207", json!({"email": "kari2207@uni.example", "name": "Kari", "groups": ["students"]})).await;
+    p.set_claims("per0815", json!({"email": "per0815@other.example", "name": "Per", "groups": []})).await;
+    let ola = sign_in(&w, "ola4711").await;
+    let kari = sign_in(&w, "kari2207").await;
+    let per = sign_in(&w, "per0815").await;
 
     // A new member inherits the group's defaults.
     let m = me(&w, &ola).await;
@@ -479,7 +489,7 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .unwrap();
     assert_eq!(res.status(), 200);
     let body = res.text().await.unwrap();
-    assert!(body.contains("3 requests per day") && !body.contains("kari"), "{body}");
+    assert!(body.contains("3 requests per day") && !body.contains("kari2207"), "{body}");
     for path in ["/api/v1/overview", "/api/v1/keys", "/api/v1/people?institution=uni"] {
         let res = client()
             .get(format!("{}{path}", w.serve.base))
@@ -497,7 +507,7 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .form(&[
             ("institution", "uni"),
             ("scope", "user"),
-            ("subject", "kari"),
+            ("subject", "kari2207"),
             ("metric", "requests"),
             ("amount", "5"),
             ("period", "day"),
@@ -527,22 +537,33 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .find(|g| g["id"] == "students")
         .unwrap();
     assert_eq!(students["policy"]["member_limits"][0]["amount"], "3", "the group's default is unchanged");
-    // ... and the gateway enforces it: kari gets 5 a day, ola 3.
+    // ... and every gateway enforces it within a limits refresh: kari gets 5 a day,
+    // ola 3 (each made one call already, in `until_known`).
     let mut served = BTreeMap::new();
-    for (who, key) in [("kari", &kari_key), ("ola", &ola_key)] {
-        let mut n = 1; // until_known made one call
-        for _ in 0..8 {
-            if chat(&w, key, "gpt-4o-mini").await.0 == 200 {
-                n += 1;
+    for (who, key, quota) in [("kari2207", &kari_key, 5), ("ola4711", &ola_key, 3)] {
+        let started = Instant::now();
+        let mut n = 1;
+        while n < quota {
+            match chat(&w, key, "gpt-4o-mini").await {
+                (200, _) => n += 1,
+                (429, _) => {
+                    assert!(started.elapsed() < Duration::from_secs(10), "{who}: {n} of {quota}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                (status, body) => panic!("{who}: {status} {body}"),
             }
+        }
+        for _ in 0..3 {
+            let (status, body) = chat(&w, key, "gpt-4o-mini").await;
+            assert_eq!(status, 429, "{who} past {quota}: {body}");
         }
         served.insert(who, n);
     }
-    assert_eq!(served, BTreeMap::from([("kari", 5), ("ola", 3)]));
+    assert_eq!(served, BTreeMap::from([("kari2207", 5), ("ola4711", 3)]));
 
     // Suspension: every key of the member refused on the gateway within 2 s (+ a refresh).
     let res = client()
-        .post(format!("{}/api/v1/institutions/uni/people/per/suspend", w.serve.base))
+        .post(format!("{}/api/v1/institutions/other/people/per0815/suspend", w.serve.base))
         .bearer_auth(&w.admin_token)
         .form(&[("suspend", "1")])
         .send()
@@ -565,20 +586,20 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     assert_eq!(m["standing"], "suspended");
 
     // A claims change on the next sign-in moves the member (and their limits).
-    p.set_claims("ola", json!({"email": "ola@uni.example", "name": "Ola", "groups": ["staff"]})).await;
-    let ola = sign_in(&w, "ola").await;
+    p.set_claims("ola4711", json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["staff"]})).await;
+    let ola = sign_in(&w, "ola4711").await;
     let m = me(&w, &ola).await;
     assert_eq!(m["group"]["id"], "staff");
     assert!(limit_of(&m, "you", "10 requests per day").is_some(), "{m}");
 
     // The isolation sweep: as kari (uni, member), every page and API of the dashboard.
     let others = [
-        "ola",
-        "per",
+        "ola4711",
+        "per0815",
         ola_key_id.as_str(),
         per_key_id.as_str(),
-        "ola@uni.example",
-        "per@other.example",
+        "ola4711@uni.example",
+        "per0815@other.example",
     ];
     let mut routes: Vec<String> = Vec::new();
     for prefix in ["", "/api/v1"] {
@@ -587,7 +608,7 @@ async fn groups_suspension_overrides_claims_and_isolation() {
             "/alerts", "/close", "/invoices", "/invoices/draft?institution=uni", "/keys",
             "/keys?institution=uni", "/limits", "/limits?institution=other", "/pipeline",
             "/people", "/people?institution=uni", "/people?institution=other",
-            "/me", "/me/keys", "/me/limits", "/me?institution=other", "/me?person=ola",
+            "/me", "/me/keys", "/me/limits", "/me?institution=other", "/me?person=ola4711",
         ] {
             routes.push(format!("{prefix}{path}"));
         }
@@ -629,7 +650,7 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         (format!("/me/keys/{ola_key_id}/revoke"), vec![("csrf", kari.csrf.as_str())]),
         (format!("/me/keys/{per_key_id}/revoke"), vec![("csrf", kari.csrf.as_str())]),
         (
-            "/institutions/uni/people/ola/suspend".to_owned(),
+            "/institutions/uni/people/ola4711/suspend".to_owned(),
             vec![("csrf", kari.csrf.as_str()), ("suspend", "1")],
         ),
         (
@@ -639,9 +660,9 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         (
             "/api/v1/limits/set".to_owned(),
             vec![("csrf", kari.csrf.as_str()), ("institution", "uni"), ("scope", "user"),
-                 ("subject", "kari"), ("metric", "requests"), ("amount", "1000"), ("period", "day")],
+                 ("subject", "kari2207"), ("metric", "requests"), ("amount", "1000"), ("period", "day")],
         ),
-        ("/keys/create".to_owned(), vec![("csrf", kari.csrf.as_str()), ("user", "kari")]),
+        ("/keys/create".to_owned(), vec![("csrf", kari.csrf.as_str()), ("user", "kari2207")]),
     ] {
         let res = client()
             .post(format!("{}{path}", w.serve.base))
