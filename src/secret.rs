@@ -45,7 +45,11 @@ impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_empty() { "\"\"" } else { "<redacted>" })
+        f.write_str(if self.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 

@@ -239,7 +239,10 @@ fn transport(cfg: &AlertsConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Exec
         .port(e.smtp_port)
         .timeout(Some(Duration::from_secs(30)));
     if !e.username.is_empty() {
-        builder = builder.credentials(Credentials::new(e.username.clone(), e.password.expose().to_owned()));
+        builder = builder.credentials(Credentials::new(
+            e.username.clone(),
+            e.password.expose().to_owned(),
+        ));
     }
     Ok(builder.build())
 }

@@ -69,7 +69,11 @@ fn parse(name: &str, raw: &str, kind: Kind) -> Result<Value, ConfigError> {
     };
     Ok(match kind {
         Kind::Text => Value::String(raw.to_owned()),
-        Kind::Integer => Value::Integer(raw.trim().parse().map_err(|_| bad("must be a whole number"))?),
+        Kind::Integer => Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| bad("must be a whole number"))?,
+        ),
         Kind::Float => Value::Float(raw.trim().parse().map_err(|_| bad("must be a number"))?),
         Kind::Boolean => Value::Boolean(match raw.trim() {
             "true" | "1" => true,
@@ -130,7 +134,10 @@ mod tests {
         let s = settings();
         let mut names = std::collections::BTreeSet::new();
         for (path, name, _) in &s {
-            assert!(names.insert(name.clone()), "{name} names two settings (one is {path})");
+            assert!(
+                names.insert(name.clone()),
+                "{name} names two settings (one is {path})"
+            );
         }
         for name in [
             "TOKENTALLY_KAFKA_BROKERS",
@@ -172,6 +179,10 @@ mod tests {
             (n == "TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS").then(|| "soon".into())
         })
         .unwrap_err();
-        assert!(err.to_string().contains("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("TOKENTALLY_KAFKA_SESSION_TIMEOUT_MS"),
+            "{err}"
+        );
     }
 }

@@ -725,10 +725,12 @@ impl Config {
     /// Reads the file (if any), then applies `TOKENTALLY_*` environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.to_owned(),
-                source,
-            })?),
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+            ),
             None => None,
         };
         let config = Self::from_sources(
@@ -849,7 +851,9 @@ mod tests {
 
     fn from(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_sources(Some(text), Path::new("t.toml"), |n| {
-            env.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned())
+            env.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| (*v).to_owned())
         })
     }
 
@@ -864,10 +868,24 @@ mod tests {
         assert_eq!(c.kafka.topic, "t");
         assert_eq!(c.kafka.group, "tokentally");
         assert_eq!(c.prices.path, PathBuf::from("/p"));
-        assert_eq!(c.clickhouse.password.expose(), "from-file", "a secret in the file stays");
-        let c = from("[prices]\npath = \"/f\"\n", &[("TOKENTALLY_PRICES", "/alias"), ("TOKENTALLY_PRICES_PATH", "/own")])
-            .unwrap();
-        assert_eq!(c.prices.path, PathBuf::from("/own"), "a setting's own name wins over its alias");
+        assert_eq!(
+            c.clickhouse.password.expose(),
+            "from-file",
+            "a secret in the file stays"
+        );
+        let c = from(
+            "[prices]\npath = \"/f\"\n",
+            &[
+                ("TOKENTALLY_PRICES", "/alias"),
+                ("TOKENTALLY_PRICES_PATH", "/own"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.prices.path,
+            PathBuf::from("/own"),
+            "a setting's own name wins over its alias"
+        );
     }
 
     #[test]
@@ -875,8 +893,13 @@ mod tests {
         assert!(from("[kafka]\nbroker = \"x\"\n", &[]).is_err());
         let c = from("", &[("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES", "0")]).unwrap();
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"), "{err}");
-        let err = from("", &[("TOKENTALLY_INGEST_BATCH_MAX_BYTES", "lots")]).unwrap_err().to_string();
+        assert!(
+            err.contains("TOKENTALLY_INGEST_BATCH_MAX_MESSAGES"),
+            "{err}"
+        );
+        let err = from("", &[("TOKENTALLY_INGEST_BATCH_MAX_BYTES", "lots")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("TOKENTALLY_INGEST_BATCH_MAX_BYTES"), "{err}");
     }
 

@@ -247,11 +247,7 @@ async fn models(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|m| {
-                    m["id"]
-                        .as_str()
-                        .is_some_and(|id| key.allows(id))
-                })
+                .filter(|m| m["id"].as_str().is_some_and(|id| key.allows(id)))
                 .cloned()
                 .collect()
         })

@@ -733,9 +733,7 @@ async fn after_write(
             .await?
             .into_values()
             .filter(|(_, live)| *live > 0)
-            .map(|(row, _)| {
-(row.institution_id.clone(), contract_json(&row))
-            })
+            .map(|(row, _)| (row.institution_id.clone(), contract_json(&row)))
             .collect()
     };
     republish

@@ -626,11 +626,20 @@ mod tests {
         key.owner = Some(owner.clone());
         // Both lists must allow a model.
         assert!(key.allows("gpt-4o-mini"));
-        assert!(!key.allows("gpt-4o"), "the key allows it, the group does not");
-        assert!(!key.allows("claude-haiku-4-5"), "the group allows it, the key does not");
+        assert!(
+            !key.allows("gpt-4o"),
+            "the key allows it, the group does not"
+        );
+        assert!(
+            !key.allows("claude-haiku-4-5"),
+            "the group allows it, the key does not"
+        );
         assert_eq!(key.admit(&k.secret, now), Ok(()));
         let later: DateTime<Utc> = "2026-12-08T00:00:00Z".parse().unwrap();
-        assert_eq!(key.admit(&k.secret, later), Err(KeyRefusal::Idle { days: 30 }));
+        assert_eq!(
+            key.admit(&k.secret, later),
+            Err(KeyRefusal::Idle { days: 30 })
+        );
         key.owner = Some(Owner {
             suspended: true,
             ..owner

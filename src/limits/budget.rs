@@ -262,7 +262,10 @@ impl LimitSet {
     }
 
     /// Limits and who belongs to which group (for group budgets).
-    pub fn with_groups(limits: Vec<Limit>, membership: HashMap<(String, String), String>) -> Arc<Self> {
+    pub fn with_groups(
+        limits: Vec<Limit>,
+        membership: HashMap<(String, String), String>,
+    ) -> Arc<Self> {
         let mut set = LimitSet {
             membership,
             ..LimitSet::default()

@@ -143,7 +143,10 @@ pub async fn standings(
     institution: Option<&str>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Standing>> {
-    standings_of(store, configured, derived, zone, institution, now, &|_| true).await
+    standings_of(store, configured, derived, zone, institution, now, &|_| {
+        true
+    })
+    .await
 }
 
 /// The standing of the limits of `institution` (or all) that `keep` keeps: one person's

@@ -160,7 +160,8 @@ impl Directory {
     /// Reads every group (the config's, replaced by those set on the dashboard) and every
     /// member.
     pub async fn load(store: &Store, configured: &[Group]) -> Result<Self, StoreError> {
-        let (groups, members) = tokio::try_join!(store.current_groups(), store.current_members(None))?;
+        let (groups, members) =
+            tokio::try_join!(store.current_groups(), store.current_members(None))?;
         let mut d = Directory::default();
         for g in configured {
             d.groups
@@ -176,7 +177,9 @@ impl Directory {
                 Ok(g) => {
                     d.groups.insert(key, g);
                 }
-                Err(e) => tracing::warn!(group = %crate::format::log_safe(&r.group_id, 80), error = %e, "ignoring an unreadable group"),
+                Err(e) => {
+                    tracing::warn!(group = %crate::format::log_safe(&r.group_id, 80), error = %e, "ignoring an unreadable group")
+                }
             }
         }
         for r in &members {
@@ -302,7 +305,11 @@ impl DerivedSource for Roster {
 
 /// A person signed in: their state after it. Their group follows the claims unless an
 /// administrator set it; a suspension stays.
-pub async fn sign_in(store: &Store, mapped: &Mapped, now: DateTime<Utc>) -> Result<Member, PeopleError> {
+pub async fn sign_in(
+    store: &Store,
+    mapped: &Mapped,
+    now: DateTime<Utc>,
+) -> Result<Member, PeopleError> {
     let before = store
         .member(&mapped.institution, &mapped.person_id)
         .await?
@@ -340,7 +347,11 @@ pub fn member_of_row(r: &MemberRow) -> Member {
     Member::from_row(r)
 }
 
-async fn current_member(store: &Store, institution: &str, person: &str) -> Result<Member, PeopleError> {
+async fn current_member(
+    store: &Store,
+    institution: &str,
+    person: &str,
+) -> Result<Member, PeopleError> {
     store
         .member(institution, person)
         .await?
@@ -363,8 +374,19 @@ pub async fn set_suspended(
     let mut m = current_member(store, institution, person).await?;
     m.suspended = suspended;
     store.write_member(&m.row(actor)).await?;
-    let action = if suspended { "member.suspend" } else { "member.restore" };
-    log(store, actor, action, institution, format!("member `{person}`")).await?;
+    let action = if suspended {
+        "member.suspend"
+    } else {
+        "member.restore"
+    };
+    log(
+        store,
+        actor,
+        action,
+        institution,
+        format!("member `{person}`"),
+    )
+    .await?;
     Ok(m)
 }
 
@@ -398,14 +420,22 @@ pub async fn set_group(
         actor,
         "member.group",
         institution,
-        format!("member `{person}` to group `{}` ({})", m.group_id, m.group_source.as_str()),
+        format!(
+            "member `{person}` to group `{}` ({})",
+            m.group_id,
+            m.group_source.as_str()
+        ),
     )
     .await?;
     Ok(m)
 }
 
 /// Sets a group's policy (adds it if new).
-pub async fn set_group_policy(store: &Store, group: &Group, actor: &str) -> Result<(), PeopleError> {
+pub async fn set_group_policy(
+    store: &Store,
+    group: &Group,
+    actor: &str,
+) -> Result<(), PeopleError> {
     group.validate().map_err(PeopleError::Invalid)?;
     store.write_group(&group.row(false, actor)).await?;
     log(

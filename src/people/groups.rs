@@ -35,7 +35,11 @@ pub struct Group {
     #[serde(default)]
     pub member_limits: Vec<MemberLimit>,
     /// A budget the whole group shares (USD per `budget_period`); none if absent.
-    #[serde(default, with = "rust_decimal::serde::str_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub budget_usd: Option<Decimal>,
     #[serde(default = "month")]
     pub budget_period: LimitPeriod,
@@ -65,7 +69,8 @@ pub fn configured(values: &[toml::Value]) -> anyhow::Result<Vec<Group>> {
             .clone()
             .try_into()
             .map_err(|e| anyhow::anyhow!("[[groups]]: {e}"))?;
-        g.validate().map_err(|e| anyhow::anyhow!("group {}: {e}", g.id))?;
+        g.validate()
+            .map_err(|e| anyhow::anyhow!("group {}: {e}", g.id))?;
         if !ids.insert((g.institution.clone(), g.id.clone())) {
             anyhow::bail!("group {} of {} is configured twice", g.id, g.institution);
         }
@@ -112,8 +117,16 @@ impl MemberLimit {
     pub fn label(&self) -> String {
         match self.metric {
             Metric::Usd => format!("${} per {}", self.amount.normalize(), self.period.as_str()),
-            Metric::Requests => format!("{} requests per {}", self.amount.normalize(), self.period.as_str()),
-            Metric::Tokens => format!("{} tokens per {}", self.amount.normalize(), self.period.as_str()),
+            Metric::Requests => format!(
+                "{} requests per {}",
+                self.amount.normalize(),
+                self.period.as_str()
+            ),
+            Metric::Tokens => format!(
+                "{} tokens per {}",
+                self.amount.normalize(),
+                self.period.as_str()
+            ),
         }
     }
 }
@@ -243,16 +256,45 @@ max_idle_days = 120
     #[test]
     fn member_limits_read_as_written_on_the_page() {
         for (line, metric, period, amount) in [
-            ("15 requests per day", Metric::Requests, LimitPeriod::Day, dec!(15)),
+            (
+                "15 requests per day",
+                Metric::Requests,
+                LimitPeriod::Day,
+                dec!(15),
+            ),
             ("$5 per month", Metric::Usd, LimitPeriod::Month, dec!(5)),
-            ("2.50 USD per week", Metric::Usd, LimitPeriod::Week, dec!(2.50)),
-            ("100,000 tokens per Week", Metric::Tokens, LimitPeriod::Week, dec!(100000)),
+            (
+                "2.50 USD per week",
+                Metric::Usd,
+                LimitPeriod::Week,
+                dec!(2.50),
+            ),
+            (
+                "100,000 tokens per Week",
+                Metric::Tokens,
+                LimitPeriod::Week,
+                dec!(100000),
+            ),
         ] {
             let l = MemberLimit::parse(line).unwrap();
-            assert_eq!((l.metric, l.period, l.amount), (metric, period, amount), "{line}");
-            assert_eq!(MemberLimit::parse(&l.label()).unwrap(), l, "{line} round trip");
+            assert_eq!(
+                (l.metric, l.period, l.amount),
+                (metric, period, amount),
+                "{line}"
+            );
+            assert_eq!(
+                MemberLimit::parse(&l.label()).unwrap(),
+                l,
+                "{line} round trip"
+            );
         }
-        for bad in ["", "15 per day", "15 requests a day", "x requests per day", "5 requests per fortnight"] {
+        for bad in [
+            "",
+            "15 per day",
+            "15 requests a day",
+            "x requests per day",
+            "5 requests per fortnight",
+        ] {
             assert!(MemberLimit::parse(bad).is_err(), "{bad}");
         }
     }

@@ -90,7 +90,9 @@ pub enum Standing {
     /// An administrator suspended them.
     Suspended,
     /// No sign-in for longer than their group's `max_idle_days`.
-    Idle { days: u32 },
+    Idle {
+        days: u32,
+    },
 }
 
 impl Member {
@@ -131,12 +133,18 @@ mod tests {
     #[test]
     fn keys_stop_working_after_the_groups_idle_days_and_when_suspended() {
         let now: DateTime<Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
-        assert_eq!(member("2026-12-01T00:00:00Z").standing(30, now), Standing::Active);
+        assert_eq!(
+            member("2026-12-01T00:00:00Z").standing(30, now),
+            Standing::Active
+        );
         assert_eq!(
             member("2026-10-01T00:00:00Z").standing(30, now),
             Standing::Idle { days: 30 }
         );
-        assert_eq!(member("2020-01-01T00:00:00Z").standing(0, now), Standing::Active);
+        assert_eq!(
+            member("2020-01-01T00:00:00Z").standing(0, now),
+            Standing::Active
+        );
         let mut m = member("2026-12-01T00:00:00Z");
         m.suspended = true;
         assert_eq!(m.standing(0, now), Standing::Suspended);

@@ -49,7 +49,10 @@ impl Role {
 
     /// Roles confined to one institution.
     pub fn is_institution(self) -> bool {
-        matches!(self, Role::Institution | Role::InstitutionAdmin | Role::Member)
+        matches!(
+            self,
+            Role::Institution | Role::InstitutionAdmin | Role::Member
+        )
     }
 }
 

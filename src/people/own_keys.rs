@@ -155,17 +155,29 @@ mod tests {
     fn a_key_lives_as_long_as_asked_within_the_groups_limit() {
         let now: DateTime<Utc> = "2026-12-07T12:00:00Z".parse().unwrap();
         let day = |s: &str| Some(s.parse::<NaiveDate>().unwrap());
-        assert_eq!(check(&member(), &policy(), 0, &req(None), now), Ok(day("2027-03-07")));
-        assert_eq!(check(&member(), &policy(), 1, &req(Some(7)), now), Ok(day("2026-12-14")));
+        assert_eq!(
+            check(&member(), &policy(), 0, &req(None), now),
+            Ok(day("2027-03-07"))
+        );
+        assert_eq!(
+            check(&member(), &policy(), 1, &req(Some(7)), now),
+            Ok(day("2026-12-14"))
+        );
         assert_eq!(
             check(&member(), &policy(), 0, &req(Some(91)), now),
             Err(Refused::TooLong(90))
         );
-        assert_eq!(check(&member(), &policy(), 0, &req(Some(0)), now), Err(Refused::TooShort));
+        assert_eq!(
+            check(&member(), &policy(), 0, &req(Some(0)), now),
+            Err(Refused::TooShort)
+        );
         let open = Group::open("uni", "staff");
         assert_eq!(check(&member(), &open, 50, &req(None), now), Ok(None));
         // 3650 days: ten years less the three leap days of 2028, 2032 and 2036.
-        assert_eq!(check(&member(), &open, 0, &req(Some(3650)), now), Ok(day("2036-12-04")));
+        assert_eq!(
+            check(&member(), &open, 0, &req(Some(3650)), now),
+            Ok(day("2036-12-04"))
+        );
     }
 
     #[test]
@@ -177,14 +189,23 @@ mod tests {
         );
         let mut m = member();
         m.suspended = true;
-        assert_eq!(check(&m, &policy(), 0, &req(None), now), Err(Refused::Suspended));
+        assert_eq!(
+            check(&m, &policy(), 0, &req(None), now),
+            Err(Refused::Suspended)
+        );
         let later: DateTime<Utc> = "2027-02-01T00:00:00Z".parse().unwrap();
-        assert_eq!(check(&member(), &policy(), 0, &req(None), later), Err(Refused::Idle(30)));
+        assert_eq!(
+            check(&member(), &policy(), 0, &req(None), later),
+            Err(Refused::Idle(30))
+        );
         let long = KeyRequest {
             name: "x".repeat(101),
             days: None,
         };
-        assert!(matches!(check(&member(), &policy(), 0, &long, now), Err(Refused::Invalid(_))));
+        assert!(matches!(
+            check(&member(), &policy(), 0, &long, now),
+            Err(Refused::Invalid(_))
+        ));
     }
 
     #[test]
@@ -209,9 +230,27 @@ mod tests {
             updated_by: String::new(),
         };
         assert!(is_active(&row, now));
-        assert!(!is_active(&KeyRow { revoked: 1, ..row.clone() }, now));
+        assert!(!is_active(
+            &KeyRow {
+                revoked: 1,
+                ..row.clone()
+            },
+            now
+        ));
         let past = u32::try_from(now.timestamp()).unwrap();
-        assert!(!is_active(&KeyRow { expires_at: past, ..row.clone() }, now));
-        assert!(!is_active(&KeyRow { kind: "ingest".into(), ..row }, now));
+        assert!(!is_active(
+            &KeyRow {
+                expires_at: past,
+                ..row.clone()
+            },
+            now
+        ));
+        assert!(!is_active(
+            &KeyRow {
+                kind: "ingest".into(),
+                ..row
+            },
+            now
+        ));
     }
 }

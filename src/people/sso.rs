@@ -49,7 +49,10 @@ pub fn configured(values: &[toml::Value]) -> anyhow::Result<Vec<SsoProvider>> {
             .try_into()
             .map_err(|e| anyhow::anyhow!("[[sso]]: {e}"))?;
         p.validate().map_err(anyhow::Error::msg)?;
-        let var = format!("TOKENTALLY_SSO_{}_CLIENT_SECRET", p.id.to_uppercase().replace('-', "_"));
+        let var = format!(
+            "TOKENTALLY_SSO_{}_CLIENT_SECRET",
+            p.id.to_uppercase().replace('-', "_")
+        );
         if let Ok(secret) = std::env::var(&var) {
             p.client_secret = Secret::new(secret);
         }
@@ -106,9 +109,15 @@ impl SsoProvider {
     pub fn validate(&self) -> Result<(), String> {
         if self.id.is_empty()
             || self.id.len() > 32
-            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         {
-            return Err(format!("[[sso]] id `{}`: 1-32 letters, digits or `-`", self.id));
+            return Err(format!(
+                "[[sso]] id `{}`: 1-32 letters, digits or `-`",
+                self.id
+            ));
         }
         if !self.scopes.iter().any(|s| s == "openid") {
             return Err(format!("[[sso]] {}: scopes must include openid", self.id));
@@ -169,13 +178,20 @@ impl SsoProvider {
                     self.id_claim
                 )
             })?;
-        let text = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let text = |k: &str| {
+            claims
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
         let rule = self
             .rules
             .iter()
             .find(|r| r.matches(claims))
             .ok_or_else(|| {
-                "your account is not one this service admits; ask your institution's administrator".to_owned()
+                "your account is not one this service admits; ask your institution's administrator"
+                    .to_owned()
             })?;
         Ok(Mapped {
             person_id: person_id.to_owned(),
@@ -251,20 +267,31 @@ group = "students"
         let p = provider();
         p.validate().unwrap();
         let staff = p
-            .map(&claims(json!({"eduPersonPrincipalName": "ola@uio.no", "email": "ola@uio.no",
-                "eduPersonAffiliation": ["member", "staff"], "name": "Ola"})))
+            .map(&claims(
+                json!({"eduPersonPrincipalName": "ola@uio.no", "email": "ola@uio.no",
+                "eduPersonAffiliation": ["member", "staff"], "name": "Ola"}),
+            ))
             .unwrap();
         assert_eq!(
-            (staff.group.as_str(), staff.role, staff.person_id.as_str(), staff.name.as_str()),
+            (
+                staff.group.as_str(),
+                staff.role,
+                staff.person_id.as_str(),
+                staff.name.as_str()
+            ),
             ("staff", MemberRole::Member, "ola@uio.no", "Ola")
         );
         let student = p
-            .map(&claims(json!({"eduPersonPrincipalName": "kari@uio.no", "email": "Kari@UIO.no",
-                "eduPersonAffiliation": ["student"]})))
+            .map(&claims(
+                json!({"eduPersonPrincipalName": "kari@uio.no", "email": "Kari@UIO.no",
+                "eduPersonAffiliation": ["student"]}),
+            ))
             .unwrap();
         assert_eq!(student.group, "students");
         let admin = p
-            .map(&claims(json!({"eduPersonPrincipalName": "it@uio.no", "groups": ["it-admins"]})))
+            .map(&claims(
+                json!({"eduPersonPrincipalName": "it@uio.no", "groups": ["it-admins"]}),
+            ))
             .unwrap();
         assert_eq!(admin.role, MemberRole::InstitutionAdmin);
     }
@@ -273,7 +300,9 @@ group = "students"
     fn a_person_no_rule_admits_or_without_an_id_cannot_sign_in() {
         let p = provider();
         let e = p
-            .map(&claims(json!({"eduPersonPrincipalName": "x@other.org", "email": "x@other.org"})))
+            .map(&claims(
+                json!({"eduPersonPrincipalName": "x@other.org", "email": "x@other.org"}),
+            ))
             .unwrap_err();
         assert!(e.contains("not one this service admits"), "{e}");
         let e = p.map(&claims(json!({"email": "kari@uio.no"}))).unwrap_err();

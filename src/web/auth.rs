@@ -402,23 +402,15 @@ impl FromRequestParts<Arc<AppState>> for Authed {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
         {
-            let token = v
-                .strip_prefix("Bearer ")
-                .ok_or_else(unauthenticated)?;
-            let principal = state
-                .auth
-                .token(token.trim())
-                .ok_or_else(unauthenticated)?;
+            let token = v.strip_prefix("Bearer ").ok_or_else(unauthenticated)?;
+            let principal = state.auth.token(token.trim()).ok_or_else(unauthenticated)?;
             return Ok(Authed {
                 principal,
                 csrf: String::new(),
             });
         }
         let id = cookie(&parts.headers, SESSION_COOKIE).ok_or_else(unauthenticated)?;
-        let (principal, csrf) = state
-            .auth
-            .session(&id)
-            .ok_or_else(unauthenticated)?;
+        let (principal, csrf) = state.auth.session(&id).ok_or_else(unauthenticated)?;
         Ok(Authed { principal, csrf })
     }
 }

@@ -88,7 +88,12 @@ async fn page(
     let standings = crate::limits::standings(
         &state.store,
         &state.limits,
-        &state.roster.current().await.map_err(|e| AppError::Internal(e.into()))?.1,
+        &state
+            .roster
+            .current()
+            .await
+            .map_err(|e| AppError::Internal(e.into()))?
+            .1,
         &|i| state.cfg.institution_tz(i),
         institution,
         now,
@@ -173,7 +178,12 @@ pub async fn list(
         let standings = crate::limits::standings(
             &state.store,
             &state.limits,
-        &state.roster.current().await.map_err(|e| AppError::Internal(e.into()))?.1,
+            &state
+                .roster
+                .current()
+                .await
+                .map_err(|e| AppError::Internal(e.into()))?
+                .1,
             &|i| state.cfg.institution_tz(i),
             institution,
             now,

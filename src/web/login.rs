@@ -3,75 +3,18 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use askama::Template;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use serde::Deserialize;
 
 use super::auth::{
-    self, cookie, random_hex, set_cookie, Authed, CheckedForm, CsrfField, LOGIN_CSRF_COOKIE,
-    SESSION_COOKIE,
+    self, cookie, set_cookie, Authed, CheckedForm, CsrfField, LOGIN_CSRF_COOKIE, SESSION_COOKIE,
 };
 use super::error::AppError;
+use super::signin::{login_page, safe_next};
 use super::AppState;
-
-#[derive(Template)]
-#[template(path = "login.html")]
-struct LoginTemplate<'a> {
-    csrf: &'a str,
-    error: &'a str,
-    /// Where to go after signing in (a local path).
-    next: &'a str,
-    /// (sign-in link, label) of every provider.
-    providers: Vec<(String, String)>,
-}
-
-/// The sign-in page: the institutions' providers, and the password form (administrators,
-/// break-glass). `next` is where signing in leads.
-pub(crate) fn login_page(
-    state: &AppState,
-    status: StatusCode,
-    error: &str,
-    next: &str,
-) -> Result<Response, AppError> {
-    // Double-submit token: the form field must equal the cookie (SameSite=Strict).
-    let csrf = random_hex(16);
-    let next = super::sso::safe_next(Some(next));
-    let q: String = form_urlencoded::Serializer::new(String::new())
-        .append_pair("next", &next)
-        .finish();
-    let providers = state
-        .sso
-        .as_ref()
-        .map(|s| s.buttons())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(id, label)| (format!("/sso/{id}/login?{q}"), label))
-        .collect();
-    let page = LoginTemplate {
-        csrf: &csrf,
-        error,
-        next: &next,
-        providers,
-    }
-    .render()?;
-    Ok((
-        status,
-        [(
-            header::SET_COOKIE,
-            set_cookie(
-                LOGIN_CSRF_COOKIE,
-                &csrf,
-                state.auth.secure_cookies,
-                Some(3600),
-            ),
-        )],
-        Html(page),
-    )
-        .into_response())
-}
 
 #[derive(Deserialize)]
 pub struct NextQuery {
@@ -153,7 +96,7 @@ pub async fn login(
                         set_cookie(LOGIN_CSRF_COOKIE, "", state.auth.secure_cookies, Some(0)),
                     ),
                 ]),
-                Redirect::to(&super::sso::safe_next(Some(&form.next))),
+                Redirect::to(&safe_next(Some(&form.next))),
             )
                 .into_response())
         }

@@ -146,7 +146,11 @@ async fn read(state: &AppState, me: &Me, now: DateTime<Utc>) -> Result<Usage, Ap
         .keys_of_user(&me.institution, &me.person)
         .await?;
     keys.retain(|k| k.kind == KeyKind::Proxy.as_str());
-    keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.key_id.cmp(&b.key_id)));
+    keys.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(a.key_id.cmp(&b.key_id))
+    });
     let key_ids: Vec<String> = keys.iter().map(|k| k.key_id.clone()).collect();
     let group = member.as_ref().map(|m| m.group_id.clone());
     let keep = |l: &Limit| applies(l, me, group.as_deref(), &key_ids);
@@ -269,8 +273,16 @@ fn policy_text(p: &Group) -> Vec<String> {
     if p.default_rpm > 0 || p.default_tpm > 0 {
         out.push(format!(
             "Per key: {} requests and {} tokens per minute.",
-            if p.default_rpm > 0 { p.default_rpm.to_string() } else { "any".into() },
-            if p.default_tpm > 0 { p.default_tpm.to_string() } else { "any".into() },
+            if p.default_rpm > 0 {
+                p.default_rpm.to_string()
+            } else {
+                "any".into()
+            },
+            if p.default_tpm > 0 {
+                p.default_tpm.to_string()
+            } else {
+                "any".into()
+            },
         ));
     }
     if p.max_idle_days > 0 {
@@ -426,7 +438,11 @@ async fn page(
             .map(|m| m.name.clone())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| me.person.clone()),
-        group: u.policy.as_ref().map(|p| p.label().to_owned()).unwrap_or_default(),
+        group: u
+            .policy
+            .as_ref()
+            .map(|p| p.label().to_owned())
+            .unwrap_or_default(),
         standing,
         period: format!("{} – {} (UTC days)", u.from, u.to),
         total: money(total),
@@ -439,7 +455,10 @@ async fn page(
             .map(|a| ModelView {
                 model: a.key.clone(),
                 requests: a.events,
-                tokens: a.input_tokens + a.cache_read_tokens + a.cache_write_tokens + a.output_tokens,
+                tokens: a.input_tokens
+                    + a.cache_read_tokens
+                    + a.cache_write_tokens
+                    + a.output_tokens,
                 cost: money(a.cost()),
             })
             .collect(),
@@ -556,14 +575,23 @@ pub async fn keys(
         return Ok(Redirect::to("/me#keys").into_response());
     }
     let now = Utc::now();
-    let rows = state.store.keys_of_user(&me.institution, &me.person).await?;
+    let rows = state
+        .store
+        .keys_of_user(&me.institution, &me.person)
+        .await?;
     let mut rows: Vec<_> = rows
         .into_iter()
         .filter(|k| k.kind == KeyKind::Proxy.as_str())
         .collect();
-    rows.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.key_id.cmp(&b.key_id)));
-    Ok(axum::Json(json!({"keys": rows.iter().map(|k| key_json(k, now)).collect::<Vec<_>>()}))
-        .into_response())
+    rows.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(a.key_id.cmp(&b.key_id))
+    });
+    Ok(
+        axum::Json(json!({"keys": rows.iter().map(|k| key_json(k, now)).collect::<Vec<_>>()}))
+            .into_response(),
+    )
 }
 
 /// `GET /api/v1/me/limits` (and `/me/limits`, the page's limits section).
@@ -611,7 +639,14 @@ pub async fn create(
         d => match d.parse::<u32>() {
             Ok(d) => Some(d),
             Err(_) => {
-                return page(&state, &me, "Days must be a whole number.".into(), true, None).await
+                return page(
+                    &state,
+                    &me,
+                    "Days must be a whole number.".into(),
+                    true,
+                    None,
+                )
+                .await
             }
         },
     };
@@ -627,7 +662,14 @@ pub async fn create(
         .await?
         .map(|r| crate::people::directory::member_of_row(&r))
     else {
-        return page(&state, &me, "Sign in again to create keys.".into(), true, None).await;
+        return page(
+            &state,
+            &me,
+            "Sign in again to create keys.".into(),
+            true,
+            None,
+        )
+        .await;
     };
     let policy = directory.policy_of(&member);
     let req = KeyRequest {
@@ -670,11 +712,25 @@ pub async fn revoke(
     Path(key_id): Path<String>,
     CheckedForm(_): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
-    match keys::revoke_own(&state.writer, &key_id, &me.institution, &me.person, &me.person).await
+    match keys::revoke_own(
+        &state.writer,
+        &key_id,
+        &me.institution,
+        &me.person,
+        &me.person,
+    )
+    .await
     {
         Ok(_) => page(&state, &me, format!("Key {key_id} revoked."), false, None).await,
         Err(keys::KeyError::AlreadyRevoked(_)) => {
-            page(&state, &me, format!("Key {key_id} was already revoked."), true, None).await
+            page(
+                &state,
+                &me,
+                format!("Key {key_id} was already revoked."),
+                true,
+                None,
+            )
+            .await
         }
         Err(e) => Err(e.into()),
     }
@@ -735,6 +791,9 @@ mod tests {
         for l in &no {
             assert!(!applies(l, &me, Some("students"), &keys), "{}", l.id());
         }
-        assert!(!applies(&yes[2], &me, None, &keys), "no group, no group limit");
+        assert!(
+            !applies(&yes[2], &me, None, &keys),
+            "no group, no group limit"
+        );
     }
 }

@@ -13,10 +13,11 @@ mod limits;
 mod login;
 mod me;
 mod openapi;
-mod people;
 pub mod page;
 mod pages;
+mod people;
 pub mod query;
+mod signin;
 pub mod sso;
 pub mod views;
 

@@ -182,7 +182,12 @@ async fn page(
     message: String,
     failed: bool,
 ) -> Result<Response, AppError> {
-    let institutions: Vec<String> = state.cfg.institutions.iter().map(|i| i.id.clone()).collect();
+    let institutions: Vec<String> = state
+        .cfg
+        .institutions
+        .iter()
+        .map(|i| i.id.clone())
+        .collect();
     let institution = match scope {
         Scope::One(i) => i.clone(),
         Scope::All => String::new(),
@@ -241,7 +246,10 @@ async fn page(
                     .map(MemberLimit::label)
                     .collect::<Vec<_>>()
                     .join("\n"),
-                budget: g.budget_usd.map(|b| b.normalize().to_string()).unwrap_or_default(),
+                budget: g
+                    .budget_usd
+                    .map(|b| b.normalize().to_string())
+                    .unwrap_or_default(),
                 budget_period: g.budget_period.as_str(),
                 keys_per_member: g.keys_per_member,
                 max_key_days: g.max_key_days,
@@ -290,11 +298,21 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Response, AppError> {
     if !uri.path().starts_with("/api/") {
-        return page(&state, &scoped.principal, &scoped.csrf, &scoped.scope, &q.q, String::new(), false)
-            .await;
+        return page(
+            &state,
+            &scoped.principal,
+            &scoped.csrf,
+            &scoped.scope,
+            &q.q,
+            String::new(),
+            false,
+        )
+        .await;
     }
     let Some(institution) = scoped.scope.institution() else {
-        return Err(AppError::BadRequest("name an institution: ?institution=…".into()));
+        return Err(AppError::BadRequest(
+            "name an institution: ?institution=…".into(),
+        ));
     };
     let l = listing(&state, institution).await?;
     Ok(axum::Json(json!({
@@ -337,14 +355,29 @@ pub async fn suspend(
     CheckedForm(form): CheckedForm<SuspendForm>,
 ) -> Result<Response, AppError> {
     let suspend = form.suspend == "1";
-    directory::set_suspended(&state.writer, &institution, &person, suspend, &allowed.principal.name)
-        .await?;
+    directory::set_suspended(
+        &state.writer,
+        &institution,
+        &person,
+        suspend,
+        &allowed.principal.name,
+    )
+    .await?;
     let message = if suspend {
         format!("{person} is suspended: every key of theirs is refused on every gateway within seconds.")
     } else {
         format!("{person} is restored.")
     };
-    page(&state, &scoped.principal, &allowed.csrf, &scoped.scope, "", message, false).await
+    page(
+        &state,
+        &scoped.principal,
+        &allowed.csrf,
+        &scoped.scope,
+        "",
+        message,
+        false,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -387,13 +420,31 @@ pub async fn move_member(
     .await;
     let (message, failed) = match result {
         Ok(m) => match group {
-            Some(_) => (format!("{person} is now in group {} (kept across sign-ins).", m.group_id), false),
-            None => (format!("{person}'s group follows their sign-in claims again."), false),
+            Some(_) => (
+                format!(
+                    "{person} is now in group {} (kept across sign-ins).",
+                    m.group_id
+                ),
+                false,
+            ),
+            None => (
+                format!("{person}'s group follows their sign-in claims again."),
+                false,
+            ),
         },
         Err(PeopleError::NoGroup { group, .. }) => (format!("There is no group `{group}`."), true),
         Err(e) => return Err(e.into()),
     };
-    page(&state, &scoped.principal, &allowed.csrf, &scoped.scope, "", message, failed).await
+    page(
+        &state,
+        &scoped.principal,
+        &allowed.csrf,
+        &scoped.scope,
+        "",
+        message,
+        failed,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -528,11 +579,26 @@ async fn save_policy(
     let (message, failed) = match policy_of_form(&before, &form, may_budget) {
         Ok(g) => {
             directory::set_group_policy(&state.writer, &g, &allowed.principal.name).await?;
-            (format!("Group {} saved: it applies on every gateway within seconds.", g.id), false)
+            (
+                format!(
+                    "Group {} saved: it applies on every gateway within seconds.",
+                    g.id
+                ),
+                false,
+            )
         }
         Err(e) => (format!("Group {group} not saved: {e}."), true),
     };
-    page(state, &scoped.principal, &allowed.csrf, &scoped.scope, "", message, failed).await
+    page(
+        state,
+        &scoped.principal,
+        &allowed.csrf,
+        &scoped.scope,
+        "",
+        message,
+        failed,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -567,7 +633,11 @@ mod tests {
         assert_eq!(g.keys_per_member, 2);
         assert_eq!(g.max_key_days, 0);
         assert_eq!(g.default_rpm, 20);
-        assert_eq!(g.budget_usd, Some(dec!(500)), "an institution admin keeps the budget");
+        assert_eq!(
+            g.budget_usd,
+            Some(dec!(500)),
+            "an institution admin keeps the budget"
+        );
         let g = policy_of_form(&before, &form(), true).unwrap();
         assert_eq!(g.budget_usd, Some(dec!(900)));
         let mut bad = form();

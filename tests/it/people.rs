@@ -131,11 +131,22 @@ async fn world(name: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let vars = crate::harness::serve_vars(&env, &dir, &cfg, &[]);
     tokentally(
-        &["users", "add", "admin", "--role", "admin", "--password-stdin"],
+        &[
+            "users",
+            "add",
+            "admin",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
         &vars,
         Some("admin-password\n"),
     );
-    let admin_token = tokentally(&["tokens", "add", "admin-api", "--role", "admin"], &vars, None);
+    let admin_token = tokentally(
+        &["tokens", "add", "admin-api", "--role", "admin"],
+        &vars,
+        None,
+    );
     let config_path = dir.path().join("config.toml");
     let sim = spawn_simulator(&env, &[]).await;
     let gw_dir = tempfile::tempdir().unwrap();
@@ -192,7 +203,12 @@ async fn sign_in(w: &World, sub: &str) -> Session {
     let authorize = res.headers()["location"].to_str().unwrap().to_owned();
     assert!(authorize.starts_with(&w.provider.base), "{authorize}");
     assert!(authorize.contains("code_challenge="), "PKCE: {authorize}");
-    let res = c.post(&authorize).form(&[("sub", sub)]).send().await.unwrap();
+    let res = c
+        .post(&authorize)
+        .form(&[("sub", sub)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 302, "the provider sends the code back");
     let back = res.headers()["location"].to_str().unwrap().to_owned();
     let res = c.get(&back).header("cookie", &state).send().await.unwrap();
@@ -270,7 +286,10 @@ async fn until_known(w: &World, key: &str) -> Duration {
             assert_eq!(status, 200, "{body}");
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "the key never worked");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the key never worked"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -292,7 +311,10 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
     use fantoccini::Locator;
     let w = world("member_flow").await;
     w.provider
-        .set_claims("kari", json!({"email": "kari@uni.example", "name": "Kari Nordmann", "groups": ["students"]}))
+        .set_claims(
+            "kari",
+            json!({"email": "kari@uni.example", "name": "Kari Nordmann", "groups": ["students"]}),
+        )
         .await;
     let (mut driver, browser, _profile) = headless_chromium(1280, 1400).await;
     let shots = crate::harness::repo().join("target/screenshots");
@@ -309,22 +331,65 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
             .click()
             .await?;
         // The provider's own page.
-        let sub = browser.wait().for_element(Locator::Css("input[name=sub]")).await?;
+        let sub = browser
+            .wait()
+            .for_element(Locator::Css("input[name=sub]"))
+            .await?;
         sub.send_keys("kari").await?;
-        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
-        browser.wait().for_element(Locator::Css("form#create")).await?;
-        assert_eq!(browser.current_url().await?.path(), "/me", "a member lands on My usage");
+        browser
+            .find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        browser
+            .wait()
+            .for_element(Locator::Css("form#create"))
+            .await?;
+        assert_eq!(
+            browser.current_url().await?.path(),
+            "/me",
+            "a member lands on My usage"
+        );
         let h1 = browser.find(Locator::Css("h1")).await?.text().await?;
-        assert!(h1.contains("My usage") && h1.contains("Kari Nordmann"), "{h1}");
+        assert!(
+            h1.contains("My usage") && h1.contains("Kari Nordmann"),
+            "{h1}"
+        );
         std::fs::write(shots.join("me-empty.png"), browser.screenshot().await?).unwrap();
-        browser.find(Locator::Css("form#create input[name=name]")).await?.send_keys("laptop").await?;
-        browser.find(Locator::Css("form#create button")).await?.click().await?;
-        let secret = browser.wait().for_element(Locator::Css("pre#secret")).await?.text().await?;
-        let snippet = browser.find(Locator::Css("pre#snippet-openai")).await?.text().await?;
-        assert!(snippet.contains(&format!("base_url=\"{gateway}/v1\"")), "{snippet}");
+        browser
+            .find(Locator::Css("form#create input[name=name]"))
+            .await?
+            .send_keys("laptop")
+            .await?;
+        browser
+            .find(Locator::Css("form#create button"))
+            .await?
+            .click()
+            .await?;
+        let secret = browser
+            .wait()
+            .for_element(Locator::Css("pre#secret"))
+            .await?
+            .text()
+            .await?;
+        let snippet = browser
+            .find(Locator::Css("pre#snippet-openai"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            snippet.contains(&format!("base_url=\"{gateway}/v1\"")),
+            "{snippet}"
+        );
         assert!(snippet.contains(&secret), "the snippet is ready to paste");
-        browser.find(Locator::Css("button[data-copy=secret]")).await?;
-        std::fs::write(shots.join("me-key-created.png"), browser.screenshot().await?).unwrap();
+        browser
+            .find(Locator::Css("button[data-copy=secret]"))
+            .await?;
+        std::fs::write(
+            shots.join("me-key-created.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
         // The official SDK, through the new key (the gateway knows it within its
         // 2-second key refresh).
         let call = json!([{"sdk": "openai", "api": "chat", "model": "gpt-4o-mini",
@@ -358,7 +423,12 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
         &json!([{"sdk": "openai", "api": "chat", "model": "gpt-4o",
                  "messages": [{"role": "user", "content": "hello"}]}]),
     );
-    assert_eq!((r[0]["ok"].clone(), r[0]["status"].clone()), (json!(false), json!(403)), "{}", r[0]);
+    assert_eq!(
+        (r[0]["ok"].clone(), r[0]["status"].clone()),
+        (json!(false), json!(403)),
+        "{}",
+        r[0]
+    );
     assert_eq!(r[0]["error_type"], "PermissionDeniedError");
 
     // Two more calls reach the group's 3 requests a day; the fourth is refused in
@@ -373,7 +443,10 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
     assert_eq!(r[0]["status"], 429, "{}", r[0]);
     assert_eq!(r[0]["error_type"], "RateLimitError");
     let body = r[0]["body"].to_string();
-    assert!(body.contains("insufficient_quota") && body.contains("3 requests per day"), "{body}");
+    assert!(
+        body.contains("insufficient_quota") && body.contains("3 requests per day"),
+        "{body}"
+    );
 
     let outcome: Result<(), fantoccini::error::CmdError> = async {
         // The usage appears on "My usage" (stored by ingest), with the limit used up.
@@ -381,19 +454,44 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
         loop {
             browser.goto(&format!("{}/me", w.serve.base)).await?;
             // Five calls: three served, one refused for its model, one for the quota.
-            let n = browser.find(Locator::Css("#requests")).await?.text().await?;
+            let n = browser
+                .find(Locator::Css("#requests"))
+                .await?
+                .text()
+                .await?;
             if n == "5" {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "usage never appeared ({n})");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "usage never appeared ({n})"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let remaining = browser.find(Locator::Css("#limit-table .remaining")).await?.text().await?;
+        let remaining = browser
+            .find(Locator::Css("#limit-table .remaining"))
+            .await?
+            .text()
+            .await?;
         assert_eq!(remaining, "0");
-        let used = browser.find(Locator::Css("#limit-table .used")).await?.text().await?;
-        assert!(used.starts_with("3 "), "three served requests count: {used}");
-        let limits = browser.find(Locator::Css("#limit-table")).await?.text().await?;
-        assert!(limits.contains("Europe/Oslo") || limits.contains("CET"), "renews in the institution's zone: {limits}");
+        let used = browser
+            .find(Locator::Css("#limit-table .used"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            used.starts_with("3 "),
+            "three served requests count: {used}"
+        );
+        let limits = browser
+            .find(Locator::Css("#limit-table"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            limits.contains("Europe/Oslo") || limits.contains("CET"),
+            "renews in the institution's zone: {limits}"
+        );
         std::fs::write(shots.join("me-quota-used.png"), browser.screenshot().await?).unwrap();
         // Revoke from the page.
         browser
@@ -401,7 +499,12 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
             .await?
             .click()
             .await?;
-        let msg = browser.wait().for_element(Locator::Css("#message")).await?.text().await?;
+        let msg = browser
+            .wait()
+            .for_element(Locator::Css("#message"))
+            .await?
+            .text()
+            .await?;
         assert!(msg.contains("revoked"), "{msg}");
         let state = browser
             .find(Locator::Css(&format!("tr[data-key='{key_id}'] .state")))
@@ -423,7 +526,11 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
             assert_eq!(r[0]["error_type"], "AuthenticationError");
             break;
         }
-        assert!(revoked_at.elapsed() < Duration::from_secs(10), "still accepted: {}", r[0]);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(10),
+            "still accepted: {}",
+            r[0]
+        );
     }
     println!("revoked key refused after {:?}", revoked_at.elapsed());
     // The key log says who did what.
@@ -444,9 +551,21 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
 async fn groups_suspension_overrides_claims_and_isolation() {
     let w = world("people_admin").await;
     let p = &w.provider;
-    p.set_claims("ola4711", json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["students"]})).await;
-    p.set_claims("kari2207", json!({"email": "kari2207@uni.example", "name": "Kari", "groups": ["students"]})).await;
-    p.set_claims("per0815", json!({"email": "per0815@other.example", "name": "Per", "groups": []})).await;
+    p.set_claims(
+        "ola4711",
+        json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["students"]}),
+    )
+    .await;
+    p.set_claims(
+        "kari2207",
+        json!({"email": "kari2207@uni.example", "name": "Kari", "groups": ["students"]}),
+    )
+    .await;
+    p.set_claims(
+        "per0815",
+        json!({"email": "per0815@other.example", "name": "Per", "groups": []}),
+    )
+    .await;
     let ola = sign_in(&w, "ola4711").await;
     let kari = sign_in(&w, "kari2207").await;
     let per = sign_in(&w, "per0815").await;
@@ -469,11 +588,20 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .await
         .unwrap();
     let html = res.text().await.unwrap();
-    assert!(html.contains("your group allows 2 key(s) at once"), "{html}");
+    assert!(
+        html.contains("your group allows 2 key(s) at once"),
+        "{html}"
+    );
     assert!(!html.contains("id=\"secret\""));
     let keys = me(&w, &ola).await["keys"].clone();
     assert_eq!(keys.as_array().unwrap().len(), 2);
-    assert!(keys.as_array().unwrap().iter().all(|k| k["expires_at"].is_string()), "30-day keys: {keys}");
+    assert!(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["expires_at"].is_string()),
+        "30-day keys: {keys}"
+    );
     let (kari_key_id, kari_key) = create_key(&w, &kari, "k").await;
     let (per_key_id, per_key) = create_key(&w, &per, "p").await;
     until_known(&w, &ola_key).await;
@@ -489,8 +617,15 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .unwrap();
     assert_eq!(res.status(), 200);
     let body = res.text().await.unwrap();
-    assert!(body.contains("3 requests per day") && !body.contains("kari2207"), "{body}");
-    for path in ["/api/v1/overview", "/api/v1/keys", "/api/v1/people?institution=uni"] {
+    assert!(
+        body.contains("3 requests per day") && !body.contains("kari2207"),
+        "{body}"
+    );
+    for path in [
+        "/api/v1/overview",
+        "/api/v1/keys",
+        "/api/v1/people?institution=uni",
+    ] {
         let res = client()
             .get(format!("{}{path}", w.serve.base))
             .bearer_auth(&ola_key2)
@@ -520,7 +655,10 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     assert!(limit_of(&m, "you", "5 requests per day").is_some(), "{m}");
     assert!(limit_of(&m, "you", "3 requests per day").is_none(), "{m}");
     let m = me(&w, &ola).await;
-    assert!(limit_of(&m, "you", "3 requests per day").is_some(), "ola keeps the default: {m}");
+    assert!(
+        limit_of(&m, "you", "3 requests per day").is_some(),
+        "ola keeps the default: {m}"
+    );
     let people: Value = client()
         .get(format!("{}/api/v1/people?institution=uni", w.serve.base))
         .bearer_auth(&w.admin_token)
@@ -536,7 +674,10 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .iter()
         .find(|g| g["id"] == "students")
         .unwrap();
-    assert_eq!(students["policy"]["member_limits"][0]["amount"], "3", "the group's default is unchanged");
+    assert_eq!(
+        students["policy"]["member_limits"][0]["amount"], "3",
+        "the group's default is unchanged"
+    );
     // ... and every gateway enforces it within a limits refresh: kari gets 5 a day,
     // ola 3 (each made one call already, in `until_known`).
     let mut served = BTreeMap::new();
@@ -547,7 +688,10 @@ async fn groups_suspension_overrides_claims_and_isolation() {
             match chat(&w, key, "gpt-4o-mini").await {
                 (200, _) => n += 1,
                 (429, _) => {
-                    assert!(started.elapsed() < Duration::from_secs(10), "{who}: {n} of {quota}");
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "{who}: {n} of {quota}"
+                    );
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 (status, body) => panic!("{who}: {status} {body}"),
@@ -563,7 +707,10 @@ async fn groups_suspension_overrides_claims_and_isolation() {
 
     // Suspension: every key of the member refused on the gateway within 2 s (+ a refresh).
     let res = client()
-        .post(format!("{}/api/v1/institutions/other/people/per0815/suspend", w.serve.base))
+        .post(format!(
+            "{}/api/v1/institutions/other/people/per0815/suspend",
+            w.serve.base
+        ))
         .bearer_auth(&w.admin_token)
         .form(&[("suspend", "1")])
         .send()
@@ -577,16 +724,26 @@ async fn groups_suspension_overrides_claims_and_isolation() {
             assert!(body.to_string().contains("suspended"), "{body}");
             break suspended_at.elapsed();
         }
-        assert!(suspended_at.elapsed() < Duration::from_secs(10), "per's key still works");
+        assert!(
+            suspended_at.elapsed() < Duration::from_secs(10),
+            "per's key still works"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("suspension: every key refused after {refused_after:?}");
-    assert!(refused_after < Duration::from_millis(4_500), "{refused_after:?}");
+    assert!(
+        refused_after < Duration::from_millis(4_500),
+        "{refused_after:?}"
+    );
     let m = me(&w, &per).await;
     assert_eq!(m["standing"], "suspended");
 
     // A claims change on the next sign-in moves the member (and their limits).
-    p.set_claims("ola4711", json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["staff"]})).await;
+    p.set_claims(
+        "ola4711",
+        json!({"email": "ola4711@uni.example", "name": "Ola", "groups": ["staff"]}),
+    )
+    .await;
     let ola = sign_in(&w, "ola4711").await;
     let m = me(&w, &ola).await;
     assert_eq!(m["group"]["id"], "staff");
@@ -604,11 +761,29 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     let mut routes: Vec<String> = Vec::new();
     for prefix in ["", "/api/v1"] {
         for path in [
-            "/", "/overview", "/institutions", "/institutions/uni", "/institutions/other", "/models",
-            "/alerts", "/close", "/invoices", "/invoices/draft?institution=uni", "/keys",
-            "/keys?institution=uni", "/limits", "/limits?institution=other", "/pipeline",
-            "/people", "/people?institution=uni", "/people?institution=other",
-            "/me", "/me/keys", "/me/limits", "/me?institution=other", "/me?person=ola4711",
+            "/",
+            "/overview",
+            "/institutions",
+            "/institutions/uni",
+            "/institutions/other",
+            "/models",
+            "/alerts",
+            "/close",
+            "/invoices",
+            "/invoices/draft?institution=uni",
+            "/keys",
+            "/keys?institution=uni",
+            "/limits",
+            "/limits?institution=other",
+            "/pipeline",
+            "/people",
+            "/people?institution=uni",
+            "/people?institution=other",
+            "/me",
+            "/me/keys",
+            "/me/limits",
+            "/me?institution=other",
+            "/me?person=ola4711",
         ] {
             routes.push(format!("{prefix}{path}"));
         }
@@ -647,22 +822,41 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     assert!(answered >= 8, "kari's own pages answered ({answered})");
     // Acting on another's key or person: not found / forbidden, and nothing changes.
     for (path, form) in [
-        (format!("/me/keys/{ola_key_id}/revoke"), vec![("csrf", kari.csrf.as_str())]),
-        (format!("/me/keys/{per_key_id}/revoke"), vec![("csrf", kari.csrf.as_str())]),
+        (
+            format!("/me/keys/{ola_key_id}/revoke"),
+            vec![("csrf", kari.csrf.as_str())],
+        ),
+        (
+            format!("/me/keys/{per_key_id}/revoke"),
+            vec![("csrf", kari.csrf.as_str())],
+        ),
         (
             "/institutions/uni/people/ola4711/suspend".to_owned(),
             vec![("csrf", kari.csrf.as_str()), ("suspend", "1")],
         ),
         (
             "/institutions/uni/groups/students/policy".to_owned(),
-            vec![("csrf", kari.csrf.as_str()), ("member_limits", "1000 requests per day")],
+            vec![
+                ("csrf", kari.csrf.as_str()),
+                ("member_limits", "1000 requests per day"),
+            ],
         ),
         (
             "/api/v1/limits/set".to_owned(),
-            vec![("csrf", kari.csrf.as_str()), ("institution", "uni"), ("scope", "user"),
-                 ("subject", "kari2207"), ("metric", "requests"), ("amount", "1000"), ("period", "day")],
+            vec![
+                ("csrf", kari.csrf.as_str()),
+                ("institution", "uni"),
+                ("scope", "user"),
+                ("subject", "kari2207"),
+                ("metric", "requests"),
+                ("amount", "1000"),
+                ("period", "day"),
+            ],
         ),
-        ("/keys/create".to_owned(), vec![("csrf", kari.csrf.as_str()), ("user", "kari2207")]),
+        (
+            "/keys/create".to_owned(),
+            vec![("csrf", kari.csrf.as_str()), ("user", "kari2207")],
+        ),
     ] {
         let res = client()
             .post(format!("{}{path}", w.serve.base))
@@ -741,7 +935,11 @@ impl Forger {
             _ => {}
         }
         let header = json!({"alg": alg, "kid": kid, "typ": "JWT"});
-        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
         let signature = match forge {
             Forge::AlgNone => String::new(),
             Forge::BadSignature | Forge::UnknownKey => {
@@ -783,18 +981,26 @@ async fn spawn_forger() -> Arc<Forger> {
                 async move { axum::Json(d) }
             }),
         )
-        .route("/jwks", get(move || {
-            let f = f1.clone();
-            async move { axum::Json(f.jwks()) }
-        }))
-        .route("/token", post(move || {
-            let f = f2.clone();
-            async move {
-                let (forge, nonce) = f.next.lock().unwrap().clone();
-                axum::Json(json!({"access_token": "at", "token_type": "Bearer", "expires_in": 600,
-                                  "id_token": f.id_token(forge, &nonce)}))
-            }
-        }));
+        .route(
+            "/jwks",
+            get(move || {
+                let f = f1.clone();
+                async move { axum::Json(f.jwks()) }
+            }),
+        )
+        .route(
+            "/token",
+            post(move || {
+                let f = f2.clone();
+                async move {
+                    let (forge, nonce) = f.next.lock().unwrap().clone();
+                    axum::Json(
+                        json!({"access_token": "at", "token_type": "Bearer", "expires_in": 600,
+                                  "id_token": f.id_token(forge, &nonce)}),
+                    )
+                }
+            }),
+        );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     forger
 }
@@ -855,13 +1061,19 @@ group = "students"
         let (cookie, state, nonce) = start().await;
         *forger.next.lock().unwrap() = (forge, nonce);
         let res = c
-            .get(format!("{}/sso/forged/callback?code=c&state={state}", serve.base))
+            .get(format!(
+                "{}/sso/forged/callback?code=c&state={state}",
+                serve.base
+            ))
             .header("cookie", &cookie)
             .send()
             .await
             .unwrap();
         assert_eq!(res.status(), 401, "{forge:?}");
-        assert!(cookie_of(&res, "tt_session").is_none(), "{forge:?}: no session");
+        assert!(
+            cookie_of(&res, "tt_session").is_none(),
+            "{forge:?}: no session"
+        );
         let page = res.text().await.unwrap();
         let error = page
             .split("role=\"alert\">")
@@ -880,7 +1092,10 @@ group = "students"
     let (_, other_state, _) = start().await;
     *forger.next.lock().unwrap() = (Forge::Valid, nonce);
     let res = c
-        .get(format!("{}/sso/forged/callback?code=c&state={other_state}", serve.base))
+        .get(format!(
+            "{}/sso/forged/callback?code=c&state={other_state}",
+            serve.base
+        ))
         .header("cookie", &cookie)
         .send()
         .await

@@ -595,7 +595,11 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
         let back: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("next", p)
             .finish();
-        let expected = if p == "/" { "/login".to_owned() } else { format!("/login?{back}") };
+        let expected = if p == "/" {
+            "/login".to_owned()
+        } else {
+            format!("/login?{back}")
+        };
         assert_eq!(r.headers()["location"], expected.as_str());
         let r = get(&format!("{}/api/v1{p}", s.base), &Auth::Anonymous).await;
         assert_eq!(r.status(), 401, "anonymous API {p}");
