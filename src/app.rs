@@ -44,28 +44,14 @@ pub fn first_admin(
     Ok(generated)
 }
 
-/// Serves the dashboard until `shutdown`.
-pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    if let Ok(name) = std::env::var("TOKENTALLY_FIRST_ADMIN") {
-        let password = std::env::var("TOKENTALLY_FIRST_ADMIN_PASSWORD").ok();
-        if let Some(generated) = first_admin(&cfg.web.users_file, &name, password)? {
-            // Shown once, on the terminal (not through the log), so the first person can
-            // log in; it is stored only as a hash.
-            eprintln!(
-                "tokentally: first admin `{name}` created with the one-time password {generated}\n\
-                 tokentally: log in and set your own with `tokentally users add {name} --role admin --password-stdin`"
-            );
-        }
-    }
-    let users = UsersFile::load(&cfg.web.users_file)?;
-    if users.users.is_empty() && users.tokens.is_empty() {
-        tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
-    }
-    // Reloaded when its files change: drafts and invoices look rates up by id.
-    let watcher = crate::price::watch::BookWatcher::load(&cfg.prices.path)?;
-    let book = crate::price::watch::SharedBook::new(watcher.current());
-    book.keep_fresh(watcher, shutdown.clone());
-    let state = Arc::new(AppState {
+/// The dashboard's shared state for `cfg` with these users and price book: clients and
+/// caches only, nothing read or started yet (router tests build one without servers).
+pub fn state(
+    cfg: &Config,
+    users: UsersFile,
+    book: crate::price::watch::SharedBook,
+) -> anyhow::Result<Arc<AppState>> {
+    Ok(Arc::new(AppState {
         auth: Auth::new(
             users,
             cfg.web.session_hours,
@@ -100,7 +86,39 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
             .filter_map(|p| p.parse().ok())
             .collect(),
         cfg: cfg.clone(),
-    });
+    }))
+}
+
+/// A dashboard serving in this process (tests' `spawn_app`): its address and the task
+/// that serves until `shutdown`.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the dashboard and the tasks beside it (invoice upkeep, the alert evaluator) on
+/// `cfg.web.listen` (port 0: the system picks one) and returns once it listens.
+pub async fn spawn(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<Running> {
+    if let Ok(name) = std::env::var("TOKENTALLY_FIRST_ADMIN") {
+        let password = std::env::var("TOKENTALLY_FIRST_ADMIN_PASSWORD").ok();
+        if let Some(generated) = first_admin(&cfg.web.users_file, &name, password)? {
+            // Shown once, on the terminal (not through the log), so the first person can
+            // log in; it is stored only as a hash.
+            eprintln!(
+                "tokentally: first admin `{name}` created with the one-time password {generated}\n\
+                 tokentally: log in and set your own with `tokentally users add {name} --role admin --password-stdin`"
+            );
+        }
+    }
+    let users = UsersFile::load(&cfg.web.users_file)?;
+    if users.users.is_empty() && users.tokens.is_empty() {
+        tracing::warn!(file = %cfg.web.users_file.display(), "no users: add one with `tokentally users add NAME --role admin`");
+    }
+    // Reloaded when its files change: drafts and invoices look rates up by id.
+    let watcher = crate::price::watch::BookWatcher::load(&cfg.prices.path)?;
+    let book = crate::price::watch::SharedBook::new(watcher.current());
+    book.keep_fresh(watcher, shutdown.clone());
+    let state = state(cfg, users, book)?;
     tokio::spawn(invoice_upkeep(state.clone(), shutdown.clone()));
     if cfg.alerts.enabled {
         tokio::spawn(crate::alerts::evaluator::run(
@@ -113,26 +131,34 @@ pub async fn serve(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.web.listen))?;
     // The bound address (with port 0 the system picks one; tests read it from here).
-    let bound = listener.local_addr()?;
+    let addr = listener.local_addr()?;
     let _ = state.base_url.set(if cfg.web.public_url.is_empty() {
-        format!("http://{bound}")
+        format!("http://{addr}")
     } else {
         cfg.web.public_url.trim_end_matches('/').to_owned()
     });
-    tracing::info!(listen = %bound, "dashboard listening");
+    tracing::info!(listen = %addr, "dashboard listening");
     // TCP_NODELAY: hyper writes head and body separately; with Nagle the body waited
     // for the browser's delayed ACK (the gateway measured +43 ms per response).
     use axum::serve::ListenerExt as _;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.wait().await })
-    .await?;
-    Ok(())
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await?;
+        Ok(())
+    });
+    Ok(Running { addr, task })
+}
+
+/// Serves the dashboard until `shutdown`.
+pub async fn serve(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    spawn(cfg, shutdown).await?.task.await?
 }
 
 /// Every minute: copy documents from the invoice ledger that ClickHouse lacks (an

@@ -19,6 +19,8 @@ mod people;
 pub mod query;
 mod signin;
 pub mod sso;
+#[cfg(test)]
+mod tests;
 pub mod views;
 
 use std::sync::Arc;

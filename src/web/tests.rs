@@ -1,0 +1,208 @@
+//! Router tests without servers: the whole router, driven with `oneshot`, for what is
+//! decided before a handler reads anything — authentication, who may see what, CSRF,
+//! and how refusals look. The store points at an address where nothing listens, so a
+//! request that got past its checks would fail loudly (500), never pass quietly.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use tower::ServiceExt as _;
+
+use super::auth::{Principal, Role};
+use super::{router, AppState};
+use crate::config::Config;
+use crate::people::{UserEntry, UsersFile};
+
+/// The routes a browser or a script reads (with `/api/v1` twins).
+const PAGES: [&str; 14] = [
+    "/",
+    "/overview",
+    "/institutions",
+    "/institutions/uni-a",
+    "/models",
+    "/alerts",
+    "/close",
+    "/invoices",
+    "/invoices/draft?institution=uni-a",
+    "/keys",
+    "/limits",
+    "/people?institution=uni-a",
+    "/pipeline",
+    "/pipeline/rejected/0/1",
+];
+
+fn state() -> Arc<AppState> {
+    let mut cfg = Config::default();
+    // Nothing listens here: a handler that reads would answer 500.
+    cfg.clickhouse.url = "http://127.0.0.1:9".into();
+    cfg.kafka.brokers = "127.0.0.1:9".into();
+    let users = UsersFile {
+        users: vec![UserEntry {
+            name: "admin".into(),
+            role: Role::Admin,
+            institution: None,
+            password_hash: "$argon2id$unused".into(),
+        }],
+        tokens: vec![],
+    };
+    let book = crate::price::book::PriceBook::load(std::path::Path::new("prices")).unwrap();
+    let book = crate::price::watch::SharedBook::new(Arc::new(book));
+    crate::app::state(&cfg, users, book).unwrap()
+}
+
+fn session(
+    state: &AppState,
+    role: Role,
+    institution: Option<&str>,
+    person: Option<&str>,
+) -> (String, String) {
+    let (id, csrf) = state.auth.create_session(Principal {
+        name: person.unwrap_or("someone").into(),
+        role,
+        institution: institution.map(str::to_owned),
+        person: person.map(str::to_owned),
+    });
+    (format!("tt_session={id}"), csrf)
+}
+
+async fn get(app: &Router, path: &str, cookie: Option<&str>) -> Response {
+    let mut req = Request::get(path).header(header::ACCEPT, "text/html");
+    if let Some(c) = cookie {
+        req = req.header(header::COOKIE, c);
+    }
+    app.clone()
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn text(res: Response) -> String {
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn without_a_session_pages_lead_to_sign_in_and_the_api_answers_401() {
+    let app = router(state());
+    for page in PAGES {
+        let res = get(&app, page, None).await;
+        assert_eq!(res.status(), StatusCode::SEE_OTHER, "{page}");
+        let to = res.headers()[header::LOCATION].to_str().unwrap();
+        assert!(to.starts_with("/login"), "{page} → {to}");
+        if page != "/" {
+            assert!(to.contains("next="), "{page} → {to}: signing in leads back");
+        }
+        let res = get(&app, &format!("/api/v1{page}"), None).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "/api/v1{page}");
+    }
+    for own in ["/me", "/api/v1/me", "/api/v1/me/keys", "/api/v1/me/limits"] {
+        let res = get(&app, own, None).await;
+        assert!(
+            matches!(res.status().as_u16(), 303 | 401),
+            "{own}: {}",
+            res.status()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_member_reaches_no_institution_wide_page() {
+    let state = state();
+    let (cookie, _) = session(&state, Role::Member, Some("uni-a"), Some("kari"));
+    let app = router(state);
+    for page in PAGES {
+        for path in [page.to_owned(), format!("/api/v1{page}")] {
+            let res = get(&app, &path, Some(&cookie)).await;
+            match res.status().as_u16() {
+                303 => assert_eq!(res.headers()[header::LOCATION], "/me", "{path}"),
+                403 => {}
+                other => panic!("{path}: {other}"),
+            }
+        }
+    }
+    // Forms too, with the session's own CSRF token.
+    for path in [
+        "/keys/create",
+        "/limits/set",
+        "/invoices/issue",
+        "/institutions/uni-a/people/ola/suspend",
+        "/institutions/uni-a/groups/students/policy",
+    ] {
+        let req = Request::post(path)
+            .header(header::COOKIE, &cookie)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from("csrf=x&institution=uni-a"))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn an_institution_user_naming_another_institution_is_refused_on_every_route() {
+    let state = state();
+    let (cookie, _) = session(&state, Role::InstitutionAdmin, Some("uni-a"), None);
+    let app = router(state);
+    for path in [
+        "/institutions/uni-b",
+        "/?institution=uni-b",
+        "/models?institution=uni-b",
+        "/keys?institution=uni-b",
+        "/limits?institution=uni-b",
+        "/people?institution=uni-b",
+        "/invoices?institution=uni-b",
+        "/api/v1/institutions/uni-b/invoices/INV-1/pdf",
+        "/api/v1/institutions/uni-b",
+    ] {
+        let res = get(&app, path, Some(&cookie)).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_page_is_a_page_and_a_refused_api_call_is_json() {
+    let state = state();
+    let (cookie, _) = session(&state, Role::Institution, Some("uni-a"), None);
+    let app = router(state);
+    let res = get(&app, "/pipeline", Some(&cookie)).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(res.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = text(res).await;
+    assert!(
+        html.contains("<h1>Not allowed</h1>") && html.contains("not for your role"),
+        "{html}"
+    );
+    let res = get(&app, "/api/v1/pipeline", Some(&cookie)).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(text(res).await, r#"{"error":"forbidden"}"#);
+    // "My usage" says who it is for.
+    let html = text(get(&app, "/me", Some(&cookie)).await).await;
+    assert!(html.contains("sign in with their institution"), "{html}");
+}
+
+#[tokio::test]
+async fn forms_without_the_sessions_csrf_token_are_refused() {
+    let state = state();
+    let (cookie, csrf) = session(&state, Role::Admin, None, None);
+    let app = router(state);
+    for body in [
+        "institution=uni-a&user=u".to_owned(),
+        format!("csrf={csrf}x&institution=uni-a&user=u"),
+    ] {
+        let req = Request::post("/keys/create")
+            .header(header::COOKIE, &cookie)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body.clone()))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{body}");
+    }
+}
