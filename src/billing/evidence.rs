@@ -168,8 +168,21 @@ impl UsageAcc {
 #[derive(Default)]
 pub struct DetailsAcc {
     #[allow(clippy::type_complexity)]
-    rows:
-        BTreeMap<(String, String, String, String, String, u64, String, u8, u8), (GroupSums, bool)>,
+    rows: BTreeMap<
+        (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            u64,
+            String,
+            u8,
+            u8,
+        ),
+        (GroupSums, bool),
+    >,
 }
 
 impl DetailsAcc {
@@ -177,6 +190,7 @@ impl DetailsAcc {
         let key = (
             e.day.clone(),
             e.user_id.clone(),
+            e.group_id.clone(),
             e.api_key_id.clone(),
             e.model.clone(),
             e.price_id.clone(),
@@ -205,13 +219,14 @@ impl DetailsAcc {
         self.rows
             .into_iter()
             .map(
-                |((day, user_id, api_key_id, model, ..), (mut sums, priced))| {
+                |((day, user_id, group, api_key_id, model, ..), (mut sums, priced))| {
                     sums.cost = sums.cost.normalize();
                     Ok(Detail {
                         day: day.parse().map_err(|_| {
                             BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
                         })?,
                         user_id,
+                        group,
                         api_key_id,
                         model,
                         priced,
@@ -701,6 +716,7 @@ cache_read_per_mtok = "0.3"
             event_id: id.into(),
             day: "2026-10-05".into(),
             user_id: "u".into(),
+            group_id: String::new(),
             api_key_id: "k".into(),
             model: "m".into(),
             priced: 1,
@@ -721,6 +737,39 @@ cache_read_per_mtok = "0.3"
     }
 
     type Stored = Vec<(u32, Vec<(String, String)>)>;
+
+    #[test]
+    fn the_usage_export_keeps_each_group_on_its_own_rows() {
+        // One person, one key, one model: before and after moving from students to staff.
+        let mut a = event("a", 1000, 0, 100);
+        a.group_id = "students".into();
+        let mut b = event("b", 2000, 0, 200);
+        b.group_id = "staff".into();
+        let c = event("c", 10, 0, 1); // a key without a member: no group
+        let mut acc = DetailsAcc::default();
+        for e in [&a, &b, &c] {
+            acc.add(e);
+        }
+        let details = acc.finish().unwrap();
+        let groups: Vec<&str> = details.iter().map(|d| d.group.as_str()).collect();
+        assert_eq!(groups, ["", "staff", "students"]);
+        let p: Period = "2026-10".parse().unwrap();
+        let csv = crate::billing::render::usage_csv(p, &details, &book(), Decimal::ZERO).unwrap();
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let mut per_group: BTreeMap<String, Decimal> = BTreeMap::new();
+        for l in lines {
+            let cells: Vec<&str> = l.split(',').collect();
+            assert_eq!(cells.len(), header.len(), "{l}");
+            *per_group.entry(cells[at("group")].to_owned()).or_default() +=
+                cells[at("exact_amount")].parse::<Decimal>().unwrap();
+        }
+        // Each group's rows add up to its own events' cost (3 and 15 USD per million).
+        assert_eq!(per_group["students"], dec!(0.0045));
+        assert_eq!(per_group["staff"], dec!(0.009));
+        assert_eq!(per_group[""], dec!(0.000045));
+    }
 
     /// An issued-looking invoice of `states` (one period) with its manifest.
     fn issued(states: &[EventState], book: &PriceBook) -> (Document, Stored) {

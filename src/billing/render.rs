@@ -197,16 +197,17 @@ pub fn usage_csv(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "day,user_id,api_key_id,model,variant,token_class,quantity,unit_price,exact_amount"
+        "day,user_id,api_key_id,model,variant,token_class,quantity,unit_price,exact_amount,group"
     );
     for d in details {
         let prefix = [d.day.to_string(), d.user_id.clone(), d.api_key_id.clone()];
         let prefix: Vec<String> = prefix.iter().map(|c| csv_field(c)).collect();
+        let group = csv_field(&d.group);
         if !d.priced {
             let tokens = d.sums.input + d.sums.cache_read + d.sums.cache_write + d.sums.output;
             let _ = writeln!(
                 out,
-                "{},{},,unpriced,{tokens},,",
+                "{},{},,unpriced,{tokens},,,{group}",
                 prefix.join(","),
                 csv_field(&d.model)
             );
@@ -215,7 +216,7 @@ pub fn usage_csv(
         for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book, byok_fee)? {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{q},{},{}",
+                "{},{},{},{},{q},{},{},{group}",
                 prefix.join(","),
                 csv_field(&k.model),
                 csv_field(&k.variant),

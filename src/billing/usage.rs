@@ -63,6 +63,8 @@ pub async fn unpriced(
 pub struct Detail {
     pub day: NaiveDate,
     pub user_id: String,
+    /// The member's group when the request was made (the `group` tag); empty if none.
+    pub group: String,
     pub api_key_id: String,
     /// The model as the gateway named it (for unpriced rows).
     pub model: String,
@@ -88,6 +90,7 @@ pub async fn details(
                     BillingError::Corrupt(format!("ClickHouse returned the day {:?}", r.day))
                 })?,
                 user_id: r.user_id,
+                group: r.group_id,
                 api_key_id: r.api_key_id,
                 model: r.model,
                 priced: r.priced == 1,

@@ -80,6 +80,28 @@ pub fn parse_tags(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Strin
     Ok(tags)
 }
 
+/// The tag `group` names the group of a member's key at the time of the request (what
+/// dashboards, the People page and the usage CSV group spend by — the cost centre an
+/// institution charges back): set by the gateway, over whatever the client sent. Other
+/// keys keep a client's `group` tag as sent.
+pub fn with_group(
+    mut tags: BTreeMap<String, String>,
+    group: Option<&str>,
+) -> Result<BTreeMap<String, String>, String> {
+    use crate::contract::{GROUP_TAG, MAX_TAGS};
+    let Some(group) = group.filter(|g| !g.is_empty()) else {
+        return Ok(tags);
+    };
+    tags.insert(GROUP_TAG.to_owned(), group.to_owned());
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "x-tokentally-tags: at most {} tags with a member's key (the gateway adds `{GROUP_TAG}`)",
+            MAX_TAGS - 1
+        ));
+    }
+    Ok(tags)
+}
+
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the tightest limit of
 /// each kind (a key's per-minute limit, or a requests/tokens limit's period), as
 /// OpenAI names them; and `x-tokentally-budget-remaining` for USD.
@@ -202,7 +224,9 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
             return Refusal::TooLarge(gw.settings.max_body_bytes).respond(provider, headers);
         }
     };
-    let tags = match parse_tags(&parts.headers) {
+    let tags = match parse_tags(&parts.headers)
+        .and_then(|t| with_group(t, key.owner.as_ref().map(|o| o.group.as_str())))
+    {
         Ok(t) => t,
         Err(m) => return Refusal::BadRequest(m).respond(provider, headers),
     };
@@ -697,5 +721,41 @@ impl KeyRefusal {
             KeyRefusal::Suspended => "suspended_owner",
             KeyRefusal::Idle { .. } => "idle_owner",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::decode::MAX_TAGS;
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-tokentally-tags", HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn a_members_key_carries_its_group_over_what_the_client_says() {
+        let sent = parse_tags(&headers("course=inf100, group=staff")).unwrap();
+        let t = with_group(sent.clone(), Some("students")).unwrap();
+        assert_eq!(t.get("group").map(String::as_str), Some("students"));
+        assert_eq!(t.get("course").map(String::as_str), Some("inf100"));
+        // Other keys keep the client's tag; a member without a group adds nothing.
+        assert_eq!(with_group(sent.clone(), None).unwrap(), sent);
+        assert_eq!(with_group(sent.clone(), Some("")).unwrap(), sent);
+    }
+
+    #[test]
+    fn the_group_tag_never_takes_a_message_past_the_contracts_bound() {
+        let full: Vec<String> = (0..MAX_TAGS).map(|i| format!("t{i}=v")).collect();
+        let full = parse_tags(&headers(&full.join(","))).unwrap();
+        assert_eq!(full.len(), MAX_TAGS);
+        let err = with_group(full.clone(), Some("students")).unwrap_err();
+        assert!(err.contains(&format!("at most {}", MAX_TAGS - 1)), "{err}");
+        // One fewer fits, with the group.
+        let mut fewer = full;
+        fewer.pop_first();
+        assert_eq!(with_group(fewer, Some("students")).unwrap().len(), MAX_TAGS);
     }
 }

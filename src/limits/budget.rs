@@ -770,8 +770,11 @@ impl Budgets {
             ..Snapshot::default()
         };
         for (read, rows) in reads {
-            let ix =
-                UsageIndex::of_rows(rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)));
+            // A group's stored usage is its current members' (as the dashboard counts it).
+            let ix = UsageIndex::of_rows_in_groups(
+                rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)),
+                |user| snap.set.group_of(&read.institution, user),
+            );
             snap.stored_ids.insert(
                 (read.institution.clone(), read.start.timestamp()),
                 rows.iter().flat_map(|r| r.stored.iter().cloned()).collect(),
@@ -1114,6 +1117,87 @@ mod tests {
         let Admission::Refused(_) = b.admit(&who(), &usd(dec!(0.000001)), now()) else {
             panic!()
         };
+    }
+
+    #[test]
+    fn a_groups_budget_is_shared_by_its_members_and_by_no_one_else() {
+        let b = Budgets::new(HashMap::new(), "gw-a");
+        let membership: HashMap<(String, String), String> = [
+            ("alice", "students"),
+            ("bob", "students"),
+            ("carol", "staff"),
+        ]
+        .into_iter()
+        .map(|(u, g)| (("uni-a".to_owned(), u.to_owned()), g.to_owned()))
+        .collect();
+        let set = LimitSet::with_groups(
+            vec![limit(
+                LimitScope::Group,
+                "students",
+                Metric::Usd,
+                dec!(1.00),
+            )],
+            membership,
+        );
+        // Alice has already spent $0.30 this month (stored).
+        let reads: Vec<(Read, Vec<SubjectUsage>)> = b
+            .plan_set(&set, now(), &HashMap::new())
+            .into_iter()
+            .map(|r| {
+                let rows = vec![SubjectUsage {
+                    user_id: "alice".into(),
+                    api_key_id: "ka".into(),
+                    amounts: Amounts {
+                        usd: dec!(0.30),
+                        requests: 3,
+                        tokens: 300,
+                    },
+                    stored: vec!["e0".into()],
+                }];
+                (r, rows)
+            })
+            .collect();
+        b.apply_set(set, &reads, &HashMap::new(), now());
+        let member = |user: &'static str, key: &'static str| Who {
+            institution: "uni-a",
+            user,
+            key,
+        };
+        // Bob's request fits what Alice left: $0.70.
+        let Admission::Admitted(held) = b.admit(&member("bob", "kb"), &usd(dec!(0.60)), now())
+        else {
+            panic!("bob's first request fits the group's budget")
+        };
+        assert_eq!(held.remaining_usd, Some(dec!(0.10)));
+        // Alice now meets Bob's reservation: $0.10 left, her $0.20 does not fit.
+        let Admission::Refused(x) = b.admit(&member("alice", "ka"), &usd(dec!(0.20)), now()) else {
+            panic!("the group's budget is shared")
+        };
+        assert_eq!((x.remaining, x.need), (dec!(0.10), Some(dec!(0.20))));
+        let msg = x.message(chrono_tz::UTC);
+        assert!(msg.contains("group students"), "{msg}");
+        // Carol is in another group; someone in no group is not limited either.
+        assert!(matches!(
+            b.admit(&member("carol", "kc"), &usd(dec!(5)), now()),
+            Admission::Free
+        ));
+        assert!(matches!(
+            b.admit(&member("dave", "kd"), &usd(dec!(5)), now()),
+            Admission::Free
+        ));
+        // Bob's request settles at $0.05: Alice's $0.20 fits again ($0.65 left).
+        held.settle(
+            "e1",
+            Amounts {
+                usd: dec!(0.05),
+                requests: 1,
+                tokens: 80,
+            },
+        );
+        assert!(matches!(
+            b.admit(&member("alice", "ka"), &usd(dec!(0.20)), now()),
+            Admission::Admitted(_)
+        ));
     }
 
     #[test]

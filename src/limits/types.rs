@@ -144,11 +144,6 @@ pub struct UsageIndex {
 }
 
 impl UsageIndex {
-    /// From (user, key, usage) rows.
-    pub fn of_rows<'a>(rows: impl IntoIterator<Item = (&'a String, &'a String, Amounts)>) -> Self {
-        Self::of_rows_in_groups(rows, |_| None)
-    }
-
     /// From (user, key, usage) rows, with each user's group (`group_of`): a group's usage
     /// is its current members' (a member who moves takes their usage of the period along).
     pub fn of_rows_in_groups<'a, 'g>(

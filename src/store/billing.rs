@@ -55,6 +55,8 @@ pub struct EventState {
     /// `YYYY-MM-DD` in the zone asked for.
     pub day: String,
     pub user_id: String,
+    /// The `group` tag (a member's group when the request was made); empty if none.
+    pub group_id: String,
     pub api_key_id: String,
     pub model: String,
     pub priced: u8,
@@ -136,6 +138,8 @@ pub struct UsageDetail {
     /// `YYYY-MM-DD` in the zone asked for.
     pub day: String,
     pub user_id: String,
+    /// The `group` tag (a member's group when the request was made); empty if none.
+    pub group_id: String,
     pub api_key_id: String,
     pub priced: u8,
     /// The model as the gateway named it (for unpriced rows).
@@ -271,13 +275,15 @@ impl Store {
         Ok(self
             .client
             .query(&format!(
-                "SELECT toString(toDate(occurred_at, ?)) AS day, user_id, api_key_id, priced, model, {SUMS} \
+                "SELECT toString(toDate(occurred_at, ?)) AS day, user_id, \
+                 tag_values[indexOf(tag_keys, ?)] AS grp, api_key_id, priced, model, {SUMS} \
                  FROM usage_events WHERE {RANGE} \
-                 GROUP BY day, user_id, api_key_id, priced, model, price_id, price_model, price_tier, \
+                 GROUP BY day, user_id, grp, api_key_id, priced, model, price_id, price_model, price_tier, \
                  billing, usage_estimated HAVING events != 0 \
-                 ORDER BY day, user_id, api_key_id, model, price_id, price_tier, billing, estimated"
+                 ORDER BY day, user_id, grp, api_key_id, model, price_id, price_tier, billing, estimated"
             ))
             .bind(tz)
+            .bind(crate::contract::GROUP_TAG)
             .bind(institution)
             .bind(start)
             .bind(end)
@@ -339,7 +345,8 @@ impl Store {
             .client
             .query(&format!(
                 "SELECT event_id, toString(toDate(min(occurred_at), ?)) AS day, \
-                 any(user_id) AS user_, any(api_key_id) AS key_, any(model) AS model_, \
+                 any(user_id) AS user_, any(tag_values[indexOf(tag_keys, ?)]) AS group_, \
+                 any(api_key_id) AS key_, any(model) AS model_, \
                  argMaxIf(priced, version, sign = 1) AS priced_, \
                  argMaxIf(status, version, sign = 1) AS status_, \
                  argMaxIf(price_id, version, sign = 1) AS price_id_, \
@@ -358,6 +365,7 @@ impl Store {
                  ORDER BY event_id"
             ))
             .bind(tz)
+            .bind(crate::contract::GROUP_TAG)
             .bind(institution)
             .bind(start)
             .bind(end)

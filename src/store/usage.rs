@@ -327,11 +327,13 @@ impl Store {
         Ok(t.total)
     }
 
-    /// Spend per tag (`name=value`), most first, at most `limit`: from the tag rollup,
-    /// or from raw events when a filter the tag rollup lacks is set.
+    /// Spend per tag (`name=value`), most first, at most `limit`; only tags named `only`
+    /// if given: from the tag rollup, or from raw events when a filter the tag rollup
+    /// lacks is set.
     pub async fn tag_totals(
         &self,
         sel: &Selection,
+        only: Option<&str>,
         limit: usize,
     ) -> Result<Vec<TagTotal>, StoreError> {
         let plain =
@@ -349,6 +351,9 @@ impl Store {
             if let Some(inst) = sel.scope.institution() {
                 q.bind(" AND institution_id = ?", [s(inst)]);
             }
+            if let Some(name) = only {
+                q.bind(" AND tag_key = ?", [s(name)]);
+            }
             q.bind(
                 " GROUP BY tag HAVING events != 0 ORDER BY sum(cost) DESC LIMIT ?)",
                 [i(limit as i64)],
@@ -360,8 +365,11 @@ impl Store {
             )
             .append(raw_conditions(sel))
             .append(dimension_conditions(sel))
-            .append(tag_condition(sel))
-            .bind(
+            .append(tag_condition(sel));
+            if let Some(name) = only {
+                q.bind(" AND k = ?", [s(name)]);
+            }
+            q.bind(
                 " GROUP BY tag HAVING events != 0 ORDER BY sum(cost * sign) DESC LIMIT ?)",
                 [i(limit as i64)],
             );

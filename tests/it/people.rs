@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::harness::{
@@ -748,6 +749,95 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     let m = me(&w, &ola).await;
     assert_eq!(m["group"]["id"], "staff");
     assert!(limit_of(&m, "you", "10 requests per day").is_some(), "{m}");
+
+    // Spend by group: the gateway tags each request of a member's key with their group
+    // at that moment; the institution page and the usage CSV group by it. Ola's next
+    // request is admitted once the gateway has read her move (staff: 10 a day); one more
+    // after a second refresh certainly carries `group=staff`.
+    let moved = Instant::now();
+    loop {
+        let (status, body) = chat(&w, &ola_key, "gpt-4o-mini").await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            moved.elapsed() < Duration::from_secs(10),
+            "ola's staff quota never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (status, body) = chat(&w, &ola_key, "gpt-4o-mini").await;
+    assert_eq!(status, 200, "{body}");
+    let groups = loop {
+        let page: Value = client()
+            .get(format!("{}/api/v1/institutions/uni", w.serve.base))
+            .bearer_auth(&w.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let groups = page["tables"]["groups"].as_array().unwrap().clone();
+        if groups.iter().any(|g| g["group"] == "staff") {
+            break groups;
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(60),
+            "staff's spend never appeared: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Every request at uni in this test was made with a member's key: the groups' rows
+    // account for all of them (counted here straight from the events table).
+    let by_group: i64 = groups.iter().map(|g| g["events"].as_i64().unwrap()).sum();
+    let all = w
+        .env
+        .scalar("SELECT toInt64(sum(sign)) FROM usage_events WHERE institution_id = 'uni'")
+        .await;
+    assert_eq!(by_group, all, "{groups:?}");
+    let period = Utc::now()
+        .with_timezone(&chrono_tz::Europe::Oslo)
+        .format("%Y-%m")
+        .to_string();
+    let res = client()
+        .get(format!(
+            "{}/api/v1/invoices/draft?institution=uni&period={period}&format=usage-csv",
+            w.serve.base
+        ))
+        .bearer_auth(&w.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let csv = res.text().await.unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let mut groups_of: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for l in lines {
+        let cells: Vec<&str> = l.split(',').collect();
+        groups_of
+            .entry(cells[at("user_id")].to_owned())
+            .or_default()
+            .insert(cells[at("group")].to_owned());
+    }
+    assert_eq!(
+        groups_of
+            .get("ola4711")
+            .map(|g| g.iter().map(String::as_str).collect::<Vec<_>>()),
+        Some(vec!["staff", "students"]),
+        "ola's rows before and after her move: {csv}"
+    );
+    assert_eq!(
+        groups_of
+            .get("kari2207")
+            .map(|g| g.iter().map(String::as_str).collect::<Vec<_>>()),
+        Some(vec!["students"]),
+        "{csv}"
+    );
 
     // The isolation sweep: as kari (uni, member), every page and API of the dashboard.
     let others = [

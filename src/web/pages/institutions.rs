@@ -1,5 +1,5 @@
 //! `/institutions` (spend per institution) and `/institutions/{id}` (one institution:
-//! over time by model, users, keys, tags, budget burn-down).
+//! over time by model, users, keys, groups, tags, budget burn-down).
 
 use std::sync::Arc;
 
@@ -9,8 +9,9 @@ use axum::response::Response;
 use chrono::Utc;
 use rust_decimal::Decimal;
 
+use crate::contract::GROUP_TAG;
 use crate::domain::{Scope, Selection};
-use crate::store::usage::{Agg, GroupKey, Order};
+use crate::store::usage::{Agg, GroupKey, Order, TagTotal};
 use crate::web::auth::Scoped;
 use crate::web::chart::{Chart, Kind, Series};
 use crate::web::error::AppError;
@@ -75,12 +76,13 @@ pub async fn one(
         GroupKey::Day
     };
     // Independent queries, run concurrently: the page costs the slowest, not the sum.
-    let (by_model, users, keys, series_rows, tags) = tokio::try_join!(
+    let (by_model, users, keys, series_rows, tags, groups) = tokio::try_join!(
         store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),
         store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, 20),
         store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, 20),
         store.aggregate(&sel, time_key, GroupKey::Model, Order::Key, 1_000_000),
-        store.tag_totals(&sel, 20),
+        store.tag_totals(&sel, None, 20),
+        store.tag_totals(&sel, Some(GROUP_TAG), 100),
     )?;
     if config.is_none() && by_model.is_empty() && !store.institution_has_usage(&inst).await? {
         return Err(AppError::NotFound);
@@ -164,6 +166,7 @@ pub async fn one(
         &keys,
         |_| None,
     ));
+    page.tables.push(groups_table(&filters, &inst, &groups));
     page.tables.push(Table {
         name: "tags",
         title: "Tags".into(),
@@ -187,4 +190,36 @@ pub async fn one(
         &scoped.csrf,
         &state.cfg,
     )
+}
+
+/// Spend by group (the `group` tag the gateway puts on a member's requests: the group at
+/// the time of the request); each row filters the page to that group.
+fn groups_table(filters: &Filters, inst: &str, groups: &[TagTotal]) -> Table {
+    let prefix = format!("{GROUP_TAG}=");
+    Table {
+        name: "groups",
+        title: "By group (members' requests)".into(),
+        columns: vec!["group", "events", "cost_usd"],
+        rows: groups
+            .iter()
+            .filter_map(|t| {
+                let group = t.tag.strip_prefix(&prefix)?;
+                let href = institution_link(
+                    &Filters {
+                        tag: t.tag.clone(),
+                        ..filters.clone()
+                    },
+                    inst,
+                );
+                Some(vec![
+                    Cell::Link {
+                        text: group.to_owned(),
+                        href,
+                    },
+                    Cell::Int(t.events),
+                    Cell::Money(t.cost_usd),
+                ])
+            })
+            .collect(),
+    }
 }
