@@ -252,13 +252,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => run_migrate(&cfg).await,
-        Command::Ingest => crate::ingest::run(&cfg, Shutdown::on_signals()).await,
+        Command::Ingest => crate::app::ingest::run(&cfg, Shutdown::on_signals()).await,
         Command::Run => {
             run_migrate(&cfg).await?;
             crate::app::run(&cfg, Shutdown::on_signals()).await
         }
         Command::Serve => crate::app::serve(&cfg, Shutdown::on_signals()).await,
-        Command::Gateway => crate::gateway::run(&cfg, Shutdown::on_signals()).await,
+        Command::Gateway => crate::app::gateway::run(&cfg, Shutdown::on_signals()).await,
         Command::Keys { command } => keys::run(&cfg, command).await,
         Command::Limits { command } => limits::run(&cfg, command).await,
         Command::Simulate(args) => crate::simulate::run(args, Shutdown::on_signals()).await,

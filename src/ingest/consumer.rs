@@ -492,28 +492,20 @@ impl ReadPositions {
     }
 }
 
-/// Runs the consumer until `shutdown` resolves; then writes the batch in hand and returns.
-pub async fn run(cfg: &Config, mut shutdown: Shutdown) -> anyhow::Result<()> {
-    let mut books = BookWatcher::load(&cfg.prices.path)?;
-    let store = Store::new(&cfg.clickhouse);
-    let metrics = Metrics::new();
-    if !cfg.ingest.metrics_listen.is_empty() {
-        let (listen, m) = (cfg.ingest.metrics_listen.clone(), metrics.clone());
-        tokio::spawn(async move {
-            if let Err(e) = super::metrics::serve(listen, m).await {
-                warn!(error = %e, "metrics endpoint failed");
-            }
-        });
-    }
+/// What the consumer loop gets from its composition root (`app::ingest`).
+pub struct Parts {
+    pub books: BookWatcher,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+}
 
-    // The topic may not exist yet (no gateway has published): created as the gateway
-    // creates it, so that ingest can start first. Checked once; an unreachable broker is
-    // the consumer's to report.
-    match crate::kafka::ensure_topic(&cfg.kafka, &cfg.kafka.topic, 4, &[]).await {
-        Ok(true) => info!(topic = %cfg.kafka.topic, "created the usage topic (4 partitions)"),
-        Ok(false) => {}
-        Err(e) => warn!(error = %e, topic = %cfg.kafka.topic, "cannot check the usage topic now"),
-    }
+/// Runs the consumer until `shutdown` resolves; then writes the batch in hand and returns.
+pub async fn run(cfg: &Config, parts: Parts, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let Parts {
+        mut books,
+        store,
+        metrics,
+    } = parts;
     let generation = Arc::new(AtomicU64::new(0));
     let lag = Arc::new(AtomicI64::new(0));
     let mut consumer = create_consumer(cfg, &generation, &metrics, &lag)?;

@@ -1,5 +1,5 @@
-//! The composition root: what `serve` and `run` start, and how the parts meet. The
-//! dashboard's router knows nothing of the background tasks that run beside it.
+//! `tokentally serve`: the dashboard's state, the tasks beside it (invoice upkeep, the
+//! alert evaluator) and its listener. The router knows nothing of the background tasks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +11,8 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::web::auth::{self, Auth, UsersFile};
 use crate::web::{router, AppState};
+
+use super::Running;
 
 /// Creates the first admin `name` when the users file has no users at all (a fresh
 /// install, e.g. `docker compose up`): with `password` if given (8 characters or more),
@@ -87,13 +89,6 @@ pub fn state(
             .collect(),
         cfg: cfg.clone(),
     }))
-}
-
-/// A dashboard serving in this process (tests' `spawn_app`): its address and the task
-/// that serves until `shutdown`.
-pub struct Running {
-    pub addr: SocketAddr,
-    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 /// Starts the dashboard and the tasks beside it (invoice upkeep, the alert evaluator) on
@@ -190,16 +185,6 @@ async fn invoice_upkeep(state: Arc<AppState>, mut shutdown: Shutdown) {
             _ = shutdown.wait() => return,
         }
     }
-}
-
-/// `tokentally run`: migrate, then ingest and serve in one process; either half failing
-/// (e.g. the dashboard port is taken) stops the process.
-pub async fn run(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    tokio::try_join!(
-        crate::ingest::run(cfg, shutdown.clone()),
-        serve(cfg, shutdown)
-    )
-    .map(|_| ())
 }
 
 #[cfg(test)]
