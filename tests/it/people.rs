@@ -962,6 +962,36 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     assert_ne!(status, 401, "ola's key still works");
     assert_eq!(me(&w, &ola).await["standing"], "active");
     let _ = kari_key_id;
+
+    // Signing out ends the dashboard's session and sends the browser on to the provider's
+    // end-session endpoint with the ID token as hint, which ends the provider's too.
+    let res = client()
+        .post(format!("{}/logout", w.serve.base))
+        .header("cookie", &kari.cookie)
+        .form(&[("csrf", kari.csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    let to = res.headers()["location"].to_str().unwrap().to_owned();
+    let hint = reqwest::Url::parse(&to)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "id_token_hint")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    assert!(
+        to.starts_with(&format!("{}/oauth2/end_session?", w.provider.base))
+            && hint.split('.').count() == 3,
+        "{to}"
+    );
+    let res = client()
+        .get(format!("{}/api/v1/me", w.serve.base))
+        .header("cookie", &kari.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "the session is gone");
     w.env.drop_database().await;
 }
 
