@@ -352,7 +352,16 @@ pub fn multiplier(contract_percent: Decimal) -> Decimal {
 pub fn round_cents(d: Decimal) -> Decimal {
     let mut r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
     r.rescale(2);
-    r
+    unsigned_zero(r)
+}
+
+/// `d`, with zero always unsigned: a decimal keeps its sign through negation, rounding
+/// and subtraction, and a negated $0.00 line would print as "-0.00" in every format.
+pub fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
 }
 
 /// What is still to bill: `live − billed` quantities, per key (nonzero only).
@@ -400,6 +409,7 @@ pub fn due_lines(
         let quantity = now_q - before.quantity;
         let mut amount = now_amount - before.amount;
         amount.rescale(2);
+        let amount = unsigned_zero(amount);
         let adjustment = k.period != invoice_period;
         let keep = if adjustment {
             !amount.is_zero()
@@ -418,7 +428,7 @@ pub fn due_lines(
             class: k.class,
             quantity,
             unit_price: k.unit_price,
-            exact: (now_exact - before.exact).normalize(),
+            exact: unsigned_zero((now_exact - before.exact).normalize()),
             amount,
             contract_unit_price: Some((k.unit_price * mult).normalize()),
             applies: windows.get(k).copied(),
@@ -679,6 +689,7 @@ impl Document {
         // Money has two decimals on every document, an empty one too ("0.00", not "0").
         for d in [&mut self.subtotal, &mut self.adjustments, &mut self.total] {
             d.rescale(2);
+            *d = unsigned_zero(*d);
         }
     }
 
@@ -704,8 +715,8 @@ impl Document {
         c.sha256.clear();
         for l in &mut c.lines {
             l.quantity = -l.quantity;
-            l.exact = -l.exact;
-            l.amount = -l.amount;
+            l.exact = unsigned_zero(-l.exact);
+            l.amount = unsigned_zero(-l.amount);
             l.now_amount = None;
             l.billed_before = None;
         }
@@ -834,6 +845,85 @@ mod tests {
             variant: String::new(),
             class,
             unit_price: unit,
+        }
+    }
+
+    /// Every money field of `d`, with a name for the message.
+    fn money_fields(d: &Document) -> Vec<(String, Decimal)> {
+        let mut out = vec![
+            ("subtotal".to_owned(), d.subtotal),
+            ("adjustments".to_owned(), d.adjustments),
+            ("total".to_owned(), d.total),
+        ];
+        for (i, l) in d.lines.iter().enumerate() {
+            out.push((format!("line {i} amount"), l.amount));
+            out.push((format!("line {i} exact"), l.exact));
+            out.extend(l.now_amount.map(|v| (format!("line {i} now_amount"), v)));
+            out.extend(
+                l.billed_before
+                    .map(|v| (format!("line {i} billed_before"), v)),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn money_is_never_a_negative_zero_after_a_void_and_a_reissue() {
+        // Usage that rounds to $0.00 (a line with quantity, kept), and one of a few cents.
+        let p = Period {
+            year: 2026,
+            month: 10,
+        };
+        let tiny = key("a", Class::Input, dec!(0.15));
+        let some = key("b", Class::Output, dec!(10));
+        let mut q = Quantities::new();
+        q.insert(tiny.clone(), 3);
+        q.insert(some.clone(), 2_000);
+        let mut invoice = render::tests::sample(1);
+        invoice.lines = lines(&q, p, multiplier(dec!(-10)));
+        invoice.totals();
+        let credit = invoice.credit_note();
+        // The reissue: what both documents billed, against the same usage (and a late
+        // event that lowers the tiny line's exact amount by a re-rating: one token less).
+        let mut billed = BilledLines::new();
+        for d in [&invoice, &credit] {
+            for l in &d.lines {
+                let b = billed.entry(l.key()).or_default();
+                b.quantity += l.quantity;
+                b.exact += l.exact;
+                b.amount += l.amount;
+            }
+        }
+        let mut reissue = invoice.clone();
+        reissue.lines = due_lines(&q, &Windows::new(), &billed, p, multiplier(dec!(-10)));
+        reissue.totals();
+        let mut lowered = q.clone();
+        lowered.insert(tiny, 2);
+        let mut after_void = invoice.clone();
+        after_void.lines = due_lines(&lowered, &Windows::new(), &billed, p, multiplier(dec!(-10)));
+        after_void.totals();
+        for d in [&invoice, &credit, &reissue, &after_void] {
+            for (name, v) in money_fields(d) {
+                assert!(
+                    !(v.is_zero() && v.is_sign_negative()),
+                    "{name} of {:?} is {v}",
+                    d.kind
+                );
+            }
+            for line in render::lines_csv(d).lines() {
+                assert!(
+                    !line.contains(",-0.00,") && !line.contains(",-0,"),
+                    "{line}"
+                );
+            }
+            let json = serde_json::to_string(d).unwrap();
+            for (at, _) in json.match_indices("\"-0") {
+                let number: String = json[at + 1..].chars().take_while(|c| *c != '"').collect();
+                assert!(
+                    number.chars().any(|c| ('1'..='9').contains(&c)),
+                    "{number} in {json}"
+                );
+            }
         }
     }
 
