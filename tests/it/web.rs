@@ -1776,6 +1776,8 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         assert!(label.contains("Europe/Berlin") && label.contains("-12.5%") && label.contains("draft"), "{label}");
         assert_eq!(draft_value, b_expected, "{label}");
         browser.find(Locator::Css("form[action='/logout'] button")).await?.click().await?;
+        // On the sign-in page before the next step (the page before has no such field).
+        browser.wait().for_element(Locator::Css("input[name=username]")).await?;
 
         // Finance: the close page.
         login("fin").await?;
@@ -1799,13 +1801,12 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         browser.set_window_size(1280, 1000).await?;
         // Issue one (inst-b), then all that are ended and clean (inst-a's last month).
         browser.find(Locator::Css(&format!("{} button", cell("inst-b", &ym(prev))))).await?.click().await?;
-        browser.wait().for_element(Locator::Css("#close-message")).await?;
-        let msg = browser.find(Locator::Css("#close-message")).await?.text().await?;
+        let msg = changed_text(&browser, "#close-message", "").await;
         assert!(msg.starts_with("Issued TT-") && msg.contains("inst-b"), "{msg}");
         assert_eq!(class(cell("inst-b", &ym(prev))).await?, "status-issued");
         browser.find(Locator::Css("#issue-all")).await?.click().await?;
-        browser.wait().for_element(Locator::Css("#close-message")).await?;
-        let msg = browser.find(Locator::Css("#close-message")).await?.text().await?;
+        // The page before the click has a message too: wait for the new page's.
+        let msg = changed_text(&browser, "#close-message", &msg).await;
         assert!(msg.contains("inst-a") && !msg.contains("inst-c"), "{msg}");
         assert_eq!(class(cell("inst-a", &ym(prev))).await?, "status-issued");
         assert_eq!(class(cell("inst-c", &ym(prev))).await?, "status-blocked");
@@ -1824,6 +1825,8 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         assert_eq!(visible, serde_json::json!(true));
         std::fs::write(shots.join("models-1280.png"), browser.screenshot().await?).unwrap();
         browser.find(Locator::Css("form[action='/logout'] button")).await?.click().await?;
+        // On the sign-in page before the next step (the page before has no such field).
+        browser.wait().for_element(Locator::Css("input[name=username]")).await?;
 
         // bob again: as billed is now the invoice, to the cent.
         login("bob").await?;
@@ -1884,4 +1887,25 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
     assert_eq!(post.status(), 403);
     terminate(&mut s.serve.proc);
     env.drop_database().await;
+}
+
+/// The text of the element `css` once it differs from `before`, looked up afresh on each
+/// try (a click that submits a form replaces the page: an element found before it is
+/// stale, and the old page may still show what is awaited).
+async fn changed_text(browser: &fantoccini::Client, css: &str, before: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(e) = browser.find(fantoccini::Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                if t != before {
+                    return t;
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{css} still reads {before:?} after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
