@@ -35,17 +35,23 @@ const PAGES: [&str; 14] = [
 ];
 
 fn state() -> Arc<AppState> {
-    let mut cfg = Config::default();
-    // Nothing listens here: a handler that reads would answer 500.
-    cfg.clickhouse.url = "http://127.0.0.1:9".into();
-    cfg.kafka.brokers = "127.0.0.1:9".into();
-    let users = UsersFile {
-        users: vec![UserEntry {
+    state_with(
+        Config::default(),
+        vec![UserEntry {
             name: "admin".into(),
             role: Role::Admin,
             institution: None,
             password_hash: "$argon2id$unused".into(),
         }],
+    )
+}
+
+fn state_with(mut cfg: Config, users: Vec<UserEntry>) -> Arc<AppState> {
+    // Nothing listens here: a handler that reads would answer 500.
+    cfg.clickhouse.url = "http://127.0.0.1:9".into();
+    cfg.kafka.brokers = "127.0.0.1:9".into();
+    let users = UsersFile {
+        users,
         tokens: vec![],
     };
     let book = crate::price::book::PriceBook::load(std::path::Path::new("prices")).unwrap();
@@ -205,4 +211,73 @@ async fn forms_without_the_sessions_csrf_token_are_refused() {
         let res = app.clone().oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::FORBIDDEN, "{body}");
     }
+}
+
+/// One password attempt for `fin` from `from` (as a trusted proxy in front says) with the
+/// sign-in form's own CSRF cookie and token; the answer's status.
+async fn sign_in_attempt(app: &Router, from: &str, password: &str) -> u16 {
+    let form = get(app, "/login", None).await;
+    let cookie = form.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let html = text(form).await;
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the sign-in form has a CSRF token")
+        .to_owned();
+    let mut req = Request::post("/login")
+        .header(header::COOKIE, cookie)
+        .header("x-forwarded-for", from)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!(
+            "username=fin&password={password}&csrf={csrf}"
+        )))
+        .unwrap();
+    // What `into_make_service_with_connect_info` adds: the proxy's own address.
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            40_000,
+        ))));
+    app.clone().oneshot(req).await.unwrap().status().as_u16()
+}
+
+/// Password guesses from many addresses do not lock the user out; the address that
+/// hammers waits; the real user, at their own address, still gets in.
+#[tokio::test]
+async fn failures_from_other_addresses_do_not_lock_a_user_out() {
+    let mut cfg = Config::default();
+    cfg.web.trusted_proxies = vec!["127.0.0.1".into()];
+    let state = state_with(
+        cfg,
+        vec![UserEntry {
+            name: "fin".into(),
+            role: Role::Finance,
+            institution: None,
+            password_hash: crate::people::hash_password("fin-password").unwrap(),
+        }],
+    );
+    let app = router(state);
+    for i in 1..=10 {
+        let from = format!("203.0.113.{i}");
+        assert_eq!(sign_in_attempt(&app, &from, "guess").await, 401, "{from}");
+    }
+    let mut hammer = Vec::new();
+    for _ in 0..8 {
+        hammer.push(sign_in_attempt(&app, "198.51.100.7", "guess").await);
+    }
+    assert!(
+        hammer.ends_with(&[429, 429, 429]),
+        "the hammering address waits: {hammer:?}"
+    );
+    assert_eq!(
+        sign_in_attempt(&app, "192.0.2.44", "fin-password").await,
+        303
+    );
 }

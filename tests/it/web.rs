@@ -960,67 +960,6 @@ async fn a_login_flood_leaves_memory_and_log_bounded() {
     env.drop_database().await;
 }
 
-/// Issue 10, finding 2: five wrong passwords from anywhere locked the real user out.
-/// Behind a trusted proxy, failures from other addresses (and a hammering one) leave the
-/// user's own address able to log in.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_from_other_addresses_do_not_lock_a_user_out() {
-    let env = TestEnv::new("lockout", 1).await;
-    let s = start_server_with(&env, "[web]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
-    let http = client();
-    let attempt = |from: &'static str, password: &'static str| {
-        let (http, base) = (http.clone(), s.base.clone());
-        async move {
-            let form = http.get(format!("{base}/login")).send().await.unwrap();
-            let cookie = form.headers()["set-cookie"]
-                .to_str()
-                .unwrap()
-                .split(';')
-                .next()
-                .unwrap()
-                .to_owned();
-            let csrf = csrf_of(&form.text().await.unwrap());
-            http.post(format!("{base}/login"))
-                .header("cookie", cookie)
-                .header("x-forwarded-for", from)
-                .form(&[("username", "fin"), ("password", password), ("csrf", &csrf)])
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
-    let others = [
-        "203.0.113.1",
-        "203.0.113.2",
-        "203.0.113.3",
-        "203.0.113.4",
-        "203.0.113.5",
-        "203.0.113.6",
-        "203.0.113.7",
-        "203.0.113.8",
-        "203.0.113.9",
-        "203.0.113.10",
-    ];
-    for a in others {
-        assert_eq!(attempt(a, "guess").await, 401);
-    }
-    let mut hammer = Vec::new();
-    for _ in 0..8 {
-        hammer.push(attempt("198.51.100.7", "guess").await);
-    }
-    assert!(
-        hammer.ends_with(&[429, 429, 429]),
-        "the hammering address waits: {hammer:?}"
-    );
-    // The real user, at their own address, still gets in.
-    assert_eq!(attempt("192.0.2.44", "fin-password").await, 303);
-    // Without the proxy setting the header is not trusted: a direct client cannot
-    // choose its address.
-    env.drop_database().await;
-}
-
 /// Issue 10, finding 3: a repeated `institution` was silently ignored, an absurd date
 /// panicked the handler, and ranges and filters had no limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
