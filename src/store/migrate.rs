@@ -77,6 +77,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0017_people.sql",
         include_str!("../../schema/0017_people.sql"),
     ),
+    (
+        "0018_daily_user_model.sql",
+        include_str!("../../schema/0018_daily_user_model.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

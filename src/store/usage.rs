@@ -79,7 +79,7 @@ const ALL_COLUMNS: &[&str] = &[
 ];
 
 /// Every rollup (`schema/`), smallest first: a selection reads the first that answers.
-const ROLLUPS: [Rollup; 5] = [
+const ROLLUPS: [Rollup; 6] = [
     Rollup {
         table: "usage_daily_model",
         time: "day",
@@ -99,6 +99,17 @@ const ROLLUPS: [Rollup; 5] = [
         table: "usage_daily_key",
         time: "day",
         columns: &["institution_id", "api_key_id"],
+    },
+    Rollup {
+        table: "usage_daily_user_model",
+        time: "day",
+        columns: &[
+            "institution_id",
+            "user_id",
+            "provider",
+            "model",
+            "price_model",
+        ],
     },
     Rollup {
         table: "usage_hourly_institution",
@@ -488,12 +499,12 @@ mod tests {
         by_user.user = Some("x".into());
         assert_eq!(from(&by_user, User, None), "usage_daily_user");
         assert_eq!(from(&by_user, Day, None), "usage_daily_user");
-        assert_eq!(from(&by_user, Model, None), "usage_hourly_institution");
+        assert_eq!(from(&by_user, Model, None), "usage_daily_user_model");
         assert_eq!(from(&by_user, Hour, None), "usage_hourly_institution");
         let mut by_model = all.clone();
         by_model.model = Some("m".into());
         assert_eq!(from(&by_model, Day, None), "usage_daily_model");
-        assert_eq!(from(&by_model, User, None), "usage_hourly_institution");
+        assert_eq!(from(&by_model, User, None), "usage_daily_user_model");
         // A daily rollup is filtered and grouped by its own time column.
         let t = text(&one, Day, None);
         assert!(

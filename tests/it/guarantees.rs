@@ -418,7 +418,12 @@ async fn a_server_in_a_half_hour_time_zone_still_deduplicates_and_buckets_by_utc
         .await;
         assert_eq!(rows, 1, "{table}: both events belong to 10:00 UTC");
     }
-    for table in ["usage_daily_model", "usage_daily_user", "usage_daily_key"] {
+    for table in [
+        "usage_daily_model",
+        "usage_daily_user",
+        "usage_daily_key",
+        "usage_daily_user_model",
+    ] {
         let days = i64_of(
             &env,
             &format!(

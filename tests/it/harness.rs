@@ -445,12 +445,13 @@ impl TestEnv {
 }
 
 /// Every rollup that sums all events (schema/; the tag rollup sums tagged ones only).
-pub const ROLLUPS: [&str; 6] = [
+pub const ROLLUPS: [&str; 7] = [
     "usage_hourly_model",
     "usage_hourly_institution",
     "usage_daily_model",
     "usage_daily_user",
     "usage_daily_key",
+    "usage_daily_user_model",
     "usage_billing_15m",
 ];
 
