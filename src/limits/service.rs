@@ -143,14 +143,25 @@ pub async fn standings(
     institution: Option<&str>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Standing>> {
-    standings_of(store, configured, derived, zone, institution, now, &|_| {
-        true
-    })
+    standings_of(
+        store,
+        configured,
+        derived,
+        zone,
+        institution,
+        now,
+        &|_| true,
+        None,
+    )
     .await
 }
 
-/// The standing of the limits of `institution` (or all) that `keep` keeps: one person's
-/// ("My usage") without computing everyone's.
+/// The standing of the limits of `institution` (or all) that `keep` keeps. With
+/// `person` (one person's view, "My usage": `keep` keeps only limits on them, their
+/// keys, their group and their institution), usage is read for that person and their
+/// group's members only, from the per-person rollup, and the institution's total from
+/// the billing rollup — not everyone's raw events.
+#[allow(clippy::too_many_arguments)]
 pub async fn standings_of(
     store: &Store,
     configured: &[Limit],
@@ -159,6 +170,7 @@ pub async fn standings_of(
     institution: Option<&str>,
     now: DateTime<Utc>,
     keep: &(dyn Fn(&Limit) -> bool + Sync),
+    person: Option<&str>,
 ) -> anyhow::Result<Vec<Standing>> {
     let limits: Vec<Limit> = current(store, configured, derived)
         .await?
@@ -175,30 +187,70 @@ pub async fn standings_of(
     let mut cache: HashMap<(String, i64, i64), UsageIndex> = HashMap::new();
     let refused = store.limit_refused_counts().await?;
     let mut out = Vec::new();
-    for l in limits {
+    for l in &limits {
         let tz = zone(&l.institution_id);
         let (start, end) = l.period.bounds(now, tz);
         let key = (l.institution_id.clone(), start.timestamp(), end.timestamp());
         if !cache.contains_key(&key) {
-            let rows: Vec<_> = store
-                .limit_usage(
-                    &l.institution_id,
-                    start.timestamp(),
-                    end.timestamp(),
-                    vec![String::new()],
-                )
-                .await?
-                .into_iter()
-                .map(usage_of)
-                .collect();
             let inst = l.institution_id.clone();
-            let ix = UsageIndex::of_rows_in_groups(
-                rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)),
-                |user| derived.group_of(&inst, user),
-            );
+            let (from, to) = (start.timestamp(), end.timestamp());
+            let ix = match person.filter(|_| from % 900 == 0 && to % 900 == 0) {
+                Some(me) => {
+                    let same = |m: &Limit| {
+                        m.institution_id == inst && m.period.bounds(now, tz) == (start, end)
+                    };
+                    let here: Vec<&Limit> = limits.iter().filter(|m| same(m)).collect();
+                    // The person, and everyone in a group whose shared limit applies.
+                    let mut users = vec![me.to_owned()];
+                    for g in here.iter().filter(|m| m.scope == LimitScope::Group) {
+                        users.extend(
+                            derived
+                                .groups
+                                .iter()
+                                .filter(|((i, u), group)| {
+                                    *i == inst && **group == g.subject && u != me
+                                })
+                                .map(|((_, u), _)| u.clone()),
+                        );
+                    }
+                    let rows: Vec<_> = store
+                        .person_usage(&inst, from, to, users)
+                        .await?
+                        .into_iter()
+                        .map(usage_of)
+                        .collect();
+                    let ix = UsageIndex::of_rows_in_groups(
+                        rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)),
+                        |user| derived.group_of(&inst, user),
+                    );
+                    if here.iter().any(|m| m.scope == LimitScope::Institution) {
+                        let (usd, requests, tokens) =
+                            store.institution_usage(&inst, from, to).await?;
+                        ix.with_total(Amounts {
+                            usd,
+                            requests: u64::try_from(requests).unwrap_or(0),
+                            tokens: u64::try_from(tokens).unwrap_or(0),
+                        })
+                    } else {
+                        ix
+                    }
+                }
+                None => {
+                    let rows: Vec<_> = store
+                        .limit_usage(&inst, from, to, vec![String::new()])
+                        .await?
+                        .into_iter()
+                        .map(usage_of)
+                        .collect();
+                    UsageIndex::of_rows_in_groups(
+                        rows.iter().map(|r| (&r.user_id, &r.api_key_id, r.amounts)),
+                        |user| derived.group_of(&inst, user),
+                    )
+                }
+            };
             cache.insert(key.clone(), ix);
         }
-        let mut used = cache[&key].of(&l);
+        let mut used = cache[&key].of(l);
         let mut reserved = Amounts::default();
         for h in holds
             .iter()

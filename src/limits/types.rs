@@ -162,6 +162,12 @@ impl UsageIndex {
         ix
     }
 
+    /// The same, with the institution's total given (when the rows are a few people's).
+    pub fn with_total(mut self, total: Amounts) -> Self {
+        self.total = total;
+        self
+    }
+
     /// What `l` counts of it.
     pub fn of(&self, l: &Limit) -> Amounts {
         match l.scope {

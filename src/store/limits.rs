@@ -123,6 +123,66 @@ impl Store {
         Ok(q.query(&self.client).fetch_all().await?)
     }
 
+    /// What `users` of `institution` used in `[from, to)` per (user, key), from the
+    /// per-person rollup (`usage_person_15m`): the same sums as `limit_usage` gives for
+    /// them (without stored ids). The bounds must be whole quarter hours.
+    pub async fn person_usage(
+        &self,
+        institution: &str,
+        from: i64,
+        to: i64,
+        users: Vec<String>,
+    ) -> Result<Vec<SubjectUsageRow>, StoreError> {
+        debug_assert!(from % 900 == 0 && to % 900 == 0, "quarter hours");
+        let mut q = Sql::default();
+        q.bind(
+            "SELECT user_id, api_key_id, sum(cost) AS usd, sum(requests) AS requests, \
+             sum(tokens) AS tokens, emptyArrayString() AS stored FROM usage_person_15m \
+             WHERE institution_id = ? AND user_id IN (SELECT arrayJoin(?)) \
+             AND slot >= toDateTime(?) AND slot < toDateTime(?) \
+             GROUP BY user_id, api_key_id",
+            [
+                s(institution),
+                Arg::Strs(users),
+                Arg::Int(from),
+                Arg::Int(to),
+            ],
+        );
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// What `institution` used in `[from, to)` as a whole, from the billing rollup
+    /// (`usage_billing_15m`): (USD, served requests, tokens). Whole quarter hours only.
+    pub async fn institution_usage(
+        &self,
+        institution: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<(Decimal, i64, i64), StoreError> {
+        debug_assert!(from % 900 == 0 && to % 900 == 0, "quarter hours");
+        #[derive(Row, Deserialize)]
+        struct Total {
+            #[serde(with = "money18")]
+            usd: Decimal,
+            requests: i64,
+            tokens: i64,
+        }
+        let t: Total = self
+            .client
+            .query(
+                "SELECT sum(cost) AS usd, sum(served) AS requests, \
+                 sum(input + cache_read + cache_write + output) AS tokens \
+                 FROM usage_billing_15m WHERE institution_id = ? \
+                 AND slot >= toDateTime(?) AND slot < toDateTime(?)",
+            )
+            .bind(institution)
+            .bind(from)
+            .bind(to)
+            .fetch_one()
+            .await?;
+        Ok((t.usd, t.requests, t.tokens))
+    }
+
     pub async fn write_holds(&self, rows: &[HoldRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());

@@ -81,6 +81,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0018_daily_user_model.sql",
         include_str!("../../schema/0018_daily_user_model.sql"),
     ),
+    (
+        "0019_person_usage_rollup.sql",
+        include_str!("../../schema/0019_person_usage_rollup.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -178,6 +178,7 @@ async fn read(state: &AppState, me: &Me, now: DateTime<Utc>) -> Result<Usage, Ap
                 Some(&me.institution),
                 now,
                 &keep,
+                Some(&me.person),
             )
             .await
             .map_err(AppError::Internal)

@@ -445,13 +445,14 @@ impl TestEnv {
 }
 
 /// Every rollup that sums all events (schema/; the tag rollup sums tagged ones only).
-pub const ROLLUPS: [&str; 7] = [
+pub const ROLLUPS: [&str; 8] = [
     "usage_hourly_model",
     "usage_hourly_institution",
     "usage_daily_model",
     "usage_daily_user",
     "usage_daily_key",
     "usage_daily_user_model",
+    "usage_person_15m",
     "usage_billing_15m",
 ];
 

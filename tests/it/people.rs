@@ -78,6 +78,7 @@ institution = "uni"
 id = "staff"
 name = "Staff"
 member_limits = [{{ metric = "requests", period = "day", amount = "10" }}]
+budget_usd = "100"
 
 [[groups]]
 institution = "other"
@@ -837,6 +838,82 @@ async fn groups_suspension_overrides_claims_and_isolation() {
             .map(|g| g.iter().map(String::as_str).collect::<Vec<_>>()),
         Some(vec!["students"]),
         "{csv}"
+    );
+
+    // "My usage" reads one person's limits from the per-person and billing rollups; the
+    // Limits page reads everyone's raw events: they agree on every limit that applies to
+    // ola — her own, her group's shared budget and an institution-wide one.
+    let res = client()
+        .post(format!("{}/api/v1/limits/set", w.serve.base))
+        .bearer_auth(&w.admin_token)
+        .form(&[
+            ("institution", "uni"),
+            ("scope", "institution"),
+            ("subject", ""),
+            ("metric", "requests"),
+            ("amount", "1000"),
+            ("period", "month"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.text().await.unwrap());
+    let mine: Value = client()
+        .get(format!("{}/api/v1/me/limits", w.serve.base))
+        .header("cookie", &ola.cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let all: Value = client()
+        .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
+        .bearer_auth(&w.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut scopes = std::collections::BTreeSet::new();
+    for l in mine["limits"].as_array().unwrap() {
+        let full = all["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["limit_id"] == l["id"])
+            .unwrap_or_else(|| panic!("{} is on the Limits page: {all}", l["id"]));
+        assert_eq!(l["used"], full["used"], "{l} vs {full}");
+        scopes.insert(l["scope"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        scopes.into_iter().collect::<Vec<_>>(),
+        ["group", "institution", "user"],
+        "{mine}"
+    );
+    let used = |id: &str| {
+        all["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["limit_id"] == id)
+            .map(|f| {
+                f["used"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<rust_decimal::Decimal>()
+                    .unwrap()
+            })
+            .unwrap()
+    };
+    assert!(
+        used("uni:requests:month") >= rust_decimal::Decimal::TEN,
+        "{all}"
+    );
+    assert!(
+        used("uni:group:staff:usd:month") > rust_decimal::Decimal::ZERO,
+        "{all}"
     );
 
     // The isolation sweep: as kari (uni, member), every page and API of the dashboard.
