@@ -81,6 +81,12 @@ member_limits = [{{ metric = "requests", period = "day", amount = "10" }}]
 budget_usd = "100"
 
 [[groups]]
+institution = "uni"
+id = "lab"
+name = "A research project"
+budget_usd = "0.10"
+
+[[groups]]
 institution = "other"
 id = "students"
 member_limits = [{{ metric = "requests", period = "day", amount = "3" }}]
@@ -91,6 +97,12 @@ label = "University Account"
 issuer = "{issuer}"
 client_id = "tokentally-dashboard"
 client_secret = "not-checked-by-the-test-provider"
+
+[[sso.rules]]
+claim = "groups"
+equals = "lab"
+institution = "uni"
+group = "lab"
 
 [[sso.rules]]
 claim = "groups"
@@ -1310,4 +1322,157 @@ group = "students"
     assert_eq!(res.status(), 401, "a callback is used once");
     assert!(cookie_of(&res, "tt_session").is_none());
     env.drop_database().await;
+}
+
+/// A group's shared budget, through the gateway: two members spend it together to its end
+/// — never over, the end not stranded (unused less than one request's worst case) —,
+/// then each of them is refused with a message naming the group; a member of another
+/// group is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_shared_budget_is_spent_by_its_members_together_to_its_end() {
+    let w = world("people_group_budget").await;
+    let p = &w.provider;
+    for (sub, groups) in [
+        ("ada", json!(["lab"])),
+        ("bo", json!(["lab"])),
+        ("cy", json!([])),
+    ] {
+        p.set_claims(
+            sub,
+            json!({"email": format!("{sub}@uni.example"), "name": sub, "groups": groups}),
+        )
+        .await;
+    }
+    let mut keys = BTreeMap::new();
+    for sub in ["ada", "bo", "cy"] {
+        let s = sign_in(&w, sub).await;
+        let (_, key) = create_key(&w, &s, "k").await;
+        until_known(&w, &key).await;
+        keys.insert(sub, key);
+    }
+    // gpt-4o, answers of 1,000 tokens with max_tokens 1,000: about $0.01 a request, a
+    // worst case of about $0.0113 (the output bound plus the prompt's reservation).
+    let base = w.gateway.base.clone();
+    let call = |key: String| {
+        let base = base.clone();
+        async move {
+            let res = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-simulator", "words=1000")
+                .json(&json!({"model": "gpt-4o", "max_tokens": 1000,
+                          "messages": [{"role": "user", "content": "hello"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (status, res.text().await.unwrap())
+        }
+    };
+    let mut admitted = BTreeMap::from([("ada", 0), ("bo", 0)]);
+    let mut refusals = Vec::new();
+    for round in 0..30 {
+        let who = if round % 2 == 0 { "ada" } else { "bo" };
+        let (status, body) = call(keys[who].clone()).await;
+        match status {
+            200 => *admitted.get_mut(who).unwrap() += 1,
+            429 => refusals.push((who, body)),
+            _ => panic!("{who}: {status} {body}"),
+        }
+    }
+    assert!(
+        admitted["ada"] > 0 && admitted["bo"] > 0,
+        "both members spent the group's budget: {admitted:?}"
+    );
+    let (refused_ada, refused_bo) = (
+        refusals.iter().filter(|(w, _)| *w == "ada").count(),
+        refusals.iter().filter(|(w, _)| *w == "bo").count(),
+    );
+    assert!(refused_ada > 0 && refused_bo > 0, "{admitted:?}");
+    let dollars_after = |text: &str, label: &str| -> rust_decimal::Decimal {
+        text.split(label)
+            .nth(1)
+            .and_then(|r| r.strip_prefix('$'))
+            .map(|r| {
+                r.chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect::<String>()
+            })
+            .and_then(|n| n.trim_end_matches('.').parse().ok())
+            .unwrap_or_else(|| panic!("no `{label}$…` in {text}"))
+    };
+    for (who, body) in &refusals {
+        assert!(body.contains("group lab"), "{who}: {body}");
+        // A refusal never says more is left than the request needs.
+        let left = dollars_after(body, "Left this period: ");
+        let need = dollars_after(body, "needs up to ");
+        assert!(left < need, "{who}: {body}");
+    }
+    // Another group's member is not limited by it.
+    let (status, body) = chat(&w, &keys["cy"], "gpt-4o-mini").await;
+    assert_eq!(status, 200, "{body}");
+    // What the group spent, from the stored events; and what the Limits page says, which
+    // adds what the gateways report as settled but not yet stored: for up to one gateway
+    // refresh an event just stored is counted twice there, so the page is read until it
+    // agrees (it must, within seconds).
+    let limit = "uni:group:lab:usd:month";
+    let started = Instant::now();
+    let used = loop {
+        let stored: i64 = w
+            .env
+            .scalar(
+                "SELECT toInt64(sum(sign)) FROM usage_events WHERE institution_id = 'uni' \
+                 AND model = 'gpt-4o' AND status = 'ok'",
+            )
+            .await;
+        let raw: String = w
+            .env
+            .ch()
+            .query(
+                "SELECT toString(sum(cost * sign)) FROM usage_events \
+                 WHERE institution_id = 'uni' AND user_id IN ('ada', 'bo')",
+            )
+            .fetch_one()
+            .await
+            .unwrap();
+        let raw: rust_decimal::Decimal = raw.parse().unwrap();
+        let all: Value = client()
+            .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
+            .bearer_auth(&w.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let l = all["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["limit_id"] == limit)
+            .unwrap_or_else(|| panic!("{all}"))
+            .clone();
+        let page: rust_decimal::Decimal = l["used"].as_str().unwrap().parse().unwrap();
+        if stored == admitted.values().sum::<i64>() && l["reserved"] == "0" && page == raw {
+            break raw;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{l} ({stored} stored, ${raw} spent)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let budget = rust_decimal::Decimal::new(10, 2);
+    let worst_case = rust_decimal::Decimal::new(114, 4); // $0.0114, above the estimate
+    println!(
+        "group budget $0.10: {admitted:?} admitted, ${} used, {} refused",
+        used.normalize(),
+        refusals.len()
+    );
+    assert!(used <= budget, "over the group's budget: ${used}");
+    assert!(
+        budget - used < worst_case,
+        "the end of the budget was stranded: ${used} of $0.10"
+    );
+    w.env.drop_database().await;
 }
