@@ -870,33 +870,54 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         .await
         .unwrap();
     assert!(res.status().is_success(), "{}", res.text().await.unwrap());
-    let mine: Value = client()
-        .get(format!("{}/api/v1/me/limits", w.serve.base))
-        .header("cookie", &ola.cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let all: Value = client()
-        .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
-        .bearer_auth(&w.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut scopes = std::collections::BTreeSet::new();
-    for l in mine["limits"].as_array().unwrap() {
-        let full = all["limits"]
+    // Both add what the gateways report as settled but not yet stored; an event stored
+    // just before one of the two reads counts twice there until the gateway's next report
+    // (≤ 1 s): read both until they agree.
+    let agreed = Instant::now();
+    let (mine, all) = loop {
+        let mine: Value = client()
+            .get(format!("{}/api/v1/me/limits", w.serve.base))
+            .header("cookie", &ola.cookie)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let all: Value = client()
+            .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
+            .bearer_auth(&w.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let differ: Vec<String> = mine["limits"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|f| f["limit_id"] == l["id"])
-            .unwrap_or_else(|| panic!("{} is on the Limits page: {all}", l["id"]));
-        assert_eq!(l["used"], full["used"], "{l} vs {full}");
+            .filter_map(|l| {
+                let full = all["limits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|f| f["limit_id"] == l["id"])
+                    .unwrap_or_else(|| panic!("{} is on the Limits page: {all}", l["id"]));
+                (l["used"] != full["used"]).then(|| format!("{l} vs {full}"))
+            })
+            .collect();
+        if differ.is_empty() {
+            break (mine, all);
+        }
+        assert!(
+            agreed.elapsed() < Duration::from_secs(15),
+            "My usage and the Limits page disagree: {differ:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut scopes = std::collections::BTreeSet::new();
+    for l in mine["limits"].as_array().unwrap() {
         scopes.insert(l["scope"].as_str().unwrap().to_owned());
     }
     assert_eq!(
