@@ -197,8 +197,9 @@ async fn read(state: &AppState, me: &Me, now: DateTime<Utc>) -> Result<Usage, Ap
     })
 }
 
+/// Dollars and cents for people (`$1,234.50`; `format::money` writes the sign).
 fn money(d: Decimal) -> String {
-    format!("${}", crate::format::money(d.round_dp(2)))
+    crate::format::money(d)
 }
 
 fn exact(d: Decimal) -> String {
@@ -742,6 +743,13 @@ mod tests {
     use super::*;
     use crate::limits::{LimitMode, LimitPeriod};
     use rust_decimal_macros::dec;
+
+    #[test]
+    fn money_reads_as_dollars_once() {
+        assert_eq!(money(dec!(1234.5)), "$1,234.50");
+        assert_eq!(money(dec!(0.004)), "$0.00");
+        assert_eq!(money(dec!(-2.005)), "-$2.01");
+    }
 
     fn me() -> Me {
         Me {

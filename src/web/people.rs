@@ -113,8 +113,9 @@ pub struct ListQuery {
     q: String,
 }
 
+/// Dollars and cents for people (`$1,234.50`; `format::money` writes the sign).
 fn money(d: Decimal) -> String {
-    format!("${}", crate::format::money(d.round_dp(2)))
+    crate::format::money(d)
 }
 
 /// Most members listed on one page (the JSON has them all).

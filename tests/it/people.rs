@@ -852,6 +852,21 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         "{csv}"
     );
 
+    // Money on "My usage" and the People page reads as dollars once ("$0.01", not "$$0.01").
+    for (path, auth) in [
+        ("/me", Some(&ola.cookie)),
+        ("/people?institution=uni", None),
+    ] {
+        let mut req = client().get(format!("{}{path}", w.serve.base));
+        req = match auth {
+            Some(cookie) => req.header("cookie", cookie),
+            None => req.bearer_auth(&w.admin_token),
+        };
+        let html = req.send().await.unwrap().text().await.unwrap();
+        assert!(html.contains("$0.0"), "{path} shows money: {html}");
+        assert!(!html.contains("$$"), "{path}: {html}");
+    }
+
     // "My usage" reads one person's limits from the per-person and billing rollups; the
     // Limits page reads everyone's raw events: they agree on every limit that applies to
     // ola — her own, her group's shared budget and an institution-wide one.
