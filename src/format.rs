@@ -36,6 +36,15 @@ pub fn group_thousands(digits: &str) -> String {
     format!("{sign}{out}")
 }
 
+/// `d`, with zero always unsigned: a decimal keeps its sign through negation, rounding
+/// and subtraction, and a negated $0.00 would print as "-0.00" in every format.
+pub fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
+}
+
 /// Money for people: dollars and cents, half away from zero, thousands grouped
 /// (`-$1,234.57`). Exact values go to CSV and JSON, never this.
 pub fn money(d: Decimal) -> String {

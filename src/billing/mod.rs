@@ -20,6 +20,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, InstitutionConfig, PartyConfig};
+use crate::format::unsigned_zero;
 use crate::price::{PriceBook, Rates};
 
 pub use crate::domain::Period;
@@ -353,15 +354,6 @@ pub fn round_cents(d: Decimal) -> Decimal {
     let mut r = d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
     r.rescale(2);
     unsigned_zero(r)
-}
-
-/// `d`, with zero always unsigned: a decimal keeps its sign through negation, rounding
-/// and subtraction, and a negated $0.00 line would print as "-0.00" in every format.
-pub fn unsigned_zero(mut d: Decimal) -> Decimal {
-    if d.is_zero() {
-        d.set_sign_positive(true);
-    }
-    d
 }
 
 /// What is still to bill: `live − billed` quantities, per key (nonzero only).

@@ -25,6 +25,7 @@ use super::chart::{Chart, Kind, Series};
 use super::error::AppError;
 use super::AppState;
 use crate::domain::{Scope, Selection};
+use crate::format::{money, unsigned_zero};
 use crate::keys::{self, KeyKind};
 use crate::limits::{Limit, LimitScope, Metric, Standing};
 use crate::people::groups::Group;
@@ -197,18 +198,9 @@ async fn read(state: &AppState, me: &Me, now: DateTime<Utc>) -> Result<Usage, Ap
     })
 }
 
-/// Dollars and cents for people (`$1,234.50`; `format::money` writes the sign).
-fn money(d: Decimal) -> String {
-    crate::format::money(d)
-}
-
 fn exact(d: Decimal) -> String {
     // Never "-0": a sum of +x and −x is zero.
-    if d.is_zero() {
-        "0".into()
-    } else {
-        d.normalize().to_string()
-    }
+    unsigned_zero(d.normalize()).to_string()
 }
 
 fn amount(metric: Metric, d: Decimal) -> String {

@@ -20,6 +20,7 @@ use super::auth::{Allowed, CheckedForm, CsrfField, Policy, Principal, Role, Scop
 use super::error::AppError;
 use super::AppState;
 use crate::domain::{Scope, Selection};
+use crate::format::money;
 use crate::limits::LimitPeriod;
 use crate::people::directory::{self, PeopleError};
 use crate::people::groups::{Group, MemberLimit};
@@ -111,11 +112,6 @@ struct PeopleTemplate<'a> {
 pub struct ListQuery {
     #[serde(default)]
     q: String,
-}
-
-/// Dollars and cents for people (`$1,234.50`; `format::money` writes the sign).
-fn money(d: Decimal) -> String {
-    crate::format::money(d)
 }
 
 /// Most members listed on one page (the JSON has them all).
