@@ -15,7 +15,7 @@ use crate::harness::{
     python, sdk_calls, spawn_gateway, spawn_serve_in, spawn_simulator, tokentally, Gateway, Proc,
     Serve, Simulator, TestEnv,
 };
-use crate::web::{client, csrf_of, free_port, headless_chromium, wait_for_port};
+use crate::web::{client, csrf_of, dec, free_port, get, headless_chromium, wait_for_port, Auth};
 
 /// The provider, on a port of its own (killed with the test).
 struct Provider {
@@ -253,6 +253,25 @@ async fn me(w: &World, s: &Session) -> Value {
         .unwrap();
     assert_eq!(res.status(), 200);
     res.json().await.unwrap()
+}
+
+/// The JSON of a dashboard API path, read as `auth`.
+async fn json_of(w: &World, path: &str, auth: &Auth<'_>) -> Value {
+    get(&format!("{}{path}", w.serve.base), auth)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Limit `id` of the Limits page's JSON.
+fn limit_on_page<'a>(page: &'a Value, id: &str) -> &'a Value {
+    page["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit_id"] == id)
+        .unwrap_or_else(|| panic!("{id} is on the Limits page: {page}"))
 }
 
 /// Creates a key through "My usage"; returns (id, secret) from the page.
@@ -673,15 +692,12 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         limit_of(&m, "you", "3 requests per day").is_some(),
         "ola keeps the default: {m}"
     );
-    let people: Value = client()
-        .get(format!("{}/api/v1/people?institution=uni", w.serve.base))
-        .bearer_auth(&w.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let people = json_of(
+        &w,
+        "/api/v1/people?institution=uni",
+        &Auth::Bearer(&w.admin_token),
+    )
+    .await;
     let students = people["groups"]
         .as_array()
         .unwrap()
@@ -784,15 +800,12 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     let (status, body) = chat(&w, &ola_key, "gpt-4o-mini").await;
     assert_eq!(status, 200, "{body}");
     let groups = loop {
-        let page: Value = client()
-            .get(format!("{}/api/v1/institutions/uni", w.serve.base))
-            .bearer_auth(&w.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = json_of(
+            &w,
+            "/api/v1/institutions/uni",
+            &Auth::Bearer(&w.admin_token),
+        )
+        .await;
         let groups = page["tables"]["groups"].as_array().unwrap().clone();
         if groups.iter().any(|g| g["group"] == "staff") {
             break groups;
@@ -890,35 +903,19 @@ async fn groups_suspension_overrides_claims_and_isolation() {
     // (≤ 1 s): read both until they agree.
     let agreed = Instant::now();
     let (mine, all) = loop {
-        let mine: Value = client()
-            .get(format!("{}/api/v1/me/limits", w.serve.base))
-            .header("cookie", &ola.cookie)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let all: Value = client()
-            .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
-            .bearer_auth(&w.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let mine = json_of(&w, "/api/v1/me/limits", &Auth::Cookie(&ola.cookie)).await;
+        let all = json_of(
+            &w,
+            "/api/v1/limits?institution=uni",
+            &Auth::Bearer(&w.admin_token),
+        )
+        .await;
         let differ: Vec<String> = mine["limits"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|l| {
-                let full = all["limits"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|f| f["limit_id"] == l["id"])
-                    .unwrap_or_else(|| panic!("{} is on the Limits page: {all}", l["id"]));
+                let full = limit_on_page(&all, l["id"].as_str().unwrap());
                 (l["used"] != full["used"]).then(|| format!("{l} vs {full}"))
             })
             .collect();
@@ -940,21 +937,7 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         ["group", "institution", "user"],
         "{mine}"
     );
-    let used = |id: &str| {
-        all["limits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["limit_id"] == id)
-            .map(|f| {
-                f["used"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<rust_decimal::Decimal>()
-                    .unwrap()
-            })
-            .unwrap()
-    };
+    let used = |id: &str| dec(&limit_on_page(&all, id)["used"]);
     assert!(
         used("uni:requests:month") >= rust_decimal::Decimal::TEN,
         "{all}"
@@ -1472,23 +1455,14 @@ async fn a_groups_shared_budget_is_spent_by_its_members_together_to_its_end() {
             .await
             .unwrap();
         let raw: rust_decimal::Decimal = raw.parse().unwrap();
-        let all: Value = client()
-            .get(format!("{}/api/v1/limits?institution=uni", w.serve.base))
-            .bearer_auth(&w.admin_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let l = all["limits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["limit_id"] == limit)
-            .unwrap_or_else(|| panic!("{all}"))
-            .clone();
-        let page: rust_decimal::Decimal = l["used"].as_str().unwrap().parse().unwrap();
+        let all = json_of(
+            &w,
+            "/api/v1/limits?institution=uni",
+            &Auth::Bearer(&w.admin_token),
+        )
+        .await;
+        let l = limit_on_page(&all, limit).clone();
+        let page = dec(&l["used"]);
         if stored == admitted.values().sum::<i64>() && l["reserved"] == "0" && page == raw {
             break raw;
         }

@@ -300,7 +300,7 @@ async fn login(s: &Server, user: &str, password: &str) -> String {
     session.split(';').next().unwrap().to_owned()
 }
 
-async fn get(url: &str, auth: &Auth<'_>) -> reqwest::Response {
+pub(crate) async fn get(url: &str, auth: &Auth<'_>) -> reqwest::Response {
     let mut r = client().get(url);
     match auth {
         Auth::Anonymous => {}
@@ -310,13 +310,13 @@ async fn get(url: &str, auth: &Auth<'_>) -> reqwest::Response {
     r.send().await.unwrap()
 }
 
-enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     Anonymous,
     Cookie(&'a str),
     Bearer(&'a str),
 }
 
-fn dec(v: &Value) -> Decimal {
+pub(crate) fn dec(v: &Value) -> Decimal {
     v.as_str()
         .unwrap_or_else(|| panic!("not a decimal string: {v}"))
         .parse::<Decimal>()
