@@ -62,6 +62,10 @@ pub fn state(
         ),
         store: Store::dashboard_reader(cfg),
         writer: Store::new(&cfg.clickhouse),
+        keys: Arc::new(crate::keys::store::Tables {
+            read: Store::dashboard_reader(cfg),
+            write: Store::new(&cfg.clickhouse),
+        }),
         book,
         ledger: crate::billing::ledger::LedgerCache::new(crate::billing::ledger::LedgerLog::new(
             cfg,

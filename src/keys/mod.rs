@@ -7,13 +7,15 @@
 //! of the whole key is stored; the key is printed once.
 
 pub mod crypto;
+pub mod store;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use crate::store::keys::{KeyEventRow, KeyRow};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+pub use store::KeyStore;
 
 /// What a key is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -294,7 +296,7 @@ fn next_version(current: Option<u64>) -> u64 {
 }
 
 async fn audit(
-    store: &Store,
+    store: &dyn KeyStore,
     actor: &str,
     action: &str,
     key_id: &str,
@@ -317,7 +319,7 @@ async fn audit(
 
 /// Creates a key; returns its stored state and the secret (shown once, never stored).
 pub async fn create(
-    store: &Store,
+    store: &dyn KeyStore,
     kind: KeyKind,
     spec: &KeySpec,
     actor: &str,
@@ -384,7 +386,11 @@ fn describe(row: &KeyRow) -> String {
 }
 
 /// A key's current state, if `institution` (when given) owns it.
-async fn owned(store: &Store, key_id: &str, institution: Option<&str>) -> Result<KeyRow, KeyError> {
+async fn owned(
+    store: &dyn KeyStore,
+    key_id: &str,
+    institution: Option<&str>,
+) -> Result<KeyRow, KeyError> {
     let row = store
         .key(key_id)
         .await?
@@ -401,7 +407,7 @@ async fn owned(store: &Store, key_id: &str, institution: Option<&str>) -> Result
 /// Revokes a key (every gateway refuses it within one refresh interval). `institution`
 /// confines the operation to that institution's keys.
 pub async fn revoke(
-    store: &Store,
+    store: &dyn KeyStore,
     key_id: &str,
     institution: Option<&str>,
     actor: &str,
@@ -413,7 +419,7 @@ pub async fn revoke(
 /// Revokes one of `user`'s own keys: another person's key is "not found", as an unknown
 /// id is (their ids are not for others to probe).
 pub async fn revoke_own(
-    store: &Store,
+    store: &dyn KeyStore,
     key_id: &str,
     institution: &str,
     user: &str,
@@ -426,7 +432,11 @@ pub async fn revoke_own(
     revoke_row(store, row, actor).await
 }
 
-async fn revoke_row(store: &Store, mut row: KeyRow, actor: &str) -> Result<KeyRow, KeyError> {
+async fn revoke_row(
+    store: &dyn KeyStore,
+    mut row: KeyRow,
+    actor: &str,
+) -> Result<KeyRow, KeyError> {
     let key_id = row.key_id.clone();
     let key_id = key_id.as_str();
     if row.revoked != 0 {
@@ -452,7 +462,7 @@ async fn revoke_row(store: &Store, mut row: KeyRow, actor: &str) -> Result<KeyRo
 /// Gives a key a new secret, same id and settings; the old secret stops working within
 /// one refresh interval.
 pub async fn rotate(
-    store: &Store,
+    store: &dyn KeyStore,
     key_id: &str,
     institution: Option<&str>,
     actor: &str,
@@ -486,7 +496,10 @@ pub async fn rotate(
 }
 
 /// Keys of one institution (or all), current state, newest first.
-pub async fn list(store: &Store, institution: Option<&str>) -> Result<Vec<KeyRow>, KeyError> {
+pub async fn list(
+    store: &dyn KeyStore,
+    institution: Option<&str>,
+) -> Result<Vec<KeyRow>, KeyError> {
     let mut rows: Vec<KeyRow> = store
         .current_keys()
         .await?
@@ -503,7 +516,7 @@ pub async fn list(store: &Store, institution: Option<&str>) -> Result<Vec<KeyRow
 
 /// Records an upstream-key change in the audit log (the key itself never).
 pub async fn audit_upstream(
-    store: &Store,
+    store: &dyn KeyStore,
     actor: &str,
     action: &str,
     institution: &str,

@@ -8,9 +8,8 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 
 use super::groups::Group;
 use super::members::{Member, Standing};
-use crate::keys::{self, KeyError, KeyKind, KeySpec, NewSecret};
+use crate::keys::{self, KeyError, KeyKind, KeySpec, KeyStore, NewSecret};
 use crate::store::keys::KeyRow;
-use crate::store::Store;
 
 /// What a member asks for.
 #[derive(Debug, Clone, Default)]
@@ -89,7 +88,7 @@ pub fn check(
 
 /// Creates a key for `member` (who is `actor`), if their standing and group allow it.
 pub async fn create(
-    store: &Store,
+    store: &dyn KeyStore,
     member: &Member,
     policy: &Group,
     req: &KeyRequest,

@@ -141,11 +141,11 @@ async fn page(
 ) -> Result<Response, AppError> {
     let now = Utc::now();
     let can_manage = CanManageKeys::allows(principal) && !csrf.is_empty();
-    let rows = keys::list(&state.store, institution).await?;
+    let rows = keys::list(state.keys.as_ref(), institution).await?;
     let sees_log = SeesKeyLog::allows(principal);
     let log = if sees_log {
         state
-            .store
+            .keys
             .key_events(institution, 200)
             .await?
             .into_iter()
@@ -191,7 +191,7 @@ pub async fn list(
     let institution = scoped.scope.institution();
     if uri.path().starts_with("/api/") {
         let now = Utc::now();
-        let rows = keys::list(&state.store, institution).await?;
+        let rows = keys::list(state.keys.as_ref(), institution).await?;
         let items: Vec<_> = rows
             .iter()
             .map(|k| {
@@ -299,7 +299,7 @@ pub async fn create(
     };
     let api = uri.path().starts_with("/api/");
     let result = keys::create(
-        &state.writer,
+        state.keys.as_ref(),
         KeyKind::Proxy,
         &spec,
         &actor(&allowed.principal),
@@ -369,7 +369,7 @@ pub async fn revoke(
 ) -> Result<Response, AppError> {
     let own = confine(&allowed.principal, None)?;
     let row = keys::revoke(
-        &state.writer,
+        state.keys.as_ref(),
         &key_id,
         own.as_deref(),
         &actor(&allowed.principal),

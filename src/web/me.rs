@@ -87,7 +87,7 @@ async fn by_own_key(state: &AppState, presented: &str) -> Result<Me, AppError> {
         next: String::new(),
     };
     let id = keys::key_id_of(presented).ok_or_else(refused)?;
-    let row = state.store.key(id).await?.ok_or_else(refused)?;
+    let row = state.keys.key(id).await?.ok_or_else(refused)?;
     let key = keys::Key::from_row(&row).ok_or_else(refused)?;
     if key.kind != KeyKind::Proxy || key.admit(presented, Utc::now()).is_err() {
         return Err(refused());
@@ -142,10 +142,7 @@ async fn read(state: &AppState, me: &Me, now: DateTime<Utc>) -> Result<Usage, Ap
     let from = NaiveDate::from_ymd_opt(today.year(), today.month(), 1).expect("a month");
     let mut sel = Selection::whole(from, today, Scope::One(me.institution.clone()));
     sel.user = Some(me.person.clone());
-    let mut keys = state
-        .store
-        .keys_of_user(&me.institution, &me.person)
-        .await?;
+    let mut keys = state.keys.keys_of_user(&me.institution, &me.person).await?;
     keys.retain(|k| k.kind == KeyKind::Proxy.as_str());
     keys.sort_by(|a, b| {
         b.created_at
@@ -569,10 +566,7 @@ pub async fn keys(
         return Ok(Redirect::to("/me#keys").into_response());
     }
     let now = Utc::now();
-    let rows = state
-        .store
-        .keys_of_user(&me.institution, &me.person)
-        .await?;
+    let rows = state.keys.keys_of_user(&me.institution, &me.person).await?;
     let mut rows: Vec<_> = rows
         .into_iter()
         .filter(|k| k.kind == KeyKind::Proxy.as_str())
@@ -670,7 +664,7 @@ pub async fn create(
         name: form.name,
         days,
     };
-    match own_keys::create(&state.writer, &member, &policy, &req).await {
+    match own_keys::create(state.keys.as_ref(), &member, &policy, &req).await {
         Ok((row, secret)) => {
             tracing::info!(institution = %me.institution, key_id = %row.key_id, "member created a key");
             page(
@@ -707,7 +701,7 @@ pub async fn revoke(
     CheckedForm(_): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
     match keys::revoke_own(
-        &state.writer,
+        state.keys.as_ref(),
         &key_id,
         &me.institution,
         &me.person,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub store: Store,
     /// Writes: issuing invoices, acknowledging alerts, the upkeep and evaluator tasks.
     pub writer: Store,
+    /// Keys and the key log (ClickHouse; memory in router tests).
+    pub keys: Arc<dyn crate::keys::KeyStore>,
     /// The price book, reloaded when its files change.
     pub book: crate::price::watch::SharedBook,
     pub auth: Auth,

@@ -1150,9 +1150,9 @@ async fn webhook_failures_log_no_secret_and_drafts_are_cached_and_limited() {
 
 /// Issue 12: the Keys page. An institution administrator (role `institution_admin`)
 /// creates a key for one of their people in the browser (shown once), the gateway
-/// accepts it, they revoke it in the browser and the gateway refuses it; they cannot
-/// touch another institution's keys; an institution user sees their keys but cannot
-/// manage them; finance sees all; every operation is in the admin's key log.
+/// accepts it, they revoke it in the browser and the gateway refuses it; their limits stay
+/// their institution's. Who may touch which keys, and the key log, are router tests
+/// (`src/web/tests/keys.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     use fantoccini::Locator;
@@ -1300,19 +1300,6 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The secret is never shown again, to anyone.
-    let admin = login(&s, "admin", "admin-password").await;
-    for who in [&admin, &login(&s, "alice", "alice-password").await] {
-        let page = get(&format!("{}/keys", s.base), &Auth::Cookie(who))
-            .await
-            .text()
-            .await
-            .unwrap();
-        assert!(page.contains(&key_id) && !page.contains(&secret[secret.len() - 20..]));
-    }
-
-    // Confinement: anna cannot create for inst-b nor revoke inst-b's key; bert cannot revoke
-    // anna's; alice (institution user) cannot manage at all.
     let form_post = |who: String, path: String, fields: Vec<(&'static str, String)>| {
         let http = http.clone();
         let base = s.base.clone();
@@ -1341,86 +1328,7 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         }
     };
     let anna = login(&s, "anna", "anna-password").await;
-    let bert = login(&s, "bert", "bert-password").await;
     let alice = login(&s, "alice", "alice-password").await;
-    assert_eq!(
-        form_post(
-            anna.clone(),
-            "/keys/create".into(),
-            vec![("institution", "inst-b".into()), ("user", "x".into())]
-        )
-        .await,
-        403
-    );
-    assert_eq!(
-        form_post(anna.clone(), format!("/keys/{other_id}/revoke"), vec![]).await,
-        404
-    );
-    assert_eq!(
-        form_post(bert.clone(), format!("/keys/{key_id}/revoke"), vec![]).await,
-        404
-    );
-    assert_eq!(
-        form_post(
-            alice.clone(),
-            "/keys/create".into(),
-            vec![("user", "x".into())]
-        )
-        .await,
-        403
-    );
-    assert_eq!(
-        form_post(alice.clone(), format!("/keys/{key_id}/revoke"), vec![]).await,
-        403
-    );
-    assert_eq!(
-        get(
-            &format!("{}/keys?institution=inst-b", s.base),
-            &Auth::Cookie(&anna)
-        )
-        .await
-        .status(),
-        403
-    );
-    // Without the session's CSRF token nothing happens.
-    let no_csrf = http
-        .post(format!("{}/keys/{key_id}/revoke", s.base))
-        .header("cookie", &anna)
-        .form(&[("csrf", "x")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(no_csrf.status(), 403);
-    // Alice's page lists the key without a revoke button or a create form.
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&alice))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        page.contains(&key_id)
-            && !page.contains("Revoke")
-            && !page.contains("form#create")
-            && !page.contains("id=\"create\"")
-    );
-    assert!(!page.contains(&other_id));
-    // Finance sees every institution's keys (JSON too), never a hash or secret.
-    let all: Value = get(
-        &format!("{}/api/v1/keys", s.base),
-        &Auth::Bearer(&s.tokens["fin"]),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let ids: Vec<&str> = all["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["key_id"].as_str().unwrap())
-        .collect();
-    assert!(ids.contains(&key_id.as_str()) && ids.contains(&other_id.as_str()));
-    assert!(!all.to_string().contains("secret") && !all.to_string().contains(&secret));
 
     // Limits (issue 13): anna sets a quota for one of her users, but not her
     // institution's own budget nor anything of inst-b's; alice cannot set any; each sees
@@ -1527,42 +1435,8 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The admin's key log: who did what, when.
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&admin))
-        .await
-        .text()
-        .await
-        .unwrap();
-    let log = page
-        .split("id=\"log\"")
-        .nth(1)
-        .expect("the admin sees the key log");
-    for action in ["create", "revoke"] {
-        assert!(
-            log.contains(&format!(
-                "<td>web:anna</td><td>{action}</td><td>{key_id}</td>"
-            )),
-            "{action} missing: {log}"
-        );
-    }
-    assert!(
-        log.contains(&format!("<td>{other_id}</td>")),
-        "the CLI's create is logged too"
-    );
-    // Finance manages but does not see the log; Anna's log is her institution's only.
-    let fin = login(&s, "fin", "fin-password").await;
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&fin))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert!(!page.contains("id=\"log\"") && page.contains("id=\"create\""));
-    let page = get(&format!("{}/keys", s.base), &Auth::Cookie(&anna))
-        .await
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("id=\"log\"") && !page.contains(&other_id));
+    // Who may create, revoke and see which keys, and the key log: the router tests
+    // (`src/web/tests/keys.rs`), against keys in memory.
     terminate(&mut s.serve.proc);
     env.drop_database().await;
 }

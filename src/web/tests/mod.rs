@@ -3,6 +3,8 @@
 //! and how refusals look. The store points at an address where nothing listens, so a
 //! request that got past its checks would fail loudly (500), never pass quietly.
 
+mod keys;
+
 use std::sync::Arc;
 
 use axum::body::Body;
