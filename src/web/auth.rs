@@ -417,6 +417,47 @@ impl FromRequestParts<Arc<AppState>> for Authed {
 
 pub use crate::domain::Scope;
 
+/// The `institution` query parameter as given (empty: "All institutions"); `None`
+/// when absent or given twice (ambiguous: refused where the query is read).
+fn picked_institution(query: &str) -> Option<String> {
+    let mut given = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "institution")
+        .map(|(_, v)| v.trim().to_owned());
+    let first = given.next()?;
+    given.next().is_none().then_some(first)
+}
+
+/// Where a page at `uri` (about institution `from`, in its path) goes when its picker
+/// names `to`: the same page of `to`, or the overview for every institution (`to`
+/// empty); the other parameters kept. `None` when the path does not name `from` plainly.
+fn repicked(uri: &axum::http::Uri, from: &str, to: &str) -> Option<String> {
+    let prefix = format!("/institutions/{from}");
+    let rest = uri.path().strip_prefix(&prefix)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let path = if to.is_empty() {
+        // Only the institution page itself has an every-institution twin.
+        if !rest.is_empty() {
+            return None;
+        }
+        "/".to_owned()
+    } else {
+        format!("/institutions/{}{rest}", crate::format::urlencode(to))
+    };
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .filter(|(k, v)| k != "institution" && !v.is_empty()),
+        )
+        .finish();
+    Some(if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    })
+}
+
 #[derive(Deserialize)]
 struct InstitutionParam {
     institution: Option<String>,
@@ -468,11 +509,22 @@ impl FromRequestParts<Arc<AppState>> for Scoped {
                 return Err(AppError::Forbidden);
             }
         }
-        if let (Some(a), Some(b)) = (&from_path, &from_query) {
-            if a != b {
-                return Err(AppError::BadRequest(
-                    "conflicting institutions in path and query".into(),
-                ));
+        // The institution picker on an institution's page names another (or "All
+        // institutions", empty): a page goes where the picker points; the API refuses
+        // two institutions (an empty parameter there is no parameter).
+        let picked = parts.uri.query().and_then(picked_institution);
+        if let (Some(a), Some(b)) = (&from_path, picked) {
+            if b != *a {
+                let api = parts.uri.path().starts_with("/api/");
+                match repicked(&parts.uri, a, &b).filter(|_| !api) {
+                    Some(to) => return Err(AppError::Redirect(to)),
+                    None if b.is_empty() => {}
+                    None => {
+                        return Err(AppError::BadRequest(
+                            "conflicting institutions in path and query".into(),
+                        ))
+                    }
+                }
             }
         }
         let requested = from_path.or(from_query);

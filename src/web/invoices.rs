@@ -112,24 +112,15 @@ async fn listing(
         message,
         failed,
         institutions: {
-            let mut ids: std::collections::BTreeSet<String> = state
-                .cfg
-                .institutions
-                .iter()
-                .map(|i| i.id.clone())
-                .collect();
-            ids.extend(rows.iter().map(|r| r.institution_id.clone()));
-            ids.into_iter()
-                .map(|id| {
-                    let name = state
-                        .cfg
-                        .institution(&id)
-                        .map(|i| i.name.clone())
-                        .filter(|n| !n.is_empty())
-                        .unwrap_or_else(|| id.clone());
-                    (id, name)
-                })
-                .collect()
+            // Every institution with usage or in the config, and any with an invoice.
+            let mut choices = state.institution_choices("").await?;
+            for r in &rows {
+                if !choices.iter().any(|(id, _)| *id == r.institution_id) {
+                    choices.push((r.institution_id.clone(), r.institution_id.clone()));
+                }
+            }
+            choices.sort();
+            choices
         },
         api_href: match scoped.scope.institution() {
             Some(i) => format!("/api/v1/invoices?institution={}", urlencode(i)),

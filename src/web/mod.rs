@@ -63,6 +63,33 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// (id, name) of every institution, for the institution pickers: those in the config
+    /// and every one with usage (finance bills institutions the config never named), and
+    /// `selected` if it is neither.
+    pub async fn institution_choices(
+        &self,
+        selected: &str,
+    ) -> Result<Vec<(String, String)>, AppError> {
+        let mut ids: std::collections::BTreeSet<String> =
+            self.cfg.institutions.iter().map(|i| i.id.clone()).collect();
+        ids.extend(self.store.institutions_with_usage(None).await?);
+        if !selected.is_empty() {
+            ids.insert(selected.to_owned());
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let name = self
+                    .cfg
+                    .institution(&id)
+                    .map(|i| i.name.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| id.clone());
+                (id, name)
+            })
+            .collect())
+    }
+
     pub fn base_url(&self) -> String {
         self.base_url
             .get()

@@ -307,14 +307,15 @@ pub fn query_string(filters: &Filters, extra: &[(&str, &str)]) -> String {
 }
 
 /// Renders `page` as JSON (API paths), CSV (`format=csv&table=...`) or HTML.
-pub fn respond(
+pub async fn respond(
     page: &PageData,
     filters: &Filters,
     path: &str,
     principal: &Principal,
     csrf: &str,
-    cfg: &crate::config::Config,
+    state: &super::AppState,
 ) -> Result<Response, AppError> {
+    let cfg = &state.cfg;
     if path.starts_with("/api/") {
         return Ok(axum::Json(page.to_json(filters)).into_response());
     }
@@ -392,23 +393,11 @@ pub fn respond(
             }
         })
         .collect();
-    let institutions: Vec<(String, String)> = {
-        let mut v: Vec<(String, String)> = cfg
-            .institutions
-            .iter()
-            .map(|i| {
-                let name = if i.name.is_empty() {
-                    i.id.clone()
-                } else {
-                    i.name.clone()
-                };
-                (i.id.clone(), name)
-            })
-            .collect();
-        if !filters.institution.is_empty() && !v.iter().any(|(id, _)| *id == filters.institution) {
-            v.push((filters.institution.clone(), filters.institution.clone()));
-        }
-        v
+    let show_institution_filter = principal.institution.is_none();
+    let institutions = if show_institution_filter {
+        state.institution_choices(&filters.institution).await?
+    } else {
+        Vec::new()
     };
     let presets = range_presets(filters, path, chrono::Utc::now().date_naive());
     let role = principal.role.as_str().to_owned();
@@ -435,7 +424,7 @@ pub fn respond(
         tables,
         notes: &page.notes,
         api_href: format!("/api/v1{path}?{}", query_string(filters, &[])),
-        show_institution_filter: principal.institution.is_none(),
+        show_institution_filter,
         institutions,
         presets,
     };

@@ -179,15 +179,19 @@ async fn page(
     message: String,
     failed: bool,
 ) -> Result<Response, AppError> {
-    let institutions: Vec<String> = state
-        .cfg
-        .institutions
-        .iter()
-        .map(|i| i.id.clone())
-        .collect();
     let institution = match scope {
         Scope::One(i) => i.clone(),
         Scope::All => String::new(),
+    };
+    let institutions: Vec<String> = if institution.is_empty() {
+        state
+            .institution_choices("")
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    } else {
+        Vec::new()
     };
     let (members, groups, total, month) = if institution.is_empty() {
         (Vec::new(), Vec::new(), 0, String::new())

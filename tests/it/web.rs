@@ -826,6 +826,64 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
         assert!(points.len() >= 31, "institution chart has points ({})", points.len());
         std::fs::write(shots.join("institution.png"), browser.screenshot().await?).unwrap();
+
+        // Issue 33, items 1 and 2: the picker on an institution's page names it and lists
+        // every institution with usage (none is in this config); picking another and
+        // pressing Apply opens that one's page (it was a JSON error), "All institutions"
+        // the overview; the dates stay.
+        let options = |browser: fantoccini::Client, css: &'static str| async move {
+            let v = browser
+                .execute(
+                    "return Array.from(document.querySelectorAll(arguments[0] + ' option')).map(o => o.value + (o.selected ? '*' : ''))",
+                    vec![serde_json::json!(css)],
+                )
+                .await?;
+            Ok::<Vec<String>, fantoccini::error::CmdError>(
+                serde_json::from_value(v).unwrap(),
+            )
+        };
+        assert_eq!(
+            options(browser.clone(), "form.filters select[name=institution]").await?,
+            ["", "inst-a*", "inst-b", "inst-c"]
+        );
+        browser
+            .find(Locator::Css("form.filters select[name=institution]"))
+            .await?
+            .select_by_value("inst-b")
+            .await?;
+        browser.find(Locator::Css("form.filters button[type=submit]")).await?.click().await?;
+        browser
+            .wait()
+            .for_element(Locator::XPath("//h1[text()='Institution inst-b']"))
+            .await?;
+        let at = browser.current_url().await?;
+        assert_eq!((at.path(), at.query()), ("/institutions/inst-b", Some(RANGE)));
+        assert_eq!(
+            options(browser.clone(), "form.filters select[name=institution]").await?,
+            ["", "inst-a", "inst-b*", "inst-c"]
+        );
+        std::fs::write(shots.join("institution-picked-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("institution-picked-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1600).await?;
+        browser
+            .find(Locator::Css("form.filters select[name=institution]"))
+            .await?
+            .select_by_value("")
+            .await?;
+        browser.find(Locator::Css("form.filters button[type=submit]")).await?.click().await?;
+        browser
+            .wait()
+            .for_element(Locator::XPath("//h1[text()='Overview']"))
+            .await?;
+        let at = browser.current_url().await?;
+        assert_eq!((at.path(), at.query()), ("/", Some(RANGE)));
+        // The invoice forms offer every institution too.
+        browser.goto(&format!("{}/invoices", s.base)).await?;
+        assert_eq!(
+            options(browser.clone(), "form[action='/invoices/draft'] select[name=institution]").await?,
+            ["inst-a*", "inst-b", "inst-c"]
+        );
         Ok(())
     }
     .await;

@@ -54,19 +54,22 @@ pub async fn list(
         uri.path(),
         &scoped.principal,
         &scoped.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }
 
 pub async fn one(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     Path(inst): Path<String>,
-    Query(filters): Query<Filters>,
+    Query(mut filters): Query<Filters>,
     uri: Uri,
 ) -> Result<Response, AppError> {
     let sel = selection(&filters, scoped.scope.clone(), state.cfg.web.max_range_days)?;
     debug_assert_eq!(sel.scope, Scope::One(inst.clone()));
+    // The picker shows the institution this page is about.
+    filters.institution = inst.clone();
     let store = &state.store;
     let config = state.cfg.institution(&inst);
     let hourly = (sel.to - sel.from).num_days() < 3;
@@ -188,8 +191,9 @@ pub async fn one(
         uri.path(),
         &scoped.principal,
         &scoped.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }
 
 /// Spend by group (the `group` tag the gateway puts on a member's requests: the group at

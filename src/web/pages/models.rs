@@ -124,6 +124,7 @@ pub async fn models(
         uri.path(),
         &scoped.principal,
         &scoped.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }

@@ -149,8 +149,9 @@ pub async fn overview(
         uri.path(),
         &scoped.principal,
         &scoped.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }
 
 /// "As billed": last billing month and this one, with the contract, in the institution's

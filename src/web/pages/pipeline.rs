@@ -196,8 +196,9 @@ pub async fn pipeline(
         uri.path(),
         &authed.principal,
         &authed.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }
 
 pub async fn rejected(
@@ -229,6 +230,7 @@ pub async fn rejected(
         uri.path(),
         &authed.principal,
         &authed.csrf,
-        &state.cfg,
+        &state,
     )
+    .await
 }

@@ -283,3 +283,46 @@ async fn failures_from_other_addresses_do_not_lock_a_user_out() {
         303
     );
 }
+
+/// Issue 33, item 1: the institution picker on an institution's page submits the page's
+/// own path with another institution; the page goes there (other parameters kept, empty
+/// ones dropped), "All institutions" goes to the overview, and the API still refuses.
+#[tokio::test]
+async fn picking_another_institution_on_an_institutions_page_goes_to_its_page() {
+    let state = state();
+    let (cookie, _) = session(&state, Role::Admin, None, None);
+    let app = router(state);
+    for (path, to) in [
+        (
+            "/institutions/uni-a?from=2026-10-01&to=2026-10-31&institution=uni-b&model=",
+            "/institutions/uni-b?from=2026-10-01&to=2026-10-31",
+        ),
+        (
+            "/institutions/uni-a?institution=&from=2026-10-01",
+            "/?from=2026-10-01",
+        ),
+        (
+            "/institutions/uni-a?institution=uni%20c",
+            "/institutions/uni%20c",
+        ),
+    ] {
+        let res = get(&app, path, Some(&cookie)).await;
+        assert_eq!(res.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(res.headers()[header::LOCATION], to, "{path}");
+    }
+    let res = get(
+        &app,
+        "/api/v1/institutions/uni-a?institution=uni-b",
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // Named twice: ambiguous, refused, never guessed.
+    let res = get(
+        &app,
+        "/institutions/uni-a?institution=uni-b&institution=uni-c",
+        Some(&cookie),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+}
