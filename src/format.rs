@@ -62,6 +62,40 @@ pub fn money(d: Decimal) -> String {
     )
 }
 
+/// Money on a page: as `money`, except an amount that rounds to zero cents but is not
+/// zero, which reads "< $0.01" (or "> -$0.01"): "$0.00" there would say nothing was spent.
+/// The exact amount stays in CSV, JSON and the cell's tooltip.
+pub fn money_on_page(d: Decimal) -> String {
+    let cent = Decimal::new(5, 3);
+    if !d.is_zero() && d.abs() < cent {
+        if d.is_sign_negative() {
+            "> -$0.01".into()
+        } else {
+            "< $0.01".into()
+        }
+    } else {
+        money(d)
+    }
+}
+
+/// Money on a chart's axis or in its tooltips: cents from one cent up; below that, two
+/// significant digits ("$0.0042"), so a chart of sub-cent spend has a scale.
+pub fn money_on_chart(d: Decimal) -> String {
+    if d.is_zero() || d.abs() >= Decimal::new(1, 2) {
+        money(d)
+    } else {
+        let r = d
+            .round_sf_with_strategy(2, RoundingStrategy::MidpointAwayFromZero)
+            .unwrap_or(d)
+            .normalize();
+        format!(
+            "{}${}",
+            if r.is_sign_negative() { "-" } else { "" },
+            r.abs()
+        )
+    }
+}
+
 /// One CSV field: quoted when it holds a separator, quote or line break, and defused
 /// when a spreadsheet would read it as a formula (a leading `=`, `@`, TAB or CR, or a
 /// `+`/`-` that does not start a number) by a leading `'`.
@@ -114,6 +148,20 @@ pub fn urlencode(s: &str) -> String {
 mod tests {
     use super::*;
     use rust_decimal_macros::dec;
+
+    #[test]
+    fn sub_cent_amounts_are_never_shown_as_zero() {
+        assert_eq!(money_on_page(dec!(0.004999)), "< $0.01");
+        assert_eq!(money_on_page(dec!(0.000000001)), "< $0.01");
+        assert_eq!(money_on_page(dec!(-0.0001)), "> -$0.01");
+        assert_eq!(money_on_page(dec!(0.005)), "$0.01");
+        assert_eq!(money_on_page(Decimal::ZERO), "$0.00");
+        assert_eq!(money_on_page(dec!(1234.5)), "$1,234.50");
+        assert_eq!(money_on_chart(dec!(0.0042137)), "$0.0042");
+        assert_eq!(money_on_chart(dec!(0.000375)), "$0.00038");
+        assert_eq!(money_on_chart(dec!(108.931851185)), "$108.93");
+        assert_eq!(money_on_chart(Decimal::ZERO), "$0.00");
+    }
 
     #[test]
     fn logged_input_cannot_forge_lines_or_flood() {

@@ -40,10 +40,29 @@ struct AlertsTemplate<'a> {
     rows: Vec<Row>,
 }
 
+/// A time with its zone; a time never recorded (0) says so instead of 1970.
 fn when(ts: u32) -> String {
+    if ts == 0 {
+        return "not recorded".into();
+    }
     chrono::DateTime::from_timestamp(i64::from(ts), 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
         .unwrap_or_default()
+}
+
+/// An observed value or baseline as people write numbers: "2", "0.25", "1,234.5" — not
+/// the column's fixed six decimals.
+fn number(d: rust_decimal::Decimal) -> String {
+    let s = d.normalize().to_string();
+    let (int, frac) = s
+        .split_once('.')
+        .map_or((s.as_str(), None), |(i, f)| (i, Some(f)));
+    let (sign, digits) = int.strip_prefix('-').map_or(("", int), |d| ("-", d));
+    let grouped = crate::format::group_thousands(digits);
+    match frac {
+        Some(f) => format!("{sign}{grouped}.{f}"),
+        None => format!("{sign}{grouped}"),
+    }
 }
 
 pub async fn list(
@@ -77,8 +96,8 @@ pub async fn list(
                 entity: i.entity,
                 fired: when(i.fired_at),
                 changed: when(i.changed_at),
-                observed: i.observed.to_string(),
-                baseline: i.baseline.to_string(),
+                observed: number(i.observed),
+                baseline: number(i.baseline),
                 message: i.message,
                 acknowledged_by: i.acknowledged_by,
             })
@@ -86,6 +105,21 @@ pub async fn list(
     }
     .render()?;
     Ok(Html(page).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn figures_and_times_read_as_people_write_them() {
+        assert_eq!(number(dec!(2.000000)), "2");
+        assert_eq!(number(dec!(0.250000)), "0.25");
+        assert_eq!(number(dec!(-1234.500000)), "-1,234.5");
+        assert_eq!(when(0), "not recorded");
+        assert_eq!(when(1_790_000_000), "2026-09-21 14:13 UTC");
+    }
 }
 
 #[derive(Deserialize)]

@@ -92,7 +92,7 @@ impl Chart {
             r#"<text x="{}" y="{}" text-anchor="end" font-size="12">{}</text>"#,
             LEFT - 4.0,
             TOP + 10.0,
-            esc(&format!("${}", max.round_dp(2)))
+            esc(&crate::format::money_on_chart(max))
         );
         let _ = write!(
             out,
@@ -135,11 +135,12 @@ impl Chart {
                         let label = self.labels.get(i).map(String::as_str).unwrap_or("");
                         let _ = write!(
                             out,
-                            r#"<circle class="pt" cx="{:.1}" cy="{:.1}" r="3" fill="{color}" data-value="{v}"><title>{} {}: ${v}</title></circle>"#,
+                            r#"<circle class="pt" cx="{:.1}" cy="{:.1}" r="3" fill="{color}" data-value="{v}"><title>{} {}: {}</title></circle>"#,
                             x(i),
                             y(*v),
                             esc(&s.name),
-                            esc(label)
+                            esc(label),
+                            esc(&crate::format::money_on_chart(*v))
                         );
                     }
                 }
@@ -152,10 +153,11 @@ impl Chart {
                         let label = self.labels.get(i).map(String::as_str).unwrap_or("");
                         let _ = write!(
                             out,
-                            r#"<rect class="pt" x="{bx:.1}" y="{by:.1}" width="{bw:.1}" height="{:.1}" fill="{color}" data-value="{v}"><title>{} {}: ${v}</title></rect>"#,
+                            r#"<rect class="pt" x="{bx:.1}" y="{by:.1}" width="{bw:.1}" height="{:.1}" fill="{color}" data-value="{v}"><title>{} {}: {}</title></rect>"#,
                             (TOP + plot_h - by).max(0.0),
                             esc(&s.name),
-                            esc(label)
+                            esc(label),
+                            esc(&crate::format::money_on_chart(*v))
                         );
                     }
                 }

@@ -61,13 +61,16 @@ struct LimitsTemplate<'a> {
 
 fn amount(metric: Metric, d: Decimal) -> String {
     match metric {
-        Metric::Usd => format!("${}", crate::format::money(d.round_dp(2))),
+        // `money` has its own dollar sign (this page printed "$$1.50").
+        Metric::Usd => crate::format::money_on_page(d),
         _ => d.normalize().to_string(),
     }
 }
 
-fn at(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M UTC").to_string()
+/// A period's bound in the institution's zone, named ("2026-12-01 00:00 CET"), as the
+/// gateway's refusal says when a limit renews.
+fn at(t: DateTime<Utc>, tz: chrono_tz::Tz) -> String {
+    t.with_timezone(&tz).format("%Y-%m-%d %H:%M %Z").to_string()
 }
 
 /// Whether `p` may set or remove limits of this scope: an institution's administrator
@@ -125,7 +128,10 @@ async fn page(
                 reserved: amount(s.metric, s.reserved),
                 remaining: amount(s.metric, s.remaining),
                 share,
-                period: format!("{} – {}", at(s.period_start), at(s.period_end)),
+                period: {
+                    let tz = state.cfg.institution_tz(&s.institution_id);
+                    format!("{} – {}", at(s.period_start, tz), at(s.period_end, tz))
+                },
                 blocked: s.blocked,
                 removable: can_manage && may_manage(principal, s.scope),
             }
@@ -139,7 +145,7 @@ async fn page(
         .into_iter()
         .map(|r| RefusalView {
             at: DateTime::from_timestamp(i64::from(r.at), 0)
-                .map(at)
+                .map(|t| at(t, state.cfg.institution_tz(&r.institution_id)))
                 .unwrap_or_default(),
             institution: r.institution_id,
             user: r.user_id,

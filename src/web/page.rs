@@ -13,7 +13,7 @@ use super::auth::Principal;
 use super::chart::Chart;
 use super::error::AppError;
 use super::query::Filters;
-use crate::format::{csv_field, group_thousands, html as esc, money, urlencode};
+use crate::format::{csv_field, group_thousands, html as esc, urlencode};
 
 #[derive(Debug, Clone)]
 pub enum Cell {
@@ -21,6 +21,8 @@ pub enum Cell {
     Int(i64),
     /// Exact USD.
     Money(Decimal),
+    /// No price yet for any of the row's usage: "unpriced" on a page, 0 in CSV and JSON.
+    Unpriced,
     Link {
         text: String,
         href: String,
@@ -33,6 +35,7 @@ impl Cell {
             Cell::Text(s) | Cell::Link { text: s, .. } => s.clone(),
             Cell::Int(i) => i.to_string(),
             Cell::Money(d) => d.normalize().to_string(),
+            Cell::Unpriced => "0".into(),
         }
     }
 
@@ -47,7 +50,15 @@ impl Cell {
         match self {
             Cell::Text(s) => esc(s),
             Cell::Int(i) => group_thousands(&i.to_string()),
-            Cell::Money(d) => format!(r#"<span title="{}">{}</span>"#, d.normalize(), money(*d)),
+            Cell::Money(d) => format!(
+                r#"<span title="{}">{}</span>"#,
+                d.normalize(),
+                crate::format::money_on_page(*d)
+            ),
+            Cell::Unpriced => {
+                r#"<span class="unpriced" title="no price for this usage yet">unpriced</span>"#
+                    .into()
+            }
             Cell::Link { text, href } => format!(r#"<a href="{}">{}</a>"#, esc(href), esc(text)),
         }
     }
@@ -70,7 +81,7 @@ impl Cell {
     }
 
     fn numeric(&self) -> bool {
-        matches!(self, Cell::Int(_) | Cell::Money(_))
+        matches!(self, Cell::Int(_) | Cell::Money(_) | Cell::Unpriced)
     }
 }
 
@@ -86,11 +97,15 @@ pub struct Table {
 pub struct Figure {
     pub label: String,
     pub value: Cell,
+    /// A part of the label that links somewhere (an invoice number to its document).
+    pub link: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
 pub struct PageData {
     pub title: String,
+    /// The days the page's figures cover (UTC), said under the title.
+    pub range: Option<(chrono::NaiveDate, chrono::NaiveDate)>,
     pub figures: Vec<Figure>,
     pub charts: Vec<Chart>,
     pub tables: Vec<Table>,
@@ -101,6 +116,7 @@ impl PageData {
     pub fn new(title: impl Into<String>) -> Self {
         Self {
             title: title.into(),
+            range: None,
             figures: vec![],
             charts: vec![],
             tables: vec![],
@@ -108,10 +124,34 @@ impl PageData {
         }
     }
 
+    /// A page about the days of `sel` (every page with date filters): says which.
+    pub fn about(title: impl Into<String>, sel: &crate::domain::Selection) -> Self {
+        Self {
+            range: Some((sel.from, sel.to)),
+            ..Self::new(title)
+        }
+    }
+
     pub fn figure(&mut self, label: impl Into<String>, value: Cell) {
         self.figures.push(Figure {
             label: label.into(),
             value,
+            link: None,
+        });
+    }
+
+    /// A figure whose label names something with a page of its own: `text` (a part of
+    /// the label) links to `href` on the page; JSON and CSV keep the label as text.
+    pub fn figure_linked(
+        &mut self,
+        label: impl Into<String>,
+        value: Cell,
+        link: Option<(String, String)>,
+    ) {
+        self.figures.push(Figure {
+            label: label.into(),
+            value,
+            link,
         });
     }
 
@@ -221,6 +261,7 @@ fn display_order(columns: &[&str]) -> Vec<usize> {
 }
 
 struct HtmlFigure {
+    /// HTML (escaped, with the figure's link).
     label: String,
     value: String,
 }
@@ -229,6 +270,8 @@ struct HtmlFigure {
 #[template(path = "page.html")]
 struct PageTemplate<'a> {
     title: &'a str,
+    /// "1 – 31 October 2026 (UTC days)" or None.
+    range: Option<String>,
     user: &'a str,
     role: &'a str,
     csrf: &'a str,
@@ -244,6 +287,22 @@ struct PageTemplate<'a> {
     institutions: Vec<(String, String)>,
     /// (label, href, active) date-range shortcuts.
     presets: Vec<(&'static str, String, bool)>,
+}
+
+/// The days a page covers, in words: "1 – 31 October 2026", "28 November – 7 December
+/// 2026", "30 December 2025 – 2 January 2026", "7 December 2026"; UTC days, said.
+pub fn range_label(from: chrono::NaiveDate, to: chrono::NaiveDate) -> String {
+    use chrono::Datelike;
+    let days = if from == to {
+        to.format("%-d %B %Y").to_string()
+    } else if from.year() != to.year() {
+        format!("{} – {}", from.format("%-d %B %Y"), to.format("%-d %B %Y"))
+    } else if from.month() != to.month() {
+        format!("{} – {}", from.format("%-d %B"), to.format("%-d %B %Y"))
+    } else {
+        format!("{} – {}", from.format("%-d"), to.format("%-d %B %Y"))
+    };
+    format!("{days} (UTC days)")
 }
 
 /// "This month", "Last month", "This quarter", "Last 30 days": the same page and
@@ -403,6 +462,7 @@ pub async fn respond(
     let role = principal.role.as_str().to_owned();
     let t = PageTemplate {
         title: &page.title,
+        range: page.range.map(|(from, to)| range_label(from, to)),
         user: &principal.name,
         role: &role,
         csrf,
@@ -412,7 +472,19 @@ pub async fn respond(
             .figures
             .iter()
             .map(|f| HtmlFigure {
-                label: f.label.clone(),
+                label: match &f.link {
+                    Some((text, href)) if f.label.contains(text.as_str()) => {
+                        let (before, after) = f.label.split_once(text.as_str()).expect("contains");
+                        format!(
+                            r#"{}<a href="{}">{}</a>{}"#,
+                            esc(before),
+                            esc(href),
+                            esc(text),
+                            esc(after)
+                        )
+                    }
+                    _ => esc(&f.label),
+                },
                 value: f.value.html(),
             })
             .collect(),
@@ -434,6 +506,31 @@ pub async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_is_said_in_words_without_repeating_its_month_or_year() {
+        let d = |y, m, d| chrono::NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        for (from, to, said) in [
+            (
+                d(2026, 10, 1),
+                d(2026, 10, 31),
+                "1 – 31 October 2026 (UTC days)",
+            ),
+            (
+                d(2026, 11, 28),
+                d(2026, 12, 7),
+                "28 November – 7 December 2026 (UTC days)",
+            ),
+            (
+                d(2025, 12, 30),
+                d(2026, 1, 2),
+                "30 December 2025 – 2 January 2026 (UTC days)",
+            ),
+            (d(2026, 12, 7), d(2026, 12, 7), "7 December 2026 (UTC days)"),
+        ] {
+            assert_eq!(range_label(from, to), said);
+        }
+    }
     use rust_decimal_macros::dec;
 
     #[test]

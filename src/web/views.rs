@@ -41,7 +41,11 @@ fn metric_cells(a: &Agg) -> Vec<Cell> {
         Cell::Int(a.cache_write_tokens),
         Cell::Int(a.output_tokens),
         Cell::Int(a.reasoning_tokens),
-        Cell::Money(a.cost()),
+        if a.events > 0 && a.unpriced_events == a.events && a.cost().is_zero() {
+            Cell::Unpriced
+        } else {
+            Cell::Money(a.cost())
+        },
     ]
 }
 

@@ -946,6 +946,27 @@ async fn groups_suspension_overrides_claims_and_isolation() {
         used("uni:group:staff:usd:month") > rust_decimal::Decimal::ZERO,
         "{all}"
     );
+    // Issue 33, item 7: the Limits page gives a period's bounds in the institution's zone,
+    // named — as the gateway's refusal says when a limit renews ("00:00 CET", not
+    // "23:00 UTC") — and its money once ("$0.01", it printed "$$0.01").
+    let html = client()
+        .get(format!("{}/limits?institution=uni", w.serve.base))
+        .bearer_auth(&w.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let oslo = chrono::Utc::now().with_timezone(&chrono_tz::Europe::Oslo);
+    let zone = oslo.format("%Z").to_string();
+    let month = oslo.format("%Y-%m-01").to_string();
+    assert!(
+        html.contains(&format!("{month} 00:00 {zone} – ")),
+        "the month starts at midnight in Oslo: {html}"
+    );
+    assert!(!html.contains(" UTC – "), "{html}");
+    assert!(html.contains("$0.") && !html.contains("$$"), "{html}");
 
     // The isolation sweep: as kari (uni, member), every page and API of the dashboard.
     let others = [

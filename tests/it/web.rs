@@ -800,7 +800,29 @@ async fn institution_users_see_only_their_institution_and_anonymous_nothing() {
 async fn browser_logs_in_and_sees_charts_with_data() {
     use fantoccini::Locator;
     let env = TestEnv::new("browser", 1).await;
-    load_known(&env).await;
+    let known = load_known(&env).await;
+    // An institution that spent less than a cent, part of it on a model without a price.
+    env.store
+        .insert_events(&[
+            row(
+                9_001,
+                "inst-tiny",
+                "gpt-4o-mini",
+                15,
+                Decimal::new(375, 6),
+                true,
+            ),
+            row(
+                9_002,
+                "inst-tiny",
+                "mystery-model",
+                15,
+                Decimal::ZERO,
+                false,
+            ),
+        ])
+        .await
+        .unwrap();
     let mut s = start_server(&env).await;
     let (mut driver, browser, _profile) = headless_chromium(1280, 1600).await;
     let shots = crate::harness::repo().join("target/screenshots");
@@ -814,6 +836,22 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         // The overview's figures (the login page has an `h1` too).
         browser.wait().for_element(Locator::Css(".figure")).await?;
         assert_eq!(browser.current_url().await?.path(), "/", "logged in and sent to the overview");
+        // Issue 33, item 8: every view says which days it shows (by default this month).
+        let today = chrono::Utc::now().date_naive();
+        let range = browser.find(Locator::Css("#range")).await?.text().await?;
+        assert!(
+            range.starts_with("Showing 1")
+                && range.ends_with(&format!("{} (UTC days)", today.format("%B %Y"))),
+            "{range}"
+        );
+        for (page, title) in [("institutions", "Institutions"), ("models", "Models")] {
+            browser.goto(&format!("{}/{page}?{RANGE}", s.base)).await?;
+            assert_eq!(browser.find(Locator::Css("h1")).await?.text().await?, title);
+            assert_eq!(
+                browser.find(Locator::Css("#range")).await?.text().await?,
+                "Showing 1 – 31 October 2026 (UTC days)"
+            );
+        }
         browser.goto(&format!("{}/?{RANGE}", s.base)).await?;
         let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
         assert_eq!(points.len(), 31, "one point per day on the overview chart");
@@ -826,6 +864,45 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         let points = browser.find_all(Locator::Css("svg.chart .pt")).await?;
         assert!(points.len() >= 31, "institution chart has points ({})", points.len());
         std::fs::write(shots.join("institution.png"), browser.screenshot().await?).unwrap();
+        // Issue 33, item 5: one period per view — October selected, the budget card is
+        // October's ($1,000 budget; it was this month's beside October's spend) ...
+        let figures = |browser: fantoccini::Client| async move {
+            let v = browser
+                .execute(
+                    "return Array.from(document.querySelectorAll('.figure')).map(f => [f.querySelector('.label').textContent, f.querySelector('.value').textContent])",
+                    vec![],
+                )
+                .await?;
+            Ok::<Vec<(String, String)>, fantoccini::error::CmdError>(serde_json::from_value(v).unwrap())
+        };
+        let october = known.per_inst["inst-a"];
+        let cents = |d: Decimal| {
+            format!("${:.2}", d.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero))
+        };
+        assert!(october < Decimal::ONE_THOUSAND, "no thousands separator to write");
+        let want = [
+            ("Budget used October 2026".to_owned(), format!("{}%", (october / Decimal::TEN).round_dp(1))),
+            (
+                "Budget remaining October 2026".to_owned(),
+                cents(Decimal::ONE_THOUSAND - october),
+            ),
+            ("Spend October 2026".to_owned(), cents(october)),
+        ];
+        let shown = figures(browser.clone()).await?;
+        for w in &want {
+            assert!(shown.contains(w), "{w:?} in {shown:?}");
+        }
+        assert!(!shown.iter().any(|(l, _)| l.contains("this month") || l.starts_with("Projected")), "{shown:?}");
+        let charts = browser
+            .execute("return Array.from(document.querySelectorAll('h2, figcaption, .chart-title')).map(e => e.textContent)", vec![])
+            .await?;
+        assert!(charts.to_string().contains("Budget burn-down October 2026"), "{charts}");
+        // ... and a view of one user has no budget card beside that user's spend.
+        browser.goto(&format!("{}/institutions/inst-a?{RANGE}&user=user0@inst-a", s.base)).await?;
+        let shown = figures(browser.clone()).await?;
+        assert!(!shown.iter().any(|(l, _)| l.contains("budget") || l.contains("Budget")), "{shown:?}");
+        assert!(browser.source().await?.contains("The monthly budget is the whole institution"));
+        browser.goto(&format!("{}/institutions/inst-a?{RANGE}", s.base)).await?;
 
         // Issue 33, items 1 and 2: the picker on an institution's page names it and lists
         // every institution with usage (none is in this config); picking another and
@@ -844,7 +921,7 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         };
         assert_eq!(
             options(browser.clone(), "form.filters select[name=institution]").await?,
-            ["", "inst-a*", "inst-b", "inst-c"]
+            ["", "inst-a*", "inst-b", "inst-c", "inst-tiny"]
         );
         browser
             .find(Locator::Css("form.filters select[name=institution]"))
@@ -860,7 +937,7 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         assert_eq!((at.path(), at.query()), ("/institutions/inst-b", Some(RANGE)));
         assert_eq!(
             options(browser.clone(), "form.filters select[name=institution]").await?,
-            ["", "inst-a", "inst-b*", "inst-c"]
+            ["", "inst-a", "inst-b*", "inst-c", "inst-tiny"]
         );
         std::fs::write(shots.join("institution-picked-1280.png"), browser.screenshot().await?).unwrap();
         browser.set_window_size(390, 844).await?;
@@ -882,8 +959,45 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         browser.goto(&format!("{}/invoices", s.base)).await?;
         assert_eq!(
             options(browser.clone(), "form[action='/invoices/draft'] select[name=institution]").await?,
-            ["inst-a*", "inst-b", "inst-c"]
+            ["inst-a*", "inst-b", "inst-c", "inst-tiny"]
         );
+        // Item 6: less than a cent is "< $0.01", usage without a price "unpriced" (both
+        // read "$0.00" before); the chart's scale and tooltips are in sub-cents too.
+        browser.goto(&format!("{}/institutions/inst-tiny?{RANGE}", s.base)).await?;
+        let cost_of = |model: &'static str| {
+            let browser = browser.clone();
+            async move {
+                let v = browser
+                    .execute(
+                        "const row = Array.from(document.querySelectorAll('tbody tr')).find(r => r.cells[0].textContent.trim() === arguments[0]); return row ? row.cells[1].textContent.trim() : null",
+                        vec![serde_json::json!(model)],
+                    )
+                    .await?;
+                Ok::<_, fantoccini::error::CmdError>(v.as_str().map(str::to_owned))
+            }
+        };
+        assert_eq!(cost_of("gpt-4o-mini").await?.as_deref(), Some("< $0.01"));
+        assert_eq!(cost_of("mystery-model").await?.as_deref(), Some("unpriced"));
+        let spend = browser.find(Locator::Css(".figure")).await?.text().await?;
+        assert!(spend.contains("< $0.01"), "{spend}");
+        let svg = browser.find(Locator::Css("svg.chart")).await?.html(false).await?;
+        assert!(svg.contains(">$0.00038<") && !svg.contains(">$0.00<"), "{svg}");
+        std::fs::write(shots.join("sub-cent-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("sub-cent-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1600).await?;
+        // Item 11: a link followed while signed out (as from an alert e-mail) leads,
+        // after signing in, to the page it named, not to the overview.
+        browser.find(Locator::Css("form[action='/logout'] button")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("input[name=username]")).await?;
+        browser.goto(&format!("{}/models?{RANGE}", s.base)).await?;
+        browser.wait().for_element(Locator::Css("input[name=username]")).await?;
+        browser.find(Locator::Css("input[name=username]")).await?.send_keys("fin").await?;
+        browser.find(Locator::Css("input[name=password]")).await?.send_keys("fin-password").await?;
+        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser.wait().for_element(Locator::XPath("//h1[text()='Models']")).await?;
+        let at = browser.current_url().await?;
+        assert_eq!((at.path(), at.query()), ("/models", Some(RANGE)));
         Ok(())
     }
     .await;
@@ -1704,6 +1818,26 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         let (label, value) = figure("Last month as billed").await?;
         assert!(label.contains("invoice TT-"), "{label}");
         assert_eq!(value, b_expected, "{label}");
+        // Issue 33, item 10: the invoice number links to its document, and the
+        // institution's own page (where finance lands) shows the same figure.
+        let number = label
+            .split("invoice ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .unwrap()
+            .to_owned();
+        let link = browser.find(Locator::Css(".figure .label a")).await?;
+        assert_eq!(link.text().await?, number);
+        assert_eq!(
+            link.attr("href").await?.as_deref(),
+            Some(format!("/institutions/inst-b/invoices/{number}/pdf").as_str())
+        );
+        browser.goto(&format!("{base}/institutions/inst-b")).await?;
+        assert_eq!(figure("Last month as billed").await?, (label.clone(), value));
+        std::fs::write(shots.join("institution-as-billed-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("institution-as-billed-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1000).await?;
         Ok(())
     }
     .await;
@@ -1779,4 +1913,113 @@ async fn changed_text(browser: &fantoccini::Client, css: &str, before: &str) -> 
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Issue 33, item 9: the alerts table as ops read it at 1280 px and on a phone — the
+/// plain-language message right after the state (it was the 9th column, off-screen),
+/// figures as written ("2", not "2.000000"), firing rows marked, "Acknowledge" only on
+/// open incidents (a resolved one offered it), times with their zone, and a fired time
+/// that was never recorded said so (it showed 1970).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_page_puts_the_message_first_and_acknowledges_only_open_incidents() {
+    use fantoccini::Locator;
+    use tokentally::store::alerts::AlertRow;
+    let env = TestEnv::new("alertspage", 1).await;
+    let now = chrono::Utc::now().timestamp() as u32;
+    let alert = |id: &str, at: u32, seq: u64, state: &str, message: &str| AlertRow {
+        alert_id: id.into(),
+        at,
+        seq,
+        state: state.into(),
+        kind: "spend_spike".into(),
+        entity: "inst-a".into(),
+        institution_id: "inst-a".into(),
+        severity: "warning".into(),
+        observed: 2_000_000,
+        baseline: 250_000,
+        threshold: 1_000_000,
+        message: message.into(),
+        actor: String::new(),
+    };
+    env.store
+        .record_alerts(&[
+            alert(
+                "a1",
+                now - 3_600,
+                1,
+                "firing",
+                "inst-a spent $2.00 this hour, usually $0.25",
+            ),
+            alert(
+                "b2",
+                now - 10_800,
+                1,
+                "firing",
+                "inst-a spent $2.00 at night",
+            ),
+            alert("b2", now - 7_200, 2, "resolved", ""),
+            alert("c3", now - 1_800, 1, "resolved", ""),
+        ])
+        .await
+        .unwrap();
+    // No evaluator: the incidents stay as written.
+    let mut s = start_server_with(&env, "[alerts]\nenabled = false\n").await;
+    let (mut driver, browser, _profile) = headless_chromium(1280, 1000).await;
+    let shots = crate::harness::repo().join("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let result: Result<(), fantoccini::error::CmdError> = async {
+        browser.goto(&format!("{}/login?next=/alerts", s.base)).await?;
+        browser.find(Locator::Css("input[name=username]")).await?.send_keys("ops").await?;
+        browser.find(Locator::Css("input[name=password]")).await?.send_keys("ops-password").await?;
+        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser.wait().for_element(Locator::Css("tr[data-alert=a1]")).await?;
+        let cells = |id: &'static str| {
+            let browser = browser.clone();
+            async move {
+                let v = browser
+                    .execute(
+                        "const r = document.querySelector(`tr[data-alert='${arguments[0]}']`); return [r.className, Array.from(r.cells).map(c => c.textContent.trim())];",
+                        vec![serde_json::json!(id)],
+                    )
+                    .await?;
+                let (class, cells): (String, Vec<String>) = serde_json::from_value(v).unwrap();
+                Ok::<_, fantoccini::error::CmdError>((class, cells))
+            }
+        };
+        let headers = browser
+            .execute("return Array.from(document.querySelectorAll('thead th')).map(t => t.textContent)", vec![])
+            .await?;
+        assert_eq!(headers[1], "Message");
+        let (class, a) = cells("a1").await?;
+        assert_eq!(class, "state-firing");
+        assert_eq!(a[1], "inst-a spent $2.00 this hour, usually $0.25");
+        assert_eq!((a[7].as_str(), a[8].as_str()), ("2", "0.25"));
+        assert!(a[5].ends_with(" UTC") && a[6].ends_with(" UTC"), "{a:?}");
+        assert_eq!(a[9], "Acknowledge");
+        let (class, b) = cells("b2").await?;
+        assert_eq!(class, "state-resolved");
+        assert_eq!(b[9], "", "a resolved incident offers nothing to acknowledge");
+        let (_, c) = cells("c3").await?;
+        assert_eq!(c[5], "not recorded");
+        // The message is in view at 1280 px.
+        let right = browser
+            .execute("return document.querySelector('tr[data-alert=a1] td.message').getBoundingClientRect().left < document.documentElement.clientWidth", vec![])
+            .await?;
+        assert_eq!(right, serde_json::json!(true));
+        std::fs::write(shots.join("alerts-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("alerts-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1000).await?;
+        // Acknowledging the open one: its row names who.
+        browser.find(Locator::Css("tr[data-alert=a1] button")).await?.click().await?;
+        browser.wait().for_element(Locator::XPath("//tr[@data-alert='a1']/td[10][text()='ops']")).await?;
+        Ok(())
+    }
+    .await;
+    let _ = browser.close().await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    result.unwrap();
+    terminate(&mut s.serve.proc);
+    env.drop_database().await;
 }

@@ -18,7 +18,8 @@ use crate::web::error::AppError;
 use crate::web::page::{respond, Cell, PageData, Table};
 use crate::web::query::{selection, Filters};
 use crate::web::views::{
-    agg_table, burn_down, daily, hour_labels, institution_link, month_start, series_by_model,
+    agg_table, burn_down, daily, hour_labels, institution_link, month_start, next_month,
+    series_by_model,
 };
 use crate::web::AppState;
 
@@ -39,7 +40,7 @@ pub async fn list(
             10_000,
         )
         .await?;
-    let mut page = PageData::new("Institutions");
+    let mut page = PageData::about("Institutions", &sel);
     page.figure("Institutions with usage", Cell::Int(rows.len() as i64));
     page.tables.push(agg_table(
         "institutions",
@@ -79,23 +80,30 @@ pub async fn one(
         GroupKey::Day
     };
     // Independent queries, run concurrently: the page costs the slowest, not the sum.
-    let (by_model, users, keys, series_rows, tags, groups) = tokio::try_join!(
-        store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),
-        store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, 20),
-        store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, 20),
-        store.aggregate(&sel, time_key, GroupKey::Model, Order::Key, 1_000_000),
-        store.tag_totals(&sel, None, 20),
-        store.tag_totals(&sel, Some(GROUP_TAG), 100),
-    )?;
+    let (sums, billed) = tokio::join!(
+        async {
+            tokio::try_join!(
+                store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),
+                store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, 20),
+                store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, 20),
+                store.aggregate(&sel, time_key, GroupKey::Model, Order::Key, 1_000_000),
+                store.tag_totals(&sel, None, 20),
+                store.tag_totals(&sel, Some(GROUP_TAG), 100),
+            )
+        },
+        super::overview::as_billed_or_why(&state, &inst),
+    );
+    let (by_model, users, keys, series_rows, tags, groups) = sums?;
     if config.is_none() && by_model.is_empty() && !store.institution_has_usage(&inst).await? {
         return Err(AppError::NotFound);
     }
 
-    let mut page = PageData::new(
+    let mut page = PageData::about(
         match config.map(|c| c.name.as_str()).filter(|n| !n.is_empty()) {
             Some(name) => format!("{name} ({inst})"),
             None => format!("Institution {inst}"),
         },
+        &sel,
     );
     let total: Decimal = by_model.iter().map(Agg::cost).sum();
     page.figure(
@@ -107,6 +115,8 @@ pub async fn one(
         "Unpriced events",
         Cell::Int(by_model.iter().map(|a| a.unpriced_events).sum()),
     );
+    // Where finance lands: the contract's figures beside the list prices.
+    super::overview::push_billed(&mut page, billed);
 
     // Over time, by model (top 6 models by spend; the rest as "other").
     let top: Vec<&str> = by_model.iter().take(6).map(|a| a.key.as_str()).collect();
@@ -125,21 +135,48 @@ pub async fn one(
         labels,
     });
 
-    // Budget burn-down for the current month.
+    // Budget burn-down for the month the view ends in (so far, if it is this month): one
+    // period per view. The budget is the institution's: a view narrowed to a user, key,
+    // model or tag does not put it beside that part's spend.
     let today = Utc::now().date_naive();
-    if let Some(budget) = config.and_then(|c| c.monthly_budget_usd) {
-        let month = Selection::whole(month_start(today), today, Scope::One(inst.clone()));
+    let narrowed = [&filters.user, &filters.key, &filters.model, &filters.tag]
+        .iter()
+        .any(|f| !f.trim().is_empty());
+    let budget = config.and_then(|c| c.monthly_budget_usd);
+    if let (Some(_), true) = (budget, narrowed) {
+        page.notes.push(
+            "The monthly budget is the whole institution's: clear the user, key, model and tag filters to see it."
+                .into(),
+        );
+    }
+    if let Some(budget) = budget.filter(|_| !narrowed) {
+        let month = month_start(sel.to.min(today));
+        let current = month == month_start(today);
+        let as_of = if current {
+            today
+        } else {
+            next_month(month) - chrono::Duration::days(1)
+        };
+        let name = month.format("%B %Y").to_string();
+        let whole = Selection::whole(month, as_of, Scope::One(inst.clone()));
         let days = store
-            .aggregate(&month, GroupKey::Day, GroupKey::None, Order::Key, 100)
+            .aggregate(&whole, GroupKey::Day, GroupKey::None, Order::Key, 100)
             .await?;
-        let (labels, daily_values) = daily(&month, &days);
-        let b = burn_down(budget, today, labels, &daily_values);
+        let (labels, daily_values) = daily(&whole, &days);
+        let b = burn_down(budget, as_of, labels, &daily_values);
         page.figure("Monthly budget", Cell::Money(budget));
-        page.figure("Budget used this month", Cell::Text(b.used_percent.clone()));
-        page.figure("Budget remaining", Cell::Money(b.remaining));
-        page.figure("Projected month-end spend", Cell::Money(b.projected));
+        page.figure(
+            format!("Budget used {name}"),
+            Cell::Text(b.used_percent.clone()),
+        );
+        page.figure(format!("Budget remaining {name}"), Cell::Money(b.remaining));
+        if current {
+            page.figure("Projected month-end spend", Cell::Money(b.projected));
+        } else {
+            page.figure(format!("Spend {name}"), Cell::Money(b.used));
+        }
         page.charts.push(Chart {
-            title: "Budget burn-down this month (cumulative USD)".into(),
+            title: format!("Budget burn-down {name} (cumulative USD)"),
             kind: Kind::Line,
             series: vec![
                 Series {
@@ -153,7 +190,7 @@ pub async fn one(
             ],
             labels: b.labels,
         });
-    } else {
+    } else if budget.is_none() {
         page.notes.push("No monthly budget is configured for this institution ([[institutions]] in the config).".into());
     }
     page.tables

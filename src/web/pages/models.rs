@@ -34,7 +34,7 @@ pub async fn models(
             1000,
         )
         .await?;
-    let mut page = PageData::new("Models");
+    let mut page = PageData::about("Models", &sel);
     page.figure("Models used", Cell::Int(rows.len() as i64));
     page.figure(
         "Spend",

@@ -29,11 +29,10 @@ pub async fn overview(
     let store = &state.store;
     let today = Utc::now().date_naive();
     let last = month_start(today) - Duration::days(1);
-    let mut billed_problem: Option<String> = None;
     let billed = async {
         match &sel.scope {
-            Scope::One(inst) => as_billed(&state, inst).await.map(Some),
-            Scope::All => Ok(None),
+            Scope::One(inst) => Some(as_billed_or_why(&state, inst).await),
+            Scope::All => None,
         }
     };
     let (sums, billed) = tokio::join!(
@@ -48,36 +47,22 @@ pub async fn overview(
         billed,
     );
     let (by_day, by_model, this_month, last_month) = sums?;
-    // Billing figures need the invoice ledger; when it cannot be read (a document is
-    // missing, ClickHouse refuses), spend still renders and the page says what is wrong.
-    let billed = match billed {
-        Ok(b) => b,
-        Err(AppError::Conflict(why)) => {
-            billed_problem = Some(why);
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "as-billed figures unavailable on the overview");
-            billed_problem = Some(
-                "the invoice ledger could not be read just now; spend figures are unaffected"
-                    .into(),
-            );
-            None
-        }
-    };
 
-    let mut page = PageData::new(match &sel.scope {
-        Scope::All => "Overview".to_owned(),
-        Scope::One(i) => match state
-            .cfg
-            .institution(i)
-            .map(|c| c.name.as_str())
-            .filter(|n| !n.is_empty())
-        {
-            Some(name) => format!("Overview — {name} ({i})"),
-            None => format!("Overview — {i}"),
+    let mut page = PageData::about(
+        match &sel.scope {
+            Scope::All => "Overview".to_owned(),
+            Scope::One(i) => match state
+                .cfg
+                .institution(i)
+                .map(|c| c.name.as_str())
+                .filter(|n| !n.is_empty())
+            {
+                Some(name) => format!("Overview — {name} ({i})"),
+                None => format!("Overview — {i}"),
+            },
         },
-    });
+        &sel,
+    );
     let total: Decimal = by_day.iter().map(Agg::cost).sum();
     page.figure(
         format!("Spend {} – {}", sel.from, sel.to),
@@ -94,13 +79,8 @@ pub async fn overview(
         let rejected = store.rejected_since(ts(today)).await?;
         page.figure("Rejected events today", Cell::Int(rejected as i64));
     }
-    for (label, amount) in billed.unwrap_or_default() {
-        page.figure(label, Cell::Money(amount));
-    }
-    if let Some(why) = billed_problem {
-        page.notes.push(format!(
-            "\"As billed\" is not shown: {why} (the pipeline page and `tokentally ledger` show the ledger's state and how to restore it)."
-        ));
+    if let Some(billed) = billed {
+        push_billed(&mut page, billed);
     }
     page.notes.push(
         "Spend figures are list prices, by UTC day. \"As billed\" applies the institution's contract in its billing month (its time zone), exactly as its invoice does."
@@ -154,10 +134,49 @@ pub async fn overview(
     .await
 }
 
+/// One "as billed" figure: its label, amount, and the invoice it comes from (number,
+/// document) if issued.
+pub(super) type BilledFigure = (String, Decimal, Option<(String, String)>);
+
+/// "As billed" for one institution, or why it cannot be shown: billing figures need the
+/// invoice ledger; when it cannot be read (a document is missing, ClickHouse refuses),
+/// spend still renders and the page says what is wrong.
+pub(super) async fn as_billed_or_why(
+    state: &AppState,
+    inst: &str,
+) -> Result<Vec<BilledFigure>, String> {
+    match as_billed(state, inst).await {
+        Ok(b) => Ok(b),
+        Err(AppError::Conflict(why)) => Err(why),
+        Err(e) => {
+            tracing::warn!(error = %e, "as-billed figures unavailable");
+            Err(
+                "the invoice ledger could not be read just now; spend figures are unaffected"
+                    .into(),
+            )
+        }
+    }
+}
+
+/// Adds the "as billed" figures (the invoice number links to its document), or a note
+/// saying why they are missing.
+pub(super) fn push_billed(page: &mut PageData, billed: Result<Vec<BilledFigure>, String>) {
+    match billed {
+        Ok(figures) => {
+            for (label, amount, link) in figures {
+                page.figure_linked(label, Cell::Money(amount), link);
+            }
+        }
+        Err(why) => page.notes.push(format!(
+            "\"As billed\" is not shown: {why} (the pipeline page and `tokentally ledger` show the ledger's state and how to restore it)."
+        )),
+    }
+}
+
 /// "As billed": last billing month and this one, with the contract, in the institution's
 /// time zone — the issued invoice's total where there is one, else the live draft's (both
 /// at once).
-async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)>, AppError> {
+async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<BilledFigure>, AppError> {
     use crate::billing::issue::Billing;
     use crate::billing::{Customer, Period};
     let c = Customer::resolve(&state.cfg, inst);
@@ -173,16 +192,28 @@ async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<(String, Decimal)
     let figure = |label: &'static str, period: Period| {
         let (billing, ledger, contract, tz) = (&billing, &ledger, &contract, c.tz.name());
         async move {
-            let (total, source) = match ledger.live_invoice(inst, period) {
-                Some(d) => (d.total, format!("invoice {}", d.number)),
+            let (total, source, link) = match ledger.live_invoice(inst, period) {
+                Some(d) => {
+                    let href = format!(
+                        "/institutions/{}/invoices/{}/pdf",
+                        crate::format::urlencode(inst),
+                        crate::format::urlencode(&d.number)
+                    );
+                    (
+                        d.total,
+                        format!("invoice {}", d.number),
+                        Some((d.number.clone(), href)),
+                    )
+                }
                 None => {
                     let d = billing.draft(ledger, inst, period).await?;
-                    (d.total, "draft".to_owned())
+                    (d.total, "draft".to_owned(), None)
                 }
             };
             Ok::<_, AppError>((
                 format!("{label} ({period}, {tz}, {contract}; {source})"),
                 total,
+                link,
             ))
         }
     };

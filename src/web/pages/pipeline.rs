@@ -158,7 +158,7 @@ pub async fn pipeline(
                 vec![
                     Cell::Text(
                         chrono::DateTime::from_timestamp(r.received_at.into(), 0)
-                            .map(|t| t.to_rfc3339())
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
                             .unwrap_or_default(),
                     ),
                     Cell::Int(r.kafka_partition.into()),
