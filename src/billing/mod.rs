@@ -716,6 +716,11 @@ impl Document {
         c
     }
 
+    /// A draft (numbered "DRAFT" until issued): its documents say so on every page.
+    pub fn is_draft(&self) -> bool {
+        self.number == "DRAFT"
+    }
+
     pub fn title(&self) -> &'static str {
         match self.kind {
             Kind::Invoice => "Invoice",

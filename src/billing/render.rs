@@ -297,6 +297,25 @@ struct Page<'a> {
 }
 
 impl Page<'_> {
+    /// "DRAFT" across the page in light grey, under everything written after it: a draft
+    /// must never pass for an invoice.
+    fn watermark(&self) {
+        use printpdf::{Color, Greyscale, TextMatrix};
+        self.layer.save_graphics_state();
+        self.layer
+            .set_fill_color(Color::Greyscale(Greyscale::new(0.85, None)));
+        self.layer.begin_text_section();
+        self.layer.set_font(self.font, 110.0);
+        self.layer.set_text_matrix(TextMatrix::TranslateRotate(
+            Mm(48.0).into(),
+            Mm(75.0).into(),
+            52.0,
+        ));
+        self.layer.write_text("DRAFT", self.font);
+        self.layer.end_text_section();
+        self.layer.restore_graphics_state();
+    }
+
     fn text(&self, s: &str, size: f32, x: f32, y: f32) {
         self.layer.use_text(s, size, Mm(x), Mm(y), self.font);
     }
@@ -385,6 +404,8 @@ struct Sheet<'a> {
     pdf: &'a printpdf::PdfDocumentReference,
     pages: Vec<Page<'a>>,
     y: f32,
+    /// Every page watermarked "DRAFT".
+    draft: bool,
 }
 
 impl<'a> Sheet<'a> {
@@ -405,6 +426,9 @@ impl<'a> Sheet<'a> {
             font: first.font,
             metrics: first.metrics,
         };
+        if self.draft {
+            page.watermark();
+        }
         self.pages.push(page);
         self.y = PAGE_H - 22.0;
     }
@@ -441,7 +465,11 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
             metrics: &metrics,
         }],
         y: PAGE_H - 22.0,
+        draft: doc.is_draft(),
     };
+    if sheet.draft {
+        sheet.page().watermark();
+    }
     pdf_header(doc, &mut sheet);
     pdf_lines(doc, &mut sheet);
     pdf_totals(doc, &mut sheet);
@@ -473,7 +501,12 @@ fn pdf_header(doc: &Document, sheet: &mut Sheet<'_>) {
     let p = sheet.page();
     let y = sheet.y;
     p.text(&doc.issuer.name, 15.0, LEFT, y);
-    p.right(&doc.title().to_uppercase(), 18.0, RIGHT, y);
+    let title = if doc.is_draft() {
+        format!("DRAFT {}", doc.title().to_uppercase())
+    } else {
+        doc.title().to_uppercase()
+    };
+    p.right(&title, 18.0, RIGHT, y);
     let mut ly = y - 6.0;
     for a in &doc.issuer.address {
         p.text(a, 9.0, LEFT, ly);
@@ -493,6 +526,9 @@ fn pdf_header(doc: &Document, sheet: &mut Sheet<'_>) {
     ];
     if let Some(r) = &doc.references {
         facts.push(("Cancels invoice", r.clone()));
+    }
+    if doc.is_draft() {
+        facts.push(("Status", "draft - not an invoice, nothing to pay".into()));
     }
     if !doc.customer_reference.is_empty() {
         facts.push(("Your reference", doc.customer_reference.clone()));

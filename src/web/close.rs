@@ -58,6 +58,8 @@ pub struct CellView {
     /// What to show.
     pub text: String,
     pub draft_href: String,
+    /// The issued document (PDF), for an issued month.
+    pub invoice_href: Option<String>,
 }
 
 #[derive(Template)]
@@ -161,18 +163,14 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 Status::Ready => format!("ended, not invoiced · {}", money(amount)),
                 Status::NoUsage => "no usage".to_owned(),
                 Status::Blocked => format!(
-                    "blocked: {} unpriced request(s) of {} — add prices, run `tokentally reprice`",
+                    "blocked · {} priced; {} request(s) of {} have no price yet — ready once ops price and reprice them, or issue it now without them",
+                    money(amount),
                     unpriced.events,
                     unpriced.models.join(", ")
                 ),
-                Status::Issued => format!(
-                    "issued {} · {}",
-                    invoice.as_ref().map_or("", |d| d.number.as_str()),
-                    money(amount)
-                ),
+                Status::Issued => format!("issued · {}", money(amount)),
                 Status::AdjustmentsPending => format!(
-                    "issued {} · {}; adjustments pending {}{}",
-                    invoice.as_ref().map_or("", |d| d.number.as_str()),
+                    "issued · {}; adjustments pending {}{}",
                     money(amount),
                     money(pending),
                     if late > 0 {
@@ -187,12 +185,19 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 period: p.to_string(),
                 status,
                 amount,
-                invoice: invoice.map(|d| d.number),
                 pending,
                 unpriced_events: unpriced.events,
                 unpriced_models: unpriced.models,
                 text,
                 draft_href,
+                invoice_href: invoice.as_ref().map(|d| {
+                    format!(
+                        "/institutions/{}/invoices/{}/pdf",
+                        urlencode(&inst),
+                        urlencode(&d.number)
+                    )
+                }),
+                invoice: invoice.map(|d| d.number),
             });
         }
         rows.push((inst, name, cells));
@@ -255,6 +260,10 @@ pub struct IssueForm {
     institution: String,
     #[serde(default)]
     period: String,
+    /// "1": issue a blocked month without its unpriced usage (listed on the invoice, not
+    /// billed; billed on a later invoice once priced and repriced).
+    #[serde(default)]
+    allow_unpriced: String,
     #[serde(default)]
     csrf: String,
 }
@@ -275,6 +284,7 @@ pub async fn issue(
 ) -> Result<Response, AppError> {
     let book = state.book.current();
     let billing = Billing::new(&state.cfg, &state.writer, &book);
+    let allow_unpriced = form.allow_unpriced.trim() == "1";
     let targets: Vec<(String, Period)> =
         if form.institution.trim().is_empty() && form.period.trim().is_empty() {
             matrix(&state)
@@ -291,7 +301,9 @@ pub async fn issue(
     let mut issued = Vec::new();
     let mut refused = Vec::new();
     for (inst, p) in targets {
-        match billing.issue(&inst, p, false).await {
+        // Only a single month, named, may go without its unpriced usage.
+        let allow = allow_unpriced && !form.institution.trim().is_empty();
+        match billing.issue(&inst, p, allow).await {
             Ok(d) => {
                 tracing::info!(user = %allowed.principal.name, number = %d.number, "invoice issued from the close page");
                 issued.push(format!("{} ({inst} {p}, {})", d.number, money(d.total)));

@@ -183,12 +183,57 @@ fn file(bytes: Vec<u8>, name: &str, content_type: &str) -> Response {
         .into_response()
 }
 
-/// `GET /institutions/{institution}/invoices/{number}/{format}`: the frozen bytes.
+/// An issued document's checks or lines as a page (an accountant's view; the JSON twin is
+/// under `/api/v1`).
+#[derive(Template)]
+#[template(path = "invoice_detail.html")]
+struct DetailTemplate<'a> {
+    user: &'a str,
+    role: &'a str,
+    csrf: &'a str,
+    pipeline: bool,
+    title: String,
+    /// (passed, in words)
+    verdict: Option<(bool, String)>,
+    notes: Vec<String>,
+    columns: Vec<&'static str>,
+    /// Cells: (text, link).
+    rows: Vec<Vec<(String, Option<String>)>>,
+    json_href: String,
+    pdf_href: String,
+}
+
+/// `GET /institutions/{institution}/invoices/{number}/{format}`: the frozen bytes, or
+/// (`verify`, `lines`) a page, JSON under `/api/v1`.
 pub async fn download(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
+    uri: Uri,
     Path((inst, number, format)): Path<(String, String, String)>,
 ) -> Result<Response, AppError> {
+    let api = uri.path().starts_with("/api/");
+    let detail = |title: String,
+                  verdict: Option<(bool, String)>,
+                  notes: Vec<String>,
+                  columns: Vec<&'static str>,
+                  rows: Vec<Vec<(String, Option<String>)>>| {
+        let role = scoped.principal.role.as_str();
+        DetailTemplate {
+            user: &scoped.principal.name,
+            role,
+            csrf: &scoped.csrf,
+            pipeline: scoped.principal.sees_pipeline(),
+            title,
+            verdict,
+            notes,
+            columns,
+            rows,
+            json_href: format!("/api/v1{}", uri.path()),
+            pdf_href: href(&inst, &number, "pdf"),
+        }
+        .render()
+        .map(|h| Html(h).into_response())
+    };
     debug_assert_eq!(scoped.scope.institution(), Some(inst.as_str()));
     let row = state
         .store
@@ -221,7 +266,53 @@ pub async fn download(
             let book = state.book.current();
             let audit = crate::billing::audit::Audit::new(&state.cfg, &state.store, &book);
             let v = audit.verify(frozen.document.as_bytes()).await?;
-            Ok(axum::Json(v).into_response())
+            if api {
+                return Ok(axum::Json(v).into_response());
+            }
+            let verdict = if v.ok {
+                format!("Verified: {number} is the document the ledger holds, and every line matches the stored events and the price book.")
+            } else {
+                format!("Not verified: {}", v.document.problems.join("; "))
+                    .trim_end_matches(": ")
+                    .to_owned()
+            };
+            let rows = v
+                .lines
+                .iter()
+                .map(|l| {
+                    vec![
+                        (l.line.to_string(), None),
+                        (l.description.clone(), None),
+                        (
+                            if l.ok {
+                                "matches".into()
+                            } else {
+                                l.problems.join("; ")
+                            },
+                            None,
+                        ),
+                        (
+                            if l.arrived_later > 0 {
+                                format!("{} (on a later invoice)", l.arrived_later)
+                            } else {
+                                "none".into()
+                            },
+                            None,
+                        ),
+                    ]
+                })
+                .collect();
+            let mut notes = Vec::new();
+            if let Some(n) = &v.price_book_note {
+                notes.push(n.clone());
+            }
+            Ok(detail(
+                format!("Verification of {number}"),
+                Some((v.ok, verdict)),
+                notes,
+                vec!["Line", "Description", "Check", "Events arrived since"],
+                rows,
+            )?)
         }
         "lines" => {
             // The lines with a link to the events behind each ("explain this line").
@@ -245,7 +336,61 @@ pub async fn download(
                     })
                 })
                 .collect();
-            Ok(axum::Json(json!({"number": number, "lines": lines})).into_response())
+            if api {
+                return Ok(axum::Json(json!({"number": number, "lines": lines})).into_response());
+            }
+            let rows = doc
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    vec![
+                        ((i + 1).to_string(), None),
+                        (l.description(), None),
+                        (l.period.to_string(), None),
+                        (
+                            crate::format::group_thousands(&l.quantity.to_string()),
+                            None,
+                        ),
+                        (
+                            l.billed_unit_price(doc.contract_percent)
+                                .normalize()
+                                .to_string(),
+                            None,
+                        ),
+                        (money(l.amount), None),
+                        (
+                            doc.manifest
+                                .get(i)
+                                .map_or_else(String::new, |m| m.events.to_string()),
+                            None,
+                        ),
+                        (
+                            "events (CSV)".into(),
+                            Some(format!("{}/{}", href(&inst, &number, "lines"), i + 1)),
+                        ),
+                    ]
+                })
+                .collect();
+            Ok(detail(
+                format!("Lines of {number}"),
+                None,
+                vec![format!(
+                    "Each line's events, as billed, download as CSV; the invoice's total is {}.",
+                    money(doc.total)
+                )],
+                vec![
+                    "Line",
+                    "Description",
+                    "Period",
+                    "Quantity",
+                    "Unit price (USD)",
+                    "Amount",
+                    "Events",
+                    "Explain",
+                ],
+                rows,
+            )?)
         }
         _ => Err(AppError::NotFound),
     }

@@ -88,6 +88,36 @@ struct KeysTemplate<'a> {
     failed: bool,
     /// A key just created: shown once.
     created: Option<(String, String)>,
+    /// What the create form held when it was refused (kept, to correct), else empty.
+    kept: CreateForm,
+}
+
+/// What the page says after an action: a message (an error if `failed`), a key just
+/// created (shown once), or a refused form's values.
+#[derive(Default)]
+struct Said {
+    message: String,
+    failed: bool,
+    created: Option<(String, String)>,
+    kept: Option<CreateForm>,
+}
+
+impl Said {
+    fn done(message: String) -> Self {
+        Said {
+            message,
+            ..Said::default()
+        }
+    }
+
+    fn refused(message: String, kept: Option<CreateForm>) -> Self {
+        Said {
+            message,
+            failed: true,
+            kept,
+            ..Said::default()
+        }
+    }
 }
 
 fn view(k: &KeyRow, now: DateTime<Utc>, can_manage: bool) -> KeyView {
@@ -135,9 +165,7 @@ async fn page(
     principal: &Principal,
     csrf: &str,
     institution: Option<&str>,
-    message: String,
-    failed: bool,
-    created: Option<(String, String)>,
+    said: Said,
 ) -> Result<Response, AppError> {
     let now = Utc::now();
     let can_manage = CanManageKeys::allows(principal) && !csrf.is_empty();
@@ -173,9 +201,10 @@ async fn page(
             log,
             sees_log,
             can_manage,
-            message,
-            failed,
-            created,
+            message: said.message,
+            failed: said.failed,
+            created: said.created,
+            kept: said.kept.unwrap_or_default(),
         }
         .render()?,
     )
@@ -211,17 +240,16 @@ pub async fn list(
         &scoped.principal,
         &scoped.csrf,
         institution,
-        String::new(),
-        false,
-        None,
+        Said::default(),
     )
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Clone)]
 pub struct CreateForm {
     #[serde(default)]
     institution: String,
+    #[serde(default)]
     user: String,
     #[serde(default)]
     name: String,
@@ -260,20 +288,10 @@ fn number<T: std::str::FromStr>(field: &str, v: &str) -> Result<T, AppError> {
     })
 }
 
-/// Who did it, for the audit log.
-fn actor(p: &Principal) -> String {
-    format!("web:{}", p.name)
-}
-
-/// `POST /keys/create` (and `/api/v1/keys/create`): a proxy key, shown once.
-pub async fn create(
-    State(state): State<Arc<AppState>>,
-    allowed: Allowed<CanManageKeys>,
-    uri: Uri,
-    CheckedForm(form): CheckedForm<CreateForm>,
-) -> Result<Response, AppError> {
+/// The key a create form describes, its fields checked (the institution against who asks).
+fn spec_of(principal: &Principal, form: &CreateForm) -> Result<KeySpec, AppError> {
     let requested = Some(form.institution.trim()).filter(|i| !i.is_empty());
-    let institution = confine(&allowed.principal, requested)?
+    let institution = confine(principal, requested)?
         .ok_or_else(|| AppError::BadRequest("institution is required".into()))?;
     let expires = match form.expires.trim() {
         "" => None,
@@ -282,8 +300,8 @@ pub async fn create(
                 .map_err(|_| AppError::BadRequest("expires must be a date (YYYY-MM-DD)".into()))?,
         ),
     };
-    let spec = KeySpec {
-        institution_id: institution.clone(),
+    Ok(KeySpec {
+        institution_id: institution,
         user_id: form.user.trim().into(),
         name: form.name.trim().into(),
         models: form
@@ -296,8 +314,39 @@ pub async fn create(
         expires,
         rpm: number("rpm", &form.rpm)?,
         tpm: number("tpm", &form.tpm)?,
-    };
+    })
+}
+
+/// Who did it, for the audit log.
+fn actor(p: &Principal) -> String {
+    format!("web:{}", p.name)
+}
+
+/// `POST /keys/create` (and `/api/v1/keys/create`): a proxy key, shown once.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    allowed: Allowed<CanManageKeys>,
+    uri: Uri,
+    CheckedForm(form): CheckedForm<CreateForm>,
+) -> Result<Response, AppError> {
     let api = uri.path().starts_with("/api/");
+    let scope = allowed.principal.institution.as_deref();
+    let spec = match spec_of(&allowed.principal, &form) {
+        Ok(spec) => spec,
+        // A page keeps what was typed and says what to correct.
+        Err(AppError::BadRequest(why)) if !api => {
+            return page(
+                &state,
+                &allowed.principal,
+                &allowed.csrf,
+                scope,
+                Said::refused(format!("Not created: {why}."), Some(form)),
+            )
+            .await;
+        }
+        Err(e) => return Err(e),
+    };
+    let institution = spec.institution_id.clone();
     let result = keys::create(
         state.keys.as_ref(),
         KeyKind::Proxy,
@@ -305,7 +354,6 @@ pub async fn create(
         &actor(&allowed.principal),
     )
     .await;
-    let scope = allowed.principal.institution.as_deref();
     match result {
         Ok((row, new)) => {
             tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), key_id = %row.key_id, institution = %crate::format::log_safe(&institution, 64), "key created from the dashboard");
@@ -320,12 +368,13 @@ pub async fn create(
                 &allowed.principal,
                 &allowed.csrf,
                 scope,
-                format!(
-                    "Created key {} for {} at {institution}.",
-                    row.key_id, row.user_id
-                ),
-                false,
-                Some((row.key_id, new.secret)),
+                Said {
+                    created: Some((row.key_id.clone(), new.secret)),
+                    ..Said::done(format!(
+                        "Created key {} for {} at {institution}.",
+                        row.key_id, row.user_id
+                    ))
+                },
             )
             .await
         }
@@ -335,9 +384,7 @@ pub async fn create(
                 &allowed.principal,
                 &allowed.csrf,
                 scope,
-                format!("Not created: {m}"),
-                true,
-                None,
+                Said::refused(format!("Not created: {m}."), Some(form)),
             )
             .await
         }
@@ -384,12 +431,10 @@ pub async fn revoke(
         &allowed.principal,
         &allowed.csrf,
         own.as_deref(),
-        format!(
+        Said::done(format!(
             "Revoked key {}; every gateway refuses it within seconds.",
             row.key_id
-        ),
-        false,
-        None,
+        )),
     )
     .await
 }

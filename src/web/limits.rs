@@ -57,6 +57,8 @@ struct LimitsTemplate<'a> {
     can_manage: bool,
     message: String,
     failed: bool,
+    /// What the set form held when it was refused (kept, to correct), else empty.
+    kept: SetForm,
 }
 
 fn amount(metric: Metric, d: Decimal) -> String {
@@ -86,6 +88,7 @@ async fn page(
     institution: Option<&str>,
     message: String,
     failed: bool,
+    kept: Option<SetForm>,
 ) -> Result<Response, AppError> {
     let now = Utc::now();
     let standings = crate::limits::standings(
@@ -165,6 +168,7 @@ async fn page(
             can_manage,
             message,
             failed,
+            kept: kept.unwrap_or_default(),
         }
         .render()?,
     )
@@ -213,20 +217,25 @@ pub async fn list(
         institution,
         String::new(),
         false,
+        None,
     )
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, Clone)]
 pub struct SetForm {
     #[serde(default)]
     institution: String,
     /// `institution`, `user` or `key`.
+    #[serde(default)]
     scope: String,
     #[serde(default)]
     subject: String,
+    #[serde(default)]
     metric: String,
+    #[serde(default)]
     amount: String,
+    #[serde(default)]
     period: String,
     #[serde(default = "block")]
     mode: String,
@@ -256,11 +265,57 @@ pub async fn set(
     uri: Uri,
     CheckedForm(form): CheckedForm<SetForm>,
 ) -> Result<Response, AppError> {
+    let api = uri.path().starts_with("/api/");
+    let limit = match limit_of(&allowed.principal, &form) {
+        Ok(l) => l,
+        // A page keeps what was typed and says what to correct, beside the form.
+        Err(AppError::BadRequest(why)) if !api => {
+            let own = allowed.principal.institution.as_deref();
+            return page(
+                &state,
+                &allowed.principal,
+                &allowed.csrf,
+                own,
+                format!("Not set: {why}."),
+                true,
+                Some(form),
+            )
+            .await;
+        }
+        Err(e) => return Err(e),
+    };
+    let actor = format!("web:{}", allowed.principal.name);
+    crate::limits::set(&state.writer, &limit, &actor)
+        .await
+        .map_err(AppError::Internal)?;
+    tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), limit = %crate::format::log_safe(&limit.id(), 200), "limit set from the dashboard");
+    if api {
+        return Ok(axum::Json(json!({"limit_id": limit.id()})).into_response());
+    }
+    let own = allowed.principal.institution.as_deref();
+    page(
+        &state,
+        &allowed.principal,
+        &allowed.csrf,
+        own,
+        format!(
+            "Set {}: {}. Gateways apply it within seconds.",
+            limit.subject_label(),
+            limit.amount_label()
+        ),
+        false,
+        None,
+    )
+    .await
+}
+
+/// The limit a set form describes, checked: who may set it, and every field.
+fn limit_of(principal: &Principal, form: &SetForm) -> Result<Limit, AppError> {
     let requested = Some(form.institution.trim()).filter(|i| !i.is_empty());
-    let institution = confine(&allowed.principal, requested)?
+    let institution = confine(principal, requested)?
         .ok_or_else(|| AppError::BadRequest("institution is required".into()))?;
     let scope: LimitScope = form.scope.trim().parse().map_err(bad)?;
-    if !may_manage(&allowed.principal, scope) {
+    if !may_manage(principal, scope) {
         return Err(AppError::Forbidden);
     }
     let limit = Limit {
@@ -287,28 +342,7 @@ pub async fn set(
         mode: form.mode.trim().parse::<LimitMode>().map_err(bad)?,
     };
     limit.validate().map_err(bad)?;
-    let actor = format!("web:{}", allowed.principal.name);
-    crate::limits::set(&state.writer, &limit, &actor)
-        .await
-        .map_err(AppError::Internal)?;
-    tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), limit = %crate::format::log_safe(&limit.id(), 200), "limit set from the dashboard");
-    if uri.path().starts_with("/api/") {
-        return Ok(axum::Json(json!({"limit_id": limit.id()})).into_response());
-    }
-    let own = allowed.principal.institution.as_deref();
-    page(
-        &state,
-        &allowed.principal,
-        &allowed.csrf,
-        own,
-        format!(
-            "Set {}: {}. Gateways apply it within seconds.",
-            limit.subject_label(),
-            limit.amount_label()
-        ),
-        false,
-    )
-    .await
+    Ok(limit)
 }
 
 #[derive(Deserialize)]
@@ -361,6 +395,7 @@ pub async fn remove(
         own.as_deref(),
         format!("Removed {}.", limit.id()),
         false,
+        None,
     )
     .await
 }

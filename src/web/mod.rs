@@ -242,11 +242,44 @@ async fn reject_repeated_parameters(
 struct ErrorPage<'a> {
     title: &'a str,
     message: &'a str,
+    /// A refused view's own address and what was typed into its URL, to correct and
+    /// send again: (name, value, input type).
+    retry: Option<Retry>,
 }
 
-/// A page (not `/api/…`) that fails says why on a page of the dashboard, not as JSON.
+/// A refused view's path and its parameters: (name, value, input type).
+type Retry = (String, Vec<(String, String, &'static str)>);
+
+/// What a refused `GET` page asked for, as a form to correct: each query parameter
+/// (dates as date fields where they are dates), the path as its action.
+fn retry_form(uri: &axum::http::Uri) -> Option<Retry> {
+    let query = uri.query().filter(|q| !q.is_empty())?;
+    // Only a path of this site ("//host/…" would send the form elsewhere).
+    if !uri.path().starts_with('/') || uri.path().starts_with("//") {
+        return None;
+    }
+    let fields = form_urlencoded::parse(query.as_bytes())
+        .take(20)
+        .map(|(k, v)| {
+            let date = matches!(k.as_ref(), "from" | "to")
+                && chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d").is_ok();
+            (
+                k.chars().take(40).collect(),
+                v.chars().take(200).collect(),
+                if date { "date" } else { "text" },
+            )
+        })
+        .collect();
+    Some((uri.path().to_owned(), fields))
+}
+
+/// A page (not `/api/…`) that fails says why on a page of the dashboard, not as JSON; a
+/// refused view (400 on a `GET`) keeps what was typed into its URL in a form to correct.
 async fn html_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let page = !req.uri().path().starts_with("/api/");
+    let retry = (req.method() == axum::http::Method::GET)
+        .then(|| retry_form(req.uri()))
+        .flatten();
     let res = next.run(req).await;
     let status = res.status();
     let json = res
@@ -281,6 +314,7 @@ async fn html_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     let html = askama::Template::render(&ErrorPage {
         title,
         message: &message,
+        retry: retry.filter(|_| status == axum::http::StatusCode::BAD_REQUEST),
     })
     .unwrap_or_else(|_| crate::format::html(&message));
     parts.headers.remove(header::CONTENT_LENGTH);

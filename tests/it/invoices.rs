@@ -1135,7 +1135,7 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     // usage as issued, and the verification, for the institution's own invoice only.
     let mine = &numbers["uni-c"];
     let lines: Value = get(
-        format!("/institutions/uni-c/invoices/{mine}/lines"),
+        format!("/api/v1/institutions/uni-c/invoices/{mine}/lines"),
         Some(alice.clone()),
     )
     .await
@@ -1159,7 +1159,7 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
         "{csv}"
     );
     let verified: Value = get(
-        format!("/institutions/uni-c/invoices/{mine}/verify"),
+        format!("/api/v1/institutions/uni-c/invoices/{mine}/verify"),
         Some(alice.clone()),
     )
     .await
@@ -1168,6 +1168,38 @@ async fn portal_serves_each_institution_only_its_own_frozen_invoices() {
     .await
     .unwrap();
     assert_eq!(verified["ok"], true, "{verified:#}");
+    // The same as pages an accountant can read (issue 33, item 3: they were raw JSON).
+    for (what, says) in [
+        (
+            "verify",
+            format!("Verified: {mine} is the document the ledger holds"),
+        ),
+        ("lines", format!("Lines of {mine}")),
+    ] {
+        let res = get(
+            format!("/institutions/uni-c/invoices/{mine}/{what}"),
+            Some(alice.clone()),
+        )
+        .await
+        .unwrap();
+        assert!(res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = res.text().await.unwrap();
+        assert!(
+            html.contains(&says) && html.contains("<header>"),
+            "{what}: {html}"
+        );
+        if what == "lines" {
+            assert!(
+                html.contains(&format!(
+                    "/institutions/uni-c/invoices/{mine}/lines/1\">events (CSV)"
+                )),
+                "{html}"
+            );
+        }
+    }
     let as_issued = get(
         format!("/institutions/uni-c/invoices/{mine}/usage-csv-as-issued"),
         Some(alice.clone()),

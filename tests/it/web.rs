@@ -998,6 +998,26 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         browser.wait().for_element(Locator::XPath("//h1[text()='Models']")).await?;
         let at = browser.current_url().await?;
         assert_eq!((at.path(), at.query()), ("/models", Some(RANGE)));
+        // Item 3: a view refused for its dates says why in a page of the dashboard and
+        // keeps what was asked, to correct and show.
+        browser.goto(&format!("{}/models?from=2026-10-31&to=2026-10-01&model=gpt-4o-mini", s.base)).await?;
+        let error = browser.find(Locator::Css("#error")).await?.text().await?;
+        assert_eq!(error, "`from` is after `to`");
+        let kept = browser
+            .execute("return Array.from(document.querySelectorAll('#retry input')).map(i => i.name + '=' + i.value)", vec![])
+            .await?;
+        assert_eq!(kept, serde_json::json!(["from=2026-10-31", "to=2026-10-01", "model=gpt-4o-mini"]));
+        std::fs::write(shots.join("view-error-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("view-error-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1600).await?;
+        browser
+            .execute("document.querySelector('#retry input[name=from]').value = '2026-10-01'", vec![])
+            .await?;
+        browser.find(Locator::Css("#retry button[type=submit]")).await?.click().await?;
+        browser.wait().for_element(Locator::XPath("//h1[text()='Models']")).await?;
+        let at = browser.current_url().await?;
+        assert_eq!(at.query(), Some("from=2026-10-01&to=2026-10-01&model=gpt-4o-mini"));
         Ok(())
     }
     .await;
@@ -1458,6 +1478,97 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
                 && row.contains("active"),
             "{row}"
         );
+        // Issue 33, item 3: a refused form says why inside the page and keeps what was
+        // typed (it was a bare JSON page, the input lost).
+        let form_value = |css: &'static str| {
+            let browser = browser.clone();
+            async move { browser.find(Locator::Css(css)).await?.prop("value").await }
+        };
+        browser
+            .find(Locator::Css("form#create input[name=user]"))
+            .await?
+            .send_keys("student2@inst-a")
+            .await?;
+        browser
+            .find(Locator::Css("form#create input[name=name]"))
+            .await?
+            .send_keys("lab")
+            .await?;
+        browser
+            .find(Locator::Css("form#create input[name=rpm]"))
+            .await?
+            .send_keys("abc")
+            .await?;
+        browser
+            .find(Locator::Css("form#create button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let said = changed_text(&browser, "#message", &message).await;
+        assert_eq!(said, "Not created: rpm must be a whole number, got `abc`.");
+        assert_eq!(
+            form_value("form#create input[name=user]").await?.as_deref(),
+            Some("student2@inst-a")
+        );
+        assert_eq!(
+            form_value("form#create input[name=name]").await?.as_deref(),
+            Some("lab")
+        );
+        assert_eq!(
+            form_value("form#create input[name=rpm]").await?.as_deref(),
+            Some("abc")
+        );
+        browser.find(Locator::Css("header")).await?;
+        let shots = crate::harness::repo().join("target/screenshots");
+        std::fs::create_dir_all(&shots).unwrap();
+        std::fs::write(
+            shots.join("form-error-1280.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(
+            shots.join("form-error-390.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
+        browser.set_window_size(1280, 1200).await?;
+        // The same on the Limits page: an amount of "twenty".
+        browser.goto(&format!("{}/limits", s.base)).await?;
+        browser
+            .find(Locator::Css("form#set input[name=subject]"))
+            .await?
+            .send_keys("student2@inst-a")
+            .await?;
+        browser
+            .find(Locator::Css("form#set input[name=amount]"))
+            .await?
+            .send_keys("twenty")
+            .await?;
+        browser
+            .find(Locator::Css("form#set select[name=metric]"))
+            .await?
+            .select_by_value("requests")
+            .await?;
+        browser
+            .find(Locator::Css("form#set button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let said = changed_text(&browser, "#message", "").await;
+        assert_eq!(said, "Not set: amount `twenty` is not a number.");
+        assert_eq!(
+            form_value("form#set input[name=subject]").await?.as_deref(),
+            Some("student2@inst-a")
+        );
+        assert_eq!(
+            form_value("form#set input[name=amount]").await?.as_deref(),
+            Some("twenty")
+        );
+        assert_eq!(
+            form_value("form#set select[name=metric]").await?.as_deref(),
+            Some("requests")
+        );
         Ok((key_id, secret))
     }
     .await;
@@ -1789,12 +1900,66 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         let msg = changed_text(&browser, "#close-message", "").await;
         assert!(msg.starts_with("Issued TT-") && msg.contains("inst-b"), "{msg}");
         assert_eq!(class(cell("inst-b", &ym(prev))).await?, "status-issued");
+        let issued_b = msg.clone();
         browser.find(Locator::Css("#issue-all")).await?.click().await?;
         // The page before the click has a message too: wait for the new page's.
         let msg = changed_text(&browser, "#close-message", &msg).await;
         assert!(msg.contains("inst-a") && !msg.contains("inst-c"), "{msg}");
         assert_eq!(class(cell("inst-a", &ym(prev))).await?, "status-issued");
         assert_eq!(class(cell("inst-c", &ym(prev))).await?, "status-blocked");
+
+        // Issue 33, item 4: no dead ends. The blocked month says what it has priced and
+        // names no command (finance has no terminal); an issued month links its document,
+        // not a draft; each Total is the sum of what its column shows (it added amounts
+        // blocked cells hid); a blocked month can be issued without its unpriced usage.
+        let blocked = browser.find(Locator::Css(&cell("inst-c", &ym(prev)))).await?.text().await?;
+        assert!(blocked.contains(" priced;") && !blocked.contains("tokentally"), "{blocked}");
+        let doc = browser.find(Locator::Css(&format!("{} a.invoice", cell("inst-b", &ym(prev))))).await?;
+        let number = doc.text().await?;
+        assert!(number.starts_with("TT-") && issued_b.contains(&number), "{number} / {issued_b}");
+        assert_eq!(
+            doc.attr("href").await?.as_deref(),
+            Some(format!("/institutions/inst-b/invoices/{number}/pdf").as_str())
+        );
+        assert!(browser
+            .find_all(Locator::Css(&format!("{} a[href*='/invoices/draft']", cell("inst-b", &ym(prev)))))
+            .await?
+            .is_empty());
+        let columns = browser
+            .execute(
+                r#"const rows = Array.from(document.querySelectorAll('#close tbody tr'));
+                   const foot = document.querySelectorAll('#close tfoot th');
+                   const out = [];
+                   for (let i = 1; i < foot.length; i++) {
+                     let cents = 0;
+                     for (const r of rows) {
+                       const m = r.cells[i].textContent.match(/\$([\d,]+)\.(\d\d)/);
+                       if (m) cents += parseInt(m[1].replace(/,/g, ''), 10) * 100 + parseInt(m[2], 10);
+                     }
+                     out.push([cents, foot[i].textContent.trim()]);
+                   }
+                   return out;"#,
+                vec![],
+            )
+            .await?;
+        let columns: Vec<(i64, String)> = serde_json::from_value(columns).unwrap();
+        assert_eq!(columns.len(), 3);
+        for (cents, total) in &columns {
+            assert!(*cents < 100_000, "no thousands separator to write");
+            assert_eq!(*total, format!("${}.{:02}", cents / 100, cents % 100), "{columns:?}");
+        }
+        std::fs::write(shots.join("close-after-1280.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(390, 844).await?;
+        std::fs::write(shots.join("close-after-390.png"), browser.screenshot().await?).unwrap();
+        browser.set_window_size(1280, 1000).await?;
+        browser
+            .find(Locator::Css(&format!("{} button.issue-anyway", cell("inst-c", &ym(prev)))))
+            .await?
+            .click()
+            .await?;
+        let msg = changed_text(&browser, "#close-message", &msg).await;
+        assert!(msg.starts_with("Issued TT-") && msg.contains("inst-c"), "{msg}");
+        assert_eq!(class(cell("inst-c", &ym(prev))).await?, "status-issued");
         // The money column is next to the label and in view at 1280 px.
         browser
             .goto(&format!("{base}/models?from={older}&to={}", now.date_naive()))
@@ -1881,7 +2046,59 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|c| c["status"] == "blocked" && c["institution"] == "inst-c"));
+        .any(|c| c["status"] == "issued" && c["institution"] == "inst-c"));
+    // Issued without its unpriced usage: the invoice lists it, unbilled.
+    let c_invoice: serde_json::Value = serde_json::from_str(&tokentally(
+        &[
+            "invoice",
+            "show",
+            "--institution",
+            "inst-c",
+            "--period",
+            &ym(prev),
+            "--format",
+            "json",
+        ],
+        &vars,
+        None,
+    ))
+    .unwrap();
+    assert!(
+        c_invoice["unpriced"]["events"].as_i64().unwrap() > 0,
+        "{c_invoice}"
+    );
+    assert!(
+        c_invoice["unpriced"]["models"]
+            .to_string()
+            .contains("mystery-model"),
+        "{c_invoice}"
+    );
+    // A draft PDF cannot pass for an invoice: "DRAFT" across every page and in its title.
+    let draft = http
+        .get(format!(
+            "{}/invoices/draft?institution=inst-a&period={}&format=pdf",
+            s.base,
+            ym(this)
+        ))
+        .bearer_auth(s.tokens["fin"].clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(draft.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let pdf = dir.path().join("draft.pdf");
+    std::fs::write(&pdf, draft.bytes().await.unwrap()).unwrap();
+    let out = Command::new("pdftotext")
+        .args([pdf.to_str().unwrap(), "-"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("DRAFT INVOICE")
+            && text.contains("not an invoice")
+            && text.matches("DRAFT").count() >= 3,
+        "{text}"
+    );
     let post = http
         .post(format!("{}/api/v1/close/issue", s.base))
         .bearer_auth(s.tokens["inst-a"].clone())
