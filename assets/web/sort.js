@@ -1,5 +1,6 @@
-// Click a column header to sort its table (numbers by value, text alphabetically).
-document.querySelectorAll('table.sortable th').forEach((th) => th.addEventListener('click', () => {
+// Sorts a table by a column when its header is clicked, or focused and Enter or Space
+// pressed (numbers by value, text alphabetically); marks the current page in the nav.
+const sortBy = (th) => {
   const table = th.closest('table'), body = table.tBodies[0];
   const i = Array.from(th.parentNode.children).indexOf(th);
   const desc = th.getAttribute('aria-sort') === 'ascending';
@@ -12,4 +13,30 @@ document.querySelectorAll('table.sortable th').forEach((th) => th.addEventListen
     const c = num ? (parseFloat(x) || 0) - (parseFloat(y) || 0) : x.localeCompare(y);
     return desc ? -c : c;
   }).forEach((tr) => body.appendChild(tr));
+};
+document.querySelectorAll('table.sortable th').forEach((th) => {
+  th.tabIndex = 0;
+  th.addEventListener('click', () => sortBy(th));
+  th.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' || e.key === ' ') {
+      e.preventDefault();
+      sortBy(th);
+    }
+  });
+});
+// The nav link of the page shown (the longest matching path: /institutions for
+// /institutions/uni-a).
+{
+  const here = window.location.pathname;
+  let best = null;
+  document.querySelectorAll('header a[href^="/"]').forEach((a) => {
+    const p = a.getAttribute('href');
+    const match = p === '/' ? (here === '/' || here === '/overview') : (here === p || here.startsWith(p + '/'));
+    if (match && (!best || p.length > best.getAttribute('href').length)) best = a;
+  });
+  if (best) best.setAttribute('aria-current', 'page');
+}
+// Forms that undo something ask first (without JavaScript they submit as before).
+document.querySelectorAll('form[data-confirm]').forEach((f) => f.addEventListener('submit', (e) => {
+  if (!window.confirm(f.dataset.confirm)) e.preventDefault();
 }));

@@ -83,7 +83,16 @@ async fn listing(
         .map(|r| Row {
             number: r.number.clone(),
             kind: r.kind.replace('_', " "),
-            institution: r.institution_id.clone(),
+            // The name people know, with the id beside it.
+            institution: match state
+                .cfg
+                .institution(&r.institution_id)
+                .map(|i| i.name.as_str())
+                .filter(|n| !n.is_empty() && *n != r.institution_id)
+            {
+                Some(name) => format!("{name} ({})", r.institution_id),
+                None => r.institution_id.clone(),
+            },
             period: r.period.clone(),
             issued: chrono::DateTime::from_timestamp(i64::from(r.issued_at), 0)
                 .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())

@@ -217,7 +217,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Fail closed on ambiguous URLs: a parameter given twice (`?institution=a&institution=b`)
-/// is refused on every route rather than silently reduced to one of its values.
+/// is refused on every route rather than silently reduced to one of its values; pages
+/// asked with empty parameters are sent to their address without them.
 async fn reject_repeated_parameters(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -232,6 +233,27 @@ async fn reject_repeated_parameters(
                 ))
                 .into_response();
             }
+        }
+        // A filter bar submits every field, empty or not: a page asked with empty
+        // parameters goes to the same address without them (what one would bookmark).
+        // `institution=` on an institution's page means "All institutions" and stays.
+        let path = req.uri().path();
+        let page = req.method() == axum::http::Method::GET
+            && !path.starts_with("/api/")
+            && !path.starts_with("//");
+        let keep = |k: &str, v: &str| {
+            !v.is_empty() || (k == "institution" && path.starts_with("/institutions/"))
+        };
+        if page && form_urlencoded::parse(q.as_bytes()).any(|(k, v)| !keep(&k, &v)) {
+            let kept: String = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form_urlencoded::parse(q.as_bytes()).filter(|(k, v)| keep(k, v)))
+                .finish();
+            let to = if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{kept}")
+            };
+            return axum::response::Redirect::to(&to).into_response();
         }
     }
     next.run(req).await

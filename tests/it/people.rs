@@ -526,12 +526,18 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
             "renews in the institution's zone: {limits}"
         );
         std::fs::write(shots.join("me-quota-used.png"), browser.screenshot().await?).unwrap();
-        // Revoke from the page.
+        // Revoke from the page: it asks first, naming the key.
         browser
             .find(Locator::Css(&format!("tr[data-key='{key_id}'] button")))
             .await?
             .click()
             .await?;
+        let asked = browser.get_alert_text().await?;
+        assert!(
+            asked.contains(&key_id) && asked.contains("cannot be undone"),
+            "{asked}"
+        );
+        browser.accept_alert().await?;
         let msg = browser
             .wait()
             .for_element(Locator::Css("#message"))

@@ -340,8 +340,8 @@ async fn dashboard_figures_match_known_data_in_html_csv_and_json() {
         .await
         .unwrap();
     assert_eq!(dec(&j["figures"]["Spend 2026-10-01 – 2026-10-31"]), k.total);
-    assert_eq!(j["figures"]["Events"], k.events);
-    assert_eq!(j["figures"]["Unpriced events"], k.unpriced);
+    assert_eq!(j["figures"]["Requests"], k.events);
+    assert_eq!(j["figures"]["Unpriced requests"], k.unpriced);
     let insts: BTreeMap<String, Decimal> = j["tables"]["institutions"]
         .as_array()
         .unwrap()
@@ -902,6 +902,27 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         let shown = figures(browser.clone()).await?;
         assert!(!shown.iter().any(|(l, _)| l.contains("budget") || l.contains("Budget")), "{shown:?}");
         assert!(browser.source().await?.contains("The monthly budget is the whole institution"));
+        browser.goto(&format!("{}/institutions/inst-a?{RANGE}", s.base)).await?;
+        // Polish: the users table says it is the top 20, and each user opens the page
+        // narrowed to them; a column sorts from the keyboard.
+        let first_user = browser
+            .execute(
+                "const h = Array.from(document.querySelectorAll('h2')).find(h => h.textContent.startsWith('Top 20 users by spend')); if (!h) return null; const a = h.closest('section').querySelector('tbody a'); const t = a.textContent; a.click(); return t;",
+                vec![],
+            )
+            .await?;
+        let user = first_user.as_str().expect("a linked user under 'Top 20 users by spend'").to_owned();
+        browser.wait().for_element(Locator::XPath("//p[contains(., 'The monthly budget is the whole institution')]")).await?;
+        let at = browser.current_url().await?;
+        assert_eq!(at.path(), "/institutions/inst-a");
+        assert!(at.query().unwrap_or_default().contains(&format!("user={}", user.replace('@', "%40"))), "{at}");
+        let sorted = browser
+            .execute(
+                "const th = document.querySelector('table.sortable th.num'); th.focus(); th.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true})); return [document.activeElement === th, th.getAttribute('aria-sort')];",
+                vec![],
+            )
+            .await?;
+        assert_eq!(sorted, serde_json::json!([true, "ascending"]));
         browser.goto(&format!("{}/institutions/inst-a?{RANGE}", s.base)).await?;
 
         // Issue 33, items 1 and 2: the picker on an institution's page names it and lists
@@ -1693,11 +1714,34 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
     // Anna revokes it in the browser: every gateway refuses it within seconds.
     let revoked: Result<String, fantoccini::error::CmdError> = async {
         browser.goto(&format!("{}/keys", s.base)).await?;
-        browser
-            .find(Locator::Css(&format!("tr[data-key='{key_id}'] button")))
-            .await?
-            .click()
-            .await?;
+        // Issue 33 (polish): the nav marks the page shown.
+        assert_eq!(
+            browser
+                .find(Locator::Css("header a[aria-current=page]"))
+                .await?
+                .text()
+                .await?,
+            "Keys"
+        );
+        // Dismissed, nothing happens; accepted, the key is revoked.
+        let revoke = format!("tr[data-key='{key_id}'] button");
+        browser.find(Locator::Css(&revoke)).await?.click().await?;
+        let asked = browser.get_alert_text().await?;
+        assert!(
+            asked.starts_with(&format!("Revoke key {key_id}?")),
+            "{asked}"
+        );
+        browser.dismiss_alert().await?;
+        assert_eq!(
+            browser
+                .find(Locator::Css(&format!("tr[data-key='{key_id}'] td.state")))
+                .await?
+                .text()
+                .await?,
+            "active"
+        );
+        browser.find(Locator::Css(&revoke)).await?.click().await?;
+        browser.accept_alert().await?;
         browser.wait().for_element(Locator::Css("#message")).await?;
         browser
             .find(Locator::Css(&format!("tr[data-key='{key_id}'] td.state")))
@@ -1999,6 +2043,12 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
         );
         browser.goto(&format!("{base}/institutions/inst-b")).await?;
         assert_eq!(figure("Last month as billed").await?, (label.clone(), value));
+        // Polish: the invoices table names institutions (their id beside the name).
+        browser.goto(&format!("{base}/invoices")).await?;
+        let cells = browser
+            .execute("return Array.from(document.querySelectorAll('tbody tr')).map(r => r.cells[2].textContent.trim())", vec![])
+            .await?;
+        assert!(cells.to_string().contains("Institution B (inst-b)"), "{cells}");
         std::fs::write(shots.join("institution-as-billed-1280.png"), browser.screenshot().await?).unwrap();
         browser.set_window_size(390, 844).await?;
         std::fs::write(shots.join("institution-as-billed-390.png"), browser.screenshot().await?).unwrap();

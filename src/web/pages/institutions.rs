@@ -60,6 +60,9 @@ pub async fn list(
     .await
 }
 
+/// How many users and keys the institution page lists (the rest by filtering).
+const TOP: usize = 20;
+
 pub async fn one(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
@@ -84,8 +87,8 @@ pub async fn one(
         async {
             tokio::try_join!(
                 store.aggregate(&sel, GroupKey::Model, GroupKey::None, Order::CostDesc, 100),
-                store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, 20),
-                store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, 20),
+                store.aggregate(&sel, GroupKey::User, GroupKey::None, Order::CostDesc, TOP),
+                store.aggregate(&sel, GroupKey::ApiKey, GroupKey::None, Order::CostDesc, TOP),
                 store.aggregate(&sel, time_key, GroupKey::Model, Order::Key, 1_000_000),
                 store.tag_totals(&sel, None, 20),
                 store.tag_totals(&sel, Some(GROUP_TAG), 100),
@@ -110,9 +113,12 @@ pub async fn one(
         format!("Spend {} – {}", sel.from, sel.to),
         Cell::Money(total.normalize()),
     );
-    page.figure("Events", Cell::Int(by_model.iter().map(|a| a.events).sum()));
     page.figure(
-        "Unpriced events",
+        "Requests",
+        Cell::Int(by_model.iter().map(|a| a.events).sum()),
+    );
+    page.figure(
+        "Unpriced requests",
         Cell::Int(by_model.iter().map(|a| a.unpriced_events).sum()),
     );
     // Where finance lands: the contract's figures beside the list prices.
@@ -197,14 +203,41 @@ pub async fn one(
         .push(agg_table("models", "By model", "model", &by_model, |_| {
             None
         }));
-    page.tables
-        .push(agg_table("users", "Top users", "user_id", &users, |_| None));
+    // Each user and key opens this page narrowed to it (the other filters kept).
+    let narrowed = |user: &str, key: &str| {
+        let f = Filters {
+            institution: String::new(),
+            user: if user.is_empty() {
+                filters.user.clone()
+            } else {
+                user.to_owned()
+            },
+            key: if key.is_empty() {
+                filters.key.clone()
+            } else {
+                key.to_owned()
+            },
+            ..filters.clone()
+        };
+        format!(
+            "/institutions/{}?{}",
+            crate::format::urlencode(&inst),
+            crate::web::page::query_string(&f, &[])
+        )
+    };
+    page.tables.push(agg_table(
+        "users",
+        &format!("Top {TOP} users by spend"),
+        "user_id",
+        &users,
+        |a| Some(narrowed(&a.key, "")),
+    ));
     page.tables.push(agg_table(
         "keys",
-        "Top API keys",
+        &format!("Top {TOP} API keys by spend"),
         "api_key_id",
         &keys,
-        |_| None,
+        |a| Some(narrowed("", &a.key)),
     ));
     page.tables.push(groups_table(&filters, &inst, &groups));
     page.tables.push(Table {

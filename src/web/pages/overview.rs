@@ -68,9 +68,9 @@ pub async fn overview(
         format!("Spend {} – {}", sel.from, sel.to),
         Cell::Money(total.normalize()),
     );
-    page.figure("Events", Cell::Int(by_day.iter().map(|a| a.events).sum()));
+    page.figure("Requests", Cell::Int(by_day.iter().map(|a| a.events).sum()));
     page.figure(
-        "Unpriced events",
+        "Unpriced requests",
         Cell::Int(by_day.iter().map(|a| a.unpriced_events).sum()),
     );
     page.figure("Spend this month", Cell::Money(this_month));

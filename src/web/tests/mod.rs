@@ -294,9 +294,16 @@ async fn picking_another_institution_on_an_institutions_page_goes_to_its_page() 
     let app = router(state);
     for (path, to) in [
         (
-            "/institutions/uni-a?from=2026-10-01&to=2026-10-31&institution=uni-b&model=",
+            "/institutions/uni-a?from=2026-10-01&to=2026-10-31&institution=uni-b",
             "/institutions/uni-b?from=2026-10-01&to=2026-10-31",
         ),
+        // Empty parameters (a filter bar sends every field) are dropped first.
+        (
+            "/institutions/uni-a?from=2026-10-01&model=&institution=uni-b&user=",
+            "/institutions/uni-a?from=2026-10-01&institution=uni-b",
+        ),
+        ("/models?from=&to=2026-10-31&key=", "/models?to=2026-10-31"),
+        ("/overview?institution=", "/overview"),
         (
             "/institutions/uni-a?institution=&from=2026-10-01",
             "/?from=2026-10-01",
