@@ -89,31 +89,60 @@ impl Chart {
         );
         let _ = write!(
             out,
-            r#"<text x="{}" y="{}" text-anchor="end" font-size="12">{}</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="end" font-size="13">{}</text>"#,
             LEFT - 4.0,
             TOP + 10.0,
             esc(&crate::format::money_on_chart(max))
         );
         let _ = write!(
             out,
-            r#"<text x="{}" y="{}" text-anchor="end" font-size="12">$0</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="end" font-size="13">$0</text>"#,
             LEFT - 4.0,
             TOP + plot_h
         );
-        if let (Some(first), Some(last)) = (self.labels.first(), self.labels.last()) {
-            let _ = write!(
-                out,
-                r#"<text x="{LEFT}" y="{}" font-size="12">{}</text>"#,
-                H - 8.0,
-                esc(first)
-            );
-            let _ = write!(
-                out,
-                r#"<text x="{}" y="{}" text-anchor="end" font-size="12">{}</text>"#,
-                W - RIGHT,
-                H - 8.0,
-                esc(last)
-            );
+        // X labels, evenly spaced and never touching (at 13 px a character takes ~7.2
+        // units), under their points (bars: their slot); the last one too where it fits.
+        let n_labels = self.labels.len();
+        if n_labels > 0 {
+            let chars = self
+                .labels
+                .iter()
+                .map(|l| l.chars().count())
+                .max()
+                .unwrap_or(1) as f64;
+            let room = 1.5 * (chars * 7.2 + 12.0);
+            let step = match self.kind {
+                Kind::Line if n > 1 => plot_w / (n - 1) as f64,
+                Kind::Line => plot_w,
+                Kind::Bar => plot_w / n as f64,
+            };
+            let every = ((room / step).ceil() as usize).max(1);
+            let slot = plot_w / n as f64;
+            for (i, label) in self.labels.iter().enumerate() {
+                let last = i + 1 == n_labels;
+                if i % every != 0 && !(last && (i % every) as f64 * step >= room) {
+                    continue;
+                }
+                let lx = match self.kind {
+                    Kind::Line => x(i),
+                    Kind::Bar => LEFT + slot * (i as f64 + 0.5),
+                };
+                let anchor = if n_labels == 1 {
+                    "middle"
+                } else if i == 0 && self.kind == Kind::Line {
+                    "start"
+                } else if last && self.kind == Kind::Line {
+                    "end"
+                } else {
+                    "middle"
+                };
+                let _ = write!(
+                    out,
+                    r#"<text class="x" x="{lx:.1}" y="{}" text-anchor="{anchor}" font-size="13">{}</text>"#,
+                    H - 8.0,
+                    esc(label)
+                );
+            }
         }
         let groups = self.series.len().max(1) as f64;
         for (si, s) in self.series.iter().enumerate() {
@@ -163,35 +192,21 @@ impl Chart {
                 }
             }
         }
-        // Legend, top right, on a white box so lines don't run through it.
+        out.push_str("</svg>");
+        // The legend under the chart, in the page's own text (readable on a phone, and
+        // never over a peak).
         if !self.series.is_empty() {
-            let longest = self
-                .series
-                .iter()
-                .map(|s| s.name.chars().count())
-                .max()
-                .unwrap_or(0) as f64;
-            let bw = 24.0 + 6.5 * longest;
-            let bx = W - RIGHT - bw - 4.0;
-            let _ = write!(
-                out,
-                r##"<rect x="{bx:.1}" y="{TOP}" width="{bw:.1}" height="{:.1}" fill="#ffffff" fill-opacity="0.85" stroke="#e5e7eb"/>"##,
-                6.0 + 14.0 * self.series.len() as f64
-            );
+            out.push_str(r#"<ul class="legend">"#);
             for (si, s) in self.series.iter().enumerate() {
-                let c = PALETTE[si % PALETTE.len()];
-                let ly = TOP + 14.0 + 14.0 * si as f64;
                 let _ = write!(
                     out,
-                    r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{:.1}" y="{ly:.1}" font-size="11">{}</text>"#,
-                    bx + 5.0,
-                    ly - 9.0,
-                    bx + 19.0,
+                    r#"<li><span class="swatch" style="background:{}"></span>{}</li>"#,
+                    PALETTE[si % PALETTE.len()],
                     esc(&s.name)
                 );
             }
+            out.push_str("</ul>");
         }
-        out.push_str("</svg>");
         out
     }
 }
@@ -221,6 +236,57 @@ mod tests {
             ..c
         };
         assert_eq!(bars.svg().matches("<rect class=\"pt\"").count(), 3);
+    }
+
+    #[test]
+    fn a_month_is_labelled_every_few_days_and_the_legend_is_outside_the_plot() {
+        let c = Chart {
+            title: "t".into(),
+            kind: Kind::Bar,
+            labels: (1..=31).map(|d| format!("2026-10-{d:02}")).collect(),
+            series: vec![
+                Series {
+                    name: "gpt-4o".into(),
+                    values: vec![dec!(1); 31],
+                },
+                Series {
+                    name: "other".into(),
+                    values: vec![dec!(2); 31],
+                },
+            ],
+        };
+        let svg = c.svg();
+        let shown: Vec<&str> = svg
+            .split(r#"<text class="x""#)
+            .skip(1)
+            .filter_map(|t| t.split('>').nth(1)?.split('<').next())
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "2026-10-01",
+                "2026-10-07",
+                "2026-10-13",
+                "2026-10-19",
+                "2026-10-25",
+                "2026-10-31"
+            ]
+        );
+        let (chart, legend) = svg.split_once("</svg>").unwrap();
+        assert!(
+            !chart.contains(">other</text>") && legend.contains(">other</li>"),
+            "{legend}"
+        );
+        // 14 bars with short labels: every one labelled (2 of 14 were).
+        let two_weeks = Chart {
+            labels: (1..=14).map(|d| d.to_string()).collect(),
+            series: vec![Series {
+                name: "s".into(),
+                values: vec![dec!(1); 14],
+            }],
+            ..c
+        };
+        assert_eq!(two_weeks.svg().matches(r#"<text class="x""#).count(), 14);
     }
 
     #[test]

@@ -1006,6 +1006,19 @@ async fn browser_logs_in_and_sees_charts_with_data() {
         std::fs::write(shots.join("sub-cent-1280.png"), browser.screenshot().await?).unwrap();
         browser.set_window_size(390, 844).await?;
         std::fs::write(shots.join("sub-cent-390.png"), browser.screenshot().await?).unwrap();
+        // Polish: chart text stays readable on a phone (it was ~5 px), the legend is the
+        // page's text under the chart (it covered peaks), and a month is labelled every
+        // few days (only its first and last day were).
+        let px = browser
+            .execute("return document.querySelector('svg.chart text.x').getBoundingClientRect().height", vec![])
+            .await?;
+        assert!(px.as_f64().unwrap() >= 9.0, "chart text on a phone: {px} px");
+        let (labels, legend) = (
+            browser.execute("return document.querySelectorAll('svg.chart text.x').length", vec![]).await?,
+            browser.execute("return Array.from(document.querySelectorAll('ul.legend li')).map(l => l.textContent)", vec![]).await?,
+        );
+        assert_eq!(labels, serde_json::json!(6), "31 days: every sixth, the last included");
+        assert_eq!(legend, serde_json::json!(["gpt-4o-mini", "mystery-model"]));
         browser.set_window_size(1280, 1600).await?;
         // Item 11: a link followed while signed out (as from an alert e-mail) leads,
         // after signing in, to the page it named, not to the overview.
