@@ -399,6 +399,21 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Whether a user of an institution has ever had usage (a limit set for a user
+    /// never seen may be a typo).
+    pub async fn user_has_usage(&self, institution: &str, user: &str) -> Result<bool, StoreError> {
+        let n: u64 = self
+            .client
+            .query(
+                "SELECT count() FROM usage_daily_user_model WHERE institution_id = ? AND user_id = ?",
+            )
+            .bind(institution)
+            .bind(user)
+            .fetch_one()
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Institutions with usage in `[start, end)` (all time without bounds).
     pub async fn institutions_with_usage(
         &self,

@@ -88,6 +88,8 @@ struct KeysTemplate<'a> {
     failed: bool,
     /// A key just created: shown once.
     created: Option<(String, String)>,
+    /// The gateway's address, for the snippets beside a new key.
+    gateway: String,
     /// What the create form held when it was refused (kept, to correct), else empty.
     kept: CreateForm,
 }
@@ -204,6 +206,7 @@ async fn page(
             message: said.message,
             failed: said.failed,
             created: said.created,
+            gateway: state.gateway_url(),
             kept: said.kept.unwrap_or_default(),
         }
         .render()?,

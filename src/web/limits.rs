@@ -293,16 +293,37 @@ pub async fn set(
         return Ok(axum::Json(json!({"limit_id": limit.id()})).into_response());
     }
     let own = allowed.principal.institution.as_deref();
+    // A user nobody has seen may be a typo: set as asked, and said.
+    let unseen = limit.scope == LimitScope::User
+        && !state
+            .store
+            .user_has_usage(&limit.institution_id, &limit.subject)
+            .await?
+        && state
+            .roster
+            .current()
+            .await
+            .map_err(|e| AppError::Internal(e.into()))?
+            .0
+            .member(&limit.institution_id, &limit.subject)
+            .is_none();
+    let mut message = format!(
+        "Set {}: {}. Gateways apply it within seconds.",
+        limit.subject_label(),
+        limit.amount_label()
+    );
+    if unseen {
+        message.push_str(&format!(
+            " Note: {} has no usage and has never signed in at {} — check the spelling if that is unexpected.",
+            limit.subject, limit.institution_id
+        ));
+    }
     page(
         &state,
         &allowed.principal,
         &allowed.csrf,
         own,
-        format!(
-            "Set {}: {}. Gateways apply it within seconds.",
-            limit.subject_label(),
-            limit.amount_label()
-        ),
+        message,
         false,
         None,
     )

@@ -365,16 +365,6 @@ fn share(s: &Standing) -> u32 {
         .unwrap_or(100)
 }
 
-/// The gateway's base URL as clients use it.
-fn gateway_url(state: &AppState) -> String {
-    let g = &state.cfg.gateway;
-    if g.public_url.is_empty() {
-        format!("http://{}", g.listen)
-    } else {
-        g.public_url.trim_end_matches('/').to_owned()
-    }
-}
-
 async fn page(
     state: &AppState,
     me: &Me,
@@ -486,7 +476,7 @@ async fn page(
         message,
         failed,
         created,
-        gateway: gateway_url(state),
+        gateway: state.gateway_url(),
     };
     Ok(Html(t.render()?).into_response())
 }

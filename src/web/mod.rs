@@ -63,6 +63,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The gateway's base URL as clients use it (for the snippets shown with a new key).
+    pub fn gateway_url(&self) -> String {
+        let g = &self.cfg.gateway;
+        if g.public_url.is_empty() {
+            format!("http://{}", g.listen)
+        } else {
+            g.public_url.trim_end_matches('/').to_owned()
+        }
+    }
+
     /// (id, name) of every institution, for the institution pickers: those in the config
     /// and every one with usage (finance bills institutions the config never named), and
     /// `selected` if it is neither.

@@ -1498,6 +1498,20 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
             .await?
             .text()
             .await?;
+        // Issue 33 (polish): the new key comes with a copy button and SDK snippets.
+        let snippet = browser
+            .find(Locator::Css("#snippet-openai"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            snippet.contains(&format!("api_key=\"{secret}\"")) && snippet.contains("/v1\""),
+            "{snippet}"
+        );
+        assert!(!browser
+            .find_all(Locator::Css("button[data-copy=secret]"))
+            .await?
+            .is_empty());
         let message = browser.find(Locator::Css("#message")).await?.text().await?;
         let key_id = message.split_whitespace().nth(2).unwrap().to_owned();
         let row = browser
@@ -1602,6 +1616,40 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         assert_eq!(
             form_value("form#set select[name=metric]").await?.as_deref(),
             Some("requests")
+        );
+        // Corrected, it is set; a user never seen is pointed out (a typo is silent no more).
+        let subject = browser
+            .find(Locator::Css("form#set input[name=subject]"))
+            .await?;
+        subject.clear().await?;
+        subject.send_keys("student1@inst-a").await?;
+        let amount = browser
+            .find(Locator::Css("form#set input[name=amount]"))
+            .await?;
+        amount.clear().await?;
+        amount.send_keys("15").await?;
+        browser
+            .find(Locator::Css("form#set select[name=period]"))
+            .await?
+            .select_by_value("day")
+            .await?;
+        browser
+            .find(Locator::Css("form#set button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        let said = changed_text(
+            &browser,
+            "#message",
+            "Not set: amount `twenty` is not a number.",
+        )
+        .await;
+        assert!(
+            said.starts_with("Set ")
+                && said.contains(
+                    "Note: student1@inst-a has no usage and has never signed in at inst-a"
+                ),
+            "{said}"
         );
         Ok((key_id, secret))
     }
