@@ -552,6 +552,10 @@ pub struct Party {
     pub address: Vec<String>,
     pub email: String,
     pub tax_id: String,
+    /// How to pay (the issuer's, as configured when the document was issued). Absent
+    /// from documents issued before it existed, so their bytes are unchanged.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub payment_instructions: String,
 }
 
 impl Party {
@@ -566,6 +570,7 @@ impl Party {
             address: p.address.clone(),
             email: p.email.clone(),
             tax_id: p.tax_id.clone(),
+            payment_instructions: p.payment_instructions.clone(),
         }
     }
 }
@@ -757,7 +762,11 @@ impl Customer {
         let i = cfg.institution(institution).unwrap_or(&default);
         let name = if i.name.is_empty() { &i.id } else { &i.name };
         Self {
-            party: Party::from_config(&i.id, name, &i.billing),
+            // Payment instructions are the issuer's, never a customer's.
+            party: Party {
+                payment_instructions: String::new(),
+                ..Party::from_config(&i.id, name, &i.billing)
+            },
             reference: i.reference.clone(),
             tz: i.time_zone.parse().unwrap_or(chrono_tz::UTC),
             contract_percent: i.contract_percent,

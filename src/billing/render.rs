@@ -473,13 +473,37 @@ pub fn pdf(doc: &Document) -> Result<Vec<u8>, super::BillingError> {
     pdf_header(doc, &mut sheet);
     pdf_lines(doc, &mut sheet);
     pdf_totals(doc, &mut sheet);
-    for n in pdf_notes(doc) {
-        for row in wrap(&metrics, &n, 8.0, RIGHT - LEFT) {
+    let paragraph = |sheet: &mut Sheet<'_>, text: &str, size: f32| {
+        for row in wrap(&metrics, text, size, RIGHT - LEFT) {
             if sheet.y < 18.0 {
                 sheet.new_page();
             }
-            sheet.page().text(&row, 8.0, LEFT, sheet.y);
-            sheet.y -= 4.5;
+            sheet.page().text(&row, size, LEFT, sheet.y);
+            sheet.y -= size * 0.56;
+        }
+    };
+    let pay = doc
+        .issuer
+        .payment_instructions
+        .replace("{number}", &doc.number);
+    if doc.kind == Kind::Invoice && !doc.is_draft() && !pay.trim().is_empty() {
+        paragraph(&mut sheet, "How to pay", 10.0);
+        for line in pay.lines() {
+            paragraph(&mut sheet, line, 9.0);
+        }
+        sheet.y -= 3.0;
+    }
+    for n in pdf_notes(doc) {
+        paragraph(&mut sheet, &n, 8.0);
+    }
+    // The evidence for verification on pages of its own.
+    let evidence = pdf_evidence(doc);
+    if !evidence.is_empty() {
+        sheet.new_page();
+        paragraph(&mut sheet, "Appendix: evidence for verification", 11.0);
+        sheet.y -= 2.0;
+        for n in evidence {
+            paragraph(&mut sheet, &n, 8.0);
         }
     }
     let n = sheet.pages.len();
@@ -707,6 +731,13 @@ fn pdf_notes(doc: &Document) -> Vec<String> {
         ));
     }
     notes.push(format!("Price book version: {}", doc.price_book_version));
+    notes
+}
+
+/// What lets anyone verify the document: its hashes and each line's Merkle root — an
+/// appendix, after the invoice itself (none for a draft).
+fn pdf_evidence(doc: &Document) -> Vec<String> {
+    let mut notes = Vec::new();
     if !doc.sha256.is_empty() {
         notes.push(format!("Document SHA-256: {}", doc.sha256));
         if !doc.previous_sha256.is_empty() {
@@ -831,6 +862,30 @@ pub(crate) mod tests {
         let long = pdf(&sample(120)).unwrap();
         assert!(find(&long, b"/Count 3").is_some());
         assert!(find(&a, b"/Count 1").is_some());
+    }
+
+    #[test]
+    fn an_issued_invoice_says_how_to_pay_and_keeps_its_evidence_for_an_appendix() {
+        let mut d = sample(3);
+        d.sha256 = "ab".repeat(32);
+        d.manifest = (0..3)
+            .map(|_| super::super::LineManifest {
+                events: 2,
+                merkle_root: "cd".repeat(32),
+                price_ids: vec![],
+            })
+            .collect();
+        let without = pdf(&d).unwrap();
+        assert!(
+            find(&without, b"/Count 2").is_some(),
+            "the invoice, then its appendix"
+        );
+        d.issuer.payment_instructions = "IBAN DE00 1234\nQuote {number}".into();
+        let with = pdf(&d).unwrap();
+        assert_ne!(with, without);
+        // A document issued before the field existed renders the same JSON as then.
+        d.issuer.payment_instructions.clear();
+        assert!(!json(&d).contains("payment_instructions"));
     }
 
     #[test]

@@ -454,6 +454,10 @@ pub struct PartyConfig {
     pub email: String,
     /// VAT or other tax identifier.
     pub tax_id: String,
+    /// The issuer's only: how to pay (bank, IBAN, what to quote), printed under an
+    /// invoice's total and kept in the document as issued. `{number}` is replaced by the
+    /// invoice number.
+    pub payment_instructions: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -68,6 +68,7 @@ name = "Example Gateway GmbH"
 address = ["Hauptstraße 1", "10115 Berlin"]
 email = "billing@example.org"
 tax_id = "DE123456789"
+payment_instructions = "Transfer to IBAN DE89 3704 0044 0532 0130 00 (BIC COBADEFFXXX)\nQuote {number} as the reference"
 
 [[institutions]]
 id = "uni-a"
@@ -581,6 +582,26 @@ async fn invoices_are_exact_frozen_adjusted_and_reconciled() {
         "{total_line}"
     );
     assert!(text.contains("Example Gateway GmbH") && text.contains("PO-2026-17"));
+    // Issue 33 (polish): how to pay, under the total, with this invoice's number; the
+    // hashes on a page of their own after the invoice (they took 1.5 of its pages).
+    let pay = text.find("How to pay").unwrap_or_else(|| panic!("{text}"));
+    assert!(pay > text.find("Total (USD)").unwrap(), "{text}");
+    assert!(
+        text.contains(&format!("Quote {number_a} as the reference")),
+        "{text}"
+    );
+    let pages: Vec<&str> = text.split('\u{c}').collect();
+    assert!(
+        pages[0].contains("Total (USD)") && !pages[0].contains("Document SHA-256"),
+        "{text}"
+    );
+    assert!(
+        pages[1..]
+            .iter()
+            .any(|p| p.contains("Appendix: evidence for verification")
+                && p.contains("Document SHA-256")),
+        "{text}"
+    );
     let fonts = tool("pdffonts", &[pdf_path.to_str().unwrap()]);
     assert!(
         fonts.lines().skip(2).all(|l| l.contains(" yes ")),
