@@ -1784,8 +1784,16 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
                 .await?,
             "Keys"
         );
-        // Dismissed, nothing happens; accepted, the key is revoked.
+        // The action is in view at 1280 px (it was clipped at the right).
         let revoke = format!("tr[data-key='{key_id}'] button");
+        let right = browser
+            .execute(
+                "return document.querySelector(arguments[0]).getBoundingClientRect().right <= document.documentElement.clientWidth",
+                vec![serde_json::json!(revoke)],
+            )
+            .await?;
+        assert_eq!(right, serde_json::json!(true), "Revoke in view at 1280 px");
+        // Dismissed, nothing happens; accepted, the key is revoked.
         browser.find(Locator::Css(&revoke)).await?.click().await?;
         let asked = browser.get_alert_text().await?;
         assert!(
