@@ -167,8 +167,12 @@ pub fn budget_readings(cfg: &Config, series: &SpendSeries, now: DateTime<Utc>) -
 }
 
 /// Limit readings: a limit in mode `alert` that is reached, a limit in mode `block` that
-/// refused requests. The entity names the limit and its period, so each fires once.
-pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
+/// refused requests. The entity names the limit and its period (the day it starts, in
+/// the institution's zone `zone`), so each fires once.
+pub fn limit_readings(
+    standings: &[crate::limits::Standing],
+    zone: &dyn Fn(&str) -> chrono_tz::Tz,
+) -> Vec<Reading> {
     let mut out = Vec::new();
     for s in standings {
         let label = match s.scope {
@@ -176,10 +180,15 @@ pub fn limit_readings(standings: &[crate::limits::Standing]) -> Vec<Reading> {
             sc => format!("{sc} {} of {}", s.subject, s.institution_id),
         };
         let amount = |d: Decimal| match s.metric {
-            crate::limits::Metric::Usd => format!("${}", d.round_dp(2)),
+            crate::limits::Metric::Usd => crate::format::money(d),
             m => format!("{} {m}", d.normalize()),
         };
-        let period = s.period_start.format("%Y-%m-%d").to_string();
+        // Oslo's day starts at 23:00 UTC the day before: the date is Oslo's.
+        let period = s
+            .period_start
+            .with_timezone(&zone(&s.institution_id))
+            .format("%Y-%m-%d")
+            .to_string();
         let (firing, what, message) = if s.mode == "alert" {
             (
                 s.used >= s.limit,
@@ -569,7 +578,7 @@ pub async fn evaluate_once(
         .await
     };
     match standings.await {
-        Ok(standings) => readings.extend(limit_readings(&standings)),
+        Ok(standings) => readings.extend(limit_readings(&standings, &|i| cfg.institution_tz(i))),
         Err(e) => tracing::warn!(error = %e, "cannot read limits for alerts"),
     }
     let changes = tracker.step(now, readings);
@@ -601,4 +610,43 @@ pub async fn evaluate_once(
         notifier.send(c);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn a_limit_alert_names_its_period_by_the_institutions_own_date() {
+        // Oslo's 8 December starts at 23:00 UTC on the 7th.
+        let start = Utc.with_ymd_and_hms(2026, 12, 7, 23, 0, 0).unwrap();
+        let standing = crate::limits::Standing {
+            limit_id: "uni:user:ola:usd:day".into(),
+            label: "$1.00 per day".into(),
+            institution_id: "uni".into(),
+            scope: crate::limits::LimitScope::User,
+            subject: "ola".into(),
+            metric: crate::limits::Metric::Usd,
+            period: "day".into(),
+            mode: "alert".into(),
+            period_start: start,
+            period_end: start + chrono::Duration::days(1),
+            limit: dec!(1),
+            used: dec!(1.5),
+            reserved: dec!(0),
+            remaining: dec!(0),
+            blocked: 0,
+        };
+        let r = limit_readings(&[standing], &|_| chrono_tz::Europe::Oslo);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].entity, "uni:user:ola:usd:day/2026-12-08/reached");
+        assert!(
+            r[0].message
+                .contains("has used $1.50 of its $1.00 per day limit"),
+            "{}",
+            r[0].message
+        );
+    }
 }
