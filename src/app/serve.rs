@@ -53,6 +53,7 @@ pub fn state(
     users: UsersFile,
     book: crate::price::watch::SharedBook,
 ) -> anyhow::Result<Arc<AppState>> {
+    let (store, writer) = (Store::dashboard_reader(cfg), Store::new(&cfg.clickhouse));
     Ok(Arc::new(AppState {
         auth: Auth::new(
             users,
@@ -60,12 +61,12 @@ pub fn state(
             cfg.web.login_attempts_per_minute,
             cfg.web.secure_cookies,
         ),
-        store: Store::dashboard_reader(cfg),
-        writer: Store::new(&cfg.clickhouse),
         keys: Arc::new(crate::keys::store::Tables {
-            read: Store::dashboard_reader(cfg),
-            write: Store::new(&cfg.clickhouse),
+            read: store.clone(),
+            write: writer.clone(),
         }),
+        store,
+        writer,
         book,
         ledger: crate::billing::ledger::LedgerCache::new(crate::billing::ledger::LedgerLog::new(
             cfg,

@@ -417,14 +417,12 @@ impl FromRequestParts<Arc<AppState>> for Authed {
 
 pub use crate::domain::Scope;
 
-/// The `institution` query parameter as given (empty: "All institutions"); `None`
-/// when absent or given twice (ambiguous: refused where the query is read).
+/// The `institution` query parameter as given (empty: "All institutions"); a repeated
+/// one never gets here (`reject_repeated_parameters` refuses it first).
 fn picked_institution(query: &str) -> Option<String> {
-    let mut given = form_urlencoded::parse(query.as_bytes())
-        .filter(|(k, _)| k == "institution")
-        .map(|(_, v)| v.trim().to_owned());
-    let first = given.next()?;
-    given.next().is_none().then_some(first)
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "institution")
+        .map(|(_, v)| v.trim().to_owned())
 }
 
 /// Where a page at `uri` (about institution `from`, in its path) goes when its picker

@@ -103,12 +103,7 @@ async fn institutions(state: &AppState) -> Result<Vec<(String, String)>, AppErro
     Ok(ids
         .into_iter()
         .map(|id| {
-            let name = state
-                .cfg
-                .institution(&id)
-                .map(|i| i.name.clone())
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| id.clone());
+            let name = state.institution_name(&id);
             (id, name)
         })
         .collect())
@@ -190,13 +185,9 @@ pub async fn matrix(state: &AppState) -> Result<Vec<(String, String, Vec<CellVie
                 unpriced_models: unpriced.models,
                 text,
                 draft_href,
-                invoice_href: invoice.as_ref().map(|d| {
-                    format!(
-                        "/institutions/{}/invoices/{}/pdf",
-                        urlencode(&inst),
-                        urlencode(&d.number)
-                    )
-                }),
+                invoice_href: invoice
+                    .as_ref()
+                    .map(|d| super::invoices::href(&inst, &d.number, "pdf")),
                 invoice: invoice.map(|d| d.number),
             });
         }

@@ -59,7 +59,8 @@ const DOWNLOADS: [&str; 7] = [
     "lines",
 ];
 
-fn href(inst: &str, number: &str, format: &str) -> String {
+/// An issued document in `format` (or its `verify`/`lines` page).
+pub(super) fn href(inst: &str, number: &str, format: &str) -> String {
     format!(
         "/institutions/{}/invoices/{}/{format}",
         urlencode(inst),
@@ -84,14 +85,9 @@ async fn listing(
             number: r.number.clone(),
             kind: r.kind.replace('_', " "),
             // The name people know, with the id beside it.
-            institution: match state
-                .cfg
-                .institution(&r.institution_id)
-                .map(|i| i.name.as_str())
-                .filter(|n| !n.is_empty() && *n != r.institution_id)
-            {
-                Some(name) => format!("{name} ({})", r.institution_id),
-                None => r.institution_id.clone(),
+            institution: match state.institution_name(&r.institution_id) {
+                name if name == r.institution_id => name,
+                name => format!("{name} ({})", r.institution_id),
             },
             period: r.period.clone(),
             issued: chrono::DateTime::from_timestamp(i64::from(r.issued_at), 0)

@@ -89,15 +89,19 @@ impl AppState {
         Ok(ids
             .into_iter()
             .map(|id| {
-                let name = self
-                    .cfg
-                    .institution(&id)
-                    .map(|i| i.name.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| id.clone());
+                let name = self.institution_name(&id);
                 (id, name)
             })
             .collect())
+    }
+
+    /// An institution's name as configured, else its id.
+    pub fn institution_name(&self, id: &str) -> String {
+        self.cfg
+            .institution(id)
+            .map(|i| i.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| id.to_owned())
     }
 
     pub fn base_url(&self) -> String {
@@ -309,9 +313,8 @@ fn retry_form(uri: &axum::http::Uri) -> Option<Retry> {
 /// refused view (400 on a `GET`) keeps what was typed into its URL in a form to correct.
 async fn html_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let page = !req.uri().path().starts_with("/api/");
-    let retry = (req.method() == axum::http::Method::GET)
-        .then(|| retry_form(req.uri()))
-        .flatten();
+    // The address is kept (a cheap clone); the form is built only for a refusal.
+    let asked = (req.method() == axum::http::Method::GET).then(|| req.uri().clone());
     let res = next.run(req).await;
     let status = res.status();
     let json = res
@@ -346,7 +349,9 @@ async fn html_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     let html = askama::Template::render(&ErrorPage {
         title,
         message: &message,
-        retry: retry.filter(|_| status == axum::http::StatusCode::BAD_REQUEST),
+        retry: asked
+            .filter(|_| status == axum::http::StatusCode::BAD_REQUEST)
+            .and_then(|uri| retry_form(&uri)),
     })
     .unwrap_or_else(|_| crate::format::html(&message));
     parts.headers.remove(header::CONTENT_LENGTH);

@@ -204,40 +204,31 @@ pub async fn one(
             None
         }));
     // Each user and key opens this page narrowed to it (the other filters kept).
-    let narrowed = |user: &str, key: &str| {
-        let f = Filters {
-            institution: String::new(),
-            user: if user.is_empty() {
-                filters.user.clone()
-            } else {
-                user.to_owned()
-            },
-            key: if key.is_empty() {
-                filters.key.clone()
-            } else {
-                key.to_owned()
-            },
-            ..filters.clone()
-        };
-        format!(
-            "/institutions/{}?{}",
-            crate::format::urlencode(&inst),
-            crate::web::page::query_string(&f, &[])
-        )
-    };
     page.tables.push(agg_table(
         "users",
         &format!("Top {TOP} users by spend"),
         "user_id",
         &users,
-        |a| Some(narrowed(&a.key, "")),
+        |a| {
+            let f = Filters {
+                user: a.key.clone(),
+                ..filters.clone()
+            };
+            Some(institution_link(&f, &inst))
+        },
     ));
     page.tables.push(agg_table(
         "keys",
         &format!("Top {TOP} API keys by spend"),
         "api_key_id",
         &keys,
-        |a| Some(narrowed("", &a.key)),
+        |a| {
+            let f = Filters {
+                key: a.key.clone(),
+                ..filters.clone()
+            };
+            Some(institution_link(&f, &inst))
+        },
     ));
     page.tables.push(groups_table(&filters, &inst, &groups));
     page.tables.push(Table {

@@ -194,11 +194,7 @@ async fn as_billed(state: &AppState, inst: &str) -> Result<Vec<BilledFigure>, Ap
         async move {
             let (total, source, link) = match ledger.live_invoice(inst, period) {
                 Some(d) => {
-                    let href = format!(
-                        "/institutions/{}/invoices/{}/pdf",
-                        crate::format::urlencode(inst),
-                        crate::format::urlencode(&d.number)
-                    );
+                    let href = crate::web::invoices::href(inst, &d.number, "pdf");
                     (
                         d.total,
                         format!("invoice {}", d.number),
