@@ -25,9 +25,12 @@ pub fn json(doc: &Document) -> String {
     s
 }
 
-/// `unit_price` is the list price; `billed_unit_price` the price with the contract, so
-/// quantity × billed_unit_price is the amount before rounding.
-pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,unit_price,unit,exact_amount,contract_percent,amount,currency,billed_unit_price,price_applies_from,price_applies_until,now_amount,billed_before";
+/// `list_unit_price` is the price book's price (quantity × it = `exact_amount`);
+/// `billed_unit_price` the price with the contract, so quantity × billed_unit_price is
+/// `amount` before rounding. The list price's column was called `unit_price` until
+/// 2026-12: beside the billed amount, readers took it for the price billed; the column
+/// keeps its position, so readers by position are unaffected.
+pub const LINES_CSV_HEADER: &str = "number,kind,institution,invoice_period,usage_period,adjustment,description,model,variant,token_class,quantity,list_unit_price,unit,exact_amount,contract_percent,amount,currency,billed_unit_price,price_applies_from,price_applies_until,now_amount,billed_before";
 
 /// One row per line; the amounts sum to the document's total.
 /// "/1M tokens" or "/request".
@@ -915,5 +918,44 @@ pub(crate) mod tests {
             .sum();
         assert_eq!(sum, d.total);
         assert_eq!(d.total, dec!(6.75));
+    }
+
+    /// Issue 33 (polish): no column is a list price under a name that reads as the price
+    /// billed. Read by name: quantity × list price is the exact amount before the contract,
+    /// quantity × billed price is the amount billed before rounding to the cent.
+    #[test]
+    fn csv_prices_say_which_price_they_are() {
+        let d = sample(5);
+        let csv = lines_csv(&d);
+        let mut rows = csv.lines();
+        let header: Vec<&str> = rows.next().unwrap().split(',').collect();
+        assert!(!header.contains(&"unit_price"), "{header:?}");
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let (q, list, exact, billed, amount) = (
+            col("quantity"),
+            col("list_unit_price"),
+            col("exact_amount"),
+            col("billed_unit_price"),
+            col("amount"),
+        );
+        // Positions readers by position rely on.
+        assert_eq!((q, list, exact, amount), (10, 11, 13, 15));
+        for row in rows {
+            let cells: Vec<Decimal> = row
+                .split(',')
+                .map(|c| c.parse().unwrap_or_default())
+                .collect();
+            let per = dec!(1_000_000);
+            assert_eq!(cells[q] * cells[list] / per, cells[exact], "{row}");
+            assert_eq!(
+                (cells[q] * cells[billed] / per).round_dp(2),
+                cells[amount],
+                "{row}"
+            );
+            assert_ne!(
+                cells[list], cells[billed],
+                "the sample has a contract: {row}"
+            );
+        }
     }
 }

@@ -39,6 +39,36 @@ struct Session {
     csrf: String,
     expires: DateTime<Utc>,
     sso: Option<SsoSession>,
+    /// What the page after an action says, until that page is shown (post/redirect/get).
+    flash: Option<Flash>,
+}
+
+/// The result of an action (a form's POST), kept in the session and shown once by the
+/// page the POST redirects to: a reload shows that page again instead of repeating the
+/// action. Refusals that keep what was typed are rendered by the POST itself instead.
+#[derive(Debug, Clone, Default)]
+pub struct Flash {
+    /// Where the browser is sent (path and query); the page at its path shows it.
+    pub to: String,
+    pub message: String,
+    /// The message is an error (or a partial failure).
+    pub failed: bool,
+    /// A key just created (id, secret): shown once, kept nowhere else.
+    pub created: Option<(String, String)>,
+}
+
+impl Flash {
+    pub fn done(to: impl Into<String>, message: impl Into<String>) -> Self {
+        Flash {
+            to: to.into(),
+            message: message.into(),
+            ..Flash::default()
+        }
+    }
+
+    fn path(&self) -> &str {
+        self.to.split('?').next().unwrap_or_default()
+    }
 }
 
 /// What a session signed in through a provider keeps, to sign out there too.
@@ -277,9 +307,28 @@ impl Auth {
                 csrf: csrf.clone(),
                 expires: until.min(now + self.session_length),
                 sso,
+                flash: None,
             },
         );
         (id, csrf)
+    }
+
+    /// Keeps `flash` for the session's next view of the page it names (replacing any
+    /// earlier one not yet shown).
+    pub fn put_flash(&self, id: &str, flash: Flash) {
+        if let Some(s) = self.sessions.lock().expect("sessions lock").get_mut(id) {
+            s.flash = Some(flash);
+        }
+    }
+
+    /// The session's flash, if it is for the page at `path`; taken, so shown once.
+    pub fn take_flash(&self, id: &str, path: &str) -> Option<Flash> {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let s = sessions.get_mut(id)?;
+        if s.flash.as_ref()?.path() != path {
+            return None;
+        }
+        s.flash.take()
     }
 
     /// Ends a session; what it kept of a provider sign-in, to sign out there too.
@@ -413,6 +462,41 @@ impl FromRequestParts<Arc<AppState>> for Authed {
         let (principal, csrf) = state.auth.session(&id).ok_or_else(unauthenticated)?;
         Ok(Authed { principal, csrf })
     }
+}
+
+/// The message an action left for this page (post/redirect/get), taken from the session:
+/// `None` on an ordinary visit, on API routes and for bearer tokens.
+pub struct Flashed(pub Option<Flash>);
+
+impl FromRequestParts<Arc<AppState>> for Flashed {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        if parts.method != axum::http::Method::GET || parts.uri.path().starts_with("/api/") {
+            return Ok(Flashed(None));
+        }
+        Ok(Flashed(cookie(&parts.headers, SESSION_COOKIE).and_then(
+            |id| state.auth.take_flash(&id, parts.uri.path()),
+        )))
+    }
+}
+
+/// Ends a successful action from a page: its result is kept for the page that shows it,
+/// and the browser is sent there (303), so that reloading does not post the form again.
+pub fn after_action(
+    state: &AppState,
+    headers: &HeaderMap,
+    flash: Flash,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let to = flash.to.clone();
+    if let Some(id) = cookie(headers, SESSION_COOKIE) {
+        state.auth.put_flash(&id, flash);
+    }
+    axum::response::Redirect::to(&to).into_response()
 }
 
 pub use crate::domain::Scope;

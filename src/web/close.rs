@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::State;
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::Utc;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField};
+use super::auth::{after_action, Allowed, CanIssue, CheckedForm, CsrfField, Flash, Flashed};
 use super::error::AppError;
 use super::AppState;
 use crate::billing::issue::Billing;
@@ -240,8 +240,10 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanIssue>,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
-    page(&state, &allowed, &uri, String::new(), false).await
+    let flash = flash.unwrap_or_default();
+    page(&state, &allowed, &uri, flash.message, flash.failed).await
 }
 
 #[derive(Deserialize)]
@@ -271,6 +273,7 @@ pub async fn issue(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanIssue>,
     uri: Uri,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<IssueForm>,
 ) -> Result<Response, AppError> {
     let book = state.book.current();
@@ -318,5 +321,15 @@ pub async fn issue(
             m.join(" ")
         }
     };
-    page(&state, &allowed, &uri, message, failed).await
+    if uri.path().starts_with("/api/") {
+        return page(&state, &allowed, &uri, message, failed).await;
+    }
+    Ok(after_action(
+        &state,
+        &headers,
+        Flash {
+            failed,
+            ..Flash::done("/close", message)
+        },
+    ))
 }

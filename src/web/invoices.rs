@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, Uri};
+use axum::http::{header, HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{Allowed, CanIssue, CheckedForm, CsrfField, Policy, Scoped};
+use super::auth::{
+    after_action, Allowed, CanIssue, CheckedForm, CsrfField, Flash, Flashed, Policy, Scoped,
+};
 use super::error::AppError;
 use super::AppState;
 use crate::billing::issue::Billing;
@@ -141,6 +143,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
     if uri.path().starts_with("/api/") {
         let rows = state
@@ -171,7 +174,8 @@ pub async fn list(
             .collect();
         return Ok(axum::Json(json!({ "invoices": items })).into_response());
     }
-    listing(&state, &scoped, String::new(), false).await
+    let flash = flash.unwrap_or_default();
+    listing(&state, &scoped, flash.message, flash.failed).await
 }
 
 fn file(bytes: Vec<u8>, name: &str, content_type: &str) -> Response {
@@ -496,6 +500,7 @@ pub async fn issue(
     State(state): State<Arc<AppState>>,
     authed: Allowed<CanIssue>,
     uri: Uri,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<IssueForm>,
 ) -> Result<Response, AppError> {
     let period: Period = form.period.trim().parse().map_err(AppError::BadRequest)?;
@@ -519,17 +524,18 @@ pub async fn issue(
     match result {
         Ok(d) => {
             tracing::info!(user = %scoped.principal.name, number = %d.number, "invoice issued from the portal");
-            listing(
+            Ok(after_action(
                 &state,
-                &scoped,
-                format!(
-                    "Issued {} for {inst} {period}: {}",
-                    d.number,
-                    money(d.total)
+                &headers,
+                Flash::done(
+                    "/invoices",
+                    format!(
+                        "Issued {} for {inst} {period}: {}",
+                        d.number,
+                        money(d.total)
+                    ),
                 ),
-                false,
-            )
-            .await
+            ))
         }
         Err(e) if e.is_refusal() => {
             listing(&state, &scoped, format!("Not issued: {e}"), true).await

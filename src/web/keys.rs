@@ -7,14 +7,15 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, State};
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{
-    confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped, SeesKeyLog,
+    after_action, confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Flash, Flashed, Policy,
+    Principal, Scoped, SeesKeyLog,
 };
 use super::error::AppError;
 use super::AppState;
@@ -105,13 +106,6 @@ struct Said {
 }
 
 impl Said {
-    fn done(message: String) -> Self {
-        Said {
-            message,
-            ..Said::default()
-        }
-    }
-
     fn refused(message: String, kept: Option<CreateForm>) -> Self {
         Said {
             message,
@@ -219,6 +213,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
     let institution = scoped.scope.institution();
     if uri.path().starts_with("/api/") {
@@ -243,7 +238,12 @@ pub async fn list(
         &scoped.principal,
         &scoped.csrf,
         institution,
-        Said::default(),
+        flash.map_or_else(Said::default, |f| Said {
+            message: f.message,
+            failed: f.failed,
+            created: f.created,
+            kept: None,
+        }),
     )
     .await
 }
@@ -330,6 +330,7 @@ pub async fn create(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanManageKeys>,
     uri: Uri,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<CreateForm>,
 ) -> Result<Response, AppError> {
     let api = uri.path().starts_with("/api/");
@@ -366,20 +367,20 @@ pub async fn create(
                 )
                 .into_response());
             }
-            page(
+            Ok(after_action(
                 &state,
-                &allowed.principal,
-                &allowed.csrf,
-                scope,
-                Said {
+                &headers,
+                Flash {
                     created: Some((row.key_id.clone(), new.secret)),
-                    ..Said::done(format!(
-                        "Created key {} for {} at {institution}.",
-                        row.key_id, row.user_id
-                    ))
+                    ..Flash::done(
+                        "/keys",
+                        format!(
+                            "Created key {} for {} at {institution}.",
+                            row.key_id, row.user_id
+                        ),
+                    )
                 },
-            )
-            .await
+            ))
         }
         Err(KeyError::Invalid(m)) if !api => {
             page(
@@ -414,6 +415,7 @@ pub async fn revoke(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanManageKeys>,
     uri: Uri,
+    headers: HeaderMap,
     Path(key_id): Path<String>,
     CheckedForm(_form): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
@@ -429,15 +431,15 @@ pub async fn revoke(
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(json!({"key_id": row.key_id, "state": "revoked"})).into_response());
     }
-    page(
+    Ok(after_action(
         &state,
-        &allowed.principal,
-        &allowed.csrf,
-        own.as_deref(),
-        Said::done(format!(
-            "Revoked key {}; every gateway refuses it within seconds.",
-            row.key_id
-        )),
-    )
-    .await
+        &headers,
+        Flash::done(
+            "/keys",
+            format!(
+                "Revoked key {}; every gateway refuses it within seconds.",
+                row.key_id
+            ),
+        ),
+    ))
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::State;
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{
-    confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Policy, Principal, Scoped,
+    after_action, confine, Allowed, CanManageKeys, CheckedForm, CsrfField, Flash, Flashed, Policy,
+    Principal, Scoped,
 };
 use super::error::AppError;
 use super::AppState;
@@ -181,6 +182,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
     let institution = scoped.scope.institution();
     if uri.path().starts_with("/api/") {
@@ -215,8 +217,11 @@ pub async fn list(
         &scoped.principal,
         &scoped.csrf,
         institution,
-        String::new(),
-        false,
+        flash
+            .as_ref()
+            .map(|f| f.message.clone())
+            .unwrap_or_default(),
+        flash.is_some_and(|f| f.failed),
         None,
     )
     .await
@@ -263,6 +268,7 @@ pub async fn set(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanManageKeys>,
     uri: Uri,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<SetForm>,
 ) -> Result<Response, AppError> {
     let api = uri.path().starts_with("/api/");
@@ -292,7 +298,6 @@ pub async fn set(
     if api {
         return Ok(axum::Json(json!({"limit_id": limit.id()})).into_response());
     }
-    let own = allowed.principal.institution.as_deref();
     // A user nobody has seen may be a typo: set as asked, and said.
     let unseen = limit.scope == LimitScope::User
         && !state
@@ -318,16 +323,11 @@ pub async fn set(
             limit.subject, limit.institution_id
         ));
     }
-    page(
+    Ok(after_action(
         &state,
-        &allowed.principal,
-        &allowed.csrf,
-        own,
-        message,
-        false,
-        None,
-    )
-    .await
+        &headers,
+        Flash::done("/limits", message),
+    ))
 }
 
 /// The limit a set form describes, checked: who may set it, and every field.
@@ -384,6 +384,7 @@ pub async fn remove(
     State(state): State<Arc<AppState>>,
     allowed: Allowed<CanManageKeys>,
     uri: Uri,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<RemoveForm>,
 ) -> Result<Response, AppError> {
     let own = confine(&allowed.principal, None)?;
@@ -409,14 +410,9 @@ pub async fn remove(
     if uri.path().starts_with("/api/") {
         return Ok(axum::Json(json!({"limit_id": limit.id(), "state": "removed"})).into_response());
     }
-    page(
+    Ok(after_action(
         &state,
-        &allowed.principal,
-        &allowed.csrf,
-        own.as_deref(),
-        format!("Removed {}.", limit.id()),
-        false,
-        None,
-    )
-    .await
+        &headers,
+        Flash::done("/limits", format!("Removed {}.", limit.id())),
+    ))
 }

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use askama::Template;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{header, Uri};
+use axum::http::{header, HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{Authed, CheckedForm, CsrfField, Principal, Role};
+use super::auth::{after_action, Authed, CheckedForm, CsrfField, Flash, Flashed, Principal, Role};
 use super::chart::{Chart, Kind, Series};
 use super::error::AppError;
 use super::AppState;
@@ -514,9 +514,11 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     me: Me,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
     if !uri.path().starts_with("/api/") {
-        return page(&state, &me, String::new(), false, None).await;
+        let f = flash.unwrap_or_default();
+        return page(&state, &me, f.message, f.failed, f.created).await;
     }
     let now = Utc::now();
     let u = read(&state, &me, now).await?;
@@ -610,6 +612,7 @@ impl CsrfField for CreateForm {
 pub async fn create(
     State(state): State<Arc<AppState>>,
     me: Me,
+    headers: HeaderMap,
     CheckedForm(form): CheckedForm<CreateForm>,
 ) -> Result<Response, AppError> {
     let days = match form.days.trim() {
@@ -657,14 +660,14 @@ pub async fn create(
     match own_keys::create(state.keys.as_ref(), &member, &policy, &req).await {
         Ok((row, secret)) => {
             tracing::info!(institution = %me.institution, key_id = %row.key_id, "member created a key");
-            page(
+            Ok(after_action(
                 &state,
-                &me,
-                format!("Key {} created.", row.key_id),
-                false,
-                Some((row.key_id, secret.secret)),
-            )
-            .await
+                &headers,
+                Flash {
+                    created: Some((row.key_id.clone(), secret.secret)),
+                    ..Flash::done("/me", format!("Key {} created.", row.key_id))
+                },
+            ))
         }
         Err(OwnKeyError::Refused(r)) => page(&state, &me, format!("{r}."), true, None).await,
         Err(OwnKeyError::Key(e)) => Err(e.into()),
@@ -687,6 +690,7 @@ impl CsrfField for RevokeForm {
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     me: Me,
+    headers: HeaderMap,
     Path(key_id): Path<String>,
     CheckedForm(_): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
@@ -699,7 +703,11 @@ pub async fn revoke(
     )
     .await
     {
-        Ok(_) => page(&state, &me, format!("Key {key_id} revoked."), false, None).await,
+        Ok(_) => Ok(after_action(
+            &state,
+            &headers,
+            Flash::done("/me", format!("Key {key_id} revoked.")),
+        )),
         Err(keys::KeyError::AlreadyRevoked(_)) => {
             page(
                 &state,

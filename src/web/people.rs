@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::Uri;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{Datelike, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{Allowed, CheckedForm, CsrfField, Policy, Principal, Role, Scoped};
+use super::auth::{
+    after_action, Allowed, CheckedForm, CsrfField, Flash, Flashed, Policy, Principal, Role, Scoped,
+};
 use super::error::AppError;
 use super::AppState;
 use crate::domain::{Scope, Selection};
@@ -297,16 +299,18 @@ pub async fn list(
     _: Allowed<SeesPeople>,
     Query(q): Query<ListQuery>,
     uri: Uri,
+    Flashed(flash): Flashed,
 ) -> Result<Response, AppError> {
     if !uri.path().starts_with("/api/") {
+        let flash = flash.unwrap_or_default();
         return page(
             &state,
             &scoped.principal,
             &scoped.csrf,
             &scoped.scope,
             &q.q,
-            String::new(),
-            false,
+            flash.message,
+            flash.failed,
         )
         .await;
     }
@@ -350,8 +354,11 @@ impl CsrfField for SuspendForm {
 /// `POST /institutions/{institution}/people/{person}/suspend`.
 pub async fn suspend(
     State(state): State<Arc<AppState>>,
-    scoped: Scoped,
+    // Confines the institution in the path to the principal's own.
+    _scoped: Scoped,
     allowed: Allowed<ManagesPeople>,
+    uri: Uri,
+    headers: HeaderMap,
     Path((institution, person)): Path<(String, String)>,
     CheckedForm(form): CheckedForm<SuspendForm>,
 ) -> Result<Response, AppError> {
@@ -369,16 +376,26 @@ pub async fn suspend(
     } else {
         format!("{person} is restored.")
     };
-    page(
-        &state,
-        &scoped.principal,
-        &allowed.csrf,
-        &scoped.scope,
-        "",
-        message,
-        false,
-    )
-    .await
+    Ok(done(&state, &uri, &headers, &institution, message))
+}
+
+/// What a successful action answers: the API its message as JSON; a page is sent to the
+/// People page of `institution`, which says it (post/redirect/get).
+fn done(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    institution: &str,
+    message: String,
+) -> Response {
+    if uri.path().starts_with("/api/") {
+        return axum::Json(json!({ "message": message })).into_response();
+    }
+    let to = format!(
+        "/people?institution={}",
+        crate::format::urlencode(institution)
+    );
+    after_action(state, headers, Flash::done(to, message))
 }
 
 #[derive(Deserialize)]
@@ -401,6 +418,8 @@ pub async fn move_member(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     allowed: Allowed<ManagesPeople>,
+    uri: Uri,
+    headers: HeaderMap,
     Path((institution, person)): Path<(String, String)>,
     CheckedForm(form): CheckedForm<GroupForm>,
 ) -> Result<Response, AppError> {
@@ -436,6 +455,12 @@ pub async fn move_member(
         Err(PeopleError::NoGroup { group, .. }) => (format!("There is no group `{group}`."), true),
         Err(e) => return Err(e.into()),
     };
+    if !failed {
+        return Ok(done(&state, &uri, &headers, &institution, message));
+    }
+    if uri.path().starts_with("/api/") {
+        return Err(AppError::BadRequest(message));
+    }
     page(
         &state,
         &scoped.principal,
@@ -541,10 +566,21 @@ pub async fn set_policy(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     allowed: Allowed<ManagesPeople>,
+    uri: Uri,
+    headers: HeaderMap,
     Path((institution, group)): Path<(String, String)>,
     CheckedForm(form): CheckedForm<PolicyForm>,
 ) -> Result<Response, AppError> {
-    save_policy(&state, scoped, allowed, institution, group, form).await
+    save_policy(
+        &state,
+        scoped,
+        allowed,
+        (&uri, &headers),
+        institution,
+        group,
+        form,
+    )
+    .await
 }
 
 /// `POST /institutions/{institution}/groups`: adds a group (its id in the form).
@@ -552,17 +588,29 @@ pub async fn add_group(
     State(state): State<Arc<AppState>>,
     scoped: Scoped,
     allowed: Allowed<ManagesPeople>,
+    uri: Uri,
+    headers: HeaderMap,
     Path(institution): Path<String>,
     CheckedForm(form): CheckedForm<PolicyForm>,
 ) -> Result<Response, AppError> {
     let group = form.id.trim().to_owned();
-    save_policy(&state, scoped, allowed, institution, group, form).await
+    save_policy(
+        &state,
+        scoped,
+        allowed,
+        (&uri, &headers),
+        institution,
+        group,
+        form,
+    )
+    .await
 }
 
 async fn save_policy(
     state: &AppState,
     scoped: Scoped,
     allowed: Allowed<ManagesPeople>,
+    (uri, headers): (&Uri, &HeaderMap),
     institution: String,
     group: String,
     form: PolicyForm,
@@ -590,6 +638,12 @@ async fn save_policy(
         }
         Err(e) => (format!("Group {group} not saved: {e}."), true),
     };
+    if !failed {
+        return Ok(done(state, uri, headers, &institution, message));
+    }
+    if uri.path().starts_with("/api/") {
+        return Err(AppError::BadRequest(message));
+    }
     page(
         state,
         &scoped.principal,

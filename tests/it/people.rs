@@ -283,8 +283,25 @@ async fn create_key(w: &World, s: &Session, name: &str) -> (String, String) {
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 200);
-    let html = res.text().await.unwrap();
+    // Post/redirect/get: the result is on "My usage", shown once, not at the POST's URL.
+    assert_eq!(res.status(), 303);
+    assert_eq!(res.headers()["location"], "/me");
+    let shown = |cookie: String| async move {
+        client()
+            .get(format!("{}/me", w.serve.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let html = shown(s.cookie.clone()).await;
+    assert!(
+        !shown(s.cookie.clone()).await.contains("id=\"secret\""),
+        "shown once"
+    );
     let secret = html
         .split("<pre id=\"secret\">")
         .nth(1)

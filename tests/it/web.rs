@@ -1526,6 +1526,28 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
                 && row.contains("active"),
             "{row}"
         );
+        // Issue 33 (polish): the result is at the page's own address, not the POST's
+        // (post/redirect/get): reloading shows the page again — the secret and the
+        // message gone, no second key created.
+        assert_eq!(browser.current_url().await?.path(), "/keys");
+        browser.refresh().await?;
+        browser.wait().for_element(Locator::Css("form#create")).await?;
+        assert!(browser.find_all(Locator::Css("#secret")).await?.is_empty());
+        assert!(browser.find_all(Locator::Css("#message")).await?.is_empty());
+        assert_eq!(
+            browser
+                .find_all(Locator::Css(&format!("tr[data-key='{key_id}']")))
+                .await?
+                .len(),
+            1
+        );
+        let thesis = browser
+            .execute(
+                "return Array.from(document.querySelectorAll('tr[data-key]')).filter(r => r.textContent.includes('thesis')).length",
+                vec![],
+            )
+            .await?;
+        assert_eq!(thesis, serde_json::json!(1), "one key named thesis after the reload");
         // Issue 33, item 3: a refused form says why inside the page and keeps what was
         // typed (it was a bare JSON page, the input lost).
         let form_value = |css: &'static str| {
@@ -1705,9 +1727,10 @@ async fn keys_page_institution_admin_creates_and_revokes_own_keys_only() {
         ("amount", "15".into()),
         ("period", "day".into()),
     ];
+    // Set: the browser is sent to the Limits page, which says so (post/redirect/get).
     assert_eq!(
         form_post(anna.clone(), "/limits/set".into(), quota.clone()).await,
-        200
+        303
     );
     let mut own = quota.clone();
     own[0].1 = "institution".into();

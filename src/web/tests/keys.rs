@@ -52,6 +52,16 @@ async fn post(app: &Router, path: &str, cookie: &str, body: &str) -> Response {
     app.clone().oneshot(req).await.unwrap()
 }
 
+/// A form's POST as a browser follows it: a 303 to the page that shows the result
+/// (post/redirect/get), then that page, read once.
+async fn post_and_follow(app: &Router, path: &str, cookie: &str, body: &str) -> String {
+    let res = post(app, path, cookie, body).await;
+    assert_eq!(res.status(), StatusCode::SEE_OTHER, "{path}");
+    let to = res.headers()[header::LOCATION].to_str().unwrap().to_owned();
+    assert_eq!(to, "/keys", "{path}");
+    text(get(app, &to, Some(cookie)).await).await
+}
+
 /// The text of the element with this `id` (the page's own markup: `id="…">text<`).
 fn element(html: &str, id: &str) -> String {
     html.split(&format!("id=\"{id}\""))
@@ -96,15 +106,13 @@ async fn an_institution_admin_manages_only_their_institutions_keys_and_a_secret_
     assert!(!page.contains("name=\"institution\""), "{page}");
     assert!(!page.contains(&other.key_id), "{page}");
 
-    let res = post(
+    let page = post_and_follow(
         &app,
         "/keys/create",
         &anna,
         &format!("csrf={anna_csrf}&user=student1%40inst-a&name=thesis&models=gpt-4o-mini&rpm=10"),
     )
     .await;
-    assert_eq!(res.status(), StatusCode::OK);
-    let page = text(res).await;
     let secret = element(&page, "secret");
     let message = element(&page, "message");
     let key_id = message.split_whitespace().nth(2).unwrap().to_owned();
@@ -141,8 +149,12 @@ async fn an_institution_admin_manages_only_their_institutions_keys_and_a_secret_
     );
     assert!(!row.secret_hash.contains(&secret[secret.len() - 20..]));
 
-    // Never shown again, to anyone, in any form.
+    // Never shown again, to anyone, in any form; reloading the page (a GET, not the
+    // POST again) shows neither the secret nor the message, and creates nothing.
     let tail = &secret[secret.len() - 20..];
+    let reloaded = text(get(&app, "/keys", Some(&anna)).await).await;
+    assert!(!reloaded.contains("Created key"), "{reloaded}");
+    assert_eq!(memory.current_keys().await.unwrap().len(), 2);
     for who in [&anna, &alice, &fin, &admin] {
         for path in ["/keys", "/api/v1/keys"] {
             let body = text(get(&app, path, Some(who)).await).await;
@@ -221,16 +233,15 @@ async fn an_institution_admin_manages_only_their_institutions_keys_and_a_secret_
     );
 
     // Anna revokes her key: stored as revoked, refused at admission, once only.
-    let res = post(
+    let page = post_and_follow(
         &app,
         &format!("/keys/{key_id}/revoke"),
         &anna,
         &format!("csrf={anna_csrf}"),
     )
     .await;
-    assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
-        element(&text(res).await, "message"),
+        element(&page, "message"),
         format!("Revoked key {key_id}; every gateway refuses it within seconds.")
     );
     let row = memory.key(&key_id).await.unwrap().unwrap();

@@ -333,3 +333,48 @@ async fn picking_another_institution_on_an_institutions_page_goes_to_its_page() 
     .await;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn an_actions_result_is_shown_once_by_its_page_to_its_session() {
+    use crate::web::auth::Flash;
+    let state = state();
+    let (mine, _) = session(&state, Role::Admin, None, None);
+    let (other, _) = session(&state, Role::Admin, None, None);
+    let id = |cookie: &str| cookie.trim_start_matches("tt_session=").to_owned();
+    state.auth.put_flash(
+        &id(&mine),
+        Flash::done("/people?institution=uni-a", "first"),
+    );
+    // A later action replaces a result not yet shown.
+    state.auth.put_flash(
+        &id(&mine),
+        Flash::done("/people?institution=uni-a", "second"),
+    );
+    assert!(
+        state.auth.take_flash(&id(&other), "/people").is_none(),
+        "another session"
+    );
+    assert!(
+        state.auth.take_flash(&id(&mine), "/keys").is_none(),
+        "another page"
+    );
+    let shown = state
+        .auth
+        .take_flash(&id(&mine), "/people")
+        .expect("its page");
+    assert_eq!(shown.message, "second");
+    assert!(
+        state.auth.take_flash(&id(&mine), "/people").is_none(),
+        "shown once"
+    );
+    // Through the router: the page shows it, an API call of the same path does not take it.
+    state
+        .auth
+        .put_flash(&id(&mine), Flash::done("/invoices", "Issued TT-1"));
+    let app = router(state.clone());
+    let _ = get(&app, "/api/v1/invoices", Some(&mine)).await;
+    assert!(
+        state.auth.take_flash(&id(&mine), "/invoices").is_some(),
+        "left for the page"
+    );
+}
