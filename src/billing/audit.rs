@@ -414,41 +414,54 @@ impl Audit<'_> {
             .collect())
     }
 
-    /// "Explain this line": the events behind line `line` (1-based) of an issued
-    /// invoice, as CSV: each event recorded for it, as stored now, and events of the same
-    /// key stored since (which later adjustments bill).
-    pub async fn explain_line(&self, doc: &Document, line: usize) -> Result<String, BillingError> {
-        use crate::format::csv_field;
-        use std::fmt::Write as _;
-        let Some(l) = line.checked_sub(1).and_then(|i| doc.lines.get(i)) else {
+    /// Whether line `line` (1-based) of `doc` can be explained: it exists and the
+    /// document has stored evidence. Checked before anything is written.
+    pub fn explainable(doc: &Document, line: usize) -> Result<(), BillingError> {
+        if line.checked_sub(1).and_then(|i| doc.lines.get(i)).is_none() {
             return Err(BillingError::Refused(format!(
                 "{} has no line {line} (it has {})",
                 doc.number,
                 doc.lines.len()
             )));
-        };
+        }
         if doc.snapshot.is_empty() {
             return Err(BillingError::Refused(format!(
                 "{} has no stored evidence (a credit note, or issued before invoices carried it)",
                 doc.number
             )));
         }
+        Ok(())
+    }
+
+    /// "Explain this line": the events behind line `line` (1-based) of an issued
+    /// invoice, as CSV written to `out`: each event recorded for it, as stored now, and
+    /// events of the same key stored since (which later adjustments bill). The recorded
+    /// events and the stored ones both come sorted by event id and are merged as they
+    /// arrive, each row written as it is known: memory does not grow with the line.
+    /// Returns the number of rows written.
+    pub async fn explain_line<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        doc: &Document,
+        line: usize,
+        out: &mut W,
+    ) -> Result<u64, BillingError> {
+        use crate::format::csv_field;
+        use tokio::io::AsyncWriteExt as _;
+        Self::explainable(doc, line)?;
+        let l = &doc.lines[line - 1];
         let c = Customer::resolve(self.cfg, &doc.customer.id);
-        let recorded = self
-            .store
-            .snapshot_line_events(&doc.snapshot, (line - 1) as u32)
-            .await?;
         let key = l.key();
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status"
-        );
         let description = l.description();
-        let mut row = |id: &str,
-                       e: Option<&crate::store::billing::EventState>,
-                       q: Option<i64>,
-                       status: &str| {
+        let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, out);
+        out.write_all(
+            b"number,line,description,event_id,day,user_id,api_key_id,model,token_class,quantity,status\n",
+        )
+        .await?;
+        let mut rows = 0u64;
+        let row = |id: &str,
+                   e: Option<&crate::store::billing::EventState>,
+                   q: Option<i64>,
+                   status: &str| {
             let cells = [
                 doc.number.as_str(),
                 &line.to_string(),
@@ -462,37 +475,53 @@ impl Audit<'_> {
                 &q.map(|q| q.to_string()).unwrap_or_default(),
                 status,
             ];
-            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
-            let _ = writeln!(out, "{}", cells.join(","));
+            let mut text = cells
+                .iter()
+                .map(|c| csv_field(c))
+                .collect::<Vec<_>>()
+                .join(",");
+            text.push('\n');
+            text
         };
-        // Both sides come sorted by event id: a merge, written as it goes, so that a line
-        // of a million events needs no more than its recorded ids in memory. Each event is
-        // priced on its own, so one changed event does not hide the others.
-        let mut rec = recorded.iter().peekable();
+        // Each event is priced on its own, so one changed event does not hide the others.
+        let mut rec = self
+            .store
+            .snapshot_events(&doc.snapshot, &[(line - 1) as u32])?;
+        let mut next_rec = rec.next().await?;
         let mut cursor = self.events_of(&doc.customer.id, &c, l.period)?;
         while let Some(e) = cursor.next().await? {
-            while let Some((id, _)) = rec.next_if(|(id, _)| id.as_str() < e.event_id.as_str()) {
-                row(id, None, None, "no longer stored");
+            while let Some(r) = next_rec.take_if(|r| r.event_id < e.event_id) {
+                out.write_all(row(&r.event_id, None, None, "no longer stored").as_bytes())
+                    .await?;
+                rows += 1;
+                next_rec = rec.next().await?;
             }
             let q = evidence::event_quantities(l.period, &e, self.book, c.byok_fee)
                 .and_then(|q| q.get(&key).copied());
-            match rec.next_if(|(id, _)| *id == e.event_id) {
-                Some((_, leaf)) => {
-                    let status = if &hex::encode(evidence::leaf(&e)) == leaf {
+            let text = match next_rec.take_if(|r| r.event_id == e.event_id) {
+                Some(r) => {
+                    next_rec = rec.next().await?;
+                    let status = if hex::encode(evidence::leaf(&e)) == r.leaf {
                         "as issued"
                     } else {
                         "changed since issue"
                     };
-                    row(&e.event_id, Some(&e), q, status);
+                    row(&e.event_id, Some(&e), q, status)
                 }
                 None if q.is_some() => row(&e.event_id, Some(&e), q, "stored after issue"),
-                None => {}
-            }
+                None => continue,
+            };
+            out.write_all(text.as_bytes()).await?;
+            rows += 1;
         }
-        for (id, _) in rec {
-            row(id, None, None, "no longer stored");
+        while let Some(r) = next_rec {
+            out.write_all(row(&r.event_id, None, None, "no longer stored").as_bytes())
+                .await?;
+            rows += 1;
+            next_rec = rec.next().await?;
         }
-        Ok(out)
+        out.flush().await?;
+        Ok(rows)
     }
 }
 

@@ -252,76 +252,76 @@ pub fn event_quantities(
     quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee).ok()
 }
 
-/// The events behind each line key, gathered one event at a time (in id order): each
-/// event's id and leaf once, and per key the events on it.
-#[derive(Default)]
-pub struct KeyEvents {
-    events: Vec<(String, [u8; 32])>,
-    by_key: BTreeMap<LineKey, Vec<u32>>,
-    price_ids: BTreeMap<LineKey, BTreeSet<String>>,
+/// Each line's evidence, folded one event at a time (events in id order, as the snapshot
+/// streams them): which lines an event is on (its id and leaf are stored for each, as
+/// they come) and per line the count, the Merkle root and the price entries. Memory: a
+/// few hashes per line, whatever the number of events — nothing per event is kept.
+pub struct LinesEvidence {
+    keys: HashMap<LineKey, u32>,
+    lines: Vec<LineEvidence>,
 }
 
-impl KeyEvents {
+#[derive(Default, Clone)]
+struct LineEvidence {
+    events: u64,
+    merkle: MerkleStream,
+    price_ids: BTreeSet<String>,
+}
+
+impl LinesEvidence {
+    pub fn new(doc: &Document) -> Self {
+        LinesEvidence {
+            keys: doc
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.key(), i as u32))
+                .collect(),
+            lines: vec![LineEvidence::default(); doc.lines.len()],
+        }
+    }
+
+    /// Folds in event `e` of `period`: the lines it is on (indices) and its leaf, to
+    /// store. An unpriced event is on no line; one the price book cannot price is an
+    /// error (as computing the document would have been).
     pub fn add(
         &mut self,
         period: Period,
         e: &EventState,
         book: &PriceBook,
         byok_fee: Decimal,
-    ) -> Result<(), BillingError> {
+    ) -> Result<(Vec<u32>, [u8; 32]), BillingError> {
         if e.priced == 0 {
-            return Ok(());
+            return Ok((Vec::new(), [0; 32]));
         }
         let q = quantities(period, std::slice::from_ref(&group_of(e)), book, byok_fee)?;
-        if q.is_empty() {
-            return Ok(());
+        let on: Vec<u32> = q.keys().filter_map(|k| self.keys.get(k).copied()).collect();
+        if on.is_empty() {
+            return Ok((on, [0; 32]));
         }
-        let idx = self.events.len() as u32;
-        self.events.push((e.event_id.clone(), leaf(e)));
-        for k in q.into_keys() {
-            self.price_ids
-                .entry(k.clone())
-                .or_default()
-                .insert(e.price_id.clone());
-            self.by_key.entry(k).or_default().push(idx);
+        let leaf = leaf(e);
+        for &i in &on {
+            let l = &mut self.lines[i as usize];
+            l.events += 1;
+            l.merkle.push(leaf);
+            if !l.price_ids.contains(&e.price_id) {
+                l.price_ids.insert(e.price_id.clone());
+            }
         }
-        Ok(())
+        Ok((on, leaf))
     }
-}
 
-/// Per line of a document: its manifest, and the (event id, leaf) pairs to store.
-pub type Evidence<'a> = (
-    Vec<LineManifest>,
-    Vec<crate::store::billing::LineEvents<'a>>,
-);
-
-/// The manifest of every line of `doc`, from the events its lines were computed from.
-pub fn manifest<'a>(doc: &Document, events: &'a KeyEvents) -> Evidence<'a> {
-    let mut manifests = Vec::new();
-    let mut stored = Vec::new();
-    for (i, l) in doc.lines.iter().enumerate() {
-        let key = l.key();
-        let idx = events.by_key.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        let pairs: Vec<(&str, [u8; 32])> = idx
+    /// Every line's manifest, in the document's order.
+    pub fn manifest(&self) -> Vec<LineManifest> {
+        self.lines
             .iter()
-            .map(|&j| {
-                let (id, leaf) = &events.events[j as usize];
-                (id.as_str(), *leaf)
+            .map(|l| LineManifest {
+                events: l.events,
+                merkle_root: l.merkle.root(),
+                price_ids: l.price_ids.iter().cloned().collect(),
             })
-            .collect();
-        let leaves: Vec<[u8; 32]> = pairs.iter().map(|(_, l)| *l).collect();
-        manifests.push(LineManifest {
-            events: pairs.len() as u64,
-            merkle_root: merkle_root(&leaves),
-            price_ids: events
-                .price_ids
-                .get(&key)
-                .map(|s| s.iter().cloned().collect())
-                .unwrap_or_default(),
-        });
-        stored.push((i as u32, pairs));
+            .collect()
     }
-    (manifests, stored)
 }
 
 /// What one stored event contributes, now, to the lines of a document being verified.
@@ -786,21 +786,22 @@ cache_read_per_mtok = "0.3"
             multiplier(doc.contract_percent),
         );
         doc.totals();
-        let mut ke = KeyEvents::default();
-        for e in states {
-            ke.add(p, e, book, Decimal::ZERO).unwrap();
+        let mut lines = LinesEvidence::new(&doc);
+        let mut by_line: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+        let mut sorted: Vec<&EventState> = states.iter().collect();
+        sorted.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        for e in sorted {
+            let (on, leaf) = lines.add(p, e, book, Decimal::ZERO).unwrap();
+            for i in on {
+                by_line
+                    .entry(i)
+                    .or_default()
+                    .push((e.event_id.clone(), hex::encode(leaf)));
+            }
         }
-        let (m, stored) = manifest(&doc, &ke);
-        let stored = stored
-            .into_iter()
-            .map(|(i, v)| {
-                (
-                    i,
-                    v.into_iter()
-                        .map(|(id, l)| (id.to_owned(), hex::encode(l)))
-                        .collect(),
-                )
-            })
+        let m = lines.manifest();
+        let stored: Stored = (0..doc.lines.len() as u32)
+            .map(|i| (i, by_line.remove(&i).unwrap_or_default()))
             .collect();
         doc.manifest = m;
         doc.sha256 = doc.content_hash();

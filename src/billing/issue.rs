@@ -192,42 +192,73 @@ impl<'a> Billing<'a> {
         Ok(doc)
     }
 
-    /// The document to request for `period`, computed from one snapshot of the stored
-    /// events (one row per event, streamed once), with each line's evidence; the evidence
-    /// and the frozen usage export are stored under a new snapshot id the document names.
-    /// Memory: an event id and a 32-byte leaf per priced event, not the events.
+    /// The document to request for `period`, with each line's evidence stored under a new
+    /// snapshot id the document names (and the frozen usage export). Two reads of the
+    /// stored events (one row per event, streamed in id order): the first gives the sums
+    /// the lines are computed from and the usage export, the second the evidence — each
+    /// event's id and leaf stored as it comes, folded into its lines' Merkle roots. If an
+    /// event was stored or changed between the two, the sums of the second read differ
+    /// and both are read again. Memory: the sums and the usage export's rows (by day,
+    /// user, key and model), nothing per event.
     async fn draft_with_evidence(
         &self,
         ledger: &Ledger,
         institution: &str,
         period: Period,
     ) -> Result<Document, BillingError> {
+        const READS: u32 = 5;
         let c = Customer::resolve(self.cfg, institution);
-        let mut usage = BTreeMap::new();
-        let mut events = evidence::KeyEvents::default();
-        let mut details = evidence::DetailsAcc::default();
-        for p in Self::periods(ledger, institution, period) {
-            let mut cursor = self.events_of(institution, &c, p)?;
-            let mut acc = evidence::UsageAcc::default();
-            while let Some(e) = cursor.next().await? {
-                acc.add(&e);
-                events.add(p, &e, self.book, c.byok_fee)?;
-                if p == period {
-                    details.add(&e);
+        let periods = Self::periods(ledger, institution, period);
+        for _ in 0..READS {
+            let mut usage = BTreeMap::new();
+            let mut details = evidence::DetailsAcc::default();
+            for &p in &periods {
+                let mut cursor = self.events_of(institution, &c, p)?;
+                let mut acc = evidence::UsageAcc::default();
+                while let Some(e) = cursor.next().await? {
+                    acc.add(&e);
+                    if p == period {
+                        details.add(&e);
+                    }
                 }
+                usage.insert(p, acc.finish());
             }
-            usage.insert(p, acc.finish());
+            let mut doc = self.compose(ledger, &c, period, &usage)?;
+            let csv = super::render::usage_csv(period, &details.finish()?, self.book, c.byok_fee)?;
+
+            let id = uuid::Uuid::new_v4().to_string();
+            let mut writer = self.store.snapshot_writer(&id, institution).await?;
+            let mut lines = evidence::LinesEvidence::new(&doc);
+            let mut again = BTreeMap::new();
+            for &p in &periods {
+                let mut cursor = self.events_of(institution, &c, p)?;
+                let mut acc = evidence::UsageAcc::default();
+                while let Some(e) = cursor.next().await? {
+                    acc.add(&e);
+                    let (on, leaf) = lines.add(p, &e, self.book, c.byok_fee)?;
+                    for line in on {
+                        writer.write(line, &e.event_id, &leaf).await?;
+                    }
+                }
+                again.insert(p, acc.finish());
+            }
+            if again != usage {
+                // The rows written so far name a snapshot no document will.
+                tracing::info!(
+                    institution,
+                    %period,
+                    "events were stored while issuing; reading them again"
+                );
+                continue;
+            }
+            writer.finish(&csv).await?;
+            doc.manifest = lines.manifest();
+            doc.snapshot = id;
+            return Ok(doc);
         }
-        let mut doc = self.compose(ledger, &c, period, &usage)?;
-        let (manifest, stored) = evidence::manifest(&doc, &events);
-        let csv = super::render::usage_csv(period, &details.finish()?, self.book, c.byok_fee)?;
-        let id = uuid::Uuid::new_v4().to_string();
-        self.store
-            .insert_snapshot(&id, institution, &stored, &csv)
-            .await?;
-        doc.manifest = manifest;
-        doc.snapshot = id;
-        Ok(doc)
+        Err(BillingError::Refused(format!(
+            "{institution}'s events of {period} kept changing while the invoice was computed ({READS} reads); try again when ingest has caught up"
+        )))
     }
 
     /// The detailed usage CSV of a document's period as the events are stored now, by

@@ -147,6 +147,8 @@ pub enum BillingError {
     Kafka(String),
     #[error("rendering: {0}")]
     Render(String),
+    #[error("writing: {0}")]
+    Io(#[from] std::io::Error),
     #[error("{0} has no usage frozen at issue (a draft, a credit note, or issued before snapshots); use the usage-csv format for the live usage")]
     NoFrozenUsage(String),
 }
@@ -168,7 +170,8 @@ impl BillingError {
             BillingError::Store(_)
             | BillingError::Corrupt(_)
             | BillingError::Kafka(_)
-            | BillingError::Render(_) => false,
+            | BillingError::Render(_)
+            | BillingError::Io(_) => false,
         }
     }
 }

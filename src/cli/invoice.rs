@@ -277,10 +277,24 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                 .iter()
                 .find(|d| d.number == number)
                 .with_context(|| format!("no document numbered {number}"))?;
-            let csv = Audit::new(cfg, &store, &book)
-                .explain_line(doc, line)
-                .await?;
-            emit(csv.as_bytes(), output.as_ref(), false)
+            // Written as the rows are known (a line of millions of events is never held).
+            let audit = Audit::new(cfg, &store, &book);
+            match output {
+                Some(path) => {
+                    Audit::explainable(doc, line)?;
+                    let mut file = tokio::fs::File::create(&path)
+                        .await
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    let rows = audit.explain_line(doc, line, &mut file).await?;
+                    eprintln!("wrote {} ({rows} events)", path.display());
+                }
+                None => {
+                    audit
+                        .explain_line(doc, line, &mut tokio::io::stdout())
+                        .await?;
+                }
+            }
+            Ok(())
         }
     }
 }

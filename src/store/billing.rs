@@ -104,9 +104,6 @@ pub struct RecordedEvent {
     pub leaf: String,
 }
 
-/// One line's events: its index and (event id, leaf hash) pairs.
-pub type LineEvents<'a> = (u32, Vec<(&'a str, [u8; 32])>);
-
 #[derive(Debug, Clone, Row, Serialize)]
 struct LineEventRow {
     snapshot: String,
@@ -114,6 +111,56 @@ struct LineEventRow {
     line: u32,
     event_id: String,
     leaf: String,
+}
+
+/// The evidence of one snapshot being stored (`Store::snapshot_writer`). Its line events
+/// count only once `finish` has stored the snapshot's own row, which the document names;
+/// rows of a writer dropped before that name a snapshot nothing refers to.
+pub struct SnapshotWriter {
+    insert: clickhouse::insert::Insert<LineEventRow>,
+    snapshot: String,
+    institution: String,
+    client: clickhouse::Client,
+}
+
+impl SnapshotWriter {
+    /// One event of line `line` (0-based).
+    pub async fn write(
+        &mut self,
+        line: u32,
+        event_id: &str,
+        leaf: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        self.insert
+            .write(&LineEventRow {
+                snapshot: self.snapshot.clone(),
+                institution_id: self.institution.clone(),
+                line,
+                event_id: event_id.to_owned(),
+                leaf: hex::encode(leaf),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Ends the line events and stores the snapshot with its frozen usage export.
+    pub async fn finish(self, usage_csv: &str) -> Result<(), StoreError> {
+        self.insert.end().await?;
+        let mut insert = self
+            .client
+            .insert::<SnapshotRow>("invoice_snapshots")
+            .await?;
+        insert
+            .write(&SnapshotRow {
+                snapshot: self.snapshot,
+                institution_id: self.institution,
+                created_at: chrono::Utc::now().timestamp() as u32,
+                usage_csv: usage_csv.to_owned(),
+            })
+            .await?;
+        insert.end().await?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Row, Serialize)]
@@ -373,47 +420,22 @@ impl Store {
             .map(Rows)?)
     }
 
-    /// Stores the evidence behind an invoice about to be requested: per line, the ids of
-    /// its events, and the frozen usage export.
-    pub async fn insert_snapshot(
+    /// Starts storing the evidence behind an invoice about to be requested: (line, event
+    /// id, leaf) rows are sent as they are written, in blocks, not held.
+    pub async fn snapshot_writer(
         &self,
         snapshot: &str,
         institution: &str,
-        line_events: &[LineEvents<'_>],
-        usage_csv: &str,
-    ) -> Result<(), StoreError> {
-        let mut insert = self
-            .client
-            .insert::<LineEventRow>("invoice_line_events")
-            .await?;
-        for (line, ids) in line_events {
-            for (id, leaf) in ids {
-                insert
-                    .write(&LineEventRow {
-                        snapshot: snapshot.to_owned(),
-                        institution_id: institution.to_owned(),
-                        line: *line,
-                        event_id: (*id).to_owned(),
-                        leaf: hex::encode(leaf),
-                    })
-                    .await?;
-            }
-        }
-        insert.end().await?;
-        let mut insert = self
-            .client
-            .insert::<SnapshotRow>("invoice_snapshots")
-            .await?;
-        insert
-            .write(&SnapshotRow {
-                snapshot: snapshot.to_owned(),
-                institution_id: institution.to_owned(),
-                created_at: chrono::Utc::now().timestamp() as u32,
-                usage_csv: usage_csv.to_owned(),
-            })
-            .await?;
-        insert.end().await?;
-        Ok(())
+    ) -> Result<SnapshotWriter, StoreError> {
+        Ok(SnapshotWriter {
+            insert: self
+                .client
+                .insert::<LineEventRow>("invoice_line_events")
+                .await?,
+            snapshot: snapshot.to_owned(),
+            institution: institution.to_owned(),
+            client: self.client.clone(),
+        })
     }
 
     /// The (event id, leaf hash) pairs a snapshot recorded for one line, by event id.

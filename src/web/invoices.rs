@@ -421,14 +421,59 @@ pub async fn explain(
         .ok_or(AppError::NotFound)?;
     let doc: Document =
         serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
-    let book = state.book.current();
-    let audit = crate::billing::audit::Audit::new(&state.cfg, &state.store, &book);
-    let csv = audit.explain_line(&doc, line).await?;
-    Ok(file(
-        csv.into_bytes(),
-        &format!("{number}-line-{line}.csv"),
-        Format::Csv.content_type(),
-    ))
+    // Refusals (no such line, no evidence) answer before the download starts.
+    crate::billing::audit::Audit::explainable(&doc, line)?;
+    // The rows are sent as the merge finds them (a line of millions of events is never
+    // held): the merge writes into one end of a pipe, the response reads the other. A
+    // failure after the first bytes is logged and breaks the download (the response ends
+    // with an error, not with what looks like a complete file).
+    let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+    let (done, finished) = tokio::sync::oneshot::channel::<bool>();
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let book = task_state.book.current();
+        let audit = crate::billing::audit::Audit::new(&task_state.cfg, &task_state.store, &book);
+        let result = audit.explain_line(&doc, line, &mut writer).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, number = %doc.number, line, "explaining a line failed mid-download");
+        }
+        drop(writer);
+        let _ = done.send(result.is_ok());
+    });
+    let chunks = futures::stream::unfold(Some((reader, finished)), |state| async move {
+        use tokio::io::AsyncReadExt as _;
+        let (mut r, finished) = state?;
+        let mut buf = vec![0u8; 64 * 1024];
+        match r.read(&mut buf).await {
+            Ok(0) => match finished.await {
+                Ok(true) => None,
+                _ => Some((
+                    Err(std::io::Error::other("explaining the line failed")),
+                    None,
+                )),
+            },
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf), Some((r, finished))))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let body = axum::body::Body::from_stream(chunks);
+    Ok((
+        [
+            (header::CONTENT_TYPE, Format::Csv.content_type().to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"{}\"",
+                    format!("{number}-line-{line}.csv").replace('"', "")
+                ),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

@@ -1864,3 +1864,138 @@ async fn invoices_explain_themselves_and_can_be_verified() {
     assert!(terminate(&mut ingest).success());
     env.drop_database().await;
 }
+
+/// Issue 35, item 4: issuing holds nothing per event — it reads the month's stored events
+/// twice (the sums the lines come from, then the evidence: ids and leaves stored as they
+/// come, Merkle roots folded as they go). Events stored between the two reads must never
+/// leave a document whose evidence describes other events than its lines: a trickle of
+/// late events runs while issuing, and the issued invoice then verifies line by line
+/// (the late ones are "arrived later", for the next invoice), and its lines with the
+/// later events account for every event stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stored_while_issuing_never_split_a_document_from_its_evidence() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let env = TestEnv::new("issue_race", 1).await;
+    let cli = Cli::new(&env, &env.prices);
+    let start = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+    // gpt-4o-mini at the shipped book's $0.15 / $0.60 per 1M tokens.
+    let row = move |id: String, i: i64| {
+        let (input, output) = (1_000 + i as u64 % 977, 100 + i as u64 % 31);
+        EventRow {
+            input_tokens: input,
+            output_tokens: output,
+            cost: ((Decimal::from(input) * Decimal::new(15, 2)
+                + Decimal::from(output) * Decimal::new(60, 2))
+                / Decimal::from(1_000_000))
+            .normalize(),
+            price_id: "openai:gpt-4o-mini:2024-01-01".into(),
+            price_model: "gpt-4o-mini".into(),
+            ..event_row(
+                id,
+                "uni-r",
+                start + chrono::Duration::seconds(i * 97 % 2_600_000),
+                "gpt-4o-mini",
+            )
+        }
+    };
+    let first: Vec<EventRow> = (0..20_000).map(|i| row(format!("e{i:06}"), i)).collect();
+    env.store.insert_events(&first).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = tokio::spawn({
+        let (store, stop) = (env.store.clone(), stop.clone());
+        async move {
+            let mut late = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let n = late.len() as i64;
+                let r = row(format!("late{n:04}"), 20_000 + n);
+                store.insert_events(std::slice::from_ref(&r)).await.unwrap();
+                late.push(r);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            late
+        }
+    });
+    let vars = cli.vars.clone();
+    let issue = || {
+        let vars = vars.clone();
+        tokio::task::spawn_blocking(move || {
+            tokentally_output(
+                &[
+                    "invoice",
+                    "issue",
+                    "--institution",
+                    "uni-r",
+                    "--period",
+                    "2026-10",
+                    "--format",
+                    "json",
+                ],
+                &vars,
+                None,
+            )
+        })
+    };
+    let mut out = issue().await.unwrap();
+    // Refused only when the events kept changing on every read; then once more, calm.
+    let refused = String::from_utf8_lossy(&out.stderr).contains("kept changing");
+    stop.store(true, Ordering::Relaxed);
+    let late = trickle.await.unwrap();
+    assert!(
+        late.len() >= 3,
+        "the trickle ran while issuing ({} events)",
+        late.len()
+    );
+    if refused {
+        out = issue().await.unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let number = doc["number"].as_str().unwrap().to_owned();
+
+    let v = cli.json(&["invoice", "verify", &number, "--format", "json"]);
+    assert_eq!(v["ok"], true, "{v:#}");
+    let lines = v["lines"].as_array().unwrap();
+    assert!(lines.iter().all(|l| l["ok"] == true), "{v:#}");
+    // Every event is on the document or arrived after it, none on both: per token class,
+    // the document's quantity and the later events' add up to every event's tokens.
+    let on_doc: u64 = doc["manifest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["events"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let later: u64 = lines
+        .iter()
+        .map(|l| l["arrived_later"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(on_doc + later, (first.len() + late.len()) as u64, "{v:#}");
+    let quantity = |class: &str| -> u64 {
+        doc["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["class"] == class)
+            .map(|l| l["quantity"].as_u64().unwrap())
+            .sum()
+    };
+    let billed_input: u64 = quantity("input");
+    let all_input: u64 = first.iter().chain(&late).map(|r| r.input_tokens).sum();
+    let doc_events = on_doc as usize;
+    assert!(doc_events >= first.len(), "{doc_events}");
+    // The events on the document are the first `doc_events` stored (ids sort in order of
+    // storing within each name: e… first, then late…).
+    let expected_input: u64 = first
+        .iter()
+        .chain(late.iter().take(doc_events - first.len()))
+        .map(|r| r.input_tokens)
+        .sum();
+    assert_eq!(billed_input, expected_input, "all stored: {all_input}");
+}
