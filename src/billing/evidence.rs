@@ -163,44 +163,63 @@ impl UsageAcc {
     }
 }
 
-/// The detailed usage export's rows (day × user × key × model × entry), one event at a
-/// time, as `store::usage_details` gives them for the same rows.
-#[derive(Default)]
-pub struct DetailsAcc {
-    #[allow(clippy::type_complexity)]
-    rows: BTreeMap<
-        (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            u64,
-            String,
-            u8,
-            u8,
-        ),
-        (GroupSums, bool),
-    >,
+/// What one row of the detailed usage export is about: day, user, group, key, model,
+/// price entry, tier, billing, estimated, priced — the order rows are written in.
+type DetailKey = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    String,
+    u8,
+    u8,
+);
+
+fn detail_key(e: &EventState) -> DetailKey {
+    (
+        e.day.clone(),
+        e.user_id.clone(),
+        e.group_id.clone(),
+        e.api_key_id.clone(),
+        e.model.clone(),
+        e.price_id.clone(),
+        e.price_tier,
+        e.billing.clone(),
+        e.estimated,
+        e.priced,
+    )
 }
 
-impl DetailsAcc {
-    pub fn add(&mut self, e: &EventState) {
-        let key = (
-            e.day.clone(),
-            e.user_id.clone(),
-            e.group_id.clone(),
-            e.api_key_id.clone(),
-            e.model.clone(),
-            e.price_id.clone(),
-            e.price_tier,
-            e.billing.clone(),
-            e.estimated,
-            e.priced,
-        );
-        let (g, _) = self.rows.entry(key).or_insert_with(|| {
+/// The detailed usage export's rows (day × user × group × key × model × entry), one event
+/// at a time, from events sorted as `Store::event_states_by_detail` sorts them: a row is
+/// complete when an event of the next one arrives, so one row is held, not the month.
+/// The same rows as `store::usage_details` gives for the same events.
+#[derive(Default)]
+pub struct DetailsStream {
+    current: Option<(DetailKey, GroupSums, bool)>,
+}
+
+impl DetailsStream {
+    /// Folds in `e`; returns the row before it when `e` starts the next one. Events out
+    /// of order are an error (a row would be split in two).
+    pub fn add(&mut self, e: &EventState) -> Result<Option<Detail>, BillingError> {
+        let key = detail_key(e);
+        let done = match &self.current {
+            Some((k, ..)) if *k == key => None,
+            Some((k, ..)) if *k > key => {
+                return Err(BillingError::Corrupt(format!(
+                    "events for the usage export arrived out of order (event {})",
+                    e.event_id
+                )))
+            }
+            _ => self.current.take(),
+        };
+        let (_, g, _) = self.current.get_or_insert_with(|| {
             (
+                key,
                 GroupSums {
                     price_id: e.price_id.clone(),
                     price_model: e.price_model.clone(),
@@ -213,29 +232,30 @@ impl DetailsAcc {
             )
         });
         add(g, &group_of(e));
+        done.map(detail_of).transpose()
     }
 
-    pub fn finish(self) -> Result<Vec<Detail>, BillingError> {
-        self.rows
-            .into_iter()
-            .map(
-                |((day, user_id, group, api_key_id, model, ..), (mut sums, priced))| {
-                    sums.cost = sums.cost.normalize();
-                    Ok(Detail {
-                        day: day.parse().map_err(|_| {
-                            BillingError::Corrupt(format!("ClickHouse returned the day {day:?}"))
-                        })?,
-                        user_id,
-                        group,
-                        api_key_id,
-                        model,
-                        priced,
-                        sums,
-                    })
-                },
-            )
-            .collect()
+    /// The last row.
+    pub fn finish(self) -> Result<Option<Detail>, BillingError> {
+        self.current.map(detail_of).transpose()
     }
+}
+
+fn detail_of(
+    ((day, user_id, group, api_key_id, model, ..), mut sums, priced): (DetailKey, GroupSums, bool),
+) -> Result<Detail, BillingError> {
+    sums.cost = sums.cost.normalize();
+    Ok(Detail {
+        day: day
+            .parse()
+            .map_err(|_| BillingError::Corrupt(format!("ClickHouse returned the day {day:?}")))?,
+        user_id,
+        group,
+        api_key_id,
+        model,
+        priced,
+        sums,
+    })
 }
 
 /// One event's quantities per line key, or `None` when it is unpriced or the price book
@@ -738,6 +758,48 @@ cache_read_per_mtok = "0.3"
 
     type Stored = Vec<(u32, Vec<(String, String)>)>;
 
+    /// The export's rows as the issuer streams them: events sorted as ClickHouse sorts
+    /// them for it, one row held at a time.
+    fn details_of(events: &[EventState]) -> Vec<Detail> {
+        let mut sorted: Vec<&EventState> = events.iter().collect();
+        sorted.sort_by_key(|e| (detail_key(e), e.event_id.clone()));
+        let mut stream = DetailsStream::default();
+        let mut out: Vec<Detail> = sorted
+            .into_iter()
+            .filter_map(|e| stream.add(e).unwrap())
+            .collect();
+        out.extend(stream.finish().unwrap());
+        out
+    }
+
+    #[test]
+    fn the_usage_export_sums_each_row_once_and_refuses_events_out_of_order() {
+        // Two keys of one person on one day, their events interleaved by id.
+        let mut events: Vec<EventState> = (0..6)
+            .map(|i| {
+                let mut e = event(&format!("e{i}"), 100 * (i + 1), 0, 10);
+                e.api_key_id = if i % 2 == 0 { "k-a" } else { "k-b" }.into();
+                e
+            })
+            .collect();
+        let rows = details_of(&events);
+        let per_key: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|d| (d.api_key_id.as_str(), d.sums.input))
+            .collect();
+        // k-a: e0, e2, e4 (100 + 300 + 500); k-b: e1, e3, e5 (200 + 400 + 600).
+        assert_eq!(per_key, [("k-a", 900), ("k-b", 1200)]);
+        assert_eq!(rows[0].sums.events, 3);
+        // In id order (as evidence reads them) the rows would split: refused instead.
+        events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        let mut stream = DetailsStream::default();
+        let results: Vec<_> = events.iter().map(|e| stream.add(e)).collect();
+        assert!(
+            results.iter().any(Result::is_err),
+            "out of order is an error"
+        );
+    }
+
     #[test]
     fn the_usage_export_keeps_each_group_on_its_own_rows() {
         // One person, one key, one model: before and after moving from students to staff.
@@ -746,11 +808,7 @@ cache_read_per_mtok = "0.3"
         let mut b = event("b", 2000, 0, 200);
         b.group_id = "staff".into();
         let c = event("c", 10, 0, 1); // a key without a member: no group
-        let mut acc = DetailsAcc::default();
-        for e in [&a, &b, &c] {
-            acc.add(e);
-        }
-        let details = acc.finish().unwrap();
+        let details = details_of(&[a, b, c]);
         let groups: Vec<&str> = details.iter().map(|d| d.group.as_str()).collect();
         assert_eq!(groups, ["", "staff", "students"]);
         let p: Period = "2026-10".parse().unwrap();

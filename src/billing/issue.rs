@@ -192,14 +192,15 @@ impl<'a> Billing<'a> {
         Ok(doc)
     }
 
-    /// The document to request for `period`, with each line's evidence stored under a new
-    /// snapshot id the document names (and the frozen usage export). Two reads of the
-    /// stored events (one row per event, streamed in id order): the first gives the sums
-    /// the lines are computed from and the usage export, the second the evidence — each
-    /// event's id and leaf stored as it comes, folded into its lines' Merkle roots. If an
-    /// event was stored or changed between the two, the sums of the second read differ
-    /// and both are read again. Memory: the sums and the usage export's rows (by day,
-    /// user, key and model), nothing per event.
+    /// The document to request for `period`, with each line's evidence and the frozen
+    /// usage export stored under a new snapshot id the document names. Two reads of the
+    /// stored events (one row per event, streamed): the first, sorted as the usage
+    /// export's rows are, gives the sums the lines are computed from and the export (each
+    /// row written when complete); the second, in id order, the evidence — each event's
+    /// id and leaf stored as it comes, folded into its lines' Merkle roots. If an event
+    /// was stored or changed between the two, their sums differ and both are read again.
+    /// Memory: the sums, one export row and part, a few hashes per line — nothing that
+    /// grows with the month.
     async fn draft_with_evidence(
         &self,
         ledger: &Ledger,
@@ -209,25 +210,45 @@ impl<'a> Billing<'a> {
         const READS: u32 = 5;
         let c = Customer::resolve(self.cfg, institution);
         let periods = Self::periods(ledger, institution, period);
+        let (tz, fee) = (c.tz.name(), c.byok_fee);
         for _ in 0..READS {
+            let id = uuid::Uuid::new_v4().to_string();
+            let mut writer = self.store.snapshot_writer(&id, institution).await?;
+            writer.write_usage(super::render::USAGE_CSV_HEADER).await?;
             let mut usage = BTreeMap::new();
-            let mut details = evidence::DetailsAcc::default();
             for &p in &periods {
-                let mut cursor = self.events_of(institution, &c, p)?;
+                let (start, end) = p.bounds(c.tz);
+                let (start, end) = (start.timestamp(), end.timestamp());
                 let mut acc = evidence::UsageAcc::default();
-                while let Some(e) = cursor.next().await? {
-                    acc.add(&e);
-                    if p == period {
-                        details.add(&e);
+                if p != period {
+                    let mut cursor = self.store.event_states(institution, tz, start, end)?;
+                    while let Some(e) = cursor.next().await? {
+                        acc.add(&e);
+                    }
+                } else {
+                    let mut cursor =
+                        self.store
+                            .event_states_by_detail(institution, tz, start, end)?;
+                    let mut rows = evidence::DetailsStream::default();
+                    let mut text = String::new();
+                    while let Some(e) = cursor.next().await? {
+                        acc.add(&e);
+                        if let Some(d) = rows.add(&e)? {
+                            text.clear();
+                            super::render::usage_csv_rows(p, &d, self.book, fee, &mut text)?;
+                            writer.write_usage(&text).await?;
+                        }
+                    }
+                    if let Some(d) = rows.finish()? {
+                        text.clear();
+                        super::render::usage_csv_rows(p, &d, self.book, fee, &mut text)?;
+                        writer.write_usage(&text).await?;
                     }
                 }
                 usage.insert(p, acc.finish());
             }
             let mut doc = self.compose(ledger, &c, period, &usage)?;
-            let csv = super::render::usage_csv(period, &details.finish()?, self.book, c.byok_fee)?;
 
-            let id = uuid::Uuid::new_v4().to_string();
-            let mut writer = self.store.snapshot_writer(&id, institution).await?;
             let mut lines = evidence::LinesEvidence::new(&doc);
             let mut again = BTreeMap::new();
             for &p in &periods {
@@ -235,7 +256,7 @@ impl<'a> Billing<'a> {
                 let mut acc = evidence::UsageAcc::default();
                 while let Some(e) = cursor.next().await? {
                     acc.add(&e);
-                    let (on, leaf) = lines.add(p, &e, self.book, c.byok_fee)?;
+                    let (on, leaf) = lines.add(p, &e, self.book, fee)?;
                     for line in on {
                         writer.write(line, &e.event_id, &leaf).await?;
                     }
@@ -251,7 +272,7 @@ impl<'a> Billing<'a> {
                 );
                 continue;
             }
-            writer.finish(&csv).await?;
+            writer.finish().await?;
             doc.manifest = lines.manifest();
             doc.snapshot = id;
             return Ok(doc);

@@ -197,39 +197,52 @@ pub fn usage_csv(
     book: &PriceBook,
     byok_fee: Decimal,
 ) -> Result<String, super::BillingError> {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "day,user_id,api_key_id,model,variant,token_class,quantity,unit_price,exact_amount,group"
-    );
+    let mut out = String::from(USAGE_CSV_HEADER);
     for d in details {
-        let prefix = [d.day.to_string(), d.user_id.clone(), d.api_key_id.clone()];
-        let prefix: Vec<String> = prefix.iter().map(|c| csv_field(c)).collect();
-        let group = csv_field(&d.group);
-        if !d.priced {
-            let tokens = d.sums.input + d.sums.cache_read + d.sums.cache_write + d.sums.output;
-            let _ = writeln!(
-                out,
-                "{},{},,unpriced,{tokens},,,{group}",
-                prefix.join(","),
-                csv_field(&d.model)
-            );
-            continue;
-        }
-        for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book, byok_fee)? {
-            let _ = writeln!(
-                out,
-                "{},{},{},{},{q},{},{},{group}",
-                prefix.join(","),
-                csv_field(&k.model),
-                csv_field(&k.variant),
-                k.class.as_str(),
-                k.unit_price,
-                exact_amount(k.class, q, k.unit_price).normalize()
-            );
-        }
+        usage_csv_rows(period, d, book, byok_fee, &mut out)?;
     }
     Ok(out)
+}
+
+/// The usage CSV's first line (with its newline).
+pub const USAGE_CSV_HEADER: &str =
+    "day,user_id,api_key_id,model,variant,token_class,quantity,unit_price,exact_amount,group\n";
+
+/// The usage CSV's rows of one detail (one per token class, or one `unpriced` row),
+/// appended to `out`.
+pub fn usage_csv_rows(
+    period: Period,
+    d: &Detail,
+    book: &PriceBook,
+    byok_fee: Decimal,
+    out: &mut String,
+) -> Result<(), super::BillingError> {
+    let prefix = [d.day.to_string(), d.user_id.clone(), d.api_key_id.clone()];
+    let prefix: Vec<String> = prefix.iter().map(|c| csv_field(c)).collect();
+    let group = csv_field(&d.group);
+    if !d.priced {
+        let tokens = d.sums.input + d.sums.cache_read + d.sums.cache_write + d.sums.output;
+        let _ = writeln!(
+            out,
+            "{},{},,unpriced,{tokens},,,{group}",
+            prefix.join(","),
+            csv_field(&d.model)
+        );
+        return Ok(());
+    }
+    for (k, q) in quantities(period, std::slice::from_ref(&d.sums), book, byok_fee)? {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{q},{},{},{group}",
+            prefix.join(","),
+            csv_field(&k.model),
+            csv_field(&k.variant),
+            k.class.as_str(),
+            k.unit_price,
+            exact_amount(k.class, q, k.unit_price).normalize()
+        );
+    }
+    Ok(())
 }
 
 /// Characters the PDF's own labels use beyond printable ASCII.

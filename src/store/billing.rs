@@ -118,10 +118,24 @@ struct LineEventRow {
 /// rows of a writer dropped before that name a snapshot nothing refers to.
 pub struct SnapshotWriter {
     insert: clickhouse::insert::Insert<LineEventRow>,
+    usage: clickhouse::insert::Insert<UsagePartRow>,
+    /// The usage export's part being filled, and how many were sent.
+    part: String,
+    parts: u32,
     snapshot: String,
     institution: String,
     client: clickhouse::Client,
 }
+
+#[derive(Debug, Clone, Row, Serialize)]
+struct UsagePartRow {
+    snapshot: String,
+    part: u32,
+    text: String,
+}
+
+/// About how large a part of a frozen usage export is.
+const USAGE_PART_BYTES: usize = 1 << 20;
 
 impl SnapshotWriter {
     /// One event of line `line` (0-based).
@@ -143,8 +157,35 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    /// Ends the line events and stores the snapshot with its frozen usage export.
-    pub async fn finish(self, usage_csv: &str) -> Result<(), StoreError> {
+    /// Appends text to the frozen usage export (sent in parts of about 1 MB).
+    pub async fn write_usage(&mut self, text: &str) -> Result<(), StoreError> {
+        self.part.push_str(text);
+        if self.part.len() >= USAGE_PART_BYTES {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self) -> Result<(), StoreError> {
+        let text = std::mem::take(&mut self.part);
+        self.usage
+            .write(&UsagePartRow {
+                snapshot: self.snapshot.clone(),
+                part: self.parts,
+                text,
+            })
+            .await?;
+        self.parts += 1;
+        Ok(())
+    }
+
+    /// Ends the line events and the usage export and stores the snapshot's own row,
+    /// which makes it one.
+    pub async fn finish(mut self) -> Result<(), StoreError> {
+        if !self.part.is_empty() || self.parts == 0 {
+            self.send_part().await?;
+        }
+        self.usage.end().await?;
         self.insert.end().await?;
         let mut insert = self
             .client
@@ -155,7 +196,7 @@ impl SnapshotWriter {
                 snapshot: self.snapshot,
                 institution_id: self.institution,
                 created_at: chrono::Utc::now().timestamp() as u32,
-                usage_csv: usage_csv.to_owned(),
+                usage_csv: String::new(),
             })
             .await?;
         insert.end().await?;
@@ -388,6 +429,36 @@ impl Store {
         start: i64,
         end: i64,
     ) -> Result<Rows<EventState>, StoreError> {
+        self.event_states_ordered(institution, tz, start, end, "event_id")
+    }
+
+    /// The same rows as `event_states`, sorted by what a row of the detailed usage export
+    /// is about (day, user, group, key, model, price entry, tier, billing, estimated,
+    /// priced; then id), so that its rows can be written one at a time.
+    pub fn event_states_by_detail(
+        &self,
+        institution: &str,
+        tz: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Rows<EventState>, StoreError> {
+        self.event_states_ordered(
+            institution,
+            tz,
+            start,
+            end,
+            "day, user_, group_, key_, model_, price_id_, price_tier_, billing_, estimated_, priced_, event_id",
+        )
+    }
+
+    fn event_states_ordered(
+        &self,
+        institution: &str,
+        tz: &str,
+        start: i64,
+        end: i64,
+        order: &str,
+    ) -> Result<Rows<EventState>, StoreError> {
         Ok(self
             .client
             .query(&format!(
@@ -409,7 +480,7 @@ impl Store {
                  sum(toInt64(least(reasoning_tokens, output_tokens)) * sign) AS reasoning, \
                  sum(cost * sign) AS cost_sum \
                  FROM usage_events WHERE {RANGE} GROUP BY event_id HAVING events > 0 \
-                 ORDER BY event_id"
+                 ORDER BY {order}"
             ))
             .bind(tz)
             .bind(crate::contract::GROUP_TAG)
@@ -432,6 +503,12 @@ impl Store {
                 .client
                 .insert::<LineEventRow>("invoice_line_events")
                 .await?,
+            usage: self
+                .client
+                .insert::<UsagePartRow>("invoice_snapshot_usage")
+                .await?,
+            part: String::new(),
+            parts: 0,
             snapshot: snapshot.to_owned(),
             institution: institution.to_owned(),
             client: self.client.clone(),
@@ -474,8 +551,18 @@ impl Store {
             .map(Rows)?)
     }
 
-    /// The frozen usage export of a snapshot.
+    /// The frozen usage export of a snapshot: its parts in order (since 0020), or the
+    /// one string older snapshots kept.
     pub async fn snapshot_usage_csv(&self, snapshot: &str) -> Result<Option<String>, StoreError> {
+        let parts: Vec<String> = self
+            .client
+            .query("SELECT text FROM invoice_snapshot_usage WHERE snapshot = ? ORDER BY part")
+            .bind(snapshot)
+            .fetch_all()
+            .await?;
+        if !parts.is_empty() {
+            return Ok(Some(parts.concat()));
+        }
         Ok(self
             .client
             .query("SELECT usage_csv FROM invoice_snapshots WHERE snapshot = ? LIMIT 1")

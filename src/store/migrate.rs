@@ -85,6 +85,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0019_person_usage_rollup.sql",
         include_str!("../../schema/0019_person_usage_rollup.sql"),
     ),
+    (
+        "0020_snapshot_usage_parts.sql",
+        include_str!("../../schema/0020_snapshot_usage_parts.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so
