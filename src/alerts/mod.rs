@@ -6,6 +6,7 @@ pub mod backtest;
 pub mod deliver;
 pub mod evaluator;
 pub mod labelled;
+pub mod rate;
 pub mod score;
 
 use std::collections::{BTreeMap, HashMap};

@@ -36,6 +36,9 @@ pub struct Score {
     pub precision: f64,
     /// Median over detected labels of (first page − start), hours.
     pub median_delay_hours: f64,
+    /// The same delays: median and 90th percentile (nearest rank), in minutes.
+    pub median_delay_minutes: f64,
+    pub p90_delay_minutes: f64,
     pub institutions: usize,
     pub weeks: f64,
     pub false_pages_per_institution_week: f64,
@@ -137,6 +140,10 @@ pub fn score(
         n if n % 2 == 1 => delays[n / 2],
         n => (delays[n / 2 - 1] + delays[n / 2]) / 2.0,
     };
+    let p90_delay_hours = match delays.len() {
+        0 => 0.0,
+        n => delays[(n * 9).div_ceil(10) - 1],
+    };
     let weeks = (to - from).num_hours() as f64 / 168.0;
     let ratio = |a: usize, b: usize| if b == 0 { 1.0 } else { a as f64 / b as f64 };
     Score {
@@ -148,6 +155,8 @@ pub fn score(
         false_alerts: false_alerts_list.len(),
         precision: ratio(true_alerts, spikes.len()),
         median_delay_hours,
+        median_delay_minutes: median_delay_hours * 60.0,
+        p90_delay_minutes: p90_delay_hours * 60.0,
         institutions,
         weeks,
         false_pages_per_institution_week: if institutions == 0 || weeks <= 0.0 {
@@ -180,6 +189,12 @@ pub fn table(s: &Score) -> String {
         out,
         "{:<40} {:>10.2}",
         "median detection delay (h)", s.median_delay_hours
+    );
+    let _ = writeln!(
+        out,
+        "{:<40} {:>10}",
+        "detection delay, median / p90 (min)",
+        format!("{:.0} / {:.0}", s.median_delay_minutes, s.p90_delay_minutes)
     );
     let _ = writeln!(
         out,
