@@ -9,8 +9,10 @@ use chrono::{DateTime, Duration, DurationRound, TimeZone, Utc};
 use rust_decimal::Decimal;
 
 use super::deliver::Notifier;
+use super::rate::{self, RateWindow};
 use super::{
-    budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, Tracker, Transition,
+    budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, SpikeCheck, Tracker,
+    Transition,
 };
 use crate::config::Config;
 use crate::domain::Period;
@@ -255,6 +257,145 @@ pub fn spend_readings(
     ));
     r.extend(budget_readings(cfg, series, end - Duration::seconds(1)));
     r
+}
+
+/// Issue 36: each key's spend rate over the last minutes (`rate::default_windows`)
+/// against its seasonal baseline, for the keys that spent more than a window's floor in
+/// it (no other key can page, so no other key's history is read). Keyed like
+/// `SpendSeries::keys`.
+pub async fn rate_checks(
+    cfg: &Config,
+    store: &Store,
+    series: &SpendSeries,
+    now: DateTime<Utc>,
+    tracker: &Tracker,
+) -> Result<BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>, StoreError> {
+    let windows = rate::default_windows();
+    let spike = &cfg.alerts.spike;
+    let longest = windows.iter().map(|w| w.minutes).max().unwrap_or(15);
+    let recent = store
+        .key_minute_spend(
+            &[(
+                (now - Duration::minutes(longest)).timestamp(),
+                now.timestamp(),
+            )],
+            None,
+        )
+        .await?;
+    let mut candidates: Vec<(String, String)> = Vec::new();
+    let mut spent: BTreeMap<(&str, &str), Vec<(i64, Decimal)>> = BTreeMap::new();
+    for r in &recent {
+        spent
+            .entry((r.institution_id.as_str(), r.api_key_id.as_str()))
+            .or_default()
+            .push((i64::from(r.minute), r.cost));
+    }
+    for ((inst, key), minutes) in &spent {
+        let over = windows.iter().any(|w| {
+            let since = (now - Duration::minutes(w.minutes)).timestamp();
+            let sum: Decimal = minutes
+                .iter()
+                .filter(|(m, _)| *m >= since)
+                .map(|(_, c)| *c)
+                .sum();
+            sum > spike.min_spend_usd * Decimal::from(w.minutes) / Decimal::from(60)
+        });
+        if over {
+            candidates.push(((*inst).to_owned(), (*key).to_owned()));
+        }
+    }
+    let mut out = BTreeMap::new();
+    if candidates.is_empty() {
+        return Ok(out);
+    }
+    let tz = |inst: &str| cfg.institution_tz(inst);
+    let weeks = i64::from(spike.baseline_weeks.max(1));
+    let mut ranges: Vec<(i64, i64)> = candidates
+        .iter()
+        .flat_map(|(inst, _)| rate::ranges(now, &windows, weeks, tz(inst)))
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    let rows = store.key_minute_spend(&ranges, Some(&candidates)).await?;
+    let mut history: BTreeMap<(String, String), Vec<(DateTime<Utc>, Decimal)>> = BTreeMap::new();
+    for r in rows {
+        history
+            .entry((
+                r.institution_id.clone(),
+                format!("{}/{}", r.institution_id, r.api_key_id),
+            ))
+            .or_default()
+            .push((hour_at(r.minute), r.cost));
+    }
+    for ((inst, key), spend) in history {
+        let first = series
+            .keys
+            .get(&(inst.clone(), key.clone()))
+            .and_then(|s| s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t));
+        let s = rate::Sparse::new(spend, first);
+        let spans = tracker.spans(Kind::KeySpike, &key, now);
+        let checks = windows
+            .iter()
+            .map(|w| (*w, rate::check(&s, now, *w, spike, tz(&inst), &spans)))
+            .collect();
+        out.insert((inst, key), checks);
+    }
+    Ok(out)
+}
+
+/// A key whose spend rate fires (or, while its incident is open, is still above its
+/// recovery level) pages as a key spike even where the hourly window does not yet: the
+/// message names the window. Keys the hourly detector already pages keep its reading.
+pub fn merge_rate_readings(
+    readings: &mut Vec<Reading>,
+    rates: &BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>,
+    tracker: &Tracker,
+) {
+    for ((inst, entity), checks) in rates {
+        let open = tracker.open.contains_key(&(Kind::KeySpike, entity.clone()));
+        let hit = checks.iter().find(|(_, c)| {
+            if open {
+                c.observed > c.resolve_at_or_below
+            } else {
+                c.observed > c.fire_above
+            }
+        });
+        let Some((w, c)) = hit else { continue };
+        let existing = readings
+            .iter()
+            .position(|r| r.kind == Kind::KeySpike && r.entity == *entity);
+        if existing.is_some_and(|i| readings[i].firing) {
+            continue;
+        }
+        let window = if w.minutes % 60 == 0 {
+            format!("{} h", w.minutes / 60)
+        } else {
+            format!("{} min", w.minutes)
+        };
+        let reading = Reading {
+            kind: Kind::KeySpike,
+            entity: entity.clone(),
+            institution: inst.clone(),
+            firing: true,
+            severity: if c.observed > c.fire_above * Decimal::from(3) {
+                Severity::Critical
+            } else {
+                Severity::Warning
+            },
+            observed: c.observed.round_dp(2),
+            baseline: c.baseline.round_dp(2),
+            threshold: c.fire_above.round_dp(2),
+            message: format!(
+                "API key {entity} spent ${} in the last {window}; usual for this time of the week: ${} (spend rate)",
+                c.observed.round_dp(2),
+                c.baseline.round_dp(2)
+            ),
+        };
+        match existing {
+            Some(i) => readings[i] = reading,
+            None => readings.push(reading),
+        }
+    }
 }
 
 /// Pipeline readings: unpriced models in the last hour, rejections per hour, lag.
@@ -559,7 +700,9 @@ pub async fn evaluate_once(
     let from =
         (end - Duration::weeks(weeks) - Duration::hours(window)).min(end - Duration::days(32));
     let series = load_live_series(cfg, store, from, end).await?;
+    let rates = rate_checks(cfg, store, &series, now, tracker).await?;
     let mut readings = spend_readings(cfg, &series, end, tracker);
+    merge_rate_readings(&mut readings, &rates, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
     let standings = async {
         let configured = crate::limits::configured(&cfg.limits)?;
@@ -647,6 +790,71 @@ mod tests {
                 .contains("has used $1.50 of its $1.00 per day limit"),
             "{}",
             r[0].message
+        );
+    }
+
+    #[test]
+    fn a_firing_spend_rate_pages_a_key_the_hourly_window_does_not_yet() {
+        let tracker = Tracker::new(Duration::hours(1));
+        let hourly = |entity: &str, firing: bool| Reading {
+            kind: Kind::KeySpike,
+            entity: entity.into(),
+            institution: "uni".into(),
+            firing,
+            severity: Severity::Warning,
+            observed: dec!(3),
+            baseline: dec!(1),
+            threshold: dec!(5),
+            message: "hourly".into(),
+        };
+        let check = |observed: Decimal| SpikeCheck {
+            observed,
+            baseline: dec!(0.06),
+            fire_above: dec!(1.25),
+            resolve_at_or_below: dec!(0.3),
+            basis: crate::alerts::Basis::Weekly,
+        };
+        let windows = rate::default_windows();
+        let mut readings = vec![
+            hourly("uni/leaked", false),
+            hourly("uni/calm", false),
+            hourly("uni/hourly", true),
+        ];
+        let rates = BTreeMap::from([
+            (
+                ("uni".to_owned(), "uni/leaked".to_owned()),
+                vec![(windows[0], check(dec!(3))), (windows[1], check(dec!(3)))],
+            ),
+            (
+                ("uni".to_owned(), "uni/calm".to_owned()),
+                vec![
+                    (windows[0], check(dec!(1.25))),
+                    (windows[1], check(dec!(1))),
+                ],
+            ),
+            (
+                ("uni".to_owned(), "uni/hourly".to_owned()),
+                vec![(windows[0], check(dec!(9)))],
+            ),
+            (
+                ("uni".to_owned(), "uni/new".to_owned()),
+                vec![(windows[0], check(dec!(4)))],
+            ),
+        ]);
+        merge_rate_readings(&mut readings, &rates, &tracker);
+        let by = |e: &str| readings.iter().find(|r| r.entity == e).unwrap();
+        assert!(by("uni/leaked").firing);
+        assert_eq!(
+            by("uni/leaked").message,
+            "API key uni/leaked spent $3 in the last 15 min; usual for this time of the week: $0.06 (spend rate)"
+        );
+        assert!(!by("uni/calm").firing, "at the threshold is not over it");
+        assert_eq!(by("uni/hourly").message, "hourly", "the hourly page stays");
+        assert!(by("uni/new").firing, "a key without an hourly reading yet");
+        assert_eq!(
+            by("uni/new").severity,
+            Severity::Critical,
+            "over 3x its threshold"
         );
     }
 }

@@ -169,6 +169,67 @@ impl Spend for Minutes {
     }
 }
 
+/// Spend at the minutes it happened (sorted, with prefix sums), for the live evaluator:
+/// only the minutes of the windows it looks at are loaded.
+#[derive(Debug, Clone, Default)]
+pub struct Sparse {
+    minutes: Vec<i64>,
+    prefix: Vec<Decimal>,
+    first: Option<DateTime<Utc>>,
+}
+
+impl Sparse {
+    /// `spend`: (minute start, spend) in any order, each minute once; `first`: when the
+    /// entity first spent (from a longer history than the minutes loaded).
+    pub fn new(mut spend: Vec<(DateTime<Utc>, Decimal)>, first: Option<DateTime<Utc>>) -> Self {
+        spend.sort_by_key(|(t, _)| *t);
+        let mut prefix = Vec::with_capacity(spend.len() + 1);
+        prefix.push(Decimal::ZERO);
+        let mut acc = Decimal::ZERO;
+        for (_, v) in &spend {
+            acc += *v;
+            prefix.push(acc);
+        }
+        Sparse {
+            minutes: spend.iter().map(|(t, _)| t.timestamp()).collect(),
+            prefix,
+            first,
+        }
+    }
+}
+
+impl Spend for Sparse {
+    fn sum(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Decimal {
+        let a = self.minutes.partition_point(|m| *m < from.timestamp());
+        let b = self.minutes.partition_point(|m| *m < to.timestamp());
+        if b <= a {
+            return Decimal::ZERO;
+        }
+        self.prefix[b] - self.prefix[a]
+    }
+
+    fn first(&self) -> Option<DateTime<Utc>> {
+        self.first
+    }
+}
+
+/// Where the minutes of `now`'s checks lie: the windows before `now` and the same local
+/// time (± the search) on the 6 days and `weeks` weeks before, in `tz`.
+pub fn ranges(
+    now: DateTime<Utc>,
+    windows: &[RateWindow],
+    weeks: i64,
+    tz: chrono_tz::Tz,
+) -> Vec<(i64, i64)> {
+    let longest = Duration::minutes(windows.iter().map(|w| w.minutes).max().unwrap_or(15));
+    let mut out = vec![((now - longest).timestamp(), now.timestamp())];
+    for days in (1..=6).chain((1..=weeks).map(|w| 7 * w)) {
+        let e = local_shift(now, -days, tz);
+        out.push(((e - longest - JITTER).timestamp(), (e + JITTER).timestamp()));
+    }
+    out
+}
+
 /// An incident of the rate detector as ops would see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateIncident {
@@ -497,6 +558,33 @@ mod tests {
                     && !set.labels.iter().any(|l| l.key == i.entity)),
             "a batch job at its usual hour paged"
         );
+    }
+
+    #[test]
+    fn sparse_spend_answers_the_same_sums_as_every_minute() {
+        let start = super::super::labelled::start();
+        let per_minute: Vec<i64> = (0..500)
+            .map(|i| if i % 7 == 0 { i * 1000 } else { 0 })
+            .collect();
+        let dense = Minutes::new(start, &per_minute);
+        let sparse = Sparse::new(
+            per_minute
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v != 0)
+                .map(|(i, v)| (start + Duration::minutes(i as i64), Decimal::new(*v, 6)))
+                .rev()
+                .collect(),
+            dense.first(),
+        );
+        for (a, b) in [(0, 500), (3, 17), (14, 15), (100, 99), (490, 600)] {
+            let at = |i: i64| start + Duration::minutes(i);
+            assert_eq!(
+                sparse.sum(at(a), at(b)),
+                dense.sum(at(a), at(b)),
+                "{a}..{b}"
+            );
+        }
     }
 
     #[test]

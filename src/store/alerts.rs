@@ -78,7 +78,54 @@ pub struct HourSpend {
     pub cost: Decimal,
 }
 
+/// Spend of one (minute, institution, key), from the stored events.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct MinuteSpend {
+    pub minute: u32,
+    pub institution_id: String,
+    pub api_key_id: String,
+    #[serde(with = "money18")]
+    pub cost: Decimal,
+}
+
 impl Store {
+    /// Spend per minute × institution × key in the union of `ranges` (unix seconds,
+    /// `[from, to)`), from the stored events (the rollups are hourly and quarter-hourly):
+    /// of every key, or only of `keys` ((institution, key) pairs).
+    pub async fn key_minute_spend(
+        &self,
+        ranges: &[(i64, i64)],
+        keys: Option<&[(String, String)]>,
+    ) -> Result<Vec<MinuteSpend>, StoreError> {
+        if ranges.is_empty() || keys.is_some_and(<[_]>::is_empty) {
+            return Ok(Vec::new());
+        }
+        let mut q = super::sql::Sql::new(
+            "SELECT ?fields FROM (SELECT m AS minute, institution_id, api_key_id, c AS cost FROM \
+             (SELECT toUInt32(toStartOfMinute(occurred_at)) AS m, institution_id, api_key_id, \
+             sum(cost * sign) AS c FROM usage_events WHERE api_key_id != '' AND (0",
+        );
+        for (from, to) in ranges {
+            q.bind(
+                " OR (occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?))",
+                [super::sql::i(*from), super::sql::i(*to)],
+            );
+        }
+        q.push(")");
+        if let Some(keys) = keys {
+            q.push(" AND (0");
+            for (inst, key) in keys {
+                q.bind(
+                    " OR (institution_id = ? AND api_key_id = ?)",
+                    [super::sql::s(inst.as_str()), super::sql::s(key.as_str())],
+                );
+            }
+            q.push(")");
+        }
+        q.push(" GROUP BY m, institution_id, api_key_id HAVING c != 0))");
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
     /// Appends state changes (one insert).
     pub async fn record_alerts(&self, rows: &[AlertRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
