@@ -179,6 +179,7 @@ mod tests {
             reference: String::new(),
             moderation: false,
             byok_fee_per_request_usd: Decimal::ZERO,
+            on_spike: crate::config::OnSpike::Alert,
         });
         // $60 spent on October 2nd: the 50% threshold was crossed before --from.
         let mut s = Series::new();

@@ -14,7 +14,7 @@ use super::{
     budget_crossed, spike_readings, Kind, Open, Reading, Series, Severity, SpikeCheck, Tracker,
     Transition,
 };
-use crate::config::Config;
+use crate::config::{Config, OnSpike};
 use crate::domain::Period;
 use crate::shutdown::Shutdown;
 use crate::store::alerts::{micros, AlertRow, HourSpend, Incident};
@@ -568,7 +568,26 @@ pub async fn record(store: &Store, changes: &[Transition]) -> Result<(), StoreEr
 }
 
 /// Marks an incident acknowledged.
+/// Acknowledges an alert; keys its spend-spike brake paused work again (within a key
+/// refresh on every gateway), each restoration in the key log.
 pub async fn acknowledge(store: &Store, alert_id: &str, actor: &str) -> Result<(), StoreError> {
+    acknowledged(store, alert_id, actor).await?;
+    match crate::keys::release(store, alert_id, actor).await {
+        Ok(keys) => {
+            for k in keys {
+                tracing::info!(key_id = %k.key_id, alert = alert_id, "key restored: its spend alert was acknowledged");
+            }
+            Ok(())
+        }
+        Err(crate::keys::KeyError::Store(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(alert = alert_id, error = %e, "cannot restore the keys the alert paused");
+            Ok(())
+        }
+    }
+}
+
+async fn acknowledged(store: &Store, alert_id: &str, actor: &str) -> Result<(), StoreError> {
     let now = Utc::now();
     store
         .record_alerts(&[AlertRow {
@@ -748,11 +767,40 @@ pub async fn evaluate_once(
         }
         return Err(e);
     }
+    brake(cfg, store, &changes).await;
     for c in changes {
         tracing::info!(kind = c.reading.kind.as_str(), entity = %c.reading.entity, resolved = c.resolved, "alert");
         notifier.send(c);
     }
     Ok(())
+}
+
+/// The spend-spike brake (issue 36): a key spike that fires (or fires again) at an
+/// institution with `on_spike = "suspend_key"` pauses the key on every gateway until its
+/// alert is acknowledged (`acknowledge`); each pause is in the key log. A failure is
+/// logged; the alert stands and is delivered either way.
+async fn brake(cfg: &Config, store: &Store, changes: &[Transition]) {
+    for c in changes
+        .iter()
+        .filter(|c| c.reading.kind == Kind::KeySpike && !c.resolved)
+    {
+        let inst = c.reading.institution.as_str();
+        if cfg.institution(inst).map(|i| i.on_spike) != Some(OnSpike::SuspendKey) {
+            continue;
+        }
+        let Some((_, key_id)) = c.reading.entity.split_once('/') else {
+            continue;
+        };
+        match crate::keys::hold(store, key_id, inst, &c.alert_id, "alerts").await {
+            Ok(Some(_)) => {
+                tracing::warn!(key_id, alert = %c.alert_id, "key paused by the spend-spike brake")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(key_id, alert = %c.alert_id, error = %e, "cannot pause the key")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -413,6 +413,7 @@ mod tests {
                     reference: String::new(),
                     moderation: false,
                     byok_fee_per_request_usd: Decimal::ZERO,
+                    on_spike: crate::config::OnSpike::Alert,
                 })
                 .collect(),
             ..Default::default()

@@ -761,6 +761,7 @@ impl Customer {
             reference: String::new(),
             moderation: false,
             byok_fee_per_request_usd: Decimal::ZERO,
+            on_spike: crate::config::OnSpike::Alert,
         };
         let i = cfg.institution(institution).unwrap_or(&default);
         let name = if i.name.is_empty() { &i.id } else { &i.name };

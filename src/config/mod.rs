@@ -550,6 +550,19 @@ pub struct InstitutionConfig {
     /// your own key); that usage itself is not charged.
     #[serde(default, with = "rust_decimal::serde::str")]
     pub byok_fee_per_request_usd: rust_decimal::Decimal,
+    /// What a key spike does besides paging ops: `alert` (only that), or `suspend_key`
+    /// (the key is paused on every gateway until the alert is acknowledged).
+    #[serde(default)]
+    pub on_spike: OnSpike,
+}
+
+/// The spend-spike brake (issue 36).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSpike {
+    #[default]
+    Alert,
+    SuspendKey,
 }
 
 fn utc() -> String {

@@ -720,6 +720,7 @@ impl KeyRefusal {
             KeyRefusal::Expired => "expired_key",
             KeyRefusal::Suspended => "suspended_owner",
             KeyRefusal::Idle { .. } => "idle_owner",
+            KeyRefusal::Held => "held_key",
         }
     }
 }

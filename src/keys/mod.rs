@@ -130,6 +130,12 @@ pub enum KeyRefusal {
          signing in to the dashboard makes their keys work again"
     )]
     Idle { days: u32 },
+    #[error(
+        "this API key is paused: its spending jumped far above its usual rate and its \
+         institution pauses keys when that happens; it works again once an administrator \
+         acknowledges the spend alert on the dashboard's Alerts page"
+    )]
+    Held,
 }
 
 /// What a key owner's membership adds to a key (a person who signs in with their
@@ -160,6 +166,8 @@ pub struct Key {
     pub rpm: u32,
     pub tpm: u64,
     pub revoked: bool,
+    /// Paused by the spend-spike brake until its alert is acknowledged.
+    pub held: bool,
     /// Set when the key's user is a member (someone who signs in through `[[sso]]`).
     pub owner: Option<Owner>,
 }
@@ -182,6 +190,7 @@ impl Key {
             rpm: row.rpm,
             tpm: row.tpm,
             revoked: row.revoked != 0,
+            held: !row.held.is_empty(),
             owner: None,
         })
     }
@@ -211,6 +220,9 @@ impl Key {
         }
         if self.expires_at.is_some_and(|t| t <= now) {
             return Err(KeyRefusal::Expired);
+        }
+        if self.held {
+            return Err(KeyRefusal::Held);
         }
         if let Some(o) = &self.owner {
             if o.suspended {
@@ -349,6 +361,7 @@ pub async fn create(
         created_by: actor.into(),
         updated_at: now,
         updated_by: actor.into(),
+        held: String::new(),
     };
     store.write_key(&row).await?;
     audit(
@@ -457,6 +470,70 @@ async fn revoke_row(
     )
     .await?;
     Ok(row)
+}
+
+/// Pauses a key for the spend-spike brake: `alert` names the incident. Every gateway
+/// refuses it within one key refresh, saying why and how to get it back. A key already
+/// held, revoked or not found is left as it is (`None`).
+pub async fn hold(
+    store: &dyn KeyStore,
+    key_id: &str,
+    institution: &str,
+    alert: &str,
+    actor: &str,
+) -> Result<Option<KeyRow>, KeyError> {
+    let Ok(mut row) = owned(store, key_id, Some(institution)).await else {
+        return Ok(None);
+    };
+    if row.revoked != 0 || !row.held.is_empty() {
+        return Ok(None);
+    }
+    row.version = next_version(Some(row.version));
+    row.held = alert.into();
+    row.updated_at = now_secs();
+    row.updated_by = actor.into();
+    store.write_key(&row).await?;
+    audit(
+        store,
+        actor,
+        "hold",
+        key_id,
+        &row.institution_id,
+        format!("spend spike, alert {alert}"),
+    )
+    .await?;
+    Ok(Some(row))
+}
+
+/// Restores every key the incident `alert` paused (its acknowledgement); the keys it
+/// restored.
+pub async fn release(
+    store: &dyn KeyStore,
+    alert: &str,
+    actor: &str,
+) -> Result<Vec<KeyRow>, KeyError> {
+    let mut out = Vec::new();
+    for mut row in store.current_keys().await? {
+        if row.held != alert || alert.is_empty() {
+            continue;
+        }
+        row.version = next_version(Some(row.version));
+        row.held = String::new();
+        row.updated_at = now_secs();
+        row.updated_by = actor.into();
+        store.write_key(&row).await?;
+        audit(
+            store,
+            actor,
+            "release",
+            &row.key_id,
+            &row.institution_id,
+            format!("alert {alert} acknowledged"),
+        )
+        .await?;
+        out.push(row);
+    }
+    Ok(out)
 }
 
 /// Gives a key a new secret, same id and settings; the old secret stops working within
@@ -588,6 +665,7 @@ mod tests {
             created_by: String::new(),
             updated_at: 0,
             updated_by: String::new(),
+            held: String::new(),
         };
         let key = Key::from_row(&row).unwrap();
         assert_eq!(key.admit(&k.secret, now), Ok(()));
@@ -605,6 +683,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(revoked.admit(&k.secret, now), Err(KeyRefusal::Revoked));
+        let held = Key::from_row(&KeyRow {
+            held: "a1b2".into(),
+            ..row.clone()
+        })
+        .unwrap();
+        assert_eq!(held.admit(&k.secret, now), Err(KeyRefusal::Held));
+        assert!(KeyRefusal::Held
+            .to_string()
+            .contains("acknowledges the spend alert"));
         // A revoked key with a wrong secret says nothing about the key.
         assert_eq!(revoked.admit(&other.secret, now), Err(KeyRefusal::Unknown));
     }
@@ -625,6 +712,7 @@ mod tests {
             rpm: 0,
             tpm: 0,
             revoked: false,
+            held: false,
             owner: None,
         };
         hex::decode_to_slice(secret_hash(&k.secret), &mut key.secret_hash).unwrap();

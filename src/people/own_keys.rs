@@ -227,6 +227,7 @@ mod tests {
             created_by: String::new(),
             updated_at: 0,
             updated_by: String::new(),
+            held: String::new(),
         };
         assert!(is_active(&row, now));
         assert!(!is_active(

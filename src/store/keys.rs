@@ -38,6 +38,10 @@ pub struct KeyRow {
     pub created_by: String,
     pub updated_at: u32,
     pub updated_by: String,
+    /// The alert whose spend-spike brake paused the key (`on_spike = "suspend_key"`);
+    /// empty: not held.
+    #[serde(default)]
+    pub held: String,
 }
 
 /// One change to a key, for the audit log.

@@ -89,6 +89,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0020_snapshot_usage_parts.sql",
         include_str!("../../schema/0020_snapshot_usage_parts.sql"),
     ),
+    (
+        "0021_key_holds.sql",
+        include_str!("../../schema/0021_key_holds.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -45,6 +45,9 @@ fn state_of(k: &KeyRow, now: DateTime<Utc>) -> &'static str {
         "revoked"
     } else if k.expires_at > 0 && i64::from(k.expires_at) <= now.timestamp() {
         "expired"
+    } else if !k.held.is_empty() {
+        // Paused by the spend-spike brake until its alert is acknowledged.
+        "paused"
     } else {
         "active"
     }

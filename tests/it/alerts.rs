@@ -827,3 +827,147 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
 }
+
+/// Issue 36, item 3: with `on_spike = "suspend_key"`, a key paged for its spend rate is
+/// paused on the gateway (refused, saying why and how to get it back) and the pause is in
+/// the key log; acknowledging the alert restores it on the gateway within a key refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
+    let env = TestEnv::new("alerts_brake", 1).await;
+    let sim = crate::harness::spawn_simulator(&env, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = crate::harness::spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
+    let (key_id, key) = crate::gateway::create_key(&env, "uni-z", "u1", &[]);
+    crate::gateway::until_accepted(&gw, &key).await;
+
+    // Four weeks of $0.02 every 5 minutes around this time of the week, then $3 in the
+    // last 9 minutes (as in the test above), under the key's real id.
+    let now = Utc::now().duration_trunc(Span::minutes(1)).unwrap();
+    let mut rows = Vec::new();
+    for w in 0..=4 {
+        let then = now - Span::weeks(w);
+        for i in -84..if w == 0 { 0 } else { 85 } {
+            rows.push(spend_row(
+                format!("h-{w}-{i}"),
+                "uni-z",
+                &key_id,
+                then + Span::minutes(5 * i),
+                Decimal::new(2, 2),
+                1,
+            ));
+        }
+    }
+    for m in 1..=8 {
+        rows.push(spend_row(
+            format!("leak-{m}"),
+            "uni-z",
+            &key_id,
+            now - Span::minutes(9) + Span::minutes(m),
+            Decimal::new(375, 3),
+            1,
+        ));
+    }
+    env.store.insert_events(&rows).await.unwrap();
+
+    let text = "[alerts]\ninterval_secs = 1\n[[institutions]]\nid = \"uni-z\"\non_spike = \"suspend_key\"\n";
+    let serve_dir = tempfile::tempdir().unwrap();
+    let vars = crate::harness::serve_vars(&env, &serve_dir, text, &[]);
+    let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
+    let mut server = crate::harness::spawn_serve_in(&env, serve_dir, text, &[]).await;
+    let http = client();
+    let base = server.base.clone();
+    let started = Instant::now();
+    let alert_id =
+        loop {
+            let v: Value = http
+                .get(format!("{base}/api/v1/alerts"))
+                .bearer_auth(&ops)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if let Some(a) = v["alerts"].as_array().unwrap().iter().find(|a| {
+                a["kind"] == "key_spike" && a["entity"] == format!("uni-z/{key_id}").as_str()
+            }) {
+                break a["alert_id"].as_str().unwrap().to_owned();
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no page: {v}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+    // Refused on the gateway within a key refresh, in the client's format, saying why.
+    let models = |key: String| {
+        let http = http.clone();
+        let base = gw.base.clone();
+        async move {
+            let res = http
+                .get(format!("{base}/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let paged = Instant::now();
+    let refusal = loop {
+        let (status, body) = models(key.clone()).await;
+        if status == 401 {
+            break body;
+        }
+        assert!(paged.elapsed() < Duration::from_secs(10), "still admitted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let refusal: Value = serde_json::from_str(&refusal).unwrap();
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("paused") && message.contains("acknowledges the spend alert"),
+        "{refusal}"
+    );
+    let log = |vars: &[(&'static str, String)]| -> Vec<(String, String, String)> {
+        let v: Value = serde_json::from_str(&tokentally(
+            &["keys", "log", "--institution", "uni-z", "--format", "json"],
+            vars,
+            None,
+        ))
+        .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["action"].as_str().unwrap().to_owned(),
+                    e["actor"].as_str().unwrap().to_owned(),
+                    e["detail"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        log(&vars).contains(&(
+            "hold".into(),
+            "alerts".into(),
+            format!("spend spike, alert {alert_id}")
+        )),
+        "{:?}",
+        log(&vars)
+    );
+
+    // Acknowledged: admitted again within a key refresh (2 s) plus a request.
+    let res = http
+        .post(format!("{base}/api/v1/alerts/{alert_id}/ack"))
+        .bearer_auth(&ops)
+        .form(&[("csrf", "")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let back = crate::gateway::until_accepted(&gw, &key).await;
+    assert!(back < Duration::from_secs(4), "restored after {back:?}");
+    assert!(log(&vars).iter().any(|(a, who, d)| a == "release"
+        && who == "ops-api"
+        && d == &format!("alert {alert_id} acknowledged")));
+    assert!(terminate(&mut server.proc).success());
+    env.drop_database().await;
+}

@@ -596,6 +596,7 @@ async fn keys_apply_on_every_gateway_within_five_seconds_with_model_lists_and_ra
             created_by: "test".into(),
             updated_at: 0,
             updated_by: "test".into(),
+            held: String::new(),
         })
         .await
         .unwrap();
