@@ -19,11 +19,13 @@ pub enum Status {
     /// A limit in mode `block` would have been passed.
     RejectedBudget,
     BlockedModeration,
+    /// The key is paused by its institution's spend-spike brake (`on_spike`).
+    RejectedPaused,
     /// Any other status a producer sent (kept as given).
     Other(String),
 }
 
-const KNOWN: [(Status, &str); 8] = [
+const KNOWN: [(Status, &str); 9] = [
     (Status::Ok, "ok"),
     (Status::UpstreamError, "upstream_error"),
     (Status::UpstreamUnreachable, "upstream_unreachable"),
@@ -32,6 +34,7 @@ const KNOWN: [(Status, &str); 8] = [
     (Status::RejectedModel, "rejected_model"),
     (Status::RejectedBudget, "rejected_budget"),
     (Status::BlockedModeration, "blocked_moderation"),
+    (Status::RejectedPaused, "rejected_paused"),
 ];
 
 impl Status {

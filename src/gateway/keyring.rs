@@ -77,6 +77,21 @@ impl Keyring {
         Ok(key)
     }
 
+    /// The key a presented secret belongs to when its only refusal is the spend-spike
+    /// brake: its refused requests are recorded as events of that key.
+    pub fn paused(&self, presented: &str, kind: KeyKind, now: DateTime<Utc>) -> Option<Arc<Key>> {
+        let id = key_id_of(presented)?;
+        let key = self
+            .snapshot
+            .read()
+            .expect("keyring lock")
+            .keys
+            .get(id)
+            .cloned()?;
+        (key.kind == kind && key.held && key.admit_unless_held(presented, now).is_ok())
+            .then_some(key)
+    }
+
     /// The institution's own key for `provider`, if it stored one.
     pub fn own_key(&self, institution: &str, provider: Provider) -> Option<Secret> {
         self.snapshot

@@ -211,8 +211,18 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         return Refusal::Unauthenticated("no API key was given".into()).respond(provider, headers);
     };
     let now = Utc::now();
-    let key = match gw.keys.authenticate(presented, KeyKind::Proxy, now) {
-        Ok(k) => k,
+    // A paused key (spend-spike brake) goes on until its model is known: its refusal is
+    // recorded as an event of that key, so the institution sees what the brake stopped.
+    let (key, paused) = match gw.keys.authenticate(presented, KeyKind::Proxy, now) {
+        Ok(k) => (k, false),
+        Err(KeyRefusal::Held) => match gw.keys.paused(presented, KeyKind::Proxy, now) {
+            Some(k) => (k, true),
+            None => {
+                gw.metrics.refused(KeyRefusal::Held.as_label());
+                return Refusal::Unauthenticated(KeyRefusal::Held.to_string())
+                    .respond(provider, headers);
+            }
+        },
         Err(r) => {
             gw.metrics.refused(r.as_label());
             return Refusal::Unauthenticated(r.to_string()).respond(provider, headers);
@@ -270,6 +280,11 @@ pub async fn handle(gw: Arc<Gateway>, api: Api, parts: Parts, body: Body) -> Res
         reservation: None,
     };
 
+    if paused {
+        gw.metrics.refused(KeyRefusal::Held.as_label());
+        gw.record(&req.event(&req.model, None, Status::RejectedPaused, Usage::None, 0));
+        return Refusal::Unauthenticated(KeyRefusal::Held.to_string()).respond(provider, headers);
+    }
     if !req.key.allows(&req.model) {
         gw.record(&req.event(&req.model, None, Status::RejectedModel, Usage::None, 0));
         return Refusal::ModelNotAllowed(req.model.clone()).respond(provider, headers);

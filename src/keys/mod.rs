@@ -206,6 +206,16 @@ impl Key {
 
     /// Checks a presented secret against this key (constant time) and its state at `now`.
     pub fn admit(&self, presented: &str, now: DateTime<Utc>) -> Result<(), KeyRefusal> {
+        self.admit_unless_held(presented, now)?;
+        if self.held {
+            return Err(KeyRefusal::Held);
+        }
+        Ok(())
+    }
+
+    /// `admit` without the spend-spike brake: whether the key would be admitted if it
+    /// were not paused (the gateway records a paused key's refused request as an event).
+    pub fn admit_unless_held(&self, presented: &str, now: DateTime<Utc>) -> Result<(), KeyRefusal> {
         let digest = Sha256::digest(presented.as_bytes());
         let same = digest
             .iter()
@@ -220,9 +230,6 @@ impl Key {
         }
         if self.expires_at.is_some_and(|t| t <= now) {
             return Err(KeyRefusal::Expired);
-        }
-        if self.held {
-            return Err(KeyRefusal::Held);
         }
         if let Some(o) = &self.owner {
             if o.suspended {

@@ -837,6 +837,7 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     let sim = crate::harness::spawn_simulator(&env, &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let gw = crate::harness::spawn_gateway(&env, "a", env.gateway_vars(&sim, dir.path())).await;
+    let _ingest = env.spawn_ingest();
     let (key_id, key) = crate::gateway::create_key(&env, "uni-z", "u1", &[]);
     crate::gateway::until_accepted(&gw, &key).await;
 
@@ -925,6 +926,27 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
         message.contains("paused") && message.contains("acknowledges the spend alert"),
         "{refusal}"
     );
+    // A request of the paused key is refused the same way and stored as an event of the
+    // key (status rejected_paused, no cost), so the institution sees what was stopped.
+    let res = http
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let stored = Instant::now();
+    let sql = format!(
+        "SELECT count() FROM usage_events WHERE api_key_id = '{key_id}' AND status = 'rejected_paused' AND model = 'gpt-4o-mini' AND cost = 0"
+    );
+    while env.scalar(&sql).await != 1 {
+        assert!(
+            stored.elapsed() < Duration::from_secs(30),
+            "the refusal is not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let log = |vars: &[(&'static str, String)]| -> Vec<(String, String, String)> {
         let v: Value = serde_json::from_str(&tokentally(
             &["keys", "log", "--institution", "uni-z", "--format", "json"],
