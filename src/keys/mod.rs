@@ -406,7 +406,7 @@ fn describe(row: &KeyRow) -> String {
 }
 
 /// A key's current state, if `institution` (when given) owns it.
-async fn owned(
+pub async fn owned(
     store: &dyn KeyStore,
     key_id: &str,
     institution: Option<&str>,

@@ -65,6 +65,8 @@ struct KeyView {
     state: &'static str,
     created: String,
     revocable: bool,
+    /// Paused by the spend-spike brake, and the viewer may resume it.
+    resumable: bool,
 }
 
 struct LogView {
@@ -155,7 +157,8 @@ fn view(k: &KeyRow, now: DateTime<Utc>, can_manage: bool) -> KeyView {
         },
         state,
         created: format!("{} by {}", date(k.created_at), k.created_by),
-        revocable: can_manage && state == "active",
+        revocable: can_manage && (state == "active" || state == "paused"),
+        resumable: can_manage && state == "paused",
     }
 }
 
@@ -441,6 +444,45 @@ pub async fn revoke(
             "/keys",
             format!(
                 "Revoked key {}; every gateway refuses it within seconds.",
+                row.key_id
+            ),
+        ),
+    ))
+}
+
+/// `POST /keys/{key_id}/resume` (and `/api/v1/keys/{key_id}/resume`): a key the
+/// spend-spike brake paused works again — its spend alert is acknowledged in the name of
+/// who resumes it (whoever may manage the key; an institution's administrator only their
+/// institution's keys, others' are "not found").
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    allowed: Allowed<CanManageKeys>,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    CheckedForm(_form): CheckedForm<RevokeForm>,
+) -> Result<Response, AppError> {
+    let own = confine(&allowed.principal, None)?;
+    let row = keys::owned(state.keys.as_ref(), &key_id, own.as_deref()).await?;
+    if row.held.is_empty() {
+        return Err(AppError::Conflict(format!("key {key_id} is not paused")));
+    }
+    crate::alerts::evaluator::acknowledge(&state.writer, &row.held, &allowed.principal.name)
+        .await?;
+    tracing::info!(user = %crate::format::log_safe(&allowed.principal.name, 64), key_id = %row.key_id, alert = %row.held, "paused key resumed from the dashboard");
+    if uri.path().starts_with("/api/") {
+        return Ok(axum::Json(
+            json!({"key_id": row.key_id, "state": "active", "acknowledged": row.held}),
+        )
+        .into_response());
+    }
+    Ok(after_action(
+        &state,
+        &headers,
+        Flash::done(
+            "/keys",
+            format!(
+                "Resumed key {}: its spend alert is acknowledged; every gateway admits it again within seconds.",
                 row.key_id
             ),
         ),

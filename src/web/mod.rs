@@ -214,6 +214,10 @@ pub fn router(state: Arc<AppState>) -> Router {
                 post(keys::revoke),
             )
             .route(
+                &format!("{prefix}/keys/{{key_id}}/resume"),
+                post(keys::resume),
+            )
+            .route(
                 &format!("{prefix}/pipeline"),
                 get(pages::pipeline::pipeline),
             )

@@ -77,6 +77,9 @@ pub fn openapi_document() -> serde_json::Value {
             "/api/v1/keys/{key_id}/revoke": {"post": {"summary": "Revoke a key; every gateway refuses it within seconds", "security": [{"bearer": []}],
                 "parameters": [path_param("key_id", "string")],
                 "responses": {"200": {"description": "Revoked"}, "404": {"description": "No such key in the scope"}, "409": {"description": "Already revoked"}}}},
+            "/api/v1/keys/{key_id}/resume": {"post": {"summary": "Resume a key the spend-spike brake paused: its spend alert is acknowledged in the caller's name; every gateway admits it again within seconds", "security": [{"bearer": []}],
+                "parameters": [path_param("key_id", "string")],
+                "responses": {"200": {"description": "Resumed"}, "404": {"description": "No such key in the scope"}, "409": {"description": "Not paused"}}}},
         }
     })
 }

@@ -874,6 +874,33 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     let serve_dir = tempfile::tempdir().unwrap();
     let vars = crate::harness::serve_vars(&env, &serve_dir, text, &[]);
     let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
+    // Tokens are read when serve starts.
+    let admin = tokentally(
+        &[
+            "tokens",
+            "add",
+            "uni-z-admin",
+            "--role",
+            "institution_admin",
+            "--institution",
+            "uni-z",
+        ],
+        &vars,
+        None,
+    );
+    let other = tokentally(
+        &[
+            "tokens",
+            "add",
+            "uni-q-admin",
+            "--role",
+            "institution_admin",
+            "--institution",
+            "uni-q",
+        ],
+        &vars,
+        None,
+    );
     let mut server = crate::harness::spawn_serve_in(&env, serve_dir, text, &[]).await;
     let http = client();
     let base = server.base.clone();
@@ -976,20 +1003,49 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
         log(&vars)
     );
 
-    // Acknowledged: admitted again within a key refresh (2 s) plus a request.
-    let res = http
-        .post(format!("{base}/api/v1/alerts/{alert_id}/ack"))
+    // The institution's administrator resumes it (Keys page, here its API twin): the
+    // alert is acknowledged in their name and the key admitted again within a key
+    // refresh (2 s) plus a request. Another institution's administrator cannot.
+    let resume = |token: String| {
+        let http = http.clone();
+        let url = format!("{base}/api/v1/keys/{key_id}/resume");
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .form(&[("csrf", "")])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(resume(other).await, 404);
+    let resumed = Instant::now();
+    assert_eq!(resume(admin.clone()).await, 200);
+    let back = crate::gateway::until_accepted(&gw, &key).await;
+    println!("resumed on the gateway after {:?}", resumed.elapsed());
+    assert!(back < Duration::from_secs(3), "restored after {back:?}");
+    assert!(log(&vars).iter().any(|(a, who, d)| a == "release"
+        && who == "uni-z-admin"
+        && d == &format!("alert {alert_id} acknowledged")));
+    let v: Value = http
+        .get(format!("{base}/api/v1/alerts"))
         .bearer_auth(&ops)
-        .form(&[("csrf", "")])
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    assert_eq!(res.status(), 200);
-    let back = crate::gateway::until_accepted(&gw, &key).await;
-    assert!(back < Duration::from_secs(4), "restored after {back:?}");
-    assert!(log(&vars).iter().any(|(a, who, d)| a == "release"
-        && who == "ops-api"
-        && d == &format!("alert {alert_id} acknowledged")));
+    let acked = v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alert_id"] == alert_id.as_str())
+        .unwrap();
+    assert_eq!(acked["acknowledged_by"], "uni-z-admin");
+    assert_eq!(resume(admin).await, 409, "no longer paused");
     assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
 }
