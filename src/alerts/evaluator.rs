@@ -719,7 +719,16 @@ pub async fn evaluate_once(
     let from =
         (end - Duration::weeks(weeks) - Duration::hours(window)).min(end - Duration::days(32));
     let series = load_live_series(cfg, store, from, end).await?;
-    let rates = rate_checks(cfg, store, &series, now, tracker).await?;
+    // The spend-rate checks read the stored events; if they cannot (the table is being
+    // repaired, a query cut off), the round goes on without them: the pipeline's own
+    // alerts (an ingest that stalls on that very table) must not wait for them.
+    let rates = match rate_checks(cfg, store, &series, now, tracker).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "spend-rate checks skipped this round");
+            BTreeMap::new()
+        }
+    };
     let mut readings = spend_readings(cfg, &series, end, tracker);
     merge_rate_readings(&mut readings, &rates, tracker);
     readings.extend(pipeline_readings(cfg, store, now, tracker).await?);
