@@ -222,6 +222,9 @@ fn key_state(k: &KeyRow, now: DateTime<Utc>) -> &'static str {
         "revoked"
     } else if k.expires_at > 0 && i64::from(k.expires_at) <= now.timestamp() {
         "expired"
+    } else if !k.held.is_empty() {
+        // Paused by the spend-spike brake until its alert is acknowledged.
+        "paused"
     } else {
         "active"
     }
@@ -720,6 +723,35 @@ pub async fn revoke(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `POST /me/keys/{key_id}/resume`: one of one's own keys that the spend-spike brake
+/// paused works again — its spend alert is acknowledged in the owner's name (another's
+/// key is "not found").
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    me: Me,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    CheckedForm(_): CheckedForm<RevokeForm>,
+) -> Result<Response, AppError> {
+    let row = keys::owned(state.keys.as_ref(), &key_id, Some(&me.institution)).await?;
+    if row.user_id != me.person || row.kind != KeyKind::Proxy.as_str() {
+        return Err(AppError::NotFound);
+    }
+    if row.held.is_empty() {
+        return Err(AppError::Conflict(format!("key {key_id} is not paused")));
+    }
+    crate::alerts::evaluator::acknowledge(&state.writer, &row.held, &me.person).await?;
+    tracing::info!(institution = %me.institution, key_id = %row.key_id, "member resumed their paused key");
+    Ok(after_action(
+        &state,
+        &headers,
+        Flash::done(
+            "/me",
+            format!("Key {key_id} resumed: its spend alert is acknowledged in your name; it works again within seconds."),
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -128,6 +128,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/openapi.json", get(openapi::openapi))
         .route("/me/keys/create", post(me::create))
         .route("/me/keys/{key_id}/revoke", post(me::revoke))
+        .route("/me/keys/{key_id}/resume", post(me::resume))
         .route(
             "/assets/copy.js",
             get(|| async {

@@ -543,6 +543,47 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
             "renews in the institution's zone: {limits}"
         );
         std::fs::write(shots.join("me-quota-used.png"), browser.screenshot().await?).unwrap();
+        // Issue 36: the spend-spike brake pauses the key (as the evaluator does when its
+        // alert fires at an institution with `on_spike = "suspend_key"`); its owner sees
+        // it paused and resumes it — the alert acknowledged in their name.
+        let held = tokentally::keys::hold(&w.env.store, &key_id, "uni", "a1b2c3", "alerts")
+            .await
+            .unwrap();
+        assert!(held.is_some(), "paused");
+        browser.refresh().await?;
+        let state = browser
+            .find(Locator::Css(&format!("tr[data-key='{key_id}'] .state")))
+            .await?
+            .text()
+            .await?;
+        assert_eq!(state, "paused");
+        browser
+            .find(Locator::Css(&format!(
+                "tr[data-key='{key_id}'] button.resume"
+            )))
+            .await?
+            .click()
+            .await?;
+        let asked = browser.get_alert_text().await?;
+        assert!(
+            asked.contains(&key_id) && asked.contains("acknowledges"),
+            "{asked}"
+        );
+        browser.accept_alert().await?;
+        let msg = browser
+            .wait()
+            .for_element(Locator::Css("#message"))
+            .await?
+            .text()
+            .await?;
+        assert!(msg.contains("resumed"), "{msg}");
+        assert_eq!(browser.current_url().await?.path(), "/me");
+        let state = browser
+            .find(Locator::Css(&format!("tr[data-key='{key_id}'] .state")))
+            .await?
+            .text()
+            .await?;
+        assert_eq!(state, "active");
         // Revoke from the page: it asks first, naming the key.
         browser
             .find(Locator::Css(&format!("tr[data-key='{key_id}'] button")))
@@ -598,6 +639,14 @@ async fn a_student_signs_in_gets_a_key_uses_it_to_the_quota_and_revokes_it() {
         ))
         .await;
     assert_eq!(log, 2, "create and revoke by kari in the key log");
+    let resumed = w
+        .env
+        .scalar(&format!(
+            "SELECT toInt64(count()) FROM key_events WHERE key_id = '{key_id}' AND actor = 'kari' \
+             AND action = 'release' AND detail = 'alert a1b2c3 acknowledged'"
+        ))
+        .await;
+    assert_eq!(resumed, 1, "kari's resumption in the key log");
     w.env.drop_database().await;
 }
 
