@@ -336,6 +336,31 @@ async fn audit(
         .await
 }
 
+/// Stores `row` (already changed) as the key's next state by `actor`, and the change in
+/// the key log.
+async fn write_change(
+    store: &dyn KeyStore,
+    row: &mut KeyRow,
+    actor: &str,
+    action: &str,
+    detail: String,
+) -> Result<(), KeyError> {
+    row.version = next_version(Some(row.version));
+    row.updated_at = now_secs();
+    row.updated_by = actor.into();
+    store.write_key(row).await?;
+    audit(
+        store,
+        actor,
+        action,
+        &row.key_id,
+        &row.institution_id,
+        detail,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Creates a key; returns its stored state and the secret (shown once, never stored).
 pub async fn create(
     store: &dyn KeyStore,
@@ -457,25 +482,11 @@ async fn revoke_row(
     mut row: KeyRow,
     actor: &str,
 ) -> Result<KeyRow, KeyError> {
-    let key_id = row.key_id.clone();
-    let key_id = key_id.as_str();
     if row.revoked != 0 {
-        return Err(KeyError::AlreadyRevoked(key_id.into()));
+        return Err(KeyError::AlreadyRevoked(row.key_id));
     }
-    row.version = next_version(Some(row.version));
     row.revoked = 1;
-    row.updated_at = now_secs();
-    row.updated_by = actor.into();
-    store.write_key(&row).await?;
-    audit(
-        store,
-        actor,
-        "revoke",
-        key_id,
-        &row.institution_id,
-        String::new(),
-    )
-    .await?;
+    write_change(store, &mut row, actor, "revoke", String::new()).await?;
     Ok(row)
 }
 
@@ -495,20 +506,9 @@ pub async fn hold(
     if row.revoked != 0 || !row.held.is_empty() {
         return Ok(None);
     }
-    row.version = next_version(Some(row.version));
     row.held = alert.into();
-    row.updated_at = now_secs();
-    row.updated_by = actor.into();
-    store.write_key(&row).await?;
-    audit(
-        store,
-        actor,
-        "hold",
-        key_id,
-        &row.institution_id,
-        format!("spend spike, alert {alert}"),
-    )
-    .await?;
+    let detail = format!("spend spike, alert {alert}");
+    write_change(store, &mut row, actor, "hold", detail).await?;
     Ok(Some(row))
 }
 
@@ -524,20 +524,9 @@ pub async fn release(
         if row.held != alert || alert.is_empty() {
             continue;
         }
-        row.version = next_version(Some(row.version));
         row.held = String::new();
-        row.updated_at = now_secs();
-        row.updated_by = actor.into();
-        store.write_key(&row).await?;
-        audit(
-            store,
-            actor,
-            "release",
-            &row.key_id,
-            &row.institution_id,
-            format!("alert {alert} acknowledged"),
-        )
-        .await?;
+        let detail = format!("alert {alert} acknowledged");
+        write_change(store, &mut row, actor, "release", detail).await?;
         out.push(row);
     }
     Ok(out)
@@ -556,20 +545,8 @@ pub async fn rotate(
         return Err(KeyError::AlreadyRevoked(key_id.into()));
     }
     let secret = random_secret(&row.key_id);
-    row.version = next_version(Some(row.version));
     row.secret_hash = secret_hash(&secret);
-    row.updated_at = now_secs();
-    row.updated_by = actor.into();
-    store.write_key(&row).await?;
-    audit(
-        store,
-        actor,
-        "rotate",
-        key_id,
-        &row.institution_id,
-        String::new(),
-    )
-    .await?;
+    write_change(store, &mut row, actor, "rotate", String::new()).await?;
     Ok((
         row,
         NewSecret {
