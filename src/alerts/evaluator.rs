@@ -377,11 +377,7 @@ pub fn merge_rate_readings(
             entity: entity.clone(),
             institution: inst.clone(),
             firing: true,
-            severity: if c.observed > c.fire_above * Decimal::from(3) {
-                Severity::Critical
-            } else {
-                Severity::Warning
-            },
+            severity: super::severity(c),
             observed: c.observed.round_dp(2),
             baseline: c.baseline.round_dp(2),
             threshold: c.fire_above.round_dp(2),

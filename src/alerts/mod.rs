@@ -247,23 +247,48 @@ pub fn spike(
             (true, true) => (vec![ctx.peers.unwrap_or(Decimal::ZERO)], Basis::New),
         }
     };
-    let med = median(&values);
+    judge(observed, &values, basis, cfg.factor, Decimal::ONE, cfg)
+}
+
+/// The verdict on `observed` against the windows `values` a baseline came from: the
+/// median and the spread (1.4826 × the median absolute deviation), fire above the largest
+/// of the floor, `factor` × the median and the median + `deviations` × the spread. The
+/// floors (`min_spend_usd`, `new_entity_min_usd` for a new entity) are multiplied by
+/// `floor_scale` (1 for the hourly window; the window in hours for a spend-rate window).
+pub(crate) fn judge(
+    observed: Decimal,
+    values: &[Decimal],
+    basis: Basis,
+    factor: Decimal,
+    floor_scale: Decimal,
+    cfg: &SpikeConfig,
+) -> SpikeCheck {
+    let med = median(values);
     let deviations: Vec<Decimal> = values.iter().map(|v| (*v - med).abs()).collect();
     let mad = median(&deviations) * Decimal::new(14826, 4);
     let floor = if basis == Basis::New {
         cfg.min_spend_usd.max(cfg.new_entity_min_usd)
     } else {
         cfg.min_spend_usd
-    };
-    let fire_above = floor.max(med * cfg.factor).max(med + mad * cfg.deviations);
+    } * floor_scale;
+    let fire_above = floor.max(med * factor).max(med + mad * cfg.deviations);
     let resolve_at_or_below =
-        (med * cfg.resolve_factor).max(med + cfg.min_spend_usd / Decimal::from(5));
+        (med * cfg.resolve_factor).max(med + cfg.min_spend_usd * floor_scale / Decimal::from(5));
     SpikeCheck {
         observed,
         baseline: med.round_dp(6),
         fire_above: fire_above.round_dp(6),
         resolve_at_or_below: resolve_at_or_below.round_dp(6),
         basis,
+    }
+}
+
+/// How loud a firing spike is: critical above three times its threshold.
+pub(crate) fn severity(c: &SpikeCheck) -> Severity {
+    if c.observed > c.fire_above * Decimal::from(3) {
+        Severity::Critical
+    } else {
+        Severity::Warning
     }
 }
 
@@ -582,11 +607,7 @@ pub fn spike_readings(
                 entity: entity.clone(),
                 institution: inst.clone(),
                 firing,
-                severity: if c.observed > c.fire_above * Decimal::from(3) {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
+                severity: severity(&c),
                 observed: c.observed.round_dp(2),
                 baseline: c.baseline.round_dp(2),
                 threshold: c.fire_above.round_dp(2),

@@ -12,7 +12,7 @@
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 
-use super::{local_shift, median, Basis, SpikeCheck};
+use super::{judge, local_shift, Basis, SpikeCheck};
 use crate::config::SpikeConfig;
 
 /// Spend of one entity over time, as window sums.
@@ -104,24 +104,7 @@ pub fn check(
         basis = Basis::New;
         values.push(Decimal::ZERO);
     }
-    let med = median(&values);
-    let deviations: Vec<Decimal> = values.iter().map(|v| (*v - med).abs()).collect();
-    let mad = median(&deviations) * Decimal::new(14826, 4);
-    let floor = if basis == Basis::New {
-        cfg.min_spend_usd.max(cfg.new_entity_min_usd)
-    } else {
-        cfg.min_spend_usd
-    } * per_hour;
-    let fire_above = floor.max(med * w.factor).max(med + mad * cfg.deviations);
-    let resolve_at_or_below =
-        (med * cfg.resolve_factor).max(med + cfg.min_spend_usd * per_hour / Decimal::from(5));
-    SpikeCheck {
-        observed,
-        baseline: med.round_dp(6),
-        fire_above: fire_above.round_dp(6),
-        resolve_at_or_below: resolve_at_or_below.round_dp(6),
-        basis,
-    }
+    judge(observed, &values, basis, w.factor, per_hour, cfg)
 }
 
 /// Spend per minute from `start`, in micro-dollars, with prefix sums: window sums in
