@@ -47,7 +47,7 @@ struct Inst {
 
 /// Usual share (per-mille) of a key's peak at a local time: working hours 08–18 on
 /// weekdays, evenings, nights and weekends lower.
-fn profile(local: chrono::NaiveDateTime) -> i64 {
+pub(super) fn profile(local: chrono::NaiveDateTime) -> i64 {
     let weekend = local.weekday().number_from_monday() >= 6;
     let h = local.hour();
     match (weekend, h) {
@@ -59,15 +59,19 @@ fn profile(local: chrono::NaiveDateTime) -> i64 {
     }
 }
 
-/// Deterministic noise in per-mille, 800–1200.
-fn noise(seed: u64) -> i64 {
+/// A deterministic mix of `seed` (SplitMix-style): the sets' only source of randomness.
+pub(super) fn mix(seed: u64) -> u64 {
     let mut x = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
     x ^= x >> 29;
     x = x.wrapping_mul(0xbf58476d1ce4e5b9);
-    x ^= x >> 32;
-    800 + (x % 401) as i64
+    x ^ (x >> 32)
+}
+
+/// Deterministic noise in per-mille, 800–1200.
+fn noise(seed: u64) -> i64 {
+    800 + (mix(seed) % 401) as i64
 }
 
 fn hash(s: &str) -> u64 {

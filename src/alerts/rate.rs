@@ -321,8 +321,9 @@ pub fn replay(
 /// leaked keys at 20× their usual rate starting at a random minute, two low-and-slow
 /// abuses at 3× for six hours, two bursts of 5 minutes at 50× that stop. Seeded and pure.
 pub mod labelled {
-    use chrono::{DateTime, Duration, Timelike, Utc};
+    use chrono::{DateTime, Duration, Utc};
 
+    use super::super::labelled::{mix, profile};
     use super::super::score::Label;
     use super::Minutes;
 
@@ -332,28 +333,6 @@ pub mod labelled {
         pub labels: Vec<Label>,
         pub from: DateTime<Utc>,
         pub to: DateTime<Utc>,
-    }
-
-    fn mix(mut x: u64) -> u64 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        x ^= x >> 29;
-        x = x.wrapping_mul(0xbf58476d1ce4e5b9);
-        x ^ (x >> 32)
-    }
-
-    /// Usual share (per-mille) of a key's peak rate at a local time.
-    fn profile(local: chrono::NaiveDateTime) -> i64 {
-        use chrono::Datelike;
-        let weekend = local.weekday().number_from_monday() >= 6;
-        match (weekend, local.hour()) {
-            (false, 8..=17) => 1000,
-            (false, 18..=21) => 300,
-            (false, _) => 100,
-            (true, 9..=19) => 150,
-            (true, _) => 60,
-        }
     }
 
     pub fn set() -> MinuteSet {
