@@ -470,11 +470,27 @@ pub async fn revoke_own(
     user: &str,
     actor: &str,
 ) -> Result<KeyRow, KeyError> {
+    revoke_row(
+        store,
+        owned_by(store, key_id, institution, user).await?,
+        actor,
+    )
+    .await
+}
+
+/// One of `user`'s own proxy keys; another person's key is "not found", as an unknown id
+/// is (their ids are not for others to probe).
+pub async fn owned_by(
+    store: &dyn KeyStore,
+    key_id: &str,
+    institution: &str,
+    user: &str,
+) -> Result<KeyRow, KeyError> {
     let row = owned(store, key_id, Some(institution)).await?;
     if row.user_id != user || row.kind != KeyKind::Proxy.as_str() {
         return Err(KeyError::NotFound(key_id.into()));
     }
-    revoke_row(store, row, actor).await
+    Ok(row)
 }
 
 async fn revoke_row(

@@ -735,10 +735,7 @@ pub async fn resume(
     Path(key_id): Path<String>,
     CheckedForm(_): CheckedForm<RevokeForm>,
 ) -> Result<Response, AppError> {
-    let row = keys::owned(state.keys.as_ref(), &key_id, Some(&me.institution)).await?;
-    if row.user_id != me.person || row.kind != KeyKind::Proxy.as_str() {
-        return Err(AppError::NotFound);
-    }
+    let row = keys::owned_by(state.keys.as_ref(), &key_id, &me.institution, &me.person).await?;
     if row.held.is_empty() {
         return Err(AppError::Conflict(format!("key {key_id} is not paused")));
     }
