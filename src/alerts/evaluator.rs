@@ -304,20 +304,59 @@ pub async fn rate_checks(
             candidates.push(((*inst).to_owned(), (*key).to_owned()));
         }
     }
+    rate_verdicts(
+        cfg,
+        store,
+        &candidates,
+        now,
+        |inst, entity| {
+            series
+                .keys
+                .get(&(inst.to_owned(), entity.to_owned()))
+                .and_then(|s| s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t))
+        },
+        |entity| tracker.spans(Kind::KeySpike, entity, now),
+    )
+    .await
+}
+
+/// Spend at the minutes it happened.
+type Minutes = Vec<(DateTime<Utc>, Decimal)>;
+
+/// The spend-rate verdicts at `now` of `keys` ((institution, key id)), each window
+/// (`rate::default_windows`) against the key's seasonal baseline from its stored minutes;
+/// keyed by (institution, `institution/key` entity), one entry per key (a key with no
+/// stored history is new). `first`: when the entity first spent; `spans`: its earlier
+/// incidents (kept out of the baseline). Shared by the evaluator and the gateway's
+/// spend watch (`gateway::spend_watch`), which compares the thresholds with the spend it
+/// settled itself.
+pub async fn rate_verdicts(
+    cfg: &Config,
+    store: &Store,
+    keys: &[(String, String)],
+    now: DateTime<Utc>,
+    first: impl Fn(&str, &str) -> Option<DateTime<Utc>>,
+    spans: impl Fn(&str) -> Vec<(DateTime<Utc>, DateTime<Utc>)>,
+) -> Result<BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>, StoreError> {
     let mut out = BTreeMap::new();
-    if candidates.is_empty() {
+    if keys.is_empty() {
         return Ok(out);
     }
+    let windows = rate::default_windows();
+    let spike = &cfg.alerts.spike;
     let tz = |inst: &str| cfg.institution_tz(inst);
     let weeks = i64::from(spike.baseline_weeks.max(1));
-    let mut ranges: Vec<(i64, i64)> = candidates
+    let mut ranges: Vec<(i64, i64)> = keys
         .iter()
         .flat_map(|(inst, _)| rate::ranges(now, &windows, weeks, tz(inst)))
         .collect();
     ranges.sort_unstable();
     ranges.dedup();
-    let rows = store.key_minute_spend(&ranges, Some(&candidates)).await?;
-    let mut history: BTreeMap<(String, String), Vec<(DateTime<Utc>, Decimal)>> = BTreeMap::new();
+    let rows = store.key_minute_spend(&ranges, Some(keys)).await?;
+    let mut history: BTreeMap<(String, String), Minutes> = keys
+        .iter()
+        .map(|(inst, key)| ((inst.clone(), format!("{inst}/{key}")), Vec::new()))
+        .collect();
     for r in rows {
         history
             .entry((
@@ -328,15 +367,11 @@ pub async fn rate_checks(
             .push((hour_at(r.minute), r.cost));
     }
     for ((inst, key), spend) in history {
-        let first = series
-            .keys
-            .get(&(inst.clone(), key.clone()))
-            .and_then(|s| s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t));
-        let s = rate::Sparse::new(spend, first);
-        let spans = tracker.spans(Kind::KeySpike, &key, now);
+        let s = rate::Sparse::new(spend, first(&inst, &key));
+        let excluded = spans(&key);
         let checks = windows
             .iter()
-            .map(|w| (*w, rate::check(&s, now, *w, spike, tz(&inst), &spans)))
+            .map(|w| (*w, rate::check(&s, now, *w, spike, tz(&inst), &excluded)))
             .collect();
         out.insert((inst, key), checks);
     }
@@ -382,9 +417,9 @@ pub fn merge_rate_readings(
             baseline: c.baseline.round_dp(2),
             threshold: c.fire_above.round_dp(2),
             message: format!(
-                "API key {entity} spent ${} in the last {window}; usual for this time of the week: ${} (spend rate)",
-                c.observed.round_dp(2),
-                c.baseline.round_dp(2)
+                "API key {entity} spent {} in the last {window}; usual for this time of the week: {} (spend rate)",
+                crate::format::money_on_page(c.observed),
+                crate::format::money_on_page(c.baseline)
             ),
         };
         match existing {
@@ -673,6 +708,40 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
     Ok(())
 }
 
+/// Takes over the key-spike incidents a gateway raised (`gateway::spend_watch`) since the
+/// tracker last looked: they are this evaluator's to resolve, and no second page is sent
+/// for them. Read just before the readings are applied, so a gateway's page and this
+/// round's coincide only if both land within that query.
+async fn adopt(store: &Store, tracker: &mut Tracker) -> Result<(), StoreError> {
+    for i in store.open_key_spikes().await? {
+        let key = (Kind::KeySpike, i.entity.clone());
+        if tracker.open.contains_key(&key) {
+            continue;
+        }
+        let at = |s: u32| Utc.timestamp_opt(i64::from(s), 0).single().unwrap_or_default();
+        tracker.restore_open(Open {
+            alert_id: i.alert_id,
+            fired_at: at(i.fired_at),
+            reading: Reading {
+                kind: Kind::KeySpike,
+                entity: i.entity,
+                institution: i.institution_id,
+                firing: true,
+                severity: match i.severity.as_str() {
+                    "critical" => Severity::Critical,
+                    _ => Severity::Warning,
+                },
+                observed: i.observed,
+                baseline: i.baseline,
+                threshold: Decimal::ZERO,
+                message: i.message,
+            },
+            recovering_since: None,
+        });
+    }
+    Ok(())
+}
+
 /// Runs until `shutdown`: evaluate, record, deliver, sleep.
 pub async fn run(cfg: Config, store: Store, mut shutdown: Shutdown) {
     let notifier = Notifier::start(&cfg);
@@ -748,6 +817,7 @@ pub async fn evaluate_once(
         Ok(standings) => readings.extend(limit_readings(&standings, &|i| cfg.institution_tz(i))),
         Err(e) => tracing::warn!(error = %e, "cannot read limits for alerts"),
     }
+    adopt(store, tracker).await?;
     let changes = tracker.step(now, readings);
     if changes.is_empty() {
         return Ok(());
@@ -783,8 +853,9 @@ pub async fn evaluate_once(
 /// The spend-spike brake (issue 36): a key spike that fires (or fires again) at an
 /// institution with `on_spike = "suspend_key"` pauses the key on every gateway until its
 /// alert is acknowledged (`acknowledge`); each pause is in the key log. A failure is
-/// logged; the alert stands and is delivered either way.
-async fn brake(cfg: &Config, store: &Store, changes: &[Transition]) {
+/// logged; the alert stands and is delivered either way. Returns the keys it paused.
+pub async fn brake(cfg: &Config, store: &Store, changes: &[Transition]) -> Vec<String> {
+    let mut paused = Vec::new();
     for c in changes
         .iter()
         .filter(|c| c.reading.kind == Kind::KeySpike && !c.resolved)
@@ -798,7 +869,8 @@ async fn brake(cfg: &Config, store: &Store, changes: &[Transition]) {
         };
         match crate::keys::hold(store, key_id, inst, &c.alert_id, "alerts").await {
             Ok(Some(_)) => {
-                tracing::warn!(key_id, alert = %c.alert_id, "key paused by the spend-spike brake")
+                tracing::warn!(key_id, alert = %c.alert_id, "key paused by the spend-spike brake");
+                paused.push(key_id.to_owned());
             }
             Ok(None) => {}
             Err(e) => {
@@ -806,6 +878,7 @@ async fn brake(cfg: &Config, store: &Store, changes: &[Transition]) {
             }
         }
     }
+    paused
 }
 
 #[cfg(test)]
@@ -899,7 +972,7 @@ mod tests {
         assert!(by("uni/leaked").firing);
         assert_eq!(
             by("uni/leaked").message,
-            "API key uni/leaked spent $3 in the last 15 min; usual for this time of the week: $0.06 (spend rate)"
+            "API key uni/leaked spent $3.00 in the last 15 min; usual for this time of the week: $0.06 (spend rate)"
         );
         assert!(!by("uni/calm").firing, "at the threshold is not over it");
         assert_eq!(by("uni/hourly").message, "hourly", "the hourly page stays");

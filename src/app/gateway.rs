@@ -140,7 +140,28 @@ pub async fn spawn(cfg: &Config, shutdown: Shutdown) -> anyhow::Result<Running> 
             image_tokens: g.reserve_image_tokens,
             default_output_tokens: g.reserve_default_output_tokens,
         },
+        spend_watch: g.spend_watch.then(|| {
+            Arc::new(crate::gateway::spend_watch::SpendWatch::new(
+                cfg.alerts.spike.clone(),
+            ))
+        }),
     });
+    if let Some(watch) = gw.spend_watch.clone() {
+        let raiser = crate::gateway::spend_watch::Raiser {
+            cfg: cfg.clone(),
+            store: store.clone(),
+            shared: gw.gate.shared.clone(),
+            notifier: crate::alerts::deliver::Notifier::start(cfg),
+            keys: keys.clone(),
+            instance: instance.clone(),
+            raised: metrics.clone(),
+        };
+        tokio::spawn(crate::gateway::spend_watch::run(
+            watch,
+            raiser,
+            shutdown.clone(),
+        ));
+    }
     let (stop_spool, spool_stop_rx) = tokio::sync::watch::channel(false);
     let sender = tokio::spawn(spool.clone().run(
         cfg.kafka.clone(),
@@ -244,6 +265,9 @@ async fn housekeeping(gw: Arc<Gateway>, mut shutdown: Shutdown) {
             .spool_pending_bytes
             .set(gw.spool.pending_bytes() as i64);
         gw.metrics.keys.set(gw.keys.len() as i64);
+        if let Some(w) = &gw.spend_watch {
+            gw.metrics.spend_watched.set(w.len() as i64);
+        }
         gw.metrics.events_spooled.set(gw.spool.appended() as i64);
         gw.metrics.events_sent.set(gw.spool.sent() as i64);
         tokio::select! {

@@ -98,6 +98,9 @@ pub struct GatewayConfig {
     /// The store several gateway instances decide their limits through
     /// (`[gateway.shared_limits]`; off unless `redis_url` is set).
     pub shared_limits: SharedLimitsConfig,
+    /// Watch each key's spend rate from what this instance settles and page a key over
+    /// its threshold at once (issue 36's fast path; `gateway::spend_watch`).
+    pub spend_watch: bool,
     pub openai: UpstreamConfig,
     pub anthropic: UpstreamConfig,
     pub gemini: UpstreamConfig,
@@ -123,6 +126,7 @@ impl Default for GatewayConfig {
             reserve_image_tokens: 3000,
             reserve_default_output_tokens: 100_000,
             metrics_listen: "127.0.0.1:9465".into(),
+            spend_watch: true,
             shared_limits: SharedLimitsConfig::default(),
             openai: UpstreamConfig::new("https://api.openai.com"),
             anthropic: UpstreamConfig::new("https://api.anthropic.com"),

@@ -92,6 +92,24 @@ impl Keyring {
             .then_some(key)
     }
 
+    /// Pauses a key on this instance at once (the spend-spike brake has written its
+    /// hold to the store; every instance, this one included, reads it at its next
+    /// refresh, which also ends this pause once the alert is acknowledged).
+    pub fn hold_now(&self, key_id: &str) {
+        let mut slot = self.snapshot.write().expect("keyring lock");
+        let Some(key) = slot.keys.get(key_id) else {
+            return;
+        };
+        let mut held = Key::clone(key);
+        held.held = true;
+        let mut next = Snapshot {
+            keys: slot.keys.clone(),
+            byok: slot.byok.clone(),
+        };
+        next.keys.insert(key_id.to_owned(), Arc::new(held));
+        *slot = Arc::new(next);
+    }
+
     /// The institution's own key for `provider`, if it stored one.
     pub fn own_key(&self, institution: &str, provider: Provider) -> Option<Secret> {
         self.snapshot

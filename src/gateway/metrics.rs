@@ -32,6 +32,10 @@ pub struct Metrics {
     /// 0: shares (no shared store), 1: exact (through the shared store), 2: fallback.
     pub limits_mode: Gauge,
     pub admission_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Spend-rate incidents this instance raised (issue 36's fast path).
+    pub spend_alerts: Counter,
+    /// Keys whose spend rate this instance watches now.
+    pub spend_watched: Gauge,
 }
 
 impl Metrics {
@@ -48,6 +52,8 @@ impl Metrics {
             limits: Gauge::default(),
             reservations_open: Gauge::default(),
             limits_mode: Gauge::default(),
+            spend_alerts: Counter::default(),
+            spend_watched: Gauge::default(),
             admission_seconds: prometheus_client::metrics::histogram::Histogram::new([
                 0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.25,
             ]),
@@ -66,6 +72,16 @@ impl Metrics {
             "limits_mode",
             "How limits are decided: 0 by shares (no shared store configured), 1 exactly through the shared store, 2 by shares because the shared store is unreachable",
             m.limits_mode.clone(),
+        );
+        m.registry.register(
+            "spend_alerts",
+            "Spend-rate incidents this instance raised from the spend it settled",
+            m.spend_alerts.clone(),
+        );
+        m.registry.register(
+            "spend_watched_keys",
+            "Keys whose spend rate this instance watches (settled within the last 6 hours)",
+            m.spend_watched.clone(),
         );
         m.registry.register(
             "admission_seconds",

@@ -6,7 +6,8 @@
 //! - `wire`: the providers' formats (paths, bodies, usage, errors);
 //! - `proxy`: one request, end to end (its limits are decided by `crate::limits::gate`);
 //! - `keyring`: keys as every instance sees them; `spool`: events on their way to Kafka;
-//! - `http_ingest`: `POST /v1/usage-events` for gateways that are not ours.
+//! - `http_ingest`: `POST /v1/usage-events` for gateways that are not ours;
+//! - `spend_watch`: each key's spend rate from what this instance settles (fast alerts).
 //!
 //! Assembled and started by `app::gateway` (the process's composition root).
 //!
@@ -20,6 +21,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod moderation;
 pub mod proxy;
+pub mod spend_watch;
 pub mod spool;
 pub mod wire;
 
@@ -114,6 +116,8 @@ pub struct Gateway {
     /// The price book (reloaded when its files change): reservations and settlements.
     pub book: crate::price::watch::SharedBook,
     pub bounds: Bounds,
+    /// Per-key spend rates of what this instance settles (`None`: `spend_watch` off).
+    pub spend_watch: Option<Arc<spend_watch::SpendWatch>>,
 }
 
 impl Gateway {

@@ -651,11 +651,13 @@ impl Relay {
         }
     }
 
-    /// Replaces the request's reservation by its priced usage.
+    /// Replaces the request's reservation by its priced usage, and adds its cost to its
+    /// key's spend rate.
     fn settle(&mut self, event: &GatewayEvent, seen: &Seen) {
-        let Some(r) = self.req.reservation.take() else {
+        let reservation = self.req.reservation.take();
+        if reservation.is_none() && self.gw.spend_watch.is_none() {
             return;
-        };
+        }
         let counts = event.token_counts();
         let priced = crate::price::price_usage(
             &self.gw.book(),
@@ -666,11 +668,23 @@ impl Relay {
             &counts,
             true,
         );
-        let usd = match priced {
-            crate::price::Pricing::Priced(p) => p.cost,
+        let usd = match (priced, &reservation) {
+            (crate::price::Pricing::Priced(p), _) => p.cost,
             // The provider answered with a model the book does not price: count what
             // was reserved rather than nothing.
-            crate::price::Pricing::Unpriced => r.reserved().usd,
+            (crate::price::Pricing::Unpriced, Some(r)) => r.reserved().usd,
+            (crate::price::Pricing::Unpriced, None) => rust_decimal::Decimal::ZERO,
+        };
+        if let Some(w) = &self.gw.spend_watch {
+            w.add(
+                &self.req.key.institution_id,
+                &self.req.key.key_id,
+                usd,
+                Utc::now(),
+            );
+        }
+        let Some(r) = reservation else {
+            return;
         };
         r.settle(
             &event.event_id,

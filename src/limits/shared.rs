@@ -536,6 +536,27 @@ impl SharedStore {
         Ok(())
     }
 
+    /// Takes `name` for `ttl` if nobody holds it (`SET NX`): whether this call took it.
+    /// Several gateways raising one incident claim it here, and one of them raises it.
+    pub async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, SharedError> {
+        let k = self.key(&["claim", name]);
+        let ms = ttl.as_millis().max(1) as u64;
+        let holder = holder.to_owned();
+        let taken: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(taken.is_some())
+    }
+
     /// The store's clock in milliseconds (stamps a read that is about to start).
     pub async fn time_ms(&self) -> Result<i64, SharedError> {
         let (s, us): (i64, i64) = self

@@ -176,6 +176,16 @@ impl Store {
         Ok(q.fetch_all().await?)
     }
 
+    /// Key-spike incidents that are firing (what the evaluator adopts each round).
+    pub async fn open_key_spikes(&self) -> Result<Vec<Incident>, StoreError> {
+        Ok(self
+            .incidents(None)
+            .await?
+            .into_iter()
+            .filter(|i| i.state == "firing" && i.kind == "key_spike")
+            .collect())
+    }
+
     /// Whether an incident exists that is not only an acknowledgement.
     pub async fn alert_exists(&self, alert_id: &str) -> Result<bool, StoreError> {
         let n: u64 = self
@@ -232,19 +242,40 @@ impl Store {
 
     /// Per key, its first hour in `[from, to)` with spend other than zero, and that spend.
     pub async fn key_first_spend(&self, from: i64, to: i64) -> Result<Vec<HourSpend>, StoreError> {
-        Ok(self
-            .client
-            .query(
-                "SELECT min(h) AS hour, institution_id, api_key_id, argMin(c, h) AS cost FROM \
-                 (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
-                 FROM usage_hourly_institution WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
-                 AND api_key_id != '' GROUP BY h, institution_id, api_key_id HAVING c != 0) \
-                 GROUP BY institution_id, api_key_id",
-            )
-            .bind(from)
-            .bind(to)
-            .fetch_all()
-            .await?)
+        self.key_first_spend_of(from, to, None).await
+    }
+
+    /// `key_first_spend` of some keys ((institution, key id)) only.
+    pub async fn key_first_spend_of(
+        &self,
+        from: i64,
+        to: i64,
+        keys: Option<&[(String, String)]>,
+    ) -> Result<Vec<HourSpend>, StoreError> {
+        if keys.is_some_and(<[_]>::is_empty) {
+            return Ok(Vec::new());
+        }
+        let mut q = super::sql::Sql::new(
+            "SELECT ?fields FROM (SELECT min(h) AS hour, institution_id, api_key_id, argMin(c, h) AS cost FROM \
+             (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
+             FROM usage_hourly_institution WHERE api_key_id != ''",
+        );
+        q.bind(
+            " AND hour >= toDateTime(?) AND hour < toDateTime(?)",
+            [super::sql::i(from), super::sql::i(to)],
+        );
+        if let Some(keys) = keys {
+            q.push(" AND (0");
+            for (inst, key) in keys {
+                q.bind(
+                    " OR (institution_id = ? AND api_key_id = ?)",
+                    [super::sql::s(inst.as_str()), super::sql::s(key.as_str())],
+                );
+            }
+            q.push(")");
+        }
+        q.push(" GROUP BY h, institution_id, api_key_id HAVING c != 0) GROUP BY institution_id, api_key_id)");
+        Ok(q.query(&self.client).fetch_all().await?)
     }
 
     /// Spend per hour × institution × key in `[from, to)` (unix seconds).

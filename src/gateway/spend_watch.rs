@@ -1,0 +1,559 @@
+//! The gateway's own spend-rate watch (issue 36, the fast path). Every request this
+//! instance settles adds its priced cost to its key's spend per minute, kept here in
+//! memory for the longest rate window (6 hours). A key whose spend in a window passes
+//! that window's floor is judged against its thresholds — the evaluator's rule
+//! (`alerts::rate::check`: the busiest same local window of earlier weeks, the spread,
+//! the floors scaled to the window) — and pages through the existing machinery (the
+//! `alerts` table, webhooks and e-mail, the spend-spike brake) as soon as it passes them:
+//! the spend is the gateway's own, not what ClickHouse holds a pipeline later.
+//!
+//! Thresholds come from the key's history (weeks old, so they change slowly): they are
+//! read from ClickHouse in the background when a key first passes a floor and re-read
+//! once a minute while it does; the request path never waits for them. If ClickHouse
+//! cannot be read, a key with no thresholds yet is judged as a new key (the floors of
+//! `new_entity_min_usd`), so the watch still pages a runaway key when the store is down.
+//!
+//! Several gateways: each watches what it settles. An incident is raised once — a
+//! gateway first looks for an open incident of the key in the `alerts` table (one the
+//! evaluator or another gateway raised), then claims the incident in the shared limit
+//! store (`SET NX`) where one is configured; the evaluator adopts incidents the gateways
+//! raised and resolves them by its own readings. What each gateway sees is its share of
+//! the key's traffic: behind a balancer spreading a key over N gateways, one gateway's
+//! rate is about 1/N of the key's and the evaluator (which reads every gateway's events)
+//! remains the detector of record for such keys.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Duration as Span, DurationRound, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+use crate::alerts::rate::{self, RateWindow};
+use crate::alerts::{Basis, Kind, Reading, SpikeCheck, Transition};
+use crate::config::{Config, SpikeConfig};
+use crate::limits::shared::SharedStore;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// How long thresholds read for a key stay in use (the window they were computed for
+/// moves on; the busiest-within-30-minutes baseline changes little in a minute).
+const BARS_FRESH: Span = Span::seconds(60);
+/// After a key was judged over its threshold (raised, or found already raised), how long
+/// before it is looked at again.
+const QUIET: Span = Span::seconds(60);
+
+/// A key's thresholds, per window (in `windows` order).
+#[derive(Debug, Clone, PartialEq)]
+struct Bars {
+    at: DateTime<Utc>,
+    checks: Vec<SpikeCheck>,
+}
+
+#[derive(Debug, Default)]
+struct KeySpend {
+    institution: String,
+    /// (minute start, unix seconds; micro-dollars) settled here, oldest first.
+    minutes: VecDeque<(i64, i64)>,
+    bars: Option<Bars>,
+    /// Asked for thresholds (the background task reads them).
+    wanted: bool,
+    quiet_until: Option<DateTime<Utc>>,
+}
+
+impl KeySpend {
+    fn add(&mut self, micros: i64, now: DateTime<Utc>, longest: i64) {
+        let minute = now.timestamp().div_euclid(60) * 60;
+        match self.minutes.back_mut() {
+            Some((m, v)) if *m == minute => *v += micros,
+            _ => self.minutes.push_back((minute, micros)),
+        }
+        let oldest = minute - (longest - 1) * 60;
+        while self.minutes.front().is_some_and(|(m, _)| *m < oldest) {
+            self.minutes.pop_front();
+        }
+    }
+
+    /// Spend in the last `minutes` minutes up to `now` (the current minute included).
+    fn sum(&self, minutes: i64, now: DateTime<Utc>) -> Decimal {
+        let since = now.timestamp().div_euclid(60) * 60 - (minutes - 1) * 60;
+        let micros: i64 = self
+            .minutes
+            .iter()
+            .rev()
+            .take_while(|(m, _)| *m >= since)
+            .map(|(_, v)| *v)
+            .sum();
+        Decimal::new(micros, 6)
+    }
+}
+
+/// What a key's spend came to against its thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Under every window's floor, or quiet after a page.
+    Calm,
+    /// Over a floor; its thresholds are to be read.
+    NeedsBars,
+    /// Over a threshold: page.
+    Over(Over),
+}
+
+/// A key over its threshold in one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Over {
+    pub institution: String,
+    pub key_id: String,
+    pub window: RateWindow,
+    pub check: SpikeCheck,
+}
+
+/// Per-key spend rates of what this instance settled (see the module's text).
+pub struct SpendWatch {
+    windows: Vec<RateWindow>,
+    spike: SpikeConfig,
+    keys: Mutex<HashMap<String, KeySpend>>,
+    wake: tokio::sync::Notify,
+}
+
+impl SpendWatch {
+    pub fn new(spike: SpikeConfig) -> Self {
+        Self {
+            windows: rate::default_windows().to_vec(),
+            spike,
+            keys: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn longest(&self) -> i64 {
+        self.windows.iter().map(|w| w.minutes).max().unwrap_or(15)
+    }
+
+    /// The floor of a window: `min_spend_usd` is per hour.
+    fn floor(&self, w: RateWindow) -> Decimal {
+        self.spike.min_spend_usd * Decimal::from(w.minutes) / Decimal::from(60)
+    }
+
+    /// Adds a settled request's cost (on the request path: memory only).
+    pub fn add(&self, institution: &str, key_id: &str, cost: Decimal, now: DateTime<Utc>) {
+        if cost <= Decimal::ZERO || key_id.is_empty() {
+            return;
+        }
+        let micros = crate::limits::shared::micros_up(cost);
+        let wake = {
+            let mut keys = self.keys.lock().expect("spend watch lock");
+            let k = keys.entry(key_id.to_owned()).or_default();
+            if k.institution.is_empty() {
+                k.institution = institution.to_owned();
+            }
+            k.add(micros, now, self.longest());
+            let verdict = self.judge(key_id, k, now);
+            verdict != Verdict::Calm
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    fn judge(&self, key_id: &str, k: &mut KeySpend, now: DateTime<Utc>) -> Verdict {
+        if k.quiet_until.is_some_and(|q| now < q) {
+            return Verdict::Calm;
+        }
+        let sums: Vec<Decimal> = self.windows.iter().map(|w| k.sum(w.minutes, now)).collect();
+        if !self
+            .windows
+            .iter()
+            .zip(&sums)
+            .any(|(w, s)| *s > self.floor(*w))
+        {
+            return Verdict::Calm;
+        }
+        let Some(bars) = k.bars.as_ref().filter(|b| now - b.at < BARS_FRESH) else {
+            k.wanted = true;
+            return Verdict::NeedsBars;
+        };
+        for ((w, observed), c) in self.windows.iter().zip(&sums).zip(&bars.checks) {
+            if *observed > c.fire_above {
+                return Verdict::Over(Over {
+                    institution: k.institution.clone(),
+                    key_id: key_id.to_owned(),
+                    window: *w,
+                    check: SpikeCheck {
+                        observed: *observed,
+                        ..c.clone()
+                    },
+                });
+            }
+        }
+        Verdict::Calm
+    }
+
+    /// Keys waiting for thresholds: (institution, key id).
+    fn wanted(&self) -> Vec<(String, String)> {
+        let mut keys = self.keys.lock().expect("spend watch lock");
+        keys.iter_mut()
+            .filter_map(|(id, k)| {
+                std::mem::take(&mut k.wanted).then(|| (k.institution.clone(), id.clone()))
+            })
+            .collect()
+    }
+
+    fn set_bars(&self, key_id: &str, bars: Bars) {
+        if let Some(k) = self.keys.lock().expect("spend watch lock").get_mut(key_id) {
+            k.bars = Some(bars);
+        }
+    }
+
+    /// Judges every key afresh (after thresholds arrived); those over one are quiet for
+    /// a minute from now on.
+    fn over(&self, now: DateTime<Utc>) -> Vec<Over> {
+        let mut keys = self.keys.lock().expect("spend watch lock");
+        let mut out = Vec::new();
+        for (id, k) in keys.iter_mut() {
+            if let Verdict::Over(o) = self.judge(id, k, now) {
+                k.quiet_until = Some(now + QUIET);
+                out.push(o);
+            }
+        }
+        out
+    }
+
+    /// Forgets keys that settled nothing within the longest window.
+    fn sweep(&self, now: DateTime<Utc>) {
+        let oldest = now.timestamp() - self.longest() * 60;
+        self.keys
+            .lock()
+            .expect("spend watch lock")
+            .retain(|_, k| k.minutes.back().is_some_and(|(m, _)| *m >= oldest));
+    }
+
+    /// Keys watched now (for the gauge).
+    pub fn len(&self) -> usize {
+        self.keys.lock().expect("spend watch lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a raised incident goes: the store, the shared store's claims, delivery, the
+/// brake, and this instance's keyring (paused at once here; elsewhere within a key
+/// refresh).
+pub struct Raiser {
+    pub cfg: Config,
+    pub store: Store,
+    pub shared: Option<Arc<SharedStore>>,
+    pub notifier: crate::alerts::deliver::Notifier,
+    pub keys: Arc<super::keyring::Keyring>,
+    pub instance: String,
+    pub raised: Arc<super::metrics::Metrics>,
+}
+
+/// Reads thresholds for the keys that ask, judges, and raises; until `shutdown`.
+pub async fn run(watch: Arc<SpendWatch>, raiser: Raiser, mut shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = watch.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => watch.sweep(Utc::now()),
+            _ = shutdown.wait() => return,
+        }
+        let now = Utc::now();
+        let wanted = watch.wanted();
+        if !wanted.is_empty() {
+            for (key_id, bars) in read_bars(&raiser, &watch, &wanted, now).await {
+                watch.set_bars(&key_id, bars);
+            }
+        }
+        for over in watch.over(Utc::now()) {
+            raise(&raiser, over).await;
+        }
+    }
+}
+
+/// Thresholds of `keys` at `now`, from their stored history; if it cannot be read, the
+/// thresholds of a new key (the floors alone).
+async fn read_bars(
+    raiser: &Raiser,
+    watch: &SpendWatch,
+    keys: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Vec<(String, Bars)> {
+    let cfg = &raiser.cfg;
+    let spike = &cfg.alerts.spike;
+    let weeks = i64::from(spike.baseline_weeks.max(1));
+    let from = now - Span::weeks(weeks) - Span::days(1);
+    let read = async {
+        let firsts = raiser
+            .store
+            .key_first_spend_of(from.timestamp(), now.timestamp(), Some(keys))
+            .await?;
+        let incidents = raiser.store.incidents(None).await?;
+        let first = |inst: &str, entity: &str| {
+            firsts
+                .iter()
+                .find(|f| f.institution_id == inst && entity.ends_with(&f.api_key_id))
+                .and_then(|f| Utc.timestamp_opt(i64::from(f.hour), 0).single())
+        };
+        let spans = |entity: &str| spans_of(&incidents, entity, now);
+        crate::alerts::evaluator::rate_verdicts(cfg, &raiser.store, keys, now, first, spans)
+            .await
+    };
+    match read.await {
+        Ok(verdicts) => verdicts
+            .into_iter()
+            .filter_map(|((inst, entity), checks)| {
+                let key_id = entity.strip_prefix(&format!("{inst}/"))?.to_owned();
+                Some((
+                    key_id,
+                    Bars {
+                        at: now,
+                        checks: checks.into_iter().map(|(_, c)| c).collect(),
+                    },
+                ))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, keys = keys.len(), "spend watch: cannot read baselines; judging these keys by the new-key floors");
+            keys.iter()
+                .map(|(_, key_id)| {
+                    let checks = watch
+                        .windows
+                        .iter()
+                        .map(|w| {
+                            crate::alerts::judge(
+                                Decimal::ZERO,
+                                &[Decimal::ZERO],
+                                Basis::New,
+                                w.factor,
+                                Decimal::from(w.minutes) / Decimal::from(60),
+                                spike,
+                            )
+                        })
+                        .collect();
+                    (key_id.clone(), Bars { at: now, checks })
+                })
+                .collect()
+        }
+    }
+}
+
+/// The spans of an entity's key-spike incidents, for keeping them out of its baseline.
+fn spans_of(
+    incidents: &[crate::store::alerts::Incident],
+    entity: &str,
+    now: DateTime<Utc>,
+) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let at = |s: u32| Utc.timestamp_opt(i64::from(s), 0).single().unwrap_or(now);
+    incidents
+        .iter()
+        .filter(|i| i.kind == Kind::KeySpike.as_str() && i.entity == entity)
+        .map(|i| {
+            let end = if i.state == "firing" { now } else { at(i.changed_at) };
+            (at(i.fired_at), end)
+        })
+        .collect()
+}
+
+/// The page for a key over its threshold (worded like the evaluator's spend-rate page,
+/// saying it was seen at a gateway).
+pub fn reading(o: &Over) -> Reading {
+    let entity = format!("{}/{}", o.institution, o.key_id);
+    let window = if o.window.minutes % 60 == 0 {
+        format!("{} h", o.window.minutes / 60)
+    } else {
+        format!("{} min", o.window.minutes)
+    };
+    Reading {
+        kind: Kind::KeySpike,
+        institution: o.institution.clone(),
+        firing: true,
+        severity: crate::alerts::severity(&o.check),
+        observed: o.check.observed.round_dp(2),
+        baseline: o.check.baseline.round_dp(2),
+        threshold: o.check.fire_above.round_dp(2),
+        message: format!(
+            "API key {entity} spent {} in the last {window}; usual for this time of the week: {} (spend rate, seen at the gateway)",
+            crate::format::money_on_page(o.check.observed),
+            crate::format::money_on_page(o.check.baseline)
+        ),
+        entity,
+    }
+}
+
+/// Raises the incident of `o` unless it is raised already (here, by another gateway or
+/// by the evaluator) or its key's last incident ended within the cooldown (the evaluator
+/// decides reopening).
+async fn raise(r: &Raiser, o: Over) {
+    let reading = reading(&o);
+    let now = Utc::now();
+    match r.store.incidents(Some(&o.institution)).await {
+        Ok(incidents) => {
+            let cooldown = Span::seconds(r.cfg.alerts.cooldown_secs)
+                .max(Span::hours(i64::from(r.cfg.alerts.spike.renotify_hours)));
+            let known = incidents.iter().any(|i| {
+                i.kind == Kind::KeySpike.as_str()
+                    && i.entity == reading.entity
+                    && (i.state == "firing"
+                        || now.timestamp() - i64::from(i.changed_at) < cooldown.num_seconds())
+            });
+            if known {
+                return;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "spend watch: cannot read incidents; raising anyway"),
+    }
+    let at = now.duration_trunc(Span::seconds(1)).unwrap_or(now);
+    if let Some(shared) = &r.shared {
+        let name = format!("{}:{}", Kind::KeySpike.as_str(), reading.entity);
+        match shared
+            .claim(&name, &r.instance, Duration::from_secs(600))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(error = %e, "spend watch: cannot claim the incident; raising anyway"),
+        }
+    }
+    let t = Transition {
+        alert_id: crate::alerts::alert_id(&reading, at),
+        resolved: false,
+        reopened: false,
+        at,
+        reading,
+    };
+    tracing::warn!(entity = %t.reading.entity, alert = %t.alert_id, "spend rate over its threshold at the gateway");
+    r.raised.spend_alerts.inc();
+    let changes = [t];
+    match crate::alerts::evaluator::record(&r.store, &changes).await {
+        Ok(()) => {
+            let paused = crate::alerts::evaluator::brake(&r.cfg, &r.store, &changes).await;
+            for key_id in paused {
+                r.keys.hold_now(&key_id);
+            }
+        }
+        // The page matters more than its record: sent either way (the brake needs the
+        // record to be undone by an acknowledgement, so it waits for the evaluator).
+        Err(e) => tracing::error!(error = %e, "spend watch: cannot record the incident; delivering it anyway"),
+    }
+    let [t] = changes;
+    r.notifier.send(t);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn at(min: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 7, 12, 0, 0).unwrap() + Span::minutes(min)
+    }
+
+    fn watch() -> SpendWatch {
+        SpendWatch::new(SpikeConfig {
+            min_spend_usd: dec!(1),
+            ..SpikeConfig::default()
+        })
+    }
+
+    fn bars(at: DateTime<Utc>, fire_15: Decimal, fire_360: Decimal) -> Bars {
+        let c = |fire_above| SpikeCheck {
+            observed: Decimal::ZERO,
+            baseline: dec!(0.1),
+            fire_above,
+            resolve_at_or_below: dec!(0.2),
+            basis: Basis::Weekly,
+        };
+        Bars {
+            at,
+            checks: vec![c(fire_15), c(fire_360)],
+        }
+    }
+
+    #[test]
+    fn windows_sum_what_was_settled_in_their_minutes_only() {
+        let mut k = KeySpend::default();
+        k.add(1_000_000, at(0), 360);
+        k.add(2_000_000, at(10), 360);
+        k.add(500_000, at(10) + Span::seconds(59), 360);
+        k.add(250_000, at(14), 360);
+        assert_eq!(k.sum(15, at(14)), dec!(3.75), "minutes 0..=14");
+        assert_eq!(k.sum(15, at(15)), dec!(2.75), "minute 0 has left the window");
+        assert_eq!(k.sum(5, at(14)), dec!(2.75));
+        assert_eq!(k.minutes.len(), 3, "one entry per minute");
+        // Nothing older than the longest window is kept.
+        k.add(1, at(400), 360);
+        assert_eq!(k.minutes.len(), 1);
+        assert_eq!(k.sum(360, at(400)), dec!(0.000001));
+    }
+
+    #[test]
+    fn a_key_under_every_floor_stays_calm_and_asks_nothing() {
+        let w = watch();
+        // The 15-minute floor is $0.25 with $1 an hour.
+        w.add("uni", "k1", dec!(0.25), at(0));
+        let mut keys = w.keys.lock().unwrap();
+        let k = keys.get_mut("k1").unwrap();
+        assert_eq!(w.judge("k1", k, at(0)), Verdict::Calm);
+        assert!(!k.wanted);
+    }
+
+    #[test]
+    fn over_a_floor_it_asks_for_thresholds_then_pages_over_them_once_a_minute() {
+        let w = watch();
+        w.add("uni", "k1", dec!(0.26), at(0));
+        assert_eq!(w.wanted(), vec![("uni".to_owned(), "k1".to_owned())]);
+        assert!(w.wanted().is_empty(), "asked once");
+        w.set_bars("k1", bars(at(0), dec!(0.5), dec!(100)));
+        assert!(w.over(at(0)).is_empty(), "under its threshold");
+        let t = at(0) + Span::seconds(30);
+        w.add("uni", "k1", dec!(0.25), t);
+        let over = w.over(t);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].window.minutes, 15);
+        assert_eq!(over[0].check.observed, dec!(0.51));
+        assert_eq!(over[0].check.fire_above, dec!(0.5));
+        // Quiet for a minute, then judged again (with thresholds read afresh).
+        assert!(w.over(t + Span::seconds(29)).is_empty());
+        w.add("uni", "k1", dec!(0.01), at(2) + Span::seconds(1));
+        assert_eq!(w.wanted().len(), 1, "its thresholds are a minute old");
+        let r = reading(&over[0]);
+        assert_eq!(r.entity, "uni/k1");
+        assert_eq!(
+            r.message,
+            "API key uni/k1 spent $0.51 in the last 15 min; usual for this time of the week: $0.10 (spend rate, seen at the gateway)"
+        );
+    }
+
+    #[test]
+    fn the_long_window_pages_slow_abuse_the_short_one_does_not_see() {
+        // $0.24 every 15 minutes: never over the 15-minute threshold ($0.50), over the
+        // 6-hour one ($2.50) at its eleventh.
+        let w = SpendWatch::new(SpikeConfig {
+            min_spend_usd: dec!(0.4),
+            ..SpikeConfig::default()
+        });
+        for m in (0..150).step_by(15) {
+            w.add("uni", "k2", dec!(0.24), at(m));
+            w.set_bars("k2", bars(at(m), dec!(0.5), dec!(2.5)));
+            assert!(w.over(at(m)).is_empty(), "minute {m}");
+        }
+        w.add("uni", "k2", dec!(0.24), at(150));
+        w.set_bars("k2", bars(at(150), dec!(0.5), dec!(2.5)));
+        let over = w.over(at(150));
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].window.minutes, 360);
+        assert_eq!(over[0].check.observed, dec!(2.64));
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten() {
+        let w = watch();
+        w.add("uni", "k1", dec!(0.01), at(0));
+        w.add("uni", "k2", dec!(0.01), at(300));
+        w.sweep(at(361));
+        assert_eq!(w.len(), 1);
+        assert!(w.keys.lock().unwrap().contains_key("k2"));
+    }
+}
