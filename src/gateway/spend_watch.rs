@@ -399,6 +399,7 @@ async fn raise(r: &Raiser, o: Over) {
                         || now.timestamp() - i64::from(i.changed_at) < cooldown.num_seconds())
             });
             if known {
+                tracing::info!(entity = %reading.entity, "spend rate over its threshold at the gateway; its incident is raised already");
                 return;
             }
         }
@@ -412,7 +413,10 @@ async fn raise(r: &Raiser, o: Over) {
             .await
         {
             Ok(true) => {}
-            Ok(false) => return,
+            Ok(false) => {
+                tracing::info!(entity = %reading.entity, "spend rate over its threshold at the gateway; another gateway raises its incident");
+                return;
+            }
             Err(e) => tracing::warn!(error = %e, "spend watch: cannot claim the incident; raising anyway"),
         }
     }

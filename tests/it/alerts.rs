@@ -1049,3 +1049,208 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
 }
+
+/// Issue 36, item 2, through the official openai SDK: two gateways sharing a limit
+/// store, no evaluator running. A key with four weeks of history at this time of the
+/// week (one request's cost a minute) is driven at 20× that through each gateway; a
+/// gateway pages it from the spend it settled, within 5 minutes of the start, once (both
+/// gateways cross; one raises), and the brake (`suspend_key`) pauses it: later requests
+/// are refused (401, saying why) and stored as `rejected_paused` events, every served
+/// request is stored once. The evaluator, started afterwards, adopts the incident instead
+/// of paging again; acknowledging it restores the key on both gateways within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_driven_at_20x_through_the_sdk_is_paged_by_the_gateway_within_minutes() {
+    let env = TestEnv::new("alerts_gw_rate", 1).await;
+    let sim = crate::harness::spawn_simulator(&env, &[]).await;
+    let redis = crate::harness::spawn_redis().await;
+    let text = "[gateway]\nkeys_refresh_ms = 1000\n[alerts]\ninterval_secs = 1\n[alerts.spike]\nmin_spend_usd = \"0.4\"\n[[institutions]]\nid = \"uni-w\"\non_spike = \"suspend_key\"\n";
+    let conf = tempfile::tempdir().unwrap();
+    let conf_path = conf.path().join("config.toml");
+    std::fs::write(&conf_path, text).unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut gws = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut vars = env.gateway_vars(&sim, dir.path());
+        vars.push(("TOKENTALLY_CONFIG", conf_path.display().to_string()));
+        vars.push(("TOKENTALLY_GATEWAY_SHARED_LIMITS_REDIS_URL", redis.url()));
+        gws.push(crate::harness::spawn_gateway(&env, &format!("w{i}"), vars).await);
+    }
+    let _ingest = env.spawn_ingest();
+    let (key_id, key) = crate::gateway::create_key(&env, "uni-w", "u1", &[]);
+    for g in &gws {
+        crate::gateway::until_accepted(g, &key).await;
+    }
+    let call = serde_json::json!({
+        "sdk": "openai", "api": "chat", "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "summarise the minutes"}],
+        "headers": {"x-simulator": "words=600"},
+    });
+    // One request's cost, as stored (one sent to each gateway): the unit of the key's
+    // usual rate.
+    for g in &gws {
+        let first = crate::harness::sdk_calls(&g.base, &key, &serde_json::json!([call]));
+        assert_eq!(first[0]["status"], 200, "{:?}", first[0]);
+    }
+    let cost_sql = format!(
+        "SELECT toInt64(sum(cost * sign) * 1000000) FROM usage_events WHERE api_key_id = '{key_id}'"
+    );
+    let count_sql = format!(
+        "SELECT toInt64(sum(sign)) FROM usage_events WHERE api_key_id = '{key_id}'"
+    );
+    let waited = Instant::now();
+    let unit = loop {
+        let micros = env.scalar(&cost_sql).await;
+        if env.scalar(&count_sql).await == 2 {
+            break Decimal::new(micros / 2, 6);
+        }
+        assert!(waited.elapsed() < Duration::from_secs(30), "not stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Its history: one such request a minute, an hour either side of this minute of the
+    // week, in each of the four weeks before (the 15-minute baseline is 15 of them).
+    let now = Utc::now().duration_trunc(Span::minutes(1)).unwrap();
+    let mut rows = Vec::new();
+    for w in 1..=4 {
+        for i in -60..=60 {
+            rows.push(spend_row(
+                format!("usual-{w}-{i}"),
+                "uni-w",
+                &key_id,
+                now - Span::weeks(w) + Span::minutes(i),
+                unit,
+                1,
+            ));
+        }
+    }
+    env.store.insert_events(&rows).await.unwrap();
+
+    // 20× the usual rate on each gateway: 20 requests a minute, for at most 5 minutes.
+    let mut calls: Vec<Value> = Vec::new();
+    for tick in 0..100 {
+        for g in &gws {
+            let mut c = call.clone();
+            c["base"] = g.base.clone().into();
+            c["at"] = (3 * tick).into();
+            calls.push(c);
+        }
+    }
+    let base = gws[0].base.clone();
+    let driver_key = key.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        crate::harness::sdk_calls_with(
+            &base,
+            &driver_key,
+            &Value::Array(calls),
+            &[("SDK_STOP_AFTER_REFUSED", "4")],
+        )
+    })
+    .await
+    .unwrap();
+    let started = results[0]["sent_at"].as_f64().unwrap();
+    let fired_sql = format!(
+        "SELECT toInt64(min(at)) FROM alerts WHERE kind = 'key_spike' AND entity = 'uni-w/{key_id}' AND state = 'firing'"
+    );
+    let fired = env.scalar(&fired_sql).await;
+    assert!(fired > 0, "no page; {} requests sent", results.len());
+    let delay = fired as f64 - started;
+    println!(
+        "paged {delay:.0} s after the start, after {} requests ({} served)",
+        results.len(),
+        results.iter().filter(|r| r["status"] == 200).count()
+    );
+    assert!(delay <= 300.0, "paged after {delay} s");
+    let pages_sql = format!(
+        "SELECT toInt64(uniqExact(alert_id)) FROM alerts WHERE kind = 'key_spike' AND entity = 'uni-w/{key_id}'"
+    );
+    assert_eq!(env.scalar(&pages_sql).await, 1, "one incident");
+    let message_sql = format!(
+        "SELECT toInt64(countIf(position(message, 'seen at the gateway') > 0)) FROM alerts WHERE entity = 'uni-w/{key_id}' AND state = 'firing'"
+    );
+    assert_eq!(env.scalar(&message_sql).await, 1);
+    // Both gateways saw the key over its threshold; one raised the incident.
+    let logs: Vec<String> = gws
+        .iter()
+        .map(|g| std::fs::read_to_string(&g.log).unwrap())
+        .collect();
+    let raised = logs
+        .iter()
+        .filter(|l| l.contains("spend rate over its threshold at the gateway entity="))
+        .count();
+    let deferred = logs
+        .iter()
+        .filter(|l| {
+            l.contains("its incident is raised already")
+                || l.contains("another gateway raises its incident")
+        })
+        .count();
+    println!("gateways that raised: {raised}, that found it raised: {deferred}");
+    assert_eq!(raised, 1, "one gateway raises");
+    assert_eq!(deferred, 1, "the other crossed too and found it raised");
+
+    // The brake: refused from within a key refresh of the page on, on both gateways.
+    let refused: Vec<&Value> = results.iter().filter(|r| r["status"] == 401).collect();
+    assert!(refused.len() >= 4, "never refused");
+    for r in &results {
+        if r["sent_at"].as_f64().unwrap() > fired as f64 + 2.0 {
+            assert_eq!(r["status"], 401, "admitted after the page: {r}");
+        }
+    }
+    let message = refused[0]["body"]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("paused"), "{message}");
+    // Every served request stored once, every refusal stored as a refusal.
+    let served = results.iter().filter(|r| r["status"] == 200).count() as i64 + 2;
+    let counts = |status: &str| {
+        format!("SELECT toInt64(sum(sign)) FROM usage_events WHERE api_key_id = '{key_id}' AND status = '{status}' AND event_id NOT LIKE 'usual-%'")
+    };
+    let waited = Instant::now();
+    loop {
+        let (ok, paused) = (
+            env.scalar(&counts("ok")).await,
+            env.scalar(&counts("rejected_paused")).await,
+        );
+        if ok == served && paused == refused.len() as i64 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "stored {ok} served of {served}, {paused} refusals of {}",
+            refused.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The evaluator adopts the gateway's incident (no second page, though the stored
+    // spend is far over its threshold); acknowledging restores the key on both gateways.
+    let serve_dir = tempfile::tempdir().unwrap();
+    let vars = crate::harness::serve_vars(&env, &serve_dir, text, &[]);
+    let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
+    let mut server = crate::harness::spawn_serve_in(&env, serve_dir, text, &[]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.scalar(&pages_sql).await, 1, "the evaluator paged again");
+    let alert_id: String = env
+        .ch()
+        .query(&format!(
+            "SELECT any(alert_id) FROM alerts WHERE entity = 'uni-w/{key_id}' AND state = 'firing'"
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    let acked = Instant::now();
+    let status = client()
+        .post(format!("{}/api/v1/alerts/{alert_id}/ack", server.base))
+        .bearer_auth(&ops)
+        .form(&[("csrf", "")])
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    for g in &gws {
+        crate::gateway::until_accepted(g, &key).await;
+    }
+    let back = acked.elapsed();
+    println!("restored on both gateways {back:?} after the acknowledgement");
+    assert!(back < Duration::from_secs(2), "restored after {back:?}");
+    assert!(terminate(&mut server.proc).success());
+    env.drop_database().await;
+}

@@ -895,6 +895,16 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/py/sdk.py` against `base` with `key` and the `calls`; returns its results.
 pub fn sdk_calls(base: &str, key: &str, calls: &serde_json::Value) -> Vec<serde_json::Value> {
+    sdk_calls_with(base, key, calls, &[])
+}
+
+/// `sdk_calls` with variables in sdk.py's environment (`SDK_STOP_AFTER_REFUSED`).
+pub fn sdk_calls_with(
+    base: &str,
+    key: &str,
+    calls: &serde_json::Value,
+    vars: &[(&str, &str)],
+) -> Vec<serde_json::Value> {
     use std::io::Write;
     let py = python();
     assert!(
@@ -906,6 +916,7 @@ pub fn sdk_calls(base: &str, key: &str, calls: &serde_json::Value) -> Vec<serde_
         .arg(repo().join("tests/py/sdk.py"))
         .arg(base)
         .arg(key)
+        .envs(vars.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

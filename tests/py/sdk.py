@@ -7,14 +7,19 @@ Each call is an object: {"sdk": "openai"|"anthropic"|"genai", "api": "chat"|"res
 "embeddings"|"messages"|"models"|"generate", "stream": bool, "include_usage": bool, "model": str,
 "messages"/"input": ..., "max_tokens": int, "headers": {...}, "leave_after": N}.
 `leave_after` reads N stream items and then closes the connection (a client that goes
-away). Each result: {"ok": true, "request_id": the gateway's x-tokentally-request-id,
+away). `base` sends one call to another endpoint; `at` waits until that many seconds
+after the start to send it (paced traffic); each result carries `sent_at` (unix
+seconds). With SDK_STOP_AFTER_REFUSED=N in the environment the calls stop after N
+refusals (401) in a row. Each result: {"ok": true, "request_id": the gateway's x-tokentally-request-id,
 "status": HTTP status, "headers": {...}, "response": the SDK's object as a dict, or
 "chunks": [every streamed item as a dict]} or {"ok": false, "status", "error_type" (the
 SDK's exception class), "body", "headers"}.
 """
 
 import json
+import os
 import sys
+import time
 
 import anthropic
 import openai
@@ -110,36 +115,61 @@ def main():
     an = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0, timeout=60)
     ga = genai.Client(api_key=key, http_options=genai_types.HttpOptions(
         base_url=base, timeout=60_000, retry_options=genai_types.HttpRetryOptions(attempts=1)))
+    clients = {}
+
+    def for_base(b):
+        if b not in clients:
+            clients[b] = (oa.with_options(base_url=b + "/v1"), an.with_options(base_url=b))
+        return clients[b]
+
+    started = time.time()
+    stop_after = int(os.environ.get("SDK_STOP_AFTER_REFUSED", "0"))
+    refused = 0
     results = []
     for call in calls:
-        if call["sdk"] == "genai":
-            try:
-                status, h, body = run_genai(ga, call)
-                results.append({"ok": True, "status": status, "request_id": h.get("x-tokentally-request-id"),
-                                "headers": h, **body})
-            except genai_errors.APIError as e:
-                results.append({"ok": False, "status": e.code, "error_type": type(e).__name__,
-                                "request_id": None, "headers": {}, "body": e.details})
-            continue
-        try:
-            # "max_retries": N lets the SDK retry as it would by default.
-            retries = call.get("max_retries", 0)
-            if call["sdk"] == "openai":
-                raw, body = run_openai(oa.with_options(max_retries=retries), call)
-            else:
-                raw, body = run_anthropic(an.with_options(max_retries=retries), call)
-            h = headers_of(raw)
-            results.append({"ok": True, "status": raw.status_code, "request_id": h.get("x-tokentally-request-id"),
-                            "headers": h, **body})
-        except (openai.APIStatusError, anthropic.APIStatusError) as e:
-            h = {k.lower(): v for k, v in e.response.headers.items()}
-            try:
-                body = e.response.json()
-            except Exception:  # noqa: BLE001 - a non-JSON error body is reported as text
-                body = e.response.text
-            results.append({"ok": False, "status": e.status_code, "error_type": type(e).__name__,
-                            "request_id": h.get("x-tokentally-request-id"), "headers": h, "body": body})
+        if stop_after and refused >= stop_after:
+            break
+        if "at" in call:
+            time.sleep(max(0.0, started + call["at"] - time.time()))
+        sent_at = time.time()
+        n = len(results)
+        run_one(call, oa, an, ga, for_base, results)
+        for r in results[n:]:
+            r["sent_at"] = sent_at
+            refused = refused + 1 if r["status"] == 401 else 0
     json.dump(results, sys.stdout)
+
+
+def run_one(call, oa, an, ga, for_base, results):
+    if "base" in call:
+        oa, an = for_base(call["base"])
+    if call["sdk"] == "genai":
+        try:
+            status, h, body = run_genai(ga, call)
+            results.append({"ok": True, "status": status, "request_id": h.get("x-tokentally-request-id"),
+                            "headers": h, **body})
+        except genai_errors.APIError as e:
+            results.append({"ok": False, "status": e.code, "error_type": type(e).__name__,
+                            "request_id": None, "headers": {}, "body": e.details})
+        return
+    try:
+        # "max_retries": N lets the SDK retry as it would by default.
+        retries = call.get("max_retries", 0)
+        if call["sdk"] == "openai":
+            raw, body = run_openai(oa.with_options(max_retries=retries), call)
+        else:
+            raw, body = run_anthropic(an.with_options(max_retries=retries), call)
+        h = headers_of(raw)
+        results.append({"ok": True, "status": raw.status_code, "request_id": h.get("x-tokentally-request-id"),
+                        "headers": h, **body})
+    except (openai.APIStatusError, anthropic.APIStatusError) as e:
+        h = {k.lower(): v for k, v in e.response.headers.items()}
+        try:
+            body = e.response.json()
+        except Exception:  # noqa: BLE001 - a non-JSON error body is reported as text
+            body = e.response.text
+        results.append({"ok": False, "status": e.status_code, "error_type": type(e).__name__,
+                        "request_id": h.get("x-tokentally-request-id"), "headers": h, "body": body})
 
 
 if __name__ == "__main__":
