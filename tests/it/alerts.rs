@@ -738,13 +738,15 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     let env = TestEnv::new("alerts_rate", 1).await;
     let now = Utc::now().duration_trunc(Span::minutes(1)).unwrap();
     let mut rows = Vec::new();
-    for key in ["pk_fast", "pk_calm"] {
+    // pk_gw is another institution's (its leak alone stays under the institution floor).
+    let inst_of = |key: &str| if key == "pk_gw" { "uni-v" } else { "uni-y" };
+    for key in ["pk_fast", "pk_calm", "pk_gw"] {
         for w in 1..=4 {
             let then = now - Span::weeks(w);
             for i in -84..=84 {
                 rows.push(spend_row(
                     format!("{key}-{w}-{i}"),
-                    "uni-y",
+                    inst_of(key),
                     key,
                     then + Span::minutes(5 * i),
                     Decimal::new(2, 2),
@@ -756,7 +758,7 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
         for i in -84..0 {
             rows.push(spend_row(
                 format!("{key}-now-{i}"),
-                "uni-y",
+                inst_of(key),
                 key,
                 now + Span::minutes(5 * i),
                 Decimal::new(2, 2),
@@ -764,16 +766,19 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
             ));
         }
     }
-    // The leak: $3 over the last 9 minutes.
+    // The leak: $3 over the last 9 minutes (pk_gw's, as stored later).
+    let mut gw_rows = Vec::new();
     for m in 1..=8 {
-        rows.push(spend_row(
-            format!("leak-{m}"),
-            "uni-y",
-            "pk_fast",
-            now - Span::minutes(9) + Span::minutes(m),
-            Decimal::new(375, 3),
-            1,
-        ));
+        for (key, to) in [("pk_fast", &mut rows), ("pk_gw", &mut gw_rows)] {
+            to.push(spend_row(
+                format!("leak-{key}-{m}"),
+                inst_of(key),
+                key,
+                now - Span::minutes(9) + Span::minutes(m),
+                Decimal::new(375, 3),
+                1,
+            ));
+        }
     }
     env.store.insert_events(&rows).await.unwrap();
 
@@ -817,12 +822,38 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
         message.contains("in the last 15 min") && message.contains("(spend rate)"),
         "{message}"
     );
-    // A few more rounds: the calm key and the institution stay quiet.
+    // A gateway pages a third key while the evaluator runs (as `gateway::spend_watch`
+    // records it), then its leak reaches the store: the evaluator adopts that incident
+    // and sends no second page.
+    let gw_page = tokentally::alerts::Transition {
+        alert_id: "gwpage0000000001".into(),
+        resolved: false,
+        reopened: false,
+        at: Utc::now(),
+        reading: tokentally::alerts::Reading {
+            kind: tokentally::alerts::Kind::KeySpike,
+            entity: "uni-v/pk_gw".into(),
+            institution: "uni-v".into(),
+            firing: true,
+            severity: tokentally::alerts::Severity::Warning,
+            observed: Decimal::new(3, 0),
+            baseline: Decimal::new(6, 2),
+            threshold: Decimal::new(125, 2),
+            message: "API key uni-v/pk_gw spent $3.00 in the last 15 min; usual for this time of the week: $0.06 (spend rate, seen at the gateway)".into(),
+        },
+    };
+    tokentally::alerts::evaluator::record(&env.store, &[gw_page])
+        .await
+        .unwrap();
+    env.store.insert_events(&gw_rows).await.unwrap();
+    // A few more rounds: the calm key and the institution stay quiet, the gateway's
+    // incident is the only one of its key.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let all = list().await;
     assert!(
-        all.iter().all(|a| a["entity"] == "uni-y/pk_fast"),
-        "only the leaked key pages: {all:?}"
+        all.iter()
+            .all(|a| a["entity"] == "uni-y/pk_fast" || a["alert_id"] == "gwpage0000000001"),
+        "only the leaked key pages, the gateway's page is adopted: {all:?}"
     );
     assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
