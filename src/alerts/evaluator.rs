@@ -402,11 +402,6 @@ pub fn merge_rate_readings(
         if existing.is_some_and(|i| readings[i].firing) {
             continue;
         }
-        let window = if w.minutes % 60 == 0 {
-            format!("{} h", w.minutes / 60)
-        } else {
-            format!("{} min", w.minutes)
-        };
         let reading = Reading {
             kind: Kind::KeySpike,
             entity: entity.clone(),
@@ -416,11 +411,7 @@ pub fn merge_rate_readings(
             observed: c.observed.round_dp(2),
             baseline: c.baseline.round_dp(2),
             threshold: c.fire_above.round_dp(2),
-            message: format!(
-                "API key {entity} spent {} in the last {window}; usual for this time of the week: {} (spend rate)",
-                crate::format::money_on_page(c.observed),
-                crate::format::money_on_page(c.baseline)
-            ),
+            message: rate::message(entity, *w, c, "spend rate"),
         };
         match existing {
             Some(i) => readings[i] = reading,

@@ -262,7 +262,9 @@ pub async fn run(watch: Arc<SpendWatch>, raiser: Raiser, mut shutdown: Shutdown)
         let now = Utc::now();
         let wanted = watch.wanted();
         if !wanted.is_empty() {
-            for (key_id, bars) in read_bars(&raiser, &watch, &wanted, now).await {
+            let read = read_bars(&raiser, &watch, &wanted, now).await;
+            tracing::debug!(keys = read.len(), "spend watch: thresholds read");
+            for (key_id, bars) in read {
                 watch.set_bars(&key_id, bars);
             }
         }
@@ -360,11 +362,6 @@ fn spans_of(
 /// saying it was seen at a gateway).
 pub fn reading(o: &Over) -> Reading {
     let entity = format!("{}/{}", o.institution, o.key_id);
-    let window = if o.window.minutes % 60 == 0 {
-        format!("{} h", o.window.minutes / 60)
-    } else {
-        format!("{} min", o.window.minutes)
-    };
     Reading {
         kind: Kind::KeySpike,
         institution: o.institution.clone(),
@@ -373,11 +370,7 @@ pub fn reading(o: &Over) -> Reading {
         observed: o.check.observed.round_dp(2),
         baseline: o.check.baseline.round_dp(2),
         threshold: o.check.fire_above.round_dp(2),
-        message: format!(
-            "API key {entity} spent {} in the last {window}; usual for this time of the week: {} (spend rate, seen at the gateway)",
-            crate::format::money_on_page(o.check.observed),
-            crate::format::money_on_page(o.check.baseline)
-        ),
+        message: rate::message(&entity, o.window, &o.check, "spend rate, seen at the gateway"),
         entity,
     }
 }
