@@ -17,7 +17,7 @@ use super::{
 use crate::config::{Config, OnSpike};
 use crate::domain::Period;
 use crate::shutdown::Shutdown;
-use crate::store::alerts::{micros, AlertRow, HourSpend, Incident};
+use crate::store::alerts::{micros, AlertRow, HourSpend, Incident, SpendBy};
 use crate::store::{Store, StoreError};
 
 /// Hourly spend per institution and per (institution, key) in `[from, to)`.
@@ -259,135 +259,238 @@ pub fn spend_readings(
     r
 }
 
-/// Issue 36: each key's spend rate over the last minutes (`rate::default_windows`)
-/// against its seasonal baseline, for the keys that spent more than a window's floor in
-/// it (no other key can page, so no other key's history is read). Keyed like
-/// `SpendSeries::keys`.
+/// Spend-rate verdicts, and whose keys are whose.
+#[derive(Debug, Clone, Default)]
+pub struct RateChecks {
+    /// Keyed by (kind, institution, entity).
+    pub checks: BTreeMap<(Kind, String, String), Vec<(RateWindow, SpikeCheck)>>,
+    /// `institution/key` → `institution/user:id`, for the keys that spent in the
+    /// longest window.
+    pub owners: BTreeMap<String, String>,
+}
+
+/// Whose spend rate is watched, and the kind of its page.
+const RATE_SUBJECTS: [(SpendBy, Kind); 3] = [
+    (SpendBy::Key, Kind::KeySpike),
+    (SpendBy::User, Kind::UserSpike),
+    (SpendBy::Institution, Kind::InstitutionSpike),
+];
+
+/// How a rate subject's incidents are named: `institution/key` (as key spikes are),
+/// `institution/user:id`, or the institution's id (as institution spikes are).
+pub fn rate_entity(by: SpendBy, institution: &str, subject: &str) -> String {
+    match by {
+        SpendBy::Key => format!("{institution}/{subject}"),
+        SpendBy::User => format!("{institution}/user:{subject}"),
+        SpendBy::Institution => institution.to_owned(),
+    }
+}
+
+/// Issue 36: the spend rate of each key, user and institution over the last minutes
+/// (`rate::default_windows`) against its seasonal baseline, for those that spent more
+/// than a window's floor in it (nothing else can page, so nothing else's history is
+/// read).
 pub async fn rate_checks(
     cfg: &Config,
     store: &Store,
     series: &SpendSeries,
     now: DateTime<Utc>,
     tracker: &Tracker,
-) -> Result<BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>, StoreError> {
+) -> Result<RateChecks, StoreError> {
     let windows = rate::default_windows();
     let spike = &cfg.alerts.spike;
     let longest = windows.iter().map(|w| w.minutes).max().unwrap_or(15);
-    let recent = store
-        .key_minute_spend(
-            &[(
-                (now - Duration::minutes(longest)).timestamp(),
-                now.timestamp(),
-            )],
-            None,
-        )
+    let recent_range = [(
+        (now - Duration::minutes(longest)).timestamp(),
+        now.timestamp(),
+    )];
+    let weeks = i64::from(spike.baseline_weeks.max(1));
+    let mut out = RateChecks::default();
+    for (by, kind) in RATE_SUBJECTS {
+        let recent = store.minute_spend(by, &recent_range, None).await?;
+        let mut spent: BTreeMap<(&str, &str), Vec<(i64, Decimal)>> = BTreeMap::new();
+        for r in &recent {
+            spent
+                .entry((r.institution_id.as_str(), r.subject.as_str()))
+                .or_default()
+                .push((i64::from(r.minute), r.cost));
+        }
+        let candidates: Vec<(String, String)> = spent
+            .iter()
+            .filter(|(_, minutes)| {
+                windows.iter().any(|w| {
+                    let since = (now - Duration::minutes(w.minutes)).timestamp();
+                    let sum: Decimal = minutes
+                        .iter()
+                        .filter(|(m, _)| *m >= since)
+                        .map(|(_, c)| *c)
+                        .sum();
+                    sum > spike.min_spend_usd * Decimal::from(w.minutes) / Decimal::from(60)
+                })
+            })
+            .map(|((inst, subject), _)| ((*inst).to_owned(), (*subject).to_owned()))
+            .collect();
+        if candidates.is_empty() {
+            continue;
+        }
+        // When each began to spend: keys and institutions from the hourly series, users
+        // from the hourly rollup.
+        let users: BTreeMap<String, DateTime<Utc>> = if by == SpendBy::User {
+            let from = now - Duration::weeks(weeks) - Duration::days(1);
+            store
+                .first_spend(by, from.timestamp(), now.timestamp(), &candidates)
+                .await?
+                .into_iter()
+                .map(|f| (rate_entity(by, &f.institution_id, &f.subject), hour_at(f.hour)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let first = |inst: &str, entity: &str| {
+            let key = (inst.to_owned(), entity.to_owned());
+            let s = match by {
+                SpendBy::Key => series.keys.get(&key),
+                SpendBy::Institution => series.institutions.get(&key),
+                SpendBy::User => return users.get(entity).copied(),
+            };
+            s.and_then(|s| s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t))
+        };
+        let verdicts = rate_verdicts(cfg, store, by, &candidates, now, first, |entity| {
+            tracker.spans(kind, entity, now)
+        })
         .await?;
-    let mut candidates: Vec<(String, String)> = Vec::new();
-    let mut spent: BTreeMap<(&str, &str), Vec<(i64, Decimal)>> = BTreeMap::new();
-    for r in &recent {
-        spent
-            .entry((r.institution_id.as_str(), r.api_key_id.as_str()))
-            .or_default()
-            .push((i64::from(r.minute), r.cost));
-    }
-    for ((inst, key), minutes) in &spent {
-        let over = windows.iter().any(|w| {
-            let since = (now - Duration::minutes(w.minutes)).timestamp();
-            let sum: Decimal = minutes
-                .iter()
-                .filter(|(m, _)| *m >= since)
-                .map(|(_, c)| *c)
-                .sum();
-            sum > spike.min_spend_usd * Decimal::from(w.minutes) / Decimal::from(60)
-        });
-        if over {
-            candidates.push(((*inst).to_owned(), (*key).to_owned()));
+        for ((inst, entity), checks) in verdicts {
+            out.checks.insert((kind, inst, entity), checks);
         }
     }
-    rate_verdicts(
-        cfg,
-        store,
-        &candidates,
-        now,
-        |inst, entity| {
-            series
-                .keys
-                .get(&(inst.to_owned(), entity.to_owned()))
-                .and_then(|s| s.iter().find(|(_, v)| !v.is_zero()).map(|(t, _)| *t))
-        },
-        |entity| tracker.spans(Kind::KeySpike, entity, now),
-    )
-    .await
+    if out.checks.keys().any(|(kind, _, _)| *kind != Kind::KeySpike) {
+        let (from, to) = recent_range[0];
+        for (inst, key, user) in store.key_users(from, to).await? {
+            out.owners.insert(
+                rate_entity(SpendBy::Key, &inst, &key),
+                rate_entity(SpendBy::User, &inst, &user),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Spend at the minutes it happened.
 type Minutes = Vec<(DateTime<Utc>, Decimal)>;
 
-/// The spend-rate verdicts at `now` of `keys` ((institution, key id)), each window
-/// (`rate::default_windows`) against the key's seasonal baseline from its stored minutes;
-/// keyed by (institution, `institution/key` entity), one entry per key (a key with no
-/// stored history is new). `first`: when the entity first spent; `spans`: its earlier
-/// incidents (kept out of the baseline). Shared by the evaluator and the gateway's
-/// spend watch (`gateway::spend_watch`), which compares the thresholds with the spend it
-/// settled itself.
+/// The spend-rate verdicts at `now` of `subjects` ((institution, subject) as `by`
+/// names them), each window (`rate::default_windows`) against the subject's seasonal
+/// baseline from its stored minutes; keyed by (institution, `rate_entity`), one entry
+/// per subject (one with no stored history is new). `first`: when the entity first
+/// spent; `spans`: its earlier incidents (kept out of the baseline). Shared by the
+/// evaluator and the gateway's spend watch (`gateway::spend_watch`), which compares the
+/// thresholds with the spend it settled itself.
 pub async fn rate_verdicts(
     cfg: &Config,
     store: &Store,
-    keys: &[(String, String)],
+    by: SpendBy,
+    subjects: &[(String, String)],
     now: DateTime<Utc>,
     first: impl Fn(&str, &str) -> Option<DateTime<Utc>>,
     spans: impl Fn(&str) -> Vec<(DateTime<Utc>, DateTime<Utc>)>,
 ) -> Result<BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>, StoreError> {
     let mut out = BTreeMap::new();
-    if keys.is_empty() {
+    if subjects.is_empty() {
         return Ok(out);
     }
     let windows = rate::default_windows();
     let spike = &cfg.alerts.spike;
     let tz = |inst: &str| cfg.institution_tz(inst);
     let weeks = i64::from(spike.baseline_weeks.max(1));
-    let mut ranges: Vec<(i64, i64)> = keys
+    let mut ranges: Vec<(i64, i64)> = subjects
         .iter()
         .flat_map(|(inst, _)| rate::ranges(now, &windows, weeks, tz(inst)))
         .collect();
     ranges.sort_unstable();
     ranges.dedup();
-    let rows = store.key_minute_spend(&ranges, Some(keys)).await?;
-    let mut history: BTreeMap<(String, String), Minutes> = keys
+    let rows = store.minute_spend(by, &ranges, Some(subjects)).await?;
+    let mut history: BTreeMap<(String, String), Minutes> = subjects
         .iter()
-        .map(|(inst, key)| ((inst.clone(), format!("{inst}/{key}")), Vec::new()))
+        .map(|(inst, s)| ((inst.clone(), rate_entity(by, inst, s)), Vec::new()))
         .collect();
     for r in rows {
         history
             .entry((
                 r.institution_id.clone(),
-                format!("{}/{}", r.institution_id, r.api_key_id),
+                rate_entity(by, &r.institution_id, &r.subject),
             ))
             .or_default()
             .push((hour_at(r.minute), r.cost));
     }
-    for ((inst, key), spend) in history {
-        let s = rate::Sparse::new(spend, first(&inst, &key));
-        let excluded = spans(&key);
+    for ((inst, entity), spend) in history {
+        let s = rate::Sparse::new(spend, first(&inst, &entity));
+        let excluded = spans(&entity);
         let checks = windows
             .iter()
             .map(|w| (*w, rate::check(&s, now, *w, spike, tz(&inst), &excluded)))
             .collect();
-        out.insert((inst, key), checks);
+        out.insert((inst, entity), checks);
     }
     Ok(out)
 }
 
-/// A key whose spend rate fires (or, while its incident is open, is still above its
-/// recovery level) pages as a key spike even where the hourly window does not yet: the
-/// message names the window. Keys the hourly detector already pages keep its reading.
-pub fn merge_rate_readings(
-    readings: &mut Vec<Reading>,
-    rates: &BTreeMap<(String, String), Vec<(RateWindow, SpikeCheck)>>,
+/// Whether a narrower page explains a user's or an institution's jump: a key of the
+/// user's (or a key or user of the institution's) firing in `readings` or open.
+fn explained(
+    kind: Kind,
+    institution: &str,
+    entity: &str,
+    readings: &[Reading],
+    rates: &RateChecks,
     tracker: &Tracker,
-) {
-    for ((inst, entity), checks) in rates {
-        let open = tracker.open.contains_key(&(Kind::KeySpike, entity.clone()));
+) -> bool {
+    let narrower = |k: Kind, e: &str, inst: &str| match kind {
+        Kind::UserSpike => {
+            k == Kind::KeySpike && rates.owners.get(e).is_some_and(|owner| owner == entity)
+        }
+        Kind::InstitutionSpike => {
+            matches!(k, Kind::KeySpike | Kind::UserSpike) && inst == institution
+        }
+        _ => false,
+    };
+    readings
+        .iter()
+        .any(|r| r.firing && narrower(r.kind, &r.entity, &r.institution))
+        || tracker
+            .open
+            .iter()
+            .any(|((k, e), o)| narrower(*k, e, &o.reading.institution))
+}
+
+/// Who a spend-rate page is about, in its message.
+fn rate_subject(kind: Kind, entity: &str) -> String {
+    match kind {
+        Kind::KeySpike => format!("API key {entity}"),
+        Kind::UserSpike => match entity.split_once("/user:") {
+            Some((inst, user)) => format!("user {user} of {inst}"),
+            None => format!("user {entity}"),
+        },
+        _ => format!("institution {entity}"),
+    }
+}
+
+/// A subject whose spend rate fires (or, while its incident is open, is still above its
+/// recovery level) pages as a spike of its kind even where the hourly window does not
+/// yet: the message names the window. Subjects the hourly detector already pages keep
+/// its reading.
+///
+/// One leak, one page: a user's spend-rate page is left out while a key of theirs pages
+/// (or its incident is open), an institution's while a key or user of it does — the
+/// narrower page already explains the jump. The hourly detector's pages are unchanged.
+pub fn merge_rate_readings(readings: &mut Vec<Reading>, rates: &RateChecks, tracker: &Tracker) {
+    let ordered = [Kind::KeySpike, Kind::UserSpike, Kind::InstitutionSpike]
+        .into_iter()
+        .flat_map(|k| rates.checks.iter().filter(move |((kind, _, _), _)| *kind == k));
+    for ((kind, inst, entity), checks) in ordered {
+        if explained(*kind, inst, entity, readings, rates, tracker) {
+            continue;
+        }
+        let open = tracker.open.contains_key(&(*kind, entity.clone()));
         let hit = checks.iter().find(|(_, c)| {
             if open {
                 c.observed > c.resolve_at_or_below
@@ -398,12 +501,12 @@ pub fn merge_rate_readings(
         let Some((w, c)) = hit else { continue };
         let existing = readings
             .iter()
-            .position(|r| r.kind == Kind::KeySpike && r.entity == *entity);
+            .position(|r| r.kind == *kind && r.entity == *entity);
         if existing.is_some_and(|i| readings[i].firing) {
             continue;
         }
         let reading = Reading {
-            kind: Kind::KeySpike,
+            kind: *kind,
             entity: entity.clone(),
             institution: inst.clone(),
             firing: true,
@@ -411,12 +514,44 @@ pub fn merge_rate_readings(
             observed: c.observed.round_dp(2),
             baseline: c.baseline.round_dp(2),
             threshold: c.fire_above.round_dp(2),
-            message: rate::message(entity, *w, c, "spend rate"),
+            message: rate::message(&rate_subject(*kind, entity), *w, c, "spend rate"),
         };
         match existing {
             Some(i) => readings[i] = reading,
             None => readings.push(reading),
         }
+    }
+    // User spikes have no hourly reading: an open one whose rate no longer holds it
+    // open is read as recovered (it resolves after `recover_hours`, as spikes do).
+    let open_users: Vec<(String, Reading)> = tracker
+        .open
+        .iter()
+        .filter(|((kind, _), _)| *kind == Kind::UserSpike)
+        .map(|((_, entity), o)| (entity.clone(), o.reading.clone()))
+        .collect();
+    for (entity, opened) in open_users {
+        if readings
+            .iter()
+            .any(|r| r.kind == Kind::UserSpike && r.entity == entity)
+        {
+            continue;
+        }
+        let observed = rates
+            .checks
+            .get(&(Kind::UserSpike, opened.institution.clone(), entity.clone()))
+            .and_then(|c| c.first())
+            .map(|(_, c)| c.observed.round_dp(2))
+            .unwrap_or_default();
+        readings.push(Reading {
+            firing: false,
+            observed,
+            message: format!(
+                "{} spends at its usual rate again",
+                rate_subject(Kind::UserSpike, &entity)
+            ),
+            entity,
+            ..opened
+        });
     }
 }
 
@@ -782,7 +917,7 @@ pub async fn evaluate_once(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "spend-rate checks skipped this round");
-            BTreeMap::new()
+            RateChecks::default()
         }
     };
     let mut readings = spend_readings(cfg, &series, end, tracker);
@@ -911,6 +1046,105 @@ mod tests {
     }
 
     #[test]
+    fn users_and_institutions_page_by_their_rate_once_per_leak_and_a_user_spike_recovers() {
+        let check = |observed: Decimal| SpikeCheck {
+            observed,
+            baseline: dec!(0.5),
+            fire_above: dec!(2),
+            resolve_at_or_below: dec!(0.75),
+            basis: crate::alerts::Basis::Weekly,
+        };
+        let w = rate::default_windows();
+        let hourly_institution = || Reading {
+            kind: Kind::InstitutionSpike,
+            entity: "uni".into(),
+            institution: "uni".into(),
+            firing: false,
+            severity: Severity::Warning,
+            observed: dec!(1),
+            baseline: dec!(1),
+            threshold: dec!(5),
+            message: "hourly".into(),
+        };
+        let entry = |kind: Kind, entity: &str, observed: Decimal| {
+            (
+                (kind, "uni".to_owned(), entity.to_owned()),
+                vec![(w[0], check(observed))],
+            )
+        };
+        let by = |rs: &[Reading], kind: Kind| rs.iter().find(|r| r.kind == kind).cloned();
+
+        // An institution's spend jumps with no key or user to explain it: its page.
+        let tracker = Tracker::new(Duration::hours(1));
+        let mut readings = vec![hourly_institution()];
+        let rates = RateChecks {
+            checks: BTreeMap::from([entry(Kind::InstitutionSpike, "uni", dec!(5))]),
+            owners: BTreeMap::new(),
+        };
+        merge_rate_readings(&mut readings, &rates, &tracker);
+        let inst = by(&readings, Kind::InstitutionSpike).unwrap();
+        assert!(inst.firing);
+        assert_eq!(
+            inst.message,
+            "institution uni spent $5.00 in the last 15 min; usual for this time of the week: $0.50 (spend rate)"
+        );
+
+        // A user's spend over several keys (none of which pages) jumps: the user's page;
+        // the institution's jump is that user's, so no second page.
+        let mut tracker = Tracker::new(Duration::hours(1));
+        let mut readings = vec![hourly_institution()];
+        let rates = RateChecks {
+            checks: BTreeMap::from([
+                entry(Kind::UserSpike, "uni/user:ola", dec!(3)),
+                entry(Kind::InstitutionSpike, "uni", dec!(5)),
+            ]),
+            owners: BTreeMap::new(),
+        };
+        merge_rate_readings(&mut readings, &rates, &tracker);
+        let user = by(&readings, Kind::UserSpike).unwrap();
+        assert!(user.firing);
+        assert_eq!(
+            user.message,
+            "user ola of uni spent $3.00 in the last 15 min; usual for this time of the week: $0.50 (spend rate)"
+        );
+        assert_eq!(by(&readings, Kind::InstitutionSpike).unwrap().message, "hourly");
+        assert!(!by(&readings, Kind::InstitutionSpike).unwrap().firing);
+
+        // One leaked key of that user: the key's page only.
+        let mut leak = vec![hourly_institution()];
+        let rates_leak = RateChecks {
+            checks: BTreeMap::from([
+                entry(Kind::KeySpike, "uni/k1", dec!(3)),
+                entry(Kind::UserSpike, "uni/user:ola", dec!(3)),
+                entry(Kind::InstitutionSpike, "uni", dec!(5)),
+            ]),
+            owners: BTreeMap::from([("uni/k1".to_owned(), "uni/user:ola".to_owned())]),
+        };
+        merge_rate_readings(&mut leak, &rates_leak, &Tracker::new(Duration::hours(1)));
+        let firing: Vec<&str> = leak
+            .iter()
+            .filter(|r| r.firing)
+            .map(|r| r.entity.as_str())
+            .collect();
+        assert_eq!(firing, vec!["uni/k1"]);
+
+        // The user's incident opens; later the user is under every floor (no check at
+        // all): read as recovered, and it resolves.
+        let t0 = Utc.with_ymd_and_hms(2026, 12, 7, 12, 0, 0).unwrap();
+        assert_eq!(tracker.step(t0, readings).len(), 1);
+        let mut later = Vec::new();
+        merge_rate_readings(&mut later, &RateChecks::default(), &tracker);
+        assert_eq!(later.len(), 1);
+        assert!(!later[0].firing);
+        assert_eq!(later[0].entity, "uni/user:ola");
+        assert_eq!(later[0].message, "user ola of uni spends at its usual rate again");
+        let changes = tracker.step(t0 + Duration::minutes(1), later);
+        assert_eq!(changes.len(), 1);
+        assert!(changes[0].resolved);
+        assert_eq!(changes[0].reading.kind, Kind::UserSpike);
+    }
+
+    #[test]
     fn a_firing_spend_rate_pages_a_key_the_hourly_window_does_not_yet() {
         let tracker = Tracker::new(Duration::hours(1));
         let hourly = |entity: &str, firing: bool| Reading {
@@ -937,27 +1171,30 @@ mod tests {
             hourly("uni/calm", false),
             hourly("uni/hourly", true),
         ];
-        let rates = BTreeMap::from([
+        let rates = RateChecks {
+            owners: BTreeMap::new(),
+            checks: BTreeMap::from([
             (
-                ("uni".to_owned(), "uni/leaked".to_owned()),
+                (Kind::KeySpike, "uni".to_owned(), "uni/leaked".to_owned()),
                 vec![(windows[0], check(dec!(3))), (windows[1], check(dec!(3)))],
             ),
             (
-                ("uni".to_owned(), "uni/calm".to_owned()),
+                (Kind::KeySpike, "uni".to_owned(), "uni/calm".to_owned()),
                 vec![
                     (windows[0], check(dec!(1.25))),
                     (windows[1], check(dec!(1))),
                 ],
             ),
             (
-                ("uni".to_owned(), "uni/hourly".to_owned()),
+                (Kind::KeySpike, "uni".to_owned(), "uni/hourly".to_owned()),
                 vec![(windows[0], check(dec!(9)))],
             ),
             (
-                ("uni".to_owned(), "uni/new".to_owned()),
+                (Kind::KeySpike, "uni".to_owned(), "uni/new".to_owned()),
                 vec![(windows[0], check(dec!(4)))],
             ),
-        ]);
+            ]),
+        };
         merge_rate_readings(&mut readings, &rates, &tracker);
         let by = |e: &str| readings.iter().find(|r| r.entity == e).unwrap();
         assert!(by("uni/leaked").firing);

@@ -25,6 +25,9 @@ pub enum Kind {
     InstitutionSpike,
     /// An API key's spend jumped (a leaked key, a runaway script).
     KeySpike,
+    /// A user's spend (every key of theirs) jumped within the last minutes or hours
+    /// (the spend-rate check; the hourly window watches institutions and keys).
+    UserSpike,
     /// Month-to-date spend crossed a share of the monthly budget.
     Budget,
     /// A limit (`tokentally limits`) was reached (mode `alert`) or refused requests
@@ -47,6 +50,7 @@ impl Kind {
         match self {
             Kind::InstitutionSpike => "institution_spike",
             Kind::KeySpike => "key_spike",
+            Kind::UserSpike => "user_spike",
             Kind::Budget => "budget",
             Kind::Limit => "limit",
             Kind::UnpricedModel => "unpriced_model",
@@ -64,13 +68,17 @@ impl Kind {
 
     /// Spend spikes: the kinds the recovery hold-off and reopening apply to.
     pub fn is_spike(self) -> bool {
-        matches!(self, Kind::InstitutionSpike | Kind::KeySpike)
+        matches!(
+            self,
+            Kind::InstitutionSpike | Kind::KeySpike | Kind::UserSpike
+        )
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         [
             Kind::InstitutionSpike,
             Kind::KeySpike,
+            Kind::UserSpike,
             Kind::Budget,
             Kind::Limit,
             Kind::UnpricedModel,

@@ -46,16 +46,16 @@ pub fn default_windows() -> [RateWindow; 2] {
     ]
 }
 
-/// A key's spend-rate page: "API key uni/k spent $3.00 in the last 15 min; usual for
-/// this time of the week: $0.06 (`how`)".
-pub fn message(entity: &str, w: RateWindow, c: &SpikeCheck, how: &str) -> String {
+/// A spend-rate page: "`who` spent $3.00 in the last 15 min; usual for this time of the
+/// week: $0.06 (`how`)", `who` like "API key uni/k".
+pub fn message(who: &str, w: RateWindow, c: &SpikeCheck, how: &str) -> String {
     let window = if w.minutes % 60 == 0 {
         format!("{} h", w.minutes / 60)
     } else {
         format!("{} min", w.minutes)
     };
     format!(
-        "API key {entity} spent {} in the last {window}; usual for this time of the week: {} ({how})",
+        "{who} spent {} in the last {window}; usual for this time of the week: {} ({how})",
         crate::format::money_on_page(c.observed),
         crate::format::money_on_page(c.baseline)
     )

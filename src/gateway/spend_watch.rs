@@ -34,6 +34,7 @@ use crate::alerts::{Basis, Kind, Reading, SpikeCheck, Transition};
 use crate::config::{Config, SpikeConfig};
 use crate::limits::shared::SharedStore;
 use crate::shutdown::Shutdown;
+use crate::store::alerts::SpendBy;
 use crate::store::Store;
 
 /// How long thresholds read for a key stay in use (the window they were computed for
@@ -289,18 +290,26 @@ async fn read_bars(
     let read = async {
         let firsts = raiser
             .store
-            .key_first_spend_of(from.timestamp(), now.timestamp(), Some(keys))
+            .first_spend(SpendBy::Key, from.timestamp(), now.timestamp(), keys)
             .await?;
         let incidents = raiser.store.incidents(None).await?;
         let first = |inst: &str, entity: &str| {
             firsts
                 .iter()
-                .find(|f| f.institution_id == inst && entity.ends_with(&f.api_key_id))
+                .find(|f| f.institution_id == inst && entity == format!("{inst}/{}", f.subject))
                 .and_then(|f| Utc.timestamp_opt(i64::from(f.hour), 0).single())
         };
         let spans = |entity: &str| spans_of(&incidents, entity, now);
-        crate::alerts::evaluator::rate_verdicts(cfg, &raiser.store, keys, now, first, spans)
-            .await
+        crate::alerts::evaluator::rate_verdicts(
+            cfg,
+            &raiser.store,
+            SpendBy::Key,
+            keys,
+            now,
+            first,
+            spans,
+        )
+        .await
     };
     match read.await {
         Ok(verdicts) => verdicts
@@ -370,7 +379,12 @@ pub fn reading(o: &Over) -> Reading {
         observed: o.check.observed.round_dp(2),
         baseline: o.check.baseline.round_dp(2),
         threshold: o.check.fire_above.round_dp(2),
-        message: rate::message(&entity, o.window, &o.check, "spend rate, seen at the gateway"),
+        message: rate::message(
+            &format!("API key {entity}"),
+            o.window,
+            &o.check,
+            "spend rate, seen at the gateway",
+        ),
         entity,
     }
 }

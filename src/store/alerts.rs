@@ -78,33 +78,76 @@ pub struct HourSpend {
     pub cost: Decimal,
 }
 
-/// Spend of one (minute, institution, key), from the stored events.
+/// Whose spend a per-minute read groups by: API keys, users (every key of theirs) or
+/// whole institutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SpendBy {
+    Key,
+    User,
+    Institution,
+}
+
+impl SpendBy {
+    /// The column that names the subject (fixed text, never a value).
+    fn column(self) -> &'static str {
+        match self {
+            SpendBy::Key => "api_key_id",
+            SpendBy::User => "user_id",
+            SpendBy::Institution => "institution_id",
+        }
+    }
+
+    /// `AND (0 OR (institution_id = ? AND {column} = ?) …)` for `subjects`.
+    fn only(self, q: &mut super::sql::Sql, subjects: &[(String, String)]) {
+        q.push(" AND (0");
+        for (inst, subject) in subjects {
+            q.bind(
+                &format!(" OR (institution_id = ? AND {} = ?)", self.column()),
+                [super::sql::s(inst.as_str()), super::sql::s(subject.as_str())],
+            );
+        }
+        q.push(")");
+    }
+}
+
+/// Spend of one (minute, institution, subject — a key id, a user id or the institution
+/// id, see `SpendBy`), from the stored events.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
 pub struct MinuteSpend {
     pub minute: u32,
     pub institution_id: String,
-    pub api_key_id: String,
+    pub subject: String,
     #[serde(with = "money18")]
     pub cost: Decimal,
 }
 
+/// The first hour a subject spent anything.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
+pub struct FirstSpend {
+    pub hour: u32,
+    pub institution_id: String,
+    pub subject: String,
+}
+
 impl Store {
-    /// Spend per minute × institution × key in the union of `ranges` (unix seconds,
-    /// `[from, to)`), from the stored events (the rollups are hourly and quarter-hourly):
-    /// of every key, or only of `keys` ((institution, key) pairs).
-    pub async fn key_minute_spend(
+    /// Spend per minute × institution × subject (`by`) in the union of `ranges` (unix
+    /// seconds, `[from, to)`), from the stored events (the rollups are hourly and
+    /// quarter-hourly): of every subject, or only of `subjects` ((institution, subject)).
+    pub async fn minute_spend(
         &self,
+        by: SpendBy,
         ranges: &[(i64, i64)],
-        keys: Option<&[(String, String)]>,
+        subjects: Option<&[(String, String)]>,
     ) -> Result<Vec<MinuteSpend>, StoreError> {
-        if ranges.is_empty() || keys.is_some_and(<[_]>::is_empty) {
+        if ranges.is_empty() || subjects.is_some_and(<[_]>::is_empty) {
             return Ok(Vec::new());
         }
-        let mut q = super::sql::Sql::new(
-            "SELECT ?fields FROM (SELECT m AS minute, institution_id, api_key_id, c AS cost FROM \
-             (SELECT toUInt32(toStartOfMinute(occurred_at)) AS m, institution_id, api_key_id, \
-             sum(cost * sign) AS c FROM usage_events WHERE api_key_id != '' AND (0",
-        );
+        let col = by.column();
+        let mut q = super::sql::Sql::new(&format!(
+            "SELECT ?fields FROM (SELECT m AS minute, institution_id, s AS subject, c AS cost FROM \
+             (SELECT toUInt32(toStartOfMinute(occurred_at)) AS m, institution_id, {col} AS s, \
+             sum(cost * sign) AS c FROM usage_events WHERE {col} != '' AND (0"
+        ));
         for (from, to) in ranges {
             q.bind(
                 " OR (occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?))",
@@ -112,17 +155,56 @@ impl Store {
             );
         }
         q.push(")");
-        if let Some(keys) = keys {
-            q.push(" AND (0");
-            for (inst, key) in keys {
-                q.bind(
-                    " OR (institution_id = ? AND api_key_id = ?)",
-                    [super::sql::s(inst.as_str()), super::sql::s(key.as_str())],
-                );
-            }
-            q.push(")");
+        if let Some(subjects) = subjects {
+            by.only(&mut q, subjects);
         }
-        q.push(" GROUP BY m, institution_id, api_key_id HAVING c != 0))");
+        q.push(" GROUP BY m, institution_id, s HAVING c != 0))");
+        Ok(q.query(&self.client).fetch_all().await?)
+    }
+
+    /// Which user each key that spent in `[from, to)` belongs to: (institution, key id,
+    /// user id).
+    pub async fn key_users(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT DISTINCT institution_id, api_key_id, user_id FROM usage_events \
+                 WHERE occurred_at >= toDateTime(?) AND occurred_at < toDateTime(?) \
+                 AND api_key_id != '' AND user_id != ''",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all()
+            .await?)
+    }
+
+    /// When each of `subjects` first spent anything in `[from, to)` (hourly rollup).
+    pub async fn first_spend(
+        &self,
+        by: SpendBy,
+        from: i64,
+        to: i64,
+        subjects: &[(String, String)],
+    ) -> Result<Vec<FirstSpend>, StoreError> {
+        if subjects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let col = by.column();
+        let mut q = super::sql::Sql::new(&format!(
+            "SELECT ?fields FROM (SELECT min(h) AS hour, institution_id, s AS subject FROM \
+             (SELECT toUInt32(hour) AS h, institution_id, {col} AS s, sum(cost) AS c \
+             FROM usage_hourly_institution WHERE {col} != ''"
+        ));
+        q.bind(
+            " AND hour >= toDateTime(?) AND hour < toDateTime(?)",
+            [super::sql::i(from), super::sql::i(to)],
+        );
+        by.only(&mut q, subjects);
+        q.push(" GROUP BY h, institution_id, s HAVING c != 0) GROUP BY institution_id, s)");
         Ok(q.query(&self.client).fetch_all().await?)
     }
 
@@ -242,40 +324,19 @@ impl Store {
 
     /// Per key, its first hour in `[from, to)` with spend other than zero, and that spend.
     pub async fn key_first_spend(&self, from: i64, to: i64) -> Result<Vec<HourSpend>, StoreError> {
-        self.key_first_spend_of(from, to, None).await
-    }
-
-    /// `key_first_spend` of some keys ((institution, key id)) only.
-    pub async fn key_first_spend_of(
-        &self,
-        from: i64,
-        to: i64,
-        keys: Option<&[(String, String)]>,
-    ) -> Result<Vec<HourSpend>, StoreError> {
-        if keys.is_some_and(<[_]>::is_empty) {
-            return Ok(Vec::new());
-        }
-        let mut q = super::sql::Sql::new(
-            "SELECT ?fields FROM (SELECT min(h) AS hour, institution_id, api_key_id, argMin(c, h) AS cost FROM \
-             (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
-             FROM usage_hourly_institution WHERE api_key_id != ''",
-        );
-        q.bind(
-            " AND hour >= toDateTime(?) AND hour < toDateTime(?)",
-            [super::sql::i(from), super::sql::i(to)],
-        );
-        if let Some(keys) = keys {
-            q.push(" AND (0");
-            for (inst, key) in keys {
-                q.bind(
-                    " OR (institution_id = ? AND api_key_id = ?)",
-                    [super::sql::s(inst.as_str()), super::sql::s(key.as_str())],
-                );
-            }
-            q.push(")");
-        }
-        q.push(" GROUP BY h, institution_id, api_key_id HAVING c != 0) GROUP BY institution_id, api_key_id)");
-        Ok(q.query(&self.client).fetch_all().await?)
+        Ok(self
+            .client
+            .query(
+                "SELECT min(h) AS hour, institution_id, api_key_id, argMin(c, h) AS cost FROM \
+                 (SELECT toUInt32(hour) AS h, institution_id, api_key_id, sum(cost) AS c \
+                 FROM usage_hourly_institution WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
+                 AND api_key_id != '' GROUP BY h, institution_id, api_key_id HAVING c != 0) \
+                 GROUP BY institution_id, api_key_id",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all()
+            .await?)
     }
 
     /// Spend per hour × institution × key in `[from, to)` (unix seconds).

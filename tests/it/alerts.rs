@@ -732,7 +732,9 @@ async fn the_labelled_set_scores_within_the_goals_through_the_cli() {
 /// the week for two keys ($0.02 every 5 minutes); now one of them spends $3 in the last
 /// 9 minutes (its hour stays under the hourly floor of $5), the other goes on as usual.
 /// The live evaluator pages the leaked key's spike with the 15-minute window named,
-/// within seconds, and never the calm key nor the institution.
+/// within seconds, and never the calm key nor the institution (nor the key's user: one
+/// leak, one page). A user whose jump is spread over four keys, each under a key's
+/// floor, is paged as a user; a key spike a gateway raised meanwhile is adopted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     let env = TestEnv::new("alerts_rate", 1).await;
@@ -777,6 +779,33 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
                 now - Span::minutes(9) + Span::minutes(m),
                 Decimal::new(375, 3),
                 1,
+            ));
+        }
+    }
+    // A user spreading a jump over four keys (each under a key's floor; together $3.20
+    // in 8 minutes against a usual $0.06 per 15 minutes): the user's page, no key's.
+    let ola = |id: String, key: &str, at: DateTime<Utc>, cost: Decimal| EventRow {
+        user_id: "ola".into(),
+        ..spend_row(id, "uni-u", key, at, cost, 1)
+    };
+    for k in 1..=4 {
+        let key = format!("pk_u{k}");
+        for w in 1..=4 {
+            for i in -84..=84 {
+                rows.push(ola(
+                    format!("{key}-{w}-{i}"),
+                    &key,
+                    now - Span::weeks(w) + Span::minutes(5 * i),
+                    Decimal::new(5, 3),
+                ));
+            }
+        }
+        for m in 1..=8 {
+            rows.push(ola(
+                format!("{key}-leak-{m}"),
+                &key,
+                now - Span::minutes(9) + Span::minutes(m),
+                Decimal::new(1, 1),
             ));
         }
     }
@@ -851,9 +880,21 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let all = list().await;
     assert!(
-        all.iter()
-            .all(|a| a["entity"] == "uni-y/pk_fast" || a["alert_id"] == "gwpage0000000001"),
-        "only the leaked key pages, the gateway's page is adopted: {all:?}"
+        all.iter().all(|a| a["entity"] == "uni-y/pk_fast"
+            || a["alert_id"] == "gwpage0000000001"
+            || a["entity"] == "uni-u/user:ola"),
+        "only the leaked key and the user page, the gateway's page is adopted: {all:?}"
+    );
+    let user = all
+        .iter()
+        .find(|a| a["entity"] == "uni-u/user:ola")
+        .unwrap_or_else(|| panic!("no page for the user: {all:?}"));
+    assert_eq!(user["kind"], "user_spike");
+    let message = user["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("user ola of uni-u spent $3.20 in the last 15 min")
+            && message.ends_with("(spend rate)"),
+        "{message}"
     );
     assert!(terminate(&mut server.proc).success());
     env.drop_database().await;
