@@ -13,14 +13,16 @@
 //! cannot be read, a key with no thresholds yet is judged as a new key (the floors of
 //! `new_entity_min_usd`), so the watch still pages a runaway key when the store is down.
 //!
-//! Several gateways: each watches what it settles. An incident is raised once — a
-//! gateway first looks for an open incident of the key in the `alerts` table (one the
-//! evaluator or another gateway raised), then claims the incident in the shared limit
-//! store (`SET NX`) where one is configured; the evaluator adopts incidents the gateways
-//! raised and resolves them by its own readings. What each gateway sees is its share of
-//! the key's traffic: behind a balancer spreading a key over N gateways, one gateway's
-//! rate is about 1/N of the key's and the evaluator (which reads every gateway's events)
-//! remains the detector of record for such keys.
+//! Several gateways: with the shared limit store configured, each gateway adds what it
+//! settled to every gateway's spend per key and minute there once a second (one script
+//! call for all its keys) and reads the sums back, so a key spread over several gateways
+//! is judged on its whole rate; without it (or while it is unreachable) each judges what
+//! it settled itself, about 1/N of a key spread over N gateways, and the evaluator (which
+//! reads every gateway's events) is the detector for such keys. An incident is raised
+//! once — a gateway first looks for an open incident of the key in the `alerts` table
+//! (one the evaluator or another gateway raised), then claims the incident in the shared
+//! store (`SET NX`); the evaluator adopts incidents the gateways raised and resolves them
+//! by its own readings.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,9 @@ use crate::store::Store;
 /// How long thresholds read for a key stay in use (the window they were computed for
 /// moves on; the busiest-within-30-minutes baseline changes little in a minute).
 const BARS_FRESH: Span = Span::seconds(60);
+/// How long every gateway's spend, as last read from the shared store, stands for the
+/// key's (it is read every second while the key spends here).
+const EVERYONE_FRESH: Span = Span::seconds(5);
 /// After a key was judged over its threshold (raised, or found already raised), how long
 /// before it is looked at again.
 const QUIET: Span = Span::seconds(60);
@@ -60,6 +65,16 @@ struct KeySpend {
     /// Asked for thresholds (the background task reads them).
     wanted: bool,
     quiet_until: Option<DateTime<Utc>>,
+    /// Settled here and not yet added to the shared store: (minute, micro-dollars).
+    unshared: Vec<(i64, i64)>,
+    /// Every gateway's spend per minute as the shared store last returned it (minute,
+    /// micro-dollars), and when.
+    everyone: Option<(DateTime<Utc>, Vec<(i64, i64)>)>,
+}
+
+/// Micro-dollars of `minutes` at or after `since`.
+fn since(minutes: impl Iterator<Item = (i64, i64)>, since: i64) -> i64 {
+    minutes.filter(|(m, _)| *m >= since).map(|(_, v)| v).sum()
 }
 
 impl KeySpend {
@@ -69,23 +84,29 @@ impl KeySpend {
             Some((m, v)) if *m == minute => *v += micros,
             _ => self.minutes.push_back((minute, micros)),
         }
+        match self.unshared.last_mut() {
+            Some((m, v)) if *m == minute => *v += micros,
+            _ => self.unshared.push((minute, micros)),
+        }
         let oldest = minute - (longest - 1) * 60;
         while self.minutes.front().is_some_and(|(m, _)| *m < oldest) {
             self.minutes.pop_front();
         }
     }
 
-    /// Spend in the last `minutes` minutes up to `now` (the current minute included).
+    /// Spend in the last `minutes` minutes up to `now` (the current minute included):
+    /// every gateway's (as the shared store last said, within `EVERYONE_FRESH`, plus what
+    /// this one settled since), else this gateway's own.
     fn sum(&self, minutes: i64, now: DateTime<Utc>) -> Decimal {
-        let since = now.timestamp().div_euclid(60) * 60 - (minutes - 1) * 60;
-        let micros: i64 = self
-            .minutes
-            .iter()
-            .rev()
-            .take_while(|(m, _)| *m >= since)
-            .map(|(_, v)| *v)
-            .sum();
-        Decimal::new(micros, 6)
+        let from = now.timestamp().div_euclid(60) * 60 - (minutes - 1) * 60;
+        let own = since(self.minutes.iter().copied(), from);
+        let everyone = match &self.everyone {
+            Some((at, all)) if now - *at < EVERYONE_FRESH => {
+                since(all.iter().copied(), from) + since(self.unshared.iter().copied(), from)
+            }
+            _ => 0,
+        };
+        Decimal::new(own.max(everyone), 6)
     }
 }
 
@@ -149,8 +170,12 @@ impl SpendWatch {
                 k.institution = institution.to_owned();
             }
             k.add(micros, now, self.longest());
-            let verdict = self.judge(key_id, k, now);
-            verdict != Verdict::Calm
+            let asked = k.wanted;
+            match self.judge(key_id, k, now) {
+                Verdict::Calm => false,
+                Verdict::NeedsBars => !asked,
+                Verdict::Over(_) => true,
+            }
         };
         if wake {
             self.wake.notify_one();
@@ -220,6 +245,43 @@ impl SpendWatch {
         out
     }
 
+    /// What to add to the shared store and which keys to read back: each key's spend
+    /// not yet shared, and (with 0) every key that spent here in the last 2 minutes.
+    fn to_share(&self, now: DateTime<Utc>) -> Vec<(String, i64, i64)> {
+        let minute = now.timestamp().div_euclid(60) * 60;
+        let mut out = Vec::new();
+        for (id, k) in self.keys.lock().expect("spend watch lock").iter_mut() {
+            let unshared = std::mem::take(&mut k.unshared);
+            if unshared.is_empty() {
+                if k.minutes.back().is_some_and(|(m, _)| *m >= minute - 60) {
+                    out.push((id.clone(), minute, 0));
+                }
+                continue;
+            }
+            out.extend(unshared.into_iter().map(|(m, v)| (id.clone(), m, v)));
+        }
+        out
+    }
+
+    /// The shared store could not take `adds`: they wait for the next try (those still
+    /// within the longest window).
+    fn unshared_again(&self, adds: &[(String, i64, i64)], oldest: i64) {
+        let mut keys = self.keys.lock().expect("spend watch lock");
+        for (id, m, v) in adds.iter().filter(|(_, m, v)| *v != 0 && *m >= oldest) {
+            if let Some(k) = keys.get_mut(id) {
+                k.unshared.insert(0, (*m, *v));
+            }
+        }
+    }
+
+    /// Every gateway's spend of a key, as the shared store returned it.
+    fn set_everyone(&self, key_id: &str, mut minutes: Vec<(i64, i64)>, at: DateTime<Utc>) {
+        if let Some(k) = self.keys.lock().expect("spend watch lock").get_mut(key_id) {
+            minutes.sort_unstable();
+            k.everyone = Some((at, minutes));
+        }
+    }
+
     /// Forgets keys that settled nothing within the longest window.
     fn sweep(&self, now: DateTime<Utc>) {
         let oldest = now.timestamp() - self.longest() * 60;
@@ -254,13 +316,19 @@ pub struct Raiser {
 
 /// Reads thresholds for the keys that ask, judges, and raises; until `shutdown`.
 pub async fn run(watch: Arc<SpendWatch>, raiser: Raiser, mut shutdown: Shutdown) {
+    // With a shared store, spend is exchanged every second.
+    let every = Duration::from_secs(if raiser.shared.is_some() { 1 } else { 10 });
     loop {
         tokio::select! {
             _ = watch.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => watch.sweep(Utc::now()),
+            _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait() => return,
         }
         let now = Utc::now();
+        watch.sweep(now);
+        if let Some(shared) = &raiser.shared {
+            share(&watch, shared, now).await;
+        }
         let wanted = watch.wanted();
         if !wanted.is_empty() {
             let read = read_bars(&raiser, &watch, &wanted, now).await;
@@ -271,6 +339,30 @@ pub async fn run(watch: Arc<SpendWatch>, raiser: Raiser, mut shutdown: Shutdown)
         }
         for over in watch.over(Utc::now()) {
             raise(&raiser, over).await;
+        }
+    }
+}
+
+/// Adds what this gateway settled to every gateway's spend per key and reads the sums
+/// back (one script call); if the store cannot be reached, the spend waits for the next
+/// try and each key is judged by this gateway's own spend meanwhile.
+async fn share(watch: &SpendWatch, shared: &SharedStore, now: DateTime<Utc>) {
+    let adds = watch.to_share(now);
+    if adds.is_empty() {
+        return;
+    }
+    let longest = watch.longest();
+    let oldest = now.timestamp().div_euclid(60) * 60 - (longest - 1) * 60;
+    let ttl = Duration::from_secs((longest as u64 + 10) * 60);
+    match shared.spend_minutes(&adds, oldest, ttl).await {
+        Ok(rows) => {
+            for (key_id, minutes) in rows {
+                watch.set_everyone(&key_id, minutes, now);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "spend watch: cannot share spend now");
+            watch.unshared_again(&adds, oldest);
         }
     }
 }
@@ -556,6 +648,45 @@ mod tests {
         assert_eq!(over.len(), 1);
         assert_eq!(over[0].window.minutes, 360);
         assert_eq!(over[0].check.observed, dec!(2.64));
+    }
+
+    #[test]
+    fn every_gateways_spend_counts_while_fresh_and_own_spend_waits_to_be_shared() {
+        let w = watch();
+        w.add("uni", "k1", dec!(0.10), at(0));
+        w.add("uni", "k1", dec!(0.05), at(1));
+        // Two minutes not yet shared, handed over once.
+        assert_eq!(
+            w.to_share(at(1)),
+            vec![
+                ("k1".to_owned(), at(0).timestamp(), 100_000),
+                ("k1".to_owned(), at(1).timestamp(), 50_000)
+            ]
+        );
+        assert_eq!(
+            w.to_share(at(1)),
+            vec![("k1".to_owned(), at(1).timestamp(), 0)],
+            "then only read back"
+        );
+        // The store says every gateway spent $1.15 in those minutes (this one $0.15).
+        w.set_everyone(
+            "k1",
+            vec![(at(1).timestamp(), 650_000), (at(0).timestamp(), 500_000)],
+            at(1),
+        );
+        w.add("uni", "k1", dec!(0.01), at(1) + Span::seconds(2));
+        let sum = |t| w.keys.lock().unwrap()["k1"].sum(15, t);
+        assert_eq!(sum(at(1) + Span::seconds(2)), dec!(1.16), "everyone's + unshared");
+        // Stale after 5 s: this gateway's own.
+        assert_eq!(sum(at(1) + Span::seconds(6)), dec!(0.16));
+        // A failed exchange gives the spend back, within the window only.
+        let adds = w.to_share(at(1) + Span::seconds(3));
+        assert_eq!(adds, vec![("k1".to_owned(), at(1).timestamp(), 10_000)]);
+        w.unshared_again(
+            &[("k1".to_owned(), at(-400).timestamp(), 5), adds[0].clone()],
+            at(1).timestamp() - 359 * 60,
+        );
+        assert_eq!(w.keys.lock().unwrap()["k1"].unshared, vec![(at(1).timestamp(), 10_000)]);
     }
 
     #[test]

@@ -295,7 +295,36 @@ end
 return 0
 "#;
 
+/// A key's spend per minute from every gateway (`gateway::spend_watch`): KEYS[i] the
+/// key's hash (field: the minute's unix seconds; value: micro-dollars); ARGV[1] the
+/// oldest minute kept, ARGV[2] the hash's lifetime in seconds, then per key the minute
+/// and what this instance adds to it (0: only read). Returns per key its fields, older
+/// ones dropped.
+const SPEND: &str = r#"
+local oldest = tonumber(ARGV[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local m = ARGV[2 * i + 1]
+  local d = tonumber(ARGV[2 * i + 2])
+  if d ~= 0 then redis.call('HINCRBY', k, m, d) end
+  redis.call('EXPIRE', k, ARGV[2])
+  local all = redis.call('HGETALL', k)
+  local row = {}
+  for j = 1, #all, 2 do
+    if tonumber(all[j]) < oldest then
+      redis.call('HDEL', k, all[j])
+    else
+      row[#row + 1] = all[j]
+      row[#row + 1] = all[j + 1]
+    end
+  end
+  out[i] = row
+end
+return out
+"#;
+
 struct Scripts {
+    spend: redis::Script,
     admit: redis::Script,
     settle: redis::Script,
     repush: redis::Script,
@@ -307,6 +336,7 @@ impl Scripts {
     fn new() -> Self {
         let with = |body: &str| redis::Script::new(&format!("{LUA_PRELUDE}{body}"));
         Self {
+            spend: redis::Script::new(SPEND),
             admit: with(ADMIT),
             settle: with(SETTLE),
             repush: with(REPUSH),
@@ -534,6 +564,46 @@ impl SharedStore {
             })
             .await?;
         Ok(())
+    }
+
+    /// Adds this instance's spend — (key id, minute start in unix seconds,
+    /// micro-dollars; 0 to only read) — and returns each key's spend per minute from
+    /// every instance, minutes before `oldest` dropped. One script call for all of them.
+    pub async fn spend_minutes(
+        &self,
+        adds: &[(String, i64, i64)],
+        oldest: i64,
+        ttl: Duration,
+    ) -> Result<Vec<(String, Vec<(i64, i64)>)>, SharedError> {
+        if adds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.scripts.spend.prepare_invoke();
+        for (key_id, _, _) in adds {
+            inv.key(self.key(&["spend", key_id]));
+        }
+        inv.arg(oldest).arg(ttl.as_secs().max(1));
+        for (_, minute, micros) in adds {
+            inv.arg(*minute).arg(*micros);
+        }
+        let reply: Vec<Vec<i64>> = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        if reply.len() != adds.len() {
+            return Err(SharedError::Reply(format!(
+                "{} spend rows for {} keys",
+                reply.len(),
+                adds.len()
+            )));
+        }
+        Ok(adds
+            .iter()
+            .zip(reply)
+            .map(|((key_id, _, _), row)| {
+                let minutes = row.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+                (key_id.clone(), minutes)
+            })
+            .collect())
     }
 
     /// Takes `name` for `ttl` if nobody holds it (`SET NX`): whether this call took it.
