@@ -323,6 +323,10 @@ end
 return out
 "#;
 
+/// Keys per call of `SPEND` (each reads up to 360 fields): calls stay short beside the
+/// limits' own.
+const SPEND_BATCH: usize = 200;
+
 struct Scripts {
     spend: redis::Script,
     admit: redis::Script,
@@ -457,6 +461,21 @@ impl SharedStore {
         result
     }
 
+    /// Runs `call` like `run`, but a failure does not mark the store down: for work
+    /// beside the limits (the spend watch's exchange), whose slowness must not send the
+    /// limits to fallback.
+    async fn run_beside<T, F, Fut>(&self, call: F) -> Result<T, SharedError>
+    where
+        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let conn = self.connection().await?;
+        tokio::time::timeout(self.settings.timeout, call(conn))
+            .await
+            .map_err(|_| SharedError::Timeout(self.settings.timeout))?
+            .map_err(SharedError::from)
+    }
+
     fn down(&self, e: &SharedError) {
         self.lost.store(true, Ordering::Release);
         if self.up.swap(false, Ordering::AcqRel) {
@@ -568,16 +587,27 @@ impl SharedStore {
 
     /// Adds this instance's spend — (key id, minute start in unix seconds,
     /// micro-dollars; 0 to only read) — and returns each key's spend per minute from
-    /// every instance, minutes before `oldest` dropped. One script call for all of them.
+    /// every instance, minutes before `oldest` dropped: one script call per
+    /// `SPEND_BATCH` keys. A failure here leaves the limits' mode alone.
     pub async fn spend_minutes(
         &self,
         adds: &[(String, i64, i64)],
         oldest: i64,
         ttl: Duration,
     ) -> Result<Vec<(String, Vec<(i64, i64)>)>, SharedError> {
-        if adds.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::with_capacity(adds.len());
+        for batch in adds.chunks(SPEND_BATCH) {
+            out.extend(self.spend_batch(batch, oldest, ttl).await?);
         }
+        Ok(out)
+    }
+
+    async fn spend_batch(
+        &self,
+        adds: &[(String, i64, i64)],
+        oldest: i64,
+        ttl: Duration,
+    ) -> Result<Vec<(String, Vec<(i64, i64)>)>, SharedError> {
         let mut inv = self.scripts.spend.prepare_invoke();
         for (key_id, _, _) in adds {
             inv.key(self.key(&["spend", key_id]));
@@ -587,7 +617,7 @@ impl SharedStore {
             inv.arg(*minute).arg(*micros);
         }
         let reply: Vec<Vec<i64>> = self
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run_beside(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
         if reply.len() != adds.len() {
             return Err(SharedError::Reply(format!(
