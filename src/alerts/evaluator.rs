@@ -1054,7 +1054,8 @@ mod tests {
             resolve_at_or_below: dec!(0.75),
             basis: crate::alerts::Basis::Weekly,
         };
-        let w = rate::default_windows();
+        let w15 = rate::default_windows()[1];
+        assert_eq!(w15.minutes, 15);
         let hourly_institution = || Reading {
             kind: Kind::InstitutionSpike,
             entity: "uni".into(),
@@ -1069,7 +1070,7 @@ mod tests {
         let entry = |kind: Kind, entity: &str, observed: Decimal| {
             (
                 (kind, "uni".to_owned(), entity.to_owned()),
-                vec![(w[0], check(observed))],
+                vec![(w15, check(observed))],
             )
         };
         let by = |rs: &[Reading], kind: Kind| rs.iter().find(|r| r.kind == kind).cloned();
@@ -1165,7 +1166,8 @@ mod tests {
             resolve_at_or_below: dec!(0.3),
             basis: crate::alerts::Basis::Weekly,
         };
-        let windows = rate::default_windows();
+        let [_, w15, w360] = rate::default_windows();
+        assert_eq!((w15.minutes, w360.minutes), (15, 360));
         let mut readings = vec![
             hourly("uni/leaked", false),
             hourly("uni/calm", false),
@@ -1176,22 +1178,22 @@ mod tests {
             checks: BTreeMap::from([
             (
                 (Kind::KeySpike, "uni".to_owned(), "uni/leaked".to_owned()),
-                vec![(windows[0], check(dec!(3))), (windows[1], check(dec!(3)))],
+                vec![(w15, check(dec!(3))), (w360, check(dec!(3)))],
             ),
             (
                 (Kind::KeySpike, "uni".to_owned(), "uni/calm".to_owned()),
                 vec![
-                    (windows[0], check(dec!(1.25))),
-                    (windows[1], check(dec!(1))),
+                    (w15, check(dec!(1.25))),
+                    (w360, check(dec!(1))),
                 ],
             ),
             (
                 (Kind::KeySpike, "uni".to_owned(), "uni/hourly".to_owned()),
-                vec![(windows[0], check(dec!(9)))],
+                vec![(w15, check(dec!(9)))],
             ),
             (
                 (Kind::KeySpike, "uni".to_owned(), "uni/new".to_owned()),
-                vec![(windows[0], check(dec!(4)))],
+                vec![(w15, check(dec!(4)))],
             ),
             ]),
         };

@@ -560,7 +560,12 @@ mod tests {
         })
     }
 
+    /// Thresholds of the 5-minute window out of reach unless said otherwise.
     fn bars(at: DateTime<Utc>, fire_15: Decimal, fire_360: Decimal) -> Bars {
+        bars3(at, dec!(100), fire_15, fire_360)
+    }
+
+    fn bars3(at: DateTime<Utc>, fire_5: Decimal, fire_15: Decimal, fire_360: Decimal) -> Bars {
         let c = |fire_above| SpikeCheck {
             observed: Decimal::ZERO,
             baseline: dec!(0.1),
@@ -570,7 +575,7 @@ mod tests {
         };
         Bars {
             at,
-            checks: vec![c(fire_15), c(fire_360)],
+            checks: vec![c(fire_5), c(fire_15), c(fire_360)],
         }
     }
 
@@ -594,11 +599,13 @@ mod tests {
     #[test]
     fn a_key_under_every_floor_stays_calm_and_asks_nothing() {
         let w = watch();
-        // The 15-minute floor is $0.25 with $1 an hour.
-        w.add("uni", "k1", dec!(0.25), at(0));
+        // With $1 an hour the floors are $0.083 in 5 minutes, $0.25 in 15, $6 in 6 hours.
+        w.add("uni", "k1", dec!(0.08), at(0));
+        w.add("uni", "k1", dec!(0.08), at(6));
+        w.add("uni", "k1", dec!(0.08), at(12));
         let mut keys = w.keys.lock().unwrap();
         let k = keys.get_mut("k1").unwrap();
-        assert_eq!(w.judge("k1", k, at(0)), Verdict::Calm);
+        assert_eq!(w.judge("k1", k, at(12)), Verdict::Calm);
         assert!(!k.wanted);
     }
 
@@ -687,6 +694,23 @@ mod tests {
             at(1).timestamp() - 359 * 60,
         );
         assert_eq!(w.keys.lock().unwrap()["k1"].unshared, vec![(at(1).timestamp(), 10_000)]);
+    }
+
+    #[test]
+    fn a_burst_pages_by_the_five_minute_window() {
+        let w = watch();
+        // $0.30 a minute for 4 minutes: over the 5-minute threshold ($1.00) at the fourth
+        // ($1.20), far under the 15-minute one.
+        for m in 0..4 {
+            w.add("uni", "k3", dec!(0.30), at(m));
+            w.set_bars("k3", bars3(at(m), dec!(1), dec!(5), dec!(50)));
+            let over = w.over(at(m));
+            assert_eq!(over.len(), usize::from(m == 3), "minute {m}");
+            if m == 3 {
+                assert_eq!(over[0].window.minutes, 5);
+                assert_eq!(over[0].check.observed, dec!(1.20));
+            }
+        }
     }
 
     #[test]

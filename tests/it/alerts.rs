@@ -731,7 +731,7 @@ async fn the_labelled_set_scores_within_the_goals_through_the_cli() {
 /// reaches the hourly detector's threshold. Four weeks of history around this time of
 /// the week for two keys ($0.02 every 5 minutes); now one of them spends $3 in the last
 /// 9 minutes (its hour stays under the hourly floor of $5), the other goes on as usual.
-/// The live evaluator pages the leaked key's spike with the 15-minute window named,
+/// The live evaluator pages the leaked key's spike with the 5-minute window named,
 /// within seconds, and never the calm key nor the institution (nor the key's user: one
 /// leak, one page). A user whose jump is spread over four keys, each under a key's
 /// floor, is paged as a user; a key spike a gateway raised meanwhile is adopted.
@@ -782,8 +782,9 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
             ));
         }
     }
-    // A user spreading a jump over four keys (each under a key's floor; together $3.20
-    // in 8 minutes against a usual $0.06 per 15 minutes): the user's page, no key's.
+    // A user spreading a jump over four keys (each under a key's floors: $0.40 in 5
+    // minutes against $0.42; together $2.56 in 8 minutes, $1.60 in the last 5, against a
+    // usual $0.02 per 5 minutes): the user's page, no key's.
     let ola = |id: String, key: &str, at: DateTime<Utc>, cost: Decimal| EventRow {
         user_id: "ola".into(),
         ..spend_row(id, "uni-u", key, at, cost, 1)
@@ -805,7 +806,7 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
                 format!("{key}-leak-{m}"),
                 &key,
                 now - Span::minutes(9) + Span::minutes(m),
-                Decimal::new(1, 1),
+                Decimal::new(8, 2),
             ));
         }
     }
@@ -848,7 +849,9 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     };
     let message = alert["message"].as_str().unwrap();
     assert!(
-        message.contains("in the last 15 min") && message.contains("(spend rate)"),
+        message.starts_with("API key uni-y/pk_fast spent $")
+            && message.contains("in the last 5 min")
+            && message.ends_with("(spend rate)"),
         "{message}"
     );
     // A gateway pages a third key while the evaluator runs (as `gateway::spend_watch`
@@ -892,7 +895,8 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     assert_eq!(user["kind"], "user_spike");
     let message = user["message"].as_str().unwrap();
     assert!(
-        message.starts_with("user ola of uni-u spent $3.20 in the last 15 min")
+        message.starts_with("user ola of uni-u spent $")
+            && message.contains("in the last 5 min")
             && message.ends_with("(spend rate)"),
         "{message}"
     );
