@@ -462,6 +462,28 @@ fn explained(
             .any(|((k, e), o)| narrower(*k, e, &o.reading.institution))
 }
 
+/// The page of a subject whose spend rate fired in window `w` (`how` says by whom).
+pub fn rate_reading(
+    kind: Kind,
+    institution: &str,
+    entity: &str,
+    w: RateWindow,
+    c: &SpikeCheck,
+    how: &str,
+) -> Reading {
+    Reading {
+        kind,
+        entity: entity.to_owned(),
+        institution: institution.to_owned(),
+        firing: true,
+        severity: super::severity(c),
+        observed: c.observed.round_dp(2),
+        baseline: c.baseline.round_dp(2),
+        threshold: c.fire_above.round_dp(2),
+        message: rate::message(&rate_subject(kind, entity), w, c, how),
+    }
+}
+
 /// Who a spend-rate page is about, in its message.
 fn rate_subject(kind: Kind, entity: &str) -> String {
     match kind {
@@ -505,17 +527,7 @@ pub fn merge_rate_readings(readings: &mut Vec<Reading>, rates: &RateChecks, trac
         if existing.is_some_and(|i| readings[i].firing) {
             continue;
         }
-        let reading = Reading {
-            kind: *kind,
-            entity: entity.clone(),
-            institution: inst.clone(),
-            firing: true,
-            severity: super::severity(c),
-            observed: c.observed.round_dp(2),
-            baseline: c.baseline.round_dp(2),
-            threshold: c.fire_above.round_dp(2),
-            message: rate::message(&rate_subject(*kind, entity), *w, c, "spend rate"),
-        };
+        let reading = rate_reading(*kind, inst, entity, *w, c, "spend rate");
         match existing {
             Some(i) => readings[i] = reading,
             None => readings.push(reading),
@@ -801,37 +813,41 @@ pub async fn restore(store: &Store, tracker: &mut Tracker) -> Result<(), StoreEr
             tracker.restore_once(i.entity);
             continue;
         }
-        let reading = Reading {
-            kind,
-            entity: i.entity,
-            institution: i.institution_id,
-            firing: i.state == "firing",
-            severity: match i.severity.as_str() {
-                "critical" => Severity::Critical,
-                "info" => Severity::Info,
-                _ => Severity::Warning,
-            },
-            observed: i.observed,
-            baseline: i.baseline,
-            threshold: Decimal::ZERO,
-            message: i.message,
-        };
-        let fired_at = Utc
-            .timestamp_opt(i64::from(i.fired_at), 0)
-            .single()
-            .unwrap_or_default();
-        if i.state == "firing" {
+        let firing = i.state == "firing";
+        let (alert_id, fired_at, reading) = stored(kind, i);
+        if firing {
             tracker.restore_open(Open {
-                alert_id: i.alert_id,
+                alert_id,
                 fired_at,
                 reading,
                 recovering_since: None,
             });
         } else {
-            tracker.restore_closed(i.alert_id, fired_at, at, reading);
+            tracker.restore_closed(alert_id, fired_at, at, reading);
         }
     }
     Ok(())
+}
+
+/// A stored incident as the tracker holds it: its id, when it fired, its last reading
+/// (the threshold is not stored).
+fn stored(kind: Kind, i: Incident) -> (String, DateTime<Utc>, Reading) {
+    let reading = Reading {
+        kind,
+        entity: i.entity,
+        institution: i.institution_id,
+        firing: i.state == "firing",
+        severity: match i.severity.as_str() {
+            "critical" => Severity::Critical,
+            "info" => Severity::Info,
+            _ => Severity::Warning,
+        },
+        observed: i.observed,
+        baseline: i.baseline,
+        threshold: Decimal::ZERO,
+        message: i.message,
+    };
+    (i.alert_id, hour_at(i.fired_at), reading)
 }
 
 /// Takes over the key-spike incidents a gateway raised (`gateway::spend_watch`) since the
@@ -844,24 +860,11 @@ async fn adopt(store: &Store, tracker: &mut Tracker) -> Result<(), StoreError> {
         if tracker.open.contains_key(&key) {
             continue;
         }
-        let at = |s: u32| Utc.timestamp_opt(i64::from(s), 0).single().unwrap_or_default();
+        let (alert_id, fired_at, reading) = stored(Kind::KeySpike, i);
         tracker.restore_open(Open {
-            alert_id: i.alert_id,
-            fired_at: at(i.fired_at),
-            reading: Reading {
-                kind: Kind::KeySpike,
-                entity: i.entity,
-                institution: i.institution_id,
-                firing: true,
-                severity: match i.severity.as_str() {
-                    "critical" => Severity::Critical,
-                    _ => Severity::Warning,
-                },
-                observed: i.observed,
-                baseline: i.baseline,
-                threshold: Decimal::ZERO,
-                message: i.message,
-            },
+            alert_id,
+            fired_at,
+            reading,
             recovering_since: None,
         });
     }

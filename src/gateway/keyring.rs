@@ -54,6 +54,17 @@ impl Keyring {
         self.len() == 0
     }
 
+    /// The key a presented secret names, if any (not yet checked).
+    fn presented(&self, presented: &str) -> Option<Arc<Key>> {
+        let id = key_id_of(presented)?;
+        self.snapshot
+            .read()
+            .expect("keyring lock")
+            .keys
+            .get(id)
+            .cloned()
+    }
+
     /// The key a presented secret belongs to, if it is valid for `kind` at `now`.
     pub fn authenticate(
         &self,
@@ -61,15 +72,7 @@ impl Keyring {
         kind: KeyKind,
         now: DateTime<Utc>,
     ) -> Result<Arc<Key>, KeyRefusal> {
-        let id = key_id_of(presented).ok_or(KeyRefusal::Unknown)?;
-        let key = self
-            .snapshot
-            .read()
-            .expect("keyring lock")
-            .keys
-            .get(id)
-            .cloned()
-            .ok_or(KeyRefusal::Unknown)?;
+        let key = self.presented(presented).ok_or(KeyRefusal::Unknown)?;
         if key.kind != kind {
             return Err(KeyRefusal::Unknown);
         }
@@ -80,14 +83,7 @@ impl Keyring {
     /// The key a presented secret belongs to when its only refusal is the spend-spike
     /// brake: its refused requests are recorded as events of that key.
     pub fn paused(&self, presented: &str, kind: KeyKind, now: DateTime<Utc>) -> Option<Arc<Key>> {
-        let id = key_id_of(presented)?;
-        let key = self
-            .snapshot
-            .read()
-            .expect("keyring lock")
-            .keys
-            .get(id)
-            .cloned()?;
+        let key = self.presented(presented)?;
         (key.kind == kind && key.held && key.admit_unless_held(presented, now).is_ok())
             .then_some(key)
     }

@@ -462,23 +462,14 @@ fn spans_of(
 /// The page for a key over its threshold (worded like the evaluator's spend-rate page,
 /// saying it was seen at a gateway).
 pub fn reading(o: &Over) -> Reading {
-    let entity = format!("{}/{}", o.institution, o.key_id);
-    Reading {
-        kind: Kind::KeySpike,
-        institution: o.institution.clone(),
-        firing: true,
-        severity: crate::alerts::severity(&o.check),
-        observed: o.check.observed.round_dp(2),
-        baseline: o.check.baseline.round_dp(2),
-        threshold: o.check.fire_above.round_dp(2),
-        message: rate::message(
-            &format!("API key {entity}"),
-            o.window,
-            &o.check,
-            "spend rate, seen at the gateway",
-        ),
-        entity,
-    }
+    crate::alerts::evaluator::rate_reading(
+        Kind::KeySpike,
+        &o.institution,
+        &format!("{}/{}", o.institution, o.key_id),
+        o.window,
+        &o.check,
+        "spend rate, seen at the gateway",
+    )
 }
 
 /// Raises the incident of `o` unless it is raised already (here, by another gateway or

@@ -446,17 +446,9 @@ impl SharedStore {
         F: FnOnce(redis::aio::ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
-        let result = async {
-            let conn = self.connection().await?;
-            tokio::time::timeout(self.settings.timeout, call(conn))
-                .await
-                .map_err(|_| SharedError::Timeout(self.settings.timeout))?
-                .map_err(SharedError::from)
-        }
-        .await;
-        match &result {
-            Ok(_) => {}
-            Err(e) => self.down(e),
+        let result = self.run_beside(call).await;
+        if let Err(e) = &result {
+            self.down(e);
         }
         result
     }

@@ -36,6 +36,20 @@ fn spend_row(
     }
 }
 
+/// The dashboard's alerts as `token` sees them (`GET /api/v1/alerts`).
+async fn alerts_listed(base: &str, token: &str) -> Vec<Value> {
+    let v: Value = client()
+        .get(format!("{base}/api/v1/alerts"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["alerts"].as_array().unwrap().clone()
+}
+
 struct Lcg(u64);
 impl Lcg {
     /// Uniform in [0, 1).
@@ -612,16 +626,7 @@ monthly_budget_usd = "{budget}"
     // The dashboard lists them; ops acknowledge one.
     let base = server.base.clone();
     let http = client();
-    let list: Value = http
-        .get(format!("{base}/api/v1/alerts"))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let alerts = list["alerts"].as_array().unwrap();
+    let alerts = alerts_listed(&base, &ops).await;
     assert_eq!(alerts.len(), 6);
     assert_eq!(
         alerts.iter().filter(|a| a["state"] == "resolved").count(),
@@ -636,19 +641,9 @@ monthly_budget_usd = "{budget}"
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let list: Value = http
-        .get(format!("{base}/api/v1/alerts"))
-        .bearer_auth(&ops)
-        .send()
+    let acked = alerts_listed(&base, &ops)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let acked = list["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .find(|a| a["alert_id"] == id)
         .unwrap();
     assert_eq!(acked["acknowledged_by"], "ops-api");
@@ -817,20 +812,8 @@ async fn a_leaked_key_is_paged_within_minutes_by_its_spend_rate() {
     let vars = crate::harness::serve_vars(&env, &serve_dir, text, &[]);
     let ops = tokentally(&["tokens", "add", "ops-api", "--role", "ops"], &vars, None);
     let mut server = crate::harness::spawn_serve_in(&env, serve_dir, text, &[]).await;
-    let http = client();
     let base = server.base.clone();
-    let list = || async {
-        let v: Value = http
-            .get(format!("{base}/api/v1/alerts"))
-            .bearer_auth(&ops)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["alerts"].as_array().unwrap().clone()
-    };
+    let list = || alerts_listed(&base, &ops);
     let started = Instant::now();
     let alert = loop {
         if let Some(a) = list()
@@ -983,21 +966,13 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     let started = Instant::now();
     let alert_id =
         loop {
-            let v: Value = http
-                .get(format!("{base}/api/v1/alerts"))
-                .bearer_auth(&ops)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if let Some(a) = v["alerts"].as_array().unwrap().iter().find(|a| {
+            let alerts = alerts_listed(&base, &ops).await;
+            if let Some(a) = alerts.iter().find(|a| {
                 a["kind"] == "key_spike" && a["entity"] == format!("uni-z/{key_id}").as_str()
             }) {
                 break a["alert_id"].as_str().unwrap().to_owned();
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "no page: {v}");
+            assert!(started.elapsed() < Duration::from_secs(30), "no page: {alerts:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         };
     // Refused on the gateway within a key refresh, in the client's format, saying why.
@@ -1105,19 +1080,9 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     assert!(log(&vars).iter().any(|(a, who, d)| a == "release"
         && who == "uni-z-admin"
         && d == &format!("alert {alert_id} acknowledged")));
-    let v: Value = http
-        .get(format!("{base}/api/v1/alerts"))
-        .bearer_auth(&ops)
-        .send()
+    let acked = alerts_listed(&base, &ops)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let acked = v["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .find(|a| a["alert_id"] == alert_id.as_str())
         .unwrap();
     assert_eq!(acked["acknowledged_by"], "uni-z-admin");
