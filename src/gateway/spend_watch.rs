@@ -69,8 +69,11 @@ struct KeySpend {
     unshared: Vec<(i64, i64)>,
     /// Every gateway's spend per minute as the shared store last returned it (minute,
     /// micro-dollars), and when.
-    everyone: Option<(DateTime<Utc>, Vec<(i64, i64)>)>,
+    everyone: Option<(DateTime<Utc>, Minutes)>,
 }
+
+/// (minute start in unix seconds, micro-dollars), oldest first.
+type Minutes = Vec<(i64, i64)>;
 
 /// Micro-dollars of `minutes` at or after `since`.
 fn since(minutes: impl Iterator<Item = (i64, i64)>, since: i64) -> i64 {
