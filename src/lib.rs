@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod app;
 pub mod billing;
+pub mod bills;
 pub mod cli;
 pub mod config;
 pub mod contract;

@@ -180,6 +180,23 @@ impl Notifier {
     }
 }
 
+/// Delivers one alert and waits until every destination has answered (or its retries
+/// are spent): for commands that raise an alert and then exit.
+pub async fn deliver_now(cfg: &Config, t: &Transition) {
+    let cfg = cfg.alerts.clone();
+    let d = route(&cfg, t.reading.severity, &t.reading.institution);
+    if d.webhook {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(cfg.webhook.timeout_secs.max(1)))
+            .build()
+            .expect("HTTP client");
+        send_webhook(http, cfg.clone(), t.clone()).await;
+    }
+    if !d.email.is_empty() {
+        send_email(cfg.clone(), t.clone(), d.email.clone()).await;
+    }
+}
+
 /// The host of a webhook URL, the only part of it that is logged.
 pub fn webhook_host(url: &str) -> String {
     reqwest::Url::parse(url)

@@ -43,6 +43,10 @@ pub enum Kind {
     IngestStalled,
     /// A gateway cannot reach its shared limit store and decides by shares.
     LimitsFallback,
+    /// A provider's usage or cost report differs from what was recorded by more than
+    /// `provider_bills.threshold_usd` (raised by `tokentally providers reconcile`, once
+    /// per provider and day range).
+    ProviderBill,
 }
 
 impl Kind {
@@ -58,12 +62,13 @@ impl Kind {
             Kind::ConsumerLag => "consumer_lag",
             Kind::IngestStalled => "ingest_stalled",
             Kind::LimitsFallback => "limits_fallback",
+            Kind::ProviderBill => "provider_bill",
         }
     }
 
     /// Kinds that fire once per entity (the entity names the period) and never resolve.
     pub fn is_once(self) -> bool {
-        matches!(self, Kind::Budget | Kind::Limit)
+        matches!(self, Kind::Budget | Kind::Limit | Kind::ProviderBill)
     }
 
     /// Spend spikes: the kinds the recovery hold-off and reopening apply to.
@@ -86,6 +91,7 @@ impl Kind {
             Kind::ConsumerLag,
             Kind::IngestStalled,
             Kind::LimitsFallback,
+            Kind::ProviderBill,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

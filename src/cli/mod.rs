@@ -4,6 +4,7 @@
 pub mod invoice;
 pub mod keys;
 pub mod limits;
+pub mod providers;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,12 @@ pub enum Command {
         /// Show what would change without writing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// The providers' own usage and cost reports: import them, and reconcile them with
+    /// what tokentally recorded.
+    Providers {
+        #[command(subcommand)]
+        command: providers::ProvidersCommand,
     },
     /// Reports over stored usage.
     Report {
@@ -358,6 +365,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Invoice { command } => invoice::invoice(&cfg, command).await,
         Command::Ledger { command } => invoice::ledger(&cfg, command).await,
         Command::Reconcile { period, format } => invoice::reconcile(&cfg, period, format).await,
+        Command::Providers { command } => providers::run(&cfg, command).await,
         Command::Report {
             command: ReportCommand::Spend(args),
         } => {

@@ -19,6 +19,9 @@ pub struct Config {
     pub billing: BillingConfig,
     pub alerts: AlertsConfig,
     pub gateway: GatewayConfig,
+    /// The providers' own usage and cost reports and their comparison with what was
+    /// recorded (`tokentally providers`).
+    pub provider_bills: ProviderBillsConfig,
     /// Billing details and budgets per institution (`[[institutions]]`).
     pub institutions: Vec<InstitutionConfig>,
     /// Spend, request and token limits the gateway enforces (`[[limits]]`, read by
@@ -216,6 +219,82 @@ impl UpstreamConfig {
 }
 
 pub use crate::secret::Secret;
+
+/// The providers' reports (`[provider_bills]`): where `tokentally providers import`
+/// fetches them, which of the providers' keys are the gateway's, and when a difference
+/// is reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderBillsConfig {
+    /// A day, provider and model whose cost (the provider's charge, or both sides' tokens
+    /// at the book's prices) differs by more than this many USD is reported, alerted
+    /// (`provider_bill` alert), and makes `providers reconcile` exit 1.
+    pub threshold_usd: rust_decimal::Decimal,
+    /// The provider's charge may differ from the book's price of the provider's tokens
+    /// by this many percent before it is named a price mismatch.
+    pub price_tolerance_percent: rust_decimal::Decimal,
+    pub openai: BillSourceConfig,
+    pub anthropic: BillSourceConfig,
+}
+
+impl Default for ProviderBillsConfig {
+    fn default() -> Self {
+        Self {
+            threshold_usd: rust_decimal::Decimal::ONE,
+            price_tolerance_percent: rust_decimal::Decimal::new(1, 1),
+            openai: BillSourceConfig::new("https://api.openai.com"),
+            anthropic: BillSourceConfig::new("https://api.anthropic.com"),
+        }
+    }
+}
+
+/// One provider's reports (`[provider_bills.openai]`, `[provider_bills.anthropic]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillSourceConfig {
+    /// Scheme, host and port of the provider's admin API (empty: the provider's own).
+    pub base_url: String,
+    /// The organisation's admin key (OpenAI `sk-admin-…`, Anthropic `sk-ant-admin…`):
+    /// reads usage and cost, never logged. Env:
+    /// `TOKENTALLY_PROVIDER_BILLS_<PROVIDER>_ADMIN_KEY`.
+    pub admin_key: Secret,
+    /// Or a file holding it (first line).
+    pub admin_key_file: PathBuf,
+    /// The provider's ids of the keys the gateway forwards with (OpenAI `key_…`,
+    /// Anthropic `apikey_…`). Usage on other keys is reported as traffic not through the
+    /// gateway. Empty (and no `gateway_projects`): every key is the gateway's.
+    pub gateway_key_ids: Vec<String>,
+    /// Or the projects (OpenAI) / workspaces (Anthropic) the gateway's keys belong to.
+    pub gateway_projects: Vec<String>,
+}
+
+impl Default for BillSourceConfig {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl BillSourceConfig {
+    fn new(base_url: &str) -> Self {
+        Self {
+            base_url: base_url.into(),
+            admin_key: Secret::default(),
+            admin_key_file: PathBuf::new(),
+            gateway_key_ids: Vec::new(),
+            gateway_projects: Vec::new(),
+        }
+    }
+
+    /// The admin key: `admin_key`, else the first line of `admin_key_file`, else none.
+    pub fn key(&self) -> Result<Option<Secret>, ConfigError> {
+        UpstreamConfig {
+            base_url: String::new(),
+            api_key: self.admin_key.clone(),
+            api_key_file: self.admin_key_file.clone(),
+        }
+        .key()
+    }
+}
 
 /// Alert detectors, delivery and routing (`[alerts]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -93,6 +93,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0021_key_holds.sql",
         include_str!("../../schema/0021_key_holds.sql"),
     ),
+    (
+        "0022_provider_bills.sql",
+        include_str!("../../schema/0022_provider_bills.sql"),
+    ),
 ];
 
 /// `ALTER TABLE t ADD COLUMN c …` → (t, c). 18.16 has no `ADD COLUMN IF NOT EXISTS`, so

@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod billing;
+pub mod bills;
 pub mod invoices;
 pub mod keys;
 pub mod leases;
@@ -24,6 +25,9 @@ pub enum StoreError {
     Migration(String),
     #[error("{0} earlier insert attempt(s) still run on the server after 5 minutes")]
     Unsettled(u64),
+    /// A stored value that cannot be read as what it should be.
+    #[error("stored data: {0}")]
+    Corrupt(String),
 }
 
 impl StoreError {
@@ -66,7 +70,7 @@ impl StoreError {
                 _ => false,
             },
             StoreError::Unsettled(_) => true,
-            StoreError::Migration(_) => false,
+            StoreError::Migration(_) | StoreError::Corrupt(_) => false,
         }
     }
 }
