@@ -14,11 +14,18 @@
 //! `truncate=N` (break the connection after N chunks, no usage), `error=STATUS` (answer
 //! with that error in the provider's format), `hang` (never answer), `echo` (answer with the prompt's own words).
 //!
+//! The providers' admin reports of what the simulator served (issue 35), in their API
+//! shapes, one bucket per UTC day: OpenAI `GET /v1/organization/usage/completions` and
+//! `/v1/organization/costs`, Anthropic `GET /v1/organizations/usage_report/messages` and
+//! `/v1/organizations/cost_report`. Usage is grouped by model and key (`key_`/`apikey_`
+//! and a SHA-256 prefix of the key the request carried); costs are the price book's base
+//! rates (`--prices`), per model and token type.
+//!
 //! `GET /_sim/requests` lists what the last requests carried (path, model, end-user
 //! field, which key: a SHA-256 prefix, never the key) — no prompt text;
 //! `GET /_sim/stats` counts requests started and answers completed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +49,9 @@ pub struct SimulateArgs {
     /// Keys the simulator accepts (comma-separated); empty accepts any non-empty key.
     #[arg(long, env = "TOKENTALLY_SIMULATOR_KEYS", default_value = "")]
     pub keys: String,
+    /// Price book the cost reports are priced with (without it they answer 501).
+    #[arg(long, env = "TOKENTALLY_PRICES")]
+    pub prices: Option<std::path::PathBuf>,
 }
 
 const WORDS: [&str; 16] = [
@@ -101,9 +111,14 @@ struct Seen {
     headers: Vec<String>,
 }
 
+/// What the simulator served per day, provider, model and key: its bill.
+type Served = BTreeMap<(chrono::NaiveDate, &'static str, String, String), crate::domain::TokenCounts>;
+
 #[derive(Default)]
 struct Sim {
     keys: Vec<String>,
+    book: Option<crate::price::PriceBook>,
+    served: Mutex<(Served, BTreeMap<(chrono::NaiveDate, &'static str, String, String), u64>)>,
     seen: Mutex<VecDeque<Seen>>,
     started: AtomicU64,
     completed: AtomicU64,
@@ -369,6 +384,33 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         model,
         b,
     };
+    let provider = match path.as_str() {
+        "/v1/chat/completions" | "/v1/responses" => Some("openai"),
+        "/v1/messages" => Some("anthropic"),
+        _ => None,
+    };
+    if let Some(provider) = provider {
+        let counts = crate::domain::TokenCounts::new(
+            call.prompt - call.cached,
+            call.cached,
+            0,
+            call.completion(),
+            call.reasoning,
+        );
+        let key_id = format!(
+            "{}{}",
+            if provider == "anthropic" { "apikey_" } else { "key_" },
+            &digest(key.as_bytes())[..16]
+        );
+        let at = (chrono::Utc::now().date_naive(), provider, call.model.clone(), key_id);
+        let mut served = sim.served.lock().expect("sim lock");
+        let t = served.0.entry(at.clone()).or_default();
+        t.input += counts.input;
+        t.cache_read += counts.cache_read;
+        t.output += counts.output;
+        t.reasoning += counts.reasoning;
+        *served.1.entry(at).or_default() += 1;
+    }
     match path.as_str() {
         "/v1/chat/completions" => chat(&call, stream, &body, sim),
         "/v1/responses" => responses(&call, stream, sim),
@@ -675,6 +717,137 @@ async fn models(State(sim): State<Arc<Sim>>, headers: HeaderMap) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// The four report endpoints: what was served from `start` to `end` (exclusive), one
+/// bucket per UTC day.
+async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    use chrono::{DateTime, NaiveDate, Utc};
+    let path = uri.path();
+    let anthropic = path.starts_with("/v1/organizations/");
+    let cost = path.ends_with("/costs") || path.ends_with("/cost_report");
+    let has_key = if anthropic {
+        headers.get("x-api-key").is_some_and(|v| !v.is_empty())
+    } else {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|k| !k.is_empty())
+    };
+    if !has_key {
+        return unauthorized(path);
+    }
+    let query: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let day_of = |v: Option<String>| -> Option<NaiveDate> {
+        let v = v?;
+        if let Ok(secs) = v.parse::<i64>() {
+            return DateTime::<Utc>::from_timestamp(secs, 0).map(|t| t.date_naive());
+        }
+        DateTime::parse_from_rfc3339(&v).ok().map(|t| t.with_timezone(&Utc).date_naive())
+    };
+    let (start, end) = if anthropic {
+        (day_of(param("starting_at")), day_of(param("ending_at")))
+    } else {
+        (day_of(param("start_time")), day_of(param("end_time")))
+    };
+    let Some(start) = start else {
+        return (StatusCode::BAD_REQUEST, "start_time / starting_at is required").into_response();
+    };
+    let end = end.unwrap_or_else(|| Utc::now().date_naive() + chrono::Duration::days(1));
+    if cost && sim.book.is_none() {
+        return (StatusCode::NOT_IMPLEMENTED, "start the simulator with --prices to serve cost reports").into_response();
+    }
+    let provider = if anthropic { "anthropic" } else { "openai" };
+    let (served, requests) = sim.served.lock().expect("sim lock").clone();
+    let mut buckets = Vec::new();
+    let mut day = start;
+    while day < end {
+        let rows = served
+            .iter()
+            .filter(|((d, p, _, _), _)| *d == day && *p == provider);
+        let results: Vec<Value> = if cost {
+            // Per model and token type, every key together.
+            let mut per_model: BTreeMap<&str, crate::domain::TokenCounts> = BTreeMap::new();
+            for ((_, _, model, _), t) in rows {
+                let m = per_model.entry(model.as_str()).or_default();
+                m.input += t.input;
+                m.cache_read += t.cache_read;
+                m.output += t.output;
+                m.reasoning += t.reasoning;
+            }
+            let book = sim.book.as_ref().expect("checked above");
+            let mut out = Vec::new();
+            for (model, t) in per_model {
+                let Some(e) = book.lookup(provider, model, "", day) else { continue };
+                let part = |counts: crate::domain::TokenCounts| crate::price::cost(&e.rates, &counts, rust_decimal::Decimal::ZERO);
+                use crate::domain::TokenCounts as C;
+                let items = [
+                    ("input", "uncached_input_tokens", part(C::new(t.input, 0, 0, 0, 0))),
+                    ("cached input", "cache_read_input_tokens", part(C::new(0, t.cache_read, 0, 0, 0))),
+                    ("output", "output_tokens", part(C::new(0, 0, 0, t.output, t.reasoning))),
+                ];
+                for (item, token_type, usd) in items {
+                    if usd.is_zero() {
+                        continue;
+                    }
+                    out.push(if anthropic {
+                        json!({"currency": "USD", "amount": (usd * rust_decimal::Decimal::ONE_HUNDRED).normalize().to_string(),
+                               "workspace_id": null, "description": format!("{model} Usage - {token_type}"),
+                               "cost_type": "tokens", "context_window": "0-200k", "model": model,
+                               "service_tier": "standard", "token_type": token_type})
+                    } else {
+                        use rust_decimal::prelude::ToPrimitive;
+                        json!({"object": "organization.costs.result",
+                               "amount": {"value": usd.to_f64().unwrap_or(0.0), "currency": "usd"},
+                               "line_item": format!("{model}, {item}"), "project_id": "proj_simulator"})
+                    });
+                }
+            }
+            out
+        } else {
+            rows.map(|(k @ (_, _, model, key), t)| {
+                if anthropic {
+                    json!({"uncached_input_tokens": t.input, "cache_creation": {"ephemeral_1h_input_tokens": 0,
+                           "ephemeral_5m_input_tokens": 0}, "cache_read_input_tokens": t.cache_read,
+                           "output_tokens": t.output, "server_tool_use": {"web_search_requests": 0},
+                           "api_key_id": key, "workspace_id": null, "model": model,
+                           "service_tier": "standard", "context_window": "0-200k"})
+                } else {
+                    json!({"object": "organization.usage.completions.result",
+                           "input_tokens": t.input + t.cache_read, "output_tokens": t.output,
+                           "input_cached_tokens": t.cache_read, "input_audio_tokens": 0, "output_audio_tokens": 0,
+                           "num_model_requests": requests.get(k).copied().unwrap_or(0),
+                           "project_id": "proj_simulator", "user_id": null, "api_key_id": key,
+                           "model": model, "batch": null})
+                }
+            })
+            .collect()
+        };
+        let next = day + chrono::Duration::days(1);
+        let at = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        buckets.push(if anthropic {
+            json!({"starting_at": at(day).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                   "ending_at": at(next).to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "results": results})
+        } else {
+            json!({"object": "bucket", "start_time": at(day).timestamp(), "end_time": at(next).timestamp(), "results": results})
+        });
+        day = next;
+    }
+    let page = if anthropic {
+        json!({"data": buckets, "has_more": false, "next_page": null})
+    } else {
+        json!({"object": "page", "data": buckets, "has_more": false, "next_page": null})
+    };
+    axum::Json(page).into_response()
+}
+
 async fn requests(State(sim): State<Arc<Sim>>) -> Response {
     let seen: Vec<Seen> = sim.seen.lock().expect("sim lock").iter().cloned().collect();
     axum::Json(seen).into_response()
@@ -688,13 +861,18 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     .into_response()
 }
 
-pub fn router(keys: Vec<String>) -> Router {
+pub fn router(keys: Vec<String>, book: Option<crate::price::PriceBook>) -> Router {
     let sim = Arc::new(Sim {
         keys,
+        book,
         ..Default::default()
     });
     Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/organization/usage/completions", get(bill))
+        .route("/v1/organization/costs", get(bill))
+        .route("/v1/organizations/usage_report/messages", get(bill))
+        .route("/v1/organizations/cost_report", get(bill))
         .route("/_sim/requests", get(requests))
         .route("/_sim/stats", get(stats))
         .fallback(post(handle))
@@ -720,7 +898,11 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(keys))
+    let book = match &args.prices {
+        Some(p) => Some(crate::price::PriceBook::load(p)?),
+        None => None,
+    };
+    axum::serve(listener, router(keys, book))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;
     Ok(())

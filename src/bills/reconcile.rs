@@ -24,7 +24,12 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 use super::{Export, Report, Tokens};
-use crate::format::{money, unsigned_zero};
+use crate::format::{money_on_page as money, unsigned_zero};
+
+/// An amount as shown: no trailing zeros, never -0.
+fn clean(d: Decimal) -> Decimal {
+    unsigned_zero(d.normalize())
+}
 use crate::price::PriceBook;
 
 /// What tokentally recorded for one day, provider and model (summed over institutions).
@@ -94,7 +99,7 @@ impl Side {
             cache_read_tokens: t.cache_read,
             cache_write_tokens: t.cache_write,
             output_tokens: t.output,
-            cost: unsigned_zero(cost),
+            cost: clean(cost),
         }
     }
 
@@ -174,8 +179,9 @@ impl Cause {
                 money(*book_cost)
             ),
             Cause::PriceMismatch { percent, amount } => format!(
-                "price mismatch: the provider charged {}{percent}% against the book's price of its tokens ({}{})",
+                "price mismatch: the provider charged {}{:.2}% against the book's price of its tokens ({}{})",
                 if percent.is_sign_positive() { "+" } else { "" },
+                percent,
                 if amount.is_sign_positive() { "+" } else { "" },
                 money(*amount)
             ),
@@ -225,10 +231,15 @@ pub struct Line {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ProviderTotal {
     pub provider: String,
+    /// Recorded on the days the provider's cost report covers.
     #[serde(with = "rust_decimal::serde::str")]
     pub ours: Decimal,
+    /// What the provider charged on those days.
     #[serde(with = "rust_decimal::serde::str")]
     pub theirs: Decimal,
+    /// Recorded on days the cost report does not cover (not compared).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub ours_uncovered: Decimal,
     pub days_covered: usize,
     pub days: usize,
     pub lines_over: usize,
@@ -269,6 +280,10 @@ struct Ours {
     estimated: u64,
     estimated_cost: Decimal,
     unpriced: u64,
+}
+
+fn clean_book(book: &PriceBook, provider: &str, model: &str, day: NaiveDate, requests: u64, t: &Tokens) -> Decimal {
+    clean(at_book(book, provider, model, day, requests, t))
 }
 
 /// The book's canonical name of a model (its own name when the book has none).
@@ -388,7 +403,7 @@ pub fn reconcile(
                 (
                     Some(Side::new(t.requests, &t.tokens, charge.unwrap_or_default())),
                     t.tokens.total() as i64 - o.tokens.total() as i64,
-                    unsigned_zero(book_theirs - book_ours),
+                    clean(book_theirs - book_ours),
                 )
             }
             None => (None, 0, Decimal::ZERO),
@@ -398,7 +413,7 @@ pub fn reconcile(
                 causes.push(Cause::OutsideGateway {
                     requests: t.outside_requests,
                     tokens: t.outside.total(),
-                    book_cost: at_book(book, &provider, &model, day, t.outside_requests, &t.outside),
+                    book_cost: clean_book(book, &provider, &model, day, t.outside_requests, &t.outside),
                     keys: t.outside_keys.iter().cloned().collect(),
                 });
             }
@@ -410,7 +425,7 @@ pub fn reconcile(
                 causes.push(Cause::NotRecorded {
                     requests,
                     tokens: missed.total(),
-                    book_cost: at_book(book, &provider, &model, day, requests, &missed),
+                    book_cost: clean_book(book, &provider, &model, day, requests, &missed),
                 });
             }
             let more = o.tokens.minus(&own_tokens);
@@ -420,7 +435,7 @@ pub fn reconcile(
                 causes.push(Cause::RecordedMore {
                     requests,
                     tokens: more.total(),
-                    book_cost: at_book(book, &provider, &model, day, requests, &more),
+                    book_cost: clean_book(book, &provider, &model, day, requests, &more),
                 });
             }
             if let Some(charge) = charge {
@@ -430,20 +445,20 @@ pub fn reconcile(
                         .round_dp(2);
                     if percent.abs() > s.price_tolerance_percent {
                         causes.push(Cause::PriceMismatch {
-                            percent: unsigned_zero(percent),
-                            amount: unsigned_zero(charge - book_theirs),
+                            percent: clean(percent),
+                            amount: clean(charge - book_theirs),
                         });
                     }
                 }
             }
         }
         if o.estimated > 0 {
-            causes.push(Cause::Estimated { requests: o.estimated, cost: o.estimated_cost });
+            causes.push(Cause::Estimated { requests: o.estimated, cost: clean(o.estimated_cost) });
         }
         if o.unpriced > 0 {
             causes.push(Cause::Unpriced { requests: o.unpriced });
         }
-        let cost_difference = (has_cost).then(|| unsigned_zero(charge.unwrap_or_default() - o.cost));
+        let cost_difference = (has_cost).then(|| clean(charge.unwrap_or_default() - o.cost));
         if let Some(d) = cost_difference {
             over |= d.abs() > s.threshold;
         }
@@ -465,15 +480,14 @@ pub fn reconcile(
         .iter()
         .map(|p| {
             let of = |r| covered.get(&(p.clone(), r)).cloned().unwrap_or_default();
+            let of_p = || lines.iter().filter(|l| &l.provider == p);
             ProviderTotal {
                 provider: p.clone(),
-                ours: lines.iter().filter(|l| &l.provider == p).map(|l| l.ours.cost).sum(),
-                theirs: lines
-                    .iter()
-                    .filter(|l| &l.provider == p)
-                    .filter_map(|l| l.theirs.as_ref())
-                    .map(|t| t.cost)
+                ours: of_p().filter(|l| l.cost_difference.is_some()).map(|l| l.ours.cost).sum(),
+                theirs: of_p()
+                    .filter_map(|l| l.cost_difference.map(|d| d + l.ours.cost))
                     .sum(),
+                ours_uncovered: of_p().filter(|l| l.cost_difference.is_none()).map(|l| l.ours.cost).sum(),
                 days_covered: of(Report::Usage).intersection(&of(Report::Cost)).count(),
                 days: (to - from).num_days().max(0) as usize + 1,
                 lines_over: lines.iter().filter(|l| &l.provider == p && l.over).count(),
@@ -481,8 +495,9 @@ pub fn reconcile(
         })
         .collect();
     for p in &mut providers {
-        p.ours = unsigned_zero(p.ours);
-        p.theirs = unsigned_zero(p.theirs);
+        p.ours = clean(p.ours);
+        p.theirs = clean(p.theirs);
+        p.ours_uncovered = clean(p.ours_uncovered);
     }
     Reconciliation {
         from,
@@ -491,7 +506,7 @@ pub fn reconcile(
         providers,
         not_compared: not_compared
             .into_iter()
-            .map(|(p, (c, n))| (p, unsigned_zero(c).to_string(), n))
+            .map(|(p, (c, n))| (p, clean(c).to_string(), n))
             .collect(),
         lines,
     }

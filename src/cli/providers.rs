@@ -196,11 +196,16 @@ pub fn table(r: &Reconciliation, all: bool) -> String {
     );
     for p in &r.providers {
         out.push_str(&format!(
-            "{}: recorded {}, provider charged {} ({}); {} of {} day(s) covered by both reports; {} line(s) over the threshold\n",
+            "{}: recorded {}, provider charged {} ({}) on the days its cost report covers{}; {} of {} day(s) covered by both reports; {} line(s) over the threshold\n",
             p.provider,
             money(p.ours),
             money(p.theirs),
             signed(p.theirs - p.ours),
+            if p.ours_uncovered.is_zero() {
+                String::new()
+            } else {
+                format!(" (and {} recorded on days it does not cover)", money(p.ours_uncovered))
+            },
             p.days_covered,
             p.days,
             p.lines_over
@@ -249,7 +254,7 @@ async fn alert(cfg: &Config, store: &Store, r: &Reconciliation) {
     for p in r.providers.iter().filter(|p| p.lines_over > 0) {
         let entity = format!("{}:{}..{}", p.provider, r.from, r.to);
         if known.iter().any(|i| i.kind == Kind::ProviderBill.as_str() && i.entity == entity) {
-            println!("alert for {entity} raised before; not again");
+            eprintln!("alert for {entity} raised before; not again");
             continue;
         }
         let over: Vec<_> = r.over().filter(|l| l.provider == p.provider).collect();
@@ -294,6 +299,6 @@ async fn alert(cfg: &Config, store: &Store, r: &Reconciliation) {
             tracing::error!(error = %e, "cannot record the provider_bill alert; delivering it anyway");
         }
         crate::alerts::deliver::deliver_now(cfg, &t).await;
-        println!("alert raised: {}", t.reading.message);
+        eprintln!("alert raised: {}", t.reading.message);
     }
 }

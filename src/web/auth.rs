@@ -646,6 +646,15 @@ impl Policy for CanIssue {
     }
 }
 
+/// Finance and admin: the providers' bills against recorded usage, and fetching them.
+pub struct CanReconcile;
+impl Policy for CanReconcile {
+    const WHAT: &'static str = "reconcile provider bills";
+    fn allows(p: &Principal) -> bool {
+        matches!(p.role, Role::Finance | Role::Admin)
+    }
+}
+
 /// Ops and admin: acknowledge alerts.
 pub struct CanAcknowledge;
 impl Policy for CanAcknowledge {

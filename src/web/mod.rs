@@ -16,6 +16,7 @@ mod openapi;
 pub mod page;
 mod pages;
 mod people;
+mod providers;
 pub mod query;
 mod signin;
 pub mod sso;
@@ -172,6 +173,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
             .route(&format!("{prefix}/close"), get(close::show))
             .route(&format!("{prefix}/close/issue"), post(close::issue))
+            .route(&format!("{prefix}/providers"), get(providers::show))
+            .route(&format!("{prefix}/providers/fetch"), post(providers::fetch))
             .route(&format!("{prefix}/invoices"), get(invoices::list))
             .route(&format!("{prefix}/invoices/draft"), get(invoices::draft))
             .route(&format!("{prefix}/invoices/issue"), post(invoices::issue))

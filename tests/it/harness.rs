@@ -808,6 +808,7 @@ pub async fn spawn_simulator(env: &TestEnv, extra_keys: &[&str]) -> Simulator {
         &["simulate", "--listen", "127.0.0.1:0"],
         &[
             ("TOKENTALLY_SIMULATOR_KEYS", keys.join(",")),
+            ("TOKENTALLY_PRICES", env.prices.display().to_string()),
             ("TOKENTALLY_LOG", "info".into()),
         ],
         &env.log_path(&format!("simulator-{}", extra_keys.len())),

@@ -2,6 +2,7 @@
 //! `scripts/test` starts both; each test gets a fresh database and topic.
 
 mod alerts;
+mod bills;
 mod budgets;
 mod compose;
 mod gateway;

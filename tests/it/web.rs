@@ -105,7 +105,7 @@ async fn load_known(env: &TestEnv) -> Known {
     k
 }
 
-struct Server {
+pub(crate) struct Server {
     serve: crate::harness::Serve,
     tokens: BTreeMap<&'static str, String>,
 }
@@ -131,7 +131,7 @@ async fn start_server(env: &TestEnv) -> Server {
 
 /// `serve` with users admin, fin, ops, alice (inst-a) and tokens fin, inst-a; `extra`
 /// TOML is appended to the config.
-async fn start_server_with(env: &TestEnv, extra: &str) -> Server {
+pub(crate) async fn start_server_with(env: &TestEnv, extra: &str) -> Server {
     start_server_users(env, extra, &[]).await
 }
 
@@ -2269,7 +2269,7 @@ async fn close_page_issues_and_as_billed_matches_the_invoice_in_the_browser() {
 /// The text of the element `css` once it differs from `before`, looked up afresh on each
 /// try (a click that submits a form replaces the page: an element found before it is
 /// stale, and the old page may still show what is awaited).
-async fn changed_text(browser: &fantoccini::Client, css: &str, before: &str) -> String {
+pub(crate) async fn changed_text(browser: &fantoccini::Client, css: &str, before: &str) -> String {
     let started = std::time::Instant::now();
     loop {
         if let Ok(e) = browser.find(fantoccini::Locator::Css(css)).await {
