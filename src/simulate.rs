@@ -16,7 +16,7 @@
 //!
 //! The providers' admin reports of what the simulator served (issue 35), in their API
 //! shapes, one bucket per UTC day: OpenAI `GET /v1/organization/usage/completions` and
-//! `/v1/organization/costs`, Anthropic `GET /v1/organizations/usage_report/messages` and
+//! `/usage/embeddings` and `/v1/organization/costs`, Anthropic `GET /v1/organizations/usage_report/messages` and
 //! `/v1/organizations/cost_report`. Usage is grouped by model and key (`key_`/`apikey_`
 //! and a SHA-256 prefix of the key the request carried); costs are the price book's base
 //! rates (`--prices`), per model and token type.
@@ -52,6 +52,14 @@ pub struct SimulateArgs {
     /// Price book the cost reports are priced with (without it they answer 501).
     #[arg(long, env = "TOKENTALLY_PRICES")]
     pub prices: Option<std::path::PathBuf>,
+    /// Most day buckets on one page of a usage or cost report (a client must follow
+    /// `next_page` past it).
+    #[arg(
+        long,
+        env = "TOKENTALLY_SIMULATOR_REPORT_PAGE_DAYS",
+        default_value_t = 31
+    )]
+    pub report_page_days: usize,
 }
 
 const WORDS: [&str; 16] = [
@@ -111,14 +119,18 @@ struct Seen {
     headers: Vec<String>,
 }
 
-/// What the simulator served per day, provider, model and key: its bill.
-type Served = BTreeMap<(chrono::NaiveDate, &'static str, String, String), crate::domain::TokenCounts>;
+/// What the simulator served per day, usage endpoint (`completions`, `embeddings`,
+/// `messages`), model and key: tokens and requests, its bill.
+type Served =
+    BTreeMap<(chrono::NaiveDate, &'static str, String, String), (crate::domain::TokenCounts, u64)>;
 
 #[derive(Default)]
 struct Sim {
     keys: Vec<String>,
     book: Option<crate::price::PriceBook>,
-    served: Mutex<(Served, BTreeMap<(chrono::NaiveDate, &'static str, String, String), u64>)>,
+    served: Mutex<Served>,
+    /// Most day buckets on one report page (`--report-page-days`).
+    report_page_days: usize,
     seen: Mutex<VecDeque<Seen>>,
     started: AtomicU64,
     completed: AtomicU64,
@@ -384,32 +396,47 @@ async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
         model,
         b,
     };
-    let provider = match path.as_str() {
-        "/v1/chat/completions" | "/v1/responses" => Some("openai"),
-        "/v1/messages" => Some("anthropic"),
+    // The provider's own report of it (issue 35): which usage endpoint lists it.
+    let kind = match path.as_str() {
+        "/v1/chat/completions" | "/v1/responses" => Some("completions"),
+        "/v1/embeddings" => Some("embeddings"),
+        "/v1/messages" => Some("messages"),
         _ => None,
     };
-    if let Some(provider) = provider {
-        let counts = crate::domain::TokenCounts::new(
-            call.prompt - call.cached,
-            call.cached,
-            0,
-            call.completion(),
-            call.reasoning,
-        );
+    if let Some(kind) = kind {
+        let counts = if kind == "embeddings" {
+            crate::domain::TokenCounts::new(prompt_tokens(&body).saturating_sub(3), 0, 0, 0, 0)
+        } else {
+            crate::domain::TokenCounts::new(
+                call.prompt - call.cached,
+                call.cached,
+                0,
+                call.completion(),
+                call.reasoning,
+            )
+        };
         let key_id = format!(
             "{}{}",
-            if provider == "anthropic" { "apikey_" } else { "key_" },
-            &digest(key.as_bytes())[..16]
+            if kind == "messages" {
+                "apikey_"
+            } else {
+                "key_"
+            },
+            digest(key.as_bytes())
         );
-        let at = (chrono::Utc::now().date_naive(), provider, call.model.clone(), key_id);
+        let at = (
+            chrono::Utc::now().date_naive(),
+            kind,
+            call.model.clone(),
+            key_id,
+        );
         let mut served = sim.served.lock().expect("sim lock");
-        let t = served.0.entry(at.clone()).or_default();
+        let (t, n) = served.entry(at).or_default();
         t.input += counts.input;
         t.cache_read += counts.cache_read;
         t.output += counts.output;
         t.reasoning += counts.reasoning;
-        *served.1.entry(at).or_default() += 1;
+        *n += 1;
     }
     match path.as_str() {
         "/v1/chat/completions" => chat(&call, stream, &body, sim),
@@ -750,7 +777,9 @@ async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::
         if let Ok(secs) = v.parse::<i64>() {
             return DateTime::<Utc>::from_timestamp(secs, 0).map(|t| t.date_naive());
         }
-        DateTime::parse_from_rfc3339(&v).ok().map(|t| t.with_timezone(&Utc).date_naive())
+        DateTime::parse_from_rfc3339(&v)
+            .ok()
+            .map(|t| t.with_timezone(&Utc).date_naive())
     };
     let (start, end) = if anthropic {
         (day_of(param("starting_at")), day_of(param("ending_at")))
@@ -758,24 +787,48 @@ async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::
         (day_of(param("start_time")), day_of(param("end_time")))
     };
     let Some(start) = start else {
-        return (StatusCode::BAD_REQUEST, "start_time / starting_at is required").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "start_time / starting_at is required",
+        )
+            .into_response();
     };
     let end = end.unwrap_or_else(|| Utc::now().date_naive() + chrono::Duration::days(1));
     if cost && sim.book.is_none() {
-        return (StatusCode::NOT_IMPLEMENTED, "start the simulator with --prices to serve cost reports").into_response();
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "start the simulator with --prices to serve cost reports",
+        )
+            .into_response();
     }
     let provider = if anthropic { "anthropic" } else { "openai" };
-    let (served, requests) = sim.served.lock().expect("sim lock").clone();
+    // Which usage endpoint's rows a report lists (every OpenAI kind for its costs).
+    let kinds: &[&str] = match path.rsplit('/').next().unwrap_or("") {
+        "completions" => &["completions"],
+        "embeddings" => &["embeddings"],
+        "costs" => &["completions", "embeddings"],
+        _ => &["messages"],
+    };
+    let served = sim.served.lock().expect("sim lock").clone();
+    // Pages of at most `limit` buckets (and the simulator's own cap); `page` is the day
+    // the next page starts.
+    let limit = param("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(7)
+        .clamp(1, sim.report_page_days.max(1));
+    let start = param("page")
+        .and_then(|p| p.parse::<NaiveDate>().ok())
+        .unwrap_or(start);
     let mut buckets = Vec::new();
     let mut day = start;
-    while day < end {
+    while day < end && buckets.len() < limit {
         let rows = served
             .iter()
-            .filter(|((d, p, _, _), _)| *d == day && *p == provider);
+            .filter(|((d, k, _, _), _)| *d == day && kinds.contains(k));
         let results: Vec<Value> = if cost {
             // Per model and token type, every key together.
             let mut per_model: BTreeMap<&str, crate::domain::TokenCounts> = BTreeMap::new();
-            for ((_, _, model, _), t) in rows {
+            for ((_, _, model, _), (t, _)) in rows {
                 let m = per_model.entry(model.as_str()).or_default();
                 m.input += t.input;
                 m.cache_read += t.cache_read;
@@ -785,13 +838,29 @@ async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::
             let book = sim.book.as_ref().expect("checked above");
             let mut out = Vec::new();
             for (model, t) in per_model {
-                let Some(e) = book.lookup(provider, model, "", day) else { continue };
-                let part = |counts: crate::domain::TokenCounts| crate::price::cost(&e.rates, &counts, rust_decimal::Decimal::ZERO);
+                let Some(e) = book.lookup(provider, model, "", day) else {
+                    continue;
+                };
+                let part = |counts: crate::domain::TokenCounts| {
+                    crate::price::cost(&e.rates, &counts, rust_decimal::Decimal::ZERO)
+                };
                 use crate::domain::TokenCounts as C;
                 let items = [
-                    ("input", "uncached_input_tokens", part(C::new(t.input, 0, 0, 0, 0))),
-                    ("cached input", "cache_read_input_tokens", part(C::new(0, t.cache_read, 0, 0, 0))),
-                    ("output", "output_tokens", part(C::new(0, 0, 0, t.output, t.reasoning))),
+                    (
+                        "input",
+                        "uncached_input_tokens",
+                        part(C::new(t.input, 0, 0, 0, 0)),
+                    ),
+                    (
+                        "cached input",
+                        "cache_read_input_tokens",
+                        part(C::new(0, t.cache_read, 0, 0, 0)),
+                    ),
+                    (
+                        "output",
+                        "output_tokens",
+                        part(C::new(0, 0, 0, t.output, t.reasoning)),
+                    ),
                 ];
                 for (item, token_type, usd) in items {
                     if usd.is_zero() {
@@ -812,18 +881,22 @@ async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::
             }
             out
         } else {
-            rows.map(|(k @ (_, _, model, key), t)| {
+            rows.map(|((_, kind, model, key), (t, n))| {
                 if anthropic {
                     json!({"uncached_input_tokens": t.input, "cache_creation": {"ephemeral_1h_input_tokens": 0,
                            "ephemeral_5m_input_tokens": 0}, "cache_read_input_tokens": t.cache_read,
                            "output_tokens": t.output, "server_tool_use": {"web_search_requests": 0},
                            "api_key_id": key, "workspace_id": null, "model": model,
                            "service_tier": "standard", "context_window": "0-200k"})
+                } else if *kind == "embeddings" {
+                    json!({"object": "organization.usage.embeddings.result", "input_tokens": t.input,
+                           "num_model_requests": n, "project_id": "proj_simulator", "user_id": null,
+                           "api_key_id": key, "model": model})
                 } else {
                     json!({"object": "organization.usage.completions.result",
                            "input_tokens": t.input + t.cache_read, "output_tokens": t.output,
                            "input_cached_tokens": t.cache_read, "input_audio_tokens": 0, "output_audio_tokens": 0,
-                           "num_model_requests": requests.get(k).copied().unwrap_or(0),
+                           "num_model_requests": n,
                            "project_id": "proj_simulator", "user_id": null, "api_key_id": key,
                            "model": model, "batch": null})
                 }
@@ -840,10 +913,11 @@ async fn bill(State(sim): State<Arc<Sim>>, headers: HeaderMap, uri: axum::http::
         });
         day = next;
     }
+    let next_page = (day < end).then(|| day.to_string());
     let page = if anthropic {
-        json!({"data": buckets, "has_more": false, "next_page": null})
+        json!({"data": buckets, "has_more": next_page.is_some(), "next_page": next_page})
     } else {
-        json!({"object": "page", "data": buckets, "has_more": false, "next_page": null})
+        json!({"object": "page", "data": buckets, "has_more": next_page.is_some(), "next_page": next_page})
     };
     axum::Json(page).into_response()
 }
@@ -861,15 +935,21 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     .into_response()
 }
 
-pub fn router(keys: Vec<String>, book: Option<crate::price::PriceBook>) -> Router {
+pub fn router(
+    keys: Vec<String>,
+    book: Option<crate::price::PriceBook>,
+    report_page_days: usize,
+) -> Router {
     let sim = Arc::new(Sim {
         keys,
         book,
+        report_page_days,
         ..Default::default()
     });
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/organization/usage/completions", get(bill))
+        .route("/v1/organization/usage/embeddings", get(bill))
         .route("/v1/organization/costs", get(bill))
         .route("/v1/organizations/usage_report/messages", get(bill))
         .route("/v1/organizations/cost_report", get(bill))
@@ -902,7 +982,7 @@ pub async fn run(
         Some(p) => Some(crate::price::PriceBook::load(p)?),
         None => None,
     };
-    axum::serve(listener, router(keys, book))
+    axum::serve(listener, router(keys, book, args.report_page_days))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await?;
     Ok(())

@@ -341,7 +341,12 @@ pub async fn rate_checks(
                 .first_spend(by, from.timestamp(), now.timestamp(), &candidates)
                 .await?
                 .into_iter()
-                .map(|f| (rate_entity(by, &f.institution_id, &f.subject), hour_at(f.hour)))
+                .map(|f| {
+                    (
+                        rate_entity(by, &f.institution_id, &f.subject),
+                        hour_at(f.hour),
+                    )
+                })
                 .collect()
         } else {
             BTreeMap::new()
@@ -363,7 +368,11 @@ pub async fn rate_checks(
             out.checks.insert((kind, inst, entity), checks);
         }
     }
-    if out.checks.keys().any(|(kind, _, _)| *kind != Kind::KeySpike) {
+    if out
+        .checks
+        .keys()
+        .any(|(kind, _, _)| *kind != Kind::KeySpike)
+    {
         let (from, to) = recent_range[0];
         for (inst, key, user) in store.key_users(from, to).await? {
             out.owners.insert(
@@ -507,7 +516,12 @@ fn rate_subject(kind: Kind, entity: &str) -> String {
 pub fn merge_rate_readings(readings: &mut Vec<Reading>, rates: &RateChecks, tracker: &Tracker) {
     let ordered = [Kind::KeySpike, Kind::UserSpike, Kind::InstitutionSpike]
         .into_iter()
-        .flat_map(|k| rates.checks.iter().filter(move |((kind, _, _), _)| *kind == k));
+        .flat_map(|k| {
+            rates
+                .checks
+                .iter()
+                .filter(move |((kind, _, _), _)| *kind == k)
+        });
     for ((kind, inst, entity), checks) in ordered {
         if explained(*kind, inst, entity, readings, rates, tracker) {
             continue;
@@ -1111,7 +1125,10 @@ mod tests {
             user.message,
             "user ola of uni spent $3.00 in the last 15 min; usual for this time of the week: $0.50 (spend rate)"
         );
-        assert_eq!(by(&readings, Kind::InstitutionSpike).unwrap().message, "hourly");
+        assert_eq!(
+            by(&readings, Kind::InstitutionSpike).unwrap().message,
+            "hourly"
+        );
         assert!(!by(&readings, Kind::InstitutionSpike).unwrap().firing);
 
         // One leaked key of that user: the key's page only.
@@ -1141,7 +1158,10 @@ mod tests {
         assert_eq!(later.len(), 1);
         assert!(!later[0].firing);
         assert_eq!(later[0].entity, "uni/user:ola");
-        assert_eq!(later[0].message, "user ola of uni spends at its usual rate again");
+        assert_eq!(
+            later[0].message,
+            "user ola of uni spends at its usual rate again"
+        );
         let changes = tracker.step(t0 + Duration::minutes(1), later);
         assert_eq!(changes.len(), 1);
         assert!(changes[0].resolved);
@@ -1179,25 +1199,22 @@ mod tests {
         let rates = RateChecks {
             owners: BTreeMap::new(),
             checks: BTreeMap::from([
-            (
-                (Kind::KeySpike, "uni".to_owned(), "uni/leaked".to_owned()),
-                vec![(w15, check(dec!(3))), (w360, check(dec!(3)))],
-            ),
-            (
-                (Kind::KeySpike, "uni".to_owned(), "uni/calm".to_owned()),
-                vec![
-                    (w15, check(dec!(1.25))),
-                    (w360, check(dec!(1))),
-                ],
-            ),
-            (
-                (Kind::KeySpike, "uni".to_owned(), "uni/hourly".to_owned()),
-                vec![(w15, check(dec!(9)))],
-            ),
-            (
-                (Kind::KeySpike, "uni".to_owned(), "uni/new".to_owned()),
-                vec![(w15, check(dec!(4)))],
-            ),
+                (
+                    (Kind::KeySpike, "uni".to_owned(), "uni/leaked".to_owned()),
+                    vec![(w15, check(dec!(3))), (w360, check(dec!(3)))],
+                ),
+                (
+                    (Kind::KeySpike, "uni".to_owned(), "uni/calm".to_owned()),
+                    vec![(w15, check(dec!(1.25))), (w360, check(dec!(1)))],
+                ),
+                (
+                    (Kind::KeySpike, "uni".to_owned(), "uni/hourly".to_owned()),
+                    vec![(w15, check(dec!(9)))],
+                ),
+                (
+                    (Kind::KeySpike, "uni".to_owned(), "uni/new".to_owned()),
+                    vec![(w15, check(dec!(4)))],
+                ),
             ]),
         };
         merge_rate_readings(&mut readings, &rates, &tracker);

@@ -122,7 +122,11 @@ fn bucket_day(bucket: &Value) -> Result<(bool, NaiveDate), ParseError> {
 /// Which report a result belongs to, if it tells.
 fn result_report(r: &Value) -> Option<Report> {
     match r.get("object").and_then(Value::as_str) {
-        Some("organization.usage.completions.result") => return Some(Report::Usage),
+        Some(
+            "organization.usage.completions.result"
+            | "organization.usage.embeddings.result"
+            | "organization.usage.moderations.result",
+        ) => return Some(Report::Usage),
         Some("organization.costs.result") => return Some(Report::Cost),
         _ => {}
     }
@@ -271,7 +275,11 @@ fn csv_export(text: &str, provider: &str, report: Report) -> Result<Export, Pars
         .iter()
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
-    let col = |names: &[&str]| names.iter().find_map(|n| headers.iter().position(|h| h == n));
+    let col = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| headers.iter().position(|h| h == n))
+    };
     let day_col = col(&["date", "day", "start_time", "starting_at", "bucket_start"])
         .ok_or_else(|| shape("the CSV has no date column (date, start_time or starting_at)"))?;
     let anthropic = provider == "anthropic";
@@ -315,7 +323,11 @@ fn csv_export(text: &str, provider: &str, report: Report) -> Result<Export, Pars
                 row.tokens = Tokens {
                     // OpenAI's input_tokens include the cached ones; Anthropic's
                     // uncached_input_tokens do not.
-                    input: if anthropic { input } else { input.saturating_sub(cached) },
+                    input: if anthropic {
+                        input
+                    } else {
+                        input.saturating_sub(cached)
+                    },
                     cache_read: cached,
                     cache_write: num(written),
                     output: num(output),
@@ -332,11 +344,15 @@ fn csv_export(text: &str, provider: &str, report: Report) -> Result<Export, Pars
                 }
                 let parsed = |c: Option<usize>| {
                     let s = get(c);
-                    Decimal::from_str(&s).or_else(|_| Decimal::from_scientific(&s)).ok()
+                    Decimal::from_str(&s)
+                        .or_else(|_| Decimal::from_scientific(&s))
+                        .ok()
                 };
                 row.cost = match (dollars, cents) {
                     (Some(d), _) => parsed(Some(d)),
-                    (None, Some(c)) if anthropic => parsed(Some(c)).map(|v| v / Decimal::ONE_HUNDRED),
+                    (None, Some(c)) if anthropic => {
+                        parsed(Some(c)).map(|v| v / Decimal::ONE_HUNDRED)
+                    }
                     (None, c) => parsed(c),
                 }
                 .ok_or_else(|| shape(format!("row {}: the amount is not a number", n + 2)))?;
@@ -391,8 +407,19 @@ mod tests {
         );
         assert_eq!(e.rows.len(), 1);
         let r = &e.rows[0];
-        assert_eq!(r.tokens, Tokens { input: 800, cache_read: 200, cache_write: 0, output: 50 });
-        assert_eq!((r.requests, r.api_key_id.as_str(), r.project_id.as_str()), (3, "key_a", "proj_a"));
+        assert_eq!(
+            r.tokens,
+            Tokens {
+                input: 800,
+                cache_read: 200,
+                cache_write: 0,
+                output: 50
+            }
+        );
+        assert_eq!(
+            (r.requests, r.api_key_id.as_str(), r.project_id.as_str()),
+            (3, "key_a", "proj_a")
+        );
     }
 
     #[test]
@@ -407,7 +434,10 @@ mod tests {
         assert_eq!(e.report, Report::Cost);
         assert_eq!(e.rows[0].cost, dec!(0.06));
         assert_eq!(e.rows[1].cost, dec!(1.234567890123));
-        assert_eq!((e.rows[1].model.as_str(), e.rows[1].item.as_str()), ("gpt-4o-2024-08-06", "output"));
+        assert_eq!(
+            (e.rows[1].model.as_str(), e.rows[1].item.as_str()),
+            ("gpt-4o-2024-08-06", "output")
+        );
     }
 
     #[test]
@@ -427,17 +457,28 @@ mod tests {
         let e = parse(&both, Some("anthropic"), None).unwrap();
         assert_eq!(e.len(), 2);
         let u = e.iter().find(|e| e.report == Report::Usage).unwrap();
-        assert_eq!(u.rows[0].tokens, Tokens { input: 1500, cache_read: 200, cache_write: 1500, output: 500 });
+        assert_eq!(
+            u.rows[0].tokens,
+            Tokens {
+                input: 1500,
+                cache_read: 200,
+                cache_write: 1500,
+                output: 500
+            }
+        );
         let c = e.iter().find(|e| e.report == Report::Cost).unwrap();
         assert_eq!(c.rows[0].cost, dec!(1.2345));
         assert_eq!(c.rows[0].item, "uncached_input_tokens");
-        assert_eq!(parse(&both, Some("openai"), None).unwrap_err(),
-            shape("the file is a report of anthropic, not of openai"));
+        assert_eq!(
+            parse(&both, Some("openai"), None).unwrap_err(),
+            shape("the file is a report of anthropic, not of openai")
+        );
     }
 
     #[test]
     fn an_empty_page_needs_to_be_told_which_report_it_is() {
-        let page = json!({"data": [{"start_time": 1730419200, "end_time": 1730505600, "results": []}]});
+        let page =
+            json!({"data": [{"start_time": 1730419200, "end_time": 1730505600, "results": []}]});
         assert!(parse(&page.to_string(), None, None).is_err());
         let e = &parse(&page.to_string(), None, Some(Report::Cost)).unwrap()[0];
         assert_eq!((e.report, e.rows.len(), e.days.len()), (Report::Cost, 0, 1));
@@ -448,10 +489,26 @@ mod tests {
         let usage = "date,model,api_key_id,project_id,num_model_requests,input_tokens,input_cached_tokens,output_tokens\n\
                      2026-11-02,gpt-4o-mini,key_a,proj_a,2,100,40,10\n";
         let e = &parse(usage, Some("openai"), Some(Report::Usage)).unwrap()[0];
-        assert_eq!(e.rows[0].tokens, Tokens { input: 60, cache_read: 40, cache_write: 0, output: 10 });
-        let cost = "start_time,line_item,project_id,amount\n1730419200,\"gpt-4o, output\",proj_a,0.25\n";
+        assert_eq!(
+            e.rows[0].tokens,
+            Tokens {
+                input: 60,
+                cache_read: 40,
+                cache_write: 0,
+                output: 10
+            }
+        );
+        let cost =
+            "start_time,line_item,project_id,amount\n1730419200,\"gpt-4o, output\",proj_a,0.25\n";
         let e = &parse(cost, Some("openai"), Some(Report::Cost)).unwrap()[0];
-        assert_eq!((e.rows[0].model.as_str(), e.rows[0].item.as_str(), e.rows[0].cost), ("gpt-4o", "output", dec!(0.25)));
+        assert_eq!(
+            (
+                e.rows[0].model.as_str(),
+                e.rows[0].item.as_str(),
+                e.rows[0].cost
+            ),
+            ("gpt-4o", "output", dec!(0.25))
+        );
         assert_eq!(e.rows[0].day, day("2024-11-01"));
         assert!(parse(cost, None, None).is_err());
     }

@@ -282,7 +282,14 @@ struct Ours {
     unpriced: u64,
 }
 
-fn clean_book(book: &PriceBook, provider: &str, model: &str, day: NaiveDate, requests: u64, t: &Tokens) -> Decimal {
+fn clean_book(
+    book: &PriceBook,
+    provider: &str,
+    model: &str,
+    day: NaiveDate,
+    requests: u64,
+    t: &Tokens,
+) -> Decimal {
     clean(at_book(book, provider, model, day, requests, t))
 }
 
@@ -293,10 +300,22 @@ fn canonical(book: &PriceBook, provider: &str, model: &str, day: NaiveDate) -> S
 }
 
 /// `tokens` of `model` at the book's base rates (zero when the book has no price).
-fn at_book(book: &PriceBook, provider: &str, model: &str, day: NaiveDate, requests: u64, t: &Tokens) -> Decimal {
-    book.lookup(provider, model, "", day).map_or(Decimal::ZERO, |e| {
-        crate::price::cost(&e.rates, &t.counts(), e.per_request * Decimal::from(requests))
-    })
+fn at_book(
+    book: &PriceBook,
+    provider: &str,
+    model: &str,
+    day: NaiveDate,
+    requests: u64,
+    t: &Tokens,
+) -> Decimal {
+    book.lookup(provider, model, "", day)
+        .map_or(Decimal::ZERO, |e| {
+            crate::price::cost(
+                &e.rates,
+                &t.counts(),
+                e.per_request * Decimal::from(requests),
+            )
+        })
 }
 
 /// Compares `recorded` with the providers' `exports` (the latest import of each
@@ -323,7 +342,11 @@ pub fn reconcile(
             .extend(e.days.iter().copied().filter(|d| in_range(*d)));
         let own = s.ownership.get(&e.provider).unwrap_or(&none);
         for r in e.rows.iter().filter(|r| in_range(r.day)) {
-            let key = (e.provider.clone(), r.day, canonical(book, &e.provider, &r.model, r.day));
+            let key = (
+                e.provider.clone(),
+                r.day,
+                canonical(book, &e.provider, &r.model, r.day),
+            );
             match e.report {
                 Report::Usage => {
                     let t = theirs.entry(key).or_default();
@@ -380,8 +403,12 @@ pub fn reconcile(
     let mut lines = Vec::new();
     for key in keys {
         let (provider, day, model) = key.clone();
-        let usage_days = covered.get(&(provider.clone(), Report::Usage)).unwrap_or(&empty_days);
-        let cost_days = covered.get(&(provider.clone(), Report::Cost)).unwrap_or(&empty_days);
+        let usage_days = covered
+            .get(&(provider.clone(), Report::Usage))
+            .unwrap_or(&empty_days);
+        let cost_days = covered
+            .get(&(provider.clone(), Report::Cost))
+            .unwrap_or(&empty_days);
         let o = ours.remove(&key).unwrap_or_default();
         let t = theirs.remove(&key);
         let charge = charged.remove(&key);
@@ -391,7 +418,9 @@ pub fn reconcile(
         let has_cost = cost_days.contains(&day);
         for (has, report) in [(has_usage, Report::Usage), (has_cost, Report::Cost)] {
             if !has {
-                causes.push(Cause::NoProviderReport { report: report.as_str().into() });
+                causes.push(Cause::NoProviderReport {
+                    report: report.as_str().into(),
+                });
                 over |= o.requests > 0 || o.tokens.total() > 0;
             }
         }
@@ -413,7 +442,14 @@ pub fn reconcile(
                 causes.push(Cause::OutsideGateway {
                     requests: t.outside_requests,
                     tokens: t.outside.total(),
-                    book_cost: clean_book(book, &provider, &model, day, t.outside_requests, &t.outside),
+                    book_cost: clean_book(
+                        book,
+                        &provider,
+                        &model,
+                        day,
+                        t.outside_requests,
+                        &t.outside,
+                    ),
                     keys: t.outside_keys.iter().cloned().collect(),
                 });
             }
@@ -431,7 +467,11 @@ pub fn reconcile(
             let more = o.tokens.minus(&own_tokens);
             if more.total() > 0 {
                 // Anthropic counts no requests: only tokens can be compared there.
-                let requests = if own_requests > 0 { o.requests.saturating_sub(own_requests) } else { 0 };
+                let requests = if own_requests > 0 {
+                    o.requests.saturating_sub(own_requests)
+                } else {
+                    0
+                };
                 causes.push(Cause::RecordedMore {
                     requests,
                     tokens: more.total(),
@@ -441,8 +481,8 @@ pub fn reconcile(
             if let Some(charge) = charge {
                 let book_theirs = at_book(book, &provider, &model, day, t.requests, &t.tokens);
                 if !book_theirs.is_zero() {
-                    let percent = ((charge - book_theirs) / book_theirs * Decimal::ONE_HUNDRED)
-                        .round_dp(2);
+                    let percent =
+                        ((charge - book_theirs) / book_theirs * Decimal::ONE_HUNDRED).round_dp(2);
                     if percent.abs() > s.price_tolerance_percent {
                         causes.push(Cause::PriceMismatch {
                             percent: clean(percent),
@@ -453,10 +493,15 @@ pub fn reconcile(
             }
         }
         if o.estimated > 0 {
-            causes.push(Cause::Estimated { requests: o.estimated, cost: clean(o.estimated_cost) });
+            causes.push(Cause::Estimated {
+                requests: o.estimated,
+                cost: clean(o.estimated_cost),
+            });
         }
         if o.unpriced > 0 {
-            causes.push(Cause::Unpriced { requests: o.unpriced });
+            causes.push(Cause::Unpriced {
+                requests: o.unpriced,
+            });
         }
         let cost_difference = (has_cost).then(|| clean(charge.unwrap_or_default() - o.cost));
         if let Some(d) = cost_difference {
@@ -483,11 +528,17 @@ pub fn reconcile(
             let of_p = || lines.iter().filter(|l| &l.provider == p);
             ProviderTotal {
                 provider: p.clone(),
-                ours: of_p().filter(|l| l.cost_difference.is_some()).map(|l| l.ours.cost).sum(),
+                ours: of_p()
+                    .filter(|l| l.cost_difference.is_some())
+                    .map(|l| l.ours.cost)
+                    .sum(),
                 theirs: of_p()
                     .filter_map(|l| l.cost_difference.map(|d| d + l.ours.cost))
                     .sum(),
-                ours_uncovered: of_p().filter(|l| l.cost_difference.is_none()).map(|l| l.ours.cost).sum(),
+                ours_uncovered: of_p()
+                    .filter(|l| l.cost_difference.is_none())
+                    .map(|l| l.ours.cost)
+                    .sum(),
                 days_covered: of(Report::Usage).intersection(&of(Report::Cost)).count(),
                 days: (to - from).num_days().max(0) as usize + 1,
                 lines_over: lines.iter().filter(|l| &l.provider == p && l.over).count(),
@@ -551,8 +602,13 @@ output_per_mtok = "2"
             model: "m".into(),
             price_model: "m".into(),
             requests,
-            tokens: Tokens { input, output, ..Default::default() },
-            cost: Decimal::from(input) / dec!(1000000) + Decimal::from(output) * dec!(2) / dec!(1000000),
+            tokens: Tokens {
+                input,
+                output,
+                ..Default::default()
+            },
+            cost: Decimal::from(input) / dec!(1000000)
+                + Decimal::from(output) * dec!(2) / dec!(1000000),
             ..Default::default()
         }
     }
@@ -569,7 +625,13 @@ output_per_mtok = "2"
         e.days = days.iter().map(|d| day(d)).collect();
         e.rows = rows
             .into_iter()
-            .map(|(d, c)| BillRow { day: day(d), model: "m-2026-01-01".into(), item: "input".into(), cost: c, ..Default::default() })
+            .map(|(d, c)| BillRow {
+                day: day(d),
+                model: "m-2026-01-01".into(),
+                item: "input".into(),
+                cost: c,
+                ..Default::default()
+            })
             .collect();
         e
     }
@@ -580,7 +642,11 @@ output_per_mtok = "2"
             model: "m-2026-01-01".into(),
             api_key_id: key.into(),
             requests,
-            tokens: Tokens { input, output, ..Default::default() },
+            tokens: Tokens {
+                input,
+                output,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -589,9 +655,15 @@ output_per_mtok = "2"
         Settings {
             threshold: dec!(0.01),
             price_tolerance_percent: dec!(0.1),
-            ownership: [("openai".to_owned(), Ownership { key_ids: keys.iter().map(|k| k.to_string()).collect(), projects: vec![] })]
-                .into_iter()
-                .collect(),
+            ownership: [(
+                "openai".to_owned(),
+                Ownership {
+                    key_ids: keys.iter().map(|k| k.to_string()).collect(),
+                    projects: vec![],
+                },
+            )]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -599,29 +671,63 @@ output_per_mtok = "2"
     fn matching_reports_have_no_difference() {
         let rec = [ours("2026-03-01", 10, 1_000_000, 500_000)];
         let ex = [
-            usage(&["2026-03-01"], vec![row("2026-03-01", "key_gw", 10, 1_000_000, 500_000)]),
+            usage(
+                &["2026-03-01"],
+                vec![row("2026-03-01", "key_gw", 10, 1_000_000, 500_000)],
+            ),
             cost(&["2026-03-01"], vec![("2026-03-01", dec!(2))]),
         ];
-        let r = reconcile(day("2026-03-01"), day("2026-03-01"), &rec, &ex, &book(), &settings(&["key_gw"]));
-        assert_eq!(r.lines.len(), 1, "the dated snapshot name meets the alias: {:?}", r.lines);
+        let r = reconcile(
+            day("2026-03-01"),
+            day("2026-03-01"),
+            &rec,
+            &ex,
+            &book(),
+            &settings(&["key_gw"]),
+        );
+        assert_eq!(
+            r.lines.len(),
+            1,
+            "the dated snapshot name meets the alias: {:?}",
+            r.lines
+        );
         let l = &r.lines[0];
         assert!(l.causes.is_empty() && !l.over, "{l:?}");
-        assert_eq!((l.token_difference, l.cost_difference), (0, Some(Decimal::ZERO)));
-        assert!(!l.cost_difference.unwrap().to_string().starts_with('-'), "never -0");
+        assert_eq!(
+            (l.token_difference, l.cost_difference),
+            (0, Some(Decimal::ZERO))
+        );
+        assert!(
+            !l.cost_difference.unwrap().to_string().starts_with('-'),
+            "never -0"
+        );
     }
 
     #[test]
     fn traffic_outside_the_gateway_a_price_mismatch_and_a_missing_day_are_named() {
-        let rec = [ours("2026-03-01", 10, 1_000_000, 500_000), ours("2026-03-02", 5, 2_000_000, 0)];
+        let rec = [
+            ours("2026-03-01", 10, 1_000_000, 500_000),
+            ours("2026-03-02", 5, 2_000_000, 0),
+        ];
         let ex = [
             usage(
                 &["2026-03-01"],
-                vec![row("2026-03-01", "key_gw", 10, 1_000_000, 500_000), row("2026-03-01", "key_laptop", 200, 200_000, 0)],
+                vec![
+                    row("2026-03-01", "key_gw", 10, 1_000_000, 500_000),
+                    row("2026-03-01", "key_laptop", 200, 200_000, 0),
+                ],
             ),
             // $2.00 for the gateway's tokens and $0.20 for the laptop's, 1 % above the book.
             cost(&["2026-03-01"], vec![("2026-03-01", dec!(2.222))]),
         ];
-        let r = reconcile(day("2026-03-01"), day("2026-03-02"), &rec, &ex, &book(), &settings(&["key_gw"]));
+        let r = reconcile(
+            day("2026-03-01"),
+            day("2026-03-02"),
+            &rec,
+            &ex,
+            &book(),
+            &settings(&["key_gw"]),
+        );
         let first = &r.lines[0];
         assert!(first.over);
         assert_eq!(first.token_difference, 200_000);
@@ -630,48 +736,105 @@ output_per_mtok = "2"
         assert_eq!(
             first.causes,
             vec![
-                Cause::OutsideGateway { requests: 200, tokens: 200_000, book_cost: dec!(0.2), keys: vec!["key_laptop".into()] },
-                Cause::PriceMismatch { percent: dec!(1.00), amount: dec!(0.022) },
+                Cause::OutsideGateway {
+                    requests: 200,
+                    tokens: 200_000,
+                    book_cost: dec!(0.2),
+                    keys: vec!["key_laptop".into()]
+                },
+                Cause::PriceMismatch {
+                    percent: dec!(1.00),
+                    amount: dec!(0.022)
+                },
             ]
         );
         let second = &r.lines[1];
         assert!(second.over && second.theirs.is_none() && second.cost_difference.is_none());
         assert_eq!(
             second.causes,
-            vec![Cause::NoProviderReport { report: "usage".into() }, Cause::NoProviderReport { report: "cost".into() }]
+            vec![
+                Cause::NoProviderReport {
+                    report: "usage".into()
+                },
+                Cause::NoProviderReport {
+                    report: "cost".into()
+                }
+            ]
         );
         assert_eq!(r.providers[0].days_covered, 1);
     }
 
     #[test]
-    fn without_ownership_extra_provider_usage_is_not_recorded_and_gateway_extras_are_recorded_more() {
+    fn without_ownership_extra_provider_usage_is_not_recorded_and_gateway_extras_are_recorded_more()
+    {
         let mut rec = vec![ours("2026-03-01", 10, 1_000_000, 0)];
         rec[0].estimated = 2;
         rec[0].estimated_cost = dec!(0.1);
         let ex = [
-            usage(&["2026-03-01"], vec![row("2026-03-01", "key_a", 8, 900_000, 0)]),
+            usage(
+                &["2026-03-01"],
+                vec![row("2026-03-01", "key_a", 8, 900_000, 0)],
+            ),
             cost(&["2026-03-01"], vec![("2026-03-01", dec!(0.9))]),
         ];
-        let r = reconcile(day("2026-03-01"), day("2026-03-01"), &rec, &ex, &book(), &settings(&[]));
+        let r = reconcile(
+            day("2026-03-01"),
+            day("2026-03-01"),
+            &rec,
+            &ex,
+            &book(),
+            &settings(&[]),
+        );
         let l = &r.lines[0];
         assert_eq!(l.cost_difference, Some(dec!(-0.1)));
         assert_eq!(
             l.causes,
             vec![
-                Cause::RecordedMore { requests: 2, tokens: 100_000, book_cost: dec!(0.1) },
-                Cause::Estimated { requests: 2, cost: dec!(0.1) },
+                Cause::RecordedMore {
+                    requests: 2,
+                    tokens: 100_000,
+                    book_cost: dec!(0.1)
+                },
+                Cause::Estimated {
+                    requests: 2,
+                    cost: dec!(0.1)
+                },
             ]
         );
-        let ex2 = [usage(&["2026-03-01"], vec![row("2026-03-01", "key_a", 12, 1_100_000, 0)])];
-        let r = reconcile(day("2026-03-01"), day("2026-03-01"), &[ours("2026-03-01", 10, 1_000_000, 0)], &ex2, &book(), &settings(&[]));
-        assert_eq!(r.lines[0].causes[1], Cause::NotRecorded { requests: 2, tokens: 100_000, book_cost: dec!(0.1) });
+        let ex2 = [usage(
+            &["2026-03-01"],
+            vec![row("2026-03-01", "key_a", 12, 1_100_000, 0)],
+        )];
+        let r = reconcile(
+            day("2026-03-01"),
+            day("2026-03-01"),
+            &[ours("2026-03-01", 10, 1_000_000, 0)],
+            &ex2,
+            &book(),
+            &settings(&[]),
+        );
+        assert_eq!(
+            r.lines[0].causes[1],
+            Cause::NotRecorded {
+                requests: 2,
+                tokens: 100_000,
+                book_cost: dec!(0.1)
+            }
+        );
     }
 
     #[test]
     fn a_provider_without_reports_is_listed_as_not_compared() {
         let mut g = ours("2026-03-01", 3, 10, 10);
         g.provider = "gemini".into();
-        let r = reconcile(day("2026-03-01"), day("2026-03-01"), &[g], &[], &book(), &settings(&[]));
+        let r = reconcile(
+            day("2026-03-01"),
+            day("2026-03-01"),
+            &[g],
+            &[],
+            &book(),
+            &settings(&[]),
+        );
         assert!(r.lines.is_empty());
         assert_eq!(r.not_compared[0].0, "gemini");
         assert_eq!(r.not_compared[0].2, 3);

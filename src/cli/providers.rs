@@ -72,14 +72,24 @@ fn parse_report(s: &str) -> Result<Report, String> {
 pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
     match command {
-        ProvidersCommand::Import { files, provider, report, from, to, only } => {
+        ProvidersCommand::Import {
+            files,
+            provider,
+            report,
+            from,
+            to,
+            only,
+        } => {
             if !files.is_empty() {
                 for f in &files {
-                    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?;
                     let exports = parse(&text, provider.as_deref(), report)
                         .with_context(|| format!("{}", f.display()))?;
                     for e in exports {
-                        let id = store.import_bill(&e, &f.display().to_string(), "cli").await?;
+                        let id = store
+                            .import_bill(&e, &f.display().to_string(), "cli")
+                            .await?;
                         println!(
                             "imported {} {} report from {}: {} day(s), {} row(s) ({id})",
                             e.provider,
@@ -96,7 +106,10 @@ pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> 
             let from = from.unwrap_or(to - Duration::days(6));
             anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
             let mut fetched = 0;
-            for (name, source) in [("openai", &cfg.provider_bills.openai), ("anthropic", &cfg.provider_bills.anthropic)] {
+            for (name, source) in [
+                ("openai", &cfg.provider_bills.openai),
+                ("anthropic", &cfg.provider_bills.anthropic),
+            ] {
                 if only.as_deref().is_some_and(|o| o != name) {
                     continue;
                 }
@@ -109,7 +122,9 @@ pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> 
                 }
                 println!("{name}: fetching usage and cost reports {from} .. {to}");
                 for e in crate::bills::fetch::fetch(name, source, from, to).await? {
-                    let id = store.import_bill(&e, &format!("{name} admin API"), "cli").await?;
+                    let id = store
+                        .import_bill(&e, &format!("{name} admin API"), "cli")
+                        .await?;
                     println!(
                         "imported {name} {} report: {} day(s), {} row(s) ({id})",
                         e.report,
@@ -125,7 +140,13 @@ pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> 
             );
             Ok(())
         }
-        ProvidersCommand::Reconcile { from, to, format, all, no_alert } => {
+        ProvidersCommand::Reconcile {
+            from,
+            to,
+            format,
+            all,
+            no_alert,
+        } => {
             anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
             let book = super::load_book(cfg)?;
             let started = std::time::Instant::now();
@@ -134,7 +155,11 @@ pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> 
                 ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                 _ => print!("{}", table(&r, all)),
             }
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, lines = r.lines.len(), "providers reconciled");
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                lines = r.lines.len(),
+                "providers reconciled"
+            );
             let over = r.over().count();
             if over > 0 {
                 if !no_alert {
@@ -175,7 +200,14 @@ pub async fn compare(
 ) -> Result<Reconciliation, crate::store::StoreError> {
     let exports = store.latest_bills(from, to).await?;
     let recorded = store.recorded_for_bills(from, to).await?;
-    Ok(reconcile(from, to, &recorded, &exports, book, &settings(cfg)))
+    Ok(reconcile(
+        from,
+        to,
+        &recorded,
+        &exports,
+        book,
+        &settings(cfg),
+    ))
 }
 
 fn signed(d: Decimal) -> String {
@@ -219,9 +251,21 @@ pub fn table(r: &Reconciliation, all: bool) -> String {
     out.push('\n');
     out.push_str(&format!(
         "{:<10} {:<10} {:<28} {:>12} {:>12} {:>10} {:>12} {:>12}  {}\n",
-        "day", "provider", "model", "tokens ours", "theirs", "book diff", "charged", "cost diff", "causes"
+        "day",
+        "provider",
+        "model",
+        "tokens ours",
+        "theirs",
+        "book diff",
+        "charged",
+        "cost diff",
+        "causes"
     ));
-    for l in r.lines.iter().filter(|l| all || l.over || !l.causes.is_empty()) {
+    for l in r
+        .lines
+        .iter()
+        .filter(|l| all || l.over || !l.causes.is_empty())
+    {
         let causes: Vec<String> = l.causes.iter().map(|c| c.describe(&l.provider)).collect();
         out.push_str(&format!(
             "{:<10} {:<10} {:<28} {:>12} {:>12} {:>10} {:>12} {:>12}  {}{}\n",
@@ -229,7 +273,9 @@ pub fn table(r: &Reconciliation, all: bool) -> String {
             l.provider,
             l.model,
             l.ours.tokens(),
-            l.theirs.as_ref().map_or("-".into(), |t| t.tokens().to_string()),
+            l.theirs
+                .as_ref()
+                .map_or("-".into(), |t| t.tokens().to_string()),
             signed(l.book_difference),
             l.theirs.as_ref().map_or("-".into(), |t| money(t.cost)),
             l.cost_difference.map_or("-".into(), signed),
@@ -253,7 +299,10 @@ async fn alert(cfg: &Config, store: &Store, r: &Reconciliation) {
     let now = Utc::now();
     for p in r.providers.iter().filter(|p| p.lines_over > 0) {
         let entity = format!("{}:{}..{}", p.provider, r.from, r.to);
-        if known.iter().any(|i| i.kind == Kind::ProviderBill.as_str() && i.entity == entity) {
+        if known
+            .iter()
+            .any(|i| i.kind == Kind::ProviderBill.as_str() && i.entity == entity)
+        {
             eprintln!("alert for {entity} raised before; not again");
             continue;
         }
@@ -262,7 +311,11 @@ async fn alert(cfg: &Config, store: &Store, r: &Reconciliation) {
             .iter()
             .take(3)
             .map(|l| {
-                let why = l.causes.first().map(|c| c.describe(&l.provider)).unwrap_or_else(|| "tokens or cost differ".into());
+                let why = l
+                    .causes
+                    .first()
+                    .map(|c| c.describe(&l.provider))
+                    .unwrap_or_else(|| "tokens or cost differ".into());
                 format!("{} {}: {why}", l.day, l.model)
             })
             .collect::<Vec<_>>()

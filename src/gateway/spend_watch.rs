@@ -456,7 +456,11 @@ fn spans_of(
         .iter()
         .filter(|i| i.kind == Kind::KeySpike.as_str() && i.entity == entity)
         .map(|i| {
-            let end = if i.state == "firing" { now } else { at(i.changed_at) };
+            let end = if i.state == "firing" {
+                now
+            } else {
+                at(i.changed_at)
+            };
             (at(i.fired_at), end)
         })
         .collect()
@@ -510,7 +514,9 @@ async fn raise(r: &Raiser, o: Over) {
                 tracing::info!(entity = %reading.entity, "spend rate over its threshold at the gateway; another gateway raises its incident");
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "spend watch: cannot claim the incident; raising anyway"),
+            Err(e) => {
+                tracing::warn!(error = %e, "spend watch: cannot claim the incident; raising anyway")
+            }
         }
     }
     let t = Transition {
@@ -532,7 +538,9 @@ async fn raise(r: &Raiser, o: Over) {
         }
         // The page matters more than its record: sent either way (the brake needs the
         // record to be undone by an acknowledgement, so it waits for the evaluator).
-        Err(e) => tracing::error!(error = %e, "spend watch: cannot record the incident; delivering it anyway"),
+        Err(e) => {
+            tracing::error!(error = %e, "spend watch: cannot record the incident; delivering it anyway")
+        }
     }
     let [t] = changes;
     r.notifier.send(t);
@@ -581,7 +589,11 @@ mod tests {
         k.add(500_000, at(10) + Span::seconds(59), 360);
         k.add(250_000, at(14), 360);
         assert_eq!(k.sum(15, at(14)), dec!(3.75), "minutes 0..=14");
-        assert_eq!(k.sum(15, at(15)), dec!(2.75), "minute 0 has left the window");
+        assert_eq!(
+            k.sum(15, at(15)),
+            dec!(2.75),
+            "minute 0 has left the window"
+        );
         assert_eq!(k.sum(5, at(14)), dec!(2.75));
         assert_eq!(k.minutes.len(), 3, "one entry per minute");
         // Nothing older than the longest window is kept.
@@ -677,7 +689,11 @@ mod tests {
         );
         w.add("uni", "k1", dec!(0.01), at(1) + Span::seconds(2));
         let sum = |t| w.keys.lock().unwrap()["k1"].sum(15, t);
-        assert_eq!(sum(at(1) + Span::seconds(2)), dec!(1.16), "everyone's + unshared");
+        assert_eq!(
+            sum(at(1) + Span::seconds(2)),
+            dec!(1.16),
+            "everyone's + unshared"
+        );
         // Stale after 5 s: this gateway's own.
         assert_eq!(sum(at(1) + Span::seconds(6)), dec!(0.16));
         // A failed exchange gives the spend back, within the window only.
@@ -687,7 +703,10 @@ mod tests {
             &[("k1".to_owned(), at(-400).timestamp(), 5), adds[0].clone()],
             at(1).timestamp() - 359 * 60,
         );
-        assert_eq!(w.keys.lock().unwrap()["k1"].unshared, vec![(at(1).timestamp(), 10_000)]);
+        assert_eq!(
+            w.keys.lock().unwrap()["k1"].unshared,
+            vec![(at(1).timestamp(), 10_000)]
+        );
     }
 
     #[test]

@@ -630,7 +630,12 @@ impl SharedStore {
 
     /// Takes `name` for `ttl` if nobody holds it (`SET NX`): whether this call took it.
     /// Several gateways raising one incident claim it here, and one of them raises it.
-    pub async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, SharedError> {
+    pub async fn claim(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, SharedError> {
         let k = self.key(&["claim", name]);
         let ms = ttl.as_millis().max(1) as u64;
         let holder = holder.to_owned();

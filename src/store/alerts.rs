@@ -103,7 +103,10 @@ impl SpendBy {
         for (inst, subject) in subjects {
             q.bind(
                 &format!(" OR (institution_id = ? AND {} = ?)", self.column()),
-                [super::sql::s(inst.as_str()), super::sql::s(subject.as_str())],
+                [
+                    super::sql::s(inst.as_str()),
+                    super::sql::s(subject.as_str()),
+                ],
             );
         }
         q.push(")");

@@ -102,7 +102,12 @@ fn parse_day(s: &str) -> Result<NaiveDate, StoreError> {
 impl Store {
     /// Stores one report as one import (an id of its own, every day it covers); returns
     /// the import id.
-    pub async fn import_bill(&self, e: &Export, source: &str, actor: &str) -> Result<String, StoreError> {
+    pub async fn import_bill(
+        &self,
+        e: &Export,
+        source: &str,
+        actor: &str,
+    ) -> Result<String, StoreError> {
         let now = Utc::now();
         let import_id = format!(
             "{}-{}-{}",
@@ -134,7 +139,10 @@ impl Store {
             }
             ins.end().await?;
         }
-        let mut ins = self.client.insert::<ImportRow>("provider_bill_imports").await?;
+        let mut ins = self
+            .client
+            .insert::<ImportRow>("provider_bill_imports")
+            .await?;
         for d in &e.days {
             ins.write(&ImportRow {
                 import_id: import_id.clone(),
@@ -153,7 +161,11 @@ impl Store {
 
     /// The latest import of every provider, report and day in `from..=to`, as exports
     /// (one per provider and report).
-    pub async fn latest_bills(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<Export>, StoreError> {
+    pub async fn latest_bills(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<Export>, StoreError> {
         let latest: Vec<LatestRow> = self
             .client
             .query(
@@ -168,7 +180,9 @@ impl Store {
         let mut out: BTreeMap<(String, String), Export> = BTreeMap::new();
         let mut chosen: HashMap<(String, String, NaiveDate), String> = HashMap::new();
         for l in latest {
-            let Some(report) = Report::parse(&l.report) else { continue };
+            let Some(report) = Report::parse(&l.report) else {
+                continue;
+            };
             let day = parse_day(&l.day)?;
             out.entry((l.provider.clone(), l.report.clone()))
                 .or_insert_with(|| Export::new(&l.provider, report))
@@ -220,8 +234,16 @@ impl Store {
     /// What tokentally recorded per UTC day, provider and model in `from..=to`, for
     /// traffic through the platform's provider accounts (not institutions' own keys):
     /// requests that reached the provider, tokens, cost, estimated and unpriced ones.
-    pub async fn recorded_for_bills(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<Recorded>, StoreError> {
-        let start = from.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+    pub async fn recorded_for_bills(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let start = from
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp();
         let end = (to + chrono::Duration::days(1))
             .and_hms_opt(0, 0, 0)
             .expect("midnight")

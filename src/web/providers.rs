@@ -37,13 +37,16 @@ fn range(from: &str, to: &str) -> Result<(NaiveDate, NaiveDate), AppError> {
         if s.is_empty() {
             return Ok(default);
         }
-        s.parse()
-            .map_err(|_| AppError::BadRequest(format!("{what} must be a day (YYYY-MM-DD), not {s:?}")))
+        s.parse().map_err(|_| {
+            AppError::BadRequest(format!("{what} must be a day (YYYY-MM-DD), not {s:?}"))
+        })
     };
     let to = day(to, "to", Utc::now().date_naive() - Duration::days(1))?;
     let from = day(from, "from", to - Duration::days(29))?;
     if from > to {
-        return Err(AppError::BadRequest(format!("from ({from}) is after to ({to})")));
+        return Err(AppError::BadRequest(format!(
+            "from ({from}) is after to ({to})"
+        )));
     }
     if (to - from).num_days() > 366 {
         return Err(AppError::BadRequest("at most a year at a time".into()));
@@ -80,7 +83,10 @@ fn view(l: &Line) -> LineView {
         provider: l.provider.clone(),
         model: l.model.clone(),
         ours_tokens: l.ours.tokens(),
-        theirs_tokens: l.theirs.as_ref().map_or("—".into(), |t| t.tokens().to_string()),
+        theirs_tokens: l
+            .theirs
+            .as_ref()
+            .map_or("—".into(), |t| t.tokens().to_string()),
         ours_cost: money(l.ours.cost),
         charged: match (&l.theirs, l.cost_difference) {
             (Some(t), Some(_)) => money(t.cost),
@@ -167,7 +173,12 @@ async fn page(
                     if p.ours_uncovered.is_zero() {
                         format!("{} of {}", p.days_covered, p.days)
                     } else {
-                        format!("{} of {} ({} recorded on days not covered)", p.days_covered, p.days, money(p.ours_uncovered))
+                        format!(
+                            "{} of {} ({} recorded on days not covered)",
+                            p.days_covered,
+                            p.days,
+                            money(p.ours_uncovered)
+                        )
                     },
                     p.lines_over,
                 )
@@ -176,7 +187,9 @@ async fn page(
         not_compared: r
             .not_compared
             .iter()
-            .map(|(p, cost, n)| format!("{p}: {n} request(s), ${cost} recorded — no report imported for these days"))
+            .map(|(p, cost, n)| {
+                format!("{p}: {n} request(s), ${cost} recorded — no report imported for these days")
+            })
             .collect(),
         lines: lines.into_iter().map(view).collect(),
         fetchable: fetchable(state),
@@ -238,7 +251,12 @@ pub async fn fetch(
                         .writer
                         .import_bill(&e, &format!("{name} admin API"), &allowed.principal.name)
                         .await?;
-                    done.push(format!("{name} {} ({} days, {} rows)", e.report, e.days.len(), e.rows.len()));
+                    done.push(format!(
+                        "{name} {} ({} days, {} rows)",
+                        e.report,
+                        e.days.len(),
+                        e.rows.len()
+                    ));
                 }
             }
             Err(e) => failed.push(e.to_string()),
@@ -259,7 +277,11 @@ pub async fn fetch(
         }
     };
     let is_failed = !failed.is_empty() || done.is_empty();
-    let q = RangeQuery { from: from.to_string(), to: to.to_string(), all: String::new() };
+    let q = RangeQuery {
+        from: from.to_string(),
+        to: to.to_string(),
+        all: String::new(),
+    };
     if uri.path().starts_with("/api/") {
         return page(&state, &allowed, &uri, &q, message, is_failed).await;
     }

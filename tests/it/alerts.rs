@@ -964,17 +964,20 @@ async fn a_spiking_key_is_paused_until_its_alert_is_acknowledged() {
     let http = client();
     let base = server.base.clone();
     let started = Instant::now();
-    let alert_id =
-        loop {
-            let alerts = alerts_listed(&base, &ops).await;
-            if let Some(a) = alerts.iter().find(|a| {
-                a["kind"] == "key_spike" && a["entity"] == format!("uni-z/{key_id}").as_str()
-            }) {
-                break a["alert_id"].as_str().unwrap().to_owned();
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no page: {alerts:?}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        };
+    let alert_id = loop {
+        let alerts = alerts_listed(&base, &ops).await;
+        if let Some(a) = alerts
+            .iter()
+            .find(|a| a["kind"] == "key_spike" && a["entity"] == format!("uni-z/{key_id}").as_str())
+        {
+            break a["alert_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no page: {alerts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     // Refused on the gateway within a key refresh, in the client's format, saying why.
     let models = |key: String| {
         let http = http.clone();
@@ -1136,9 +1139,8 @@ async fn a_key_driven_at_20x_through_the_sdk_is_paged_by_the_gateway_within_minu
     let cost_sql = format!(
         "SELECT toInt64(sum(cost * sign) * 1000000) FROM usage_events WHERE api_key_id = '{key_id}'"
     );
-    let count_sql = format!(
-        "SELECT toInt64(sum(sign)) FROM usage_events WHERE api_key_id = '{key_id}'"
-    );
+    let count_sql =
+        format!("SELECT toInt64(sum(sign)) FROM usage_events WHERE api_key_id = '{key_id}'");
     let waited = Instant::now();
     let unit = loop {
         let micros = env.scalar(&cost_sql).await;

@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-
 /// One generated request.
 #[derive(Clone, Copy)]
 struct Req {
@@ -86,7 +85,9 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
         for (m, (provider, model, _)) in MODELS.iter().enumerate() {
             let p = rates(&env, model);
             for (j, r) in traffic(d, m).iter().enumerate() {
-                let at = Utc.with_ymd_and_hms(2026, 11, d, 8 + (j % 10) as u32, 0, 0).unwrap();
+                let at = Utc
+                    .with_ymd_and_hms(2026, 11, d, 8 + (j % 10) as u32, 0, 0)
+                    .unwrap();
                 let cost = p.cost(r.input, r.cached, r.written, r.output);
                 *recorded_cost.entry((d, m)).or_default() += cost;
                 rows.push(tokentally::store::rows::EventRow {
@@ -105,12 +106,20 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
     env.store.insert_events(&rows).await.unwrap();
 
     // The providers' reports. OpenAI: usage on the gateway's key, costs per line item.
-    let bypass = Req { input: 1000, cached: 0, written: 0, output: 100 };
+    let bypass = Req {
+        input: 1000,
+        cached: 0,
+        written: 0,
+        output: 100,
+    };
     let mut usage_buckets = Vec::new();
     let mut cost_buckets = Vec::new();
     let mut charged: BTreeMap<(u32, usize), Decimal> = BTreeMap::new();
     for &d in days.iter().filter(|d| **d != missing_day) {
-        let start = Utc.with_ymd_and_hms(2026, 11, d, 0, 0, 0).unwrap().timestamp();
+        let start = Utc
+            .with_ymd_and_hms(2026, 11, d, 0, 0, 0)
+            .unwrap()
+            .timestamp();
         let mut usage = Vec::new();
         let mut costs = Vec::new();
         for (m, (provider, model, dated)) in MODELS.iter().enumerate() {
@@ -138,7 +147,11 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
                 input += 200 * bypass.input;
                 output += 200 * bypass.output;
             }
-            let factor = if m == dearer { dec!(1.01) } else { Decimal::ONE };
+            let factor = if m == dearer {
+                dec!(1.01)
+            } else {
+                Decimal::ONE
+            };
             for (item, usd) in [
                 ("input", p.cost(input, 0, 0, 0)),
                 ("cached input", p.cost(0, cached, 0, 0)),
@@ -162,9 +175,24 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
         let p = rates(&env, model);
         let reqs = traffic(d, m);
         let sum = |f: fn(&Req) -> u64| reqs.iter().map(f).sum::<u64>();
-        let (input, cached, written, output) = (sum(|r| r.input), sum(|r| r.cached), sum(|r| r.written), sum(|r| r.output));
-        let at = |d: u32| Utc.with_ymd_and_hms(2026, 11, d, 0, 0, 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let end = date(d).succ_opt().unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let (input, cached, written, output) = (
+            sum(|r| r.input),
+            sum(|r| r.cached),
+            sum(|r| r.written),
+            sum(|r| r.output),
+        );
+        let at = |d: u32| {
+            Utc.with_ymd_and_hms(2026, 11, d, 0, 0, 0)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        };
+        let end = date(d)
+            .succ_opt()
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         a_usage.push(json!({"starting_at": at(d), "ending_at": end, "results": [{
             "uncached_input_tokens": input, "cache_read_input_tokens": cached,
             "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0},
@@ -174,7 +202,10 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
         for (token_type, usd) in [
             ("uncached_input_tokens", p.cost(input, 0, 0, 0)),
             ("cache_read_input_tokens", p.cost(0, cached, 0, 0)),
-            ("cache_creation.ephemeral_5m_input_tokens", p.cost(0, 0, written, 0)),
+            (
+                "cache_creation.ephemeral_5m_input_tokens",
+                p.cost(0, 0, written, 0),
+            ),
             ("output_tokens", p.cost(0, 0, 0, output)),
         ] {
             *charged.entry((d, m)).or_default() += usd;
@@ -191,31 +222,58 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
         ("openai-usage.json", json_text(&page(usage_buckets))),
         ("openai-costs.json", json_text(&page(cost_buckets))),
         // Anthropic's two reports as one file of two pages.
-        ("anthropic.json", json_text(&json!([
+        (
+            "anthropic.json",
+            json_text(&json!([
             {"data": a_usage, "has_more": false, "next_page": null},
-            {"data": a_cost, "has_more": false, "next_page": null}]))),
+            {"data": a_cost, "has_more": false, "next_page": null}])),
+        ),
     ];
     let mut vars = env.cli_vars();
     vars.push(("TOKENTALLY_PROVIDER_BILLS_THRESHOLD_USD", "0.01".into()));
-    vars.push(("TOKENTALLY_PROVIDER_BILLS_OPENAI_GATEWAY_KEY_IDS", "key_gateway".into()));
+    vars.push((
+        "TOKENTALLY_PROVIDER_BILLS_OPENAI_GATEWAY_KEY_IDS",
+        "key_gateway".into(),
+    ));
     for (name, text) in &files {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let out = tokentally(&["providers", "import", "--file", path.to_str().unwrap()], &vars, None);
+        let out = tokentally(
+            &["providers", "import", "--file", path.to_str().unwrap()],
+            &vars,
+            None,
+        );
         assert!(out.contains("imported"), "{out}");
     }
 
     // Reconcile the month.
     let started = std::time::Instant::now();
     let out = tokentally_output(
-        &["providers", "reconcile", "--from", "2026-11-01", "--to", "2026-11-30", "--format", "json"],
+        &[
+            "providers",
+            "reconcile",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-30",
+            "--format",
+            "json",
+        ],
         &vars,
         None,
     );
     let elapsed = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "differences over the threshold exit 1: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "differences over the threshold exit 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    println!("reconciled a month of exports (3 models, 2 providers) in {} ms", elapsed.as_millis());
+    println!(
+        "reconciled a month of exports (3 models, 2 providers) in {} ms",
+        elapsed.as_millis()
+    );
     let lines = report["lines"].as_array().unwrap();
     let line = |d: u32, model: &str| {
         lines
@@ -226,19 +284,33 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
     };
     let dec_of = |v: &Value| -> Decimal { v.as_str().unwrap().parse().unwrap() };
     let causes = |l: &Value| -> Vec<String> {
-        l["causes"].as_array().unwrap().iter().map(|c| c["cause"].as_str().unwrap().to_owned()).collect()
+        l["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["cause"].as_str().unwrap().to_owned())
+            .collect()
     };
 
     // 1. The bypass: 200 requests, their tokens and their worth at the book's prices.
     let mini = rates(&env, "gpt-4o-mini");
     let l = line(bypass_day, "gpt-4o-mini");
-    let outside = l["causes"].as_array().unwrap().iter().find(|c| c["cause"] == "outside_gateway").expect("outside_gateway named");
+    let outside = l["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cause"] == "outside_gateway")
+        .expect("outside_gateway named");
     assert_eq!(outside["requests"], 200);
     assert_eq!(outside["tokens"], 200 * (bypass.input + bypass.output));
     let bypass_cost = mini.cost(200 * bypass.input, 0, 0, 200 * bypass.output);
     assert_eq!(dec_of(&outside["book_cost"]), bypass_cost);
     assert_eq!(outside["keys"], json!(["key_laptop / proj_personal"]));
-    assert_eq!(causes(&l), vec!["outside_gateway"], "nothing else on that line: {l}");
+    assert_eq!(
+        causes(&l),
+        vec!["outside_gateway"],
+        "nothing else on that line: {l}"
+    );
     assert_eq!(l["token_difference"], 200 * (bypass.input + bypass.output));
     assert_eq!(dec_of(&l["book_difference"]), bypass_cost);
     assert_eq!(
@@ -263,7 +335,11 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
             reqs.iter().map(|r| r.output).sum(),
         );
         assert_eq!(dec_of(&mismatch["amount"]), charged[&(d, 1)] - book, "{d}");
-        assert_eq!(dec_of(&l["cost_difference"]), charged[&(d, 1)] - recorded_cost[&(d, 1)], "{d}");
+        assert_eq!(
+            dec_of(&l["cost_difference"]),
+            charged[&(d, 1)] - recorded_cost[&(d, 1)],
+            "{d}"
+        );
         assert_eq!(l["token_difference"], 0);
         assert!(l["over"].as_bool().unwrap());
     }
@@ -271,7 +347,11 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
     // 3. The missing day: both OpenAI models, recorded cost shown, both reports named.
     for (m, model) in [(0, "gpt-4o-mini"), (1, "gpt-4o")] {
         let l = line(missing_day, model);
-        assert_eq!(causes(&l), vec!["no_provider_report", "no_provider_report"], "{l}");
+        assert_eq!(
+            causes(&l),
+            vec!["no_provider_report", "no_provider_report"],
+            "{l}"
+        );
         assert_eq!(l["theirs"], Value::Null);
         assert_eq!(dec_of(&l["ours"]["cost"]), recorded_cost[&(missing_day, m)]);
         assert!(l["over"].as_bool().unwrap());
@@ -281,32 +361,87 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
     let over: Vec<(String, String)> = lines
         .iter()
         .filter(|l| l["over"].as_bool().unwrap())
-        .map(|l| (l["day"].as_str().unwrap().to_owned(), l["model"].as_str().unwrap().to_owned()))
+        .map(|l| {
+            (
+                l["day"].as_str().unwrap().to_owned(),
+                l["model"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(over.len(), 29 + 1 + 2, "{over:?}");
-    for l in lines.iter().filter(|l| l["provider"] == "anthropic" || (l["model"] == "gpt-4o-mini" && l["day"] != date(bypass_day).to_string() && l["day"] != date(missing_day).to_string())) {
+    for l in lines.iter().filter(|l| {
+        l["provider"] == "anthropic"
+            || (l["model"] == "gpt-4o-mini"
+                && l["day"] != date(bypass_day).to_string()
+                && l["day"] != date(missing_day).to_string())
+    }) {
         assert!(causes(l).is_empty() && !l["over"].as_bool().unwrap(), "{l}");
     }
-    let anthropic = report["providers"].as_array().unwrap().iter().find(|p| p["provider"] == "anthropic").unwrap();
+    let anthropic = report["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "anthropic")
+        .unwrap();
     let a_recorded: Decimal = days.iter().map(|d| recorded_cost[&(*d, 2)]).sum();
     assert_eq!(dec_of(&anthropic["ours"]), a_recorded);
-    assert_eq!(dec_of(&anthropic["theirs"]), a_recorded, "Anthropic's cents are exact");
-    let openai = report["providers"].as_array().unwrap().iter().find(|p| p["provider"] == "openai").unwrap();
+    assert_eq!(
+        dec_of(&anthropic["theirs"]),
+        a_recorded,
+        "Anthropic's cents are exact"
+    );
+    let openai = report["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "openai")
+        .unwrap();
     assert_eq!(openai["days_covered"], 29);
     let on = |m: usize, covered: bool| -> Decimal {
-        days.iter().filter(|d| (**d != missing_day) == covered).map(|d| recorded_cost[&(*d, m)]).sum()
+        days.iter()
+            .filter(|d| (**d != missing_day) == covered)
+            .map(|d| recorded_cost[&(*d, m)])
+            .sum()
     };
     assert_eq!(dec_of(&openai["ours"]), on(0, true) + on(1, true));
-    assert_eq!(dec_of(&openai["ours_uncovered"]), on(0, false) + on(1, false));
-    let openai_charged: Decimal = charged.iter().filter(|((_, m), _)| *m < 2).map(|(_, c)| *c).sum();
+    assert_eq!(
+        dec_of(&openai["ours_uncovered"]),
+        on(0, false) + on(1, false)
+    );
+    let openai_charged: Decimal = charged
+        .iter()
+        .filter(|((_, m), _)| *m < 2)
+        .map(|(_, c)| *c)
+        .sum();
     assert_eq!(dec_of(&openai["theirs"]), openai_charged);
 
     // The table says the same in words.
-    let text = tokentally_output(&["providers", "reconcile", "--from", "2026-11-01", "--to", "2026-11-30", "--no-alert"], &vars, None);
+    let text = tokentally_output(
+        &[
+            "providers",
+            "reconcile",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-30",
+            "--no-alert",
+        ],
+        &vars,
+        None,
+    );
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("traffic not through the gateway: 200 request(s), 220000 tokens"), "{text}");
-    assert!(text.contains("price mismatch: the provider charged +1.00%"), "{text}");
-    assert!(text.contains("openai's usage report does not cover this day"), "{text}");
+    assert!(
+        text.contains("traffic not through the gateway: 200 request(s), 220000 tokens"),
+        "{text}"
+    );
+    assert!(
+        text.contains("price mismatch: the provider charged +1.00%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("openai's usage report does not cover this day"),
+        "{text}"
+    );
 
     // One alert for OpenAI's differences in this range, raised once.
     let alerts = env
@@ -316,12 +451,26 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
         ))
         .await;
     assert_eq!(alerts, 1);
-    let again = tokentally_output(&["providers", "reconcile", "--from", "2026-11-01", "--to", "2026-11-30"], &vars, None);
+    let again = tokentally_output(
+        &[
+            "providers",
+            "reconcile",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-30",
+        ],
+        &vars,
+        None,
+    );
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("raised before; not again"));
 
     // The missing day arrives: a re-import covers it, and its lines match.
-    let start = Utc.with_ymd_and_hms(2026, 11, missing_day, 0, 0, 0).unwrap().timestamp();
+    let start = Utc
+        .with_ymd_and_hms(2026, 11, missing_day, 0, 0, 0)
+        .unwrap()
+        .timestamp();
     let mut usage = Vec::new();
     let mut costs = Vec::new();
     for (m, (_, model, dated)) in MODELS.iter().enumerate().take(2) {
@@ -343,14 +492,31 @@ async fn a_month_of_provider_reports_names_the_bypass_the_price_and_the_missing_
     std::fs::write(
         &day20,
         json_text(&json!([
-            page(vec![json!({"start_time": start, "end_time": start + 86_400, "results": usage})]),
-            page(vec![json!({"start_time": start, "end_time": start + 86_400, "results": costs})]),
+            page(vec![
+                json!({"start_time": start, "end_time": start + 86_400, "results": usage})
+            ]),
+            page(vec![
+                json!({"start_time": start, "end_time": start + 86_400, "results": costs})
+            ]),
         ])),
     )
     .unwrap();
-    tokentally(&["providers", "import", "--file", day20.to_str().unwrap()], &vars, None);
+    tokentally(
+        &["providers", "import", "--file", day20.to_str().unwrap()],
+        &vars,
+        None,
+    );
     let out = tokentally_output(
-        &["providers", "reconcile", "--from", "2026-11-20", "--to", "2026-11-20", "--format", "json"],
+        &[
+            "providers",
+            "reconcile",
+            "--from",
+            "2026-11-20",
+            "--to",
+            "2026-11-20",
+            "--format",
+            "json",
+        ],
         &vars,
         None,
     );
@@ -390,6 +556,8 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
          "messages": user("stream me a short answer please"), "headers": {"x-simulator": "words=9"}},
         {"sdk": "openai", "api": "responses", "model": "gpt-5-mini", "input": "explain lifetimes briefly",
          "headers": {"x-simulator": "words=11,reasoning=6,cached=2"}},
+        {"sdk": "openai", "api": "embeddings", "model": "text-embedding-3-small",
+         "input": ["one two three", "four five"]},
     ]);
     let via_anthropic = json!([
         {"sdk": "anthropic", "api": "messages", "model": "claude-haiku-4-5", "max_tokens": 100,
@@ -403,7 +571,11 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
          "headers": {"x-simulator": "words=20"}},
         {"sdk": "openai", "api": "chat", "model": "gpt-4o-mini", "messages": user("third")},
     ]);
-    for r in sdk_calls(&gw.base, &key, &via).iter().chain(&sdk_calls(&gw.base, &key, &via_anthropic)) {
+    for r in
+        sdk_calls(&gw.base, &key, &via)
+            .iter()
+            .chain(&sdk_calls(&gw.base, &key, &via_anthropic))
+    {
         assert_eq!(r["ok"], true, "{r}");
     }
     let direct = sdk_calls(&sim.base, laptop, &bypass);
@@ -412,7 +584,8 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
         assert_eq!(r["ok"], true, "{r}");
         bypass_tokens += r["response"]["usage"]["total_tokens"].as_u64().unwrap();
     }
-    env.wait_accounted(5, std::time::Duration::from_secs(60)).await;
+    env.wait_accounted(6, std::time::Duration::from_secs(60))
+        .await;
 
     let sha = |k: &str| {
         use sha2::Digest;
@@ -420,13 +593,34 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
     };
     let mut vars = env.cli_vars();
     vars.extend([
-        ("TOKENTALLY_PROVIDER_BILLS_THRESHOLD_USD", "0.000001".to_owned()),
-        ("TOKENTALLY_PROVIDER_BILLS_OPENAI_BASE_URL", sim.base.clone()),
-        ("TOKENTALLY_PROVIDER_BILLS_OPENAI_ADMIN_KEY", "sk-admin-test-1".to_owned()),
-        ("TOKENTALLY_PROVIDER_BILLS_OPENAI_GATEWAY_KEY_IDS", format!("key_{}", sha(PLATFORM_KEYS[0].1))),
-        ("TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_BASE_URL", sim.base.clone()),
-        ("TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_ADMIN_KEY", "sk-ant-admin-test-1".to_owned()),
-        ("TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_GATEWAY_KEY_IDS", format!("apikey_{}", sha(PLATFORM_KEYS[1].1))),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_THRESHOLD_USD",
+            "0.000001".to_owned(),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_OPENAI_BASE_URL",
+            sim.base.clone(),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_OPENAI_ADMIN_KEY",
+            "sk-admin-test-1".to_owned(),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_OPENAI_GATEWAY_KEY_IDS",
+            format!("key_{}", sha(PLATFORM_KEYS[0].1)),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_BASE_URL",
+            sim.base.clone(),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_ADMIN_KEY",
+            "sk-ant-admin-test-1".to_owned(),
+        ),
+        (
+            "TOKENTALLY_PROVIDER_BILLS_ANTHROPIC_GATEWAY_KEY_IDS",
+            format!("apikey_{}", sha(PLATFORM_KEYS[1].1)),
+        ),
     ]);
     let (from, to) = (yesterday.to_string(), today.to_string());
 
@@ -448,27 +642,78 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
     let page = async {
         use fantoccini::Locator;
         browser.goto(&format!("{}/login", s.base)).await?;
-        browser.find(Locator::Css("input[name=username]")).await?.send_keys("fin").await?;
-        browser.find(Locator::Css("input[name=password]")).await?.send_keys("fin-password").await?;
-        browser.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        browser
+            .find(Locator::Css("input[name=username]"))
+            .await?
+            .send_keys("fin")
+            .await?;
+        browser
+            .find(Locator::Css("input[name=password]"))
+            .await?
+            .send_keys("fin-password")
+            .await?;
+        browser
+            .find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
         browser.wait().for_element(Locator::Css(".figure")).await?;
-        browser.find(Locator::LinkText("Provider bills")).await?.click().await?;
-        browser.wait().for_element(Locator::Css("#fetch-reports")).await?;
-        browser.goto(&format!("{}/providers?from={from}&to={to}", s.base)).await?;
+        browser
+            .find(Locator::LinkText("Provider bills"))
+            .await?
+            .click()
+            .await?;
+        browser
+            .wait()
+            .for_element(Locator::Css("#fetch-reports"))
+            .await?;
+        browser
+            .goto(&format!("{}/providers?from={from}&to={to}", s.base))
+            .await?;
         let before = browser.find(Locator::Css("main")).await?.text().await?;
-        assert!(before.contains("No provider report is imported for these days"), "{before}");
-        browser.find(Locator::Css("#fetch-reports")).await?.click().await?;
+        assert!(
+            before.contains("No provider report is imported for these days"),
+            "{before}"
+        );
+        browser
+            .find(Locator::Css("#fetch-reports"))
+            .await?
+            .click()
+            .await?;
         let msg = crate::web::changed_text(&browser, "#providers-message", "").await;
-        assert!(msg.contains("Imported openai usage") && msg.contains("anthropic cost"), "{msg}");
-        let over = browser.find(Locator::Css("#provider-lines tr.line.over")).await?;
-        assert_eq!(over.attr("data-model").await?.as_deref(), Some("gpt-4o-mini"));
-        let text = browser.find(Locator::Css("#provider-lines tr.causes.over")).await?.text().await?;
-        assert!(text.contains(&format!("traffic not through the gateway: 3 request(s), {bypass_tokens} tokens")), "{text}");
-        let rows = browser.find_all(Locator::Css("#provider-lines tbody tr.line")).await?;
+        assert!(
+            msg.contains("Imported openai usage") && msg.contains("anthropic cost"),
+            "{msg}"
+        );
+        let over = browser
+            .find(Locator::Css("#provider-lines tr.line.over"))
+            .await?;
+        assert_eq!(
+            over.attr("data-model").await?.as_deref(),
+            Some("gpt-4o-mini")
+        );
+        let text = browser
+            .find(Locator::Css("#provider-lines tr.causes.over"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            text.contains(&format!(
+                "traffic not through the gateway: 3 request(s), {bypass_tokens} tokens"
+            )),
+            "{text}"
+        );
+        let rows = browser
+            .find_all(Locator::Css("#provider-lines tbody tr.line"))
+            .await?;
         assert_eq!(rows.len(), 1, "only the line with a difference is listed");
         let shots = crate::harness::repo().join("target/screenshots");
         std::fs::create_dir_all(&shots).unwrap();
-        std::fs::write(shots.join("providers-1280.png"), browser.screenshot().await?).unwrap();
+        std::fs::write(
+            shots.join("providers-1280.png"),
+            browser.screenshot().await?,
+        )
+        .unwrap();
         Ok::<(), fantoccini::error::CmdError>(())
     }
     .await;
@@ -476,18 +721,56 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
     page.unwrap();
 
     // The same with the command: a re-import replaces the page's, the comparison agrees.
-    let out = tokentally(&["providers", "import", "--from", &from, "--to", &to], &vars, None);
-    assert_eq!(out.matches("imported").count(), 4, "two reports of two providers: {out}");
-    assert!(!out.contains("sk-admin") && !out.contains("sk-ant-admin"), "no admin key printed: {out}");
+    let out = tokentally(
+        &["providers", "import", "--from", &from, "--to", &to],
+        &vars,
+        None,
+    );
+    assert_eq!(
+        out.matches("imported").count(),
+        4,
+        "two reports of two providers: {out}"
+    );
+    assert!(
+        !out.contains("sk-admin") && !out.contains("sk-ant-admin"),
+        "no admin key printed: {out}"
+    );
 
-    let run = tokentally_output(&["providers", "reconcile", "--from", &from, "--to", &to, "--format", "json", "--no-alert"], &vars, None);
+    let run = tokentally_output(
+        &[
+            "providers",
+            "reconcile",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--format",
+            "json",
+            "--no-alert",
+        ],
+        &vars,
+        None,
+    );
     let report: Value = serde_json::from_slice(&run.stdout).unwrap();
-    assert_eq!(run.status.code(), Some(1), "the bypass is over the threshold: {report}");
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "the bypass is over the threshold: {report}"
+    );
     let lines = report["lines"].as_array().unwrap();
-    let models: std::collections::BTreeSet<&str> = lines.iter().map(|l| l["model"].as_str().unwrap()).collect();
+    let models: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["model"].as_str().unwrap()).collect();
     let bypassed = lines.iter().filter(|l| l["over"] == true).count();
-    assert_eq!(bypassed, 1, "one line holds the laptop's requests: {report}");
-    assert_eq!(models, ["claude-haiku-4-5", "gpt-4o-mini", "gpt-5-mini"].into_iter().collect());
+    assert_eq!(
+        bypassed, 1,
+        "one line holds the laptop's requests: {report}"
+    );
+    assert_eq!(
+        models,
+        ["claude-haiku-4-5", "gpt-4o-mini", "gpt-5-mini", "text-embedding-3-small"]
+            .into_iter()
+            .collect()
+    );
     for l in lines {
         // Yesterday is covered by both reports and empty on both sides, unless the test
         // ran across midnight.

@@ -809,6 +809,9 @@ pub async fn spawn_simulator(env: &TestEnv, extra_keys: &[&str]) -> Simulator {
         &[
             ("TOKENTALLY_SIMULATOR_KEYS", keys.join(",")),
             ("TOKENTALLY_PRICES", env.prices.display().to_string()),
+            // One day per report page: every report fetched in the tests follows
+            // `next_page`.
+            ("TOKENTALLY_SIMULATOR_REPORT_PAGE_DAYS", "1".into()),
             ("TOKENTALLY_LOG", "info".into()),
         ],
         &env.log_path(&format!("simulator-{}", extra_keys.len())),
