@@ -245,6 +245,15 @@ pub struct ProviderTotal {
     pub lines_over: usize,
 }
 
+/// A provider with recorded traffic in the range and no report for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotCompared {
+    pub provider: String,
+    pub requests: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub cost: Decimal,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Reconciliation {
     pub from: NaiveDate,
@@ -252,8 +261,8 @@ pub struct Reconciliation {
     #[serde(with = "rust_decimal::serde::str")]
     pub threshold: Decimal,
     pub providers: Vec<ProviderTotal>,
-    /// Providers with recorded traffic but no report imported for the range (USD, events).
-    pub not_compared: Vec<(String, String, u64)>,
+    /// Providers with recorded traffic but no report imported for the range.
+    pub not_compared: Vec<NotCompared>,
     pub lines: Vec<Line>,
 }
 
@@ -557,7 +566,11 @@ pub fn reconcile(
         providers,
         not_compared: not_compared
             .into_iter()
-            .map(|(p, (c, n))| (p, clean(c).to_string(), n))
+            .map(|(provider, (c, requests))| NotCompared {
+                provider,
+                requests,
+                cost: clean(c),
+            })
             .collect(),
         lines,
     }
@@ -836,7 +849,7 @@ output_per_mtok = "2"
             &settings(&[]),
         );
         assert!(r.lines.is_empty());
-        assert_eq!(r.not_compared[0].0, "gemini");
-        assert_eq!(r.not_compared[0].2, 3);
+        assert_eq!(r.not_compared[0].provider, "gemini");
+        assert_eq!(r.not_compared[0].requests, 3);
     }
 }

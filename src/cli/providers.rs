@@ -243,9 +243,12 @@ pub fn table(r: &Reconciliation, all: bool) -> String {
             p.lines_over
         ));
     }
-    for (p, cost, events) in &r.not_compared {
+    for n in &r.not_compared {
         out.push_str(&format!(
-            "{p}: not compared (no report imported for the range): {events} request(s), ${cost} recorded\n"
+            "{}: not compared (no report imported for the range): {} request(s), {} recorded\n",
+            n.provider,
+            n.requests,
+            money(n.cost)
         ));
     }
     out.push('\n');

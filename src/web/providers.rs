@@ -187,8 +187,13 @@ async fn page(
         not_compared: r
             .not_compared
             .iter()
-            .map(|(p, cost, n)| {
-                format!("{p}: {n} request(s), ${cost} recorded — no report imported for these days")
+            .map(|n| {
+                format!(
+                    "{}: {} request(s), {} recorded — no report imported for these days",
+                    n.provider,
+                    n.requests,
+                    money(n.cost)
+                )
             })
             .collect(),
         lines: lines.into_iter().map(view).collect(),
