@@ -105,7 +105,9 @@ impl Format {
     }
 
     /// `doc` in this format: an issued document's frozen bytes where the format has
-    /// some (`frozen`), else rendered now; usage exports from the stored events.
+    /// some (`frozen`), else rendered now; usage exports from the stored events. In one
+    /// piece: downloads of the frozen usage export stream it instead
+    /// (`Billing::usage_csv_as_issued`).
     pub async fn render(
         self,
         billing: &Billing<'_>,
@@ -117,11 +119,17 @@ impl Format {
             (Format::Csv, Some(f)) => f.csv.clone().into_bytes(),
             (Format::Pdf, Some(f)) => f.pdf.clone(),
             (Format::UsageCsv, _) => billing.usage_csv(doc).await?.into_bytes(),
-            (Format::UsageCsvAsIssued, _) => billing
-                .usage_csv_as_issued(doc)
-                .await?
-                .ok_or_else(|| BillingError::NoFrozenUsage(doc.number.clone()))?
-                .into_bytes(),
+            (Format::UsageCsvAsIssued, _) => {
+                let mut parts = billing
+                    .usage_csv_as_issued(doc)
+                    .await?
+                    .ok_or_else(|| BillingError::NoFrozenUsage(doc.number.clone()))?;
+                let mut bytes = Vec::new();
+                while let Some(p) = parts.next().await? {
+                    bytes.extend_from_slice(p.as_bytes());
+                }
+                bytes
+            }
             (f, _) => f.render_document(doc).expect("a document format")?,
         };
         Ok(Rendered {

@@ -304,11 +304,11 @@ impl<'a> Billing<'a> {
     pub async fn usage_csv_as_issued(
         &self,
         doc: &Document,
-    ) -> Result<Option<String>, BillingError> {
+    ) -> Result<Option<crate::store::billing::UsageParts>, BillingError> {
         if doc.snapshot.is_empty() {
             return Ok(None);
         }
-        Ok(self.store.snapshot_usage_csv(&doc.snapshot).await?)
+        Ok(self.store.snapshot_usage_parts(&doc.snapshot).await?)
     }
 
     /// Folds the ledger, checks it against ClickHouse's copy (refusing a ledger that lacks

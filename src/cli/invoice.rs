@@ -118,6 +118,34 @@ fn emit(bytes: &[u8], output: Option<&PathBuf>, binary: bool) -> anyhow::Result<
     Ok(())
 }
 
+/// Writes an issued document's frozen usage export part by part (never whole).
+async fn emit_usage_as_issued(
+    billing: &Billing<'_>,
+    d: &Document,
+    output: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let mut parts = billing
+        .usage_csv_as_issued(d)
+        .await?
+        .ok_or_else(|| crate::billing::BillingError::NoFrozenUsage(d.number.clone()))?;
+    let mut out: Box<dyn Write> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut written = 0;
+    while let Some(p) = parts.next().await? {
+        out.write_all(p.as_bytes())?;
+        written += p.len();
+    }
+    out.flush()?;
+    if let Some(path) = output {
+        eprintln!("wrote {} ({written} bytes)", path.display());
+    }
+    Ok(())
+}
+
 async fn render_doc(
     billing: &Billing<'_>,
     d: &Document,
@@ -194,6 +222,9 @@ pub async fn invoice(cfg: &Config, command: InvoiceCommand) -> anyhow::Result<()
                 }
             };
             match doc {
+                Some(d) if target.format == DocFormat::UsageCsvAsIssued => {
+                    emit_usage_as_issued(&billing, &d, target.output.as_ref()).await
+                }
                 Some(d) => {
                     let frozen = store.frozen_invoice(&d.number).await?;
                     let (bytes, bin) =

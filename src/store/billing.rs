@@ -95,6 +95,29 @@ impl<T: clickhouse::RowOwned + clickhouse::RowRead> Rows<T> {
     }
 }
 
+/// A frozen usage export, read part by part.
+pub enum UsageParts {
+    Stored(Rows<String>),
+    /// A snapshot from before 0020: one string (taken by the first `next`).
+    Whole(Option<String>),
+}
+
+impl UsageParts {
+    pub async fn next(&mut self) -> Result<Option<String>, StoreError> {
+        match self {
+            UsageParts::Stored(rows) => rows.next().await,
+            UsageParts::Whole(w) => Ok(w.take()),
+        }
+    }
+
+    /// Every part as one stream of bytes (an HTTP body).
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Vec<u8>, StoreError>> + Send {
+        futures::stream::try_unfold(self, |mut parts| async move {
+            Ok(parts.next().await?.map(|p| (p.into_bytes(), parts)))
+        })
+    }
+}
+
 /// An event a snapshot recorded for one line.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Deserialize)]
 pub struct RecordedEvent {
@@ -551,24 +574,31 @@ impl Store {
             .map(Rows)?)
     }
 
-    /// The frozen usage export of a snapshot: its parts in order (since 0020), or the
-    /// one string older snapshots kept.
-    pub async fn snapshot_usage_csv(&self, snapshot: &str) -> Result<Option<String>, StoreError> {
-        let parts: Vec<String> = self
+    /// The frozen usage export of a snapshot, part by part as stored (since 0020; the
+    /// one string older snapshots kept is its only part): a download holds one part at a
+    /// time, whatever the month's size. `None`: the snapshot kept no usage export.
+    pub async fn snapshot_usage_parts(&self, snapshot: &str) -> Result<Option<UsageParts>, StoreError> {
+        let parts: u64 = self
             .client
-            .query("SELECT text FROM invoice_snapshot_usage WHERE snapshot = ? ORDER BY part")
+            .query("SELECT count() FROM invoice_snapshot_usage WHERE snapshot = ?")
             .bind(snapshot)
-            .fetch_all()
+            .fetch_one()
             .await?;
-        if !parts.is_empty() {
-            return Ok(Some(parts.concat()));
+        if parts > 0 {
+            let rows = self
+                .client
+                .query("SELECT text FROM invoice_snapshot_usage WHERE snapshot = ? ORDER BY part")
+                .bind(snapshot)
+                .fetch::<String>()?;
+            return Ok(Some(UsageParts::Stored(Rows(rows))));
         }
         Ok(self
             .client
             .query("SELECT usage_csv FROM invoice_snapshots WHERE snapshot = ? LIMIT 1")
             .bind(snapshot)
-            .fetch_optional()
-            .await?)
+            .fetch_optional::<String>()
+            .await?
+            .map(|whole| UsageParts::Whole(Some(whole))))
     }
 
     /// Distinct Kafka positions in `[low, below)` of one partition that left a row

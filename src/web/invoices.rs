@@ -260,6 +260,24 @@ pub async fn download(
             serde_json::from_str(&frozen.document).map_err(|e| AppError::Internal(e.into()))?;
         let book = state.book.current();
         let billing = Billing::new(&state.cfg, &state.store, &book);
+        if f == Format::UsageCsvAsIssued {
+            // Streamed part by part: a large month is never held whole.
+            let parts = billing
+                .usage_csv_as_issued(&doc)
+                .await?
+                .ok_or(AppError::NotFound)?;
+            return Ok((
+                [
+                    (header::CONTENT_TYPE, f.content_type().to_owned()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{}.{}\"", number.replace('"', ""), f.extension()),
+                    ),
+                ],
+                axum::body::Body::from_stream(parts.into_stream()),
+            )
+                .into_response());
+        }
         let r = match f.render(&billing, &doc, Some(&frozen)).await {
             Err(crate::billing::BillingError::NoFrozenUsage(_)) => return Err(AppError::NotFound),
             other => other?,
