@@ -153,7 +153,7 @@ fn page_export(page: &Value, hint: Option<Report>) -> Result<Export, ParseError>
     };
     let told = buckets
         .iter()
-        .flat_map(|b| results(b))
+        .flat_map(&results)
         .find_map(|r| result_report(&r));
     let report = told.or(hint).ok_or_else(|| {
         shape("every bucket is empty, so the page does not tell a usage report from a cost report: give --report usage|cost")

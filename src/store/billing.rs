@@ -577,7 +577,10 @@ impl Store {
     /// The frozen usage export of a snapshot, part by part as stored (since 0020; the
     /// one string older snapshots kept is its only part): a download holds one part at a
     /// time, whatever the month's size. `None`: the snapshot kept no usage export.
-    pub async fn snapshot_usage_parts(&self, snapshot: &str) -> Result<Option<UsageParts>, StoreError> {
+    pub async fn snapshot_usage_parts(
+        &self,
+        snapshot: &str,
+    ) -> Result<Option<UsageParts>, StoreError> {
         let parts: u64 = self
             .client
             .query("SELECT count() FROM invoice_snapshot_usage WHERE snapshot = ?")

@@ -271,7 +271,11 @@ pub async fn download(
                     (header::CONTENT_TYPE, f.content_type().to_owned()),
                     (
                         header::CONTENT_DISPOSITION,
-                        format!("attachment; filename=\"{}.{}\"", number.replace('"', ""), f.extension()),
+                        format!(
+                            "attachment; filename=\"{}.{}\"",
+                            number.replace('"', ""),
+                            f.extension()
+                        ),
                     ),
                 ],
                 axum::body::Body::from_stream(parts.into_stream()),

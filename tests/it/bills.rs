@@ -42,8 +42,16 @@ fn traffic(day: u32, m: usize) -> Vec<Req> {
             let big = if m == 1 { 40 } else { 1 };
             Req {
                 input: big * (500 + (d * 37 + j * 13) % 700),
-                cached: if m != 1 && j % 3 == 0 { 100 } else { 0 },
-                written: if m == 2 && j % 4 == 0 { 200 } else { 0 },
+                cached: if m != 1 && j.is_multiple_of(3) {
+                    100
+                } else {
+                    0
+                },
+                written: if m == 2 && j.is_multiple_of(4) {
+                    200
+                } else {
+                    0
+                },
                 output: big * (50 + (j * 17 + d) % 200),
             }
         })
@@ -767,9 +775,14 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
     );
     assert_eq!(
         models,
-        ["claude-haiku-4-5", "gpt-4o-mini", "gpt-5-mini", "text-embedding-3-small"]
-            .into_iter()
-            .collect()
+        [
+            "claude-haiku-4-5",
+            "gpt-4o-mini",
+            "gpt-5-mini",
+            "text-embedding-3-small"
+        ]
+        .into_iter()
+        .collect()
     );
     for l in lines {
         // Yesterday is covered by both reports and empty on both sides, unless the test
