@@ -17,7 +17,7 @@ use crate::price::litellm::{import, ImportOptions};
 use crate::price::PriceBook;
 use crate::report::{Format, GroupBy};
 use crate::shutdown::Shutdown;
-use crate::store::{migrate::migrate, Store};
+use crate::store::Store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,7 +39,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create the database and apply pending schema migrations (idempotent).
-    Migrate,
+    Migrate {
+        /// On every replica of this cluster (of the servers' `remote_servers`), as
+        /// replicated tables; default `clickhouse.cluster` (empty: one server).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
     /// Consume usage events from Kafka, price them and store them (until SIGINT/SIGTERM).
     Ingest,
     /// migrate, then ingest and serve, in one process.
@@ -258,7 +263,13 @@ pub fn init_tracing(json: bool) {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Migrate => run_migrate(&cfg).await,
+        Command::Migrate { cluster } => {
+            let mut cfg = cfg;
+            if let Some(c) = cluster {
+                cfg.clickhouse.cluster = c;
+            }
+            run_migrate(&cfg).await
+        }
         Command::Ingest => crate::app::ingest::run(&cfg, Shutdown::on_signals()).await,
         Command::Run => {
             run_migrate(&cfg).await?;
@@ -443,12 +454,19 @@ pub fn load_book(cfg: &Config) -> anyhow::Result<PriceBook> {
 
 async fn run_migrate(cfg: &Config) -> anyhow::Result<()> {
     let store = Store::new(&cfg.clickhouse);
-    let applied = migrate(&store).await.with_context(|| {
-        format!(
-            "migrating {} at {}",
-            cfg.clickhouse.database, cfg.clickhouse.url
-        )
-    })?;
+    let cluster = Some(cfg.clickhouse.cluster.as_str()).filter(|c| !c.is_empty());
+    let applied = crate::store::migrate::migrate_on(&store, cluster)
+        .await
+        .with_context(|| {
+            format!(
+                "migrating {} at {}{}",
+                cfg.clickhouse.database,
+                cfg.clickhouse.url,
+                cluster
+                    .map(|c| format!(" on cluster {c}"))
+                    .unwrap_or_default()
+            )
+        })?;
     if applied.is_empty() {
         tracing::info!(database = store.database(), "schema is up to date");
     } else {

@@ -707,6 +707,11 @@ pub struct ClickHouseConfig {
     pub user: String,
     /// Never printed. Env: `TOKENTALLY_CLICKHOUSE_PASSWORD`.
     pub password: Secret,
+    /// A cluster of the servers' `remote_servers` (empty: one server): `migrate` then
+    /// creates the database and every table on each of its replicas (`ON CLUSTER`), as
+    /// `Replicated*` tables replicated through ZooKeeper. Env:
+    /// `TOKENTALLY_CLICKHOUSE_CLUSTER`.
+    pub cluster: String,
 }
 
 impl Default for ClickHouseConfig {
@@ -716,6 +721,7 @@ impl Default for ClickHouseConfig {
             database: "tokentally".into(),
             user: "default".into(),
             password: Secret::default(),
+            cluster: String::new(),
         }
     }
 }

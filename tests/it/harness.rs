@@ -78,6 +78,33 @@ impl TestEnv {
 
     /// A fresh database on the ClickHouse server at `url` (and a fresh topic).
     pub async fn new_on(test: &str, partitions: i32, url: &str) -> Self {
+        Self::new_with(test, partitions, url, None).await
+    }
+
+    /// A fresh database on the local two-replica cluster `tokentally`
+    /// (`scripts/services start-cluster`), migrated on both replicas as replicated
+    /// tables; this environment talks to replica r1 (`on` gives one for r2).
+    pub async fn new_cluster(test: &str, partitions: i32) -> Self {
+        services("start-cluster");
+        Self::new_with(test, partitions, REPLICA_URLS[0], Some("tokentally")).await
+    }
+
+    /// The same database, topic and settings through another server (a replica).
+    pub fn on(&self, url: &str) -> TestEnv {
+        let mut cfg = self.cfg.clone();
+        cfg.clickhouse.url = url.to_owned();
+        TestEnv {
+            name: self.name.clone(),
+            store: Store::new(&cfg.clickhouse),
+            cfg,
+            prices: self.prices.clone(),
+            batch_max_messages: self.batch_max_messages,
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            config_toml: self.config_toml.clone(),
+        }
+    }
+
+    async fn new_with(test: &str, partitions: i32, url: &str, cluster: Option<&str>) -> Self {
         let unique = format!(
             "{}_{}",
             std::process::id(),
@@ -95,8 +122,9 @@ impl TestEnv {
         cfg.kafka.topic = format!("{name}.usage");
         cfg.kafka.group = format!("{name}.group");
         cfg.prices.path = repo().join("prices");
+        cfg.clickhouse.cluster = cluster.unwrap_or_default().to_owned();
         let store = Store::new(&cfg.clickhouse);
-        tokentally::store::migrate::migrate(&store)
+        tokentally::store::migrate::migrate_on(&store, cluster)
             .await
             .expect("migrate a fresh database");
         tokentally::kafka::ensure_topic(&cfg.kafka, &cfg.kafka.topic, partitions, &[])
@@ -946,14 +974,18 @@ pub fn sdk_calls_with(
     })
 }
 
-/// Runs `scripts/services` (the test suite's servers are started by it).
+/// Runs `scripts/services` (the test suite's servers are started by it); `cmd` is split
+/// at spaces (`kill-replica 2`).
 pub fn services(cmd: &str) {
     let status = Command::new(repo().join("scripts/services"))
-        .arg(cmd)
+        .args(cmd.split_whitespace())
         .status()
         .expect("run scripts/services");
     assert!(status.success(), "scripts/services {cmd} failed");
 }
+
+/// The local cluster's replicas r1 and r2 (`scripts/services start-cluster`).
+pub const REPLICA_URLS: [&str; 2] = ["http://127.0.0.1:8124", "http://127.0.0.1:8125"];
 
 /// A Redis server of one test's own (the shared limit store), on a free port: the test
 /// can kill it and start it again. Killed when dropped.

@@ -4,6 +4,7 @@
 mod alerts;
 mod bills;
 mod budgets;
+mod cluster;
 mod compose;
 mod gateway;
 mod guarantees;

@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use crate::harness::{kill9, terminate, TestEnv};
 use crate::workload::{build, Mix, UNKNOWN_MODEL};
 
-async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
+pub(crate) async fn assert_exact(env: &TestEnv, w: &crate::workload::Workload) {
     let (raw, rollup) = env.costs().await;
     let expected: std::collections::BTreeMap<String, Decimal> = w.expected_cost.clone();
     assert_eq!(raw, expected, "per-institution cost from usage_events");
