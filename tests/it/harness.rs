@@ -985,7 +985,7 @@ pub fn services(cmd: &str) {
 }
 
 /// The local cluster's replicas r1 and r2 (`scripts/services start-cluster`).
-pub const REPLICA_URLS: [&str; 2] = ["http://127.0.0.1:8124", "http://127.0.0.1:8125"];
+pub const REPLICA_URLS: [&str; 2] = ["http://127.0.0.1:8131", "http://127.0.0.1:8132"];
 
 /// A Redis server of one test's own (the shared limit store), on a free port: the test
 /// can kill it and start it again. Killed when dropped.
