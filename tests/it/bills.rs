@@ -727,6 +727,18 @@ async fn reports_fetched_from_the_provider_match_gateway_traffic_but_the_bypass(
     .await;
     let _ = browser.close().await;
     page.unwrap();
+    // Finance and admin only: an institution's token is refused, anonymous sent away.
+    use crate::web::{get, Auth};
+    let api = format!("{}/api/v1/providers?from={from}&to={to}", s.base);
+    assert_eq!(
+        get(&api, &Auth::Bearer(&s.tokens["fin"])).await.status(),
+        200
+    );
+    assert_eq!(
+        get(&api, &Auth::Bearer(&s.tokens["inst-a"])).await.status(),
+        403
+    );
+    assert_eq!(get(&api, &Auth::Anonymous).await.status(), 401);
 
     // The same with the command: a re-import replaces the page's, the comparison agrees.
     let out = tokentally(

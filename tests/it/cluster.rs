@@ -17,6 +17,7 @@ async fn events_on(env: &TestEnv) -> Option<i64> {
 }
 
 /// Ingest writes to replica r1; r2 is `kill -9`'d halfway through and started again.
+/// (Run alone by scripts/test: it starts and stops the cluster.)
 /// Replication brings r2 every event stored while it was down: afterwards both replicas
 /// hold every event once, every rejection and duplicate, and rollups equal to the raw
 /// events (each replica's views fed by its own inserts and the replicated rollup parts).
@@ -88,4 +89,6 @@ async fn a_replica_killed_during_ingest_catches_up_with_every_event_once() {
             env.name
         ))
         .await;
+    // Two servers and a JVM idle beside the other tests slow them: stop them.
+    services("stop-cluster");
 }

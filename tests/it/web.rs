@@ -107,7 +107,7 @@ async fn load_known(env: &TestEnv) -> Known {
 
 pub(crate) struct Server {
     serve: crate::harness::Serve,
-    tokens: BTreeMap<&'static str, String>,
+    pub(crate) tokens: BTreeMap<&'static str, String>,
 }
 
 impl std::ops::Deref for Server {
