@@ -65,6 +65,17 @@ pub fn money(d: Decimal) -> String {
 /// Money on a page: as `money`, except an amount that rounds to zero cents but is not
 /// zero, which reads "< $0.01" (or "> -$0.01"): "$0.00" there would say nothing was spent.
 /// The exact amount stays in CSV, JSON and the cell's tooltip.
+/// `show(d)` with a `+` before a positive amount (`+$1.00`); never before a sign the
+/// text has of its own making ("< $0.01").
+pub fn signed(d: Decimal, show: impl Fn(Decimal) -> String) -> String {
+    let text = show(d);
+    if d.is_sign_positive() && !d.is_zero() && !text.starts_with('<') {
+        format!("+{text}")
+    } else {
+        text
+    }
+}
+
 pub fn money_on_page(d: Decimal) -> String {
     let cent = Decimal::new(5, 3);
     if !d.is_zero() && d.abs() < cent {

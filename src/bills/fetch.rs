@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{NaiveDate, TimeZone, Utc};
 use serde_json::Value;
 
-use super::parse::parse;
+use super::parse::parse_page;
 use super::{Export, Report};
 use crate::config::BillSourceConfig;
 
@@ -197,15 +197,13 @@ pub async fn fetch(
                 }
                 let v: Value =
                     serde_json::from_str(&body).map_err(|e| err(format!("not JSON: {e}")))?;
-                for e in parse(&body, Some(provider), Some(report)).map_err(|source| {
+                export.extend(parse_page(&v, provider, report).map_err(|source| {
                     FetchError::Parse {
                         provider: provider.to_owned(),
                         report,
                         source,
                     }
-                })? {
-                    export.extend(e);
-                }
+                })?);
                 match (v["has_more"].as_bool(), v["next_page"].as_str()) {
                     (Some(true), Some(next)) => page = Some(next.to_owned()),
                     _ => break,

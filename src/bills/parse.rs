@@ -74,6 +74,18 @@ pub fn parse(
     Ok(merged.into_values().collect())
 }
 
+/// One page an admin API answered for `provider`'s `report` (already parsed).
+pub fn parse_page(page: &Value, provider: &str, report: Report) -> Result<Export, ParseError> {
+    let e = page_export(page, Some(report))?;
+    if e.provider != provider || e.report != report {
+        return Err(shape(format!(
+            "asked for {provider}'s {report} report, got {}'s {} report",
+            e.provider, e.report
+        )));
+    }
+    Ok(e)
+}
+
 /// An exact decimal from a JSON number or string (OpenAI sends amounts as numbers; their
 /// shortest decimal form is read, not a binary float).
 fn decimal(v: &Value) -> Option<Decimal> {

@@ -179,11 +179,10 @@ impl Cause {
                 money(*book_cost)
             ),
             Cause::PriceMismatch { percent, amount } => format!(
-                "price mismatch: the provider charged {}{:.2}% against the book's price of its tokens ({}{})",
+                "price mismatch: the provider charged {}{:.2}% against the book's price of its tokens ({})",
                 if percent.is_sign_positive() { "+" } else { "" },
                 percent,
-                if amount.is_sign_positive() { "+" } else { "" },
-                money(*amount)
+                crate::format::signed(*amount, money)
             ),
             Cause::Estimated { requests, cost } => format!(
                 "{requests} request(s) with usage estimated by the gateway ({})",
@@ -291,40 +290,21 @@ struct Ours {
     unpriced: u64,
 }
 
-fn clean_book(
-    book: &PriceBook,
-    provider: &str,
-    model: &str,
-    day: NaiveDate,
-    requests: u64,
-    t: &Tokens,
-) -> Decimal {
-    clean(at_book(book, provider, model, day, requests, t))
-}
-
 /// The book's canonical name of a model (its own name when the book has none).
 fn canonical(book: &PriceBook, provider: &str, model: &str, day: NaiveDate) -> String {
     book.lookup(provider, model, "", day)
         .map_or_else(|| model.to_owned(), |e| e.model.clone())
 }
 
-/// `tokens` of `model` at the book's base rates (zero when the book has no price).
-fn at_book(
-    book: &PriceBook,
-    provider: &str,
-    model: &str,
-    day: NaiveDate,
-    requests: u64,
-    t: &Tokens,
-) -> Decimal {
-    book.lookup(provider, model, "", day)
-        .map_or(Decimal::ZERO, |e| {
-            crate::price::cost(
-                &e.rates,
-                &t.counts(),
-                e.per_request * Decimal::from(requests),
-            )
-        })
+/// `t` (of `requests` requests) at `entry`'s base rates; zero without an entry.
+fn worth(entry: Option<&crate::price::PriceEntry>, requests: u64, t: &Tokens) -> Decimal {
+    entry.map_or(Decimal::ZERO, |e| {
+        crate::price::cost(
+            &e.rates,
+            &t.counts(),
+            e.per_request * Decimal::from(requests),
+        )
+    })
 }
 
 /// Compares `recorded` with the providers' `exports` (the latest import of each
@@ -433,32 +413,21 @@ pub fn reconcile(
                 over |= o.requests > 0 || o.tokens.total() > 0;
             }
         }
-        let book_ours = at_book(book, &provider, &model, day, o.requests, &o.tokens);
+        // One look-up per line: the book's entry prices every amount below.
+        let entry = book.lookup(&provider, &model, "", day);
+        let book_ours = worth(entry, o.requests, &o.tokens);
         let t = has_usage.then(|| t.unwrap_or_default());
-        let (theirs_side, token_difference, book_difference) = match &t {
-            Some(t) => {
-                let book_theirs = at_book(book, &provider, &model, day, t.requests, &t.tokens);
-                (
-                    Some(Side::new(t.requests, &t.tokens, charge.unwrap_or_default())),
-                    t.tokens.total() as i64 - o.tokens.total() as i64,
-                    clean(book_theirs - book_ours),
-                )
-            }
-            None => (None, 0, Decimal::ZERO),
-        };
+        let (mut theirs_side, mut token_difference, mut book_difference) = (None, 0, Decimal::ZERO);
         if let Some(t) = &t {
+            let book_theirs = worth(entry, t.requests, &t.tokens);
+            theirs_side = Some(Side::new(t.requests, &t.tokens, charge.unwrap_or_default()));
+            token_difference = t.tokens.total() as i64 - o.tokens.total() as i64;
+            book_difference = clean(book_theirs - book_ours);
             if t.outside.total() > 0 {
                 causes.push(Cause::OutsideGateway {
                     requests: t.outside_requests,
                     tokens: t.outside.total(),
-                    book_cost: clean_book(
-                        book,
-                        &provider,
-                        &model,
-                        day,
-                        t.outside_requests,
-                        &t.outside,
-                    ),
+                    book_cost: clean(worth(entry, t.outside_requests, &t.outside)),
                     keys: t.outside_keys.iter().cloned().collect(),
                 });
             }
@@ -470,7 +439,7 @@ pub fn reconcile(
                 causes.push(Cause::NotRecorded {
                     requests,
                     tokens: missed.total(),
-                    book_cost: clean_book(book, &provider, &model, day, requests, &missed),
+                    book_cost: clean(worth(entry, requests, &missed)),
                 });
             }
             let more = o.tokens.minus(&own_tokens);
@@ -484,20 +453,17 @@ pub fn reconcile(
                 causes.push(Cause::RecordedMore {
                     requests,
                     tokens: more.total(),
-                    book_cost: clean_book(book, &provider, &model, day, requests, &more),
+                    book_cost: clean(worth(entry, requests, &more)),
                 });
             }
-            if let Some(charge) = charge {
-                let book_theirs = at_book(book, &provider, &model, day, t.requests, &t.tokens);
-                if !book_theirs.is_zero() {
-                    let percent =
-                        ((charge - book_theirs) / book_theirs * Decimal::ONE_HUNDRED).round_dp(2);
-                    if percent.abs() > s.price_tolerance_percent {
-                        causes.push(Cause::PriceMismatch {
-                            percent: clean(percent),
-                            amount: clean(charge - book_theirs),
-                        });
-                    }
+            if let Some(charge) = charge.filter(|_| !book_theirs.is_zero()) {
+                let percent =
+                    ((charge - book_theirs) / book_theirs * Decimal::ONE_HUNDRED).round_dp(2);
+                if percent.abs() > s.price_tolerance_percent {
+                    causes.push(Cause::PriceMismatch {
+                        percent: clean(percent),
+                        amount: clean(charge - book_theirs),
+                    });
                 }
             }
         }

@@ -106,10 +106,7 @@ pub async fn run(cfg: &Config, command: ProvidersCommand) -> anyhow::Result<()> 
             let from = from.unwrap_or(to - Duration::days(6));
             anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
             let mut fetched = 0;
-            for (name, source) in [
-                ("openai", &cfg.provider_bills.openai),
-                ("anthropic", &cfg.provider_bills.anthropic),
-            ] {
+            for (name, source) in cfg.provider_bills.sources() {
                 if only.as_deref().is_some_and(|o| o != name) {
                     continue;
                 }
@@ -181,12 +178,12 @@ pub fn settings(cfg: &Config) -> Settings {
     Settings {
         threshold: cfg.provider_bills.threshold_usd,
         price_tolerance_percent: cfg.provider_bills.price_tolerance_percent,
-        ownership: [
-            ("openai".to_owned(), own(&cfg.provider_bills.openai)),
-            ("anthropic".to_owned(), own(&cfg.provider_bills.anthropic)),
-        ]
-        .into_iter()
-        .collect(),
+        ownership: cfg
+            .provider_bills
+            .sources()
+            .into_iter()
+            .map(|(name, s)| (name.to_owned(), own(s)))
+            .collect(),
     }
 }
 
@@ -211,11 +208,7 @@ pub async fn compare(
 }
 
 fn signed(d: Decimal) -> String {
-    if d.is_sign_positive() && !d.is_zero() {
-        format!("+{}", money(d))
-    } else {
-        money(d)
-    }
+    crate::format::signed(d, money)
 }
 
 /// The report as text: totals per provider, then each line with a difference or a cause.

@@ -202,23 +202,27 @@ impl UpstreamConfig {
 
     /// The key: `api_key`, else the first line of `api_key_file`, else none.
     pub fn key(&self) -> Result<Option<Secret>, ConfigError> {
-        if !self.api_key.is_empty() {
-            return Ok(Some(self.api_key.clone()));
-        }
-        if self.api_key_file.as_os_str().is_empty() {
-            return Ok(None);
-        }
-        let text =
-            std::fs::read_to_string(&self.api_key_file).map_err(|source| ConfigError::Read {
-                path: self.api_key_file.clone(),
-                source,
-            })?;
-        let key = text.lines().next().unwrap_or("").trim().to_owned();
-        Ok((!key.is_empty()).then(|| Secret::new(key)))
+        key_or_file(&self.api_key, &self.api_key_file)
     }
 }
 
 pub use crate::secret::Secret;
+
+/// `key`, else the first line of `file` (empty path: none), else none.
+fn key_or_file(key: &Secret, file: &Path) -> Result<Option<Secret>, ConfigError> {
+    if !key.is_empty() {
+        return Ok(Some(key.clone()));
+    }
+    if file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        path: file.to_owned(),
+        source,
+    })?;
+    let first = text.lines().next().unwrap_or("").trim().to_owned();
+    Ok((!first.is_empty()).then(|| Secret::new(first)))
+}
 
 /// The providers' reports (`[provider_bills]`): where `tokentally providers import`
 /// fetches them, which of the providers' keys are the gateway's, and when a difference
@@ -268,6 +272,13 @@ pub struct BillSourceConfig {
     pub gateway_projects: Vec<String>,
 }
 
+impl ProviderBillsConfig {
+    /// Each provider's reports, by the provider name usage events use.
+    pub fn sources(&self) -> [(&'static str, &BillSourceConfig); 2] {
+        [("openai", &self.openai), ("anthropic", &self.anthropic)]
+    }
+}
+
 impl Default for BillSourceConfig {
     fn default() -> Self {
         Self::new("")
@@ -287,12 +298,7 @@ impl BillSourceConfig {
 
     /// The admin key: `admin_key`, else the first line of `admin_key_file`, else none.
     pub fn key(&self) -> Result<Option<Secret>, ConfigError> {
-        UpstreamConfig {
-            base_url: String::new(),
-            api_key: self.admin_key.clone(),
-            api_key_file: self.admin_key_file.clone(),
-        }
-        .key()
+        key_or_file(&self.admin_key, &self.admin_key_file)
     }
 }
 

@@ -281,7 +281,7 @@ pub async fn migrate_on(store: &Store, cluster: Option<&str>) -> Result<Vec<Stri
             },
             None => stmt.to_owned(),
         };
-        async move { store.execute(&stmt).await.map(|()| stmt) }
+        async move { store.execute(&stmt).await }
     };
     match cluster {
         Some(c) => {

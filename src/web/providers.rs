@@ -69,12 +69,7 @@ struct LineView {
 }
 
 fn signed(d: rust_decimal::Decimal) -> String {
-    let m = money(d);
-    if d.is_sign_positive() && !d.is_zero() && !m.starts_with('<') {
-        format!("+{m}")
-    } else {
-        m
-    }
+    crate::format::signed(d, money)
 }
 
 fn view(l: &Line) -> LineView {
@@ -120,12 +115,14 @@ struct ProvidersTemplate<'a> {
     failed: bool,
 }
 
-fn fetchable(state: &AppState) -> Vec<&'static str> {
-    let b = &state.cfg.provider_bills;
-    [("openai", &b.openai), ("anthropic", &b.anthropic)]
+/// The providers with an admin key, whose reports the page can fetch.
+fn fetchable(state: &AppState) -> Vec<(&'static str, &crate::config::BillSourceConfig)> {
+    state
+        .cfg
+        .provider_bills
+        .sources()
         .into_iter()
         .filter(|(_, s)| s.key().ok().flatten().is_some())
-        .map(|(n, _)| n)
         .collect()
 }
 
@@ -197,7 +194,7 @@ async fn page(
             })
             .collect(),
         lines: lines.into_iter().map(view).collect(),
-        fetchable: fetchable(state),
+        fetchable: fetchable(state).into_iter().map(|(n, _)| n).collect(),
         message,
         failed,
     };
@@ -242,13 +239,9 @@ pub async fn fetch(
     CheckedForm(form): CheckedForm<FetchForm>,
 ) -> Result<Response, AppError> {
     let (from, to) = range(&form.from, &form.to)?;
-    let b = &state.cfg.provider_bills;
     let mut done = Vec::new();
     let mut failed = Vec::new();
-    for (name, source) in [("openai", &b.openai), ("anthropic", &b.anthropic)] {
-        if !fetchable(&state).contains(&name) {
-            continue;
-        }
+    for (name, source) in fetchable(&state) {
         match crate::bills::fetch::fetch(name, source, from, to).await {
             Ok(exports) => {
                 for e in exports {

@@ -7,6 +7,18 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use crate::workload::{build, Mix};
 
+/// Stops the local cluster when the test ends, passing or failing: two servers and a
+/// JVM left idle beside the other tests slow them.
+struct StopsCluster;
+
+impl Drop for StopsCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo().join("scripts/services"))
+            .arg("stop-cluster")
+            .status();
+    }
+}
+
 /// Stored events on a replica, or `None` while it does not answer.
 async fn events_on(env: &TestEnv) -> Option<i64> {
     env.ch()
@@ -23,6 +35,7 @@ async fn events_on(env: &TestEnv) -> Option<i64> {
 /// events (each replica's views fed by its own inserts and the replicated rollup parts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_during_ingest_catches_up_with_every_event_once() {
+    let _stops = StopsCluster;
     let env = TestEnv::new_cluster("cluster", 2).await;
     let r2 = env.on(REPLICA_URLS[1]);
     let tables: i64 = r2
@@ -89,6 +102,4 @@ async fn a_replica_killed_during_ingest_catches_up_with_every_event_once() {
             env.name
         ))
         .await;
-    // Two servers and a JVM idle beside the other tests slow them: stop them.
-    services("stop-cluster");
 }
